@@ -1,0 +1,78 @@
+"""Every private Inductor/AOTAutograd internal this package touches, in one place.
+
+Checked against torch 2.11 (GPU image) and 2.13 (CPU CI). If a future torch moves one of
+these, this is the only module to change; the version check below makes the failure a
+clear message instead of an AttributeError deep inside a compilation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_TORCH = (2, 11)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+if torch_version() < MIN_TORCH:  # pragma: no cover - exercised only on old installs
+    raise ImportError(
+        f"ccgqa_compile needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+        f"(joint-graph custom passes, triton_op); found {torch.__version__}"
+    )
+
+from torch._dynamo.utils import counters  # noqa: E402
+from torch._inductor.fx_passes.joint_graph import early_patterns  # noqa: E402
+from torch._inductor.fx_passes.post_grad import remove_noop_ops  # noqa: E402
+from torch._inductor.pattern_matcher import (  # noqa: E402
+    Match,
+    PatternMatcherPass,
+    fwd_only,
+    joint_fwd_bwd,
+    register_replacement,
+)
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
+
+
+def pattern_tracing_context():
+    """The context Inductor itself registers patterns under (see ``init_once_fakemode``)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._guards.tracing(None))
+    stack.enter_context(unset_fake_temporarily())
+    stack.enter_context(FakeTensorMode())
+    stack.enter_context(torch.inference_mode(False))
+    return stack
+
+
+def normalize_joint_graph(graph: torch.fx.Graph) -> None:
+    """Bring a joint graph to the form our patterns were traced in.
+
+    ``joint_custom_pre_pass`` runs before Inductor's own no-op removal and early patterns;
+    the pattern tracer (``joint_fwd_bwd``) applies both, so we apply them first.
+    """
+    remove_noop_ops(graph)
+    early_patterns.apply(graph)
+
+
+def current_compile_id() -> str:
+    ctx = torch._guards.CompileContext.try_get()
+    if ctx is not None and ctx.compile_id is not None:
+        return str(ctx.compile_id)
+    return "?"
+
+
+__all__ = [
+    "Match",
+    "PatternMatcherPass",
+    "counters",
+    "current_compile_id",
+    "fwd_only",
+    "joint_fwd_bwd",
+    "normalize_joint_graph",
+    "pattern_tracing_context",
+    "register_replacement",
+]

@@ -1,0 +1,80 @@
+"""The ``ccgqa`` torch.compile backend: Inductor plus our joint-graph pass.
+
+``torch.compile(model, backend="ccgqa")`` finds ``ccgqa_backend`` through the
+``torch_dynamo_backends`` entry point, so no import is needed. The pass is installed
+through ``compile_fx(config_patches=...)``, which Inductor re-applies when it compiles the
+backward later: nothing global is changed.
+
+``register_global()`` is the opt-in for plain ``torch.compile(model)``; it installs the same
+pass in ``torch._inductor.config`` (chained with any pass already there) until
+``unregister_global()`` restores the previous value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import config
+
+_OUR_OPTIONS = ("ccgqa_disable",)
+
+
+def _pass_patches(disabled: set[str]) -> dict[str, Any]:
+    from torch._inductor import config as inductor_config
+
+    from .passes import make_pass
+
+    fusions = config.enabled_fusions(config.validate_fusion_names(disabled))
+    existing = inductor_config.joint_custom_pre_pass
+    return {"joint_custom_pre_pass": make_pass(fusions, existing)}
+
+
+def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
+    """Dynamo backend. Accepts ``mode=`` and ``options=`` like ``backend="inductor"``.
+
+    ``options={"ccgqa_disable": ["rope"]}`` turns fusions off for this model only.
+    """
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    from . import ops  # noqa: F401  (the replacements call torch.ops.ccgqa.*)
+
+    unknown = set(kwargs) - {"mode", "options"}
+    if unknown:
+        raise TypeError(f"ccgqa backend got unexpected arguments {sorted(unknown)}")
+    options = dict(kwargs.get("options") or {})
+    disabled = set(options.pop("ccgqa_disable", ()) or ())
+    patches: dict[str, Any] = {}
+    if kwargs.get("mode"):
+        patches.update(list_mode_options(kwargs["mode"]))
+    patches.update(options)
+    patches.update(_pass_patches(disabled))
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+_saved_global_pass: list[Any] = []
+
+
+def register_global(disable: tuple[str, ...] = ()) -> None:
+    """Opt in: plain ``torch.compile(model)`` (Inductor) also runs the ccgqa passes.
+
+    Undo with ``unregister_global()``. Calling it twice is a no-op.
+    """
+    from torch._inductor import config as inductor_config
+
+    from . import ops  # noqa: F401
+
+    if _saved_global_pass:
+        return
+    _saved_global_pass.append(inductor_config.joint_custom_pre_pass)
+    inductor_config.joint_custom_pre_pass = _pass_patches(set(disable))["joint_custom_pre_pass"]
+
+
+def unregister_global() -> None:
+    """Restore Inductor's ``joint_custom_pre_pass`` to what it was before ``register_global``."""
+    from torch._inductor import config as inductor_config
+
+    if _saved_global_pass:
+        inductor_config.joint_custom_pre_pass = _saved_global_pass.pop()

@@ -1,0 +1,43 @@
+"""User-facing switches: which fusions run, and whether the Triton kernels may be used.
+
+Three ways to turn a fusion off, from the most global to the most local:
+- the environment variable ``CCGQA_DISABLE=rms_norm,rope`` (read at every compilation);
+- ``ccgqa_compile.config.disabled_fusions.add("rope")`` in Python;
+- ``torch.compile(model, backend="ccgqa", options={"ccgqa_disable": ["rope"]})`` for one model.
+
+``CCGQA_DISABLE_KERNELS=1`` keeps every fusion but makes each op run its exact composite
+PyTorch implementation instead of the Triton kernels (useful to bisect a numerical issue).
+"""
+
+from __future__ import annotations
+
+import os
+
+FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "rope")
+
+# Names added here are skipped by every later compilation.
+disabled_fusions: set[str] = set()
+
+
+def _split(value: str) -> set[str]:
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def validate_fusion_names(names: set[str]) -> set[str]:
+    unknown = names - set(FUSIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown ccgqa fusion name(s) {sorted(unknown)}; known fusions: {list(FUSIONS)}"
+        )
+    return names
+
+
+def enabled_fusions(extra_disabled: set[str] | frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """The fusions that run for one compilation, in a stable order."""
+    off = set(disabled_fusions) | _split(os.environ.get("CCGQA_DISABLE", "")) | set(extra_disabled)
+    validate_fusion_names(off)
+    return tuple(name for name in FUSIONS if name not in off)
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get("CCGQA_DISABLE_KERNELS", "0") not in ("", "0")

@@ -1,0 +1,229 @@
+"""SwiGLU (silu(gate) * up) forward and backward as Triton kernels, plus a naive
+PyTorch reference.
+
+Autograd lives elsewhere; the wrappers are meant to be called from inside
+`torch.library.triton_op` bodies, so every launch goes through
+`torch.library.wrap_triton` to stay traceable by Inductor.
+
+Inputs and outputs are 2-D with unit column stride and an arbitrary row stride,
+so `gate, up = h.chunk(2, dim=-1)` of a fused gate-up projection `h` (M, 2N) is
+read in place, and the backward can write `dgate`/`dup` straight into the two
+halves of one (M, 2N) gradient buffer (no cat).  Arithmetic is float32:
+
+    out   = silu(gate) * up,                  silu(g) = g * sigmoid(g)
+    dup   = dout * silu(gate)
+    dgate = dout * up * sig * (1 + gate * (1 - sig)),  sig = sigmoid(gate)
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Elementwise and memory bound: each program moves a tile of about this many
+# elements, a whole power-of-two span of a row when rows are short.
+_TILE_ELEMENTS = 4096
+_MAX_BLOCK_N = 1024
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    gate_ptr,
+    up_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    gate_row_stride,
+    up_row_stride,
+    out_row_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    # int64 row offsets: M * row_stride can exceed 2**31 for large activations.
+    rows_i64 = rows.to(tl.int64)[:, None]
+    cols = cols[None, :]
+
+    gate = tl.load(gate_ptr + rows_i64 * gate_row_stride + cols, mask=mask, other=0.0)
+    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols, mask=mask, other=0.0)
+    gate = gate.to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up.to(tl.float32)
+    tl.store(
+        out_ptr + rows_i64 * out_row_stride + cols,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    dout_ptr,
+    gate_ptr,
+    up_ptr,
+    dgate_ptr,
+    dup_ptr,
+    n_rows,
+    n_cols,
+    dout_row_stride,
+    gate_row_stride,
+    up_row_stride,
+    dgate_row_stride,
+    dup_row_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows_i64 = rows.to(tl.int64)[:, None]
+    cols = cols[None, :]
+
+    dout = tl.load(dout_ptr + rows_i64 * dout_row_stride + cols, mask=mask, other=0.0)
+    gate = tl.load(gate_ptr + rows_i64 * gate_row_stride + cols, mask=mask, other=0.0)
+    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols, mask=mask, other=0.0)
+    dout = dout.to(tl.float32)
+    gate = gate.to(tl.float32)
+    up = up.to(tl.float32)
+
+    # Recompute silu rather than saving it: one less activation-sized tensor.
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dup = dout * silu
+    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(
+        dgate_ptr + rows_i64 * dgate_row_stride + cols,
+        dgate.to(dgate_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        dup_ptr + rows_i64 * dup_row_stride + cols,
+        dup.to(dup_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def _tile_settings(n_cols: int) -> tuple[int, int, int]:
+    """Block shape (rows, columns) and warp count for the elementwise kernels.
+
+    Wide rows are split into column blocks of `_MAX_BLOCK_N`; short rows are
+    stacked so every program still moves about `_TILE_ELEMENTS` elements.
+    """
+    block_n = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_N)
+    block_m = max(1, _TILE_ELEMENTS // block_n)
+    return block_m, block_n, _NUM_WARPS
+
+
+def _check_operand(name: str, t: Tensor, shape: tuple[int, int]) -> None:
+    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    # A single column has no meaningful column stride.
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {t.stride()}")
+
+
+def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+    """silu(gate) * up for 2-D `gate`, `up` (unit column stride, any row stride).
+
+    Writes into `out` when given (2-D, unit column stride, any row stride, any
+    float dtype); otherwise returns a new contiguous tensor of `gate.dtype`.
+    """
+    if gate.dim() != 2:
+        raise ValueError(f"gate must be 2-D (M, N), got shape {tuple(gate.shape)}")
+    shape = tuple(gate.shape)
+    _check_operand("gate", gate, shape)
+    _check_operand("up", up, shape)
+    if out is None:
+        out = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+    else:
+        _check_operand("out", out, shape)
+    n_rows, n_cols = shape
+    if n_rows == 0 or n_cols == 0:
+        return out
+
+    block_m, block_n, num_warps = _tile_settings(n_cols)
+    # Row blocks on grid axis 0, whose limit (2**31 - 1) is far larger than
+    # axis 1's (65535), which only has to count column blocks.
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    torch.library.wrap_triton(_swiglu_fwd_kernel)[grid](
+        gate,
+        up,
+        out,
+        n_rows,
+        n_cols,
+        gate.stride(0),
+        up.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def swiglu_bwd(
+    dout: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    dgate: Tensor | None = None,
+    dup: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of `swiglu_fwd` with respect to `gate` and `up`.
+
+    All tensors are 2-D (M, N) with unit column stride and any row stride.
+    `dgate`/`dup` may be given as views to write into (e.g. the two halves of
+    one (M, 2N) buffer); those not given are allocated contiguous in
+    `gate.dtype` / `up.dtype`.
+    """
+    if gate.dim() != 2:
+        raise ValueError(f"gate must be 2-D (M, N), got shape {tuple(gate.shape)}")
+    shape = tuple(gate.shape)
+    _check_operand("dout", dout, shape)
+    _check_operand("gate", gate, shape)
+    _check_operand("up", up, shape)
+    if dgate is None:
+        dgate = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+    else:
+        _check_operand("dgate", dgate, shape)
+    if dup is None:
+        dup = torch.empty(shape, dtype=up.dtype, device=up.device)
+    else:
+        _check_operand("dup", dup, shape)
+    n_rows, n_cols = shape
+    if n_rows == 0 or n_cols == 0:
+        return dgate, dup
+
+    block_m, block_n, num_warps = _tile_settings(n_cols)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    torch.library.wrap_triton(_swiglu_bwd_kernel)[grid](
+        dout,
+        gate,
+        up,
+        dgate,
+        dup,
+        n_rows,
+        n_cols,
+        dout.stride(0),
+        gate.stride(0),
+        up.stride(0),
+        dgate.stride(0),
+        dup.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return dgate, dup
+
+
+def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
+    """Naive, differentiable silu(gate) * up in `gate.dtype`.
+
+    Computes in float32, or in float64 when given float64 inputs (tests use
+    that as the high-precision reference).
+    """
+    compute_dtype = torch.promote_types(gate.dtype, torch.float32)
+    out = F.silu(gate.to(compute_dtype)) * up.to(compute_dtype)
+    return out.to(gate.dtype)

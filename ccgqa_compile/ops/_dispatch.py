@@ -1,0 +1,40 @@
+"""The one place that decides "Triton kernel or exact composite fallback"."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import config
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor is a CUDA tensor of a dtype our kernels handle.
+
+    Anything else (CPU, fp64, missing triton, ``CCGQA_DISABLE_KERNELS=1``) takes the
+    composite path, which computes the same function with plain PyTorch ops.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present or config.kernels_disabled() or not triton_available():
+        return False
+    return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in present)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 for half types, fp64 stays fp64: the fallback never loses precision."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out

@@ -1,0 +1,94 @@
+"""``torch.ops.ccgqa.rms_norm``: RMSNorm with optional (offset) weight, fused fwd and bwd.
+
+y = x * rsqrt(mean(x^2, -1) + eps) * (weight_offset + weight), computed in fp32 (fp64 for
+fp64 inputs), returned in ``out_dtype``. ``weight_offset`` is 0 for Llama and 1 for Gemma.
+The forward also returns rstd (one value per row) so the backward does not recompute it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ._dispatch import compute_dtype, use_triton
+
+MAX_KERNEL_ROW = 65536  # one row must fit in one program's registers
+
+
+def _rms_norm_fwd_composite(
+    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * rstd
+    if weight is not None:
+        y = y * (weight.to(acc) + weight_offset)
+    return y.to(out_dtype), rstd.squeeze(-1)
+
+
+def _rms_norm_bwd_composite(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, weight_offset: float
+) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(x.dtype, dy.dtype)
+    xf, dyf, r = x.to(acc), dy.to(acc), rstd.to(acc).unsqueeze(-1)
+    x_hat = xf * r
+    if weight is not None:
+        g = dyf * (weight.to(acc) + weight_offset)
+        dw = (dyf * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    else:
+        g = dyf
+        dw = x.new_empty((0,))
+    dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw
+
+
+def _kernel_ok(x: Tensor, weight: Tensor | None) -> bool:
+    return use_triton(x, weight) and 0 < x.shape[-1] <= MAX_KERNEL_ROW
+
+
+@triton_op("ccgqa::rms_norm", mutates_args=())
+def rms_norm(
+    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    if _kernel_ok(x, weight):
+        from ..kernels import rms_norm as kernels
+
+        n = x.shape[-1]
+        y, rstd = kernels.rms_norm_fwd(x.reshape(-1, n), weight, eps, weight_offset, out_dtype)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+    return _rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype)
+
+
+@triton_op("ccgqa::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, weight_offset: float
+) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dweight); dweight is an empty tensor when weight is None."""
+    if _kernel_ok(x, weight) and use_triton(dy):
+        from ..kernels import rms_norm as kernels
+
+        n = x.shape[-1]
+        dx, dw = kernels.rms_norm_bwd(
+            dy.reshape(-1, n), x.reshape(-1, n), weight, rstd.reshape(-1), weight_offset
+        )
+        return dx.view(x.shape), dw if dw is not None else x.new_empty((0,))
+    return _rms_norm_bwd_composite(dy, x, weight, rstd, weight_offset)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _eps, weight_offset, _out_dtype = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.weight_offset = weight_offset
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx, grad_y: Tensor, _grad_rstd: Tensor | None):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.ccgqa.rms_norm_backward(grad_y, x, weight, rstd, ctx.weight_offset)
+    return dx, (dw if weight is not None else None), None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)

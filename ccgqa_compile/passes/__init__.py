@@ -1,0 +1,97 @@
+"""The graph pass that the ``ccgqa`` backend installs as Inductor's ``joint_custom_pre_pass``."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .. import reporting as report
+from .._inductor_compat import current_compile_id, normalize_joint_graph
+from . import rms_norm, rope, swiglu  # noqa: F401  (register the families)
+from ._registry import pattern_pass_for
+from .candidates import find_candidates, report_unfused_candidates
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _source_files() -> tuple[str, ...]:
+    """Everything whose edit must invalidate Inductor's FX graph cache."""
+    folders = ("passes", "ops", "kernels")
+    files = [_PACKAGE / "_inductor_compat.py", _PACKAGE / "config.py"]
+    for folder in folders:
+        files.extend(sorted((_PACKAGE / folder).glob("*.py")))
+    return tuple(str(f) for f in files)
+
+
+def _graph_device_type(graph: torch.fx.Graph) -> str:
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return val.device.type
+    return "cpu"
+
+
+def _graph_kind(graph: torch.fx.Graph) -> str:
+    is_joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+    return "training" if is_joint else "inference"
+
+
+class CCGQAGraphPass(CustomGraphPass):
+    """Replaces every recognised idiom of the enabled fusions by a ``torch.ops.ccgqa`` op."""
+
+    def __init__(self, fusions: tuple[str, ...]) -> None:
+        self.fusions = tuple(fusions)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        report.start_graph(current_compile_id(), _graph_kind(graph))
+        if not self.fusions:
+            return
+        normalize_joint_graph(graph)
+        device_type = _graph_device_type(graph)
+        for fusion in self.fusions:
+            before = find_candidates(graph, fusion)
+            pattern_pass_for(fusion, device_type).apply(graph)
+            graph.eliminate_dead_code()
+            report_unfused_candidates(graph, fusion, before)
+
+    def uuid(self) -> Any:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "none"
+        extra = f"{torch.__version__}|{triton_version}|{','.join(self.fusions)}"
+        return get_hash_for_files(_source_files(), extra)
+
+
+class ChainedGraphPass(CustomGraphPass):
+    """Ours, then whatever pass was already installed in the same hook (never clobber it)."""
+
+    def __init__(self, first: CustomGraphPass, then: Any) -> None:
+        self.first, self.then = first, then
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.first(graph)
+        self.then(graph)
+
+    def uuid(self) -> Any:
+        then_uuid = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+        if then_uuid is None:
+            return None  # an opaque pass: bypass the FX graph cache rather than risk it
+        digest = hashlib.sha256(repr((self.first.uuid(), then_uuid)).encode())
+        return digest.digest()
+
+
+def make_pass(fusions: tuple[str, ...], existing: Any = None) -> CustomGraphPass:
+    ours = CCGQAGraphPass(fusions)
+    if existing is None:
+        return ours
+    if isinstance(existing, (list, tuple)):  # torch >= 2.13 lets a hook hold a list
+        return [ours, *existing]
+    return ChainedGraphPass(ours, existing)
