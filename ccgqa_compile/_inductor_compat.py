@@ -32,8 +32,20 @@ from torch._inductor.pattern_matcher import (  # noqa: E402
     fwd_only,
     joint_fwd_bwd,
     register_replacement,
+    stable_topological_sort,
 )
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
+from torch._subclasses.functional_tensor import dispatch_functionalize  # noqa: E402
+
+
+def fwd_only_functional(fn, args, **kwargs):
+    """``fwd_only`` through functionalization.
+
+    Inference graphs reaching the joint pass are functional (``add``, never ``add_``), but
+    some decompositions (``F.rms_norm``) trace to in-place ops; and a ``triton_op`` in a
+    replacement is only inlined into Inductor's code when traced functionalized.
+    """
+    return fwd_only(dispatch_functionalize(fn), args, **kwargs)
 
 
 def pattern_tracing_context():
@@ -71,8 +83,10 @@ __all__ = [
     "counters",
     "current_compile_id",
     "fwd_only",
+    "fwd_only_functional",
     "joint_fwd_bwd",
     "normalize_joint_graph",
     "pattern_tracing_context",
     "register_replacement",
+    "stable_topological_sort",
 ]

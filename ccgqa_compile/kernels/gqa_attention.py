@@ -30,9 +30,17 @@ Conventions:
     of its group and over the query blocks at or below the diagonal, so the group
     reduction happens in registers: no repeated K/V and no atomics.  dQ: one program
     per (batch, query head, query block) loops over key blocks, like the forward.
+  * Forward and dQ programs own one query head each.  The heads of a group are
+    neighbouring programs (head is the fast grid axis), so they read the same K/V
+    tiles close together in time, from L2.  Packing a group's heads into one tile was
+    not done: at small D the cost is the exp2 per score, which packing doesn't cut.
+  * float32 inputs use Triton's default dot precision (tf32 on the GPU): ~3e-4
+    relative error; the interpreter computes them in IEEE float32.
+  * Causal block skipping: key blocks after a query block are never visited; only
+    the diagonal blocks compute the mask.  Programs with the most work (last query
+    blocks, first key blocks) are launched first.
 """
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -319,9 +327,13 @@ def _backward_dkdv_inner(
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     dims = tl.arange(0, HEAD_DIM)
+    # Never divide by zero, even in a loop that runs zero times: the software
+    # pipeliner computes the first iterations' addresses ahead of the loop, and a
+    # garbage head index there was seen to fault on an H100 (triton 3.6, T=1).
+    divisor = tl.maximum(blocks_per_head, 1)
     for step in range(group_size * blocks_per_head):
-        head_in_group = step // blocks_per_head
-        block_start = query_start + (step - head_in_group * blocks_per_head) * BLOCK_M
+        head_in_group = step // divisor
+        block_start = query_start + (step - head_in_group * divisor) * BLOCK_M
         query_rows = block_start + tl.arange(0, BLOCK_M)
         head_offset = head_in_group.to(tl.int64)
         q_t_ptrs = q_ptr + head_offset * stride_qh + query_rows[None, :] * stride_qt + dims[:, None]
@@ -460,30 +472,31 @@ def _backward_dkdv_kernel(
     # Query blocks after the key block see all of its keys: no causal mask.
     below_start = key_start + BLOCK_N
     below_blocks = tl.cdiv(tl.maximum(seq_len - below_start, 0), BLOCK_M)
-    dk, dv = _backward_dkdv_inner(
-        dk,
-        dv,
-        k,
-        v,
-        q_ptr,
-        dout_ptr,
-        lse_ptr,
-        delta_ptr,
-        stride_qh,
-        stride_qt,
-        stride_doh,
-        stride_dot,
-        key_rows,
-        below_start,
-        below_blocks,
-        group_size,
-        seq_len,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_M,
-        ON_DIAGONAL=False,
-        EVEN_T=EVEN_T,
-    )
+    if below_blocks > 0:
+        dk, dv = _backward_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptr,
+            dout_ptr,
+            lse_ptr,
+            delta_ptr,
+            stride_qh,
+            stride_qt,
+            stride_doh,
+            stride_dot,
+            key_rows,
+            below_start,
+            below_blocks,
+            group_size,
+            seq_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            ON_DIAGONAL=False,
+            EVEN_T=EVEN_T,
+        )
 
     # The scores were scale * q . k, so d(scores)/dk carries the scale once.
     dk *= scale
@@ -686,28 +699,28 @@ class BlockConfig:
     num_stages: int
 
 
-# Chosen per head dim on an H100 (torch 2.11, triton 3.6) for B=2, T=8192, bf16 with
-# scripts/bench_gqa_attention.py --sweep.  Small D is softmax-bound (exp2 per score,
-# few FLOPs per score), so it gets wide key tiles: more scores per K/V load and per
-# loop iteration.  Large D is matmul-bound and limited by registers for the
-# (block, D) float32 accumulators.
+# Chosen per head dim from `scripts/bench_gqa_attention.py --sweep` on an H100 (torch
+# 2.11, triton 3.6; B=2, Hq=16, Hkv=4, T=8192, bf16): the fastest candidate of each
+# kernel, among configs that don't spill registers (checked with ptxas -v for sm_90).
+# Small D is softmax-bound (an exp2 per score and few FLOPs per score), large D is
+# limited by registers: the (block, D) float32 accumulators (two in dK/dV) must fit.
 FORWARD_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    32: BlockConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    64: BlockConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    16: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    32: BlockConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    64: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: BlockConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
 }
 BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(block_m=64, block_n=128, num_warps=8, num_stages=3),
-    32: BlockConfig(block_m=64, block_n=128, num_warps=8, num_stages=3),
-    64: BlockConfig(block_m=32, block_n=128, num_warps=4, num_stages=3),
-    128: BlockConfig(block_m=64, block_n=128, num_warps=8, num_stages=2),
+    16: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    32: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    64: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
+    128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
 }
 BACKWARD_DQ_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    32: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    64: BlockConfig(block_m=128, block_n=32, num_warps=4, num_stages=3),
-    128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    16: BlockConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    32: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    64: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    128: BlockConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
 }
 # Short sequences: with 128-row tiles there would be too few programs to fill the
 # GPU and the diagonal (masked, half wasted) block would dominate.
@@ -1079,7 +1092,3 @@ def gqa_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

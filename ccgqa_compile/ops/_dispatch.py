@@ -32,6 +32,19 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in present)
 
 
+def composite_op(name: str, fn):
+    """Register ``fn`` (plain PyTorch) as the opaque op ``ccgqa::<name>``.
+
+    The fused ops are ``triton_op``s, which Inductor decomposes into their bodies. On the
+    fallback path that body would be plain aten ops again, which our own patterns (or a
+    later round of them) could match a second time; wrapping it in an opaque op keeps the
+    graph honest: it shows ``ccgqa.<name>`` where a fusion fired.
+    """
+    op = torch.library.custom_op(f"ccgqa::{name}", fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """fp32 for half types, fp64 stays fp64: the fallback never loses precision."""
     out = torch.float32

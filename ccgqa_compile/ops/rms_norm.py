@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._dispatch import compute_dtype, use_triton
+from ._dispatch import composite_op, compute_dtype, use_triton
 
 MAX_KERNEL_ROW = 65536  # one row must fit in one program's registers
 
@@ -44,6 +44,10 @@ def _rms_norm_bwd_composite(
     return dx.to(x.dtype), dw
 
 
+rms_norm_fwd_composite = composite_op("rms_norm_composite", _rms_norm_fwd_composite)
+rms_norm_bwd_composite = composite_op("rms_norm_backward_composite", _rms_norm_bwd_composite)
+
+
 def _kernel_ok(x: Tensor, weight: Tensor | None) -> bool:
     return use_triton(x, weight) and 0 < x.shape[-1] <= MAX_KERNEL_ROW
 
@@ -58,7 +62,7 @@ def rms_norm(
         n = x.shape[-1]
         y, rstd = kernels.rms_norm_fwd(x.reshape(-1, n), weight, eps, weight_offset, out_dtype)
         return y.view(x.shape), rstd.view(x.shape[:-1])
-    return _rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype)
+    return rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype)
 
 
 @triton_op("ccgqa::rms_norm_backward", mutates_args=())
@@ -74,7 +78,7 @@ def rms_norm_backward(
             dy.reshape(-1, n), x.reshape(-1, n), weight, rstd.reshape(-1), weight_offset
         )
         return dx.view(x.shape), dw if dw is not None else x.new_empty((0,))
-    return _rms_norm_bwd_composite(dy, x, weight, rstd, weight_offset)
+    return rms_norm_bwd_composite(dy, x, weight, rstd, weight_offset)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._dispatch import compute_dtype, use_triton
+from ._dispatch import composite_op, compute_dtype, use_triton
 
 
 def rotate(x: Tensor, interleaved: bool) -> Tensor:
@@ -59,6 +59,10 @@ def _as_4d(t: Tensor) -> Tensor:
     return t
 
 
+rope_composite = composite_op("rope_composite", _rope_composite)
+rope_bwd_composite = composite_op("rope_backward_composite", _rope_bwd_composite)
+
+
 def _kernel_ok(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> bool:
     return use_triton(x, cos, sin) and out_dtype == x.dtype and x.dim() <= 4
 
@@ -78,7 +82,7 @@ def rope(
         cos4, sin4 = _tables_4d(x, cos, sin, rotary_dim)
         out = kernels.rope_fwd(_as_4d(x), cos4, sin4, rotary_dim, interleaved)
         return out.view(x.shape)
-    return _rope_composite(x, cos, sin, rotary_dim, interleaved, out_dtype)
+    return rope_composite(x, cos, sin, rotary_dim, interleaved, out_dtype)
 
 
 @triton_op("ccgqa::rope_backward", mutates_args=())
@@ -91,7 +95,7 @@ def rope_backward(
         cos4, sin4 = _tables_4d(dy, cos, sin, rotary_dim)
         dx = kernels.rope_bwd(_as_4d(dy), cos4, sin4, rotary_dim, interleaved)
         return dx.view(dy.shape)
-    return _rope_bwd_composite(dy, cos, sin, rotary_dim, interleaved, x_dtype)
+    return rope_bwd_composite(dy, cos, sin, rotary_dim, interleaved, x_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:

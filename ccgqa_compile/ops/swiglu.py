@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from ._dispatch import compute_dtype, use_triton
+from ._dispatch import composite_op, compute_dtype, use_triton
 
 
 def _swiglu_composite(gate: Tensor, up: Tensor) -> Tensor:
@@ -30,6 +30,10 @@ def _swiglu_bwd_composite(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tenso
     return dgate.to(gate.dtype), dup.to(up.dtype)
 
 
+swiglu_composite = composite_op("swiglu_composite", _swiglu_composite)
+swiglu_bwd_composite = composite_op("swiglu_backward_composite", _swiglu_bwd_composite)
+
+
 def _kernel_ok(gate: Tensor, up: Tensor) -> bool:
     return use_triton(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape
 
@@ -44,7 +48,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         from ..kernels import swiglu as kernels
 
         return kernels.swiglu_fwd(_rows(gate), _rows(up)).view(gate.shape)
-    return _swiglu_composite(gate, up)
+    return swiglu_composite(gate, up)
 
 
 @triton_op("ccgqa::swiglu_backward", mutates_args=())
@@ -54,7 +58,7 @@ def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Ten
 
         dgate, dup = kernels.swiglu_bwd(_rows(dout), _rows(gate), _rows(up))
         return dgate.view(gate.shape), dup.view(up.shape)
-    return _swiglu_bwd_composite(dout, gate, up)
+    return swiglu_bwd_composite(dout, gate, up)
 
 
 def _halves(gate_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,7 +74,7 @@ def swiglu_packed(gate_up: Tensor) -> Tensor:
         flat = _rows(gate_up)
         half = gate.shape[-1]
         return kernels.swiglu_fwd(flat[:, :half], flat[:, half:]).view(gate.shape)
-    return _swiglu_composite(gate, up)
+    return swiglu_composite(gate, up)
 
 
 @triton_op("ccgqa::swiglu_packed_backward", mutates_args=())
@@ -86,7 +90,7 @@ def swiglu_packed_backward(dout: Tensor, gate_up: Tensor) -> Tensor:
             _rows(dout), flat[:, :half], flat[:, half:], d_gate_up[:, :half], d_gate_up[:, half:]
         )
         return d_gate_up.view(gate_up.shape)
-    dgate, dup = _swiglu_bwd_composite(dout, gate, up)
+    dgate, dup = swiglu_bwd_composite(dout, gate, up)
     return torch.cat([dgate, dup], dim=-1)
 
 

@@ -10,10 +10,15 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .. import reporting as report
-from .._inductor_compat import current_compile_id, normalize_joint_graph
+from .._inductor_compat import (
+    current_compile_id,
+    normalize_joint_graph,
+    stable_topological_sort,
+)
 from . import rms_norm, rope, swiglu  # noqa: F401  (register the families)
-from ._registry import pattern_pass_for
+from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
+from .grad_sums import peel_first_addend
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -53,11 +58,27 @@ class CCGQAGraphPass(CustomGraphPass):
             return
         normalize_joint_graph(graph)
         device_type = _graph_device_type(graph)
+        before = {fusion: find_candidates(graph, fusion) for fusion in self.fusions}
+        try:
+            self._apply_patterns(graph, device_type)
+            alive = set(graph.nodes)
+            if any(node in alive for nodes in before.values() for node in nodes):
+                # second chance: gradient sums interleaved with a residual's gradient
+                if peel_first_addend(graph):
+                    self._apply_patterns(graph, device_type)
+        finally:
+            forget_graph(graph)
         for fusion in self.fusions:
-            before = find_candidates(graph, fusion)
-            pattern_pass_for(fusion, device_type).apply(graph)
-            graph.eliminate_dead_code()
-            report_unfused_candidates(graph, fusion, before)
+            report_unfused_candidates(graph, fusion, before[fusion])
+
+    def _apply_patterns(self, graph: torch.fx.Graph, device_type: str) -> None:
+        for fusion in self.fusions:
+            refresh_backward_nodes(graph)
+            if pattern_pass_for(fusion, device_type).apply(graph):
+                # replacements are inserted at the match's last node; restore the order
+                # before anything lints the graph
+                stable_topological_sort(graph)
+                graph.eliminate_dead_code()
 
     def uuid(self) -> Any:
         try:

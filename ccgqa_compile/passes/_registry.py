@@ -25,11 +25,12 @@ from .. import reporting as report
 from .._inductor_compat import (
     Match,
     PatternMatcherPass,
-    fwd_only,
+    fwd_only_functional,
     joint_fwd_bwd,
     pattern_tracing_context,
     register_replacement,
 )
+from .grad_sums import nodes_depending_on_tangents
 
 # (activation dtype, parameter dtype) pairs a pattern is traced with. fp32 traces have no
 # casts; bf16 traces contain the upcast/downcast nodes of mixed-precision idioms; the
@@ -64,19 +65,96 @@ def _value(arg: Any) -> Any:
     return arg
 
 
+_backward_cache: dict[int, tuple[torch.fx.Graph, set[torch.fx.Node]]] = {}
+
+
+def refresh_backward_nodes(graph: torch.fx.Graph) -> None:
+    """Recompute which nodes are backward; called before each round of patterns."""
+    _backward_cache[id(graph)] = (graph, nodes_depending_on_tangents(graph))
+
+
+def forget_graph(graph: torch.fx.Graph) -> None:
+    _backward_cache.pop(id(graph), None)
+
+
+def backward_nodes_of(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    cached = _backward_cache.get(id(graph))
+    if cached is None or cached[0] is not graph:
+        refresh_backward_nodes(graph)
+        cached = _backward_cache[id(graph)]
+    return cached[1]
+
+
+def backward_pairing_error(match: Match) -> str | None:
+    """In a joint graph, check that the matched backward is the gradient of the matched forward.
+
+    A pattern whose backward reaches its forward only through shared inputs (RoPE: dx needs
+    only dy, cos and sin) could pair q's forward with k's backward, which share cos and sin.
+    AOTAutograd stamps each backward node with the ``seq_nr`` of the forward op it
+    differentiates; every matched backward node (gradient sums aside, which carry their
+    consumer's number) must point into the matched forward.
+    """
+    in_backward = backward_nodes_of(match.graph)
+    forward_seq, backward = set(), []
+    for node in match.nodes:
+        if node in in_backward:
+            backward.append(node)
+        else:
+            forward_seq.add(node.meta.get("seq_nr"))
+    for node in backward:
+        if node.target is torch.ops.aten.add.Tensor:
+            continue
+        seq = node.meta.get("seq_nr")
+        if seq is None or seq not in forward_seq:
+            return (
+                "its backward belongs to another instance (seq_nr mismatch); "
+                "the forward-only form may fuse instead"
+            )
+    return None
+
+
 def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
+    """Runs on the exact (re-traced) match: the idiom's own shape conditions."""
+
     def extra_check(match: Match) -> bool:
         values = {name: _value(arg) for name, arg in match.kwargs.items()}
         reason = idiom.check(values) if idiom.check is not None else None
-        node = match.output_nodes()[0]
-        where = node.name if node is not None else "?"
         if reason is not None:
-            report.record_rejection(idiom.fusion, idiom.name, where, reason)
+            report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
             return False
         report.record_fusion(idiom.fusion, idiom.name)
         return True
 
     return extra_check
+
+
+def _where(match: Match) -> str:
+    node = match.output_nodes()[0]
+    return node.name if node is not None else "?"
+
+
+def _guard_new_entries(pattern_pass: PatternMatcherPass, seen: set[int], idiom: Idiom) -> None:
+    """Put the pairing check in front of every entry registered since the last call.
+
+    It must see the loose match, because that is the one Inductor replaces: for a
+    multi-output pattern the exact re-trace may pick a different (correct) backward than
+    the loose match did, and then pass while the wrong nodes get replaced.
+    """
+    for entries in pattern_pass.patterns.values():
+        for entry in entries:
+            if id(entry) in seen:
+                continue
+            seen.add(id(entry))
+            exact_check = entry.extra_check
+
+            def guarded(match: Match, exact_check=exact_check) -> bool:
+                reason = backward_pairing_error(match)
+                if reason is not None:
+                    report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
+                    return False
+                return exact_check(match)
+
+            entry.extra_check = guarded
 
 
 def _with_grads(args: Sequence[Any], grads: tuple[bool, ...] | None) -> list[Any]:
@@ -93,6 +171,7 @@ def _with_grads(args: Sequence[Any], grads: tuple[bool, ...] | None) -> list[Any
 def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], device: str) -> int:
     """Register every idiom in every traced variant; returns the number registered."""
     registered = 0
+    guarded: set[int] = set()
     for idiom in idioms:
         check = _make_extra_check(idiom)
         for act_dtype, param_dtype in idiom.dtype_combos:
@@ -100,7 +179,7 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
             # training variants first: they are larger and must win over the forward-only one
             for grads in (*idiom.grad_combos, None):
                 args = _with_grads(base_args, grads)
-                trace_fn = fwd_only if grads is None else joint_fwd_bwd
+                trace_fn = fwd_only_functional if grads is None else joint_fwd_bwd
                 registered += bool(
                     register_replacement(
                         idiom.search,
@@ -113,6 +192,7 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
                         skip_duplicates=True,
                     )
                 )
+                _guard_new_entries(pattern_pass, guarded, idiom)
     return registered
 
 

@@ -12,12 +12,16 @@ import torch.nn.functional as F
 
 from ._registry import DTYPES_MIXED, DTYPES_SAME, HALF_OR_FLOAT, Idiom, family
 
-EPS = 1.2345e-5  # scalar_workaround: any eps value in the user graph becomes an argument
+EPS = 2.0**-17  # scalar_workaround placeholder; exact in fp32 so decompositions keep it bit-equal
 _GRADS = ((True, True), (True, False), (False, True))
 
 
 def _inputs(act: torch.dtype, param: torch.dtype, device: str):
-    return (torch.randn(2, 3, 16, dtype=act, device=device), torch.randn(16, dtype=param, device=device), EPS)
+    return (
+        torch.randn(2, 3, 16, dtype=act, device=device),
+        torch.randn(16, dtype=param, device=device),
+        EPS,
+    )
 
 
 def _check_weight(values) -> str | None:
@@ -104,10 +108,10 @@ def _unweighted_inputs(act, _param, device):
 
 @family("rms_norm")
 def idioms() -> list[Idiom]:
-    def idiom(name, search, replace, dtypes=DTYPES_SAME, check=_check_weight, make=_inputs, grads=_GRADS):
-        return Idiom(
-            "rms_norm", name, search, replace, make, grads, dtypes, {"eps": EPS}, check
-        )
+    def idiom(
+        name, search, replace, dtypes=DTYPES_SAME, check=_check_weight, make=_inputs, grads=_GRADS
+    ):
+        return Idiom("rms_norm", name, search, replace, make, grads, dtypes, {"eps": EPS}, check)
 
     return [
         idiom("hf_llama_fp32_upcast", _hf_llama, _hf_llama_repl, DTYPES_MIXED, _check_upcast),
@@ -117,6 +121,11 @@ def idioms() -> list[Idiom]:
         idiom("div_sqrt", _div_sqrt, _plain_repl),
         idiom("F.rms_norm", _functional, _functional_repl),
         idiom(
-            "rsqrt_no_weight", _unweighted, _unweighted_repl, check=None, make=_unweighted_inputs, grads=((True,),)
+            "rsqrt_no_weight",
+            _unweighted,
+            _unweighted_repl,
+            check=None,
+            make=_unweighted_inputs,
+            grads=((True,),),
         ),
     ]

@@ -16,24 +16,37 @@ _X_GRAD = ((True, False, False),)
 
 def _inputs(act, _param, device):
     x = torch.randn(2, 3, 5, 8, dtype=act, device=device)
-    return (x, torch.randn(2, 1, 5, 8, dtype=act, device=device), torch.randn(2, 1, 5, 8, dtype=act, device=device))
+    return (
+        x,
+        torch.randn(2, 1, 5, 8, dtype=act, device=device),
+        torch.randn(2, 1, 5, 8, dtype=act, device=device),
+    )
 
 
 def _partial_inputs(act, _param, device):
     x = torch.randn(2, 3, 5, 8, dtype=act, device=device)
-    return (x, torch.randn(2, 1, 5, 4, dtype=act, device=device), torch.randn(2, 1, 5, 4, dtype=act, device=device))
+    return (
+        x,
+        torch.randn(2, 1, 5, 4, dtype=act, device=device),
+        torch.randn(2, 1, 5, 4, dtype=act, device=device),
+    )
 
 
 def _complex_inputs(act, _param, device):
     # Meta Llama layout: x (B, T, H, D); freqs_cis reshaped for broadcast to (1, T, 1, D/2)
-    return (torch.randn(2, 5, 3, 8, dtype=act, device=device), torch.randn(1, 5, 1, 4, dtype=torch.complex64, device=device))
+    return (
+        torch.randn(2, 5, 3, 8, dtype=act, device=device),
+        torch.randn(1, 5, 1, 4, dtype=torch.complex64, device=device),
+    )
 
 
 def _check_tables(values) -> str | None:
     x, cos, sin = values["x"], values["cos"], values["sin"]
     rd = cos.shape[-1]
     if sin.shape[-1] != rd or rd % 2 or rd > x.shape[-1]:
-        return f"cos/sin last dims {cos.shape[-1]}/{sin.shape[-1]} do not fit head dim {x.shape[-1]}"
+        return (
+            f"cos/sin last dims {cos.shape[-1]}/{sin.shape[-1]} do not fit head dim {x.shape[-1]}"
+        )
     rot_shape = (*x.shape[:-1], rd)
     for name, table in (("cos", cos), ("sin", sin)):
         try:
@@ -121,8 +134,40 @@ def _meta_complex_repl(x, freqs_cis):
 @family("rope")
 def idioms() -> list[Idiom]:
     return [
-        Idiom("rope", "neox_partial_rotary", _neox_partial, _partial_repl, _partial_inputs, _X_GRAD, check=_check_tables),
-        Idiom("rope", "hf_rotate_half", _hf_rotate_half, _full_repl, _inputs, _X_GRAD, check=_check_tables),
-        Idiom("rope", "gptj_interleaved", _gptj_interleaved, _interleaved_repl, _inputs, _X_GRAD, check=_check_tables),
-        Idiom("rope", "meta_view_as_complex", _meta_complex, _meta_complex_repl, _complex_inputs, ((True, False),), check=_check_complex),
+        Idiom(
+            "rope",
+            "neox_partial_rotary",
+            _neox_partial,
+            _partial_repl,
+            _partial_inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "hf_rotate_half",
+            _hf_rotate_half,
+            _full_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "gptj_interleaved",
+            _gptj_interleaved,
+            _interleaved_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "meta_view_as_complex",
+            _meta_complex,
+            _meta_complex_repl,
+            _complex_inputs,
+            ((True, False),),
+            check=_check_complex,
+        ),
     ]

@@ -14,7 +14,10 @@ from ._registry import Idiom, family
 
 
 def _inputs(act, _param, device):
-    return (torch.randn(2, 3, 16, dtype=act, device=device), torch.randn(2, 3, 16, dtype=act, device=device))
+    return (
+        torch.randn(2, 3, 16, dtype=act, device=device),
+        torch.randn(2, 3, 16, dtype=act, device=device),
+    )
 
 
 def _packed_inputs(act, _param, device):
@@ -63,8 +66,28 @@ def _packed_repl(gate_up):
 def idioms() -> list[Idiom]:
     both = ((True, True),)
     return [
-        Idiom("swiglu", "chunk_gate_up", _chunk_silu_mul, _packed_repl, _packed_inputs, ((True,),), check=_check_packed),
-        Idiom("swiglu", "silu_gate_times_up", _silu_mul, _repl, _inputs, both, check=_check_same_shape),
-        Idiom("swiglu", "up_times_silu_gate", _mul_silu, _repl, _inputs, both, check=_check_same_shape),
-        Idiom("swiglu", "gate_sigmoid_gate_up", _sigmoid_mul, _repl, _inputs, both, check=_check_same_shape),
+        Idiom(
+            "swiglu",
+            "chunk_gate_up",
+            _chunk_silu_mul,
+            _packed_repl,
+            _packed_inputs,
+            ((True,),),
+            check=_check_packed,
+        ),
+        Idiom(
+            "swiglu", "silu_gate_times_up", _silu_mul, _repl, _inputs, both, check=_check_same_shape
+        ),
+        Idiom(
+            "swiglu", "up_times_silu_gate", _mul_silu, _repl, _inputs, both, check=_check_same_shape
+        ),
+        Idiom(
+            "swiglu",
+            "gate_sigmoid_gate_up",
+            _sigmoid_mul,
+            _repl,
+            _inputs,
+            both,
+            check=_check_same_shape,
+        ),
     ]

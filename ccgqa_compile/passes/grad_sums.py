@@ -1,0 +1,64 @@
+"""Re-associate gradient accumulations so a fused backward can be recognised.
+
+When a tensor x feeds an RMSNorm and also something else (the residual stream, always),
+AOTAutograd accumulates x's gradient in backward order as a left fold:
+``(g_other + g_norm_a) + g_norm_b``, while the pattern, traced alone, has
+``g_norm_a + g_norm_b``. Rewriting ``(p + q) + r`` into ``p + (q + r)`` restores the
+pattern's subtree. It is only applied to same-shape, same-dtype adds that depend on a
+tangent (gradient arithmetic, whose summation order autograd leaves unspecified), and only
+when the first round of patterns left candidates unfused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _same_shape_and_dtype(ref: torch.Tensor, *nodes) -> bool:
+    for node in nodes:
+        if not isinstance(node, torch.fx.Node):
+            return False
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.shape != ref.shape or val.dtype != ref.dtype:
+            return False
+    return True
+
+
+def nodes_depending_on_tangents(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The backward part of a joint graph: every node downstream of a tangent input."""
+    seen: set[torch.fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.users)
+    return seen
+
+
+def peel_first_addend(graph: torch.fx.Graph) -> int:
+    """``(p + q) + r`` -> ``p + (q + r)`` on gradient sums; returns how many were rewritten."""
+    in_backward = nodes_depending_on_tangents(graph)
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.add.Tensor or node.kwargs or node not in in_backward:
+            continue
+        inner, r = node.args
+        if not isinstance(inner, torch.fx.Node) or inner.target is not aten.add.Tensor:
+            continue
+        if inner.kwargs or len(inner.users) != 1:
+            continue
+        p, q = inner.args
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not _same_shape_and_dtype(val, p, q, r, inner):
+            continue
+        with graph.inserting_before(node):
+            q_plus_r = graph.call_function(aten.add.Tensor, (q, r))
+        q_plus_r.meta = dict(node.meta)
+        node.args = (p, q_plus_r)
+        graph.erase_node(inner)
+        rewritten += 1
+    return rewritten

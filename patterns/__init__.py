@@ -1,0 +1,69 @@
+"""The corpus: plain-PyTorch idioms users write, each tagged with the fusion that must fire.
+
+Every entry builds a small ``nn.Module`` plus inputs. ``expect`` is how many times the
+tagged fusion must fire in one compiled graph (training or inference); near misses carry
+``expect=0``: the fusion must NOT fire there, and the output must still match eager.
+Tests, examples and benchmarks all draw from ``CORPUS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes an entry is built with (each entry uses the ones it needs)."""
+
+    batch: int = 2
+    seq: int = 5
+    hidden: int = 16  # model width / normalised dim
+    heads: int = 2
+    head_dim: int = 8
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    fusion: str
+    expect: int  # times `fusion` must fire per compiled graph; 0 = near miss, must not fire
+    build: Callable[[Shape], nn.Module]
+    make_inputs: Callable[[Shape, torch.dtype, str], tuple[torch.Tensor, ...]]
+    note: str = ""
+    # near misses of one idiom whose genuine core may still fuse as another idiom: these
+    # idioms must not appear (e.g. Gemma with (2 + w) must not become the (1 + w) op)
+    forbidden_idioms: tuple[str, ...] = ()
+
+    @property
+    def near_miss(self) -> bool:
+        return self.expect == 0
+
+
+def hidden_states(shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(shape.batch, shape.seq, shape.hidden, dtype=dtype, device=device),)
+
+
+def _collect() -> list[Entry]:
+    from . import rms_norm, rope, swiglu
+
+    return [*rms_norm.ENTRIES, *swiglu.ENTRIES, *rope.ENTRIES]
+
+
+CORPUS: list[Entry] = _collect()
+BY_NAME: dict[str, Entry] = {e.name: e for e in CORPUS}
+
+
+def idiom_table() -> str:
+    """Markdown table of the corpus (the README's supported-idioms table is made from it)."""
+    lines = ["| entry | fusion | must fire | note |", "|---|---|---|---|"]
+    for e in CORPUS:
+        fire = f"yes (x{e.expect})" if e.expect else "no (near miss)"
+        if e.forbidden_idioms:
+            fire = f"never as {', '.join(e.forbidden_idioms)} (its plain core may fuse)"
+        lines.append(f"| `{e.name}` | {e.fusion} | {fire} | {e.note} |")
+    return "\n".join(lines)

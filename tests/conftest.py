@@ -1,0 +1,37 @@
+"""Test-wide setup.
+
+- Triton kernels run under the interpreter on CPU: TRITON_INTERPRET must be set before
+  triton is first imported. The GPU run passes TRITON_INTERPRET=0 explicitly.
+- Inductor's FX graph cache and AOTAutograd cache are off: a cache hit skips our pass, and
+  every test asserts that its fusion fired. (Inductor's C++ code cache stays on: speed.)
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
+
+def pytest_collection_modifyitems(config, items):
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if torch.cuda.is_available() and not interpreting:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    import ccgqa_compile
+
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    yield
+    torch._dynamo.reset()

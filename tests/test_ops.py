@@ -1,0 +1,154 @@
+"""The ops themselves (CPU composite path): gradients against float64 via gradcheck,
+torch.library.opcheck (schema, fake impl, autograd registration), symbolic shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ccgqa_compile  # noqa: F401
+
+ops = torch.ops.ccgqa
+f64 = dict(dtype=torch.float64)
+
+
+def _away_from_zero(*shape):
+    t = torch.rand(*shape, **f64) + 0.5
+    return t * torch.where(torch.rand(*shape) < 0.5, -1.0, 1.0).double()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_gradcheck(offset, with_weight):
+    x = _away_from_zero(3, 4, 7).requires_grad_()
+    w = _away_from_zero(7).requires_grad_() if with_weight else None
+    args = (x, w) if with_weight else (x,)
+
+    def fn(*a):
+        return ops.rms_norm(a[0], a[1] if with_weight else None, 1e-5, offset, torch.float64)[0]
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_rms_norm_matches_formula_and_returns_rstd():
+    x, w = _away_from_zero(5, 9), _away_from_zero(9)
+    y, rstd = ops.rms_norm(x, w, 1e-6, 0.0, torch.float64)
+    ref_rstd = 1 / torch.sqrt(x.pow(2).mean(-1) + 1e-6)
+    torch.testing.assert_close(rstd, ref_rstd)
+    torch.testing.assert_close(y, x * ref_rstd[:, None] * w)
+
+
+def test_swiglu_gradcheck():
+    g, u = _away_from_zero(3, 5).requires_grad_(), _away_from_zero(3, 5).requires_grad_()
+    assert torch.autograd.gradcheck(ops.swiglu, (g, u))
+    gu = _away_from_zero(2, 3, 10).requires_grad_()
+    assert torch.autograd.gradcheck(ops.swiglu_packed, (gu,))
+    torch.testing.assert_close(
+        ops.swiglu_packed(gu), torch.nn.functional.silu(gu[..., :5]) * gu[..., 5:]
+    )
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [6, 4])
+def test_rope_gradcheck_and_rotation(interleaved, rotary_dim):
+    x = _away_from_zero(2, 3, 4, 6).requires_grad_()
+    cos, sin = _away_from_zero(4, rotary_dim), _away_from_zero(4, rotary_dim)
+
+    def fn(x):
+        return ops.rope(x, cos, sin, rotary_dim, interleaved, torch.float64)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    out = fn(x)
+    torch.testing.assert_close(out[..., rotary_dim:], x[..., rotary_dim:])
+
+
+def test_rope_is_a_rotation_for_true_angles():
+    theta = torch.rand(5, 3, **f64) * 6
+    cos = torch.cat([theta.cos(), theta.cos()], -1)
+    sin = torch.cat([theta.sin(), theta.sin()], -1)
+    x = _away_from_zero(2, 1, 5, 6)
+    out = ops.rope(x, cos, sin, 6, False, torch.float64)
+    # a rotation of each (x_i, x_{i+3}) pair keeps its norm
+    pair_norm = lambda t: t[..., :3] ** 2 + t[..., 3:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norm(out), pair_norm(x))
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        (
+            "rms_norm",
+            lambda: (
+                torch.randn(3, 8, requires_grad=True),
+                torch.randn(8, requires_grad=True),
+                1e-6,
+                0.0,
+                torch.float32,
+            ),
+        ),
+        (
+            "rms_norm",
+            lambda: (torch.randn(3, 8, requires_grad=True), None, 1e-6, 0.0, torch.float32),
+        ),
+        (
+            "swiglu",
+            lambda: (torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)),
+        ),
+        ("swiglu_packed", lambda: (torch.randn(3, 8, requires_grad=True),)),
+        (
+            "rope",
+            lambda: (
+                torch.randn(2, 2, 3, 8, requires_grad=True),
+                torch.randn(3, 8),
+                torch.randn(3, 8),
+                8,
+                False,
+                torch.float32,
+            ),
+        ),
+        (
+            "rope",
+            lambda: (
+                torch.randn(2, 2, 3, 8, requires_grad=True),
+                torch.randn(3, 4),
+                torch.randn(3, 4),
+                4,
+                True,
+                torch.float32,
+            ),
+        ),
+    ],
+)
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(ops, op).default, args())
+
+
+def test_fake_impls_with_symbolic_shapes():
+    def fn(x, w, g, u, q, cos, sin):
+        y, rstd = ops.rms_norm(x, w, 1e-6, 0.0, torch.float32)
+        return y, rstd, ops.swiglu(g, u), ops.rope(q, cos, sin, q.shape[-1], False, q.dtype)
+
+    args = (
+        torch.randn(3, 5, 8),
+        torch.randn(8),
+        torch.randn(4, 6),
+        torch.randn(4, 6),
+        torch.randn(2, 2, 5, 8),
+        torch.randn(5, 8),
+        torch.randn(5, 8),
+    )
+    gm = make_fx(fn, tracing_mode="symbolic")(*args)
+    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    shapes = [tuple(str(s) for s in o.meta["val"].shape) for o in outs]
+    assert shapes[0] == ("s0", "s1", "s2") or len(shapes[0]) == 3
+    assert any(not str(s).isdigit() for s in outs[0].meta["val"].shape), shapes
+    assert len(outs[1].meta["val"].shape) == 2
+
+
+def test_fp64_inputs_use_the_exact_fallback():
+    x, w = _away_from_zero(4, 6), _away_from_zero(6)
+    y, _ = ops.rms_norm(x, w, 1e-12, 0.0, torch.float64)
+    assert y.dtype == torch.float64
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) * w
+    assert (y - ref).abs().max().item() < 1e-14
