@@ -29,12 +29,18 @@ dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
 def run_entry(
-    entry: Entry, shape: Shape, dtype: torch.dtype, training: bool, backend="ccgqa", seed: int = 0
+    entry: Entry,
+    shape: Shape,
+    dtype: torch.dtype,
+    training: bool,
+    backend="ccgqa",
+    seed: int = 0,
+    device: str = "cpu",
 ):
     torch.manual_seed(seed)
-    model = entry.build(shape).to(dtype)
+    model = entry.build(shape).to(device=device, dtype=dtype)
     eager = copy.deepcopy(model)
-    inputs = entry.make_inputs(shape, dtype, "cpu")
+    inputs = entry.make_inputs(shape, dtype, device)
     inputs_c = [t.clone().requires_grad_(training) for t in inputs]
     inputs_e = [t.clone().requires_grad_(training) for t in inputs]
 
@@ -93,3 +99,18 @@ def test_corpus_has_near_misses_for_every_fusion():
         entries = [e for e in CORPUS if e.fusion == fusion]
         assert any(e.near_miss for e in entries), fusion
         assert sum(not e.near_miss for e in entries) >= 3, fusion
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
+def test_entry_on_cuda(entry, training, dtype):
+    """On the GPU the replacements run the Triton kernels (inlined through triton_op)."""
+    run_entry(
+        entry,
+        Shape(batch=2, seq=37, hidden=96, heads=3, head_dim=32),
+        dtype,
+        training,
+        device="cuda",
+    )

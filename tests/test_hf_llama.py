@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 LAYERS = 2
 
 
-def tiny_llama(dtype):
+def tiny_llama(dtype, device="cpu"):
     cfg = transformers.LlamaConfig(
         vocab_size=97,
         hidden_size=32,
@@ -29,7 +29,7 @@ def tiny_llama(dtype):
         attn_implementation="eager",
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     model.eval()  # no dropout; gradients still flow
     return model
 
@@ -37,9 +37,19 @@ def tiny_llama(dtype):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tiny_llama_every_instance_fused(training, dtype):
-    model = tiny_llama(dtype)
+    check_tiny_llama(training, dtype, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_tiny_llama_on_cuda_bf16(training):
+    check_tiny_llama(training, torch.bfloat16, "cuda")
+
+
+def check_tiny_llama(training, dtype, device):
+    model = tiny_llama(dtype, device)
     eager = copy.deepcopy(model)
-    ids = torch.randint(0, 97, (2, 11))
+    ids = torch.randint(0, 97, (2, 11), device=device)
     compiled = torch.compile(model, backend="ccgqa")
     with torch.set_grad_enabled(training):
         logits_c = compiled(input_ids=ids).logits
