@@ -78,14 +78,26 @@ def bench(fn, inputs, grad_out, fwd_only):
 
 def cases(quick):
     m = 4096 if quick else 16384
-    yield "rmsnorm", f"{m}x4096", hf_rms_norm, lambda: (
-        torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16),
-        1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.bfloat16),
-    ), (2 * m * 4096 * 2, 5 * m * 4096 * 2)
-    yield "swiglu", f"{m}x11008", silu_mul, lambda: (
-        torch.randn(m, 11008, device="cuda", dtype=torch.bfloat16),
-        torch.randn(m, 11008, device="cuda", dtype=torch.bfloat16),
-    ), (3 * m * 11008 * 2, 8 * m * 11008 * 2)
+    yield (
+        "rmsnorm",
+        f"{m}x4096",
+        hf_rms_norm,
+        lambda: (
+            torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16),
+            1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.bfloat16),
+        ),
+        (2 * m * 4096 * 2, 5 * m * 4096 * 2),
+    )
+    yield (
+        "swiglu",
+        f"{m}x11008",
+        silu_mul,
+        lambda: (
+            torch.randn(m, 11008, device="cuda", dtype=torch.bfloat16),
+            torch.randn(m, 11008, device="cuda", dtype=torch.bfloat16),
+        ),
+        (3 * m * 11008 * 2, 8 * m * 11008 * 2),
+    )
     b, t = (1, 4096) if quick else (4, 4096)
 
     def rope_inputs():
@@ -118,14 +130,20 @@ def main():
         }
         if op in liger:
             providers["liger"] = liger[op]
-        ref_in = [t.detach().clone().requires_grad_(t.is_floating_point() and i < 2) for i, t in enumerate(base)]
+        ref_in = [
+            t.detach().clone().requires_grad_(t.is_floating_point() and i < 2)
+            for i, t in enumerate(base)
+        ]
         ref_out = fn(*ref_in)
         ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
         grad_out = tuple(torch.randn_like(o) for o in ref_out)
         torch.autograd.backward(ref_out, grad_out)
         for name, f in providers.items():
             for mode in ("fwd", "fwd+bwd"):
-                inputs = [t.detach().clone().requires_grad_(mode != "fwd" and i < 2) for i, t in enumerate(base)]
+                inputs = [
+                    t.detach().clone().requires_grad_(mode != "fwd" and i < 2)
+                    for i, t in enumerate(base)
+                ]
                 ccgqa_compile.reset_report()
                 with torch.set_grad_enabled(mode != "fwd"):
                     out = f(*inputs)  # warm up / compile
@@ -134,27 +152,58 @@ def main():
                 err = max(rel_err(o, r) for o, r in zip(out, ref_out))
                 if mode != "fwd":
                     torch.autograd.backward(out, grad_out)
-                    err = max([err] + [rel_err(i.grad, r.grad) for i, r in zip(inputs[:2], ref_in[:2])])
+                    err = max(
+                        [err] + [rel_err(i.grad, r.grad) for i, r in zip(inputs[:2], ref_in[:2])]
+                    )
                 with torch.set_grad_enabled(mode != "fwd"):
                     ms = bench(f, inputs, grad_out, mode == "fwd")
                 nbytes = fwd_bytes if mode == "fwd" else total_bytes
-                rows.append(dict(op=op, shape=shape, provider=name, mode=mode, ms=ms,
-                                 gbs=nbytes / ms / 1e6, rel_err=err, fused=fused))
-                print(f"{op:8s} {shape:28s} {name:9s} {mode:8s} {ms:8.4f} ms {nbytes/ms/1e6:7.0f} GB/s err={err:.1e} {fused}", flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_gbs=copy_gbs, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                rows.append(
+                    dict(
+                        op=op,
+                        shape=shape,
+                        provider=name,
+                        mode=mode,
+                        ms=ms,
+                        gbs=nbytes / ms / 1e6,
+                        rel_err=err,
+                        fused=fused,
+                    )
+                )
+                print(
+                    f"{op:8s} {shape:28s} {name:9s} {mode:8s} {ms:8.4f} ms {nbytes / ms / 1e6:7.0f} GB/s err={err:.1e} {fused}",
+                    flush=True,
+                )
+    meta = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_gbs=copy_gbs,
+        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ops_h100.json"), "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"\ndevice copy bandwidth {copy_gbs:.0f} GB/s ({meta['device']}, torch {meta['torch']})")
-    print("| op | shape | mode | eager ms | inductor ms | ccgqa ms | liger ms | ccgqa GB/s | ccgqa/best(eager,inductor) |")
+    print(
+        "| op | shape | mode | eager ms | inductor ms | ccgqa ms | liger ms | ccgqa GB/s | ccgqa/best(eager,inductor) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    keys = sorted({(r["op"], r["shape"], r["mode"]) for r in rows}, key=lambda k: [r for r in rows].index(next(r for r in rows if (r["op"], r["shape"], r["mode"]) == k)))
+    keys = sorted(
+        {(r["op"], r["shape"], r["mode"]) for r in rows},
+        key=lambda k: [r for r in rows].index(
+            next(r for r in rows if (r["op"], r["shape"], r["mode"]) == k)
+        ),
+    )
     for op, shape, mode in keys:
-        get = {r["provider"]: r for r in rows if (r["op"], r["shape"], r["mode"]) == (op, shape, mode)}
+        get = {
+            r["provider"]: r for r in rows if (r["op"], r["shape"], r["mode"]) == (op, shape, mode)
+        }
         best = min(get["eager"]["ms"], get["inductor"]["ms"])
         lig = f"{get['liger']['ms']:.4f}" if "liger" in get else "-"
-        print(f"| {op} | {shape} | {mode} | {get['eager']['ms']:.4f} | {get['inductor']['ms']:.4f} | {get['ccgqa']['ms']:.4f} | {lig} | {get['ccgqa']['gbs']:.0f} | {best / get['ccgqa']['ms']:.2f}x |")
+        print(
+            f"| {op} | {shape} | {mode} | {get['eager']['ms']:.4f} | {get['inductor']['ms']:.4f} | {get['ccgqa']['ms']:.4f} | {lig} | {get['ccgqa']['gbs']:.0f} | {best / get['ccgqa']['ms']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

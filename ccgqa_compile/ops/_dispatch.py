@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -29,7 +30,25 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     if not present or config.kernels_disabled() or not triton_available():
         return False
-    return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in present)
+    on_cpu_ok = interpreting_kernels_on_cpu()
+    return all(
+        (t.is_cuda or (on_cpu_ok and t.device.type == "cpu")) and t.dtype in KERNEL_DTYPES
+        for t in present
+    )
+
+
+def interpreting_kernels_on_cpu() -> bool:
+    """Test hook: run the Triton kernels on CPU tensors under the Triton interpreter.
+
+    Needs both ``TRITON_INTERPRET=1`` (set before triton is imported) and
+    ``CCGQA_INTERPRET_KERNELS_ON_CPU=1``. Only for eager op calls: Inductor cannot run
+    Triton on CPU. It lets CPU CI check the op <-> kernel wiring (shapes, strides,
+    argument order, the registered backward) that otherwise only a GPU would exercise.
+    """
+    return (
+        os.environ.get("TRITON_INTERPRET") == "1"
+        and os.environ.get("CCGQA_INTERPRET_KERNELS_ON_CPU") == "1"
+    )
 
 
 def composite_op(name: str, fn):

@@ -1,0 +1,96 @@
+"""The ops' kernel path (op -> launch wrapper -> Triton kernel -> registered backward),
+run eagerly on CPU under the Triton interpreter, against the composite fallback and a
+float64 reference. On the GPU the same test runs with real kernels (marked cuda)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ccgqa_compile  # noqa: F401
+from ccgqa_compile.ops import _dispatch
+
+from ._compare import rel_err
+
+pytest.importorskip("triton")
+ops = torch.ops.ccgqa
+
+
+@pytest.fixture(params=["cpu-interpreter", "cuda"])
+def device(request, monkeypatch):
+    if request.param == "cuda":
+        if not torch.cuda.is_available() or _dispatch.os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
+        return "cuda"
+    if _dispatch.os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU kernel path needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
+    return "cpu"
+
+
+def _signed(*shape, device, dtype=torch.float32):
+    t = torch.rand(*shape, device=device) + 0.5
+    return (t * torch.where(torch.rand(*shape, device=device) < 0.5, -1.0, 1.0)).to(dtype)
+
+
+def _check(fn_args, run, device, tol=1e-5):
+    """Kernel path vs float64 composite: outputs and gradients of every tensor input."""
+    assert _dispatch.use_triton(*[a for a in fn_args if isinstance(a, torch.Tensor)])
+    grads_in = [
+        a.detach().clone().requires_grad_(a.is_floating_point())
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in fn_args
+    ]
+    out = run(*grads_in)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref_in = [
+        a.detach().double().requires_grad_(True) if isinstance(a, torch.Tensor) else a
+        for a in fn_args
+    ]
+    ref = run(*ref_in)  # fp64: composite path
+    ref.backward(g.double())
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    for a, r in zip(grads_in, ref_in):
+        if isinstance(a, torch.Tensor) and a.grad is not None:
+            assert torch.isfinite(a.grad).all()
+            assert rel_err(a.grad, r.grad) < tol, rel_err(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_kernel_path(device, offset):
+    x, w = _signed(3, 5, 33, device=device), _signed(33, device=device)
+
+    def run(x, w):
+        return ops.rms_norm(x, w, 1e-5, offset, x.dtype)[0]
+
+    _check([x, w], run, device)
+
+
+def test_swiglu_kernel_paths(device):
+    g, u = _signed(4, 3, 19, device=device), _signed(4, 3, 19, device=device)
+    _check([g, u], ops.swiglu, device)
+    _check([_signed(5, 38, device=device)], ops.swiglu_packed, device)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [12, 8])
+def test_rope_kernel_path_on_transposed_q(device, interleaved, rotary_dim):
+    q = _signed(2, 7, 3, 12, device=device).transpose(1, 2)  # HF layout: a strided view
+    cos, sin = _signed(7, rotary_dim, device=device), _signed(7, rotary_dim, device=device)
+
+    def run(q, cos, sin):
+        return ops.rope(q, cos, sin, rotary_dim, interleaved, q.dtype)
+
+    _check([q, cos.requires_grad_(False), sin], run, device)
+
+
+def test_kernel_path_is_used_only_when_enabled(monkeypatch):
+    x = torch.randn(3, 8)
+    monkeypatch.delenv("CCGQA_INTERPRET_KERNELS_ON_CPU", raising=False)
+    assert not _dispatch.use_triton(x)
+    monkeypatch.setenv("CCGQA_DISABLE_KERNELS", "1")
+    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
+    assert not _dispatch.use_triton(x)
