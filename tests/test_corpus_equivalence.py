@@ -114,3 +114,12 @@ def test_entry_on_cuda(entry, training, dtype):
         training,
         device="cuda",
     )
+
+
+def test_readme_idiom_table_is_generated_from_the_corpus():
+    import pathlib
+
+    from patterns.__main__ import README, render
+
+    text = pathlib.Path(README).read_text()
+    assert render(text) == text, "README idiom table is stale: run `python -m patterns`"

@@ -118,7 +118,9 @@ def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
 
     def extra_check(match: Match) -> bool:
         values = {name: _value(arg) for name, arg in match.kwargs.items()}
-        reason = idiom.check(values) if idiom.check is not None else None
+        reason = _scalar_error(idiom, match)
+        if reason is None and idiom.check is not None:
+            reason = idiom.check(values)
         if reason is not None:
             report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
             return False
@@ -126,6 +128,14 @@ def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
         return True
 
     return extra_check
+
+
+def _scalar_error(idiom: Idiom, match: Match) -> str | None:
+    """Scalars (eps) must be compile-time constants: the ops take them as plain floats."""
+    for name in idiom.scalar_workaround:
+        if not isinstance(match.kwargs.get(name), (int, float)):
+            return f"{name} is not a constant (a symbolic or tensor value)"
+    return None
 
 
 def _where(match: Match) -> str:

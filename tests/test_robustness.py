@@ -1,0 +1,83 @@
+"""Inputs real users pass: NaN/inf, non-contiguous, fp64, autocast, eval/no_grad."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ccgqa_compile
+from patterns import BY_NAME, Shape
+
+from ._compare import assert_close
+
+
+def _compile_pair(name):
+    model = BY_NAME[name].build(Shape())
+    return torch.compile(model, backend="ccgqa"), copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("name", ["rms_hf_llama", "swiglu_hf_llama", "rope_hf_rotate_half"])
+def test_nan_and_inf_propagate_like_eager(name):
+    compiled, eager = _compile_pair(name)
+    x = torch.randn(2, 5, 16)
+    x[0, 1, 3] = float("nan")
+    x[1, 2, 0] = float("inf")
+    with torch.no_grad():
+        out_c, out_e = compiled(x), eager(x)
+    assert ccgqa_compile.report().count(BY_NAME[name].fusion) == BY_NAME[name].expect
+    assert torch.equal(torch.isnan(out_c), torch.isnan(out_e))
+    assert torch.equal(torch.isinf(out_c), torch.isinf(out_e))
+    finite = torch.isfinite(out_e)
+    torch.testing.assert_close(out_c[finite], out_e[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_input():
+    compiled, eager = _compile_pair("rms_hf_llama")
+    x = torch.randn(16, 5, 2).permute(2, 1, 0)  # (2, 5, 16), last dim strided
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        assert_close(compiled(x), eager(x), torch.float32, "non-contiguous")
+    assert ccgqa_compile.report().count("rms_norm") == 1
+
+
+def test_float64_model_fuses_and_stays_exact():
+    model = BY_NAME["rms_rsqrt"].build(Shape()).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    out = torch.compile(model, backend="ccgqa")(x)
+    ref = copy.deepcopy(model)(x)
+    assert ccgqa_compile.report().count("rms_norm") == 1
+    assert_close(out, ref, torch.float64, "fp64")
+
+
+def test_fp64_input_to_an_fp32_upcast_idiom_is_not_fused():
+    # the HF idiom computes in fp32 even for fp64 input; the op would compute in fp64
+    model = BY_NAME["rms_hf_llama"].build(Shape()).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="ccgqa")(x)
+        ref = copy.deepcopy(model)(x)
+    rep = ccgqa_compile.report()
+    assert all(idiom != "hf_llama_fp32_upcast" for (_f, idiom) in rep.idioms()), str(rep)
+    assert torch.equal(out, ref) or (out - ref).abs().max() < 1e-6
+
+
+def test_autocast_region():
+    compiled, eager = _compile_pair("swiglu_hf_llama")
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out_c, out_e = compiled(x), eager(x)
+    assert out_c.dtype == out_e.dtype == torch.bfloat16
+    assert_close(out_c, out_e, torch.bfloat16, "autocast")
+    assert ccgqa_compile.report().count("swiglu") == 1
+
+
+def test_eval_and_no_grad_inference_graph():
+    model = BY_NAME["rope_neox_partial"].build(Shape()).eval()
+    with torch.no_grad():
+        out = torch.compile(model, backend="ccgqa")(torch.randn(2, 5, 16))
+    rep = ccgqa_compile.report()
+    assert {g.kind for g in rep.graphs} == {"inference"}
+    assert rep.count("rope") == 2
+    assert torch.isfinite(out).all()
