@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "rope")
+FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "rope", "gqa_attention")
 
 # Names added here are skipped by every later compilation.
 disabled_fusions: set[str] = set()

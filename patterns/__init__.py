@@ -49,9 +49,9 @@ def hidden_states(shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.
 
 
 def _collect() -> list[Entry]:
-    from . import rms_norm, rope, swiglu
+    from . import attention, rms_norm, rope, swiglu
 
-    return [*rms_norm.ENTRIES, *swiglu.ENTRIES, *rope.ENTRIES]
+    return [*rms_norm.ENTRIES, *swiglu.ENTRIES, *rope.ENTRIES, *attention.ENTRIES]
 
 
 CORPUS: list[Entry] = _collect()

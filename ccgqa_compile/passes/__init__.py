@@ -15,7 +15,7 @@ from .._inductor_compat import (
     normalize_joint_graph,
     stable_topological_sort,
 )
-from . import rms_norm, rope, swiglu  # noqa: F401  (register the families)
+from . import gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (register the families)
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import peel_first_addend

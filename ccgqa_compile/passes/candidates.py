@@ -16,6 +16,7 @@ _ANCHORS = {
     "rms_norm": ((aten.rsqrt.default,), "an rsqrt is left in the graph"),
     "swiglu": ((aten.silu.default, aten.sigmoid.default), "a silu/sigmoid is left in the graph"),
     "rope": ((aten.neg.default,), "a negation feeding a cat/stack is left in the graph"),
+    "gqa_attention": ((aten._softmax.default,), "a softmax is left in the graph"),
 }
 
 

@@ -1,0 +1,126 @@
+"""``torch.ops.ccgqa.gqa_attention``: causal grouped-query attention, fused fwd and bwd.
+
+q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv; query head h uses
+key/value head h // (Hq / Hkv); scores are ``scale * q . k``, causally masked. Returns the
+output and the natural-log logsumexp of each score row (saved for the backward, which
+recomputes the probabilities instead of storing the T x T matrix). The GQA reduction of
+dK/dV over a group's query heads happens in the kernel; nothing repeats K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from ._dispatch import composite_op, compute_dtype, use_triton
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _repeat_kv(t: Tensor, groups: int) -> Tensor:
+    return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
+    groups = q.shape[1] // k.shape[1]
+    s = (q.to(acc) @ _repeat_kv(k, groups).to(acc).transpose(-1, -2)) * scale
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    causal = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
+    return s.masked_fill(~causal, float("-inf"))
+
+
+def _gqa_attention_composite(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(q.dtype, k.dtype, v.dtype)
+    s = _scores(q, k, scale, acc)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    o = p @ _repeat_kv(v, q.shape[1] // v.shape[1]).to(acc)
+    return o.to(q.dtype), lse.to(torch.float32 if acc != torch.float64 else acc)
+
+
+def _gqa_attention_bwd_composite(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = compute_dtype(q.dtype, k.dtype, v.dtype, do.dtype)
+    groups = q.shape[1] // k.shape[1]
+    b, h_kv, t, d = k.shape
+    p = torch.exp(_scores(q, k, scale, acc) - lse.to(acc).unsqueeze(-1))
+    do_, v_r = do.to(acc), _repeat_kv(v, groups).to(acc)
+    dv_r = p.transpose(-1, -2) @ do_
+    dp = do_ @ v_r.transpose(-1, -2)
+    delta = (do_ * o.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = (ds @ _repeat_kv(k, groups).to(acc)) * scale
+    dk_r = (ds.transpose(-1, -2) @ q.to(acc)) * scale
+
+    def reduce_group(x: Tensor) -> Tensor:
+        return x.view(b, h_kv, groups, t, d).sum(2)
+
+    return dq.to(q.dtype), reduce_group(dk_r).to(k.dtype), reduce_group(dv_r).to(v.dtype)
+
+
+gqa_attention_composite = composite_op("gqa_attention_composite", _gqa_attention_composite)
+gqa_attention_bwd_composite = composite_op(
+    "gqa_attention_backward_composite", _gqa_attention_bwd_composite
+)
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """None when the op computes what the user's attention computes, else why not."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D (B, H, T, D)"
+    if k.shape != v.shape:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    b, h_q, t, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} do not pair"
+    if h_q % k.shape[1]:
+        return f"{h_q} query heads are not a multiple of {k.shape[1]} kv heads"
+    return None
+
+
+def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (
+        use_triton(q, k, v)
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] in KERNEL_HEAD_DIMS
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    )
+
+
+@triton_op("ccgqa::gqa_attention", mutates_args=())
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    if _kernel_ok(q, k, v):
+        from ..kernels import gqa_attention as kernels
+
+        return kernels.gqa_attention_fwd(q, k, v, scale)
+    return gqa_attention_composite(q, k, v, scale)
+
+
+@triton_op("ccgqa::gqa_attention_backward", mutates_args=())
+def gqa_attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _kernel_ok(q, k, v) and use_triton(do) and do.dtype == q.dtype:
+        from ..kernels import gqa_attention as kernels
+
+        return kernels.gqa_attention_bwd(do, q, k, v, o, lse, scale)
+    return gqa_attention_bwd_composite(do, q, k, v, o, lse, scale)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+gqa_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,96 @@
+"""Hand-written causal GQA attention -> ``torch.ops.ccgqa.gqa_attention``.
+
+Inductor's own attention rewrite (fuse_attention.py) does not handle the K/V repeat of
+GQA, so these graphs otherwise materialise the T x T scores. Idioms: K/V repeated with
+expand + reshape (HF ``repeat_kv``) or ``repeat_interleave``; scale by multiply or by
+division; the causal mask as ``~tril`` or ``triu(diagonal=1)`` filled with -inf; softmax
+with or without an fp32 upcast. Near misses (no mask, ``tril(1)``) fail the exact re-trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.gqa_attention import check_shapes
+from ._registry import Idiom, family
+
+SCALE = 0.25  # scalar_workaround placeholder (exact in fp32)
+_ALL_GRAD = ((True, True, True),)
+
+
+def _inputs(act, _param, device):
+    q = torch.randn(2, 4, 5, 8, dtype=act, device=device)
+    k = torch.randn(2, 2, 5, 8, dtype=act, device=device)
+    return (q, k, torch.randn(2, 2, 5, 8, dtype=act, device=device), SCALE)
+
+
+def _check(values) -> str | None:
+    return check_shapes(values["q"], values["k"], values["v"])
+
+
+def _expand_kv(x, groups):
+    b, h, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def _interleave_kv(x, groups):
+    return x.repeat_interleave(groups, dim=1)
+
+
+def _make_search(repeat, scale_by_division: bool, mask_kind: str, upcast: bool):
+    def search(q, k, v, scale):
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat(k, groups), repeat(v, groups)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        scores = scores / scale if scale_by_division else scores * scale
+        t = q.shape[-2]
+        ones = torch.ones(t, t, dtype=torch.bool, device=q.device)
+        if mask_kind == "not_tril":
+            scores = scores.masked_fill(~ones.tril(), float("-inf"))
+        else:
+            scores = scores.masked_fill(torch.triu(ones, diagonal=1), float("-inf"))
+        if upcast:
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v)
+
+    return search
+
+
+def _repl_mul(q, k, v, scale):
+    return torch.ops.ccgqa.gqa_attention(q, k, v, scale)[0]
+
+
+def _repl_div(q, k, v, scale):
+    return torch.ops.ccgqa.gqa_attention(q, k, v, 1.0 / scale)[0]
+
+
+@family("gqa_attention")
+def idioms() -> list[Idiom]:
+    out = []
+    for repeat_name, repeat in (("repeat_kv", _expand_kv), ("repeat_interleave", _interleave_kv)):
+        for division in (False, True):
+            for mask_kind in ("not_tril", "triu1"):
+                for upcast in (True, False):
+                    name = "_".join(
+                        [
+                            repeat_name,
+                            "div" if division else "mul",
+                            mask_kind,
+                            "fp32_softmax" if upcast else "softmax",
+                        ]
+                    )
+                    out.append(
+                        Idiom(
+                            "gqa_attention",
+                            name,
+                            _make_search(repeat, division, mask_kind, upcast),
+                            _repl_div if division else _repl_mul,
+                            _inputs,
+                            _ALL_GRAD,
+                            scalar_workaround={"scale": SCALE},
+                            check=_check,
+                        )
+                    )
+    return out
