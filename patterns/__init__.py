@@ -38,6 +38,9 @@ class Entry:
     # near misses of one idiom whose genuine core may still fuse as another idiom: these
     # idioms must not appear (e.g. Gemma with (2 + w) must not become the (1 + w) op)
     forbidden_idioms: tuple[str, ...] = ()
+    # shapes on which the fusion is promised; elsewhere (degenerate sizes whose graphs
+    # decompose differently) it may or may not fire, and the result must still match
+    promised: Callable[[Shape], bool] = lambda shape: True
 
     @property
     def near_miss(self) -> bool:
@@ -49,9 +52,15 @@ def hidden_states(shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.
 
 
 def _collect() -> list[Entry]:
-    from . import attention, rms_norm, rope, swiglu
+    from . import attention, ccgqa, rms_norm, rope, swiglu
 
-    return [*rms_norm.ENTRIES, *swiglu.ENTRIES, *rope.ENTRIES, *attention.ENTRIES]
+    return [
+        *rms_norm.ENTRIES,
+        *swiglu.ENTRIES,
+        *rope.ENTRIES,
+        *attention.ENTRIES,
+        *ccgqa.ENTRIES,
+    ]
 
 
 CORPUS: list[Entry] = _collect()

@@ -53,7 +53,8 @@ def run_entry(
 
     rep = ccgqa_compile.report()
     fired = rep.count(entry.fusion)
-    assert fired == entry.expect, (
+    allowed = {entry.expect} if entry.promised(shape) else {0, entry.expect}
+    assert fired in allowed, (
         f"{entry.name}: {entry.fusion} fired {fired}x, expected {entry.expect}\n{rep}"
     )
     idioms = {idiom for (fusion, idiom) in rep.idioms() if fusion == entry.fusion}

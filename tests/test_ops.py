@@ -152,3 +152,29 @@ def test_fp64_inputs_use_the_exact_fallback():
     assert y.dtype == torch.float64
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) * w
     assert (y - ref).abs().max().item() < 1e-14
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1), (2, 2)])
+@pytest.mark.parametrize("seq", [1, 6])
+def test_gqa_attention_gradcheck_and_matches_sdpa(heads, seq):
+    h_q, h_kv = heads
+    q = _away_from_zero(2, h_q, seq, 4).requires_grad_()
+    k = _away_from_zero(2, h_kv, seq, 4).requires_grad_()
+    v = _away_from_zero(2, h_kv, seq, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.gqa_attention(q, k, v, 0.6)[0], (q, k, v))
+    o, lse = ops.gqa_attention(q, k, v, 0.6)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.6, enable_gqa=True
+    )
+    torch.testing.assert_close(o, ref)
+    assert lse.shape == (2, h_q, seq)
+
+
+def test_gqa_attention_opcheck():
+    args = (
+        torch.randn(2, 4, 5, 8, requires_grad=True),
+        torch.randn(2, 2, 5, 8, requires_grad=True),
+        torch.randn(2, 2, 5, 8, requires_grad=True),
+        0.35,
+    )
+    torch.library.opcheck(ops.gqa_attention.default, args)

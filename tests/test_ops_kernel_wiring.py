@@ -94,3 +94,18 @@ def test_kernel_path_is_used_only_when_enabled(monkeypatch):
     monkeypatch.setenv("CCGQA_DISABLE_KERNELS", "1")
     monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
     assert not _dispatch.use_triton(x)
+
+
+@pytest.mark.parametrize(
+    "heads, seq", [((4, 2), 19), ((3, 1), 2)]
+)  # T=1: dq is exactly 0, see kernel tests
+def test_gqa_attention_kernel_path(device, heads, seq):
+    h_q, h_kv = heads
+    q = _signed(2, seq, h_q, 16, device=device).transpose(1, 2)
+    k = _signed(2, seq, h_kv, 16, device=device).transpose(1, 2)
+    v = _signed(2, seq, h_kv, 16, device=device).transpose(1, 2)
+
+    def run(q, k, v):
+        return ops.gqa_attention(q, k, v, 0.25)[0]
+
+    _check([q, k, v], run, device, tol=1e-4)

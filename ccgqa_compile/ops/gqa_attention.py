@@ -30,7 +30,9 @@ def _scores(q: Tensor, k: Tensor, scale: float, acc: torch.dtype) -> Tensor:
     return s.masked_fill(~causal, float("-inf"))
 
 
-def _gqa_attention_composite(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _gqa_attention_composite(
+    q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(q.dtype, k.dtype, v.dtype)
     s = _scores(q, k, scale, acc)
     lse = torch.logsumexp(s, dim=-1)

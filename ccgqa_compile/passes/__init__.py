@@ -32,6 +32,11 @@ def _source_files() -> tuple[str, ...]:
     return tuple(str(f) for f in files)
 
 
+# A family's patterns are only built and run on graphs containing one of these ops
+# (every traced idiom of the family contains one).
+_FAMILY_NEEDS = {"gqa_attention": {torch.ops.aten.amax.default}}
+
+
 def _graph_device_type(graph: torch.fx.Graph) -> str:
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -72,7 +77,11 @@ class CCGQAGraphPass(CustomGraphPass):
             report_unfused_candidates(graph, fusion, before[fusion])
 
     def _apply_patterns(self, graph: torch.fx.Graph, device_type: str) -> None:
+        present = {n.target for n in graph.nodes if n.op == "call_function"}
         for fusion in self.fusions:
+            needed = _FAMILY_NEEDS.get(fusion)
+            if needed is not None and not needed & present:
+                continue  # skip building (tracing) patterns that cannot match this graph
             refresh_backward_nodes(graph)
             if pattern_pass_for(fusion, device_type).apply(graph):
                 # replacements are inserted at the match's last node; restore the order

@@ -18,10 +18,37 @@ SCALE = 0.25  # scalar_workaround placeholder (exact in fp32)
 _ALL_GRAD = ((True, True, True),)
 
 
-def _inputs(act, _param, device):
-    q = torch.randn(2, 4, 5, 8, dtype=act, device=device)
-    k = torch.randn(2, 2, 5, 8, dtype=act, device=device)
-    return (q, k, torch.randn(2, 2, 5, 8, dtype=act, device=device), SCALE)
+def _heads_view(heads, act, device, transposed):
+    """(B, H, T, D) as a projection produces it: a transposed view of (B, T, H, D)."""
+    if transposed:
+        return torch.randn(2, 5, heads, 8, dtype=act, device=device).transpose(1, 2)
+    return torch.randn(2, heads, 5, 8, dtype=act, device=device)
+
+
+# The decomposition of matmul depends on strides (a non-contiguous q gets a clone), so
+# each layout users produce is its own pattern: q, k, v straight from the projections
+# (transposed views), or q, k after RoPE (contiguous) with v a view.
+# A single kv head (MQA) is its own layout too: its transposed view is contiguous-compatible,
+# so the decomposition drops a copy.
+LAYOUTS = {
+    "": (True, True, True, 2),
+    "_after_rope": (False, False, True, 2),
+    "_single_kv_head": (True, True, True, 1),
+}
+
+
+def _inputs_for(layout):
+    tq, tk, tv, kv_heads = layout
+
+    def make(act, _param, device):
+        return (
+            _heads_view(4, act, device, tq),
+            _heads_view(kv_heads, act, device, tk),
+            _heads_view(kv_heads, act, device, tv),
+            SCALE,
+        )
+
+    return make
 
 
 def _check(values) -> str | None:
@@ -69,10 +96,13 @@ def _repl_div(q, k, v, scale):
 @family("gqa_attention")
 def idioms() -> list[Idiom]:
     out = []
+    # mask and softmax spellings come in the pairs seen in practice, to bound the number of
+    # traced patterns: (~tril, fp32 softmax) as HF-style code, (triu(1), plain softmax)
+    spellings = (("not_tril", True), ("triu1", False))
     for repeat_name, repeat in (("repeat_kv", _expand_kv), ("repeat_interleave", _interleave_kv)):
         for division in (False, True):
-            for mask_kind in ("not_tril", "triu1"):
-                for upcast in (True, False):
+            for mask_kind, upcast in spellings:
+                for layout_name, layout in LAYOUTS.items():
                     name = "_".join(
                         [
                             repeat_name,
@@ -84,10 +114,10 @@ def idioms() -> list[Idiom]:
                     out.append(
                         Idiom(
                             "gqa_attention",
-                            name,
+                            name + layout_name,
                             _make_search(repeat, division, mask_kind, upcast),
                             _repl_div if division else _repl_mul,
-                            _inputs,
+                            _inputs_for(layout),
                             _ALL_GRAD,
                             scalar_workaround={"scale": SCALE},
                             check=_check,
