@@ -5,6 +5,8 @@ Three ways to turn a fusion off, from the most global to the most local:
 - ``ccgqa_compile.config.disabled_fusions.add("rope")`` in Python;
 - ``torch.compile(model, backend="ccgqa", options={"ccgqa_disable": ["rope"]})`` for one model.
 
+Graphs on CPU are left to Inductor unless ``CCGQA_FUSE_ON_CPU=1`` (see ``fuse_on_cpu``).
+
 ``CCGQA_DISABLE_KERNELS=1`` keeps every fusion but makes each op run its exact composite
 PyTorch implementation instead of the Triton kernels (useful to bisect a numerical issue).
 """
@@ -37,6 +39,13 @@ def enabled_fusions(extra_disabled: set[str] | frozenset[str] = frozenset()) -> 
     off = set(disabled_fusions) | _split(os.environ.get("CCGQA_DISABLE", "")) | set(extra_disabled)
     validate_fusion_names(off)
     return tuple(name for name in FUSIONS if name not in off)
+
+
+def fuse_on_cpu() -> bool:
+    """Off by default: on CPU the ops run their composite fallback, which is exact but
+    slower than Inductor's own CPU code, so the passes leave CPU graphs alone. The tests,
+    the CPU demo of the main job and ``CCGQA_FUSE_ON_CPU=1`` turn it on."""
+    return os.environ.get("CCGQA_FUSE_ON_CPU", "0") not in ("", "0")
 
 
 def kernels_disabled() -> bool:

@@ -31,6 +31,7 @@ class GraphRecord:
     fused: Counter = field(default_factory=Counter)  # (fusion, idiom) -> count
     rejected: list[Rejection] = field(default_factory=list)
     unfused_candidates: list[Rejection] = field(default_factory=list)
+    note: str = ""
 
     def count(self, fusion: str) -> int:
         return sum(n for (name, _idiom), n in self.fused.items() if name == fusion)
@@ -71,7 +72,9 @@ class FusionReport:
         lines = ["ccgqa fusion report"]
         for g in self.graphs:
             lines.append(f"graph {g.compile_id} ({g.kind}):")
-            if not g.fused:
+            if g.note:
+                lines.append(f"  {g.note}")
+            elif not g.fused:
                 lines.append("  no fusion fired")
             for (fusion, idiom), n in sorted(g.fused.items()):
                 lines.append(f"  fused    {fusion:<14} x{n:<3} idiom={idiom}")

@@ -10,6 +10,7 @@ prints the fusion report and the step time. CPU by default, CUDA when present.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -57,6 +58,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.device == "cpu":
+        # a CPU demo: fuse anyway to show the report (on CPU the fused ops run their exact
+        # composite fallback, which is not faster than Inductor's own CPU code)
+        os.environ.setdefault("CCGQA_FUSE_ON_CPU", "1")
     try:
         cfg = LMConfig(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
     except ValueError as e:

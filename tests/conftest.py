@@ -9,6 +9,8 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# the passes leave CPU graphs to Inductor by default; the tests check them on CPU
+os.environ.setdefault("CCGQA_FUSE_ON_CPU", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

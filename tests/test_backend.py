@@ -166,3 +166,15 @@ def test_report_names_unfused_candidates():
     rep = ccgqa_compile.report()
     assert rep.count("rms_norm") == 0
     assert [c.fusion for c in rep.unfused_candidates] == ["rms_norm"], str(rep)
+
+
+def test_cpu_graphs_are_left_to_inductor_by_default(monkeypatch):
+    monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "0")
+    torch.compile(_rms_model(), backend="ccgqa")(_x())
+    rep = ccgqa_compile.report()
+    assert rep.count("rms_norm") == 0
+    assert "CCGQA_FUSE_ON_CPU=1" in str(rep)
+    assert (
+        CCGQAGraphPass(("rms_norm",), fuse_on_cpu=False).uuid()
+        != CCGQAGraphPass(("rms_norm",), fuse_on_cpu=True).uuid()
+    )

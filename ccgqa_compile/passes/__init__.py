@@ -54,15 +54,21 @@ def _graph_kind(graph: torch.fx.Graph) -> str:
 class CCGQAGraphPass(CustomGraphPass):
     """Replaces every recognised idiom of the enabled fusions by a ``torch.ops.ccgqa`` op."""
 
-    def __init__(self, fusions: tuple[str, ...]) -> None:
+    def __init__(self, fusions: tuple[str, ...], fuse_on_cpu: bool | None = None) -> None:
+        from .. import config
+
         self.fusions = tuple(fusions)
+        self.fuse_on_cpu = config.fuse_on_cpu() if fuse_on_cpu is None else fuse_on_cpu
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report.start_graph(current_compile_id(), _graph_kind(graph))
+        record = report.start_graph(current_compile_id(), _graph_kind(graph))
         if not self.fusions:
             return
-        normalize_joint_graph(graph)
         device_type = _graph_device_type(graph)
+        if device_type != "cuda" and not self.fuse_on_cpu:
+            record.note = f"{device_type} graph left to Inductor (CCGQA_FUSE_ON_CPU=1 fuses it)"
+            return
+        normalize_joint_graph(graph)
         before = {fusion: find_candidates(graph, fusion) for fusion in self.fusions}
         try:
             self._apply_patterns(graph, device_type)
@@ -96,7 +102,9 @@ class CCGQAGraphPass(CustomGraphPass):
             triton_version = triton.__version__
         except ImportError:
             triton_version = "none"
-        extra = f"{torch.__version__}|{triton_version}|{','.join(self.fusions)}"
+        extra = (
+            f"{torch.__version__}|{triton_version}|{','.join(self.fusions)}|cpu={self.fuse_on_cpu}"
+        )
         return get_hash_for_files(_source_files(), extra)
 
 

@@ -1,0 +1,33 @@
+"""The benchmark command runs on CPU (small sizes) and writes JSON and charts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ccgqa_compile.bench import main, parse_args
+
+
+def test_bench_runs_on_cpu_and_writes_results(tmp_path):
+    rows = main(
+        ["--ops", "rmsnorm", "--quick", "--device", "cpu", "--plot", "--save", str(tmp_path)]
+    )
+    providers = {r["provider"] for r in rows}
+    assert {"eager", "inductor", "ccgqa"} <= providers
+    ccgqa = next(r for r in rows if r["provider"] == "ccgqa")
+    assert ccgqa["fused_fwd+bwd"] == {"rms_norm": 1}
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["total_ms"] > 0
+        assert r["total_rel_err_vs_fp64"] < 1e-4
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    assert (tmp_path / "bench_rmsnorm.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "argv", [["--ops", "layernorm"], ["--device", "tpu"], ["--seq-lens", "a,b"]]
+)
+def test_bench_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
