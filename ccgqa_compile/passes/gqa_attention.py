@@ -34,6 +34,7 @@ LAYOUTS = {
     "": (True, True, True, 2),
     "_after_rope": (False, False, True, 2),
     "_single_kv_head": (True, True, True, 1),
+    "_after_rope_single_kv_head": (False, False, True, 1),
 }
 
 
