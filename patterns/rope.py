@@ -105,8 +105,9 @@ class MetaComplexRope(QKProjection):
 class GQAKVCacheRope(QKProjection):
     """HF Llama attention shape: fewer k heads than q heads, k also returned (the KV cache).
 
-    Regression: q and k share cos/sin, and RoPE's backward touches nothing else of its
-    forward, so a loose joint match could pair q's forward with k's backward.
+    q and k share cos/sin, and RoPE's backward touches nothing else of its forward, so a
+    loose joint match can pair q's forward with k's backward. This module does not trigger
+    that ordering; tests/test_hf_llama.py does (it fails with the seq_nr guard removed).
     """
 
     def __init__(self, s: Shape):

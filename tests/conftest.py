@@ -15,6 +15,14 @@ os.environ.setdefault("CCGQA_FUSE_ON_CPU", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from hypothesis import settings  # noqa: E402
+
+# CI draws the same examples every run (a red CI is then reproducible); locally each run
+# explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 torch._inductor.config.fx_graph_cache = False
 torch._functorch.config.enable_autograd_cache = False
 

@@ -14,7 +14,7 @@ import ccgqa_compile
 from patterns import CORPUS, Entry, Shape
 
 from ._backends import ccgqa_without_codegen
-from ._compare import assert_close
+from ._compare import assert_as_close_as_eager
 
 shapes = st.builds(
     Shape,
@@ -50,6 +50,11 @@ def run_entry(
     with torch.set_grad_enabled(training):
         out_c = compiled(*inputs_c)
         out_e = eager(*inputs_e)
+    # float64 reference (same weights and inputs), for the half-precision criterion
+    reference = copy.deepcopy(eager).double()
+    inputs_r = [t.detach().double().requires_grad_(training) for t in inputs]
+    with torch.set_grad_enabled(training):
+        out_r = reference(*inputs_r)
 
     rep = ccgqa_compile.report()
     fired = rep.count(entry.fusion)
@@ -62,17 +67,19 @@ def run_entry(
     kinds = {g.kind for g in rep.graphs}
     assert kinds == {"training" if training else "inference"}, kinds
 
-    assert_close(out_c, out_e, dtype, f"{entry.name} output")
+    assert_as_close_as_eager(out_c, out_e, out_r, dtype, f"{entry.name} output")
     if training:
         grad_out = torch.randn_like(out_e)
         wrt_c = [*inputs_c, *model.parameters()]
         wrt_e = [*inputs_e, *eager.parameters()]
+        wrt_r = [*inputs_r, *reference.parameters()]
         grads_c = torch.autograd.grad(out_c, wrt_c, grad_out, allow_unused=True)
         grads_e = torch.autograd.grad(out_e, wrt_e, grad_out, allow_unused=True)
-        for i, (gc, ge) in enumerate(zip(grads_c, grads_e)):
+        grads_r = torch.autograd.grad(out_r, wrt_r, grad_out.double(), allow_unused=True)
+        for i, (gc, ge, gr) in enumerate(zip(grads_c, grads_e, grads_r)):
             assert (gc is None) == (ge is None), f"{entry.name}: grad {i} presence differs"
             if ge is not None:
-                assert_close(gc, ge, dtype, f"{entry.name} grad {i}")
+                assert_as_close_as_eager(gc, ge, gr, dtype, f"{entry.name} grad {i}")
 
 
 @pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
