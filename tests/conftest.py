@@ -14,7 +14,6 @@ os.environ.setdefault("CCGQA_FUSE_ON_CPU", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from hypothesis import settings  # noqa: E402
 
 # CI draws the same examples every run (a red CI is then reproducible); locally each run
