@@ -23,7 +23,6 @@ if torch_version() < MIN_TORCH:  # pragma: no cover - exercised only on old inst
         f"(joint-graph custom passes, triton_op); found {torch.__version__}"
     )
 
-from torch._dynamo.utils import counters  # noqa: E402
 from torch._inductor.fx_passes.joint_graph import early_patterns  # noqa: E402
 from torch._inductor.fx_passes.post_grad import remove_noop_ops  # noqa: E402
 from torch._inductor.pattern_matcher import (  # noqa: E402
@@ -80,7 +79,6 @@ def current_compile_id() -> str:
 __all__ = [
     "Match",
     "PatternMatcherPass",
-    "counters",
     "current_compile_id",
     "fwd_only",
     "fwd_only_functional",

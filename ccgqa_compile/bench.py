@@ -79,7 +79,7 @@ class Case:
 
 def _cases(op: str, device: str, dtype: torch.dtype, quick: bool, seq_lens: list[int]):
     big = device == "cuda" and not quick
-    es = dtype.itemsize if hasattr(dtype, "itemsize") else torch.finfo(dtype).bits // 8
+    es = dtype.itemsize
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     if op == "rmsnorm":
         m, n = (16384, 4096) if big else (512, 1024)

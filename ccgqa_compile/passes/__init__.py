@@ -18,7 +18,7 @@ from .._inductor_compat import (
 from . import gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (register the families)
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
-from .grad_sums import peel_first_addend
+from .grad_sums import is_tangent, peel_first_addend
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def _graph_device_type(graph: torch.fx.Graph) -> str:
 
 
 def _graph_kind(graph: torch.fx.Graph) -> str:
-    is_joint = any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes)
+    is_joint = any(is_tangent(n) for n in graph.nodes)
     return "training" if is_joint else "inference"
 
 

@@ -226,7 +226,3 @@ def pattern_pass_for(fusion: str, device_type: str) -> PatternMatcherPass:
     with pattern_tracing_context():
         register_idioms(pattern_pass, _FAMILIES[fusion](), device_type)
     return pattern_pass
-
-
-def idioms_of(fusion: str) -> Sequence[Idiom]:
-    return _FAMILIES[fusion]()

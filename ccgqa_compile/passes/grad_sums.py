@@ -26,10 +26,15 @@ def _same_shape_and_dtype(ref: torch.Tensor, *nodes) -> bool:
     return True
 
 
+def is_tangent(node: torch.fx.Node) -> bool:
+    """A joint graph's gradient inputs (AOTAutograd names them tangents_N)."""
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
 def nodes_depending_on_tangents(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """The backward part of a joint graph: every node downstream of a tangent input."""
     seen: set[torch.fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    stack = [n for n in graph.nodes if is_tangent(n)]
     while stack:
         node = stack.pop()
         if node in seen:
