@@ -133,7 +133,11 @@ def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
 def _scalar_error(idiom: Idiom, match: Match) -> str | None:
     """Scalars (eps) must be compile-time constants: the ops take them as plain floats."""
     for name in idiom.scalar_workaround:
-        if not isinstance(match.kwargs.get(name), (int, float)):
+        if name not in match.kwargs:
+            # torch < 2.13 re-traces with the matched value itself, so the exact pattern
+            # holds it as a literal (compared during the exact match): a constant
+            continue
+        if not isinstance(match.kwargs[name], (int, float)):
             return f"{name} is not a constant (a symbolic or tensor value)"
     return None
 
