@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import traceable
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -836,7 +838,7 @@ def _launch_forward(
         (shapes.batch, shapes.num_q_heads, shapes.seq_len), dtype=torch.float32, device=q.device
     )
     grid = (shapes.batch * shapes.num_q_heads, triton.cdiv(shapes.seq_len, config.block_m))
-    torch.library.wrap_triton(_forward_kernel)[grid](
+    traceable(_forward_kernel)[grid](
         q,
         k,
         v,
@@ -874,7 +876,7 @@ def _launch_backward_preprocess(do: Tensor, o: Tensor, shapes: _Shapes) -> Tenso
     )
     block = 16 if _running_in_interpreter(o) else BACKWARD_PREPROCESS_BLOCK
     grid = (shapes.batch * shapes.num_q_heads, triton.cdiv(shapes.seq_len, block))
-    torch.library.wrap_triton(_backward_preprocess_kernel)[grid](
+    traceable(_backward_preprocess_kernel)[grid](
         o,
         do,
         delta,
@@ -911,7 +913,7 @@ def _launch_backward_dkdv(
     )
     dv = torch.empty_like(dk, dtype=v.dtype)
     grid = (shapes.batch * shapes.num_kv_heads, triton.cdiv(shapes.seq_len, config.block_n))
-    torch.library.wrap_triton(_backward_dkdv_kernel)[grid](
+    traceable(_backward_dkdv_kernel)[grid](
         q,
         k,
         v,
@@ -970,7 +972,7 @@ def _launch_backward_dq(
         device=q.device,
     )
     grid = (shapes.batch * shapes.num_q_heads, triton.cdiv(shapes.seq_len, config.block_m))
-    torch.library.wrap_triton(_backward_dq_kernel)[grid](
+    traceable(_backward_dq_kernel)[grid](
         q,
         k,
         v,

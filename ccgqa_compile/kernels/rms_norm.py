@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import traceable
+
 # A whole row is held in registers as float32; past this the kernels would spill
 # heavily (the same limit Liger-Kernel uses).
 MAX_FUSED_COLUMNS = 65536
@@ -235,7 +237,7 @@ def rms_norm_fwd(
 
     block_m, block_n, num_warps = _tile_settings(n_cols)
     grid = (triton.cdiv(n_rows, block_m),)
-    torch.library.wrap_triton(_rms_norm_fwd_kernel)[grid](
+    traceable(_rms_norm_fwd_kernel)[grid](
         x,
         weight if weight is not None else x,  # dummy pointer, never read
         y,
@@ -299,7 +301,7 @@ def rms_norm_bwd(
         if weight is not None
         else dx  # dummy pointer, never written (dx, so no input looks mutated)
     )
-    torch.library.wrap_triton(_rms_norm_bwd_kernel)[(num_programs,)](
+    traceable(_rms_norm_bwd_kernel)[(num_programs,)](
         dy,
         x,
         weight if weight is not None else x,  # dummy pointer, never read

@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import traceable
+
 __all__ = ["rope_bwd", "rope_fwd", "rope_reference"]
 
 # Target number of x elements per program: large enough to keep many 16-byte
@@ -300,7 +302,7 @@ def _launch_rope(
     num_warps = _floor_power_of_2(min(tile_elements // _ELEMENTS_PER_WARP, 16))
 
     grid = (batch * triton.cdiv(seq_len, block_t), triton.cdiv(num_heads, block_h))
-    torch.library.wrap_triton(_rope_kernel)[grid](
+    traceable(_rope_kernel)[grid](
         src,
         cos,
         sin,

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import traceable
+
 # Elementwise and memory bound: each program moves a tile of about this many
 # elements, a whole power-of-two span of a row when rows are short.
 _TILE_ELEMENTS = 4096
@@ -148,7 +150,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
     # Row blocks on grid axis 0, whose limit (2**31 - 1) is far larger than
     # axis 1's (65535), which only has to count column blocks.
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    torch.library.wrap_triton(_swiglu_fwd_kernel)[grid](
+    traceable(_swiglu_fwd_kernel)[grid](
         gate,
         up,
         out,
@@ -198,7 +200,7 @@ def swiglu_bwd(
 
     block_m, block_n, num_warps = _tile_settings(n_cols)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    torch.library.wrap_triton(_swiglu_bwd_kernel)[grid](
+    traceable(_swiglu_bwd_kernel)[grid](
         dout,
         gate,
         up,
