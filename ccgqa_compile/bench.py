@@ -10,6 +10,7 @@ attention reports causal TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -23,7 +24,11 @@ import torch.nn.functional as F
 
 import ccgqa_compile
 
-OPS = ("rmsnorm", "swiglu", "rope", "attention")
+OPS = ("rmsnorm", "swiglu", "rope", "attention", "ccgqa-block")
+# whole-block cases: (E, hq, hkv, C); the first is the product's target, the second the seed's
+BLOCK_CONFIGS = ((2048, 16, 4, 4), (512, 8, 2, 4))
+BLOCK_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+BLOCK_TOKENS = 32768  # tokens per step: batch = BLOCK_TOKENS // T (2 at T = 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,6 +69,41 @@ def sdpa_gqa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+class UncompressedGQABlock(torch.nn.Module):
+    """The baseline CCGQA must beat: a plain GQA block of the same width (head dim E / hq),
+    RoPE on q and k, ``F.scaled_dot_product_attention`` (cuDNN on the H100) with GQA."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.h_q, self.h_kv, self.d = heads, kv_heads, dim // heads
+        self.q_proj = torch.nn.Linear(dim, dim, bias=False)
+        self.k_proj = torch.nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.v_proj = torch.nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.o_proj = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h_q, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.h_kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.h_kv, self.d).transpose(1, 2)
+        with torch.no_grad():
+            inv = 1.0 / (10000 ** (torch.arange(0, self.d, 2, device=x.device).float() / self.d))
+            emb = torch.outer(torch.arange(t, device=x.device).float(), inv).repeat(1, 2)
+            cos, sin = emb.cos().to(x.dtype)[None], emb.sin().to(x.dtype)[None]
+        q, k = hf_rope(q, k, cos, sin)
+        o = sdpa_gqa(q, k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+def _ccgqa_block(dim: int, heads: int, kv_heads: int, compression: int, attention: str):
+    try:
+        from patterns.ccgqa import CCGQAttention
+    except ImportError as err:  # patterns/ is the repository's corpus, not installed
+        raise SystemExit("--ops ccgqa-block needs the repository root on sys.path") from err
+    head_dim = dim // compression // heads
+    return CCGQAttention(dim, heads, kv_heads, head_dim, attention=attention)
+
+
 @dataclass
 class Case:
     op: str
@@ -71,9 +111,14 @@ class Case:
     fn: Callable
     make: Callable[[], tuple]
     n_grad: int  # leading inputs that receive gradients
+    # a module case: ``fn`` is this module (its parameters get gradients too) and the float64
+    # reference is a copy of it; None for plain functions
+    module: torch.nn.Module | None = None
+    providers: tuple[str, ...] = ()  # restrict to these providers (default: all)
     fwd_bytes: float = 0.0
     total_bytes: float = 0.0
     fwd_flops: float = 0.0
+    total_flops: float = 0.0  # fwd+bwd
     extra: dict = field(default_factory=dict)
 
 
@@ -128,7 +173,56 @@ def _cases(op: str, device: str, dtype: torch.dtype, quick: bool, seq_lens: list
                 make,
                 3,
                 fwd_flops=flops,
+                total_flops=3.5 * flops,  # backward = 2.5 x forward (FlashAttention's count)
                 extra={"seq_len": t},
+            )
+    elif op == "ccgqa-block":
+        yield from _block_cases(device, dtype, big, seq_lens)
+
+
+def _block_cases(device: str, dtype: torch.dtype, big: bool, seq_lens: list[int]):
+    configs = BLOCK_CONFIGS if big else ((64, 4, 2, 2),)
+    tokens = BLOCK_TOKENS if big else 128
+    for dim, hq, hkv, compression in configs:
+        d = dim // compression // hq
+        for t in seq_lens or (BLOCK_SEQ_LENS if big else (32, 64)):
+            b = max(1, tokens // t)
+            make = lambda b=b, t=t, dim=dim: (  # noqa: E731
+                torch.randn(b, t, dim, device=device, dtype=dtype),
+            )
+            extra = {"seq_len": t, "batch": b, "config": f"E{dim} hq{hq} hkv{hkv} C{compression}"}
+            # attention FLOPs (causal) in the compressed space, plus the projections
+            attn = 4 * b * hq * t * t * d / 2
+            proj = 2 * b * t * dim * (2 * hq * d + 2 * hkv * d)
+            for attention in ("handwritten", "sdpa"):
+                module = _ccgqa_block(dim, hq, hkv, compression, attention)
+                module = module.to(device=device, dtype=dtype)
+                yield Case(
+                    "ccgqa-block",
+                    f"{extra['config']} d{d} B{b} T{t} {attention}",
+                    module,
+                    make,
+                    1,
+                    module=module,
+                    fwd_flops=attn + proj,
+                    total_flops=3.5 * attn + 3 * proj,
+                    extra={**extra, "idiom": attention},
+                )
+            base = UncompressedGQABlock(dim, hq, hkv).to(device=device, dtype=dtype)
+            d_full = dim // hq
+            attn_full = 4 * b * hq * t * t * d_full / 2
+            proj_full = 2 * b * t * dim * 2 * (dim + hkv * d_full)
+            yield Case(
+                "ccgqa-block",
+                f"{extra['config']} uncompressed d{d_full} B{b} T{t} sdpa",
+                base,
+                make,
+                1,
+                module=base,
+                providers=("eager", "inductor"),
+                fwd_flops=attn_full + proj_full,
+                total_flops=3.5 * attn_full + 3 * proj_full,
+                extra={**extra, "idiom": "uncompressed"},
             )
 
 
@@ -138,6 +232,8 @@ def _providers(case: Case) -> dict[str, Callable]:
         "inductor": torch.compile(case.fn),
         "ccgqa": torch.compile(case.fn, backend="ccgqa"),
     }
+    if case.providers:
+        return {name: fn for name, fn in out.items() if name in case.providers}
     if case.op == "attention":
         out["sdpa"] = sdpa_gqa
     try:  # Liger-Kernel, when installed
@@ -178,59 +274,75 @@ def _timer(device: str, fn: Callable, reset: list[torch.Tensor]) -> float:
 
 
 def run_case(case: Case, device: str) -> list[dict]:
+    # every case compiles afresh with static shapes (no automatic-dynamic recompile of the
+    # same code at a second size), as a training job with a fixed T does
+    torch._dynamo.reset()
     base = case.make()
-    rows = []
     ref_in = [t.detach().double().requires_grad_(i < case.n_grad) for i, t in enumerate(base)]
-    ref_out = _as_tuple(case.fn(*ref_in))
+    ref_fn = copy.deepcopy(case.module).double() if case.module is not None else case.fn
+    ref_out = _as_tuple(ref_fn(*ref_in))
     grads = tuple(torch.randn_like(o).to(base[0].dtype) for o in ref_out)
     torch.autograd.backward(ref_out, tuple(g.double() for g in grads))
+    ref_grads = [r.grad for r in ref_in if r.grad is not None]
+    params = list(case.module.parameters()) if case.module is not None else []
+    ref_params = list(ref_fn.parameters()) if case.module is not None else []
+    ref_grads += [p.grad for p in ref_params]
+    rows = []
     for name, fn in _providers(case).items():
         row = {"op": case.op, "case": case.label, "provider": name, **case.extra}
-        for mode in ("fwd", "fwd+bwd"):
-            train = mode == "fwd+bwd"
-            inputs = [
-                t.detach().clone().requires_grad_(train and i < case.n_grad)
-                for i, t in enumerate(base)
-            ]
-            ccgqa_compile.reset_report()
-            with torch.set_grad_enabled(train):
-                out = _as_tuple(fn(*inputs))  # warm-up: compiles, never timed
-                if train:
-                    torch.autograd.backward(out, grads)
-            if name == "ccgqa":
-                row[f"fused_{mode}"] = ccgqa_compile.report().counts()
-            err = max(_rel(o, r) for o, r in zip(out, ref_out))
-            if train:
-                err = max(
-                    [err]
-                    + [_rel(i.grad, r.grad) for i, r in zip(inputs, ref_in) if r.grad is not None]
-                )
-
-            def step(fn=fn, inputs=inputs, train=train):
-                with torch.set_grad_enabled(train):
-                    o = _as_tuple(fn(*inputs))
-                    if train:
-                        torch.autograd.backward(o, grads)
-
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-            ms = _timer(device, step, inputs[: case.n_grad] if train else [])
-            key = "fwd" if not train else "total"
-            row[f"{key}_ms"] = ms
-            row[f"{key}_rel_err_vs_fp64"] = err
-            if device == "cuda":
-                row[f"{key}_peak_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-        row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
-        if case.fwd_bytes:
-            row["fwd_gbs"] = case.fwd_bytes / row["fwd_ms"] / 1e6
-            row["total_gbs"] = case.total_bytes / row["total_ms"] / 1e6
-        if case.fwd_flops:
-            row["fwd_tflops"] = case.fwd_flops / row["fwd_ms"] / 1e9
-            row["total_tflops"] = 3.5 * case.fwd_flops / row["total_ms"] / 1e9
+        try:
+            _measure(case, device, fn, name, base, grads, ref_out, ref_grads, params, row)
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+            torch.cuda.empty_cache()
         rows.append(row)
     return rows
+
+
+def _measure(case, device, fn, name, base, grads, ref_out, ref_grads, params, row) -> None:
+    for mode in ("fwd", "fwd+bwd"):
+        train = mode == "fwd+bwd"
+        inputs = [
+            t.detach().clone().requires_grad_(train and i < case.n_grad) for i, t in enumerate(base)
+        ]
+        for p in params:
+            p.grad = None
+        ccgqa_compile.reset_report()
+        with torch.set_grad_enabled(train):
+            out = _as_tuple(fn(*inputs))  # warm-up: compiles, never timed
+            if train:
+                torch.autograd.backward(out, grads)
+        if name == "ccgqa":
+            row[f"fused_{mode}"] = ccgqa_compile.report().counts()
+        err = max(_rel(o, r) for o, r in zip(out, ref_out))
+        if train:
+            got = [i.grad for i in inputs if i.grad is not None] + [p.grad for p in params]
+            err = max([err] + [_rel(g, r) for g, r in zip(got, ref_grads)])
+        del out
+
+        def step(fn=fn, inputs=inputs, train=train):
+            with torch.set_grad_enabled(train):
+                o = _as_tuple(fn(*inputs))
+                if train:
+                    torch.autograd.backward(o, grads)
+
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        ms = _timer(device, step, (inputs[: case.n_grad] + params) if train else [])
+        key = "fwd" if not train else "total"
+        row[f"{key}_ms"] = ms
+        row[f"{key}_rel_err_vs_fp64"] = err
+        if device == "cuda":
+            row[f"{key}_peak_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+    row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
+    if case.fwd_bytes:
+        row["fwd_gbs"] = case.fwd_bytes / row["fwd_ms"] / 1e6
+        row["total_gbs"] = case.total_bytes / row["total_ms"] / 1e6
+    if case.fwd_flops:
+        row["fwd_tflops"] = case.fwd_flops / row["fwd_ms"] / 1e9
+        row["total_tflops"] = case.total_flops / row["total_ms"] / 1e9
 
 
 def _rel(a, b) -> float:
@@ -240,24 +352,82 @@ def _rel(a, b) -> float:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| op | case | provider | fwd ms | fwd+bwd ms | rate | vs best(eager, inductor) |",
-        "|---|---|---|---|---|---|---|",
+        "| op | case | provider | fwd ms | fwd+bwd ms | rate | peak MiB | vs best(eager, inductor) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | OOM | OOM | | | |")
+            continue
         peers = [
-            p for p in rows if p["case"] == r["case"] and p["provider"] in ("eager", "inductor")
+            p["total_ms"]
+            for p in rows
+            if p["case"] == r["case"]
+            and p["provider"] in ("eager", "inductor")
+            and not p.get("oom")
         ]
-        best = min(p["total_ms"] for p in peers)
+        ratio = f"{min(peers) / r['total_ms']:.2f}x" if peers else "-"
         rate = (
             f"{r['total_gbs']:.0f} GB/s"
             if "total_gbs" in r
             else f"{r.get('total_tflops', 0):.1f} TFLOP/s"
         )
+        peak = f"{r['total_peak_mib']:.0f}" if "total_peak_mib" in r else "-"
         lines.append(
             f"| {r['op']} | {r['case']} | {r['provider']} | {r['fwd_ms']:.4f} | "
-            f"{r['total_ms']:.4f} | {rate} | {best / r['total_ms']:.2f}x |"
+            f"{r['total_ms']:.4f} | {rate} | {peak} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def block_summary(rows: list[dict]) -> str:
+    """CCGQA block under backend="ccgqa" vs Inductor default (same idiom) and vs the
+    uncompressed SDPA GQA block of the same width under Inductor, per config and T."""
+    blocks = [r for r in rows if r["op"] == "ccgqa-block" and not r.get("oom")]
+    if not blocks:
+        return ""
+
+    def find(config, t, idiom, provider):
+        for r in blocks:
+            if (r["config"], r["seq_len"], r["idiom"], r["provider"]) == (
+                config,
+                t,
+                idiom,
+                provider,
+            ):
+                return r
+        return None
+
+    lines = [
+        "| config | T | idiom | ccgqa fwd+bwd ms | inductor ms | speedup | uncompressed "
+        "ms | vs uncompressed | peak MiB ccgqa / inductor / uncompressed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = dict.fromkeys((r["config"], r["seq_len"]) for r in blocks)
+    for config, t in keys:
+        base = find(config, t, "uncompressed", "inductor")
+        for idiom in ("handwritten", "sdpa"):
+            ours, ind = find(config, t, idiom, "ccgqa"), find(config, t, idiom, "inductor")
+            if ours is None:
+                continue
+            ind_ms = f"{ind['total_ms']:.3f}" if ind else "OOM"
+            speed = f"{ind['total_ms'] / ours['total_ms']:.2f}x" if ind else "-"
+            base_ms = f"{base['total_ms']:.3f}" if base else "-"
+            vs = f"{base['total_ms'] / ours['total_ms']:.2f}x" if base else "-"
+            mems = [x.get("total_peak_mib") if x else None for x in (ours, ind, base)]
+            mem = " / ".join(f"{m:.0f}" if m is not None else "-" for m in mems)
+            lines.append(
+                f"| {config} | {t} | {idiom} | {ours['total_ms']:.3f} | {ind_ms} | {speed} | "
+                f"{base_ms} | {vs} | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+def _value(rows: list[dict], case: str, provider: str, key: str) -> float:
+    for r in rows:
+        if r["case"] == case and r["provider"] == provider and key in r:
+            return r[key]
+    return float("nan")  # not run for this case, or out of memory
 
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
@@ -267,21 +437,15 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for op in sorted({r["op"] for r in rows}):
+    for op in sorted({r["op"] for r in rows} - {"ccgqa-block"}):
         sub = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys(r["case"] for r in sub))
         providers = list(dict.fromkeys(r["provider"] for r in sub))
         fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(providers)
         for i, p in enumerate(providers):
-            fwd = [
-                next(r["fwd_ms"] for r in sub if r["case"] == c and r["provider"] == p)
-                for c in cases
-            ]
-            bwd = [
-                next(r["bwd_ms"] for r in sub if r["case"] == c and r["provider"] == p)
-                for c in cases
-            ]
+            fwd = [_value(sub, c, p, "fwd_ms") for c in cases]
+            bwd = [_value(sub, c, p, "bwd_ms") for c in cases]
             xs = [j + i * width for j in range(len(cases))]
             ax.bar(xs, fwd, width, label=f"{p} fwd")
             ax.bar(xs, bwd, width, bottom=fwd, alpha=0.5, label=f"{p} bwd")
@@ -291,6 +455,39 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
         ax.legend(fontsize=6, ncol=2)
         path = os.path.join(out_dir, f"bench_{op}.png")
         fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    blocks = [r for r in rows if r["op"] == "ccgqa-block" and not r.get("oom")]
+    for config in dict.fromkeys(r["config"] for r in blocks):
+        sub = [r for r in blocks if r["config"] == config]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        lines = dict.fromkeys((r["idiom"], r["provider"]) for r in sub)
+        for idiom, provider in lines:
+            pts = sorted(
+                (r["seq_len"], r) for r in sub if (r["idiom"], r["provider"]) == (idiom, provider)
+            )
+            ts = [t for t, _ in pts]
+            label = f"{provider} ({idiom})"
+            style = "-" if provider == "ccgqa" else "--" if idiom != "uncompressed" else ":"
+            axes[0].plot(ts, [r["total_ms"] for _, r in pts], style, marker="o", label=label)
+            axes[1].plot(ts, [r["bwd_ms"] / r["total_ms"] for _, r in pts], style, marker="o")
+            axes[2].plot(
+                ts, [r.get("total_peak_mib", float("nan")) for _, r in pts], style, marker="o"
+            )
+        for ax, title in zip(
+            axes, ("fwd+bwd ms", "backward share of fwd+bwd", "peak memory, fwd+bwd (MiB)")
+        ):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T")
+            ax.set_title(title)
+        axes[0].set_yscale("log")
+        if any("total_peak_mib" in r for r in sub):  # CUDA only
+            axes[2].set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"CCGQA block {config}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"bench_ccgqa_block_{config.replace(' ', '_')}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -355,6 +552,9 @@ def main(argv=None) -> list[dict]:
         plot(rows, args.save)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['dtype']}")
     print(table(rows))
+    summary = block_summary(rows)
+    if summary:
+        print("\nCCGQA block, fwd+bwd:\n" + summary)
     return rows
 
 

@@ -1,11 +1,32 @@
 #!/usr/bin/env bash
-# One device call: GPU tests (kernels, fused model paths) then the op benchmark.
+# One device call: GPU tests (kernels, fused model paths), a kernel profile, then benchmarks.
+# Steps are chosen with GPU_STEPS (default "tests bench"); each writes under $OUT.
+#   tests    pytest -m cuda (xdist: compiles run in parallel on the host's cores)
+#   profile  scripts/profile_ops.py (CUDA kernel breakdown per provider)
+#   bench    python -m ccgqa_compile.bench --plot (ops; BENCH_OPS, BENCH_ARGS)
+#   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
 # the package itself (its entry point makes backend="ccgqa" resolvable)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-timeout "${TEST_TIMEOUT:-130}" python3 -m pytest -q -x -m cuda -p no:cacheprovider tests ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout "${BENCH_TIMEOUT:-170}" python3 -m ccgqa_compile.bench --plot --save "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+for step in ${GPU_STEPS:-tests bench}; do
+  echo "=== $step"
+  case $step in
+    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" -m cuda \
+             -p no:cacheprovider --tb=short tests ${PYTEST_K:+-k "$PYTEST_K"} \
+             > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"
+           grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40 ;;
+    profile) timeout "${PROFILE_TIMEOUT:-200}" python3 scripts/profile_ops.py \
+             --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
+    bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
+             --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
+             | grep -v -i warn | tee "$OUT/bench.log" | tail -60 ;;
+    core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
+             | tee "$OUT/core.log" | tail -30 ;;
+  esac
+done
