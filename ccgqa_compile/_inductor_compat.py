@@ -35,6 +35,7 @@ from torch._inductor.pattern_matcher import (  # noqa: E402
 )
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch._subclasses.functional_tensor import dispatch_functionalize  # noqa: E402
+from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: E402
 
 
 def fwd_only_functional(fn, args, **kwargs):
@@ -87,4 +88,5 @@ __all__ = [
     "pattern_tracing_context",
     "register_replacement",
     "stable_topological_sort",
+    "statically_known_true",
 ]

@@ -1,13 +1,14 @@
-"""The ``ccgqa`` torch.compile backend: Inductor plus our joint-graph pass.
+"""The ``ccgqa`` torch.compile backend: Inductor plus our graph passes.
 
 ``torch.compile(model, backend="ccgqa")`` finds ``ccgqa_backend`` through the
-``torch_dynamo_backends`` entry point, so no import is needed. The pass is installed
-through ``compile_fx(config_patches=...)``, which Inductor re-applies when it compiles the
-backward later: nothing global is changed.
+``torch_dynamo_backends`` entry point, so no import is needed. The passes (the joint-graph
+pass, and the pre-grad SDPA rewrite) are installed through
+``compile_fx(config_patches=...)``, which Inductor re-applies when it compiles the backward
+later: nothing global is changed.
 
 ``register_global()`` is the opt-in for plain ``torch.compile(model)``; it installs the same
-pass in ``torch._inductor.config`` (chained with any pass already there) until
-``unregister_global()`` restores the previous value.
+passes in ``torch._inductor.config`` (chained with any pass already there) until
+``unregister_global()`` restores the previous values.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ _OUR_OPTIONS = ("ccgqa_disable",)
 def _pass_patches(disabled: set[str]) -> dict[str, Any]:
     from torch._inductor import config as inductor_config
 
-    from .passes import make_pass
+    from .passes import make_pass, make_pre_grad_pass
 
     fusions = config.enabled_fusions(config.validate_fusion_names(disabled))
-    existing = inductor_config.joint_custom_pre_pass
-    return {"joint_custom_pre_pass": make_pass(fusions, existing)}
+    return {
+        "joint_custom_pre_pass": make_pass(fusions, inductor_config.joint_custom_pre_pass),
+        "pre_grad_custom_pass": make_pre_grad_pass(fusions, inductor_config.pre_grad_custom_pass),
+    }
 
 
 def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
@@ -54,7 +57,8 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-_saved_global_pass: list[Any] = []
+_HOOKS = ("joint_custom_pre_pass", "pre_grad_custom_pass")
+_saved_global_pass: list[dict[str, Any]] = []
 
 
 def register_global(disable: tuple[str, ...] = ()) -> None:
@@ -68,13 +72,16 @@ def register_global(disable: tuple[str, ...] = ()) -> None:
 
     if _saved_global_pass:
         return
-    _saved_global_pass.append(inductor_config.joint_custom_pre_pass)
-    inductor_config.joint_custom_pre_pass = _pass_patches(set(disable))["joint_custom_pre_pass"]
+    patches = _pass_patches(set(disable))
+    _saved_global_pass.append({hook: getattr(inductor_config, hook) for hook in _HOOKS})
+    for hook in _HOOKS:
+        setattr(inductor_config, hook, patches[hook])
 
 
 def unregister_global() -> None:
-    """Restore Inductor's ``joint_custom_pre_pass`` to what it was before ``register_global``."""
+    """Restore Inductor's pass hooks to what they were before ``register_global``."""
     from torch._inductor import config as inductor_config
 
     if _saved_global_pass:
-        inductor_config.joint_custom_pre_pass = _saved_global_pass.pop()
+        for hook, value in _saved_global_pass.pop().items():
+            setattr(inductor_config, hook, value)

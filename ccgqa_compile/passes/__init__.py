@@ -1,4 +1,5 @@
-"""The graph pass that the ``ccgqa`` backend installs as Inductor's ``joint_custom_pre_pass``."""
+"""The graph passes the ``ccgqa`` backend installs: ``joint_custom_pre_pass`` (every fusion)
+and ``pre_grad_custom_pass`` (SDPA -> our attention op, see ``sdpa_attention.py``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from . import gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (register the
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import is_tangent, peel_first_addend
+from .sdpa_attention import SdpaAttentionPass, flush_pending_reports
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -62,6 +64,7 @@ class CCGQAGraphPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         record = report.start_graph(current_compile_id(), _graph_kind(graph))
+        flush_pending_reports()  # what the pre-grad SDPA pass did to this graph
         if not self.fusions:
             return
         device_type = _graph_device_type(graph)
@@ -126,10 +129,22 @@ class ChainedGraphPass(CustomGraphPass):
         return digest.digest()
 
 
-def make_pass(fusions: tuple[str, ...], existing: Any = None) -> CustomGraphPass:
-    ours = CCGQAGraphPass(fusions)
+def _chain(ours: CustomGraphPass, existing: Any) -> Any:
     if existing is None:
         return ours
     if isinstance(existing, (list, tuple)):  # torch >= 2.13 lets a hook hold a list
         return [ours, *existing]
     return ChainedGraphPass(ours, existing)
+
+
+def make_pass(fusions: tuple[str, ...], existing: Any = None) -> CustomGraphPass:
+    """The ``joint_custom_pre_pass``: ours, then ``existing`` (the hook's previous value)."""
+    return _chain(CCGQAGraphPass(fusions), existing)
+
+
+def make_pre_grad_pass(fusions: tuple[str, ...], existing: Any = None) -> Any:
+    """The ``pre_grad_custom_pass``: the SDPA rewrite (part of the ``gqa_attention`` fusion),
+    then ``existing``; ``existing`` unchanged when that fusion is off."""
+    if "gqa_attention" not in fusions:
+        return existing
+    return _chain(SdpaAttentionPass(), existing)
