@@ -1,0 +1,451 @@
+"""``torch.ops.ccgqa.ccgqa_prologue``: the CCGQA q/k prologue, fused fwd and bwd.
+
+q_pre (B, T, Hq*D), k_pre (B, T, Hkv*D) -> q (B, Hq, T, D), k (B, Hkv, T, D), exactly as
+patterns/ccgqa.py ``CCGQAttention.forward`` computes them (../shared/design/ccgqa.md,
+steps 3 to 6): causal depthwise conv1 (kernel K1) and causal per-head conv2 (kernel K2),
+each zero-padded on the left and with optional biases; the qk-mean coupling from the
+pre-conv projections (``qk_mean``); L2 normalisation ``x / max(|x|, eps)`` times
+``norm_scale``; k times beta = exp(temp) (``"exp"``), temp (``"raw"``) or 1 (``"none"``),
+temp holding one value per kv head or one shared value; RoPE with full-width cos/sin
+tables (``x*cos + rot(x)*sin`` on the first ``rotary_dim`` dims, rotate-half or
+``interleaved`` pairs; tables broadcast to (B, 1, T, rotary_dim), no gradient).
+
+Of the original project's variant the op takes ``norm_scale=1``, a scalar temperature and
+interleaved RoPE; a per-head conv1, a dense conv2 or a mean over all heads do not fit the
+weight shapes it accepts and are rejected with a ValueError (``check_args``).
+Gradients flow to q_pre, k_pre, every conv weight and bias, and temp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from ._dispatch import composite_op, compute_dtype, use_triton
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_MAX_CONV = 4
+TEMPERATURES = ("exp", "raw", "none")
+_KERNELS_READY = False  # the Triton kernels land in the next commit
+
+
+def check_args(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    temperature: str,
+    rotary_dim: int,
+) -> str | None:
+    """None when the op computes what was asked, else why not (the op raises it)."""
+    if q_pre.dim() != 3 or k_pre.dim() != 3:
+        return "q_pre and k_pre must be 3-D (B, T, H*D)"
+    if q_pre.shape[:2] != k_pre.shape[:2]:
+        return f"q_pre {tuple(q_pre.shape)} and k_pre {tuple(k_pre.shape)} differ in (B, T)"
+    if q_pre.dtype != k_pre.dtype:
+        return f"q_pre is {q_pre.dtype} but k_pre is {k_pre.dtype}"
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        return f"{heads} query heads are not a multiple of {kv_heads} kv heads"
+    e_q, e_kv = q_pre.shape[-1], k_pre.shape[-1]
+    if e_q % heads or e_kv != kv_heads * (e_q // heads) or e_q == 0:
+        return f"widths {e_q}, {e_kv} do not split into {heads}, {kv_heads} heads of one size"
+    d = e_q // heads
+    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
+    if k1 < 1 or k2 < 1:
+        return "conv kernels must have at least one tap"
+    for name, width, w1, w2 in (
+        ("q", e_q, q_conv1_weight, q_conv2_weight),
+        ("k", e_kv, k_conv1_weight, k_conv2_weight),
+    ):
+        if tuple(w1.shape) != (width, 1, k1):
+            return (
+                f"{name} conv1 must be depthwise with weight ({width}, 1, {k1}), got "
+                f"{tuple(w1.shape)} (a conv1 grouped per head is not supported)"
+            )
+        if tuple(w2.shape) != (width, d, k2):
+            return (
+                f"{name} conv2 must be grouped per head with weight ({width}, {d}, {k2}), got "
+                f"{tuple(w2.shape)} (a dense conv2 is not supported)"
+            )
+    for name, width, bias in (
+        ("q conv1", e_q, q_conv1_bias),
+        ("q conv2", e_q, q_conv2_bias),
+        ("k conv1", e_kv, k_conv1_bias),
+        ("k conv2", e_kv, k_conv2_bias),
+    ):
+        if bias is not None and tuple(bias.shape) != (width,):
+            return f"{name} bias must have shape ({width},), got {tuple(bias.shape)}"
+    if temperature not in TEMPERATURES:
+        return f"temperature must be one of {TEMPERATURES}, got {temperature!r}"
+    if (temp is None) != (temperature == "none"):
+        return f"temperature {temperature!r} with temp={'None' if temp is None else 'a tensor'}"
+    if temp is not None and temp.numel() not in (1, kv_heads):
+        return f"temp must hold 1 or {kv_heads} values, got shape {tuple(temp.shape)}"
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > d:
+        return f"rotary_dim must be even and in [0, head_dim={d}], got {rotary_dim}"
+    if (cos is None or sin is None) != (rotary_dim == 0):
+        return "cos and sin are needed exactly when rotary_dim > 0"
+    if rotary_dim:
+        b, t = q_pre.shape[:2]
+        for name, table in (("cos", cos), ("sin", sin)):
+            if table.dim() > 4 or table.shape[-1] != rotary_dim:
+                return f"{name} {tuple(table.shape)} is not a (..., T, {rotary_dim}) table"
+            try:
+                shape = torch.broadcast_shapes(table.shape, (b, 1, t, rotary_dim))
+            except RuntimeError:
+                return f"{name} {tuple(table.shape)} does not broadcast to (B, 1, T, R)"
+            if tuple(shape) != (b, 1, t, rotary_dim):
+                return f"{name} {tuple(table.shape)} differs per head or exceeds (B, 1, T, R)"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Exact composite (plain PyTorch, fp32 or fp64 compute) for everything the op accepts.
+# ----------------------------------------------------------------------------
+
+
+def _conv_chain(x: Tensor, w1: Tensor, b1, w2: Tensor, b2, heads: int, acc):
+    """(B, T, C) -> conv2(pad(conv1(pad(x)))) as (B, C, T), with both padded inputs."""
+    x_pad = F.pad(x.to(acc).transpose(1, 2), (w1.shape[-1] - 1, 0))
+    y1 = F.conv1d(x_pad, w1.to(acc), b1.to(acc) if b1 is not None else None, groups=x_pad.shape[1])
+    y1_pad = F.pad(y1, (w2.shape[-1] - 1, 0))
+    y2 = F.conv1d(y1_pad, w2.to(acc), b2.to(acc) if b2 is not None else None, groups=heads)
+    return y2, x_pad, y1_pad
+
+
+def _conv_chain_backward(dy2: Tensor, x_pad, y1_pad, w1, b1, w2, b2, heads: int):
+    """Gradients of ``_conv_chain`` w.r.t. x (B, T, C) and the weights and biases."""
+    acc = dy2.dtype
+    channels = dy2.shape[1]
+    k1, k2 = w1.shape[-1], w2.shape[-1]
+    d_y1_pad, dw2, db2 = torch.ops.aten.convolution_backward(
+        dy2, y1_pad, w2.to(acc), [channels] if b2 is not None else None,
+        [1], [0], [1], False, [0], heads, [True, True, b2 is not None],
+    )  # fmt: skip
+    d_x_pad, dw1, db1 = torch.ops.aten.convolution_backward(
+        d_y1_pad[..., k2 - 1 :], x_pad, w1.to(acc), [channels] if b1 is not None else None,
+        [1], [0], [1], False, [0], channels, [True, True, b1 is not None],
+    )  # fmt: skip
+    return d_x_pad[..., k1 - 1 :].transpose(1, 2), dw1, db1, dw2, db2
+
+
+def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _tables(cos: Tensor, sin: Tensor, b: int, t: int, rotary_dim: int, acc):
+    shape = (b, 1, t, rotary_dim)
+    return cos.to(acc).expand(shape), sin.to(acc).expand(shape)
+
+
+def _beta(temp: Tensor | None, temperature: str, kv_heads: int, acc) -> Tensor | None:
+    if temperature == "none":
+        return None
+    t = temp.to(acc).reshape(-1).expand(kv_heads)
+    return t.exp() if temperature == "exp" else t
+
+
+def _raw(q_pre, k_pre, qw1, qb1, qw2, qb2, kw1, kb1, kw2, kb2, heads, kv_heads, qk_mean, acc):
+    """conv output plus qk mean, as (B, T, H, D), and the conv chains' padded inputs."""
+    b, t, e_q = q_pre.shape
+    d, g = e_q // heads, heads // kv_heads
+    yq, xq_pad, y1q_pad = _conv_chain(q_pre, qw1, qb1, qw2, qb2, heads, acc)
+    yk, xk_pad, y1k_pad = _conv_chain(k_pre, kw1, kb1, kw2, kb2, kv_heads, acc)
+    q_raw = yq.transpose(1, 2).reshape(b, t, heads, d)
+    k_raw = yk.transpose(1, 2).reshape(b, t, kv_heads, d)
+    if qk_mean:
+        qh = q_pre.to(acc).reshape(b, t, heads, d)
+        kh = k_pre.to(acc).reshape(b, t, kv_heads, d)
+        m_q = (qh + kh.repeat_interleave(g, dim=2)) / 2
+        q_raw = q_raw + m_q
+        k_raw = k_raw + m_q.reshape(b, t, kv_heads, g, d).mean(3)
+    return q_raw, k_raw, (xq_pad, y1q_pad, xk_pad, y1k_pad)
+
+
+def _normalize(raw: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True)
+    return raw / norm.clamp_min(eps), norm
+
+
+def _ccgqa_prologue_composite(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype)
+    b, t, _ = q_pre.shape
+    q_raw, k_raw, _ = _raw(
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
+        heads, kv_heads, qk_mean, acc,
+    )  # fmt: skip
+    q = _normalize(q_raw, eps)[0] * norm_scale
+    k = _normalize(k_raw, eps)[0] * norm_scale
+    beta = _beta(temp, temperature, kv_heads, acc)
+    if beta is not None:
+        k = k * beta.view(1, 1, kv_heads, 1)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if rotary_dim:
+        c, s = _tables(cos, sin, b, t, rotary_dim, acc)
+        r = rotary_dim
+
+        def rope(x):
+            x_rot = x[..., :r] * c + _rotate(x[..., :r], interleaved) * s
+            return torch.cat((x_rot, x[..., r:]), dim=-1)
+
+        q, k = rope(q), rope(k)
+    return q.contiguous().to(q_pre.dtype), k.contiguous().to(k_pre.dtype)
+
+
+def _ccgqa_prologue_bwd_composite(
+    dq: Tensor,
+    dk: Tensor,
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+) -> list[Tensor]:
+    acc = compute_dtype(
+        q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype, dq.dtype, dk.dtype
+    )
+    b, t, e_q = q_pre.shape
+    d, g = e_q // heads, heads // kv_heads
+    q_raw, k_raw, (xq_pad, y1q_pad, xk_pad, y1k_pad) = _raw(
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
+        heads, kv_heads, qk_mean, acc,
+    )  # fmt: skip
+
+    def rope_bwd(dy: Tensor) -> Tensor:  # (B, H, T, D) -> (B, T, H, D)
+        dy = dy.to(acc)
+        if rotary_dim:
+            c, s = _tables(cos, sin, b, t, rotary_dim, acc)
+            r = rotary_dim
+            # rot^T = -rot: a quarter turn back
+            d_rot = dy[..., :r] * c - _rotate(dy[..., :r] * s, interleaved)
+            dy = torch.cat((d_rot, dy[..., r:]), dim=-1)
+        return dy.transpose(1, 2)
+
+    def normalize_bwd(d_unit: Tensor, raw: Tensor) -> Tensor:
+        unit, norm = _normalize(raw, eps)
+        radial = (unit * d_unit).sum(-1, keepdim=True) * (norm >= eps)
+        return (d_unit - unit * radial) / norm.clamp_min(eps)
+
+    gq, gk = rope_bwd(dq), rope_bwd(dk)
+    d_q_raw = normalize_bwd(gq * norm_scale, q_raw)
+    beta = _beta(temp, temperature, kv_heads, acc)
+    if beta is not None:
+        k_unit = _normalize(k_raw, eps)[0]
+        d_beta = (gk * k_unit).sum((0, 1, 3)) * norm_scale
+        d_temp = d_beta * beta if temperature == "exp" else d_beta
+        d_temp = d_temp.sum().reshape(temp.shape) if temp.numel() == 1 else d_temp
+        d_temp = d_temp.reshape(temp.shape).to(temp.dtype)
+        gk = gk * beta.view(1, 1, kv_heads, 1)
+    else:
+        d_temp = q_pre.new_empty((0,))
+    d_k_raw = normalize_bwd(gk * norm_scale, k_raw)
+
+    dxq, dqw1, dqb1, dqw2, dqb2 = _conv_chain_backward(
+        d_q_raw.reshape(b, t, e_q).transpose(1, 2), xq_pad, y1q_pad,
+        q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias, heads,
+    )  # fmt: skip
+    dxk, dkw1, dkb1, dkw2, dkb2 = _conv_chain_backward(
+        d_k_raw.reshape(b, t, kv_heads * d).transpose(1, 2), xk_pad, y1k_pad,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, kv_heads,
+    )  # fmt: skip
+    if qk_mean:
+        # m_q[h] = (q_pre[h] + k_pre[h//G]) / 2, m_k[j] = mean of m_q over group j
+        d_m_q = d_q_raw + d_k_raw.repeat_interleave(g, dim=2) / g
+        dxq = dxq + (d_m_q / 2).reshape(b, t, e_q)
+        dxk = dxk + (d_m_q.reshape(b, t, kv_heads, g, d).sum(3) / 2).reshape(b, t, -1)
+
+    def cast(grad: Tensor | None, like: Tensor | None) -> Tensor:
+        return grad.to(like.dtype) if like is not None else q_pre.new_empty((0,))
+
+    return [
+        dxq.contiguous().to(q_pre.dtype),
+        dxk.contiguous().to(k_pre.dtype),
+        cast(dqw1, q_conv1_weight),
+        cast(dqb1, q_conv1_bias),
+        cast(dqw2, q_conv2_weight),
+        cast(dqb2, q_conv2_bias),
+        cast(dkw1, k_conv1_weight),
+        cast(dkb1, k_conv1_bias),
+        cast(dkw2, k_conv2_weight),
+        cast(dkb2, k_conv2_bias),
+        d_temp,
+    ]
+
+
+ccgqa_prologue_composite = composite_op("ccgqa_prologue_composite", _ccgqa_prologue_composite)
+ccgqa_prologue_bwd_composite = composite_op(
+    "ccgqa_prologue_backward_composite", _ccgqa_prologue_bwd_composite
+)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _kernel_ok(tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter):
+    d = q_pre.shape[-1] // heads
+    return (
+        _KERNELS_READY
+        and use_triton(*tensors)
+        and d in KERNEL_HEAD_DIMS
+        and k1 <= KERNEL_MAX_CONV
+        and k2 <= KERNEL_MAX_CONV
+        and (rotary_dim == 0 or inter or _is_power_of_two(rotary_dim))
+    )
+
+
+@triton_op("ccgqa::ccgqa_prologue", mutates_args=())
+def ccgqa_prologue(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    tensors = (
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
+    )  # fmt: skip
+    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
+    if problem is not None:
+        raise ValueError(f"ccgqa_prologue: {problem}")
+    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
+    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
+    if _kernel_ok(tensors, q_pre, heads, k1, k2, rotary_dim, interleaved):
+        from ..kernels import ccgqa_prologue as kernels
+
+        return kernels.ccgqa_prologue_fwd(*tensors, *scalars)
+    return ccgqa_prologue_composite(*tensors, *scalars)
+
+
+@triton_op("ccgqa::ccgqa_prologue_backward", mutates_args=())
+def ccgqa_prologue_backward(
+    dq: Tensor,
+    dk: Tensor,
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+) -> list[Tensor]:
+    """(d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
+    d temp); an absent bias or temp gets an empty tensor."""
+    tensors = (
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
+    )  # fmt: skip
+    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
+    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
+    if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved):
+        from ..kernels import ccgqa_prologue as kernels
+
+        grads = kernels.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
+        return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
+    return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:13])
+    ctx.scalars = inputs[13:]
+
+
+def _backward(ctx, grad_q: Tensor, grad_k: Tensor):
+    tensors = ctx.saved_tensors
+    grads = torch.ops.ccgqa.ccgqa_prologue_backward(grad_q, grad_k, *tensors, *ctx.scalars)
+    # inputs 2..10: weights, biases, temp; an absent one (None) gets no gradient
+    out = [grads[0], grads[1]]
+    for grad, tensor in zip(grads[2:], tensors[2:11]):
+        out.append(grad if tensor is not None else None)
+    return (*out, None, None, *(None,) * 8)
+
+
+ccgqa_prologue.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,278 @@
+"""``torch.ops.ccgqa.ccgqa_prologue``: the composite against patterns/ccgqa.py and the
+float64 reference, gradcheck, opcheck, symbolic shapes, rejection of what it does not
+compute, and the op <-> kernel wiring under the Triton interpreter (see
+tests/test_ops_kernel_wiring.py for the CCGQA_INTERPRET_KERNELS_ON_CPU hook)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ccgqa_compile  # noqa: F401
+from ccgqa_compile.kernels.ccgqa_prologue import ccgqa_prologue_reference
+from ccgqa_compile.ops import _dispatch
+from patterns.ccgqa import CCGQAttention
+from patterns.rope import rotary_tables
+
+from ._compare import rel_err
+
+ops = torch.ops.ccgqa
+f64 = torch.float64
+
+
+def _signed(*shape, dtype=torch.float64, device="cpu", generator=None):
+    t = torch.rand(*shape, generator=generator) + 0.5
+    sign = torch.randint(0, 2, shape, generator=generator) * 2 - 1
+    return (t * sign).to(device=device, dtype=dtype)
+
+
+def make_args(
+    b=2,
+    t=5,
+    heads=4,
+    kv_heads=2,
+    d=8,
+    k1=2,
+    k2=2,
+    bias=True,
+    qk_mean=True,
+    temperature="exp",
+    rotary_dim=None,
+    interleaved=False,
+    norm_scale=None,
+    scalar_temp=False,
+    dtype=torch.float64,
+    device="cpu",
+    seed=0,
+):
+    """Random op arguments (13 tensors, then the 8 scalars), values away from zero."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return _signed(*shape, dtype=dtype, device=device, generator=gen) * scale
+
+    e_q, e_kv = heads * d, kv_heads * d
+    rotary_dim = d if rotary_dim is None else rotary_dim
+    temp = None
+    if temperature != "none":
+        temp = r(1 if scalar_temp else kv_heads, scale=0.3)
+    cos = sin = None
+    if rotary_dim:
+        cos, sin = r(t, rotary_dim), r(t, rotary_dim)
+    tensors = [
+        r(b, t, e_q),
+        r(b, t, e_kv),
+        r(e_q, 1, k1, scale=0.5),
+        r(e_q, scale=0.3) if bias else None,
+        r(e_q, d, k2, scale=1 / d),
+        r(e_q, scale=0.3) if bias else None,
+        r(e_kv, 1, k1, scale=0.5),
+        r(e_kv, scale=0.3) if bias else None,
+        r(e_kv, d, k2, scale=1 / d),
+        r(e_kv, scale=0.3) if bias else None,
+        temp,
+        cos,
+        sin,
+    ]
+    scale = math.sqrt(d) if norm_scale is None else norm_scale
+    scalars = [heads, kv_heads, qk_mean, temperature, scale, 1e-12, rotary_dim, interleaved]
+    return tensors, scalars
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(value_shift=False, rotary_fraction=0.5, temperature="raw", conv_kernels=(3, 2)),
+        dict(qk_mean=False, temperature="none", conv_kernels=(1, 3)),
+    ],
+    ids=["canonical", "half-rotary-raw", "no-mean-no-temp"],
+)
+def test_composite_equals_the_reference_module(options):
+    """Bit for bit in float64: the op computes what patterns/ccgqa.py computes."""
+    torch.manual_seed(0)
+    m = CCGQAttention(32, 4, 2, 8, **options).double()
+    if m.temp is not None:
+        with torch.no_grad():
+            m.temp.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 5, 32, dtype=f64)
+    captured = {}
+
+    def capture(q, k, v):
+        captured.update(q=q, k=k)
+        return q
+
+    m._attend = capture
+    m(x)
+    cos, sin = rotary_tables(5, m.rotary_dim, x.device, x.dtype)
+    q, k = ops.ccgqa_prologue(
+        m.q_proj(x), m.k_proj(x),
+        m.q_conv1.weight, m.q_conv1.bias, m.q_conv2.weight, m.q_conv2.bias,
+        m.k_conv1.weight, m.k_conv1.bias, m.k_conv2.weight, m.k_conv2.bias,
+        m.temp, cos, sin,
+        m.h_q, m.h_kv, m.qk_mean, m.temperature, math.sqrt(m.d), 1e-12, m.rotary_dim, False,
+    )  # fmt: skip
+    torch.testing.assert_close(q, captured["q"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(k, captured["k"], rtol=1e-13, atol=1e-13)
+
+
+GRAD_CASES = [
+    dict(),
+    dict(k1=3, k2=1, temperature="raw", rotary_dim=2, interleaved=True),
+    dict(k1=1, k2=3, qk_mean=False, temperature="none", bias=False, rotary_dim=0),
+    dict(heads=2, kv_heads=2, t=1, scalar_temp=True, norm_scale=1.0),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=range(len(GRAD_CASES)))
+def test_gradcheck(case):
+    shape = dict(b=1, t=3, heads=2, kv_heads=1, d=4)
+    tensors, scalars = make_args(**{**shape, **case})
+    inputs = [x.requires_grad_() if x is not None and i < 11 else x for i, x in enumerate(tensors)]
+
+    def fn(*tensors):
+        return ops.ccgqa_prologue(*tensors, *scalars)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=range(len(GRAD_CASES)))
+def test_composite_matches_reference_and_its_autograd(case):
+    tensors, scalars = make_args(**case)
+    leaves = [x.requires_grad_() if x is not None and i < 11 else x for i, x in enumerate(tensors)]
+    q, k = ops.ccgqa_prologue(*leaves, *scalars)
+    q_ref, k_ref = ccgqa_prologue_reference(*leaves, *scalars)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    wrt = [x for x in leaves[:11] if x is not None]
+    grads = torch.autograd.grad((q, k), wrt, (gq, gk))
+    grads_ref = torch.autograd.grad((q_ref, k_ref), wrt, (gq, gk))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("case", [dict(), GRAD_CASES[1], GRAD_CASES[3]], ids=range(3))
+def test_opcheck(case):
+    tensors, scalars = make_args(dtype=torch.float32, **case)
+    for i in range(11):
+        if tensors[i] is not None:
+            tensors[i].requires_grad_()
+    torch.library.opcheck(ops.ccgqa_prologue.default, (*tensors, *scalars))
+
+
+def test_backward_opcheck():
+    tensors, scalars = make_args(dtype=torch.float32)
+    dq, dk = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    torch.library.opcheck(ops.ccgqa_prologue_backward.default, (dq, dk, *tensors, *scalars))
+
+
+def test_fake_impl_with_symbolic_batch_and_time():
+    tensors, scalars = make_args(b=3, t=7, dtype=torch.float32)
+
+    def fn(*args):
+        return ops.ccgqa_prologue(*args[:10], None, *args[10:], *scalars)
+
+    present = [*tensors[:10], tensors[11], tensors[12]]  # all but temp
+    scalars[3] = "none"
+    gm = make_fx(fn, tracing_mode="symbolic")(*present)
+    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    q_shape, k_shape = (o.meta["val"].shape for o in outs)
+    assert not str(q_shape[0]).isdigit() and not str(q_shape[2]).isdigit(), q_shape
+    assert (q_shape[1], q_shape[3], k_shape[1], k_shape[3]) == (4, 8, 2, 8)
+
+
+def test_per_batch_tables():
+    tensors, scalars = make_args(b=2, t=4)
+    gen = torch.Generator().manual_seed(3)
+    tensors[11] = _signed(2, 1, 4, 8, generator=gen)
+    tensors[12] = _signed(2, 1, 4, 8, generator=gen)
+    q, k = ops.ccgqa_prologue(*tensors, *scalars)
+    q_ref, k_ref = ccgqa_prologue_reference(*tensors, *scalars)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+
+
+def _variant(index, value):
+    def change(tensors, scalars):
+        tensors[index] = value(tensors)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_variant(2, lambda t: torch.randn(32, 8, 2, dtype=f64)), "depthwise"),
+        (_variant(4, lambda t: torch.randn(32, 32, 2, dtype=f64)), "grouped per head"),
+        (_variant(8, lambda t: torch.randn(16, 8, 3, dtype=f64)), "conv2"),
+        (_variant(3, lambda t: torch.randn(8, dtype=f64)), "bias"),
+        (_variant(10, lambda t: torch.randn(3, dtype=f64)), "temp"),
+        (_variant(11, lambda t: torch.randn(2, 4, 5, 8, dtype=f64)), "per head"),
+        (lambda t, s: s.__setitem__(3, "sigmoid"), "temperature"),
+        (lambda t, s: s.__setitem__(6, 6), "cos"),
+        (lambda t, s: s.__setitem__(1, 3), "multiple"),
+    ],
+)
+def test_rejects_what_it_does_not_compute(change, match):
+    tensors, scalars = make_args()
+    change(tensors, scalars)
+    with pytest.raises(ValueError, match=match):
+        ops.ccgqa_prologue(*tensors, *scalars)
+
+
+# ----------------------------------------------------------------------------
+# The kernel path (op -> launch wrappers -> kernels -> registered backward op).
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpu-interpreter", "cuda"])
+def device(request, monkeypatch):
+    pytest.importorskip("triton")
+    if request.param == "cuda":
+        if not torch.cuda.is_available() or _dispatch.os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
+        return "cuda"
+    if _dispatch.os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU kernel path needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
+    return "cpu"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(t=19, d=16),
+        dict(t=1, d=16, heads=2, kv_heads=1, temperature="raw", rotary_dim=8, k1=3, k2=1),
+        dict(t=6, d=32, qk_mean=False, bias=False, rotary_dim=12, interleaved=True),
+    ],
+    ids=["canonical-T19", "T1-raw-half", "nomean-interleaved"],
+)
+def test_kernel_path_matches_fp64_composite(device, case):
+    from ccgqa_compile.ops import ccgqa_prologue as op_module
+
+    if not op_module._KERNELS_READY:
+        pytest.skip("kernels not there yet")
+    tensors, scalars = make_args(dtype=torch.float32, device=device, seed=5, **case)
+    assert _dispatch.use_triton(*[x for x in tensors if x is not None])
+    leaves = [x.requires_grad_() if x is not None and i < 11 else x for i, x in enumerate(tensors)]
+    q, k = ops.ccgqa_prologue(*leaves, *scalars)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    wrt = [x for x in leaves[:11] if x is not None]
+    grads = torch.autograd.grad((q, k), wrt, (gq, gk))
+
+    leaves64 = [
+        x.detach().double().requires_grad_(i < 11) if x is not None else None
+        for i, x in enumerate(tensors)
+    ]
+    q64, k64 = ops.ccgqa_prologue(*leaves64, *scalars)  # fp64: the composite
+    wrt64 = [x for x in leaves64[:11] if x is not None]
+    grads64 = torch.autograd.grad((q64, k64), wrt64, (gq.double(), gk.double()))
+    for name, got, want in [("q", q, q64), ("k", k, k64), *zip(range(11), grads, grads64)]:
+        assert torch.isfinite(got).all(), name
+        assert got.dtype == (want.dtype if got is q or got is k else got.dtype)
+        err = rel_err(got, want)
+        assert err < 1e-4, (name, err)
