@@ -100,6 +100,9 @@ def test_compare_records_three_providers_on_the_same_batches(compare_run):
         speed["ccgqa"] / max(speed["eager"], speed["inductor"])
     )
     assert "speed (tokens/s) ratios" in stdout and "inductor" in stdout
+    # the fused graph computes the same function: fp32 training stays on eager's curve
+    for name, run in log["providers"].items():
+        assert run["loss_max_abs_diff_vs_eager"] < 1e-3, (name, run["loss_max_abs_diff_vs_eager"])
     for fusion in FUSIONS:
         assert log["fusions"].get(fusion, 0) > 0, (fusion, log["fusions"])
     assert (out / "loss_curve.png").stat().st_size > 0
