@@ -35,11 +35,17 @@ at most per batch and time. Everything else is for the composite in ops/ccgqa_pr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
-__all__ = ["ccgqa_prologue_reference"]
+from . import traceable
+
+__all__ = ["ccgqa_prologue_bwd", "ccgqa_prologue_fwd", "ccgqa_prologue_reference"]
 
 TEMPERATURE_MODES = {"none": 0, "exp": 1, "raw": 2}
 MAX_CONV_KERNEL = 4
@@ -134,3 +140,933 @@ def ccgqa_prologue_reference(
 
         q, k = rope(q), rope(k)
     return q.to(q_pre.dtype), k.to(k_pre.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Tile helpers. A tile is (BLOCK_T rows = time steps, HEAD_DIM columns = one head).
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, row0, stride_t, rows, seq_len, chan0, HEAD_DIM: tl.constexpr):
+    """x[b, rows, chan0:chan0 + D] as fp32; rows outside [0, seq_len) read as 0."""
+    cols = tl.arange(0, HEAD_DIM)
+    inside = (rows >= 0) & (rows < seq_len)
+    offsets = row0 + rows.to(tl.int64)[:, None] * stride_t + (chan0 + cols)[None, :]
+    return tl.load(ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv1(
+    x_ptr,
+    row0,
+    stride_t,
+    rows,
+    seq_len,
+    chan0,
+    w1_ptr,
+    b1_ptr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    HAS_B1: tl.constexpr,
+):
+    """Depthwise causal conv1 at ``rows``; 0 at rows < 0, which is conv2's zero padding
+    (not conv1's bias)."""
+    cols = tl.arange(0, HEAD_DIM)
+    y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+    for s1 in tl.static_range(K1):
+        x = _load_rows(x_ptr, row0, stride_t, rows - s1, seq_len, chan0, HEAD_DIM)
+        w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
+        y1 += x * w1[None, :]
+    if HAS_B1:
+        y1 += tl.load(b1_ptr + chan0 + cols).to(tl.float32)[None, :]
+    return tl.where((rows >= 0)[:, None], y1, 0.0)
+
+
+@triton.jit
+def _conv2_tap(
+    w2_ptr, chan0, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, K2: tl.constexpr, IN_BY_OUT
+):
+    """The D x D matrix of conv2's tap K2-1-SHIFT for one head: [in c, out o] when
+    IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product)."""
+    i = tl.arange(0, HEAD_DIM)
+    tap = K2 - 1 - SHIFT
+    if IN_BY_OUT:
+        offsets = (chan0 + i)[None, :] * (HEAD_DIM * K2) + i[:, None] * K2 + tap
+    else:
+        offsets = (chan0 + i)[:, None] * (HEAD_DIM * K2) + i[None, :] * K2 + tap
+    return tl.load(w2_ptr + offsets).to(tl.float32)
+
+
+@triton.jit
+def _conv_chain(
+    x_ptr,
+    row0,
+    stride_t,
+    rows,
+    seq_len,
+    chan0,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """conv2(pad(conv1(pad(x)))) of one head at ``rows``: a (BLOCK_T, D) fp32 tile."""
+    y2 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+    for s2 in tl.static_range(K2):
+        y1 = _conv1(
+            x_ptr, row0, stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
+            BLOCK_T, HEAD_DIM, K1, HAS_B1,
+        )  # fmt: skip
+        w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, True)
+        y2 += tl.dot(y1, w2, input_precision=DOT_PRECISION)
+    if HAS_B2:
+        y2 += tl.load(b2_ptr + chan0 + tl.arange(0, HEAD_DIM)).to(tl.float32)[None, :]
+    return y2
+
+
+@triton.jit
+def _raw(
+    IS_K: tl.constexpr,
+    head,
+    kv_head,
+    rows,
+    seq_len,
+    q_pre_ptr,
+    q_row0,
+    q_stride_t,
+    k_pre_ptr,
+    k_row0,
+    k_stride_t,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """conv output + qk mean of query head ``head`` (IS_K false) or kv head ``kv_head``."""
+    if IS_K:
+        raw = _conv_chain(
+            k_pre_ptr, k_row0, k_stride_t, rows, seq_len, kv_head * HEAD_DIM,
+            w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+            BLOCK_T, HEAD_DIM, K1, K2, HAS_B1, HAS_B2, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        raw = _conv_chain(
+            q_pre_ptr, q_row0, q_stride_t, rows, seq_len, head * HEAD_DIM,
+            w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+            BLOCK_T, HEAD_DIM, K1, K2, HAS_B1, HAS_B2, DOT_PRECISION,
+        )  # fmt: skip
+    if QK_MEAN:
+        k_pre = _load_rows(
+            k_pre_ptr, k_row0, k_stride_t, rows, seq_len, kv_head * HEAD_DIM, HEAD_DIM
+        )
+        if IS_K:
+            # m_k = mean over the group of (q_pre[h] + k_pre[j]) / 2
+            q_sum = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+            for g in range(GROUP):
+                q_sum += _load_rows(
+                    q_pre_ptr, q_row0, q_stride_t, rows, seq_len,
+                    (kv_head * GROUP + g) * HEAD_DIM, HEAD_DIM,
+                )  # fmt: skip
+            raw += (q_sum * (1.0 / GROUP) + k_pre) * 0.5
+        else:
+            q_pre = _load_rows(
+                q_pre_ptr, q_row0, q_stride_t, rows, seq_len, head * HEAD_DIM, HEAD_DIM
+            )
+            raw += (q_pre + k_pre) * 0.5
+    return raw
+
+
+@triton.jit
+def _load_tables(
+    cos_ptr,
+    sin_ptr,
+    cos_row0,
+    cos_stride_t,
+    sin_row0,
+    sin_stride_t,
+    rows,
+    seq_len,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+):
+    """cos/sin as (BLOCK_T, D) tiles; past ROTARY_DIM cos = 1 and sin = 0 (passthrough)."""
+    cols = tl.arange(0, HEAD_DIM)
+    mask = ((rows >= 0) & (rows < seq_len))[:, None] & (cols < ROTARY_DIM)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    cos = tl.load(cos_ptr + cos_row0 + rows64 * cos_stride_t + cols[None, :], mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + sin_row0 + rows64 * sin_stride_t + cols[None, :], mask=mask, other=0.0)
+    return cos.to(tl.float32), sin.to(tl.float32)
+
+
+@triton.jit
+def _rotate(
+    x,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    """rot(x) in registers: x*cos + rot(x)*sin is RoPE. Rotate-half acts on every chunk of
+    ROTARY_DIM columns (only the first has sin != 0), so ROTARY_DIM must divide D."""
+    if INTERLEAVED:
+        even, odd = tl.split(tl.reshape(x, (BLOCK_T, HEAD_DIM // 2, 2)))
+        return tl.reshape(tl.join(-odd, even), (BLOCK_T, HEAD_DIM))
+    else:
+        chunks = tl.reshape(x, (BLOCK_T, HEAD_DIM // ROTARY_DIM, 2, ROTARY_DIM // 2))
+        first, second = tl.split(tl.permute(chunks, (0, 1, 3, 2)))
+        rotated = tl.permute(tl.join(-second, first), (0, 1, 3, 2))
+        return tl.reshape(rotated, (BLOCK_T, HEAD_DIM))
+
+
+@triton.jit
+def _store_rows(ptr, row0, stride_t, rows, seq_len, tile, HEAD_DIM: tl.constexpr):
+    """Store a (BLOCK_T, D) tile at rows ``rows < seq_len`` (unit column stride)."""
+    cols = tl.arange(0, HEAD_DIM)
+    offsets = row0 + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=(rows < seq_len)[:, None])
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _ccgqa_prologue_fwd_kernel(
+    q_pre_ptr,
+    k_pre_ptr,
+    q_w1_ptr,
+    q_b1_ptr,
+    q_w2_ptr,
+    q_b2_ptr,
+    k_w1_ptr,
+    k_b1_ptr,
+    k_w2_ptr,
+    k_b2_ptr,
+    temp_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    seq_len,
+    q_stride_b,
+    q_stride_t,
+    k_stride_b,
+    k_stride_t,
+    cos_stride_b,
+    cos_stride_t,
+    sin_stride_b,
+    sin_stride_t,
+    temp_stride,
+    norm_scale,
+    eps,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_Q_B1: tl.constexpr,
+    HAS_Q_B2: tl.constexpr,
+    HAS_K_B1: tl.constexpr,
+    HAS_K_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    TEMPERATURE: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (batch * time blocks, kv heads). Query heads of the group first, then k."""
+    num_kv_heads = tl.num_programs(1)
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid_bt = tl.program_id(0)
+    j = tl.program_id(1)
+    b = (pid_bt // num_t_blocks).to(tl.int64)
+    rows = (pid_bt % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    q_row0 = b * q_stride_b
+    k_row0 = b * k_stride_b
+    if ROTARY_DIM > 0:
+        cos, sin = _load_tables(
+            cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+            rows, seq_len, HEAD_DIM, ROTARY_DIM,
+        )  # fmt: skip
+
+    for g in range(GROUP):
+        h = j * GROUP + g
+        raw = _raw(
+            False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+            k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+            K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, DOT_PRECISION,
+        )  # fmt: skip
+        norm = tl.sqrt(tl.sum(raw * raw, axis=1))
+        out = raw * (norm_scale / tl.maximum(norm, eps))[:, None]
+        if ROTARY_DIM > 0:
+            out = out * cos + _rotate(out, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED) * sin
+        q_head0 = (b * (num_kv_heads * GROUP) + h) * seq_len * HEAD_DIM
+        _store_rows(q_ptr, q_head0, HEAD_DIM, rows, seq_len, out, HEAD_DIM)
+
+    raw = _raw(
+        True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+        k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+        K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, DOT_PRECISION,
+    )  # fmt: skip
+    scale = norm_scale
+    if TEMPERATURE == 1:
+        scale = scale * tl.exp(tl.load(temp_ptr + j * temp_stride).to(tl.float32))
+    elif TEMPERATURE == 2:
+        scale = scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
+    norm = tl.sqrt(tl.sum(raw * raw, axis=1))
+    out = raw * (scale / tl.maximum(norm, eps))[:, None]
+    if ROTARY_DIM > 0:
+        out = out * cos + _rotate(out, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED) * sin
+    k_head0 = (b * num_kv_heads + j) * seq_len * HEAD_DIM
+    _store_rows(k_ptr, k_head0, HEAD_DIM, rows, seq_len, out, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _grad_raw(
+    raw,
+    dy_ptr,
+    dy_row0,
+    dy_stride_t,
+    rows,
+    seq_len,
+    cos_ptr,
+    sin_ptr,
+    cos_row0,
+    cos_stride_t,
+    sin_row0,
+    sin_stride_t,
+    out_scale,
+    eps,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    """For out = rope(raw / max(|raw|, eps) * out_scale): d loss / d raw given d out, and
+    sum(d(out before rope) * unit) (the temperature's gradient, up to norm_scale).
+    Rows past seq_len give exactly 0 (even if raw there is 0 and eps is 0)."""
+    cols = tl.arange(0, HEAD_DIM)
+    valid = (rows < seq_len)[:, None]
+    offsets = dy_row0 + rows.to(tl.int64)[:, None] * dy_stride_t + cols[None, :]
+    grad = tl.load(dy_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    if ROTARY_DIM > 0:
+        cos, sin = _load_tables(
+            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t,
+            rows, seq_len, HEAD_DIM, ROTARY_DIM,
+        )  # fmt: skip
+        # VJP of x*cos + rot(x)*sin: rot^T = -rot
+        grad = grad * cos - _rotate(grad * sin, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
+    norm = tl.sqrt(tl.sum(raw * raw, axis=1))
+    inv = 1.0 / tl.maximum(norm, eps)
+    unit = raw * inv[:, None]
+    d_unit = grad * out_scale
+    # below eps the denominator is the constant eps: no radial term
+    radial = tl.where(norm >= eps, tl.sum(unit * d_unit, axis=1), 0.0)
+    d_raw = tl.where(valid, (d_unit - unit * radial[:, None]) * inv[:, None], 0.0)
+    grad_dot_unit = tl.sum(tl.sum(tl.where(valid, grad * unit, 0.0), axis=1), axis=0)
+    return d_raw, grad_dot_unit
+
+
+@triton.jit
+def _draw_at(
+    IS_K: tl.constexpr,
+    head,
+    kv_head,
+    rows,
+    seq_len,
+    q_pre_ptr,
+    q_row0,
+    q_stride_t,
+    k_pre_ptr,
+    k_row0,
+    k_stride_t,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    dy_ptr,
+    dy_row0,
+    dy_stride_t,
+    cos_ptr,
+    sin_ptr,
+    cos_row0,
+    cos_stride_t,
+    sin_row0,
+    sin_stride_t,
+    out_scale,
+    eps,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Recompute the forward of one head at ``rows`` and return d loss / d raw there."""
+    raw = _raw(
+        IS_K, head, kv_head, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr,
+        k_row0, k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+        K1, K2, HAS_B1, HAS_B2, QK_MEAN, DOT_PRECISION,
+    )  # fmt: skip
+    return _grad_raw(
+        raw, dy_ptr, dy_row0, dy_stride_t, rows, seq_len, cos_ptr, sin_ptr, cos_row0,
+        cos_stride_t, sin_row0, sin_stride_t, out_scale, eps,
+        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+    )  # fmt: skip
+
+
+@triton.jit
+def _accumulate(ptr, offsets, value):
+    """partial[offsets] += value: this program owns the partial row, so no atomics."""
+    tl.store(ptr + offsets, tl.load(ptr + offsets) + value)
+
+
+@triton.jit
+def _head_backward(
+    IS_K: tl.constexpr,
+    head,
+    kv_head,
+    rows,
+    seq_len,
+    q_pre_ptr,
+    q_row0,
+    q_stride_t,
+    k_pre_ptr,
+    k_row0,
+    k_stride_t,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    dy_ptr,
+    dy_row0,
+    dy_stride_t,
+    cos_ptr,
+    sin_ptr,
+    cos_row0,
+    cos_stride_t,
+    sin_row0,
+    sin_stride_t,
+    out_scale,
+    eps,
+    dw1_part_ptr,
+    db1_part_ptr,
+    dw2_part_ptr,
+    db2_part_ptr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One head over ``rows``: d x through both convs (gathering d raw at rows + s for
+    s up to (K1 - 1) + (K2 - 1)), plus this block's share of the weight/bias gradients.
+    Returns (d x from the convs, d raw at ``rows``, grad . unit at ``rows``).
+    The *_part_ptr already point at this program's partial row."""
+    if IS_K:
+        x_ptr, x_row0, x_stride_t, chan0 = k_pre_ptr, k_row0, k_stride_t, kv_head * HEAD_DIM
+    else:
+        x_ptr, x_row0, x_stride_t, chan0 = q_pre_ptr, q_row0, q_stride_t, head * HEAD_DIM
+    cols = tl.arange(0, HEAD_DIM)
+    d_raw0, grad_dot_unit = _draw_at(
+        IS_K, head, kv_head, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+        k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dy_ptr, dy_row0, dy_stride_t, cos_ptr,
+        sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, out_scale, eps, GROUP,
+        BLOCK_T, HEAD_DIM, K1, K2, HAS_B1, HAS_B2, QK_MEAN, ROTARY_DIM, INTERLEAVED,
+        DOT_PRECISION,
+    )  # fmt: skip
+
+    # conv2 weights: dW[o, c, tap(s2)] = sum_t d_raw[t, o] * y1[t - s2, c]
+    for s2 in tl.static_range(K2):
+        y1 = _conv1(
+            x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
+            BLOCK_T, HEAD_DIM, K1, HAS_B1,
+        )  # fmt: skip
+        d_w2 = tl.dot(tl.trans(d_raw0), y1, input_precision=DOT_PRECISION)
+        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
+        _accumulate(dw2_part_ptr, offsets, d_w2)
+    if HAS_B2:
+        _accumulate(db2_part_ptr, chan0 + cols, tl.sum(d_raw0, axis=0))
+
+    # d y1[t + s1] = sum_s2 d_raw[t + s1 + s2] @ W2(tap s2); d x[t] = sum_s1 w1 * d y1[t + s1]
+    d_x = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+    for s1 in tl.static_range(K1):
+        d_y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+        for s2 in tl.static_range(K2):
+            if s1 + s2 == 0:
+                d_raw = d_raw0
+            else:
+                d_raw, _unused = _draw_at(
+                    IS_K, head, kv_head, rows + (s1 + s2), seq_len, q_pre_ptr, q_row0,
+                    q_stride_t, k_pre_ptr, k_row0, k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                    dy_ptr, dy_row0, dy_stride_t, cos_ptr, sin_ptr, cos_row0, cos_stride_t,
+                    sin_row0, sin_stride_t, out_scale, eps, GROUP, BLOCK_T, HEAD_DIM, K1, K2,
+                    HAS_B1, HAS_B2, QK_MEAN, ROTARY_DIM, INTERLEAVED, DOT_PRECISION,
+                )  # fmt: skip
+            w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
+            d_y1 += tl.dot(d_raw, w2, input_precision=DOT_PRECISION)
+        w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
+        d_x += d_y1 * w1[None, :]
+        if s1 == 0:
+            # conv1 weights: dw1[c, tap(s)] = sum_t d_y1[t, c] * x[t - s, c]
+            for s in tl.static_range(K1):
+                x = _load_rows(x_ptr, x_row0, x_stride_t, rows - s, seq_len, chan0, HEAD_DIM)
+                _accumulate(dw1_part_ptr, (chan0 + cols) * K1 + (K1 - 1 - s), tl.sum(d_y1 * x, 0))
+            if HAS_B1:
+                _accumulate(db1_part_ptr, chan0 + cols, tl.sum(d_y1, axis=0))
+    return d_x, d_raw0, grad_dot_unit
+
+
+@triton.jit
+def _ccgqa_prologue_bwd_kernel(
+    dq_ptr,
+    dk_ptr,
+    q_pre_ptr,
+    k_pre_ptr,
+    q_w1_ptr,
+    q_b1_ptr,
+    q_w2_ptr,
+    q_b2_ptr,
+    k_w1_ptr,
+    k_b1_ptr,
+    k_w2_ptr,
+    k_b2_ptr,
+    temp_ptr,
+    cos_ptr,
+    sin_ptr,
+    dq_pre_ptr,
+    dk_pre_ptr,
+    dq_w1_part_ptr,
+    dq_b1_part_ptr,
+    dq_w2_part_ptr,
+    dq_b2_part_ptr,
+    dk_w1_part_ptr,
+    dk_b1_part_ptr,
+    dk_w2_part_ptr,
+    dk_b2_part_ptr,
+    d_beta_part_ptr,
+    batch,
+    seq_len,
+    q_stride_b,
+    q_stride_t,
+    k_stride_b,
+    k_stride_t,
+    dq_stride_b,
+    dq_stride_h,
+    dq_stride_t,
+    dk_stride_b,
+    dk_stride_h,
+    dk_stride_t,
+    cos_stride_b,
+    cos_stride_t,
+    sin_stride_b,
+    sin_stride_t,
+    temp_stride,
+    norm_scale,
+    eps,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_Q_B1: tl.constexpr,
+    HAS_Q_B2: tl.constexpr,
+    HAS_K_B1: tl.constexpr,
+    HAS_K_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    TEMPERATURE: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (P, kv heads), persistent over the (batch, time block) items; program (p, j)
+    owns row p of every partial buffer for the channels of kv head j and its group."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    j = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    q_channels = num_kv_heads * GROUP * HEAD_DIM
+    k_channels = num_kv_heads * HEAD_DIM
+    pid64 = pid.to(tl.int64)
+    dq_w1_part_ptr += pid64 * q_channels * K1
+    dq_b1_part_ptr += pid64 * q_channels
+    dq_w2_part_ptr += pid64 * q_channels * HEAD_DIM * K2
+    dq_b2_part_ptr += pid64 * q_channels
+    dk_w1_part_ptr += pid64 * k_channels * K1
+    dk_b1_part_ptr += pid64 * k_channels
+    dk_w2_part_ptr += pid64 * k_channels * HEAD_DIM * K2
+    dk_b2_part_ptr += pid64 * k_channels
+    d_beta_ptr = d_beta_part_ptr + pid64 * num_kv_heads + j
+
+    k_scale = norm_scale
+    if TEMPERATURE == 1:
+        k_scale = k_scale * tl.exp(tl.load(temp_ptr + j * temp_stride).to(tl.float32))
+    elif TEMPERATURE == 2:
+        k_scale = k_scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
+
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    for item in range(pid, batch * num_t_blocks, num_programs):
+        b = (item // num_t_blocks).to(tl.int64)
+        rows = (item % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        q_row0 = b * q_stride_b
+        k_row0 = b * k_stride_b
+        cos_row0 = b * cos_stride_b
+        sin_row0 = b * sin_stride_b
+
+        d_k_conv, d_k_raw, k_grad_dot_unit = _head_backward(
+            True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+            k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr,
+            dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t,
+            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
+            dk_w1_part_ptr, dk_b1_part_ptr, dk_w2_part_ptr, dk_b2_part_ptr,
+            GROUP, BLOCK_T, HEAD_DIM, K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, ROTARY_DIM,
+            INTERLEAVED, DOT_PRECISION,
+        )  # fmt: skip
+        if TEMPERATURE != 0:
+            _accumulate(d_beta_ptr, 0, k_grad_dot_unit * norm_scale)
+        d_k_pre = d_k_conv
+
+        for g in range(GROUP):
+            h = j * GROUP + g
+            d_q_pre, d_q_raw, _unused = _head_backward(
+                False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+                k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr,
+                dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t,
+                cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale,
+                eps, dq_w1_part_ptr, dq_b1_part_ptr, dq_w2_part_ptr, dq_b2_part_ptr,
+                GROUP, BLOCK_T, HEAD_DIM, K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, ROTARY_DIM,
+                INTERLEAVED, DOT_PRECISION,
+            )  # fmt: skip
+            if QK_MEAN:
+                # m_q[h] = (q_pre[h] + k_pre[j]) / 2 and m_k[j] = mean_g m_q[jG + g], so
+                # d m_q[h] = d raw_q[h] + d raw_k[j] / G reaches q_pre[h] and k_pre[j] halved
+                d_m_q = d_q_raw + d_k_raw * (1.0 / GROUP)
+                d_q_pre += d_m_q * 0.5
+                d_k_pre += d_m_q * 0.5
+            # d q_pre is a contiguous (B, T, Hq*D) tensor
+            row0 = b * seq_len * q_channels + h * HEAD_DIM
+            _store_rows(dq_pre_ptr, row0, q_channels, rows, seq_len, d_q_pre, HEAD_DIM)
+        row0 = b * seq_len * k_channels + j * HEAD_DIM
+        _store_rows(dk_pre_ptr, row0, k_channels, rows, seq_len, d_k_pre, HEAD_DIM)
+        # the next item reads the partial rows this one wrote, maybe from other threads
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------
+# Launch wrappers.
+# ----------------------------------------------------------------------------
+
+# Programs per SM for the persistent backward grid (spread over the kv heads).
+_BWD_PROGRAMS_PER_SM = 2
+# Without a GPU (interpreter): few programs, so each one walks several items.
+_BWD_PROGRAMS_WITHOUT_GPU = 2
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_program_count(device: torch.device, kv_heads: int) -> int:
+    if device.type != "cuda":
+        return _BWD_PROGRAMS_WITHOUT_GPU
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, _BWD_PROGRAMS_PER_SM * _multiprocessor_count(index) // kv_heads)
+
+
+def _block_t(head_dim: int, backward: bool, block_t: int | None) -> int:
+    """Time steps per tile: depends on D only (never on T: no recompiles when T varies).
+    The backward keeps more tiles alive at once, so it takes half as many rows."""
+    if block_t is not None:
+        return block_t
+    rows = 64 if head_dim <= 64 else 32
+    return rows // 2 if backward else rows
+
+
+def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved):
+    if q_pre.dim() != 3 or k_pre.dim() != 3 or q_pre.shape[:2] != k_pre.shape[:2]:
+        raise ValueError("q_pre and k_pre must be (B, T, H*D) with the same B and T")
+    if heads % kv_heads or q_pre.shape[-1] % heads:
+        raise ValueError(f"{heads} query heads do not fit {kv_heads} kv heads / the width")
+    d = q_pre.shape[-1] // heads
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"the kernels need a power-of-two head dim >= 16, got {d}")
+    k1, k2 = q_w1.shape[-1], q_w2.shape[-1]
+    expected = {
+        "q conv1": (q_w1, (heads * d, 1, k1)),
+        "q conv2": (q_w2, (heads * d, d, k2)),
+        "k conv1": (k_w1, (kv_heads * d, 1, k1)),
+        "k conv2": (k_w2, (kv_heads * d, d, k2)),
+    }
+    for name, (w, shape) in expected.items():
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} weight must be {shape}, got {tuple(w.shape)}")
+    if not (1 <= k1 <= MAX_CONV_KERNEL and 1 <= k2 <= MAX_CONV_KERNEL):
+        raise ValueError(f"conv kernels must be in 1..{MAX_CONV_KERNEL}, got {k1}, {k2}")
+    if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > d:
+        raise ValueError(f"rotary_dim must be even and in [0, {d}], got {rotary_dim}")
+    if rotary_dim and not interleaved and rotary_dim & (rotary_dim - 1):
+        raise ValueError(f"rotate-half RoPE needs a power-of-two rotary_dim, got {rotary_dim}")
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _tables(cos: Tensor | None, sin: Tensor | None, b: int, t: int, rotary_dim: int):
+    """cos/sin as (B, 1, T, R) views (stride 0 where broadcast) and their (b, t) strides."""
+    if not rotary_dim:
+        return None, None, (0, 0, 0, 0)
+    shape = (b, 1, t, rotary_dim)
+    cos, sin = _unit_last_stride(cos.expand(shape)), _unit_last_stride(sin.expand(shape))
+    return cos, sin, (cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2))
+
+
+def _common(
+    q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
+    heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+):  # fmt: skip
+    """Arguments shared by both kernels: tensors, runtime scalars, constexprs."""
+    _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved)
+    if temperature not in TEMPERATURE_MODES or (temp is None) != (temperature == "none"):
+        raise ValueError(f"temperature {temperature!r} does not fit temp")
+    b, t, e_q = q_pre.shape
+    d = e_q // heads
+    q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
+    weights = [w.contiguous() if w is not None else None for w in (q_w1, q_b1, q_w2, q_b2)]
+    weights += [w.contiguous() if w is not None else None for w in (k_w1, k_b1, k_w2, k_b2)]
+    cos, sin, table_strides = _tables(cos, sin, b, t, rotary_dim)
+    temp_stride = 0
+    if temp is not None:
+        temp = temp.reshape(-1)
+        temp_stride = temp.stride(0) if temp.numel() > 1 else 0
+    dummy = q_pre  # stands in for absent tensors; never read
+
+    def ptr(x):
+        return x if x is not None else dummy
+
+    tensors = [q_pre, k_pre, *(ptr(w) for w in weights), ptr(temp), ptr(cos), ptr(sin)]
+    scalars = dict(
+        strides=[q_pre.stride(0), q_pre.stride(1), k_pre.stride(0), k_pre.stride(1)],
+        tail=[*table_strides, temp_stride, float(norm_scale), float(eps)],
+    )
+    constexprs = dict(
+        GROUP=heads // kv_heads,
+        HEAD_DIM=d,
+        K1=q_w1.shape[-1],
+        K2=q_w2.shape[-1],
+        HAS_Q_B1=q_b1 is not None,
+        HAS_Q_B2=q_b2 is not None,
+        HAS_K_B1=k_b1 is not None,
+        HAS_K_B2=k_b2 is not None,
+        QK_MEAN=bool(qk_mean),
+        TEMPERATURE=TEMPERATURE_MODES[temperature],
+        ROTARY_DIM=rotary_dim,
+        INTERLEAVED=bool(interleaved),
+        # fp32 stays fp32 in the conv2 products; half inputs use tf32 (more precise
+        # than the half-precision rounding eager's convs do)
+        DOT_PRECISION="ieee" if q_pre.dtype == torch.float32 else "tf32",
+    )
+    return tensors, scalars, constexprs
+
+
+def ccgqa_prologue_fwd(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+    block_t: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``; computed in
+    fp32. ``block_t`` overrides the tile height (tests use it to cross block borders)."""
+    tensors, scalars, constexprs = _common(
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
+        heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+    )  # fmt: skip
+    b, t, e_q = q_pre.shape
+    d = e_q // heads
+    q = torch.empty((b, heads, t, d), dtype=q_pre.dtype, device=q_pre.device)
+    k = torch.empty((b, kv_heads, t, d), dtype=k_pre.dtype, device=k_pre.device)
+    if q.numel() == 0:
+        return q, k
+    rows = _block_t(d, False, block_t)
+    grid = (b * triton.cdiv(t, rows), kv_heads)
+    traceable(_ccgqa_prologue_fwd_kernel)[grid](
+        *tensors,
+        q,
+        k,
+        t,
+        *scalars["strides"],
+        *scalars["tail"],
+        **constexprs,
+        BLOCK_T=rows,
+        num_warps=4 if d <= 64 else 8,
+    )
+    return q, k
+
+
+def ccgqa_prologue_bwd(
+    dq: Tensor,
+    dk: Tensor,
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv1_bias: Tensor | None,
+    q_conv2_weight: Tensor,
+    q_conv2_bias: Tensor | None,
+    k_conv1_weight: Tensor,
+    k_conv1_bias: Tensor | None,
+    k_conv2_weight: Tensor,
+    k_conv2_bias: Tensor | None,
+    temp: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    heads: int,
+    kv_heads: int,
+    qk_mean: bool,
+    temperature: str,
+    norm_scale: float,
+    eps: float,
+    rotary_dim: int,
+    interleaved: bool,
+    block_t: int | None = None,
+    num_programs: int | None = None,
+) -> list[Tensor | None]:
+    """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
+    [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
+    d temp], each in its input's dtype, None for an absent bias or temp."""
+    tensors, scalars, constexprs = _common(
+        q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
+        heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+    )  # fmt: skip
+    b, t, e_q = q_pre.shape
+    e_kv = k_pre.shape[-1]
+    d = e_q // heads
+    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
+    if dq.shape != (b, heads, t, d) or dk.shape != (b, kv_heads, t, d):
+        raise ValueError(f"dq {tuple(dq.shape)} / dk {tuple(dk.shape)} do not match q / k")
+    dq, dk = _unit_last_stride(dq), _unit_last_stride(dk)
+    device = q_pre.device
+    d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
+    d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
+
+    rows = _block_t(d, True, block_t)
+    programs = num_programs or _bwd_program_count(device, kv_heads)
+    n_items = b * triton.cdiv(t, rows)
+    if isinstance(n_items, int):
+        # a concrete count: launch no idle programs (a symbolic one keeps the fixed count
+        # rather than guard on T)
+        programs = max(1, min(programs, n_items))
+
+    def partial(*shape):
+        # float32 partial sums, one row per program, summed by torch below: deterministic
+        return torch.zeros((programs, *shape), dtype=torch.float32, device=device)
+
+    parts = [
+        partial(e_q, k1),
+        partial(e_q) if q_conv1_bias is not None else None,
+        partial(e_q, d, k2),
+        partial(e_q) if q_conv2_bias is not None else None,
+        partial(e_kv, k1),
+        partial(e_kv) if k_conv1_bias is not None else None,
+        partial(e_kv, d, k2),
+        partial(e_kv) if k_conv2_bias is not None else None,
+        partial(kv_heads) if temp is not None else None,
+    ]
+    if d_q_pre.numel() == 0:
+        parts = [p.zero_() if p is not None else None for p in parts]
+    else:
+        traceable(_ccgqa_prologue_bwd_kernel)[(programs, kv_heads)](
+            dq,
+            dk,
+            *tensors,
+            d_q_pre,
+            d_k_pre,
+            *(p if p is not None else parts[0] for p in parts),  # parts[0]: never touched
+            b,
+            t,
+            *scalars["strides"],
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            dk.stride(0),
+            dk.stride(1),
+            dk.stride(2),
+            *scalars["tail"],
+            **constexprs,
+            BLOCK_T=rows,
+            num_warps=4 if d <= 64 else 8,
+        )
+    weights = (
+        q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
+    )  # fmt: skip
+    grads: list[Tensor | None] = [d_q_pre, d_k_pre]
+    for part, weight in zip(parts[:8], weights):
+        grads.append(
+            part.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
+        )
+    if temp is None:
+        grads.append(None)
+    else:
+        d_beta = parts[8].sum(0)
+        t32 = temp.detach().float().reshape(-1).expand(kv_heads)
+        d_temp = d_beta * t32.exp() if temperature == "exp" else d_beta
+        if temp.numel() == 1:
+            d_temp = d_temp.sum()
+        grads.append(d_temp.reshape(temp.shape).to(temp.dtype))
+    return grads

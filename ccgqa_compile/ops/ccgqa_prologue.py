@@ -28,7 +28,6 @@ from ._dispatch import composite_op, compute_dtype, use_triton
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_MAX_CONV = 4
 TEMPERATURES = ("exp", "raw", "none")
-_KERNELS_READY = False  # the Triton kernels land in the next commit
 
 
 def check_args(
@@ -342,8 +341,7 @@ def _is_power_of_two(n: int) -> bool:
 def _kernel_ok(tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter):
     d = q_pre.shape[-1] // heads
     return (
-        _KERNELS_READY
-        and use_triton(*tensors)
+        use_triton(*tensors)
         and d in KERNEL_HEAD_DIMS
         and k1 <= KERNEL_MAX_CONV
         and k2 <= KERNEL_MAX_CONV
