@@ -112,25 +112,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model = ap.add_argument_group("model (head dim = dim / (heads * compression))")
     model.add_argument("--dim", type=int, default=128, help="model width E")
-    model.add_argument("--layers", type=int, default=2)
+    model.add_argument("--layers", type=int, default=2, help="decoder blocks")
     model.add_argument("--heads", type=int, default=4, help="query heads")
     model.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
     model.add_argument(
         "--compression", type=int, default=2, help="query compression C1 = dim / (heads * d)"
     )
     train = ap.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--batch", type=int, default=8)
+    train.add_argument("--steps", type=int, default=300, help="optimizer steps; the first compiles")
+    train.add_argument("--batch", type=int, default=8, help="sequences per step")
     train.add_argument("--seq", type=int, default=128, help="tokens (bytes) per sequence")
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    train.add_argument("--seed", type=int, default=0, help="weights and batch order")
     run = ap.add_argument_group("run")
     run.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda or cuda:N",
     )
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    run.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations"
+    )
     run.add_argument(
         "--threads",
         type=int,
@@ -229,7 +231,7 @@ class PlainProgress:
         if self.n % self.every == 0 or self.n == self.total:
             print(f"{self.desc}: {self.n}/{self.total} {self.postfix}", flush=True)
 
-    def set_postfix_str(self, text: str) -> None:
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
 
     def write(self, text: str) -> None:
@@ -294,8 +296,8 @@ def train(provider: str, args: argparse.Namespace, data: torch.Tensor, starts) -
             opt.step()
             losses.append(loss.item())  # .item() waits for the device
             seconds.append(time.perf_counter() - start)
-            bar.update()
             bar.set_postfix_str(f"loss {losses[-1]:.3f}  {tokens / seconds[-1]:,.0f} tok/s")
+            bar.update()
             if step == 0 and provider == "ccgqa":
                 bar.write(f"first step (compiles) took {seconds[0]:.1f} s")
                 bar.write(str(ccgqa_compile.report()))

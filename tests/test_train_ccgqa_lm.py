@@ -7,11 +7,12 @@ import contextlib
 import io
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-from examples.train_ccgqa_lm import CCGQALM, PROVIDERS, main
+from examples.train_ccgqa_lm import CCGQALM, PROVIDERS, PlainProgress, main, plot
 
 # one layer, width 32, 2 query heads sharing 1 kv head of dim 16: compiles in well under a
 # minute on 2 cores; a high learning rate so that 8 steps visibly lower the loss
@@ -161,3 +162,20 @@ def test_out_that_is_a_file_is_refused(capsys, tmp_path):
         main(["--out", str(path)])
     assert exc.value.code == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_progress_without_tqdm_prints_a_line_every_tenth(capsys):
+    bar = PlainProgress(total=20, desc="ccgqa")
+    for _ in range(20):
+        bar.set_postfix_str("loss 1.000")
+        bar.update()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[-1] == "ccgqa: 20/20 loss 1.000"
+
+
+def test_no_png_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    runs = {"ccgqa": {"losses": [2.0, 1.0], "tokens_per_s": 1.0}}
+    assert plot(runs, tmp_path / "loss.png", "title") is False
+    assert not (tmp_path / "loss.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
