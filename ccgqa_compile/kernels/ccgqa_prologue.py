@@ -186,7 +186,12 @@ def _conv1(
 
 @triton.jit
 def _conv2_tap(
-    w2_ptr, chan0, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, K2: tl.constexpr, IN_BY_OUT
+    w2_ptr,
+    chan0,
+    SHIFT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K2: tl.constexpr,
+    IN_BY_OUT: tl.constexpr,
 ):
     """The D x D matrix of conv2's tap K2-1-SHIFT for one head: [in c, out o] when
     IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product)."""
@@ -740,7 +745,10 @@ def _ccgqa_prologue_bwd_kernel(
         k_scale = k_scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
 
     num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    for item in range(pid, batch * num_t_blocks, num_programs):
+    # a while loop, not range(pid, n, num_programs): Triton 3.6's interpreter cannot take
+    # tensor range bounds under NumPy 2 (the compiled kernel is the same scf loop)
+    item = pid
+    while item < batch * num_t_blocks:
         b = (item // num_t_blocks).to(tl.int64)
         rows = (item % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
         q_row0 = b * q_stride_b
@@ -785,6 +793,7 @@ def _ccgqa_prologue_bwd_kernel(
         _store_rows(dk_pre_ptr, row0, k_channels, rows, seq_len, d_k_pre, HEAD_DIM)
         # the next item reads the partial rows this one wrote, maybe from other threads
         tl.debug_barrier()
+        item += num_programs
 
 
 # ----------------------------------------------------------------------------
