@@ -3,13 +3,15 @@
 The model is built from the plain-PyTorch pieces in ``patterns/``: HF-Llama RMSNorm, a
 SwiGLU MLP and CCGQA attention (``patterns.ccgqa.CCGQAttention``: q/k/v down-projected into
 a compressed latent space, causal convolutions, qk-mean coupling, L2 norm with a learnable
-temperature, RoPE, hand-written causal GQA attention, up-projection). It trains on
-Shakespeare's Sonnets, shipped in ``examples/data/`` (byte-level tokens, no download).
+temperature, RoPE, causal GQA attention written by hand or with ``--attention sdpa``,
+up-projection). It trains on Shakespeare's Sonnets, shipped in ``examples/data/``
+(byte-level tokens, no download).
 
 After the first (compiling) step it prints ``ccgqa_compile.report()``: which fusions fired.
 At the end it writes a loss-curve PNG and a JSON log into ``--out``. ``--compare`` trains
 the same model on the same batches in eager mode and under Inductor default too and prints
-the speed ratios. CPU by default (about two minutes on two cores), CUDA when present.
+the speed ratios. CPU by default (one to two minutes on two cores, most of it the first,
+compiling step), CUDA when present.
 
     python examples/train_ccgqa_lm.py
     python examples/train_ccgqa_lm.py --compare
@@ -60,11 +62,13 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # head dims the Triton attention kernel co
 class CCGQABlock(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int):
+    def __init__(
+        self, dim: int, heads: int, kv_heads: int, head_dim: int, attention: str = "handwritten"
+    ):
         super().__init__()
         shape = Shape(hidden=dim, eps=1e-6)
         self.attn_norm, self.mlp_norm = LlamaRMSNorm(shape), LlamaRMSNorm(shape)
-        self.attn = CCGQAttention(dim, heads, kv_heads, head_dim)
+        self.attn = CCGQAttention(dim, heads, kv_heads, head_dim, attention=attention)
         self.mlp = LlamaMLP(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,12 +79,21 @@ class CCGQABlock(nn.Module):
 class CCGQALM(nn.Module):
     """Byte-level decoder LM whose attention is CCGQA (RoPE is applied inside it)."""
 
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        attention: str = "handwritten",
+    ):
         super().__init__()
-        self.layers = layers
+        self.layers, self.head_dim, self.attention = layers, head_dim, attention
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(
-            CCGQABlock(dim, heads, kv_heads, head_dim) for _ in range(layers)
+            CCGQABlock(dim, heads, kv_heads, head_dim, attention) for _ in range(layers)
         )
         self.norm = LlamaRMSNorm(Shape(hidden=dim, eps=1e-6))
         self.head = nn.Linear(dim, vocab, bias=False)
@@ -94,12 +107,18 @@ class CCGQALM(nn.Module):
     def expected_fusions(self) -> dict[str, int]:
         """What fires in one training graph: two norms per block plus the final one, RoPE
         on q and on k, one attention core and one SwiGLU per block."""
+        from ccgqa_compile.passes.sdpa_attention import MAX_HEAD_DIM
+
         n = self.layers
-        return {"gqa_attention": n, "rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}
+        # an SDPA core is taken over only at small head dims (above, SDPA's cuDNN is faster)
+        attention = n if self.attention == "handwritten" or self.head_dim <= MAX_HEAD_DIM else 0
+        return {"gqa_attention": attention, "rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}
 
 
 def build_model(args: argparse.Namespace) -> CCGQALM:
-    return CCGQALM(256, args.dim, args.layers, args.heads, args.kv_heads, args.head_dim)
+    return CCGQALM(
+        256, args.dim, args.layers, args.heads, args.kv_heads, args.head_dim, args.attention
+    )
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -117,6 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
     model.add_argument(
         "--compression", type=int, default=2, help="query compression C1 = dim / (heads * d)"
+    )
+    model.add_argument(
+        "--attention",
+        choices=("handwritten", "sdpa"),
+        default="handwritten",
+        help="the attention core as written in the model: softmax(q k^T) v by hand, or "
+        "F.scaled_dot_product_attention(enable_gqa=True)",
     )
     train = ap.add_argument_group("training")
     train.add_argument("--steps", type=int, default=300, help="optimizer steps; the first compiles")

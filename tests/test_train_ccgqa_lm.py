@@ -112,6 +112,8 @@ def test_compare_records_three_providers_on_the_same_batches(compare_run):
 def test_expected_fusions_scale_with_layers():
     model = CCGQALM(256, dim=32, layers=3, heads=2, kv_heads=1, head_dim=16)
     assert model.expected_fusions() == {"gqa_attention": 3, "rms_norm": 7, "rope": 6, "swiglu": 3}
+    sdpa = CCGQALM(256, dim=256, layers=2, heads=2, kv_heads=1, head_dim=128, attention="sdpa")
+    assert sdpa.expected_fusions()["gqa_attention"] == 0  # SDPA keeps large head dims
 
 
 BAD = [
