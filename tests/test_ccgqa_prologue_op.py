@@ -157,7 +157,8 @@ def test_composite_matches_reference_and_its_autograd(case):
 
 @pytest.mark.parametrize("case", [dict(), GRAD_CASES[1], GRAD_CASES[3]], ids=range(3))
 def test_opcheck(case):
-    tensors, scalars = make_args(dtype=torch.float32, **case)
+    shape = dict(b=1, t=3, heads=2, kv_heads=1, d=4)
+    tensors, scalars = make_args(dtype=torch.float32, **{**shape, **case})
     for i in range(11):
         if tensors[i] is not None:
             tensors[i].requires_grad_()
@@ -165,8 +166,8 @@ def test_opcheck(case):
 
 
 def test_backward_opcheck():
-    tensors, scalars = make_args(dtype=torch.float32)
-    dq, dk = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    tensors, scalars = make_args(b=1, t=3, heads=2, kv_heads=1, d=4, dtype=torch.float32)
+    dq, dk = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
     torch.library.opcheck(ops.ccgqa_prologue_backward.default, (dq, dk, *tensors, *scalars))
 
 
@@ -245,11 +246,11 @@ def device(request, monkeypatch):
 @pytest.mark.parametrize(
     "case",
     [
-        dict(t=19, d=16),
+        dict(b=1, t=9, d=16),
         dict(t=1, d=16, heads=2, kv_heads=1, temperature="raw", rotary_dim=8, k1=3, k2=1),
-        dict(t=6, d=32, qk_mean=False, bias=False, rotary_dim=12, interleaved=True),
+        dict(b=1, t=6, d=32, heads=2, qk_mean=False, bias=False, rotary_dim=12, interleaved=True),
     ],
-    ids=["canonical-T19", "T1-raw-half", "nomean-interleaved"],
+    ids=["canonical-T9", "T1-raw-half", "nomean-interleaved"],
 )
 def test_kernel_path_matches_fp64_composite(device, case):
     tensors, scalars = make_args(dtype=torch.float32, device=device, seed=5, **case)
@@ -272,3 +273,48 @@ def test_kernel_path_matches_fp64_composite(device, case):
         assert got.dtype == torch.float32, name
         err = rel_err(got, want)
         assert err < 1e-4, (name, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cuda_compiled_op_inlines_both_kernels(dynamic):
+    """Under torch.compile the triton_op and its backward triton_op are inlined: both
+    kernels appear in Inductor's code, and the results equal the eager op's."""
+    if not torch.cuda.is_available() or _dispatch.os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
+    from torch._inductor.utils import run_and_get_code
+
+    tensors, scalars = make_args(
+        b=2, t=70, heads=8, kv_heads=2, d=32, dtype=torch.bfloat16, device="cuda", seed=4
+    )
+
+    def leaves():
+        return [
+            x.detach().clone().requires_grad_(i < 11) if x is not None else None
+            for i, x in enumerate(tensors)
+        ]
+
+    def loss(*args):
+        q, k = ops.ccgqa_prologue(*args, *scalars)
+        ramp = torch.arange(q.shape[-1], device=q.device)
+        return (q.float() * ramp).sum() + k.float().pow(2).sum()
+
+    eager_in = leaves()
+    eager = loss(*eager_in)
+    eager.backward()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    compiled_in = leaves()
+
+    def step():
+        out = compiled(*compiled_in)
+        out.backward()
+        return out
+
+    out, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert "_ccgqa_prologue_fwd_kernel" in code
+    assert "_ccgqa_prologue_bwd_kernel" in code
+    assert rel_err(out, eager) < 1e-3
+    for i, (a, b) in enumerate(zip(compiled_in, eager_in)):
+        if a is not None and a.grad is not None:
+            assert rel_err(a.grad, b.grad) < 1e-2, i
