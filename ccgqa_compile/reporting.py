@@ -29,6 +29,9 @@ class GraphRecord:
     compile_id: str
     kind: str  # "training" (joint forward+backward) or "inference"
     fused: Counter = field(default_factory=Counter)  # (fusion, idiom) -> count
+    # in a training graph: fusions matched by a forward-only pattern, whose backward was
+    # left to Inductor (the gradient is right, but not computed by the fused kernel)
+    forward_only: Counter = field(default_factory=Counter)  # fusion -> count
     rejected: list[Rejection] = field(default_factory=list)
     unfused_candidates: list[Rejection] = field(default_factory=list)
     note: str = ""
@@ -58,6 +61,13 @@ class FusionReport:
             out.update(g.fused)
         return dict(out)
 
+    def forward_only(self) -> dict[str, int]:
+        """Fusions that fired in training graphs without their backward (see GraphRecord)."""
+        out: Counter = Counter()
+        for g in self.graphs:
+            out.update(g.forward_only)
+        return dict(out)
+
     @property
     def rejected(self) -> list[Rejection]:
         return [r for g in self.graphs for r in g.rejected]
@@ -78,6 +88,11 @@ class FusionReport:
                 lines.append("  no fusion fired")
             for (fusion, idiom), n in sorted(g.fused.items()):
                 lines.append(f"  fused    {fusion:<14} x{n:<3} idiom={idiom}")
+            for fusion, n in sorted(g.forward_only.items()):
+                lines.append(
+                    f"  forward only {fusion:<10} x{n:<3} backward left to Inductor "
+                    "(its gradient sum did not match the fused pattern)"
+                )
             for r in g.rejected:
                 lines.append(f"  rejected {r.fusion:<14} at {r.node}: {r.reason} (idiom={r.idiom})")
             for r in g.unfused_candidates:
@@ -111,10 +126,13 @@ def current_graph() -> GraphRecord | None:
     return _REPORT.graphs[-1] if _REPORT.graphs else None
 
 
-def record_fusion(fusion: str, idiom: str) -> None:
+def record_fusion(fusion: str, idiom: str, joint: bool = True) -> None:
+    """``joint=False``: a forward-only replacement (its backward left as it was)."""
     record = current_graph()
     if record is not None:
         record.fused[(fusion, idiom)] += 1
+        if record.kind == "training" and not joint:
+            record.forward_only[fusion] += 1
         log.info("ccgqa: fused %s (idiom %s) in graph %s", fusion, idiom, record.compile_id)
 
 

@@ -129,6 +129,23 @@ class GQAKVCacheRope(QKProjection):
         return scores.sum(-1, keepdim=True) * q + k.sum(1, keepdim=True)
 
 
+class InlineHalves(HFRotateHalf):
+    """The halves sliced inline, second half first: autograd then sums their gradients in
+    the other order than HF's rotate_half does (the backward must still fuse)."""
+
+    def rotate(self, x, cos, sin):
+        h = x.shape[-1] // 2
+        return (x * cos) + (torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin)
+
+
+class InlinePairs(GPTJInterleaved):
+    """GPT-J pairs sliced inline, odd elements first."""
+
+    def rotate(self, x, cos, sin):
+        rot = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return (x * cos) + (rot * sin)
+
+
 # ---- near misses ----
 class WrongSignRotation(HFRotateHalf):
     def rotate(self, x, cos, sin):
@@ -161,6 +178,8 @@ ENTRIES = [
     _e("rope_gptj_interleaved", GPTJInterleaved, note="stack(-x_odd, x_even)"),
     _e("rope_meta_complex", MetaComplexRope, note="view_as_complex * freqs_cis"),
     _e("rope_gqa_kv_cache", GQAKVCacheRope, note="HF GQA shapes, k also an output"),
+    _e("rope_inline_halves", InlineHalves, note="cat((-x[..., h:], x[..., :h]))"),
+    _e("rope_inline_pairs", InlinePairs, note="stack((-x[..., 1::2], x[..., ::2]))"),
     _e("rope_near_wrong_sign", WrongSignRotation, 0, "cat(x2, -x1)"),
     _e("rope_near_quarter_split", QuarterSplitRotation, 0, "split at D/4"),
     _e("rope_near_swapped_pairs", SwappedPairOrder, 0, "stack(x_odd, -x_even)"),

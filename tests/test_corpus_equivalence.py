@@ -62,6 +62,11 @@ def run_entry(
     assert fired in allowed, (
         f"{entry.name}: {entry.fusion} fired {fired}x, expected {entry.expect}\n{rep}"
     )
+    if training and entry.promised(shape):
+        # a forward-only match leaves the backward unfused: right answer, wrong speed
+        assert not rep.forward_only().get(entry.fusion), (
+            f"{entry.name}: {entry.fusion} fused without its backward\n{rep}"
+        )
     idioms = {idiom for (fusion, idiom) in rep.idioms() if fusion == entry.fusion}
     assert not idioms & set(entry.forbidden_idioms), f"{entry.name}: fired as {idioms}"
     kinds = {g.kind for g in rep.graphs}

@@ -90,6 +90,8 @@ def _forward_inner(
     computed; ON_DIAGONAL blocks apply the causal mask (which also hides keys >= T
     from every real query row).
     """
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     dims = tl.arange(0, HEAD_DIM)
     for block_start in range(key_start, key_end, BLOCK_N):
         block_start = tl.multiple_of(block_start, BLOCK_N)
@@ -155,6 +157,8 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
 ):
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # Off-diagonal key blocks must be whole and unmasked: they end at the query
     # block's start, which is a multiple of BLOCK_N only if BLOCK_N divides BLOCK_M.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -327,6 +331,8 @@ def _backward_dkdv_inner(
     Everything is computed transposed (key rows first) so that k and v stay in their
     natural layout and no register tile is transposed.
     """
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     dims = tl.arange(0, HEAD_DIM)
     # Never divide by zero, even in a loop that runs zero times: the software
@@ -408,6 +414,9 @@ def _backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
 ):
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     # Query blocks after the diagonal must start at multiples of BLOCK_M.
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     DIAGONAL_BLOCKS: tl.constexpr = BLOCK_N // BLOCK_M
@@ -535,6 +544,8 @@ def _backward_dq_inner(
     EVEN_T: tl.constexpr,
 ):
     """Accumulate dq of one query block over key blocks [key_start, key_end)."""
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     dims = tl.arange(0, HEAD_DIM)
     for block_start in range(key_start, key_end, BLOCK_N):
         block_start = tl.multiple_of(block_start, BLOCK_N)
@@ -591,6 +602,9 @@ def _backward_dq_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
 ):
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     LOG2E: tl.constexpr = 1.4426950408889634
 

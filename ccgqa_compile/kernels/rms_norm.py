@@ -56,6 +56,9 @@ def _rms_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -101,6 +104,7 @@ def _rms_norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    weight_offset = tl.cast(weight_offset, tl.float32)  # fp64 when Inductor inlines the launch
     # Persistent grid: each program walks row tiles pid, pid + P, ... and keeps
     # its share of dw in registers, so dw costs one (P, N) float32 store in total
     # instead of a store (or an atomic) per row.

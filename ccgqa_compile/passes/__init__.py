@@ -19,7 +19,7 @@ from .._inductor_compat import (
 from . import gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (register the families)
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
-from .grad_sums import is_tangent, peel_first_addend
+from .grad_sums import is_tangent, order_scatter_sums, peel_first_addend
 from .sdpa_attention import SdpaAttentionPass, flush_pending_reports
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -72,6 +72,7 @@ class CCGQAGraphPass(CustomGraphPass):
             record.note = f"{device_type} graph left to Inductor (CCGQA_FUSE_ON_CPU=1 fuses it)"
             return
         normalize_joint_graph(graph)
+        order_scatter_sums(graph)
         before = {fusion: find_candidates(graph, fusion) for fusion in self.fusions}
         try:
             self._apply_patterns(graph, device_type)

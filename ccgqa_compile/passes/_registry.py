@@ -113,8 +113,12 @@ def backward_pairing_error(match: Match) -> str | None:
     return None
 
 
-def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
-    """Runs on the exact (re-traced) match: the idiom's own shape conditions."""
+def _make_extra_check(idiom: Idiom, joint: bool) -> Callable[[Match], bool]:
+    """Runs on the exact (re-traced) match: the idiom's own shape conditions.
+
+    ``joint``: the pattern is a forward+backward one; a forward-only pattern firing in a
+    training graph leaves that instance's backward to Inductor, and the report says so.
+    """
 
     def extra_check(match: Match) -> bool:
         values = {name: _value(arg) for name, arg in match.kwargs.items()}
@@ -124,7 +128,7 @@ def _make_extra_check(idiom: Idiom) -> Callable[[Match], bool]:
         if reason is not None:
             report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
             return False
-        report.record_fusion(idiom.fusion, idiom.name)
+        report.record_fusion(idiom.fusion, idiom.name, joint=joint)
         return True
 
     return extra_check
@@ -187,7 +191,7 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
     registered = 0
     guarded: set[int] = set()
     for idiom in idioms:
-        check = _make_extra_check(idiom)
+        checks = {joint: _make_extra_check(idiom, joint) for joint in (True, False)}
         for act_dtype, param_dtype in idiom.dtype_combos:
             base_args = idiom.make_inputs(act_dtype, param_dtype, device)
             # training variants first: they are larger and must win over the forward-only one
@@ -201,7 +205,7 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
                         args,
                         trace_fn,
                         pattern_pass,
-                        extra_check=check,
+                        extra_check=checks[grads is not None],
                         scalar_workaround=dict(idiom.scalar_workaround),
                         skip_duplicates=True,
                     )

@@ -67,3 +67,33 @@ def peel_first_addend(graph: torch.fx.Graph) -> int:
         graph.erase_node(inner)
         rewritten += 1
     return rewritten
+
+
+def order_scatter_sums(graph: torch.fx.Graph) -> int:
+    """``add(scatter_lo, scatter_hi)`` -> ``add(scatter_hi, scatter_lo)`` on gradient sums.
+
+    The backward of slicing a tensor in two (RoPE's rotate-half or every-other-element
+    split) adds two ``slice_scatter``s of the halves' gradients, in the order autograd
+    reaches them, which depends on the order the user *wrote* the slices
+    (``x1 = x[..., :h]; x2 = x[..., h:]`` vs ``cat((-x[..., h:], x[..., :h]))``). Our
+    patterns are traced with the higher slice start first; addition of two tensors is
+    commutative bit for bit, so swapping is exact. Returns how many were swapped.
+    """
+    in_backward = nodes_depending_on_tangents(graph)
+    swapped = 0
+    for node in graph.nodes:
+        if node.target is not aten.add.Tensor or node.kwargs or node not in in_backward:
+            continue
+        a, b = node.args
+        if not all(
+            isinstance(n, torch.fx.Node) and n.target is aten.slice_scatter.default for n in (a, b)
+        ):
+            continue
+        dim_a, start_a = (list(a.args) + [0, None])[2:4]
+        dim_b, start_b = (list(b.args) + [0, None])[2:4]
+        if dim_a != dim_b or not isinstance(start_a, int) or not isinstance(start_b, int):
+            continue
+        if start_a < start_b:
+            node.args = (b, a)
+            swapped += 1
+    return swapped
