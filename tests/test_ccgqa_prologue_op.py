@@ -318,3 +318,25 @@ def test_cuda_compiled_op_inlines_both_kernels(dynamic):
     for i, (a, b) in enumerate(zip(compiled_in, eager_in)):
         if a is not None and a.grad is not None:
             assert rel_err(a.grad, b.grad) < 1e-2, i
+
+
+def test_pattern_family_fuses_the_inference_prologue():
+    """passes/ccgqa_prologue.py (not in config.FUSIONS yet, see its docstring) replaces
+    patterns/ccgqa.py's prologue in an inference graph by the op, with the same result."""
+    from torch._inductor.compile_fx import compile_fx
+
+    import ccgqa_compile.passes.ccgqa_prologue  # noqa: F401  (registers the family)
+    from ccgqa_compile.passes import CCGQAGraphPass
+
+    def backend(gm, example_inputs):
+        graph_pass = CCGQAGraphPass(("ccgqa_prologue",), fuse_on_cpu=True)
+        return compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": graph_pass})
+
+    torch.manual_seed(0)
+    m = CCGQAttention(32, 4, 2, 8, rotary_fraction=0.5, temperature="raw").eval()
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        expected = m(x)
+        out = torch.compile(m, backend=backend, fullgraph=True)(x)
+    assert ccgqa_compile.report().count("ccgqa_prologue") == 1, str(ccgqa_compile.report())
+    assert rel_err(out, expected) < 1e-5

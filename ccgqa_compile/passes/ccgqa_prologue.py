@@ -1,0 +1,189 @@
+"""The CCGQA q/k prologue as patterns/ccgqa.py writes it -> ``torch.ops.ccgqa.ccgqa_prologue``.
+
+From the pre-conv projections to the rotated q, k in (B, H, T, D): two causal convs per
+stream (``F.pad`` on the left + ``F.conv1d``, the depthwise one then the per-head one,
+with biases), the qk-mean coupling, ``F.normalize`` times sqrt(D), k times exp(temp) or
+temp per kv head, then rotate-half RoPE on all or the first part of the head dims.
+
+Near misses that must not match: a pad on the wrong side or by another amount, a conv1
+grouped per head or a dense conv2, a mean over other heads, another norm scale. The exact
+re-trace compares the pad amounts, groups and constants computed from the real weight
+shapes; ``check`` (the op's own argument check) rejects what the op does not compute.
+
+Status: NOT in ``config.FUSIONS`` yet (import this module to register the family; the
+inference idioms match, tests/test_ccgqa_prologue_op.py checks one). The training
+(``joint_fwd_bwd``) variants never match, because of how Inductor's ``fx_to_pattern``
+turns the traced ``aten.convolution_backward`` into a pattern: its int-list arguments
+(bias_sizes, stride, padding, dilation, output_padding) become single ``Ignored()`` leaves
+(``list`` is an ignored type), but ``output_mask=[True, True, True]`` stays a list (bools
+are not ``int`` by ``type()``). A pattern node with a nested list is compared with
+``pytree_flatten``, which expands the matched node's int lists into tuples, so the
+structure check fails ("args_structure") on every real graph. The fix belongs in
+``_registry.register_idioms`` (not this file): after ``register_replacement``, walk the
+registered patterns and replace each ``convolution_backward`` CallFunction's list
+arguments (output_mask included) by ``Ignored()`` (rebuilding the CallFunction, so it
+uses ``simple_flatten``); the exact re-trace still compares every literal. Then add
+"ccgqa_prologue" to ``config.FUSIONS`` before "rope" (the prologue's RoPE is part of it)
+and move the candidate anchor below into ``candidates._ANCHORS``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.ccgqa_prologue import check_args
+from . import candidates
+from ._registry import HALF_OR_FLOAT, Idiom, family
+
+# A causal conv left in the graph is the sign of a prologue that did not fuse (needed by
+# CCGQAGraphPass for every fusion it runs; belongs in candidates.py once enabled).
+candidates._ANCHORS.setdefault(
+    "ccgqa_prologue",
+    ((torch.ops.aten.convolution.default,), "a convolution is left in the graph"),
+)
+
+_NAMES = (
+    "q_pre", "k_pre", "q_w1", "q_b1", "q_w2", "q_b2", "k_w1", "k_b1", "k_w2", "k_b2",
+    "temp", "cos", "sin",
+)  # fmt: skip
+# q_pre, k_pre, conv weights/biases and temp require grad; the tables do not
+_GRADS = ((True,) * 11 + (False, False),)
+
+
+def _inputs(rotary_dim: int):
+    def make(act, param, device):
+        b, t, heads, kv_heads, d, k1, k2 = 2, 5, 4, 2, 8, 2, 2
+
+        def p(*shape):
+            return torch.randn(*shape, dtype=param, device=device)
+
+        return (
+            torch.randn(b, t, heads * d, dtype=act, device=device),
+            torch.randn(b, t, kv_heads * d, dtype=act, device=device),
+            p(heads * d, 1, k1),
+            p(heads * d),
+            p(heads * d, d, k2),
+            p(heads * d),
+            p(kv_heads * d, 1, k1),
+            p(kv_heads * d),
+            p(kv_heads * d, d, k2),
+            p(kv_heads * d),
+            p(kv_heads),
+            torch.randn(t, rotary_dim, dtype=act, device=device),
+            torch.randn(t, rotary_dim, dtype=act, device=device),
+        )
+
+    return make
+
+
+def _sizes(q_pre, q_w2, k_w2):
+    d = q_w2.shape[1]
+    heads, kv_heads = q_w2.shape[0] // d, k_w2.shape[0] // d
+    return q_pre.shape[0], q_pre.shape[1], heads, kv_heads, d
+
+
+def _conv(x, w1, b1, w2, b2, heads):
+    y = x.transpose(1, 2)
+    y = F.conv1d(F.pad(y, (w1.shape[-1] - 1, 0)), w1, b1, groups=w1.shape[0])
+    y = F.conv1d(F.pad(y, (w2.shape[-1] - 1, 0)), w2, b2, groups=heads)
+    return y.transpose(1, 2)
+
+
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _normalized(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, exp):
+    """patterns/ccgqa.py ``CCGQAttention.forward`` up to the transpose before RoPE."""
+    b, t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
+    g = heads // kv_heads
+    q = _conv(q_pre, q_w1, q_b1, q_w2, q_b2, heads).view(b, t, heads, d)
+    k = _conv(k_pre, k_w1, k_b1, k_w2, k_b2, kv_heads).view(b, t, kv_heads, d)
+    qh = q_pre.view(b, t, heads, d)
+    kh = k_pre.view(b, t, kv_heads, d).repeat_interleave(g, dim=2)
+    m_q = (qh + kh) / 2
+    m_k = m_q.view(b, t, kv_heads, g, d).mean(3)
+    q, k = q + m_q, k + m_k
+    q = F.normalize(q, dim=-1) * math.sqrt(d)
+    k = F.normalize(k, dim=-1) * math.sqrt(d)
+    beta = temp.exp() if exp else temp
+    k = k * beta.view(1, 1, kv_heads, 1)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def _full_rope(x, cos, sin):
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _partial_rope(x, cos, sin):
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat(((x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass), dim=-1)
+
+
+def _search(exp: bool, rope):
+    def search(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
+        q, k = _normalized(
+            q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, exp
+        )  # fmt: skip
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    return search
+
+
+def _replace(exp: bool):
+    def replace(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
+        _b, _t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
+        q, k = torch.ops.ccgqa.ccgqa_prologue(
+            q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
+            heads, kv_heads, True, "exp" if exp else "raw", math.sqrt(d), 1e-12,
+            cos.shape[-1], False,
+        )  # fmt: skip
+        return q, k
+
+    return replace
+
+
+def _check(values) -> str | None:
+    q_pre = values["q_pre"]
+    if q_pre.dtype not in HALF_OR_FLOAT:
+        return f"q_pre is {q_pre.dtype}"
+    w2 = values["q_w2"]
+    d = w2.shape[1]
+    if w2.shape[0] % d or values["k_w2"].shape[0] % d:
+        return "conv2 weights do not split into heads of the head dim"
+    heads, kv_heads = w2.shape[0] // d, values["k_w2"].shape[0] // d
+    tensors = [values[name] for name in _NAMES]
+    temperature = "exp"  # the mode does not change what check_args checks
+    rotary_dim = values["cos"].shape[-1]
+    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
+    if problem is not None:
+        return problem
+    if values["cos"].dtype != q_pre.dtype or values["sin"].dtype != q_pre.dtype:
+        return "cos/sin are not in q's dtype (the idiom would compute in another dtype)"
+    return None
+
+
+@family("ccgqa_prologue")
+def idioms() -> list[Idiom]:
+    out = []
+    for exp in (True, False):
+        temperature = "exp_temperature" if exp else "raw_temperature"
+        for rope_name, rope, rotary_dim in (("full", _full_rope, 8), ("partial", _partial_rope, 4)):
+            out.append(
+                Idiom(
+                    "ccgqa_prologue",
+                    f"conv_mean_norm_{temperature}_{rope_name}_rope",
+                    _search(exp, rope),
+                    _replace(exp),
+                    _inputs(rotary_dim),
+                    _GRADS,
+                    check=_check,
+                )
+            )
+    return out
