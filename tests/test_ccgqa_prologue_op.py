@@ -320,9 +320,7 @@ def test_cuda_compiled_op_inlines_both_kernels(dynamic):
             assert rel_err(a.grad, b.grad) < 1e-2, i
 
 
-def test_pattern_family_fuses_the_inference_prologue():
-    """passes/ccgqa_prologue.py (not in config.FUSIONS yet, see its docstring) replaces
-    patterns/ccgqa.py's prologue in an inference graph by the op, with the same result."""
+def _prologue_only_backend():
     from torch._inductor.compile_fx import compile_fx
 
     import ccgqa_compile.passes.ccgqa_prologue  # noqa: F401  (registers the family)
@@ -332,6 +330,13 @@ def test_pattern_family_fuses_the_inference_prologue():
         graph_pass = CCGQAGraphPass(("ccgqa_prologue",), fuse_on_cpu=True)
         return compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": graph_pass})
 
+    return backend
+
+
+def test_pattern_family_fuses_the_inference_prologue():
+    """passes/ccgqa_prologue.py (not in config.FUSIONS yet, see its docstring) replaces
+    patterns/ccgqa.py's prologue in an inference graph by the op, with the same result."""
+    backend = _prologue_only_backend()
     torch.manual_seed(0)
     m = CCGQAttention(32, 4, 2, 8, rotary_fraction=0.5, temperature="raw").eval()
     x = torch.randn(2, 6, 32)
@@ -340,3 +345,25 @@ def test_pattern_family_fuses_the_inference_prologue():
         out = torch.compile(m, backend=backend, fullgraph=True)(x)
     assert ccgqa_compile.report().count("ccgqa_prologue") == 1, str(ccgqa_compile.report())
     assert rel_err(out, expected) < 1e-5
+
+
+def test_pattern_family_fuses_the_training_prologue_once_relaxed():
+    """With ``relax_list_arguments`` applied to the built pass (the registry fix the family
+    needs before it can join config.FUSIONS) the joint pattern fires in a training graph,
+    and every gradient, x's included, matches eager."""
+    from ccgqa_compile.passes._registry import pattern_pass_for
+    from ccgqa_compile.passes.ccgqa_prologue import relax_list_arguments
+
+    backend = _prologue_only_backend()
+    relax_list_arguments(pattern_pass_for("ccgqa_prologue", "cpu"))
+    torch.manual_seed(0)
+    m = CCGQAttention(32, 4, 2, 8)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    m(x).pow(2).sum().backward()
+    expected = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
+    m.zero_grad()
+    x.grad = None
+    torch.compile(m, backend=backend, fullgraph=True)(x).pow(2).sum().backward()
+    assert ccgqa_compile.report().count("ccgqa_prologue") == 1, str(ccgqa_compile.report())
+    for got, want in zip([p.grad for p in m.parameters()] + [x.grad], expected):
+        assert rel_err(got, want) < 1e-5

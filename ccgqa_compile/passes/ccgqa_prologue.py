@@ -18,13 +18,12 @@ turns the traced ``aten.convolution_backward`` into a pattern: its int-list argu
 (``list`` is an ignored type), but ``output_mask=[True, True, True]`` stays a list (bools
 are not ``int`` by ``type()``). A pattern node with a nested list is compared with
 ``pytree_flatten``, which expands the matched node's int lists into tuples, so the
-structure check fails ("args_structure") on every real graph. The fix belongs in
-``_registry.register_idioms`` (not this file): after ``register_replacement``, walk the
-registered patterns and replace each ``convolution_backward`` CallFunction's list
-arguments (output_mask included) by ``Ignored()`` (rebuilding the CallFunction, so it
-uses ``simple_flatten``); the exact re-trace still compares every literal. Then add
-"ccgqa_prologue" to ``config.FUSIONS`` before "rope" (the prologue's RoPE is part of it)
-and move the candidate anchor below into ``candidates._ANCHORS``.
+structure check fails ("args_structure") on every real graph. ``relax_list_arguments``
+below is the fix (tested: with it both training idioms fuse and every gradient matches
+eager); it must run on the built pass, i.e. from ``_registry.pattern_pass_for`` after
+``register_idioms`` (not this file's to change). The exact re-trace still compares every
+literal. Then add "ccgqa_prologue" to ``config.FUSIONS`` before "rope" (the prologue's
+RoPE is part of it) and move the candidate anchor below into ``candidates._ANCHORS``.
 """
 
 from __future__ import annotations
@@ -51,6 +50,43 @@ _NAMES = (
 )  # fmt: skip
 # q_pre, k_pre, conv weights/biases and temp require grad; the tables do not
 _GRADS = ((True,) * 11 + (False, False),)
+
+
+def relax_list_arguments(pattern_pass) -> None:
+    """Make the loose match of every registered ``convolution_backward`` ignore its list
+    arguments, as ``fx_to_pattern`` already does for their int lists (see the docstring).
+    Idempotent; the exact re-trace at match time still compares all of them."""
+    from torch._inductor.pattern_matcher import (
+        CallFunction,
+        Ignored,
+        MultiOutputPattern,
+        PatternExpr,
+    )
+
+    seen: set[int] = set()
+
+    def walk(pattern) -> None:
+        if id(pattern) in seen or not isinstance(pattern, PatternExpr):
+            return
+        seen.add(id(pattern))
+        if isinstance(pattern, MultiOutputPattern):
+            for output in pattern.outputs:
+                walk(output)
+            return
+        if not isinstance(pattern, CallFunction):
+            return
+        if torch.ops.aten.convolution_backward.default in pattern.fns:
+            pattern.args = tuple(
+                Ignored() if isinstance(a, (list, tuple)) else a for a in pattern.args
+            )
+            pattern.flatten = pattern.simple_flatten
+            pattern.flat_args_kwargs = pattern.flatten(pattern.args, pattern.kwargs)
+        for arg in (*pattern.args, *pattern.kwargs.values()):
+            walk(arg)
+
+    for entries in pattern_pass.patterns.values():
+        for entry in entries:
+            walk(entry.pattern)
 
 
 def _inputs(rotary_dim: int):
