@@ -80,6 +80,7 @@ def make_problem(
     interleaved=False,
     norm_scale=None,
     qkv_fused=False,
+    per_batch_tables=False,
     dtype=torch.float32,
     seed=0,
 ):
@@ -103,7 +104,8 @@ def make_problem(
     temp = None if temperature == "none" else r(1 if scalar_temp else kv_heads, scale=0.3)
     cos = sin = None
     if rotary_dim:
-        cos, sin = r(t, rotary_dim), r(t, rotary_dim)
+        table = (b, 1, t, rotary_dim) if per_batch_tables else (t, rotary_dim)
+        cos, sin = r(*table), r(*table)
     tensors = [
         q_pre,
         k_pre,
@@ -142,8 +144,9 @@ def reference(tensors, scalars, dq, dk):
     return q, k, [next(grads) if x is not None else None for x in leaves[:11]]
 
 
-def run_and_check(monkeypatch, tensors, scalars, dtype, **launch):
-    """Kernels (with NaN-poisoned fresh outputs) vs the float64 reference."""
+def run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=False, **launch):
+    """Kernels (with NaN-poisoned fresh outputs) vs the float64 reference. With
+    ``transposed_grads`` dq/dk are (B, T, H, D) storage viewed as (B, H, T, D)."""
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -155,6 +158,9 @@ def run_and_check(monkeypatch, tensors, scalars, dtype, **launch):
     gen = torch.Generator().manual_seed(123)
     dq = nonzero_uniform(q.shape, gen).to(device=DEVICE, dtype=dtype)
     dk = nonzero_uniform(k.shape, gen).to(device=DEVICE, dtype=dtype)
+    if transposed_grads:
+        dq, dk = (g.transpose(1, 2).contiguous().transpose(1, 2) for g in (dq, dk))
+        assert not dq.is_contiguous()
     grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, **launch)
     monkeypatch.undo()
 
@@ -214,6 +220,9 @@ CASES = {
     "T6-d32-G2-quarter-rope-nobias": dict(
         t=6, d=32, heads=2, kv_heads=1, rotary_dim=8, bias=(False,) * 4, k1=2, k2=3
     ),
+    "T4-B2-per-batch-tables-transposed-grads": dict(
+        b=2, t=4, heads=2, kv_heads=1, per_batch_tables=True, transposed_grads=True
+    ),
 }
 
 
@@ -221,8 +230,9 @@ CASES = {
 def test_kernels_match_float64_reference(monkeypatch, name):
     case = dict(CASES[name])
     launch = case.pop("launch", {})
+    transposed_grads = case.pop("transposed_grads", False)
     tensors, scalars = make_problem(**case)
-    run_and_check(monkeypatch, tensors, scalars, torch.float32, **launch)
+    run_and_check(monkeypatch, tensors, scalars, torch.float32, transposed_grads, **launch)
 
 
 def test_empty_sequence():
@@ -262,7 +272,7 @@ def test_grouped_conv1_is_rejected():
 
 CUDA_CASES = {
     "zaya-like-d128": dict(b=2, t=300, heads=8, kv_heads=2, d=128, rotary_dim=64),
-    "compressed-d32": dict(b=2, t=517, heads=16, kv_heads=4, d=32),
+    "compressed-d32": dict(b=2, t=517, heads=16, kv_heads=4, d=32, per_batch_tables=True),
     "d64-k33-raw-interleaved": dict(
         b=1,
         t=1000,
@@ -291,7 +301,7 @@ CUDA_CASES = {
 def test_cuda_kernels_match_float64_reference(monkeypatch, name, dtype):
     tensors, scalars = make_problem(dtype=dtype, seed=7, **CUDA_CASES[name])
     assert tensors[0].is_cuda
-    run_and_check(monkeypatch, tensors, scalars, dtype)
+    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=name == "T1-d64")
 
 
 @pytest.mark.cuda
