@@ -299,6 +299,10 @@ def plan(node: torch.fx.Node, device_ok: bool) -> tuple[Any, ...] | str | None:
         return "head dim is symbolic"
     scale = args["scale"]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if isinstance(t, int) and t == 1:
+        # one key per query: the output is v itself and the gradients of q and k are zero;
+        # nothing to gain from the op (whose backward would round them to tiny non-zeros)
+        return "a single token: the attention output is v; left to Inductor"
     if d > MAX_HEAD_DIM:
         return f"head dim {d}: SDPA (cuDNN) is faster; left to Inductor"
     if qv.device.type == "cuda":
