@@ -41,10 +41,17 @@ class Entry:
     # shapes on which the fusion is promised; elsewhere (degenerate sizes whose graphs
     # decompose differently) it may or may not fire, and the result must still match
     promised: Callable[[Shape], bool] = lambda shape: True
+    # expect=0 by policy, not because the idiom differs: the fusion could apply but is
+    # deliberately not taken (e.g. SDPA at head dim 64, where cuDNN is faster); says why
+    policy: str = ""
+    # a near miss of the whole CCGQA block (wrong padding, shift, mean) whose attention
+    # core is still genuine, so `expect` counts the core's fusion; reserved for the
+    # whole-block fusion, which must not fire on it
+    block_near_miss: bool = False
 
     @property
     def near_miss(self) -> bool:
-        return self.expect == 0
+        return self.expect == 0 and not self.policy
 
 
 def hidden_states(shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
@@ -72,6 +79,10 @@ def idiom_table() -> str:
     lines = ["| entry | fusion | must fire | note |", "|---|---|---|---|"]
     for e in CORPUS:
         fire = f"yes (x{e.expect})" if e.expect else "no (near miss)"
+        if e.policy:
+            fire = f"no (policy: {e.policy})"
+        if e.block_near_miss:
+            fire += "; block-level near miss"
         if e.forbidden_idioms:
             fire = f"never as {', '.join(e.forbidden_idioms)} (its plain core may fuse)"
         lines.append(f"| `{e.name}` | {e.fusion} | {fire} | {e.note} |")
