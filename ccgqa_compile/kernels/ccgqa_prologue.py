@@ -399,6 +399,9 @@ def _ccgqa_prologue_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (batch * time blocks, kv heads). Query heads of the group first, then k."""
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    norm_scale = tl.cast(norm_scale, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     num_kv_heads = tl.num_programs(1)
     num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
     pid_bt = tl.program_id(0)
@@ -721,6 +724,9 @@ def _ccgqa_prologue_bwd_kernel(
 ):
     """Grid: (P, kv heads), persistent over the (batch, time block) items; program (p, j)
     owns row p of every partial buffer for the channels of kv head j and its group."""
+    # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
+    norm_scale = tl.cast(norm_scale, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     j = tl.program_id(1)
