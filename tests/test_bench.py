@@ -31,3 +31,21 @@ def test_bench_runs_on_cpu_and_writes_results(tmp_path):
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+def test_ccgqa_block_bench_on_cpu(tmp_path):
+    """The whole-block benchmark: both idioms under every provider plus the uncompressed
+    SDPA baseline, the attention fused under backend="ccgqa", errors vs float64 small."""
+    rows = main(
+        ["--ops", "ccgqa-block", "--quick", "--device", "cpu", "--seq-lens", "32"]
+        + ["--plot", "--save", str(tmp_path)]
+    )
+    idioms = {(r["idiom"], r["provider"]) for r in rows}
+    for idiom in ("handwritten", "sdpa"):
+        assert {(idiom, p) for p in ("eager", "inductor", "ccgqa")} <= idioms
+    assert {("uncompressed", "eager"), ("uncompressed", "inductor")} <= idioms
+    for r in rows:
+        assert not r.get("oom") and r["total_rel_err_vs_fp64"] < 1e-4, r
+        if r["provider"] == "ccgqa":
+            assert r["fused_fwd+bwd"].get("gqa_attention") == 1, r
+    assert list(tmp_path.glob("bench_ccgqa_block_*.png"))

@@ -187,30 +187,35 @@ def _with_grads(args: Sequence[Any], grads: tuple[bool, ...] | None) -> list[Any
 
 
 def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], device: str) -> int:
-    """Register every idiom in every traced variant; returns the number registered."""
+    """Register every idiom in every traced variant; returns the number registered.
+
+    Every training (forward+backward) pattern of the family is registered before any
+    forward-only one: patterns are tried in registration order, and a forward-only pattern
+    that fires in a training graph leaves the backward unfused, so no idiom's forward-only
+    form may pre-empt another idiom's training form of the same forward.
+    """
     registered = 0
     guarded: set[int] = set()
-    for idiom in idioms:
-        checks = {joint: _make_extra_check(idiom, joint) for joint in (True, False)}
-        for act_dtype, param_dtype in idiom.dtype_combos:
-            base_args = idiom.make_inputs(act_dtype, param_dtype, device)
-            # training variants first: they are larger and must win over the forward-only one
-            for grads in (*idiom.grad_combos, None):
-                args = _with_grads(base_args, grads)
-                trace_fn = fwd_only_functional if grads is None else joint_fwd_bwd
-                registered += bool(
-                    register_replacement(
-                        idiom.search,
-                        idiom.replace,
-                        args,
-                        trace_fn,
-                        pattern_pass,
-                        extra_check=checks[grads is not None],
-                        scalar_workaround=dict(idiom.scalar_workaround),
-                        skip_duplicates=True,
+    for joint in (True, False):
+        for idiom in idioms:
+            check = _make_extra_check(idiom, joint)
+            for act_dtype, param_dtype in idiom.dtype_combos:
+                base_args = idiom.make_inputs(act_dtype, param_dtype, device)
+                for grads in idiom.grad_combos if joint else (None,):
+                    args = _with_grads(base_args, grads)
+                    registered += bool(
+                        register_replacement(
+                            idiom.search,
+                            idiom.replace,
+                            args,
+                            joint_fwd_bwd if joint else fwd_only_functional,
+                            pattern_pass,
+                            extra_check=check,
+                            scalar_workaround=dict(idiom.scalar_workaround),
+                            skip_duplicates=True,
+                        )
                     )
-                )
-                _guard_new_entries(pattern_pass, guarded, idiom)
+                    _guard_new_entries(pattern_pass, guarded, idiom)
     return registered
 
 

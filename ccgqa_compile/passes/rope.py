@@ -114,6 +114,32 @@ def _gptj_interleaved(x, cos, sin):
     return (x * cos) + (_rotate_every_two(x) * sin)
 
 
+# The rotation computed before ``x * cos`` (``rot = ...; return x * cos + rot * sin``): the
+# forward is the same graph, but autograd then adds x's two gradient terms in the other
+# order, so the backward has its own pattern.
+def _gptj_rotation_first(x, cos, sin):
+    rot = _rotate_every_two(x)
+    return (x * cos) + (rot * sin)
+
+
+def _hf_rotation_first(x, cos, sin):
+    rot = _rotate_half(x)
+    return (x * cos) + (rot * sin)
+
+
+# ... and with the halves (pairs) sliced inline, second (odd) first: after the rotation,
+# autograd folds x * cos's gradient with the two slices' in slicing order
+def _hf_rotation_first_inline(x, cos, sin):
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return (x * cos) + (rot * sin)
+
+
+def _gptj_rotation_first_inline(x, cos, sin):
+    rot = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return (x * cos) + (rot * sin)
+
+
 def _interleaved_repl(x, cos, sin):
     return _full_repl(x, cos, sin, interleaved=True)
 
@@ -154,8 +180,44 @@ def idioms() -> list[Idiom]:
         ),
         Idiom(
             "rope",
+            "hf_rotate_half",
+            _hf_rotation_first,
+            _full_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "hf_rotate_half",
+            _hf_rotation_first_inline,
+            _full_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
             "gptj_interleaved",
             _gptj_interleaved,
+            _interleaved_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "gptj_interleaved",
+            _gptj_rotation_first,
+            _interleaved_repl,
+            _inputs,
+            _X_GRAD,
+            check=_check_tables,
+        ),
+        Idiom(
+            "rope",
+            "gptj_interleaved",
+            _gptj_rotation_first_inline,
             _interleaved_repl,
             _inputs,
             _X_GRAD,
