@@ -101,6 +101,15 @@ class TinyLM(nn.Module):
             x = block(x, cos, sin)
         return self.head(self.norm(x))
 
-    def expected_fusions(self) -> dict[str, int]:
+    def expected_fusions(self, device: str = "cpu") -> dict[str, int]:
+        from ccgqa_compile.ops.gqa_attention import KERNEL_HEAD_DIMS
+        from ccgqa_compile.passes.sdpa_attention import MAX_HEAD_DIM
+
         n = self.cfg.layers
-        return {"rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}
+        out = {"rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}
+        # the SDPA core is taken by the pre-grad rewrite at small head dims (policy; on
+        # CUDA only head dims with a Triton kernel)
+        head_dim = self.cfg.dim // self.cfg.heads
+        if head_dim <= MAX_HEAD_DIM and (device != "cuda" or head_dim in KERNEL_HEAD_DIMS):
+            out["gqa_attention"] = n
+        return out
