@@ -17,10 +17,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 for step in ${GPU_STEPS:-tests bench}; do
   echo "=== $step"
   case $step in
-    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" -m cuda \
+    tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -v -n "${TEST_WORKERS:-14}" -m cuda \
              -p no:cacheprovider --tb=short tests ${PYTEST_K:+-k "$PYTEST_K"} \
              > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"
-           grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40 ;;
+           grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v "^E " | tail -60 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 scripts/profile_ops.py \
              --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
