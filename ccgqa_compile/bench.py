@@ -125,7 +125,14 @@ class Case:
     check: bool = True
 
 
-def _cases(op: str, device: str, dtype: torch.dtype, quick: bool, seq_lens: list[int]):
+def _cases(
+    op: str,
+    device: str,
+    dtype: torch.dtype,
+    quick: bool,
+    seq_lens: list[int],
+    block_configs: tuple[tuple[int, int, int, int], ...] = (),
+):
     big = device == "cuda" and not quick
     es = dtype.itemsize
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
@@ -180,11 +187,11 @@ def _cases(op: str, device: str, dtype: torch.dtype, quick: bool, seq_lens: list
                 extra={"seq_len": t},
             )
     elif op == "ccgqa-block":
-        yield from _block_cases(device, dtype, big, seq_lens)
+        yield from _block_cases(device, dtype, big, seq_lens, block_configs)
 
 
-def _block_cases(device: str, dtype: torch.dtype, big: bool, seq_lens: list[int]):
-    configs = BLOCK_CONFIGS if big else ((64, 4, 2, 2),)
+def _block_cases(device: str, dtype: torch.dtype, big: bool, seq_lens: list[int], configs=()):
+    configs = configs or (BLOCK_CONFIGS if big else ((64, 4, 2, 2),))
     tokens = BLOCK_TOKENS if big else 128
     for dim, hq, hkv, compression in configs:
         d = dim // compression // hq
@@ -532,6 +539,11 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     ap.add_argument("--seq-lens", default="", help="attention sequence lengths, e.g. 2048,8192")
+    ap.add_argument(
+        "--block-configs",
+        default="",
+        help="ccgqa-block configs E:hq:hkv:C, comma-separated (default 2048:16:4:4,512:8:2:4)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--save", default="bench-results")
     ap.add_argument("--plot", action="store_true")
@@ -548,6 +560,18 @@ def parse_args(argv=None):
         args.seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
     except ValueError:
         ap.error("--seq-lens takes comma-separated integers")
+    try:
+        args.block_configs = tuple(
+            tuple(int(v) for v in c.split(":")) for c in args.block_configs.split(",") if c
+        )
+    except ValueError:
+        ap.error("--block-configs takes E:hq:hkv:C items, e.g. 2048:16:4:4")
+    for cfg in args.block_configs:
+        if len(cfg) != 4 or cfg[1] % cfg[2] or cfg[0] % (cfg[3] * cfg[1]):
+            ap.error(
+                f"--block-configs {':'.join(map(str, cfg))}: want E:hq:hkv:C with hq a "
+                "multiple of hkv and E divisible by C * hq"
+            )
     args.ops = ops
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     return args
@@ -557,7 +581,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(0)
     cases = [
-        c for op in args.ops for c in _cases(op, args.device, args.dtype, args.quick, args.seq_lens)
+        c
+        for op in args.ops
+        for c in _cases(op, args.device, args.dtype, args.quick, args.seq_lens, args.block_configs)
     ]
     try:
         from tqdm import tqdm

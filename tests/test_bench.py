@@ -26,7 +26,15 @@ def test_bench_runs_on_cpu_and_writes_results(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--ops", "layernorm"], ["--device", "tpu"], ["--seq-lens", "a,b"]]
+    "argv",
+    [
+        ["--ops", "layernorm"],
+        ["--device", "tpu"],
+        ["--seq-lens", "a,b"],
+        ["--block-configs", "2048:16:4"],
+        ["--block-configs", "2048:16:5:4"],
+        ["--block-configs", "x:1:1:1"],
+    ],
 )
 def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
