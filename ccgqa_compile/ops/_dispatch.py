@@ -64,6 +64,16 @@ def composite_op(name: str, fn):
     return op
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its last dim is not unit-stride.
+
+    The kernels read rows of the last dim as vectors. Inductor may hand an op a tensor whose
+    layout it inherited from a convolution ((B, C, T) memory seen as (B, H, T, D)): one
+    copy is cheap next to the composite fallback, which materialises T x T scores.
+    """
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """fp32 for half types, fp64 stays fp64: the fallback never loses precision."""
     out = torch.float32

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._dispatch import composite_op, compute_dtype, use_triton
+from ._dispatch import composite_op, compute_dtype, unit_last_stride, use_triton
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -83,12 +83,7 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> str | None:
 
 
 def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return (
-        use_triton(q, k, v)
-        and q.dtype == k.dtype == v.dtype
-        and q.shape[-1] in KERNEL_HEAD_DIMS
-        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    )
+    return use_triton(q, k, v) and q.dtype == k.dtype == v.dtype and q.shape[-1] in KERNEL_HEAD_DIMS
 
 
 @triton_op("ccgqa::gqa_attention", mutates_args=())
@@ -96,6 +91,7 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     if _kernel_ok(q, k, v):
         from ..kernels import gqa_attention as kernels
 
+        q, k, v = (unit_last_stride(t) for t in (q, k, v))
         return kernels.gqa_attention_fwd(q, k, v, scale)
     return gqa_attention_composite(q, k, v, scale)
 
@@ -107,6 +103,7 @@ def gqa_attention_backward(
     if _kernel_ok(q, k, v) and use_triton(do) and do.dtype == q.dtype:
         from ..kernels import gqa_attention as kernels
 
+        do, q, k, v, o = (unit_last_stride(t) for t in (do, q, k, v, o))
         return kernels.gqa_attention_bwd(do, q, k, v, o, lse, scale)
     return gqa_attention_bwd_composite(do, q, k, v, o, lse, scale)
 

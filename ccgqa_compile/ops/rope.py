@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._dispatch import composite_op, compute_dtype, use_triton
+from ._dispatch import composite_op, compute_dtype, unit_last_stride, use_triton
 
 
 def rotate(x: Tensor, interleaved: bool) -> Tensor:
@@ -76,9 +76,10 @@ def _tables_4d(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> tuple[Te
 def rope(
     x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool, out_dtype: torch.dtype
 ) -> Tensor:
-    if _kernel_ok(x, cos, sin, out_dtype) and x.stride(-1) == 1:
+    if _kernel_ok(x, cos, sin, out_dtype):
         from ..kernels import rope as kernels
 
+        x = unit_last_stride(x)
         cos4, sin4 = _tables_4d(x, cos, sin, rotary_dim)
         out = kernels.rope_fwd(_as_4d(x), cos4, sin4, rotary_dim, interleaved)
         return out.view(x.shape)
@@ -89,9 +90,10 @@ def rope(
 def rope_backward(
     dy: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool, x_dtype: torch.dtype
 ) -> Tensor:
-    if _kernel_ok(dy, cos, sin, x_dtype) and dy.stride(-1) == 1:
+    if _kernel_ok(dy, cos, sin, x_dtype):
         from ..kernels import rope as kernels
 
+        dy = unit_last_stride(dy)
         cos4, sin4 = _tables_4d(dy, cos, sin, rotary_dim)
         dx = kernels.rope_bwd(_as_4d(dy), cos4, sin4, rotary_dim, interleaved)
         return dx.view(dy.shape)
