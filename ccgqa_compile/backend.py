@@ -21,6 +21,15 @@ from . import config
 
 _OUR_OPTIONS = ("ccgqa_disable",)
 
+# Inductor settings our fused ops need. A replacement's Triton launch is traced with the
+# strides its inputs had then, and baked in as integers; Inductor only keeps the *order*
+# of those strides for user kernels it did not trace itself (no eager_input_vals), so when
+# it pads a buffer (odd sizes on CUDA: comprehensive padding of pointwise/reduction
+# outputs, shape padding of matmul operands) the kernel reads it with stale strides:
+# wrong gradients and out-of-bounds views, seen on the H100 with T = 37 in a CCGQA block.
+# Without padding, a dense buffer of a given stride order has exactly the traced strides.
+_LAYOUT_PATCHES = {"comprehensive_padding": False, "shape_padding": False}
+
 
 def _pass_patches(disabled: set[str]) -> dict[str, Any]:
     from torch._inductor import config as inductor_config
@@ -31,6 +40,7 @@ def _pass_patches(disabled: set[str]) -> dict[str, Any]:
     return {
         "joint_custom_pre_pass": make_pass(fusions, inductor_config.joint_custom_pre_pass),
         "pre_grad_custom_pass": make_pre_grad_pass(fusions, inductor_config.pre_grad_custom_pass),
+        **(_LAYOUT_PATCHES if fusions else {}),
     }
 
 
@@ -57,7 +67,7 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-_HOOKS = ("joint_custom_pre_pass", "pre_grad_custom_pass")
+_HOOKS = ("joint_custom_pre_pass", "pre_grad_custom_pass", *_LAYOUT_PATCHES)
 _saved_global_pass: list[dict[str, Any]] = []
 
 
@@ -75,7 +85,8 @@ def register_global(disable: tuple[str, ...] = ()) -> None:
     patches = _pass_patches(set(disable))
     _saved_global_pass.append({hook: getattr(inductor_config, hook) for hook in _HOOKS})
     for hook in _HOOKS:
-        setattr(inductor_config, hook, patches[hook])
+        if hook in patches:
+            setattr(inductor_config, hook, patches[hook])
 
 
 def unregister_global() -> None:

@@ -59,15 +59,30 @@ def test_backend_leaves_inductor_config_untouched():
     assert ccgqa_compile.report().count("rms_norm") == 0
 
 
+def test_fused_compilations_turn_inductor_padding_off():
+    """Our traced kernel launches bake their inputs' strides in; Inductor's padding would
+    change them (stale strides: wrong gradients on the H100), so fused compiles pad nothing."""
+    from ccgqa_compile.backend import _pass_patches
+
+    patches = _pass_patches(set())
+    assert patches["comprehensive_padding"] is False and patches["shape_padding"] is False
+    everything_off = set(ccgqa_compile.config.FUSIONS)
+    assert "comprehensive_padding" not in _pass_patches(everything_off)
+
+
 def test_register_global_then_unregister():
-    before = torch._inductor.config.joint_custom_pre_pass
+    config = torch._inductor.config
+    before = config.joint_custom_pre_pass
+    padding = (config.comprehensive_padding, config.shape_padding)
     ccgqa_compile.register_global()
     try:
+        assert not config.comprehensive_padding and not config.shape_padding
         torch.compile(_rms_model())(_x())
         assert ccgqa_compile.report().count("rms_norm") == 1
     finally:
         ccgqa_compile.unregister_global()
     assert torch._inductor.config.joint_custom_pre_pass is before
+    assert (config.comprehensive_padding, config.shape_padding) == padding
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
     torch.compile(_rms_model())(_x())
