@@ -159,70 +159,19 @@ def _meta_complex_repl(x, freqs_cis):
 
 @family("rope")
 def idioms() -> list[Idiom]:
+    def table_idiom(name, search, replace, make=_inputs):
+        return Idiom("rope", name, search, replace, make, _X_GRAD, check=_check_tables)
+
     return [
-        Idiom(
-            "rope",
-            "neox_partial_rotary",
-            _neox_partial,
-            _partial_repl,
-            _partial_inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "hf_rotate_half",
-            _hf_rotate_half,
-            _full_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "hf_rotate_half",
-            _hf_rotation_first,
-            _full_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "hf_rotate_half",
-            _hf_rotation_first_inline,
-            _full_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "gptj_interleaved",
-            _gptj_interleaved,
-            _interleaved_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "gptj_interleaved",
-            _gptj_rotation_first,
-            _interleaved_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
-        Idiom(
-            "rope",
-            "gptj_interleaved",
-            _gptj_rotation_first_inline,
-            _interleaved_repl,
-            _inputs,
-            _X_GRAD,
-            check=_check_tables,
-        ),
+        table_idiom("neox_partial_rotary", _neox_partial, _partial_repl, _partial_inputs),
+        # each spelling below computes the same forward but sums x's gradient terms in its
+        # own order, so each needs its own training pattern
+        table_idiom("hf_rotate_half", _hf_rotate_half, _full_repl),
+        table_idiom("hf_rotate_half", _hf_rotation_first, _full_repl),
+        table_idiom("hf_rotate_half", _hf_rotation_first_inline, _full_repl),
+        table_idiom("gptj_interleaved", _gptj_interleaved, _interleaved_repl),
+        table_idiom("gptj_interleaved", _gptj_rotation_first, _interleaved_repl),
+        table_idiom("gptj_interleaved", _gptj_rotation_first_inline, _interleaved_repl),
         Idiom(
             "rope",
             "meta_view_as_complex",
