@@ -20,6 +20,10 @@ for step in ${GPU_STEPS:-tests bench}; do
     tests) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -v -n "${TEST_WORKERS:-14}" -m cuda \
              -p no:cacheprovider --tb=short tests ${PYTEST_K:+-k "$PYTEST_K"} \
              > "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"
+           # CUDA variants chosen by fixtures or devices rather than the cuda marker
+           timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -v -n "${TEST_WORKERS:-14}" \
+             -p no:cacheprovider --tb=short tests/test_ops_kernel_wiring.py \
+             tests/test_sdpa_attention.py >> "$OUT/gpu_tests.log" 2>&1; echo "pytest rc=$?"
            grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v "^E " | tail -60 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 scripts/profile_ops.py \
              --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
