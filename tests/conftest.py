@@ -36,6 +36,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["cpu-interpreter", "cuda"])
+def device(request, monkeypatch):
+    """For kernel-path tests (test_ops_kernel_wiring, test_ccgqa_prologue_op): where an op's
+    Triton kernel path can run eagerly: the interpreter on CPU (with the
+    ops' CPU hook on), or a real GPU; the other case is skipped."""
+    pytest.importorskip("triton")
+    if request.param == "cuda":
+        if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU kernel path needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
+    return "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     import ccgqa_compile

@@ -230,19 +230,6 @@ def test_rejects_what_it_does_not_compute(change, match):
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["cpu-interpreter", "cuda"])
-def device(request, monkeypatch):
-    pytest.importorskip("triton")
-    if request.param == "cuda":
-        if not torch.cuda.is_available() or _dispatch.os.environ.get("TRITON_INTERPRET") == "1":
-            pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
-        return "cuda"
-    if _dispatch.os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the CPU kernel path needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
-    return "cpu"
-
-
 @pytest.mark.parametrize(
     "case",
     [

@@ -16,18 +16,6 @@ pytest.importorskip("triton")
 ops = torch.ops.ccgqa
 
 
-@pytest.fixture(params=["cpu-interpreter", "cuda"])
-def device(request, monkeypatch):
-    if request.param == "cuda":
-        if not torch.cuda.is_available() or _dispatch.os.environ.get("TRITON_INTERPRET") == "1":
-            pytest.skip("needs a CUDA GPU and TRITON_INTERPRET=0")
-        return "cuda"
-    if _dispatch.os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the CPU kernel path needs TRITON_INTERPRET=1")
-    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
-    return "cpu"
-
-
 def _signed(*shape, device, dtype=torch.float32):
     t = torch.rand(*shape, device=device) + 0.5
     return (t * torch.where(torch.rand(*shape, device=device) < 0.5, -1.0, 1.0)).to(dtype)
