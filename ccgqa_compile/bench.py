@@ -591,9 +591,6 @@ def main(argv=None) -> list[dict]:
         progress = tqdm(cases, desc="bench", unit="case")
     except ImportError:
         progress = cases
-    rows = []
-    for case in progress:
-        rows.extend(run_case(case, args.device))
     os.makedirs(args.save, exist_ok=True)
     meta = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -602,8 +599,12 @@ def main(argv=None) -> list[dict]:
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    with open(os.path.join(args.save, "bench.json"), "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    rows = []
+    for case in progress:
+        rows.extend(run_case(case, args.device))
+        # rewritten after every case: a run cut short by a time limit keeps what it measured
+        with open(os.path.join(args.save, "bench.json"), "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     if args.plot:
         plot(rows, args.save)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['dtype']}")

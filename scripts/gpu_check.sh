@@ -5,6 +5,7 @@
 #   profile  scripts/profile_ops.py (CUDA kernel breakdown per provider)
 #   bench    python -m ccgqa_compile.bench --plot (ops; BENCH_OPS, BENCH_ARGS)
 #   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
+#   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -30,6 +31,8 @@ for step in ${GPU_STEPS:-tests bench}; do
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
              --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/bench.log" | tail -60 ;;
+    pytest) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider $PYTEST_ARGS \
+             > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;
   esac
