@@ -27,6 +27,12 @@ torch._functorch.config.enable_autograd_cache = False
 
 
 def pytest_collection_modifyitems(config, items):
+    # the kernel-path tests' "cuda" parameter (the ``device`` fixture below) is GPU work
+    # too: ``-m cuda`` selects it
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if torch.cuda.is_available() and not interpreting:
         return

@@ -4,6 +4,7 @@ and the tagged fusion fired exactly as many times as the entry says (0 for near 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -89,7 +90,8 @@ def run_entry(
 
 @pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
 @settings(
-    max_examples=8,
+    # CCGQA_TEST_EXAMPLES lowers it for a time-boxed GPU run of the whole suite
+    max_examples=int(os.environ.get("CCGQA_TEST_EXAMPLES", "8")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     # no shrinking/explaining: each step recompiles, and tracing makes it crawl; the
