@@ -77,12 +77,48 @@ def current_compile_id() -> str:
     return "?"
 
 
+def _has_symbolic_size(node) -> bool:
+    return any(not isinstance(s, int) and getattr(s, "free_symbols", None) for s in node.get_size())
+
+
+def install_conv1d_backward_fallback() -> None:
+    """Lower a 1-D ``convolution_backward`` with symbolic sizes to the ATen fallback.
+
+    torch 2.13's Inductor lowering of ``aten.convolution_backward`` calls
+    ``guard_int_seq`` on the input gradient's strides (for a (B, C, T) input one of them
+    is T), so a causal conv in a CCGQA block pins the sequence length: ``mark_dynamic`` on
+    T raises ConstraintViolationError and ``dynamic=True`` recompiles per length. Its
+    templates are 2-D only, so a 1-D conv always ends in the ATen kernel anyway; the
+    fallback computes the same thing without the guard. torch 2.11 has no such lowering
+    (it already falls back): nothing to do there. Idempotent; affects no other conv.
+    """
+    from torch._inductor import lowering
+    from torch._inductor.kernel import conv
+
+    target = torch.ops.aten.convolution_backward.default
+    original = lowering.lowerings.get(target)
+    lowered = getattr(conv, "convolution_backward_lowering", None)
+    fallback = getattr(conv, "aten_convolution_backward_fallback", None)
+    if original is None or lowered is None or fallback is None or original is not lowered:
+        return  # torch 2.11, already installed, or a torch whose lowering we do not know
+
+    def conv1d_backward_lowering(grad_out, input, weight, *args, **kwargs):
+        if len(input.get_size()) == 3 and (
+            _has_symbolic_size(input) or _has_symbolic_size(grad_out)
+        ):
+            return fallback(grad_out, input, weight, *args, **kwargs)
+        return original(grad_out, input, weight, *args, **kwargs)
+
+    lowering.lowerings[target] = conv1d_backward_lowering
+
+
 __all__ = [
     "Match",
     "PatternMatcherPass",
     "current_compile_id",
     "fwd_only",
     "fwd_only_functional",
+    "install_conv1d_backward_fallback",
     "joint_fwd_bwd",
     "normalize_joint_graph",
     "pattern_tracing_context",

@@ -53,6 +53,9 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
     from torch._inductor.compile_fx import compile_fx
 
     from . import ops  # noqa: F401  (the replacements call torch.ops.ccgqa.*)
+    from ._inductor_compat import install_conv1d_backward_fallback
+
+    install_conv1d_backward_fallback()  # a causal conv must not pin a dynamic T
 
     unknown = set(kwargs) - {"mode", "options"}
     if unknown:
@@ -79,7 +82,9 @@ def register_global(disable: tuple[str, ...] = ()) -> None:
     from torch._inductor import config as inductor_config
 
     from . import ops  # noqa: F401
+    from ._inductor_compat import install_conv1d_backward_fallback
 
+    install_conv1d_backward_fallback()
     if _saved_global_pass:
         return
     patches = _pass_patches(set(disable))

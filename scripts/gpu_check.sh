@@ -31,7 +31,8 @@ for step in ${GPU_STEPS:-tests bench}; do
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
              --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/bench.log" | tail -60 ;;
-    pytest) timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider $PYTEST_ARGS \
+    # eval: PYTEST_ARGS may hold quoted words (-k 'not slow')
+    pytest) eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider $PYTEST_ARGS" \
              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;
