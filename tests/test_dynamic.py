@@ -79,3 +79,19 @@ def test_ccgqa_block_mark_dynamic_sequence_compiles_once(name, training):
     assert not rep.graphs[0].forward_only, str(rep)
     _run_lengths(entry, compiled, eager, training, mark=False, lengths=(1,))
     assert len(ccgqa_compile.report().graphs) == 2
+
+
+def test_ccgqa_block_dynamic_true_compiles_once_and_stays_correct():
+    """``dynamic=True`` (every dim symbolic): one compilation for all lengths, outputs and
+    every gradient as eager. Only RoPE fuses there (README, Dynamic shapes: the
+    hand-written attention's causal mask traces to another graph with a symbolic T)."""
+    entry = BY_NAME["ccgqa_handwritten_core"]
+    model = entry.build(Shape(heads=2))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    torch._dynamo.utils.counters.clear()
+    _run_lengths(entry, compiled, eager, True, mark=False, lengths=(6, 11, 19))
+    rep = ccgqa_compile.report()
+    assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert rep.count("rope") == 2, str(rep)

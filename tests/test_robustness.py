@@ -102,9 +102,8 @@ def test_channels_last_input_trains_like_eager():
 def test_ccgqa_block_across_sequence_lengths():
     """A whole CCGQA block called at several lengths with the sequence dim *maybe* dynamic:
     outputs and gradients match eager at every length and the attention and RoPE (with its
-    backward) fuse. Not yet: one compilation for all lengths (the hand-written attention's
-    exact re-trace specialises T, so a hard ``mark_dynamic`` is a ConstraintViolationError;
-    README, Dynamic shapes)."""
+    backward) fuse. (A hard ``mark_dynamic``, one compilation for all lengths:
+    tests/test_dynamic.py.)"""
     entry = BY_NAME["ccgqa_handwritten_core"]
     model = entry.build(Shape(heads=2))
     eager = copy.deepcopy(model)
