@@ -118,6 +118,18 @@ def test_rope_is_a_rotation_for_true_angles():
                 torch.float32,
             ),
         ),
+        (
+            "rope_backward",
+            lambda: (
+                torch.randn(2, 3, 2, 8).transpose(1, 2),
+                torch.randn(3, 8),
+                torch.randn(3, 8),
+                8,
+                False,
+                torch.float32,
+                [0, 2, 1, 3],
+            ),
+        ),
     ],
 )
 def test_opcheck(op, args):

@@ -75,6 +75,27 @@ def test_rope_kernel_path_on_transposed_q(device, interleaved, rotary_dim):
     _check([q, cos.requires_grad_(False), sin], run, device)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_backward_writes_dx_in_the_layout_of_x(device, interleaved):
+    """dx of a (B, T, H, D) projection seen as (B, H, T, D) comes back in that layout
+    (autograd's leaf-gradient layout and the projection's backward then copy nothing),
+    with the same values as the contiguous composite."""
+    from ccgqa_compile.ops.rope import stride_order
+
+    q = _signed(2, 7, 3, 16, device=device).transpose(1, 2).requires_grad_()
+    cos, sin = _signed(7, 16, device=device), _signed(7, 16, device=device)
+    out = ops.rope(q, cos, sin, 16, interleaved, q.dtype)
+    dy = _signed(*out.shape, device=device)
+    (dx,) = torch.autograd.grad(out, q, dy)
+    assert dx.stride() == q.stride(), (dx.stride(), q.stride())
+    direct = ops.rope_backward(dy, cos, sin, 16, interleaved, q.dtype, stride_order(q))
+    assert direct.stride() == q.stride()
+    ref = ops.rope_backward(dy.double(), cos.double(), sin.double(), 16, interleaved, torch.float64)
+    assert ref.is_contiguous()  # the composite (fp64) path ignores the layout
+    for got in (dx, direct):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-5
+
+
 def test_kernel_path_is_used_only_when_enabled(monkeypatch):
     x = torch.randn(3, 8)
     monkeypatch.delenv("CCGQA_INTERPRET_KERNELS_ON_CPU", raising=False)

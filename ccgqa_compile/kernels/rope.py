@@ -149,6 +149,9 @@ def _rope_kernel(
     sin_stride_b,
     sin_stride_h,
     sin_stride_t,
+    out_stride_b,
+    out_stride_h,
+    out_stride_t,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     INTERLEAVED: tl.constexpr,
@@ -182,8 +185,8 @@ def _rope_kernel(
     table_mask = t_mask[:, None] & (table_h_idx < num_heads)[None, :]
 
     src_rows = batch * src_stride_b + t_idx[:, None] * src_stride_t + h_idx[None, :] * src_stride_h
-    # The output is a fresh contiguous (B, H, T, D) tensor.
-    out_rows = ((batch * num_heads + h_idx[None, :]) * seq_len + t_idx[:, None]) * HEAD_DIM
+    # The output has a unit last stride (contiguous, or laid out like the backward's x)
+    out_rows = batch * out_stride_b + t_idx[:, None] * out_stride_t + h_idx[None, :] * out_stride_h
     cos_rows = (
         batch * cos_stride_b + t_idx[:, None] * cos_stride_t + table_h_idx[None, :] * cos_stride_h
     )
@@ -270,6 +273,7 @@ def _launch_rope(
     rotary_dim: int,
     interleaved: bool,
     backward: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     batch, num_heads, seq_len, head_dim = src.shape
     if src.stride(-1) != 1:
@@ -280,7 +284,13 @@ def _launch_rope(
     cos = _prepare_table(cos, table_shape)
     sin = _prepare_table(sin, table_shape)
 
-    out = torch.empty((batch, num_heads, seq_len, head_dim), dtype=src.dtype, device=src.device)
+    if out is None:
+        out = torch.empty_like(src, memory_format=torch.contiguous_format)
+    elif out.shape != src.shape or out.dtype != src.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"rope out must be {tuple(src.shape)} {src.dtype} with a unit last stride; "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
     if out.numel() == 0:
         return out
 
@@ -318,6 +328,9 @@ def _launch_rope(
         sin.stride(0),
         sin.stride(1),
         sin.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         HEAD_DIM=head_dim,
         ROTARY_DIM=rotary_dim,
         INTERLEAVED=interleaved,
@@ -345,15 +358,24 @@ def rope_fwd(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: 
     return _launch_rope(x, cos, sin, rotary_dim, interleaved, backward=False)
 
 
-def rope_bwd(dy: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool) -> Tensor:
+def rope_bwd(
+    dy: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    out: Tensor | None = None,
+) -> Tensor:
     """Gradient of ``rope_fwd`` w.r.t. ``x`` given the output gradient ``dy``.
 
     ``dx[..., :R] = dy * cos + rot^T(dy * sin)`` and ``dx[..., R:] =
     dy[..., R:]``; cos/sin receive no gradient. Same input contract as
-    ``rope_fwd``; returns a new contiguous tensor of ``dy.dtype``.
+    ``rope_fwd``; returns a new contiguous tensor of ``dy.dtype``, or writes ``out`` (dy's
+    shape and dtype, unit last stride, any other strides: x's layout, so that autograd
+    and the projection's backward need no copy).
     """
     _check_rope_inputs(dy, cos, sin, rotary_dim, "dy")
-    return _launch_rope(dy, cos, sin, rotary_dim, interleaved, backward=True)
+    return _launch_rope(dy, cos, sin, rotary_dim, interleaved, backward=True, out=out)
 
 
 def rope_reference(

@@ -67,6 +67,26 @@ def _kernel_ok(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> b
     return use_triton(x, cos, sin) and out_dtype == x.dtype and x.dim() <= 4
 
 
+def stride_order(x: Tensor) -> list[int]:
+    """x's dims from the largest stride to the smallest (ties keep dim order)."""
+    return sorted(range(x.dim()), key=lambda i: -x.stride(i))
+
+
+def _empty_in_order(like: Tensor, order: list[int] | None, dtype: torch.dtype) -> Tensor:
+    """A dense tensor of ``like``'s shape whose strides follow ``order``: the gradient of a
+    (B, T, H, D) projection seen as (B, H, T, D) is written in that layout, so neither
+    autograd (a leaf's gradient layout) nor the projection's backward copies it. Only
+    orders that keep the last dim innermost (the kernel's unit stride) are followed."""
+    if order is None or len(order) != like.dim() or order[-1] != like.dim() - 1:
+        return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+    strides = [0] * like.dim()
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(like.shape[dim], 1)
+    return torch.empty_strided(like.shape, strides, dtype=dtype, device=like.device)
+
+
 def _tables_4d(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> tuple[Tensor, Tensor]:
     rot_shape = (*x.shape[:-1], rotary_dim)
     return _as_4d(cos.broadcast_to(rot_shape)), _as_4d(sin.broadcast_to(rot_shape))
@@ -88,15 +108,22 @@ def rope(
 
 @triton_op("ccgqa::rope_backward", mutates_args=())
 def rope_backward(
-    dy: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, interleaved: bool, x_dtype: torch.dtype
+    dy: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+    x_dtype: torch.dtype,
+    x_stride_order: list[int] | None = None,
 ) -> Tensor:
     if _kernel_ok(dy, cos, sin, x_dtype):
         from ..kernels import rope as kernels
 
         dy = unit_last_stride(dy)
         cos4, sin4 = _tables_4d(dy, cos, sin, rotary_dim)
-        dx = kernels.rope_bwd(_as_4d(dy), cos4, sin4, rotary_dim, interleaved)
-        return dx.view(dy.shape)
+        dx = _empty_in_order(dy, x_stride_order, x_dtype)
+        kernels.rope_bwd(_as_4d(dy), cos4, sin4, rotary_dim, interleaved, out=_as_4d(dx))
+        return dx
     return rope_bwd_composite(dy, cos, sin, rotary_dim, interleaved, x_dtype)
 
 
@@ -104,12 +131,13 @@ def _setup_context(ctx, inputs, output) -> None:
     x, cos, sin, rotary_dim, interleaved, _out_dtype = inputs
     ctx.save_for_backward(cos, sin)
     ctx.rotary_dim, ctx.interleaved, ctx.x_dtype = rotary_dim, interleaved, x.dtype
+    ctx.x_stride_order = stride_order(x)
 
 
 def _backward(ctx, grad_out: Tensor):
     cos, sin = ctx.saved_tensors
     dx = torch.ops.ccgqa.rope_backward(
-        grad_out, cos, sin, ctx.rotary_dim, ctx.interleaved, ctx.x_dtype
+        grad_out, cos, sin, ctx.rotary_dim, ctx.interleaved, ctx.x_dtype, ctx.x_stride_order
     )
     return dx, None, None, None, None, None
 
