@@ -105,10 +105,19 @@ def test_kernel_path_is_used_only_when_enabled(monkeypatch):
     assert not _dispatch.use_triton(x)
 
 
+def _fp32_attention_tolerance(device, monkeypatch) -> float:
+    """On the GPU the attention kernel takes fp32 only where tf32 is allowed (as eager's
+    matmuls would use it): allow it, and expect tf32's ~1e-3. The interpreter is IEEE."""
+    if device != "cuda":
+        return 1e-4
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    return 2e-3
+
+
 @pytest.mark.parametrize(
     "heads, seq", [((4, 2), 19), ((3, 1), 2)]
 )  # T=1: dq is exactly 0, see kernel tests
-def test_gqa_attention_kernel_path(device, heads, seq):
+def test_gqa_attention_kernel_path(device, heads, seq, monkeypatch):
     h_q, h_kv = heads
     q = _signed(2, seq, h_q, 16, device=device).transpose(1, 2)
     k = _signed(2, seq, h_kv, 16, device=device).transpose(1, 2)
@@ -117,7 +126,19 @@ def test_gqa_attention_kernel_path(device, heads, seq):
     def run(q, k, v):
         return ops.gqa_attention(q, k, v, 0.25)[0]
 
-    _check([q, k, v], run, device, tol=1e-4)
+    _check([q, k, v], run, device, tol=_fp32_attention_tolerance(device, monkeypatch))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_attention_without_tf32_is_exact_on_the_gpu(monkeypatch):
+    """fp32 on the GPU with tf32 off (PyTorch's default): the exact composite runs, so
+    the result is as close to float64 as eager's fp32 matmuls, not tf32's 1e-3."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q, k, v = (_signed(2, h, 37, 32, device="cuda") for h in (4, 2, 2))
+    out = ops.gqa_attention(q, k, v, 0.2)[0]
+    ref = ops.gqa_attention(q.double(), k.double(), v.double(), 0.2)[0]
+    assert rel_err(out, ref) < 1e-5
 
 
 def _composites_forbidden(monkeypatch):
@@ -140,6 +161,7 @@ def test_kernels_take_tensors_whose_last_dim_is_not_unit_stride(device, monkeypa
     """A CCGQA block hands the ops q/k laid out as its convolutions left them, (B, C, T) in
     memory: last-dim stride T. The kernels must still run (one copy), not the composite,
     which materialises the T x T scores (seen on the H100: 17 GB and 5x slower)."""
+    tol = _fp32_attention_tolerance(device, monkeypatch)
     b, t, h_q, h_kv, d = 2, 9, 4, 2, 16
     q = _signed(b, h_q * d, t, device=device).transpose(1, 2).view(b, t, h_q, d).transpose(1, 2)
     k = _signed(b, h_kv * d, t, device=device).transpose(1, 2).view(b, t, h_kv, d).transpose(1, 2)
@@ -161,6 +183,6 @@ def test_kernels_take_tensors_whose_last_dim_is_not_unit_stride(device, monkeypa
     for run, args, ref in ((attention, (q, k, v), expected[0]), (rope, (q,), expected[1])):
         leaves = [a.detach().clone().requires_grad_() for a in args]
         out = run(*leaves)
-        assert rel_err(out, ref) < 1e-4
+        assert rel_err(out, ref) < tol
         out.backward(torch.randn_like(out))  # the backward kernels too
         assert all(torch.isfinite(a.grad).all() for a in leaves)

@@ -82,8 +82,22 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     return None
 
 
+def _fp32_dots_allowed(q: Tensor) -> bool:
+    """The kernel's float32 dots are tf32 on the GPU (~3e-4 relative error). Eager fp32
+    attention uses IEEE fp32 matmuls unless the user allowed tf32, so fp32 takes the
+    kernel only then (``torch.backends.cuda.matmul.allow_tf32`` or
+    ``torch.set_float32_matmul_precision("high")``); otherwise the exact composite.
+    The interpreter computes fp32 dots in IEEE fp32: no restriction there."""
+    return q.dtype != torch.float32 or not q.is_cuda or torch.backends.cuda.matmul.allow_tf32
+
+
 def _kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return use_triton(q, k, v) and q.dtype == k.dtype == v.dtype and q.shape[-1] in KERNEL_HEAD_DIMS
+    return (
+        use_triton(q, k, v)
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] in KERNEL_HEAD_DIMS
+        and _fp32_dots_allowed(q)
+    )
 
 
 @triton_op("ccgqa::gqa_attention", mutates_args=())
