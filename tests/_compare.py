@@ -30,7 +30,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 # floors for the float64-reference criterion below (fp32: only for quantities that fail the
 # direct compiled-vs-eager comparison; METHOD.md puts fp32 arithmetic far under 1e-3)
-REFERENCE_FLOOR = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# bf16: 2e-2 (about five bf16 roundings of 2^-8). With 1e-2, torch 2.11's Inductor alone
+# failed it on tiny CCGQA graphs where nothing of ours fused (ccgqa_sdpa_d64, seq 5:
+# 1.8e-2 against eager's 2.5e-3): the criterion must bound rounding, not luck.
+REFERENCE_FLOOR = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def assert_as_close_as_eager(
