@@ -263,12 +263,22 @@ def test_kernel_path_matches_fp64_composite(device, case):
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(
-    strict=False,
-    reason="fails on the H100 for some cases (2026-11-24 run: d16 k=4/4, T=1 d64, d128, "
-    "dynamic-shape compile); the prologue op is not enabled until it passes",
+@pytest.mark.parametrize(
+    "dynamic",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="failed on the H100 (2026-11-24, second run; the static variant and "
+                "every kernel case passed); cause not captured: the prologue op stays "
+                "disabled until it passes",
+            ),
+        ),
+    ],
+    ids=["static", "dynamic"],
 )
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_cuda_compiled_op_inlines_both_kernels(dynamic):
     """Under torch.compile the triton_op and its backward triton_op are inlined: both
     kernels appear in Inductor's code, and the results equal the eager op's."""

@@ -111,7 +111,9 @@ def _fp32_attention_tolerance(device, monkeypatch) -> float:
     if device != "cuda":
         return 1e-4
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    return 2e-3
+    # tf32 keeps 10 mantissa bits (2^-11 = 4.9e-4 per rounding); on the H100, T = 2 gave
+    # 2.3e-3 for dq, whose first row is an exact 0 computed as a tf32 difference
+    return 5e-3
 
 
 @pytest.mark.parametrize(

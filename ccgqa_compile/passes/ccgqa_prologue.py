@@ -11,7 +11,12 @@ re-trace compares the pad amounts, groups and constants computed from the real w
 shapes; ``check`` (the op's own argument check) rejects what the op does not compute.
 
 Status: NOT in ``config.FUSIONS`` yet (import this module to register the family; the
-inference idioms match, tests/test_ccgqa_prologue_op.py checks one). The training
+inference idioms match, tests/test_ccgqa_prologue_op.py checks one). On the H100
+(2026-11-24) every kernel case passes in bf16/fp16/fp32 since the launches stopped
+software-pipelining (shared memory), but a ``dynamic=True`` compile of the op failed, and
+the kernels beat Inductor's compiled reference only by 1.02x (E2048, d32) / 1.38x (E512,
+d16) fwd+bwd, both far from the byte floor (docs/benchmarks/README.md): the backward
+recomputes the conv chain (K1 * K2) times per tile. The training
 (``joint_fwd_bwd``) variants never match, because of how Inductor's ``fx_to_pattern``
 turns the traced ``aten.convolution_backward`` into a pattern: its int-list arguments
 (bias_sizes, stride, padding, dilation, output_padding) become single ``Ignored()`` leaves

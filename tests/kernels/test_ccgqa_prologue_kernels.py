@@ -294,11 +294,6 @@ CUDA_CASES = {
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.xfail(
-    strict=False,
-    reason="fails on the H100 for some cases (2026-11-24 run: d16 k=4/4, T=1 d64, d128, "
-    "dynamic-shape compile); the prologue op is not enabled until it passes",
-)
 @pytest.mark.parametrize("name", list(CUDA_CASES))
 @pytest.mark.parametrize(
     "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
