@@ -13,36 +13,10 @@ from patterns import BY_NAME, Shape
 from ._compare import assert_close
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
-@pytest.mark.parametrize(
-    "name", ["rms_hf_llama", "swiglu_hf_llama", "swiglu_fused_gate_up", "rope_hf_rotate_half"]
-)
-def test_mark_dynamic_sequence_compiles_once(name, training):
-    entry = BY_NAME[name]
-    model = entry.build(Shape())
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="ccgqa")
-    for seq in (5, 9, 17):
-        (x,) = entry.make_inputs(Shape(seq=seq), torch.float32, "cpu")
-        x_c, x_e = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
-        torch._dynamo.mark_dynamic(x_c, 1)
-        with torch.set_grad_enabled(training):
-            out_c, out_e = compiled(x_c), eager(x_e)
-        assert_close(out_c, out_e, torch.float32, f"{name} seq={seq}")
-        if training:
-            g = torch.randn_like(out_e)
-            out_c.backward(g)
-            out_e.backward(g)
-            assert_close(x_c.grad, x_e.grad, torch.float32, f"{name} seq={seq} dx")
-    rep = ccgqa_compile.report()
-    assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
-    assert rep.count(entry.fusion) == entry.expect, str(rep)
-
-
-def _run_lengths(entry, compiled, eager, training, mark, lengths, heads=2):
+def _run_lengths(entry, compiled, eager, training, mark, lengths, **shape):
     """Compiled vs eager at each length: outputs, input and parameter gradients."""
     for seq in lengths:
-        (x,) = entry.make_inputs(Shape(heads=heads, seq=seq), torch.float32, "cpu")
+        (x,) = entry.make_inputs(Shape(**shape, seq=seq), torch.float32, "cpu")
         x_c, x_e = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
         if mark:
             torch._dynamo.mark_dynamic(x_c, 1)
@@ -60,6 +34,21 @@ def _run_lengths(entry, compiled, eager, training, mark, lengths, heads=2):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    "name", ["rms_hf_llama", "swiglu_hf_llama", "swiglu_fused_gate_up", "rope_hf_rotate_half"]
+)
+def test_mark_dynamic_sequence_compiles_once(name, training):
+    entry = BY_NAME[name]
+    model = entry.build(Shape())
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="ccgqa")
+    _run_lengths(entry, compiled, eager, training, mark=True, lengths=(5, 9, 17))
+    rep = ccgqa_compile.report()
+    assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
+    assert rep.count(entry.fusion) == entry.expect, str(rep)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("name", ["ccgqa_handwritten_core", "ccgqa_sdpa_repeat_kv"])
 def test_ccgqa_block_mark_dynamic_sequence_compiles_once(name, training):
     """A whole CCGQA block (causal convs included) with T marked dynamic: one compilation
@@ -71,13 +60,13 @@ def test_ccgqa_block_mark_dynamic_sequence_compiles_once(name, training):
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="ccgqa")
     torch._dynamo.utils.counters.clear()
-    _run_lengths(entry, compiled, eager, training, mark=True, lengths=(6, 11, 19))
+    _run_lengths(entry, compiled, eager, training, mark=True, lengths=(6, 11, 19), heads=2)
     rep = ccgqa_compile.report()
     assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert rep.count("gqa_attention") == 1 and rep.count("rope") == 2, str(rep)
     assert not rep.graphs[0].forward_only, str(rep)
-    _run_lengths(entry, compiled, eager, training, mark=False, lengths=(1,))
+    _run_lengths(entry, compiled, eager, training, mark=False, lengths=(1,), heads=2)
     assert len(ccgqa_compile.report().graphs) == 2
 
 
@@ -90,7 +79,7 @@ def test_ccgqa_block_dynamic_true_compiles_once_and_stays_correct():
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="ccgqa", dynamic=True)
     torch._dynamo.utils.counters.clear()
-    _run_lengths(entry, compiled, eager, True, mark=False, lengths=(6, 11, 19))
+    _run_lengths(entry, compiled, eager, True, mark=False, lengths=(6, 11, 19), heads=2)
     rep = ccgqa_compile.report()
     assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
