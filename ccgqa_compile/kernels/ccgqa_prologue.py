@@ -806,12 +806,12 @@ def _ccgqa_prologue_bwd_kernel(
 # Launch wrappers.
 # ----------------------------------------------------------------------------
 
-# Programs per SM for the persistent backward grid (spread over the kv heads).
 # No software pipelining: the loops over group heads and (backward) persistent items
 # would otherwise keep num_stages copies of every conv2 weight tap and tile in shared
 # memory; at d=128, or at d=32 in fp32, the H100's 227 KiB then ran out
 # (OutOfResources, 2026-11-24). The tiles are reused from L1/L2 either way.
 _NUM_STAGES = 1
+# Programs per SM for the persistent backward grid (spread over the kv heads).
 _BWD_PROGRAMS_PER_SM = 2
 # Without a GPU (interpreter): few programs, so each one walks several items.
 _BWD_PROGRAMS_WITHOUT_GPU = 2
