@@ -97,29 +97,3 @@ def test_channels_last_input_trains_like_eager():
     out_e.backward(g)
     assert_close(x_c.grad, x_e.grad, torch.float32, "channels-last dx")
     assert ccgqa_compile.report().count("rms_norm") == 1
-
-
-def test_ccgqa_block_across_sequence_lengths():
-    """A whole CCGQA block called at several lengths with the sequence dim *maybe* dynamic:
-    outputs and gradients match eager at every length and the attention and RoPE (with its
-    backward) fuse. (A hard ``mark_dynamic``, one compilation for all lengths:
-    tests/test_dynamic.py.)"""
-    entry = BY_NAME["ccgqa_handwritten_core"]
-    model = entry.build(Shape(heads=2))
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="ccgqa")
-    for seq in (6, 11, 19):
-        (x,) = entry.make_inputs(Shape(heads=2, seq=seq), torch.float32, "cpu")
-        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
-        torch._dynamo.maybe_mark_dynamic(x_c, 1)
-        out_c, out_e = compiled(x_c), eager(x_e)
-        assert_close(out_c, out_e, torch.float32, f"seq={seq}")
-        g = torch.randn_like(out_e)
-        out_c.backward(g)
-        out_e.backward(g)
-        assert_close(x_c.grad, x_e.grad, torch.float32, f"seq={seq} dx")
-    rep = ccgqa_compile.report()
-    assert 1 <= len(rep.graphs) <= 3, str(rep)
-    for graph in rep.graphs:
-        assert graph.count("gqa_attention") == 1 and graph.count("rope") == 2, str(rep)
-        assert not graph.forward_only, str(rep)
