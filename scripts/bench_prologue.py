@@ -67,7 +67,32 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _bench_config(e, hq, hkv, c, dtype, tokens, seq_len, check_only=False) -> list[dict]:
+def _profile(title: str, fn, steps: int = 5) -> None:
+    """Print the CUDA kernels of ``fn`` by total time per step, and the GPU-busy total
+    beside the wall time: a wall time far above the kernel total means launch overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: -e.device_time_total)
+    busy = sum(e.device_time_total for e in events) / steps / 1e3
+    wall = triton.testing.do_bench(fn, return_mode="median")
+    print(f"\n== {title}: kernels {busy:.3f} ms/step, do_bench {wall:.3f} ms")
+    for e in events[:10]:
+        print(
+            f"  {e.device_time_total / steps / 1e3:8.4f} ms  x{e.count // steps:<3d} {e.key[:100]}"
+        )
+
+
+def _bench_config(
+    e, hq, hkv, c, dtype, tokens, seq_len, check_only=False, profile=False
+) -> list[dict]:
     rows = []
     d = e // c // hq
     b = tokens // seq_len
@@ -107,6 +132,9 @@ def _bench_config(e, hq, hkv, c, dtype, tokens, seq_len, check_only=False) -> li
 
     for fn in (inductor_fwd, inductor_train):
         fn()  # compile outside the timing
+    if profile:
+        for name, fn in (("ccgqa kernels", ours_train), ("inductor", inductor_train)):
+            _profile(f"{label} [{name}] fwd+bwd", fn)
     io = (tensors[0].numel() + tensors[1].numel()) * tensors[0].element_size() * 2
     for name, fwd, train in (
         ("ccgqa kernels", ours_fwd, ours_train),
@@ -135,6 +163,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--check-only", action="store_true", help="CPU dry run: fp32, tiny")
+    ap.add_argument("--profile", action="store_true", help="also print a kernel breakdown")
     args = ap.parse_args(argv)
     global DEVICE
     if args.check_only:
@@ -145,7 +174,7 @@ def main(argv=None):
     dtype = torch.bfloat16
     rows = []
     for config in CONFIGS:
-        rows.extend(_bench_config(*config, dtype, TOKENS, SEQ_LEN))
+        rows.extend(_bench_config(*config, dtype, TOKENS, SEQ_LEN, profile=args.profile))
     print(
         "| case | provider | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | floor fwd / total ms |"
     )

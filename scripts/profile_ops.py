@@ -43,21 +43,28 @@ def profile_provider(case: bench.Case, name: str, fn, base, top: int, steps: int
         print(f"  {per / 1e3:8.4f} ms  x{e.count // steps:<3d} {e.key[:110]}")
 
 
-def profile_case(case: bench.Case, top: int) -> None:
+def profile_case(case: bench.Case, top: int, providers: set[str] | None = None) -> None:
     base = case.make()
     for name, fn in bench._providers(case).items():
-        profile_provider(case, name, fn, base, top)
+        if providers is None or name in providers:
+            profile_provider(case, name, fn, base, top)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default="rmsnorm,swiglu,rope")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--seq-lens", default="", help="comma-separated T (default: the bench's)")
+    ap.add_argument("--block-configs", default="", help="ccgqa-block E:hq:hkv:C, comma-separated")
+    ap.add_argument("--providers", default="", help="comma-separated (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    seq_lens = [int(t) for t in args.seq_lens.split(",") if t]
+    configs = tuple(tuple(int(v) for v in c.split(":")) for c in args.block_configs.split(",") if c)
+    providers = set(args.providers.split(",")) if args.providers else None
     for op in args.ops.split(","):
-        for case in bench._cases(op, "cuda", torch.bfloat16, False, []):
-            profile_case(case, args.top)
+        for case in bench._cases(op, "cuda", torch.bfloat16, False, seq_lens, configs):
+            profile_case(case, args.top, providers)
 
 
 if __name__ == "__main__":
