@@ -20,13 +20,18 @@ it handles the G query heads of group j and then kv head j, so the qk-mean sum o
 group stays in registers. The conv halo ((K1 - 1) + (K2 - 1) earlier rows) is read as
 shifted tile loads that hit L1/L2; conv2 is one ``tl.dot`` (BLOCK_T x D x D) per tap.
 
-Backward: the output gradient at time t reaches q_pre/k_pre at t - s for s in
-0..(K1 - 1) + (K2 - 1), so a program owning rows [t0, t0 + BLOCK_T) gathers the gradient
-w.r.t. the conv output (``draw``) at the shifted rows t0 + s, recomputing the forward
-(conv chain, norm) there instead of storing anything. Weight gradients are reductions
-over B*T: a persistent grid of P programs per kv head walks the (batch, time block) items
-and accumulates into its own row of a float32 partial buffer (no atomics, deterministic);
-torch sums the P rows afterwards.
+Backward, in two steps, nothing of the forward stored:
+  1. ``_ccgqa_prologue_draw_kernel`` (the forward's grid) recomputes the conv chain and the
+     norm of each head once per tile and stores ``draw`` = d loss / d raw (float32, B x T
+     x H*D; raw = conv2 output + qk mean), plus the temperature's partial sums;
+  2. ``_ccgqa_prologue_conv_bwd_kernel`` (one launch per stream, one program per head and
+     CHUNK time blocks) takes the convs' backward from ``draw``: d y1 at the K1 rows each
+     output row needs (K1 * K2 small dots, no forward recompute), d x plus the qk-mean
+     share, and the weight/bias gradients as one float32 partial row per program, summed
+     by torch afterwards (deterministic, no atomics).
+The first design (2026-11-24) gathered ``draw`` at the (K1 - 1) + (K2 - 1) shifted rows
+inside one kernel, recomputing the whole forward chain for each shift: 2.9 ms against the
+forward's 0.1 ms at E2048 (B16 T2048, H100), so it was split.
 
 Kernel limits: D a power of two >= 16 (``tl.dot``), K1, K2 in 1..4, rotate-half RoPE with
 ``rotary_dim`` a power of two (interleaved: any even ``rotary_dim``), tables that differ
@@ -34,8 +39,6 @@ at most per batch and time. Everything else is for the composite in ops/ccgqa_pr
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -500,168 +503,7 @@ def _grad_raw(
 
 
 @triton.jit
-def _draw_at(
-    IS_K: tl.constexpr,
-    head,
-    kv_head,
-    rows,
-    seq_len,
-    q_pre_ptr,
-    q_row0,
-    q_stride_t,
-    k_pre_ptr,
-    k_row0,
-    k_stride_t,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    b2_ptr,
-    dy_ptr,
-    dy_row0,
-    dy_stride_t,
-    cos_ptr,
-    sin_ptr,
-    cos_row0,
-    cos_stride_t,
-    sin_row0,
-    sin_stride_t,
-    out_scale,
-    eps,
-    GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    K1: tl.constexpr,
-    K2: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    QK_MEAN: tl.constexpr,
-    ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Recompute the forward of one head at ``rows`` and return d loss / d raw there."""
-    raw = _raw(
-        IS_K, head, kv_head, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr,
-        k_row0, k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
-        K1, K2, HAS_B1, HAS_B2, QK_MEAN, DOT_PRECISION,
-    )  # fmt: skip
-    return _grad_raw(
-        raw, dy_ptr, dy_row0, dy_stride_t, rows, seq_len, cos_ptr, sin_ptr, cos_row0,
-        cos_stride_t, sin_row0, sin_stride_t, out_scale, eps,
-        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
-    )  # fmt: skip
-
-
-@triton.jit
-def _accumulate(ptr, offsets, value):
-    """partial[offsets] += value: this program owns the partial row, so no atomics."""
-    tl.store(ptr + offsets, tl.load(ptr + offsets) + value)
-
-
-@triton.jit
-def _head_backward(
-    IS_K: tl.constexpr,
-    head,
-    kv_head,
-    rows,
-    seq_len,
-    q_pre_ptr,
-    q_row0,
-    q_stride_t,
-    k_pre_ptr,
-    k_row0,
-    k_stride_t,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    b2_ptr,
-    dy_ptr,
-    dy_row0,
-    dy_stride_t,
-    cos_ptr,
-    sin_ptr,
-    cos_row0,
-    cos_stride_t,
-    sin_row0,
-    sin_stride_t,
-    out_scale,
-    eps,
-    dw1_part_ptr,
-    db1_part_ptr,
-    dw2_part_ptr,
-    db2_part_ptr,
-    GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    K1: tl.constexpr,
-    K2: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    QK_MEAN: tl.constexpr,
-    ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One head over ``rows``: d x through both convs (gathering d raw at rows + s for
-    s up to (K1 - 1) + (K2 - 1)), plus this block's share of the weight/bias gradients.
-    Returns (d x from the convs, d raw at ``rows``, grad . unit at ``rows``).
-    The *_part_ptr already point at this program's partial row."""
-    if IS_K:
-        x_ptr, x_row0, x_stride_t, chan0 = k_pre_ptr, k_row0, k_stride_t, kv_head * HEAD_DIM
-    else:
-        x_ptr, x_row0, x_stride_t, chan0 = q_pre_ptr, q_row0, q_stride_t, head * HEAD_DIM
-    cols = tl.arange(0, HEAD_DIM)
-    d_raw0, grad_dot_unit = _draw_at(
-        IS_K, head, kv_head, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
-        k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dy_ptr, dy_row0, dy_stride_t, cos_ptr,
-        sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, out_scale, eps, GROUP,
-        BLOCK_T, HEAD_DIM, K1, K2, HAS_B1, HAS_B2, QK_MEAN, ROTARY_DIM, INTERLEAVED,
-        DOT_PRECISION,
-    )  # fmt: skip
-
-    # conv2 weights: dW[o, c, tap(s2)] = sum_t d_raw[t, o] * y1[t - s2, c]
-    for s2 in tl.static_range(K2):
-        y1 = _conv1(
-            x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
-            BLOCK_T, HEAD_DIM, K1, HAS_B1,
-        )  # fmt: skip
-        d_w2 = tl.dot(tl.trans(d_raw0), y1, input_precision=DOT_PRECISION)
-        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
-        _accumulate(dw2_part_ptr, offsets, d_w2)
-    if HAS_B2:
-        _accumulate(db2_part_ptr, chan0 + cols, tl.sum(d_raw0, axis=0))
-
-    # d y1[t + s1] = sum_s2 d_raw[t + s1 + s2] @ W2(tap s2); d x[t] = sum_s1 w1 * d y1[t + s1]
-    d_x = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
-    for s1 in tl.static_range(K1):
-        d_y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
-        for s2 in tl.static_range(K2):
-            if s1 + s2 == 0:
-                d_raw = d_raw0
-            else:
-                d_raw, _unused = _draw_at(
-                    IS_K, head, kv_head, rows + (s1 + s2), seq_len, q_pre_ptr, q_row0,
-                    q_stride_t, k_pre_ptr, k_row0, k_stride_t, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                    dy_ptr, dy_row0, dy_stride_t, cos_ptr, sin_ptr, cos_row0, cos_stride_t,
-                    sin_row0, sin_stride_t, out_scale, eps, GROUP, BLOCK_T, HEAD_DIM, K1, K2,
-                    HAS_B1, HAS_B2, QK_MEAN, ROTARY_DIM, INTERLEAVED, DOT_PRECISION,
-                )  # fmt: skip
-            w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
-            d_y1 += tl.dot(d_raw, w2, input_precision=DOT_PRECISION)
-        w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
-        d_x += d_y1 * w1[None, :]
-        if s1 == 0:
-            # conv1 weights: dw1[c, tap(s)] = sum_t d_y1[t, c] * x[t - s, c]
-            for s in tl.static_range(K1):
-                x = _load_rows(x_ptr, x_row0, x_stride_t, rows - s, seq_len, chan0, HEAD_DIM)
-                _accumulate(dw1_part_ptr, (chan0 + cols) * K1 + (K1 - 1 - s), tl.sum(d_y1 * x, 0))
-            if HAS_B1:
-                _accumulate(db1_part_ptr, chan0 + cols, tl.sum(d_y1, axis=0))
-    return d_x, d_raw0, grad_dot_unit
-
-
-@triton.jit
-def _ccgqa_prologue_bwd_kernel(
+def _ccgqa_prologue_draw_kernel(
     dq_ptr,
     dk_ptr,
     q_pre_ptr,
@@ -677,18 +519,9 @@ def _ccgqa_prologue_bwd_kernel(
     temp_ptr,
     cos_ptr,
     sin_ptr,
-    dq_pre_ptr,
-    dk_pre_ptr,
-    dq_w1_part_ptr,
-    dq_b1_part_ptr,
-    dq_w2_part_ptr,
-    dq_b2_part_ptr,
-    dk_w1_part_ptr,
-    dk_b1_part_ptr,
-    dk_w2_part_ptr,
-    dk_b2_part_ptr,
+    draw_q_ptr,
+    draw_k_ptr,
     d_beta_part_ptr,
-    batch,
     seq_len,
     q_stride_b,
     q_stride_t,
@@ -722,120 +555,212 @@ def _ccgqa_prologue_bwd_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (P, kv heads), persistent over the (batch, time block) items; program (p, j)
-    owns row p of every partial buffer for the channels of kv head j and its group."""
+    """Backward step 1. Grid: (batch * time blocks, kv heads), as the forward. Recomputes
+    raw (conv chain + qk mean) of the group's query heads and of kv head j at this block's
+    rows, once, and stores d loss / d raw in float32 ((B, T, H*D), like q_pre / k_pre).
+    The temperature's gradient: one partial per program, summed by torch."""
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     norm_scale = tl.cast(norm_scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    j = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid_bt = tl.program_id(0)
+    j = tl.program_id(1)
+    b = (pid_bt // num_t_blocks).to(tl.int64)
+    rows = (pid_bt % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    q_row0 = b * q_stride_b
+    k_row0 = b * k_stride_b
+    cos_row0 = b * cos_stride_b
+    sin_row0 = b * sin_stride_b
     q_channels = num_kv_heads * GROUP * HEAD_DIM
     k_channels = num_kv_heads * HEAD_DIM
-    pid64 = pid.to(tl.int64)
-    dq_w1_part_ptr += pid64 * q_channels * K1
-    dq_b1_part_ptr += pid64 * q_channels
-    dq_w2_part_ptr += pid64 * q_channels * HEAD_DIM * K2
-    dq_b2_part_ptr += pid64 * q_channels
-    dk_w1_part_ptr += pid64 * k_channels * K1
-    dk_b1_part_ptr += pid64 * k_channels
-    dk_w2_part_ptr += pid64 * k_channels * HEAD_DIM * K2
-    dk_b2_part_ptr += pid64 * k_channels
-    d_beta_ptr = d_beta_part_ptr + pid64 * num_kv_heads + j
+
+    for g in range(GROUP):
+        h = j * GROUP + g
+        raw = _raw(
+            False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+            k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+            K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, DOT_PRECISION,
+        )  # fmt: skip
+        d_raw, _unused = _grad_raw(
+            raw, dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t, rows, seq_len,
+            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale, eps,
+            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+        )  # fmt: skip
+        row0 = b * seq_len * q_channels + h * HEAD_DIM
+        _store_rows(draw_q_ptr, row0, q_channels, rows, seq_len, d_raw, HEAD_DIM)
 
     k_scale = norm_scale
     if TEMPERATURE == 1:
         k_scale = k_scale * tl.exp(tl.load(temp_ptr + j * temp_stride).to(tl.float32))
     elif TEMPERATURE == 2:
         k_scale = k_scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
+    raw = _raw(
+        True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+        k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+        K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, DOT_PRECISION,
+    )  # fmt: skip
+    d_raw, grad_dot_unit = _grad_raw(
+        raw, dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t, rows, seq_len,
+        cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
+        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+    )  # fmt: skip
+    row0 = b * seq_len * k_channels + j * HEAD_DIM
+    _store_rows(draw_k_ptr, row0, k_channels, rows, seq_len, d_raw, HEAD_DIM)
+    if TEMPERATURE != 0:
+        # d out / d beta = unit * norm_scale (before RoPE)
+        tl.store(
+            d_beta_part_ptr + pid_bt.to(tl.int64) * num_kv_heads + j, grad_dot_unit * norm_scale
+        )
 
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    # a while loop, not range(pid, n, num_programs): Triton 3.6's interpreter cannot take
-    # tensor range bounds under NumPy 2 (the compiled kernel is the same scf loop)
-    item = pid
-    while item < batch * num_t_blocks:
-        b = (item // num_t_blocks).to(tl.int64)
-        rows = (item % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-        q_row0 = b * q_stride_b
-        k_row0 = b * k_stride_b
-        cos_row0 = b * cos_stride_b
-        sin_row0 = b * sin_stride_b
 
-        d_k_conv, d_k_raw, k_grad_dot_unit = _head_backward(
-            True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
-            k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr,
-            dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t,
-            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
-            dk_w1_part_ptr, dk_b1_part_ptr, dk_w2_part_ptr, dk_b2_part_ptr,
-            GROUP, BLOCK_T, HEAD_DIM, K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, ROTARY_DIM,
-            INTERLEAVED, DOT_PRECISION,
-        )  # fmt: skip
-        if TEMPERATURE != 0:
-            _accumulate(d_beta_ptr, 0, k_grad_dot_unit * norm_scale)
-        d_k_pre = d_k_conv
+@triton.jit
+def _ccgqa_prologue_conv_bwd_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    draw_ptr,
+    other_draw_ptr,
+    dx_ptr,
+    dw1_part_ptr,
+    db1_part_ptr,
+    dw2_part_ptr,
+    db2_part_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    IS_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    MAX_TAPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward step 2, for one stream (q or k). Grid: (batch * chunks of CHUNK time
+    blocks, heads of the stream). From d raw (= d conv2 output) of step 1:
 
-        for g in range(GROUP):
-            h = j * GROUP + g
-            d_q_pre, d_q_raw, _unused = _head_backward(
-                False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
-                k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr,
-                dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t,
-                cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale,
-                eps, dq_w1_part_ptr, dq_b1_part_ptr, dq_w2_part_ptr, dq_b2_part_ptr,
-                GROUP, BLOCK_T, HEAD_DIM, K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, ROTARY_DIM,
-                INTERLEAVED, DOT_PRECISION,
+        d y1[t]  = sum_s2 d raw[t + s2] @ W2(tap s2)          (conv2's input gradient)
+        d x[t]   = sum_s1 w1(tap s1) * d y1[t + s1] + qk-mean share of d raw
+        d W2     = sum_t d raw[t]^T (x) y1[t - s2]   (y1 recomputed: a depthwise conv)
+        d w1     = sum_t d y1[t] * x[t - s1]; d b1 = sum d y1; d b2 = sum d raw
+
+    d y1 is needed at rows t .. t + K1 - 1, so it is computed K1 times from d raw (at most
+    K1 * K2 small dots per tile) rather than stored. Weight and bias gradients: one float32
+    partial row per program, summed by torch (deterministic, no atomics); with CHUNK time
+    blocks per program those rows stay few."""
+    num_heads = tl.num_programs(1)
+    channels = num_heads * HEAD_DIM
+    rows_per_program = CHUNK * BLOCK_T
+    num_chunks = tl.cdiv(seq_len, rows_per_program)
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = (pid // num_chunks).to(tl.int64)
+    row_start = (pid % num_chunks) * rows_per_program
+    chan0 = head * HEAD_DIM
+    x_row0 = b * x_stride_b
+    g_row0 = b * seq_len * channels  # d raw is a contiguous (B, T, channels) buffer
+    if IS_K:
+        other_channels = channels * GROUP
+    else:
+        other_channels = channels // GROUP
+    other_row0 = b * seq_len * other_channels
+    cols = tl.arange(0, HEAD_DIM)
+    taps = tl.arange(0, MAX_TAPS)
+    d_w1 = tl.zeros((MAX_TAPS, HEAD_DIM), dtype=tl.float32)
+    d_b1 = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    d_b2 = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    for c in range(CHUNK):
+        rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        d_x = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+        for s1 in tl.static_range(K1):
+            d_y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+            for s2 in tl.static_range(K2):
+                g = _load_rows(
+                    draw_ptr, g_row0, channels, rows + (s1 + s2), seq_len, chan0, HEAD_DIM
+                )
+                w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
+                d_y1 += tl.dot(g, w2, input_precision=DOT_PRECISION)
+            w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
+            d_x += d_y1 * w1[None, :]
+            if s1 == 0:
+                # d y1 at this tile's own rows (0 past seq_len: d raw is 0 there)
+                for s in tl.static_range(K1):
+                    x = _load_rows(x_ptr, x_row0, x_stride_t, rows - s, seq_len, chan0, HEAD_DIM)
+                    d_tap = tl.sum(d_y1 * x, axis=0)
+                    d_w1 += tl.where(taps[:, None] == K1 - 1 - s, d_tap[None, :], 0.0)
+                d_b1 += tl.sum(d_y1, axis=0)
+        g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
+        d_b2 += tl.sum(g, axis=0)
+        if QK_MEAN:
+            # m_q[h] = (q_pre[h] + k_pre[j]) / 2 and m_k[j] = mean_g m_q[jG + g], so
+            # d m_q[h] = d raw_q[h] + d raw_k[j] / G reaches q_pre[h] and k_pre[j] halved
+            if IS_K:
+                q_sum = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+                for gq in range(GROUP):
+                    q_sum += _load_rows(
+                        other_draw_ptr, other_row0, other_channels, rows, seq_len,
+                        (head * GROUP + gq) * HEAD_DIM, HEAD_DIM,
+                    )  # fmt: skip
+                d_x += (q_sum + g) * 0.5
+            else:
+                d_k = _load_rows(
+                    other_draw_ptr, other_row0, other_channels, rows, seq_len,
+                    (head // GROUP) * HEAD_DIM, HEAD_DIM,
+                )  # fmt: skip
+                d_x += (g + d_k * (1.0 / GROUP)) * 0.5
+        _store_rows(dx_ptr, g_row0 + chan0, channels, rows, seq_len, d_x, HEAD_DIM)
+
+    pid64 = pid.to(tl.int64)
+    w1_offsets = pid64 * channels * K1 + (chan0 + cols)[None, :] * K1 + taps[:, None]
+    tl.store(dw1_part_ptr + w1_offsets, d_w1, mask=(taps < K1)[:, None])
+    if HAS_B1:
+        tl.store(db1_part_ptr + pid64 * channels + chan0 + cols, d_b1)
+    if HAS_B2:
+        tl.store(db2_part_ptr + pid64 * channels + chan0 + cols, d_b2)
+    # conv2 weights: dW[o, c, tap(s2)] = sum_t d raw[t, o] * y1[t - s2, c]; one D x D
+    # accumulator at a time (K2 of them would not fit in registers at D = 128)
+    w2_part_ptr = dw2_part_ptr + pid64 * channels * HEAD_DIM * K2
+    for s2 in tl.static_range(K2):
+        d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+        for c in range(CHUNK):
+            rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+            g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
+            y1 = _conv1(
+                x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
+                BLOCK_T, HEAD_DIM, K1, HAS_B1,
             )  # fmt: skip
-            if QK_MEAN:
-                # m_q[h] = (q_pre[h] + k_pre[j]) / 2 and m_k[j] = mean_g m_q[jG + g], so
-                # d m_q[h] = d raw_q[h] + d raw_k[j] / G reaches q_pre[h] and k_pre[j] halved
-                d_m_q = d_q_raw + d_k_raw * (1.0 / GROUP)
-                d_q_pre += d_m_q * 0.5
-                d_k_pre += d_m_q * 0.5
-            # d q_pre is a contiguous (B, T, Hq*D) tensor
-            row0 = b * seq_len * q_channels + h * HEAD_DIM
-            _store_rows(dq_pre_ptr, row0, q_channels, rows, seq_len, d_q_pre, HEAD_DIM)
-        row0 = b * seq_len * k_channels + j * HEAD_DIM
-        _store_rows(dk_pre_ptr, row0, k_channels, rows, seq_len, d_k_pre, HEAD_DIM)
-        # the next item reads the partial rows this one wrote, maybe from other threads
-        tl.debug_barrier()
-        item += num_programs
+            d_w2 += tl.dot(tl.trans(g), y1, input_precision=DOT_PRECISION)
+        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
+        tl.store(w2_part_ptr + offsets, d_w2)
 
 
 # ----------------------------------------------------------------------------
 # Launch wrappers.
 # ----------------------------------------------------------------------------
 
-# No software pipelining: the loops over group heads and (backward) persistent items
-# would otherwise keep num_stages copies of every conv2 weight tap and tile in shared
-# memory; at d=128, or at d=32 in fp32, the H100's 227 KiB then ran out
-# (OutOfResources, 2026-11-24). The tiles are reused from L1/L2 either way.
+# No software pipelining: the loops over group heads and time blocks would otherwise keep
+# num_stages copies of every conv2 weight tap and tile in shared memory; at d=128, or at
+# d=32 in fp32, the H100's 227 KiB then ran out (OutOfResources, 2026-11-24). The tiles
+# are reused from L1/L2 either way.
 _NUM_STAGES = 1
-# Programs per SM for the persistent backward grid (spread over the kv heads).
-_BWD_PROGRAMS_PER_SM = 2
-# Without a GPU (interpreter): few programs, so each one walks several items.
-_BWD_PROGRAMS_WITHOUT_GPU = 2
+# Time blocks per program of the backward's conv step: fewer partial weight-gradient rows
+# (B * T / (CHUNK * BLOCK_T) of them) while the grid still has thousands of programs at
+# training sizes. The interpreter takes one: its programs run one after another anyway.
+_CONV_BWD_CHUNK = 4
 
 
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_program_count(device: torch.device, kv_heads: int) -> int:
-    if device.type != "cuda":
-        return _BWD_PROGRAMS_WITHOUT_GPU
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, _BWD_PROGRAMS_PER_SM * _multiprocessor_count(index) // kv_heads)
-
-
-def _block_t(head_dim: int, backward: bool, block_t: int | None) -> int:
-    """Time steps per tile: depends on D only (never on T: no recompiles when T varies).
-    The backward keeps more tiles alive at once, so it takes half as many rows."""
+def _block_t(head_dim: int, block_t: int | None) -> int:
+    """Time steps per tile: depends on D only (never on T: no recompiles when T varies)."""
     if block_t is not None:
         return block_t
-    rows = 64 if head_dim <= 64 else 32
-    return rows // 2 if backward else rows
+    return 64 if head_dim <= 64 else 32
 
 
 def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved):
@@ -962,7 +887,7 @@ def ccgqa_prologue_fwd(
     k = torch.empty((b, kv_heads, t, d), dtype=k_pre.dtype, device=k_pre.device)
     if q.numel() == 0:
         return q, k
-    rows = _block_t(d, False, block_t)
+    rows = _block_t(d, block_t)
     grid = (b * triton.cdiv(t, rows), kv_heads)
     traceable(_ccgqa_prologue_fwd_kernel)[grid](
         *tensors,
@@ -1004,7 +929,7 @@ def ccgqa_prologue_bwd(
     rotary_dim: int,
     interleaved: bool,
     block_t: int | None = None,
-    num_programs: int | None = None,
+    chunk: int | None = None,
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
@@ -1025,17 +950,20 @@ def ccgqa_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
 
-    rows = _block_t(d, True, block_t)
-    programs = num_programs or _bwd_program_count(device, kv_heads)
-    n_items = b * triton.cdiv(t, rows)
-    if isinstance(n_items, int):
-        # a concrete count: launch no idle programs (a symbolic one keeps the fixed count
-        # rather than guard on T)
-        programs = max(1, min(programs, n_items))
+    rows = _block_t(d, block_t)
+    if chunk is None:
+        chunk = _CONV_BWD_CHUNK if device.type == "cuda" else 1
+    # step 1: d raw of every head (float32, (B, T, H*D)) and the temperature's partials
+    draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
+    draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
+    t_blocks = b * triton.cdiv(t, rows)
+    d_beta_parts = torch.empty((t_blocks, kv_heads), dtype=torch.float32, device=device)
+    # step 2: the conv chain's backward per stream, weight gradients as partial rows
+    programs = b * triton.cdiv(t, rows * chunk)
 
     def partial(*shape):
-        # float32 partial sums, one row per program, summed by torch below: deterministic
-        return torch.zeros((programs, *shape), dtype=torch.float32, device=device)
+        # every program writes its whole row (for its head's channels)
+        return torch.empty((programs, *shape), dtype=torch.float32, device=device)
 
     parts = [
         partial(e_q, k1),
@@ -1046,19 +974,16 @@ def ccgqa_prologue_bwd(
         partial(e_kv) if k_conv1_bias is not None else None,
         partial(e_kv, d, k2),
         partial(e_kv) if k_conv2_bias is not None else None,
-        partial(kv_heads) if temp is not None else None,
     ]
-    if d_q_pre.numel() == 0:
-        parts = [p.zero_() if p is not None else None for p in parts]
-    else:
-        traceable(_ccgqa_prologue_bwd_kernel)[(programs, kv_heads)](
+    if d_q_pre.numel():
+        launch = dict(num_warps=4 if d <= 64 else 8, num_stages=_NUM_STAGES)
+        traceable(_ccgqa_prologue_draw_kernel)[(t_blocks, kv_heads)](
             dq,
             dk,
             *tensors,
-            d_q_pre,
-            d_k_pre,
-            *(p if p is not None else parts[0] for p in parts),  # parts[0]: never touched
-            b,
+            draw_q,
+            draw_k,
+            d_beta_parts,
             t,
             *scalars["strides"],
             dq.stride(0),
@@ -1070,9 +995,45 @@ def ccgqa_prologue_bwd(
             *scalars["tail"],
             **constexprs,
             BLOCK_T=rows,
-            num_warps=4 if d <= 64 else 8,
-            num_stages=_NUM_STAGES,
+            **launch,
         )
+        q_pre, k_pre = tensors[0], tensors[1]
+        streams = (
+            (False, q_pre, tensors[2:5], draw_q, draw_k, d_q_pre, parts[:4], heads),
+            (True, k_pre, tensors[6:9], draw_k, draw_q, d_k_pre, parts[4:], kv_heads),
+        )
+        for is_k, x, (w1, b1, w2), draw, other, dx, (dw1, db1, dw2, db2), n_heads in streams:
+            has_b1 = constexprs["HAS_K_B1" if is_k else "HAS_Q_B1"]
+            has_b2 = constexprs["HAS_K_B2" if is_k else "HAS_Q_B2"]
+            traceable(_ccgqa_prologue_conv_bwd_kernel)[(programs, n_heads)](
+                x,
+                w1,
+                b1,
+                w2,
+                draw,
+                other,
+                dx,
+                dw1,
+                db1 if db1 is not None else dw1,  # dw1: never touched
+                dw2,
+                db2 if db2 is not None else dw1,
+                t,
+                x.stride(0),
+                x.stride(1),
+                IS_K=is_k,
+                GROUP=constexprs["GROUP"],
+                HEAD_DIM=d,
+                K1=k1,
+                K2=k2,
+                HAS_B1=has_b1,
+                HAS_B2=has_b2,
+                QK_MEAN=constexprs["QK_MEAN"],
+                MAX_TAPS=MAX_CONV_KERNEL,
+                BLOCK_T=rows,
+                CHUNK=chunk,
+                DOT_PRECISION=constexprs["DOT_PRECISION"],
+                **launch,
+            )
     weights = (
         q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
@@ -1085,7 +1046,7 @@ def ccgqa_prologue_bwd(
     if temp is None:
         grads.append(None)
     else:
-        d_beta = parts[8].sum(0)
+        d_beta = d_beta_parts.sum(0)
         t32 = temp.detach().float().reshape(-1).expand(kv_heads)
         d_temp = d_beta * t32.exp() if temperature == "exp" else d_beta
         if temp.numel() == 1:

@@ -184,10 +184,14 @@ def run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=False, 
 # Small cases for the interpreter: T = 1, T not a multiple of the block (block_t=16
 # crosses block borders with the halo), d 16/32/64, G 1/2/4, k1/k2 1..3, qk mean on/off,
 # every temperature mode, full/half/interleaved/no RoPE, missing biases, strided inputs,
-# the persistent backward walking several items per program.
+# the conv backward walking two time blocks per program.
 CASES = {
     "T1-G2-k22-exp-full": dict(t=1, heads=2, kv_heads=1),
     "T19-B2-G2-blocks": dict(b=2, t=19, heads=4, kv_heads=2, launch=dict(block_t=16)),
+    # 3 time blocks in 2 chunks per batch row, the last chunk half past T
+    "T40-B2-G2-chunks": dict(
+        b=2, t=40, heads=4, kv_heads=2, k1=3, k2=2, launch=dict(block_t=16, chunk=2)
+    ),
     "T5-d32-G4-k31-raw-half": dict(
         t=5, d=32, heads=4, kv_heads=1, k1=3, k2=1, temperature="raw", rotary_dim=16
     ),
@@ -202,7 +206,7 @@ CASES = {
         temperature="none",
         rotary_dim=0,
     ),  # fmt: skip
-    "T17-k33-variantish-persistent": dict(
+    "T17-k33-variantish-chunked": dict(
         t=17,
         k1=3,
         k2=3,
@@ -215,7 +219,7 @@ CASES = {
         norm_scale=1.0,
         bias=(False, True, True, False),
         qkv_fused=True,
-        launch=dict(block_t=16, num_programs=1),
+        launch=dict(block_t=16, chunk=2),
     ),  # fmt: skip
     "T6-d32-G2-quarter-rope-nobias": dict(
         t=6, d=32, heads=2, kv_heads=1, rotary_dim=8, bias=(False,) * 4, k1=2, k2=3
