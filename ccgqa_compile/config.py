@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "rope", "gqa_attention")
+# the CCGQA prologue before RoPE: its RoPE is part of it
+FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "ccgqa_prologue", "rope", "gqa_attention")
 
 # Names added here are skipped by every later compilation.
 disabled_fusions: set[str] = set()

@@ -338,6 +338,14 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _structural(heads, kv_heads, rotary_dim) -> tuple[int, int, int]:
+    """Head counts and the RoPE width shape the computation (kernel constexprs): under
+    ``dynamic=True`` Dynamo may pass them as SymInts, so specialise on them here (a guard,
+    as for any int that decides control flow). Comparing such a SymBool with a Python bool
+    in ``check_args`` raised inside sympy (H100, torch 2.11, 2026-11-24)."""
+    return int(heads), int(kv_heads), int(rotary_dim)
+
+
 def _kernel_ok(tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter):
     d = q_pre.shape[-1] // heads
     return (
@@ -377,6 +385,7 @@ def ccgqa_prologue(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
     )  # fmt: skip
+    heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
     problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
     if problem is not None:
         raise ValueError(f"ccgqa_prologue: {problem}")
@@ -421,6 +430,7 @@ def ccgqa_prologue_backward(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
     )  # fmt: skip
+    heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
     scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
     k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
     if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved):

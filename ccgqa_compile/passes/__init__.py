@@ -16,7 +16,7 @@ from .._inductor_compat import (
     normalize_joint_graph,
     stable_topological_sort,
 )
-from . import gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (register the families)
+from . import ccgqa_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (families)
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import is_tangent, order_scatter_sums, peel_first_addend
@@ -36,7 +36,10 @@ def _source_files() -> tuple[str, ...]:
 
 # A family's patterns are only built and run on graphs containing one of these ops
 # (every traced idiom of the family contains one).
-_FAMILY_NEEDS = {"gqa_attention": {torch.ops.aten.amax.default}}
+_FAMILY_NEEDS = {
+    "gqa_attention": {torch.ops.aten.amax.default},
+    "ccgqa_prologue": {torch.ops.aten.convolution.default},
+}
 
 
 def _graph_device_type(graph: torch.fx.Graph) -> str:

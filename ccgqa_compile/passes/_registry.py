@@ -220,13 +220,18 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
 
 
 _FAMILIES: dict[str, Callable[[], Sequence[Idiom]]] = {}
+_AFTER_BUILD: dict[str, Callable[[PatternMatcherPass], None]] = {}
 
 
-def family(fusion: str):
-    """Decorator: ``fn() -> list[Idiom]`` provides the idioms of one fusion."""
+def family(fusion: str, after_build: Callable[[PatternMatcherPass], None] | None = None):
+    """Decorator: ``fn() -> list[Idiom]`` provides the idioms of one fusion.
+    ``after_build(pattern_pass)`` runs once the family is registered (a family whose
+    traced patterns need adjusting, e.g. the prologue's ``convolution_backward``)."""
 
     def wrap(fn: Callable[[], Sequence[Idiom]]) -> Callable[[], Sequence[Idiom]]:
         _FAMILIES[fusion] = fn
+        if after_build is not None:
+            _AFTER_BUILD[fusion] = after_build
         return fn
 
     return wrap
@@ -238,4 +243,6 @@ def pattern_pass_for(fusion: str, device_type: str) -> PatternMatcherPass:
     pattern_pass = PatternMatcherPass(pass_name=f"ccgqa_{fusion}")
     with pattern_tracing_context():
         register_idioms(pattern_pass, _FAMILIES[fusion](), device_type)
+    if fusion in _AFTER_BUILD:
+        _AFTER_BUILD[fusion](pattern_pass)
     return pattern_pass

@@ -17,6 +17,8 @@ _ANCHORS = {
     "swiglu": ((aten.silu.default, aten.sigmoid.default), "a silu/sigmoid is left in the graph"),
     "rope": ((aten.neg.default,), "a negation feeding a cat/stack is left in the graph"),
     "gqa_attention": ((aten._softmax.default,), "a softmax is left in the graph"),
+    # a causal conv left in the graph: a CCGQA prologue that did not fuse
+    "ccgqa_prologue": ((aten.convolution.default,), "a convolution is left in the graph"),
 }
 
 
