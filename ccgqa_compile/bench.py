@@ -296,7 +296,8 @@ def _timer(device: str, fn: Callable, reset: list[torch.Tensor]) -> tuple[float,
     return statistics.median(times), "wall-clock"
 
 
-def run_case(case: Case, device: str) -> list[dict]:
+def run_case(case: Case, device: str, only: set[str] | None = None) -> list[dict]:
+    """Every provider of ``case`` (those in ``only``, when given), timed in this process."""
     # every case compiles afresh with static shapes (no automatic-dynamic recompile of the
     # same code at a second size), as a training job with a fixed T does
     torch._dynamo.reset()
@@ -318,6 +319,8 @@ def run_case(case: Case, device: str) -> list[dict]:
         del ref_in, ref_fn
     rows = []
     for name, fn in _providers(case).items():
+        if only is not None and name not in only:
+            continue
         row = {"op": case.op, "case": case.label, "provider": name, **case.extra}
         try:
             _measure(case, device, fn, name, base, grads, reference, params, row)
@@ -544,6 +547,11 @@ def parse_args(argv=None):
         default="",
         help="ccgqa-block configs E:hq:hkv:C, comma-separated (default 2048:16:4:4,512:8:2:4)",
     )
+    ap.add_argument(
+        "--providers",
+        default="",
+        help="time only these providers, comma-separated (e.g. inductor,ccgqa; default: all)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--save", default="bench-results")
     ap.add_argument("--plot", action="store_true")
@@ -574,6 +582,7 @@ def parse_args(argv=None):
             )
     args.ops = ops
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    args.providers = {p.strip() for p in args.providers.split(",") if p.strip()} or None
     return args
 
 
@@ -601,7 +610,7 @@ def main(argv=None) -> list[dict]:
     }
     rows = []
     for case in progress:
-        rows.extend(run_case(case, args.device))
+        rows.extend(run_case(case, args.device, args.providers))
         # rewritten after every case: a run cut short by a time limit keeps what it measured
         with open(os.path.join(args.save, "bench.json"), "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -48,6 +48,9 @@ class Entry:
     # core is still genuine, so `expect` counts the core's fusion; reserved for the
     # whole-block fusion, which must not fire on it
     block_near_miss: bool = False
+    # other fusions this entry pins, as (fusion, times per graph on promised shapes); 0 =
+    # must not fire (e.g. the CCGQA prologue on a block whose convs see later tokens)
+    also: tuple[tuple[str, int], ...] = ()
 
     @property
     def near_miss(self) -> bool:
@@ -85,5 +88,7 @@ def idiom_table() -> str:
             fire += "; block-level near miss"
         if e.forbidden_idioms:
             fire = f"never as {', '.join(e.forbidden_idioms)} (its plain core may fuse)"
+        for fusion, times in e.also:
+            fire += f"; {fusion}: " + (f"yes (x{times})" if times else "no")
         lines.append(f"| `{e.name}` | {e.fusion} | {fire} | {e.note} |")
     return "\n".join(lines)

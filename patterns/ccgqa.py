@@ -5,10 +5,11 @@ width E to hq*d / hkv*d channels, q and k go through two causal convolutions and
 qk-mean coupling, are L2-normalised with a learnable per-kv-head temperature and rotated,
 then causal GQA attention runs there and only its output is up-projected.
 
-This is the reference the fused path must reproduce; its attention core (hand-written, or
-SDPA at head dims <= 32) is already replaced by ``torch.ops.ccgqa.gqa_attention`` (and its
-RoPE by ``ccgqa.rope``); recognising the whole block (conv/mean/norm/rope prologue in one
-kernel) is still to come.
+This is the reference the fused path must reproduce. Under ``backend="ccgqa"`` its q/k
+prologue (convs, qk mean, L2 norm, temperature, RoPE) becomes
+``torch.ops.ccgqa.ccgqa_prologue`` and its attention core (hand-written, or SDPA at head
+dims <= 32) ``torch.ops.ccgqa.gqa_attention``; the entries' ``prologue`` counts say which
+spellings the prologue fusion covers so far.
 
 The options spell the block the ways users write it (ccgqa.md, "What users write"); the
 defaults are the canonical form. ``CCGQAAttentionSeed`` is the original project's variant.
@@ -295,8 +296,9 @@ def _promised(shape: Shape) -> bool:
 BLOCK_NEAR_MISS = "block-level near miss: reserved for the whole-block fusion"
 
 
-def _hand(name, build, expect=1, note="", block_near_miss=False):
-    """An entry whose attention core is hand-written (joint-graph patterns)."""
+def _hand(name, build, expect=1, note="", block_near_miss=False, prologue=0):
+    """An entry whose attention core is hand-written (joint-graph patterns). ``prologue``:
+    times the q/k prologue fusion must fire (0: must not, or not one of its idioms yet)."""
     return Entry(
         name,
         "gqa_attention",
@@ -306,10 +308,11 @@ def _hand(name, build, expect=1, note="", block_near_miss=False):
         note,
         promised=_promised,
         block_near_miss=block_near_miss,
+        also=(("ccgqa_prologue", prologue),),
     )
 
 
-def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block=False):
+def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block=False, prologue=0):
     """An entry whose attention core is SDPA (the pre-grad rewrite)."""
     return Entry(
         name,
@@ -321,6 +324,7 @@ def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block
         promised=sdpa_promised,
         policy=policy,
         block_near_miss=block,
+        also=(("ccgqa_prologue", prologue),),
     )
 
 
@@ -329,11 +333,17 @@ def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block
 # float64 reaches tens of percent and the equivalence check (compiled within 2x eager's
 # error) turns into a coin toss. The temperature is covered by the entries that keep it.
 ENTRIES = [
-    _hand("ccgqa_handwritten_core", _build(), note="CCGQA block, hand-written causal GQA core"),
+    _hand(
+        "ccgqa_handwritten_core",
+        _build(),
+        note="CCGQA block, hand-written causal GQA core",
+        prologue=1,
+    ),
     _hand(
         "ccgqa_partial_rope_no_shift",
         _build(value_shift=False, rotary_fraction=0.5, temperature="raw", conv_kernels=(3, 2)),
         note="CCGQA, half-rotary, no value shift, raw temperature",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_sdpa_repeat_kv",
@@ -364,6 +374,7 @@ ENTRIES = [
         "ccgqa_sdpa_d32_partial_rope",
         _build(head_dim=32, attention="sdpa", rotary_fraction=0.5),
         note="CCGQA, SDPA, d=32, half-rotary",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_sdpa_d64",
@@ -371,6 +382,7 @@ ENTRIES = [
         0,
         "CCGQA, SDPA, d=64",
         policy="head dim 64 > 32: SDPA (cuDNN) is faster",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_sdpa_d128",
@@ -378,6 +390,7 @@ ENTRIES = [
         0,
         "CCGQA, SDPA, d=128 (ZAYA's head dim)",
         policy="head dim 128 > 32: SDPA (cuDNN) is faster",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_seed_variant",
@@ -391,7 +404,8 @@ ENTRIES = [
         "ccgqa_near_non_causal",
         _build(attention="sdpa", causal=False),
         0,
-        "CCGQA with non-causal attention: the core must not fuse",
+        "CCGQA with non-causal attention: the core must not fuse (its prologue does)",
+        prologue=1,
     ),
     _hand(
         "ccgqa_near_symmetric_conv_padding",
@@ -402,8 +416,9 @@ ENTRIES = [
     _sdpa(
         "ccgqa_near_value_shift_two",
         _build(attention="sdpa", value_shift_tokens=2),
-        note=f"value shift by two tokens; {BLOCK_NEAR_MISS}",
+        note=f"value shift by two tokens (the q/k prologue is genuine); {BLOCK_NEAR_MISS}",
         block=True,
+        prologue=1,
     ),
     _hand(
         "ccgqa_near_mean_wrong_heads",

@@ -25,6 +25,12 @@ def test_bench_runs_on_cpu_and_writes_results(tmp_path):
     assert (tmp_path / "bench_rmsnorm.png").stat().st_size > 1000
 
 
+def test_bench_times_only_the_providers_asked_for(tmp_path):
+    argv = ["--ops", "rmsnorm", "--quick", "--device", "cpu", "--save", str(tmp_path)]
+    rows = main(argv + ["--providers", "inductor,ccgqa"])
+    assert sorted(r["provider"] for r in rows) == ["ccgqa", "inductor"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -43,7 +49,8 @@ def test_bench_rejects_bad_arguments(argv):
 
 def test_ccgqa_block_bench_on_cpu(tmp_path):
     """The whole-block benchmark: both idioms under every provider plus the uncompressed
-    SDPA baseline, the attention fused under backend="ccgqa", errors vs float64 small."""
+    SDPA baseline, the prologue and attention fused under backend="ccgqa", errors vs
+    float64 small."""
     rows = main(
         ["--ops", "ccgqa-block", "--quick", "--device", "cpu", "--seq-lens", "32"]
         + ["--plot", "--save", str(tmp_path)]
@@ -56,4 +63,5 @@ def test_ccgqa_block_bench_on_cpu(tmp_path):
         assert not r.get("oom") and r["total_rel_err_vs_fp64"] < 1e-4, r
         if r["provider"] == "ccgqa":
             assert r["fused_fwd+bwd"].get("gqa_attention") == 1, r
+            assert r["fused_fwd+bwd"].get("ccgqa_prologue") == 1, r
     assert list(tmp_path.glob("bench_ccgqa_block_*.png"))

@@ -68,6 +68,14 @@ def run_entry(
         assert not rep.forward_only().get(entry.fusion), (
             f"{entry.name}: {entry.fusion} fused without its backward\n{rep}"
         )
+    for fusion, times in entry.also:
+        fired = rep.count(fusion)
+        allowed = {times} if entry.promised(shape) else {0, times}
+        assert fired in allowed, f"{entry.name}: {fusion} fired {fired}x, expected {times}\n{rep}"
+        if training and times and entry.promised(shape):
+            assert not rep.forward_only().get(fusion), (
+                f"{entry.name}: {fusion} fused without its backward\n{rep}"
+            )
     idioms = {idiom for (fusion, idiom) in rep.idioms() if fusion == entry.fusion}
     assert not idioms & set(entry.forbidden_idioms), f"{entry.name}: fired as {idioms}"
     kinds = {g.kind for g in rep.graphs}

@@ -10,25 +10,20 @@ grouped per head or a dense conv2, a mean over other heads, another norm scale. 
 re-trace compares the pad amounts, groups and constants computed from the real weight
 shapes; ``check`` (the op's own argument check) rejects what the op does not compute.
 
-Status: NOT in ``config.FUSIONS`` yet (import this module to register the family; the
-inference idioms match, tests/test_ccgqa_prologue_op.py checks one). On the H100
-(2026-11-24) every kernel case passes in bf16/fp16/fp32 since the launches stopped
-software-pipelining (shared memory), but a ``dynamic=True`` compile of the op failed, and
-the kernels beat Inductor's compiled reference only by 1.02x (E2048, d32) / 1.38x (E512,
-d16) fwd+bwd, both far from the byte floor (docs/benchmarks/README.md): the backward
-recomputes the conv chain (K1 * K2) times per tile. The training
-(``joint_fwd_bwd``) variants never match, because of how Inductor's ``fx_to_pattern``
-turns the traced ``aten.convolution_backward`` into a pattern: its int-list arguments
-(bias_sizes, stride, padding, dilation, output_padding) become single ``Ignored()`` leaves
-(``list`` is an ignored type), but ``output_mask=[True, True, True]`` stays a list (bools
-are not ``int`` by ``type()``). A pattern node with a nested list is compared with
-``pytree_flatten``, which expands the matched node's int lists into tuples, so the
-structure check fails ("args_structure") on every real graph. ``relax_list_arguments``
-below is the fix (tested: with it both training idioms fuse and every gradient matches
-eager); it must run on the built pass, i.e. from ``_registry.pattern_pass_for`` after
-``register_idioms`` (not this file's to change). The exact re-trace still compares every
-literal. Then add "ccgqa_prologue" to ``config.FUSIONS`` before "rope" (the prologue's
-RoPE is part of it) and move the candidate anchor below into ``candidates._ANCHORS``.
+Training graphs: Inductor's ``fx_to_pattern`` turns the traced
+``aten.convolution_backward`` into a pattern whose int-list arguments (bias_sizes, stride,
+padding, dilation, output_padding) become single ``Ignored()`` leaves (``list`` is an
+ignored type), but ``output_mask=[True, True, True]`` stays a list (bools are not ``int``
+by ``type()``). A pattern node with a nested list is compared with ``pytree_flatten``,
+which expands the matched node's int lists into tuples, so the structure check failed
+("args_structure") on every real graph. ``relax_list_arguments`` runs on the built pass
+(the family's ``after_build`` hook) and ignores those lists in the loose match; the exact
+re-trace still compares every literal.
+
+Idioms covered: qk-mean on, exp or raw temperature, ``F.normalize``, full or partial
+rotate-half RoPE, biases on both convs (``nn.Conv1d`` modules and ``F.conv1d`` trace the
+same). Not yet: no temperature, no qk-mean, ``x / x.norm()``, the Zyphra concatenated
+conv, the original project's variant (the corpus entries say which fuse).
 """
 
 from __future__ import annotations
