@@ -337,14 +337,18 @@ def test_pattern_family_fuses_the_inference_prologue():
     assert rel_err(out, expected) < 1e-5
 
 
-def test_pattern_family_fuses_the_training_prologue():
+@pytest.mark.parametrize(
+    "heads, kv_heads", [(4, 2), (3, 1), (2, 2)], ids=["grouped", "single-kv-head", "ungrouped"]
+)
+def test_pattern_family_fuses_the_training_prologue(heads, kv_heads):
     """The joint pattern fires in a training graph (the family's ``after_build`` hook,
     ``relax_list_arguments``, makes ``convolution_backward``'s list arguments matchable),
-    and every gradient, x's included, matches eager."""
+    for every head layout (one kv head and G = 1 trace differently), and every gradient,
+    x's included, matches eager."""
     backend = _prologue_only_backend()
     torch.manual_seed(0)
-    m = CCGQAttention(32, 4, 2, 8)
-    x = torch.randn(2, 6, 32, requires_grad=True)
+    m = CCGQAttention(heads * 8, heads, kv_heads, 8)
+    x = torch.randn(2, 6, heads * 8, requires_grad=True)
     m(x).pow(2).sum().backward()
     expected = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
     m.zero_grad()

@@ -81,9 +81,9 @@ def relax_list_arguments(pattern_pass) -> None:
             walk(entry.pattern)
 
 
-def _inputs(rotary_dim: int):
+def _inputs(rotary_dim: int, heads: int, kv_heads: int):
     def make(act, param, device):
-        b, t, heads, kv_heads, d, k1, k2 = 2, 5, 4, 2, 8, 2, 2
+        b, t, d, k1, k2 = 2, 5, 8, 2, 2
 
         def p(*shape):
             return torch.randn(*shape, dtype=param, device=device)
@@ -197,21 +197,31 @@ def _check(values) -> str | None:
     return None
 
 
+# (heads, kv heads) the patterns are traced with: a single kv head traces differently
+# (its repeat_interleave and the mean's backward collapse), and so does one query head per
+# kv head (G = 1: the repeat and the mean are no-ops): each gets its own patterns
+_HEAD_LAYOUTS = (("", 4, 2), ("_single_kv_head", 3, 1), ("_ungrouped", 2, 2))
+
+
 @family("ccgqa_prologue", after_build=relax_list_arguments)
 def idioms() -> list[Idiom]:
     out = []
-    for exp in (True, False):
-        temperature = "exp_temperature" if exp else "raw_temperature"
-        for rope_name, rope, rotary_dim in (("full", _full_rope, 8), ("partial", _partial_rope, 4)):
-            out.append(
-                Idiom(
-                    "ccgqa_prologue",
-                    f"conv_mean_norm_{temperature}_{rope_name}_rope",
-                    _search(exp, rope),
-                    _replace(exp),
-                    _inputs(rotary_dim),
-                    _GRADS,
-                    check=_check,
+    for suffix, heads, kv_heads in _HEAD_LAYOUTS:
+        for exp in (True, False):
+            temperature = "exp_temperature" if exp else "raw_temperature"
+            for rope_name, rope, rotary_dim in (
+                ("full", _full_rope, 8),
+                ("partial", _partial_rope, 4),
+            ):
+                out.append(
+                    Idiom(
+                        "ccgqa_prologue",
+                        f"conv_mean_norm_{temperature}_{rope_name}_rope{suffix}",
+                        _search(exp, rope),
+                        _replace(exp),
+                        _inputs(rotary_dim, heads, kv_heads),
+                        _GRADS,
+                        check=_check,
+                    )
                 )
-            )
     return out
