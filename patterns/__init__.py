@@ -51,6 +51,8 @@ class Entry:
     # other fusions this entry pins, as (fusion, times per graph on promised shapes); 0 =
     # must not fire (e.g. the CCGQA prologue on a block whose convs see later tokens)
     also: tuple[tuple[str, int], ...] = ()
+    # shapes on which the `also` counts are promised (default: those of `promised`)
+    also_promised: Callable[[Shape], bool] | None = None
 
     @property
     def near_miss(self) -> bool:

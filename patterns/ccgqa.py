@@ -325,6 +325,9 @@ def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block
         policy=policy,
         block_near_miss=block,
         also=(("ccgqa_prologue", prologue),),
+        # one query head (hq = hkv = 1) traces the prologue differently again; the SDPA
+        # core's promise covers it, the prologue's does not (it may fuse, must match)
+        also_promised=_promised,
     )
 
 
