@@ -126,3 +126,23 @@ __all__ = [
     "stable_topological_sort",
     "statically_known_true",
 ]
+
+
+def triton_kernel_of(node: torch.fx.Node) -> str | None:
+    """``module.name`` of the user Triton kernel a ``triton_kernel_wrapper_*`` node launches
+    (how a ``triton_op`` body appears in a traced graph), else None."""
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        kernel_side_table,
+        triton_kernel_wrapper_functional,
+        triton_kernel_wrapper_mutation,
+    )
+
+    if node.op != "call_function" or node.target not in (
+        triton_kernel_wrapper_functional,
+        triton_kernel_wrapper_mutation,
+    ):
+        return None
+    fn = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+        fn = fn.fn
+    return f"{fn.__module__}.{fn.__name__}"

@@ -105,14 +105,21 @@ class CCGQALM(nn.Module):
         return self.head(self.norm(x))
 
     def expected_fusions(self) -> dict[str, int]:
-        """What fires in one training graph: two norms per block plus the final one, RoPE
-        on q and on k, one attention core and one SwiGLU per block."""
+        """What fires in one training graph: two norms per block plus the final one, one
+        q/k prologue (convs, qk-mean, norm, temperature, RoPE), one attention core, one
+        SwiGLU per block, and each block whose prologue feeds a fused attention."""
         from ccgqa_compile.passes.sdpa_attention import MAX_HEAD_DIM
 
         n = self.layers
         # an SDPA core is taken over only at small head dims (above, SDPA's cuDNN is faster)
         attention = n if self.attention == "handwritten" or self.head_dim <= MAX_HEAD_DIM else 0
-        return {"gqa_attention": attention, "rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}
+        return {
+            "ccgqa_prologue": n,
+            "gqa_attention": attention,
+            "ccgqa_block": attention,
+            "rms_norm": 2 * n + 1,
+            "swiglu": n,
+        }
 
 
 def build_model(args: argparse.Namespace) -> CCGQALM:

@@ -44,9 +44,9 @@ class Entry:
     # expect=0 by policy, not because the idiom differs: the fusion could apply but is
     # deliberately not taken (e.g. SDPA at head dim 64, where cuDNN is faster); says why
     policy: str = ""
-    # a near miss of the whole CCGQA block (wrong padding, shift, mean) whose attention
-    # core is still genuine, so `expect` counts the core's fusion; reserved for the
-    # whole-block fusion, which must not fire on it
+    # a near miss of the whole CCGQA block (wrong padding, wrong mean) whose attention
+    # core is still genuine, so `expect` counts the core's fusion; the q/k prologue (and
+    # so the whole block) must not fuse there
     block_near_miss: bool = False
     # other fusions this entry pins, as (fusion, times per graph on promised shapes); 0 =
     # must not fire (e.g. the CCGQA prologue on a block whose convs see later tokens)

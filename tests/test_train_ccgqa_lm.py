@@ -21,7 +21,7 @@ TINY = [
     *("--batch", "2", "--seq", "16", "--steps", "8", "--lr", "1e-2", "--sample", "16"),
     *("--device", "cpu"),
 ]
-FUSIONS = ("gqa_attention", "rms_norm", "swiglu", "rope")
+FUSIONS = ("ccgqa_prologue", "gqa_attention", "ccgqa_block", "rms_norm", "swiglu")
 
 
 def _run(tmp_path_factory, *extra: str):
@@ -111,9 +111,16 @@ def test_compare_records_three_providers_on_the_same_batches(compare_run):
 
 def test_expected_fusions_scale_with_layers():
     model = CCGQALM(256, dim=32, layers=3, heads=2, kv_heads=1, head_dim=16)
-    assert model.expected_fusions() == {"gqa_attention": 3, "rms_norm": 7, "rope": 6, "swiglu": 3}
+    assert model.expected_fusions() == {
+        "ccgqa_prologue": 3,
+        "gqa_attention": 3,
+        "ccgqa_block": 3,
+        "rms_norm": 7,
+        "swiglu": 3,
+    }
     sdpa = CCGQALM(256, dim=256, layers=2, heads=2, kv_heads=1, head_dim=128, attention="sdpa")
     assert sdpa.expected_fusions()["gqa_attention"] == 0  # SDPA keeps large head dims
+    assert sdpa.expected_fusions()["ccgqa_block"] == 0
 
 
 BAD = [

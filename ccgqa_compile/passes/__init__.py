@@ -18,6 +18,7 @@ from .._inductor_compat import (
 )
 from . import ccgqa_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (families)
 from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
+from .blocks import report_fused_blocks
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import is_tangent, order_scatter_sums, peel_first_addend
 from .sdpa_attention import SdpaAttentionPass, flush_pending_reports
@@ -88,6 +89,8 @@ class CCGQAGraphPass(CustomGraphPass):
             forget_graph(graph)
         for fusion in self.fusions:
             report_unfused_candidates(graph, fusion, before[fusion])
+        if {"ccgqa_prologue", "gqa_attention"} <= set(self.fusions):
+            report_fused_blocks(graph)
 
     def _apply_patterns(self, graph: torch.fx.Graph, device_type: str) -> None:
         present = {n.target for n in graph.nodes if n.op == "call_function"}

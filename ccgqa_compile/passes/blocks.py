@@ -1,0 +1,114 @@
+"""After the patterns ran: name each whole CCGQA block that now runs on our fused ops.
+
+A CCGQA block is fused when one q/k prologue op (both causal convs, qk-mean, L2 norm,
+temperature, RoPE) produces both the q and the k of one attention op, through nothing but
+views and layout copies. Between the down-projections and the up-projection the block
+then runs two fused ops; the value path (its projection and the one-token shift) stays
+Inductor's code, which the fused ops never see, so a block with another shift still
+computes what its author wrote.
+
+The ops appear in three forms: as the op itself, as its exact composite (CPU, other
+dtypes), or, on the GPU, as the launches of its Triton kernels (a ``triton_op`` body is
+traced into the graph); all three are recognised. Half-fused blocks are reported too, as
+"not fused ccgqa_block" lines saying which half is missing. Read-only.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .. import reporting as report
+from .._inductor_compat import triton_kernel_of
+
+aten = torch.ops.aten
+
+_PROLOGUE = (
+    {"ccgqa::ccgqa_prologue", "ccgqa::ccgqa_prologue_composite"},
+    "ccgqa_compile.kernels.ccgqa_prologue._ccgqa_prologue_fwd_kernel",
+)
+_ATTENTION = (
+    {"ccgqa::gqa_attention", "ccgqa::gqa_attention_composite"},
+    "ccgqa_compile.kernels.gqa_attention._forward_kernel",
+)
+# ops that only reshape, re-layout or alias a tensor between the prologue and attention
+_PASSTHROUGH = {
+    operator.getitem,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.expand.default,
+}
+# how far back to follow such ops from an attention input
+_MAX_HOPS = 8
+
+
+def _is(node: torch.fx.Node, kind: tuple[set[str], str]) -> bool:
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.name() in kind[0]
+    return triton_kernel_of(node) == kind[1]
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+    return [a for a in flat if isinstance(a, torch.fx.Node)]
+
+
+def _source_prologue(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The prologue node ``node`` is an output of, through pass-through ops only."""
+    for _ in range(_MAX_HOPS):
+        if _is(node, _PROLOGUE):
+            return node
+        if node.op != "call_function" or node.target not in _PASSTHROUGH:
+            return None
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node):
+            return None
+        node = source
+    return None
+
+
+def _paired_prologue(attention: torch.fx.Node) -> torch.fx.Node | None:
+    """The prologue that produces two inputs (q and k) of ``attention``, if one does."""
+    reached: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for tensor in _tensor_inputs(attention):
+        prologue = _source_prologue(tensor)
+        if prologue is not None:
+            reached.setdefault(prologue, set()).add(tensor)
+    return next((p for p, inputs in reached.items() if len(inputs) >= 2), None)
+
+
+def report_fused_blocks(graph: torch.fx.Graph) -> int:
+    """Record a ``ccgqa_block`` fusion for every prologue -> attention pair and a
+    "not fused ccgqa_block" line for every half-fused block; returns the pairs found."""
+    prologues = [n for n in graph.nodes if _is(n, _PROLOGUE)]
+    attentions = [n for n in graph.nodes if _is(n, _ATTENTION)]
+    has_conv = any(n.target is aten.convolution.default for n in graph.nodes)
+    paired: set[torch.fx.Node] = set()
+    for attention in attentions:
+        prologue = _paired_prologue(attention)
+        if prologue is not None:
+            paired.add(prologue)
+        elif has_conv:
+            report.record_unfused(
+                "ccgqa_block",
+                attention.name,
+                "attention fused, but its q/k prologue did not (see the ccgqa_prologue lines)",
+            )
+    for prologue in prologues:
+        if prologue in paired:
+            report.record_fusion("ccgqa_block", "prologue+attention")
+        else:
+            report.record_unfused(
+                "ccgqa_block",
+                prologue.name,
+                "q/k prologue fused, but its attention did not (see the gqa_attention lines)",
+            )
+    return len(paired)
