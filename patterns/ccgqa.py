@@ -359,11 +359,13 @@ ENTRIES = [
         "ccgqa_sdpa_repeat_kv",
         _build(attention="sdpa_repeat_kv", l2norm="norm_div"),
         note="CCGQA, SDPA on repeat_kv K/V, x / x.norm() (F.normalize clamps by eps)",
+        prologue=1,
     ),
     _hand(
         "ccgqa_functional_conv_repeat_interleave",
         _build(conv_style="functional", kv_repeat="repeat_interleave", temperature="none"),
         note="CCGQA, F.pad + F.conv1d, hand-written core with repeat_interleave, no temperature",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_zyphra_qk_concat_conv",
@@ -379,6 +381,7 @@ ENTRIES = [
         "ccgqa_sdpa_d16",
         _build(head_dim=16, attention="sdpa", temperature="none"),
         note="CCGQA, SDPA, d=16, no temperature",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_sdpa_d32_partial_rope",

@@ -56,9 +56,10 @@ def test_a_block_whose_attention_stays_unfused_says_so():
 
 
 def test_a_block_whose_prologue_stays_unfused_says_so():
-    """x / x.norm() is not a prologue spelling yet: attention fuses, the block does not."""
+    """A block without qk-mean is not a prologue spelling yet: attention fuses, the block
+    does not."""
     torch.manual_seed(0)
-    rep = _compile_and_check(CCGQAttention(32, 4, 2, 8, l2norm="norm_div"), False)
+    rep = _compile_and_check(CCGQAttention(32, 4, 2, 8, qk_mean=False), False)
     assert rep.count("gqa_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
     missing = [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
     assert len(missing) == 1 and "q/k prologue did not" in missing[0].reason, str(rep)

@@ -20,9 +20,10 @@ which expands the matched node's int lists into tuples, so the structure check f
 (the family's ``after_build`` hook) and ignores those lists in the loose match; the exact
 re-trace still compares every literal.
 
-Idioms covered: qk-mean on, exp or raw temperature, ``F.normalize``, full or partial
-rotate-half RoPE, biases on both convs (``nn.Conv1d`` modules and ``F.conv1d`` trace the
-same). Not yet: no temperature, no qk-mean, ``x / x.norm()``, the Zyphra concatenated
+Idioms covered: qk-mean on; exp, raw or no temperature with ``F.normalize``, or exp with
+``x / x.norm()`` (the op's eps = 0 computes exactly that); full or partial rotate-half
+RoPE; biases on both convs (``nn.Conv1d`` modules and ``F.conv1d`` trace the same); any
+head layout. Not yet: no qk-mean, other temperature/norm pairings, the Zyphra concatenated
 conv, the original project's variant (the corpus entries say which fuse).
 """
 
@@ -42,6 +43,7 @@ _NAMES = (
 )  # fmt: skip
 # q_pre, k_pre, conv weights/biases and temp require grad; the tables do not
 _GRADS = ((True,) * 11 + (False, False),)
+_GRADS_NO_TEMP = ((True,) * 10 + (False, False),)
 
 
 def relax_list_arguments(pattern_pass) -> None:
@@ -81,7 +83,7 @@ def relax_list_arguments(pattern_pass) -> None:
             walk(entry.pattern)
 
 
-def _inputs(rotary_dim: int, heads: int, kv_heads: int):
+def _inputs(rotary_dim: int, heads: int, kv_heads: int, with_temp: bool):
     def make(act, param, device):
         b, t, d, k1, k2 = 2, 5, 8, 2, 2
 
@@ -99,7 +101,7 @@ def _inputs(rotary_dim: int, heads: int, kv_heads: int):
             p(kv_heads * d),
             p(kv_heads * d, d, k2),
             p(kv_heads * d),
-            p(kv_heads),
+            *((p(kv_heads),) if with_temp else ()),
             torch.randn(t, rotary_dim, dtype=act, device=device),
             torch.randn(t, rotary_dim, dtype=act, device=device),
         )
@@ -126,7 +128,9 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _normalized(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, exp):
+def _normalized(
+    q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, temperature, norm
+):  # fmt: skip
     """patterns/ccgqa.py ``CCGQAttention.forward`` up to the transpose before RoPE."""
     b, t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
     g = heads // kv_heads
@@ -137,10 +141,15 @@ def _normalized(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, te
     m_q = (qh + kh) / 2
     m_k = m_q.view(b, t, kv_heads, g, d).mean(3)
     q, k = q + m_q, k + m_k
-    q = F.normalize(q, dim=-1) * math.sqrt(d)
-    k = F.normalize(k, dim=-1) * math.sqrt(d)
-    beta = temp.exp() if exp else temp
-    k = k * beta.view(1, 1, kv_heads, 1)
+    if norm == "normalize":
+        q = F.normalize(q, dim=-1) * math.sqrt(d)
+        k = F.normalize(k, dim=-1) * math.sqrt(d)
+    else:  # "norm_div": no eps clamp, the op's eps = 0 computes the same
+        q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(d)
+        k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(d)
+    if temperature != "none":
+        beta = temp.exp() if temperature == "exp" else temp
+        k = k * beta.view(1, 1, kv_heads, 1)
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
@@ -154,27 +163,35 @@ def _partial_rope(x, cos, sin):
     return torch.cat(((x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass), dim=-1)
 
 
-def _search(exp: bool, rope):
+def _search(temperature: str, norm: str, rope):
     def search(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
         q, k = _normalized(
-            q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, exp
+            q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, temperature,
+            norm,
         )  # fmt: skip
         return rope(q, cos, sin), rope(k, cos, sin)
 
-    return search
+    def search_no_temp(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, cos, sin):
+        return search(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, None, cos, sin)
+
+    return search_no_temp if temperature == "none" else search
 
 
-def _replace(exp: bool):
+def _replace(temperature: str, norm: str):
+    eps = 1e-12 if norm == "normalize" else 0.0  # F.normalize's default eps; x / |x|
+
     def replace(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
         _b, _t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
         q, k = torch.ops.ccgqa.ccgqa_prologue(
             q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
-            heads, kv_heads, True, "exp" if exp else "raw", math.sqrt(d), 1e-12,
-            cos.shape[-1], False,
+            heads, kv_heads, True, temperature, math.sqrt(d), eps, cos.shape[-1], False,
         )  # fmt: skip
         return q, k
 
-    return replace
+    def replace_no_temp(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, cos, sin):
+        return replace(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, None, cos, sin)
+
+    return replace_no_temp if temperature == "none" else replace
 
 
 def _check(values) -> str | None:
@@ -186,8 +203,9 @@ def _check(values) -> str | None:
     if w2.shape[0] % d or values["k_w2"].shape[0] % d:
         return "conv2 weights do not split into heads of the head dim"
     heads, kv_heads = w2.shape[0] // d, values["k_w2"].shape[0] // d
-    tensors = [values[name] for name in _NAMES]
-    temperature = "exp"  # the mode does not change what check_args checks
+    tensors = [values.get(name) for name in _NAMES]  # no "temp" in the no-temperature idioms
+    # exp or raw: the mode does not change what check_args checks
+    temperature = "none" if values.get("temp") is None else "exp"
     rotary_dim = values["cos"].shape[-1]
     problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
     if problem is not None:
@@ -203,12 +221,22 @@ def _check(values) -> str | None:
 _HEAD_LAYOUTS = (("", 4, 2), ("_single_kv_head", 3, 1), ("_ungrouped", 2, 2))
 
 
+# (temperature, norm) spellings: patterns/ccgqa.py's options
+_SPELLINGS = (
+    ("exp", "normalize"),
+    ("raw", "normalize"),
+    ("none", "normalize"),
+    ("exp", "norm_div"),
+)
+
+
 @family("ccgqa_prologue", after_build=relax_list_arguments)
 def idioms() -> list[Idiom]:
     out = []
     for suffix, heads, kv_heads in _HEAD_LAYOUTS:
-        for exp in (True, False):
-            temperature = "exp_temperature" if exp else "raw_temperature"
+        for temperature, norm in _SPELLINGS:
+            with_temp = temperature != "none"
+            norm_name = "norm" if norm == "normalize" else "norm_div"
             for rope_name, rope, rotary_dim in (
                 ("full", _full_rope, 8),
                 ("partial", _partial_rope, 4),
@@ -216,11 +244,11 @@ def idioms() -> list[Idiom]:
                 out.append(
                     Idiom(
                         "ccgqa_prologue",
-                        f"conv_mean_norm_{temperature}_{rope_name}_rope{suffix}",
-                        _search(exp, rope),
-                        _replace(exp),
-                        _inputs(rotary_dim, heads, kv_heads),
-                        _GRADS,
+                        f"conv_mean_{norm_name}_{temperature}_temperature_{rope_name}_rope{suffix}",
+                        _search(temperature, norm, rope),
+                        _replace(temperature, norm),
+                        _inputs(rotary_dim, heads, kv_heads, with_temp),
+                        _GRADS if with_temp else _GRADS_NO_TEMP,
                         check=_check,
                     )
                 )
