@@ -70,24 +70,12 @@ def rel(a, b):
 def _profile(title: str, fn, steps: int = 5) -> None:
     """Print the CUDA kernels of ``fn`` by total time per step, and the GPU-busy total
     beside the wall time: a wall time far above the kernel total means launch overhead."""
-    from torch.profiler import ProfilerActivity, profile
+    from profile_ops import cuda_kernel_breakdown, print_kernels  # scripts/profile_ops.py
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    events.sort(key=lambda e: -e.device_time_total)
-    busy = sum(e.device_time_total for e in events) / steps / 1e3
+    events, busy = cuda_kernel_breakdown(fn, steps)
     wall = triton.testing.do_bench(fn, return_mode="median")
     print(f"\n== {title}: kernels {busy:.3f} ms/step, do_bench {wall:.3f} ms")
-    for e in events[:10]:
-        print(
-            f"  {e.device_time_total / steps / 1e3:8.4f} ms  x{e.count // steps:<3d} {e.key[:100]}"
-        )
+    print_kernels(events, steps, 10)
 
 
 def _bench_config(

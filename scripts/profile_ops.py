@@ -27,6 +27,14 @@ def profile_provider(case: bench.Case, name: str, fn, base, top: int, steps: int
             t.grad = None
         torch.autograd.backward(bench._as_tuple(fn(*inputs)), grads)
 
+    events, total = cuda_kernel_breakdown(step, steps)
+    print(f"\n== {case.op} {case.label} [{name}]  {total:.3f} ms/step on the GPU")
+    print_kernels(events, steps, top)
+
+
+def cuda_kernel_breakdown(step, steps: int = 5) -> tuple[list, float]:
+    """Warm ``step`` up, profile ``steps`` calls: the CUDA kernels by total time, and the
+    GPU-busy milliseconds per step."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -36,8 +44,10 @@ def profile_provider(case: bench.Case, name: str, fn, base, top: int, steps: int
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     events.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events) / steps
-    print(f"\n== {case.op} {case.label} [{name}]  {total / 1e3:.3f} ms/step on the GPU")
+    return events, sum(e.device_time_total for e in events) / steps / 1e3
+
+
+def print_kernels(events: list, steps: int, top: int) -> None:
     for e in events[:top]:
         per = e.device_time_total / steps
         print(f"  {per / 1e3:8.4f} ms  x{e.count // steps:<3d} {e.key[:110]}")
