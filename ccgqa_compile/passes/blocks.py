@@ -57,8 +57,11 @@ def _is(node: torch.fx.Node, kind: tuple[set[str], str]) -> bool:
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
-    return [a for a in flat if isinstance(a, torch.fx.Node)]
+    """Every node among ``node``'s arguments, nested ones included (a kernel launch
+    passes its tensors in a dict)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
 
 
 def _source_prologue(node: torch.fx.Node) -> torch.fx.Node | None:
