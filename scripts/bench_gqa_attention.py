@@ -264,6 +264,16 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
             (64, 128, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4),
         ],
     },
+    # the fused-dQ backward: the dK/dV kernel adding dq with atomics (5 matmuls)
+    "fused_dq": {
+        16: [(64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        32: [(64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        64: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
+        128: [
+            (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3),
+            (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 8, 3),
+        ],
+    },
     "dq": {
         16: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
         32: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
@@ -277,7 +287,7 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 # fmt: on
 
 
-def sweep_head_dim(head_dim: int) -> list[dict]:
+def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
     num_q_heads, num_kv_heads = 16, 4
     q, k, v, do = make_inputs(num_q_heads, num_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
@@ -286,9 +296,11 @@ def sweep_head_dim(head_dim: int) -> list[dict]:
     dq, dk, _ = attention.gqa_attention_bwd(do, q, k, v, out, lse, scale)
     delta = attention._launch_backward_preprocess(do, out, shapes)
     fwd_flops = forward_flops(BATCH, num_q_heads, SEQ_LEN, head_dim)
-    # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ).
+    # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ); the
+    # fused-dQ backward 5 (dK/dV's and dQ), plus zeroing and converting dq_acc.
     flops = {"fwd": fwd_flops, "dkdv": fwd_flops * 2, "dq": fwd_flops * 1.5}
-    expected = {"fwd": out, "dkdv": dk, "dq": dq}
+    flops["fused_dq"] = fwd_flops * 2.5
+    expected = {"fwd": out, "dkdv": dk, "dq": dq, "fused_dq": dq}
 
     def launch(kernel: str, config: attention.BlockConfig) -> Tensor:
         if kernel == "fwd":
@@ -297,12 +309,20 @@ def sweep_head_dim(head_dim: int) -> list[dict]:
             return attention._launch_backward_dkdv(do, q, k, v, lse, delta, scale, shapes, config)[
                 0
             ]
+        if kernel == "fused_dq":
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            attention._launch_backward_dkdv(
+                do, q, k, v, lse, delta, scale, shapes, config, dq_acc
+            )  # fmt: skip
+            return dq_acc.to(q.dtype)
         return attention._launch_backward_dq(do, q, k, v, lse, delta, scale, shapes, config)
 
     results = []
     for kernel, per_head_dim in SWEEP_CANDIDATES.items():
+        if kernels and kernel not in kernels:
+            continue
         timings = []
-        for candidate in per_head_dim[head_dim]:
+        for candidate in per_head_dim.get(head_dim, []):
             config = attention.BlockConfig(*candidate)
             started = time.time()
             try:
@@ -331,10 +351,10 @@ def sweep_head_dim(head_dim: int) -> list[dict]:
     return results
 
 
-def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool) -> None:
+def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: list[str]) -> None:
     results = []
     for head_dim in head_dims:
-        results += sweep_head_dim(head_dim)
+        results += sweep_head_dim(head_dim, kernels)
         torch.cuda.empty_cache()
     write_json(out_dir / "sweep_gqa_attention.json", {"results": results})
 
@@ -343,18 +363,34 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool) -> None:
         "fwd": attention.FORWARD_CONFIGS,
         "dkdv": attention.BACKWARD_DKDV_CONFIGS,
         "dq": attention.BACKWARD_DQ_CONFIGS,
+        "fused_dq": attention.FUSED_DQ_CONFIGS,
     }
+    best_ms: dict[tuple[str, int], float] = {}
     for kernel, table in tables.items():
         print(f"{kernel} table:")
         for head_dim in head_dims:
             timed = [r for r in results if r["kernel"] == kernel and r["head_dim"] == head_dim]
             if not timed:
                 continue
-            best = attention.BlockConfig(*min(timed, key=lambda r: r["ms"])["config"])
+            fastest = min(timed, key=lambda r: r["ms"])
+            best_ms[kernel, head_dim] = fastest["ms"]
+            best = attention.BlockConfig(*fastest["config"])
             print(f"    {head_dim}: {best},")
             if then_bench:
                 table[head_dim] = best
+    # The backward form per head dim: the fused-dQ kernel where it beats dK/dV + dQ.
+    fused_dims = set()
+    for head_dim in head_dims:
+        if any((kernel, head_dim) not in best_ms for kernel in ("fused_dq", "dkdv", "dq")):
+            continue
+        split = best_ms["dkdv", head_dim] + best_ms["dq", head_dim]
+        fused = best_ms["fused_dq", head_dim]
+        print(f"D={head_dim} backward: dkdv + dq {split:.3f} ms, fused dq {fused:.3f} ms")
+        if fused < split:
+            fused_dims.add(head_dim)
+    print(f"FUSED_DQ_HEAD_DIMS = {sorted(fused_dims)}")
     if then_bench:
+        attention.FUSED_DQ_HEAD_DIMS = frozenset(fused_dims)
         run_benchmark(out_dir)
 
 
@@ -377,6 +413,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time block-config candidates")
     parser.add_argument("--head-dims", type=int, nargs="*", default=[16, 32, 64, 128])
     parser.add_argument(
+        "--kernels",
+        nargs="*",
+        default=[],
+        choices=list(SWEEP_CANDIDATES),
+        help="with --sweep, only these kernels (default: all)",
+    )
+    parser.add_argument(
         "--then-bench",
         action="store_true",
         help="after --sweep, run the benchmark with the fastest configs found",
@@ -385,7 +428,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_gqa_attention.py needs a CUDA GPU")
     if args.sweep:
-        run_sweep(args.out, args.head_dims, args.then_bench)
+        run_sweep(args.out, args.head_dims, args.then_bench, args.kernels)
     else:
         run_benchmark(args.out)
 

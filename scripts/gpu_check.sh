@@ -5,6 +5,7 @@
 #   profile  scripts/profile_ops.py (CUDA kernel breakdown per provider)
 #   bench    python -m ccgqa_compile.bench --plot (ops; BENCH_OPS, BENCH_ARGS)
 #   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
+#   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -33,6 +34,8 @@ for step in ${GPU_STEPS:-tests bench}; do
     # eval: PYTEST_ARGS may hold quoted words (-k 'not slow')
     pytest) eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider $PYTEST_ARGS" \
              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
+    sweep) timeout "${SWEEP_TIMEOUT:-400}" python3 scripts/bench_gqa_attention.py --out "$OUT" \
+             --sweep ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/sweep.log" | tail -60 ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;
   esac

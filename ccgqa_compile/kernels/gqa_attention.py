@@ -311,19 +311,26 @@ def _backward_dkdv_inner(
     stride_qt,
     stride_doh,
     stride_dot,
+    dq_acc_ptr,
+    stride_dqh,
+    stride_dqt,
     key_rows,
     query_start,
     blocks_per_head,
     group_size,
     seq_len,
     qk_scale,
+    scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,
     EVEN_T: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over `blocks_per_head` query blocks from
     `query_start`, for each of the `group_size` query heads sharing this K/V head.
+    With FUSED_DQ, also add this key block's share of dq (scale * ds @ k) into the
+    float32 `dq_acc` with atomics: the 5-matmul backward, no separate dQ kernel.
 
     Heads and query blocks are flattened into one loop so the software pipeline
     runs through the whole group instead of draining at every head boundary.  The
@@ -371,8 +378,22 @@ def _backward_dkdv_inner(
         do = do.to(k.dtype)
         dv = tl.dot(p_t.to(k.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(k.dtype), tl.trans(q_t), dk)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(k.dtype)
+        dk = tl.dot(ds_t, tl.trans(q_t), dk)
+        if FUSED_DQ:
+            # Every key block below a query row adds to its dq, so the adds race:
+            # float32 atomics, order-dependent in the last bits (not deterministic).
+            dq_part = tl.dot(tl.trans(ds_t), k) * scale
+            dq_ptrs = (
+                dq_acc_ptr
+                + head_offset * stride_dqh
+                + query_rows[:, None] * stride_dqt
+                + dims[None, :]
+            )
+            if EVEN_T:
+                tl.atomic_add(dq_ptrs, dq_part, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq_part, mask=in_bounds[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -386,6 +407,7 @@ def _backward_dkdv_kernel(
     delta_ptr,
     dk_ptr,
     dv_ptr,
+    dq_acc_ptr,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -404,6 +426,9 @@ def _backward_dkdv_kernel(
     stride_dvb,
     stride_dvh,
     stride_dvt,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
     num_kv_heads,
     group_size,
     seq_len,
@@ -413,6 +438,7 @@ def _backward_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -432,6 +458,7 @@ def _backward_dkdv_kernel(
 
     q_ptr += batch.to(tl.int64) * stride_qb + first_q_head.to(tl.int64) * stride_qh
     dout_ptr += batch.to(tl.int64) * stride_dob + first_q_head.to(tl.int64) * stride_doh
+    dq_acc_ptr += batch.to(tl.int64) * stride_dqb + first_q_head.to(tl.int64) * stride_dqh
     row_stats_base = (batch.to(tl.int64) * num_q_heads + first_q_head) * seq_len
     lse_ptr += row_stats_base
     delta_ptr += row_stats_base
@@ -469,16 +496,21 @@ def _backward_dkdv_kernel(
         stride_qt,
         stride_doh,
         stride_dot,
+        dq_acc_ptr,
+        stride_dqh,
+        stride_dqt,
         key_rows,
         key_start,
         DIAGONAL_BLOCKS,
         group_size,
         seq_len,
         qk_scale,
+        scale,
         HEAD_DIM,
         BLOCK_M,
         ON_DIAGONAL=True,
         EVEN_T=EVEN_T,
+        FUSED_DQ=FUSED_DQ,
     )
     # Query blocks after the key block see all of its keys: no causal mask.
     below_start = key_start + BLOCK_N
@@ -497,16 +529,21 @@ def _backward_dkdv_kernel(
             stride_qt,
             stride_doh,
             stride_dot,
+            dq_acc_ptr,
+            stride_dqh,
+            stride_dqt,
             key_rows,
             below_start,
             below_blocks,
             group_size,
             seq_len,
             qk_scale,
+            scale,
             HEAD_DIM,
             BLOCK_M,
             ON_DIAGONAL=False,
             EVEN_T=EVEN_T,
+            FUSED_DQ=FUSED_DQ,
         )
 
     # The scores were scale * q . k, so d(scores)/dk carries the scale once.
@@ -784,6 +821,28 @@ def backward_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -
     return _shrink_for_short_sequence(BACKWARD_DQ_CONFIGS[head_dim], seq_len)
 
 
+# The fused-dQ backward (dq added by the dK/dV programs with float32 atomics: 5 matmuls
+# per tile instead of the two kernels' 7) at these head dims; elsewhere the separate dQ
+# kernel is faster (the atomics cost more than the two recomputed matmuls save).
+FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset({128})
+FUSED_DQ_CONFIGS: dict[int, BlockConfig] = {
+    128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
+}
+
+
+def use_fused_dq(head_dim: int) -> bool:
+    """Whether the backward adds dq with atomics.  Never under
+    torch.use_deterministic_algorithms: atomic float adds land in any order."""
+    return head_dim in FUSED_DQ_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
+
+
+def fused_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
+    if interpreter:
+        return INTERPRETER_DKDV_CONFIG
+    config = FUSED_DQ_CONFIGS.get(head_dim, BACKWARD_DKDV_CONFIGS[head_dim])
+    return _shrink_for_short_sequence(config, seq_len)
+
+
 # ---------------------------------------------------------------------------------
 # Launch wrappers
 # ---------------------------------------------------------------------------------
@@ -919,7 +978,10 @@ def _launch_backward_dkdv(
     scale: float,
     shapes: _Shapes,
     config: BlockConfig,
+    dq_acc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """dk, dv; with `dq_acc` (float32, zeroed, contiguous (B, Hq, T, D)) also dq,
+    added into dq_acc by the same programs (the fused-dQ backward)."""
     dk = torch.empty(
         (shapes.batch, shapes.num_kv_heads, shapes.seq_len, shapes.head_dim),
         dtype=k.dtype,
@@ -936,6 +998,7 @@ def _launch_backward_dkdv(
         delta,
         dk,
         dv,
+        dk if dq_acc is None else dq_acc,  # not read unless FUSED_DQ
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -954,6 +1017,7 @@ def _launch_backward_dkdv(
         dv.stride(0),
         dv.stride(1),
         dv.stride(2),
+        *(dk if dq_acc is None else dq_acc).stride()[:3],
         shapes.num_kv_heads,
         shapes.group_size,
         shapes.seq_len,
@@ -963,6 +1027,7 @@ def _launch_backward_dkdv(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         EVEN_T=shapes.seq_len % config.block_n == 0,
+        FUSED_DQ=dq_acc is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1071,6 +1136,25 @@ def gqa_attention_bwd(
     lse = lse.contiguous()
     interpreter = _running_in_interpreter(q)
     delta = _launch_backward_preprocess(do, o, shapes)
+    if use_fused_dq(shapes.head_dim):
+        dq_acc = torch.zeros(
+            (shapes.batch, shapes.num_q_heads, shapes.seq_len, shapes.head_dim),
+            dtype=torch.float32,
+            device=q.device,
+        )
+        dk, dv = _launch_backward_dkdv(
+            do,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            scale,
+            shapes,
+            fused_dq_config(shapes.head_dim, shapes.seq_len, interpreter),
+            dq_acc,
+        )
+        return dq_acc.to(q.dtype), dk, dv
     dk, dv = _launch_backward_dkdv(
         do,
         q,

@@ -154,6 +154,38 @@ def test_matches_float64_reference_fp32(
 
 
 @requires_interpreter
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize(
+    ("batch", "num_q_heads", "num_kv_heads", "seq_len", "head_dim"), INTERPRETER_CASES
+)
+def test_fused_dq_backward_matches_float64_reference_fp32(
+    monkeypatch, batch, num_q_heads, num_kv_heads, seq_len, head_dim, layout
+):
+    # The fused-dQ backward (dq added with atomics by the dK/dV programs) at every
+    # head dim and shape, not only the head dims it is enabled for by default.
+    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", frozenset(attention.SUPPORTED_HEAD_DIMS))
+    assert attention.use_fused_dq(head_dim)
+    q, k, v = _make_inputs(
+        batch, num_q_heads, num_kv_heads, seq_len, head_dim, torch.float32, DEVICE, layout,
+        seed=seq_len + 100,
+    )  # fmt: skip
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    scale = 0.3
+    _check_against_reference(q, k, v, scale, do, FP32_TOLERANCE, FP32_TOLERANCE, FP32_TOLERANCE)
+
+
+def test_fused_dq_never_under_deterministic_algorithms():
+    assert attention.use_fused_dq(128)  # the default for head dim 128
+    assert not attention.use_fused_dq(16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not attention.use_fused_dq(128)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@requires_interpreter
 def test_square_tiles_and_non_default_scale(monkeypatch):
     # One diagonal block per query block (block_m == block_n), unlike the default
     # interpreter tiles; a non-default scale checks where the scale enters dq/dk.
@@ -247,6 +279,24 @@ def test_cuda_long_partial_block_bf16(head_dim):
     # T past the short-sequence tiles and not a multiple of them: masked large tiles.
     q, k, v = _make_inputs(1, 6, 2, 1000, head_dim, torch.bfloat16, "cuda", "bhtd", seed=11)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(
+        "cuda", torch.bfloat16
+    )
+    _check_against_reference(
+        q, k, v, 1.0 / math.sqrt(head_dim), do, *GPU_TOLERANCES[torch.bfloat16]
+    )
+
+
+@pytest.mark.cuda
+@requires_compiled_cuda
+@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused_dq", "dq_kernel"])
+@pytest.mark.parametrize("seq_len", [1, 100, 1000, 2048])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_both_backwards_bf16(monkeypatch, head_dim, seq_len, fused_dq):
+    # Both backward forms compiled, whichever one a head dim uses by default.
+    dims = frozenset(attention.SUPPORTED_HEAD_DIMS) if fused_dq else frozenset()
+    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", dims)
+    q, k, v = _make_inputs(2, 8, 2, seq_len, head_dim, torch.bfloat16, "cuda", "bthd", seed=15)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(
         "cuda", torch.bfloat16
     )
     _check_against_reference(
