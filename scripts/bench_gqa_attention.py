@@ -394,6 +394,34 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: li
         run_benchmark(out_dir)
 
 
+def profile_head_dim(num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Kernel breakdown of one fwd+bwd of ours and of SDPA cuDNN, and both timed as a
+    CUDA graph (no launch overhead) beside the plain do_bench median."""
+    from profile_ops import cuda_kernel_breakdown, print_kernels  # scripts/profile_ops.py
+
+    q, k, v, do = make_inputs(num_q_heads, num_kv_heads, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def ours():
+        out, lse = attention.gqa_attention_fwd(q, k, v, scale)
+        return attention.gqa_attention_bwd(do, q, k, v, out, lse, scale)
+
+    cudnn = sdpa_callables(q, k, v, do, SDPBackend.CUDNN_ATTENTION)[1]
+    for label, step in (("triton (ours)", ours), ("sdpa cudnn", cudnn)):
+        events, total = cuda_kernel_breakdown(step, steps=5)
+        plain = bench_ms(step)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            graphed = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
+        print(
+            f"== D={head_dim} Hq={num_q_heads} Hkv={num_kv_heads} {label}: "
+            f"{total:.3f} ms of kernels per step, do_bench {plain:.3f} ms, "
+            f"CUDA graph {graphed:.3f} ms",
+            flush=True,
+        )
+        print_kernels(events, 5, 8)
+
+
 def write_json(path: Path, payload: dict) -> None:
     payload = {
         "device": torch.cuda.get_device_name(),
@@ -413,6 +441,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time block-config candidates")
     parser.add_argument("--head-dims", type=int, nargs="*", default=[16, 32, 64, 128])
     parser.add_argument(
+        "--profile", action="store_true", help="kernel breakdown of ours and cuDNN, fwd+bwd"
+    )
+    parser.add_argument(
         "--kernels",
         nargs="*",
         default=[],
@@ -427,7 +458,11 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gqa_attention.py needs a CUDA GPU")
-    if args.sweep:
+    if args.profile:
+        for num_q_heads, num_kv_heads, head_dim in CONFIGS:
+            if head_dim in args.head_dims:
+                profile_head_dim(num_q_heads, num_kv_heads, head_dim)
+    elif args.sweep:
         run_sweep(args.out, args.head_dims, args.then_bench, args.kernels)
     else:
         run_benchmark(args.out)
