@@ -274,6 +274,11 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
             (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 8, 3),
         ],
     },
+    # the same with the dq tile added by one TMA bulk reduction
+    "fused_dq_tma": {
+        64: [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)],
+    },
     "dq": {
         16: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
         32: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
@@ -288,6 +293,10 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 
 
 def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
+    # device-side TMA descriptors (fused_dq_tma) take their 128 bytes from this
+    triton.set_allocator(
+        lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+    )
     num_q_heads, num_kv_heads = 16, 4
     q, k, v, do = make_inputs(num_q_heads, num_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
@@ -299,8 +308,8 @@ def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
     # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ); the
     # fused-dQ backward 5 (dK/dV's and dQ), plus zeroing and converting dq_acc.
     flops = {"fwd": fwd_flops, "dkdv": fwd_flops * 2, "dq": fwd_flops * 1.5}
-    flops["fused_dq"] = fwd_flops * 2.5
-    expected = {"fwd": out, "dkdv": dk, "dq": dq, "fused_dq": dq}
+    flops["fused_dq"] = flops["fused_dq_tma"] = fwd_flops * 2.5
+    expected = {"fwd": out, "dkdv": dk, "dq": dq, "fused_dq": dq, "fused_dq_tma": dq}
 
     def launch(kernel: str, config: attention.BlockConfig) -> Tensor:
         if kernel == "fwd":
@@ -309,10 +318,10 @@ def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
             return attention._launch_backward_dkdv(do, q, k, v, lse, delta, scale, shapes, config)[
                 0
             ]
-        if kernel == "fused_dq":
+        if kernel.startswith("fused_dq"):
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             attention._launch_backward_dkdv(
-                do, q, k, v, lse, delta, scale, shapes, config, dq_acc
+                do, q, k, v, lse, delta, scale, shapes, config, dq_acc, kernel == "fused_dq_tma"
             )  # fmt: skip
             return dq_acc.to(q.dtype)
         return attention._launch_backward_dq(do, q, k, v, lse, delta, scale, shapes, config)

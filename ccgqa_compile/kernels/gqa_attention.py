@@ -312,6 +312,7 @@ def _backward_dkdv_inner(
     stride_doh,
     stride_dot,
     dq_acc_ptr,
+    dq_desc,
     stride_dqh,
     stride_dqt,
     key_rows,
@@ -326,6 +327,7 @@ def _backward_dkdv_inner(
     ON_DIAGONAL: tl.constexpr,
     EVEN_T: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over `blocks_per_head` query blocks from
     `query_start`, for each of the `group_size` query heads sharing this K/V head.
@@ -384,6 +386,13 @@ def _backward_dkdv_inner(
             # Every key block below a query row adds to its dq, so the adds race:
             # float32 atomics, order-dependent in the last bits (not deterministic).
             dq_part = tl.dot(tl.trans(ds_t), k) * scale
+        if FUSED_DQ and DQ_TMA:
+            # one bulk reduction of the whole tile through the copy engine (TMA);
+            # rows past T fall outside the descriptor and are dropped
+            dq_desc.atomic_add(
+                [head_in_group, block_start, 0], tl.reshape(dq_part, [1, BLOCK_M, HEAD_DIM])
+            )
+        elif FUSED_DQ:
             dq_ptrs = (
                 dq_acc_ptr
                 + head_offset * stride_dqh
@@ -439,6 +448,7 @@ def _backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -459,6 +469,15 @@ def _backward_dkdv_kernel(
     q_ptr += batch.to(tl.int64) * stride_qb + first_q_head.to(tl.int64) * stride_qh
     dout_ptr += batch.to(tl.int64) * stride_dob + first_q_head.to(tl.int64) * stride_doh
     dq_acc_ptr += batch.to(tl.int64) * stride_dqb + first_q_head.to(tl.int64) * stride_dqh
+    if DQ_TMA:
+        dq_desc = tl.make_tensor_descriptor(
+            dq_acc_ptr,
+            shape=[group_size, seq_len, HEAD_DIM],
+            strides=[stride_dqh, stride_dqt, 1],
+            block_shape=[1, BLOCK_M, HEAD_DIM],
+        )
+    else:
+        dq_desc = dq_acc_ptr
     row_stats_base = (batch.to(tl.int64) * num_q_heads + first_q_head) * seq_len
     lse_ptr += row_stats_base
     delta_ptr += row_stats_base
@@ -497,6 +516,7 @@ def _backward_dkdv_kernel(
         stride_doh,
         stride_dot,
         dq_acc_ptr,
+        dq_desc,
         stride_dqh,
         stride_dqt,
         key_rows,
@@ -511,6 +531,7 @@ def _backward_dkdv_kernel(
         ON_DIAGONAL=True,
         EVEN_T=EVEN_T,
         FUSED_DQ=FUSED_DQ,
+        DQ_TMA=DQ_TMA,
     )
     # Query blocks after the key block see all of its keys: no causal mask.
     below_start = key_start + BLOCK_N
@@ -530,6 +551,7 @@ def _backward_dkdv_kernel(
             stride_doh,
             stride_dot,
             dq_acc_ptr,
+            dq_desc,
             stride_dqh,
             stride_dqt,
             key_rows,
@@ -544,6 +566,7 @@ def _backward_dkdv_kernel(
             ON_DIAGONAL=False,
             EVEN_T=EVEN_T,
             FUSED_DQ=FUSED_DQ,
+            DQ_TMA=DQ_TMA,
         )
 
     # The scores were scale * q . k, so d(scores)/dk carries the scale once.
@@ -824,7 +847,7 @@ def backward_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -
 # The fused-dQ backward (dq added by the dK/dV programs with float32 atomics: 5 matmuls
 # per tile instead of the two kernels' 7) at these head dims; elsewhere the separate dQ
 # kernel is faster (the atomics cost more than the two recomputed matmuls save).
-FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset({128})
+FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset()
 FUSED_DQ_CONFIGS: dict[int, BlockConfig] = {
     128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
 }
@@ -979,6 +1002,7 @@ def _launch_backward_dkdv(
     shapes: _Shapes,
     config: BlockConfig,
     dq_acc: Tensor | None = None,
+    dq_tma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """dk, dv; with `dq_acc` (float32, zeroed, contiguous (B, Hq, T, D)) also dq,
     added into dq_acc by the same programs (the fused-dQ backward)."""
@@ -1028,6 +1052,7 @@ def _launch_backward_dkdv(
         BLOCK_N=config.block_n,
         EVEN_T=shapes.seq_len % config.block_n == 0,
         FUSED_DQ=dq_acc is not None,
+        DQ_TMA=dq_tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -174,8 +174,9 @@ def test_fused_dq_backward_matches_float64_reference_fp32(
     _check_against_reference(q, k, v, scale, do, FP32_TOLERANCE, FP32_TOLERANCE, FP32_TOLERANCE)
 
 
-def test_fused_dq_never_under_deterministic_algorithms():
-    assert attention.use_fused_dq(128)  # the default for head dim 128
+def test_fused_dq_never_under_deterministic_algorithms(monkeypatch):
+    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", frozenset({128}))
+    assert attention.use_fused_dq(128)
     assert not attention.use_fused_dq(16)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
