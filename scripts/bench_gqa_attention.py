@@ -264,20 +264,13 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
             (64, 128, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4),
         ],
     },
-    # the fused-dQ backward: the dK/dV kernel adding dq with atomics (5 matmuls)
-    "fused_dq": {
-        16: [(64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-        32: [(64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-        64: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
+    # the forward with K/V loaded through TMA tensor descriptors
+    "fwd_tma": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         128: [
-            (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3),
-            (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 8, 3),
+            (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+            (128, 32, 8, 4), (64, 32, 4, 3),
         ],
-    },
-    # the same with the dq tile added by one TMA bulk reduction
-    "fused_dq_tma": {
-        64: [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)],
     },
     "dq": {
         16: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
@@ -293,10 +286,8 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 
 
 def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
-    # device-side TMA descriptors (fused_dq_tma) take their 128 bytes from this
-    triton.set_allocator(
-        lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
-    )
+    # device-side TMA descriptors (fwd_tma) take their 128 bytes from this
+    triton.set_allocator(attention._tma_scratch)
     num_q_heads, num_kv_heads = 16, 4
     q, k, v, do = make_inputs(num_q_heads, num_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
@@ -305,25 +296,18 @@ def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
     dq, dk, _ = attention.gqa_attention_bwd(do, q, k, v, out, lse, scale)
     delta = attention._launch_backward_preprocess(do, out, shapes)
     fwd_flops = forward_flops(BATCH, num_q_heads, SEQ_LEN, head_dim)
-    # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ); the
-    # fused-dQ backward 5 (dK/dV's and dQ), plus zeroing and converting dq_acc.
-    flops = {"fwd": fwd_flops, "dkdv": fwd_flops * 2, "dq": fwd_flops * 1.5}
-    flops["fused_dq"] = flops["fused_dq_tma"] = fwd_flops * 2.5
-    expected = {"fwd": out, "dkdv": dk, "dq": dq, "fused_dq": dq, "fused_dq_tma": dq}
+    # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ).
+    flops = {"fwd": fwd_flops, "fwd_tma": fwd_flops, "dkdv": fwd_flops * 2, "dq": fwd_flops * 1.5}
+    expected = {"fwd": out, "fwd_tma": out, "dkdv": dk, "dq": dq}
 
     def launch(kernel: str, config: attention.BlockConfig) -> Tensor:
-        if kernel == "fwd":
-            return attention._launch_forward(q, k, v, scale, shapes, config)[0]
+        if kernel.startswith("fwd"):
+            tma = kernel == "fwd_tma"
+            return attention._launch_forward(q, k, v, scale, shapes, config, tma)[0]
         if kernel == "dkdv":
             return attention._launch_backward_dkdv(do, q, k, v, lse, delta, scale, shapes, config)[
                 0
             ]
-        if kernel.startswith("fused_dq"):
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            attention._launch_backward_dkdv(
-                do, q, k, v, lse, delta, scale, shapes, config, dq_acc, kernel == "fused_dq_tma"
-            )  # fmt: skip
-            return dq_acc.to(q.dtype)
         return attention._launch_backward_dq(do, q, k, v, lse, delta, scale, shapes, config)
 
     results = []
@@ -372,9 +356,8 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: li
         "fwd": attention.FORWARD_CONFIGS,
         "dkdv": attention.BACKWARD_DKDV_CONFIGS,
         "dq": attention.BACKWARD_DQ_CONFIGS,
-        "fused_dq": attention.FUSED_DQ_CONFIGS,
+        "fwd_tma": attention.FORWARD_TMA_CONFIGS,
     }
-    best_ms: dict[tuple[str, int], float] = {}
     for kernel, table in tables.items():
         print(f"{kernel} table:")
         for head_dim in head_dims:
@@ -382,24 +365,11 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: li
             if not timed:
                 continue
             fastest = min(timed, key=lambda r: r["ms"])
-            best_ms[kernel, head_dim] = fastest["ms"]
             best = attention.BlockConfig(*fastest["config"])
             print(f"    {head_dim}: {best},")
             if then_bench:
                 table[head_dim] = best
-    # The backward form per head dim: the fused-dQ kernel where it beats dK/dV + dQ.
-    fused_dims = set()
-    for head_dim in head_dims:
-        if any((kernel, head_dim) not in best_ms for kernel in ("fused_dq", "dkdv", "dq")):
-            continue
-        split = best_ms["dkdv", head_dim] + best_ms["dq", head_dim]
-        fused = best_ms["fused_dq", head_dim]
-        print(f"D={head_dim} backward: dkdv + dq {split:.3f} ms, fused dq {fused:.3f} ms")
-        if fused < split:
-            fused_dims.add(head_dim)
-    print(f"FUSED_DQ_HEAD_DIMS = {sorted(fused_dims)}")
     if then_bench:
-        attention.FUSED_DQ_HEAD_DIMS = frozenset(fused_dims)
         run_benchmark(out_dir)
 
 

@@ -63,6 +63,15 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 @triton.jit
+def _key_rows_descriptor(base, seq_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A TMA descriptor over one head's (T, D) rows, loading (BLOCK_N, D) tiles: the copy
+    engine fetches whole tiles asynchronously and fills rows past T with zeros."""
+    return tl.make_tensor_descriptor(
+        base, shape=[seq_len, HEAD_DIM], strides=[stride_t, 1], block_shape=[BLOCK_N, HEAD_DIM]
+    )
+
+
+@triton.jit
 def _forward_inner(
     acc,
     row_max,
@@ -81,6 +90,7 @@ def _forward_inner(
     BLOCK_N: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,
     EVEN_T: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Fold key blocks [key_start, key_end) into the online-softmax state.
 
@@ -88,7 +98,8 @@ def _forward_inner(
     of exp2(score - row_max); `acc` is the unnormalised output.  Off the diagonal
     every key is visible to every query of the block and in bounds, so no mask is
     computed; ON_DIAGONAL blocks apply the causal mask (which also hides keys >= T
-    from every real query row).
+    from every real query row).  With TMA, k_ptr and v_ptr are tensor descriptors
+    (`_key_rows_descriptor`); their zero-filled rows past T are hidden the same way.
     """
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -96,13 +107,15 @@ def _forward_inner(
     for block_start in range(key_start, key_end, BLOCK_N):
         block_start = tl.multiple_of(block_start, BLOCK_N)
         key_rows = block_start + tl.arange(0, BLOCK_N)
-        # K is read transposed (D, BLOCK_N) so the score tile is a plain q @ k_t.
-        k_t_ptrs = k_ptr + key_rows[None, :] * stride_kt + dims[:, None]
-        v_ptrs = v_ptr + key_rows[:, None] * stride_vt + dims[None, :]
-        if ON_DIAGONAL and not EVEN_T:
-            k_t = tl.load(k_t_ptrs, mask=key_rows[None, :] < seq_len, other=0.0)
+        if TMA:
+            k_t = tl.trans(k_ptr.load([block_start, 0]))
         else:
-            k_t = tl.load(k_t_ptrs)
+            # K is read transposed (D, BLOCK_N) so the score tile is a plain q @ k_t.
+            k_t_ptrs = k_ptr + key_rows[None, :] * stride_kt + dims[:, None]
+            if ON_DIAGONAL and not EVEN_T:
+                k_t = tl.load(k_t_ptrs, mask=key_rows[None, :] < seq_len, other=0.0)
+            else:
+                k_t = tl.load(k_t_ptrs)
         scores = tl.dot(q, k_t)
         if ON_DIAGONAL:
             visible = query_rows[:, None] >= key_rows[None, :]
@@ -120,10 +133,14 @@ def _forward_inner(
         correction = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * correction + tl.sum(p, 1)
         acc = acc * correction[:, None]
-        if ON_DIAGONAL and not EVEN_T:
-            v = tl.load(v_ptrs, mask=key_rows[:, None] < seq_len, other=0.0)
+        if TMA:
+            v = v_ptr.load([block_start, 0])
         else:
-            v = tl.load(v_ptrs)
+            v_ptrs = v_ptr + key_rows[:, None] * stride_vt + dims[None, :]
+            if ON_DIAGONAL and not EVEN_T:
+                v = tl.load(v_ptrs, mask=key_rows[:, None] < seq_len, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc)
         row_max = new_max
     return acc, row_max, row_sum
@@ -156,6 +173,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -180,6 +198,9 @@ def _forward_kernel(
     v_ptr += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     out_ptr += batch.to(tl.int64) * stride_ob + q_head.to(tl.int64) * stride_oh
     lse_ptr += batch_head.to(tl.int64) * seq_len
+    if TMA:
+        k_ptr = _key_rows_descriptor(k_ptr, seq_len, stride_kt, HEAD_DIM, BLOCK_N)
+        v_ptr = _key_rows_descriptor(v_ptr, seq_len, stride_vt, HEAD_DIM, BLOCK_N)
 
     query_start = query_block * BLOCK_M
     query_rows = query_start + tl.arange(0, BLOCK_M)
@@ -214,6 +235,7 @@ def _forward_kernel(
         BLOCK_N,
         ON_DIAGONAL=False,
         EVEN_T=EVEN_T,
+        TMA=TMA,
     )
     # The diagonal block(s): keys inside the query block, causally masked.
     if EVEN_T:
@@ -238,6 +260,7 @@ def _forward_kernel(
         BLOCK_N,
         ON_DIAGONAL=True,
         EVEN_T=EVEN_T,
+        TMA=TMA,
     )
 
     acc = acc / row_sum[:, None]
@@ -311,28 +334,19 @@ def _backward_dkdv_inner(
     stride_qt,
     stride_doh,
     stride_dot,
-    dq_acc_ptr,
-    dq_desc,
-    stride_dqh,
-    stride_dqt,
     key_rows,
     query_start,
     blocks_per_head,
     group_size,
     seq_len,
     qk_scale,
-    scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,
     EVEN_T: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
     """Accumulate dk, dv of one key block over `blocks_per_head` query blocks from
     `query_start`, for each of the `group_size` query heads sharing this K/V head.
-    With FUSED_DQ, also add this key block's share of dq (scale * ds @ k) into the
-    float32 `dq_acc` with atomics: the 5-matmul backward, no separate dQ kernel.
 
     Heads and query blocks are flattened into one loop so the software pipeline
     runs through the whole group instead of draining at every head boundary.  The
@@ -380,29 +394,8 @@ def _backward_dkdv_inner(
         do = do.to(k.dtype)
         dv = tl.dot(p_t.to(k.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(k.dtype)
-        dk = tl.dot(ds_t, tl.trans(q_t), dk)
-        if FUSED_DQ:
-            # Every key block below a query row adds to its dq, so the adds race:
-            # float32 atomics, order-dependent in the last bits (not deterministic).
-            dq_part = tl.dot(tl.trans(ds_t), k) * scale
-        if FUSED_DQ and DQ_TMA:
-            # one bulk reduction of the whole tile through the copy engine (TMA);
-            # rows past T fall outside the descriptor and are dropped
-            dq_desc.atomic_add(
-                [head_in_group, block_start, 0], tl.reshape(dq_part, [1, BLOCK_M, HEAD_DIM])
-            )
-        elif FUSED_DQ:
-            dq_ptrs = (
-                dq_acc_ptr
-                + head_offset * stride_dqh
-                + query_rows[:, None] * stride_dqt
-                + dims[None, :]
-            )
-            if EVEN_T:
-                tl.atomic_add(dq_ptrs, dq_part, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq_part, mask=in_bounds[:, None], sem="relaxed")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(k.dtype), tl.trans(q_t), dk)
     return dk, dv
 
 
@@ -416,7 +409,6 @@ def _backward_dkdv_kernel(
     delta_ptr,
     dk_ptr,
     dv_ptr,
-    dq_acc_ptr,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -435,9 +427,6 @@ def _backward_dkdv_kernel(
     stride_dvb,
     stride_dvh,
     stride_dvt,
-    stride_dqb,
-    stride_dqh,
-    stride_dqt,
     num_kv_heads,
     group_size,
     seq_len,
@@ -447,8 +436,6 @@ def _backward_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -468,16 +455,6 @@ def _backward_dkdv_kernel(
 
     q_ptr += batch.to(tl.int64) * stride_qb + first_q_head.to(tl.int64) * stride_qh
     dout_ptr += batch.to(tl.int64) * stride_dob + first_q_head.to(tl.int64) * stride_doh
-    dq_acc_ptr += batch.to(tl.int64) * stride_dqb + first_q_head.to(tl.int64) * stride_dqh
-    if DQ_TMA:
-        dq_desc = tl.make_tensor_descriptor(
-            dq_acc_ptr,
-            shape=[group_size, seq_len, HEAD_DIM],
-            strides=[stride_dqh, stride_dqt, 1],
-            block_shape=[1, BLOCK_M, HEAD_DIM],
-        )
-    else:
-        dq_desc = dq_acc_ptr
     row_stats_base = (batch.to(tl.int64) * num_q_heads + first_q_head) * seq_len
     lse_ptr += row_stats_base
     delta_ptr += row_stats_base
@@ -515,23 +492,16 @@ def _backward_dkdv_kernel(
         stride_qt,
         stride_doh,
         stride_dot,
-        dq_acc_ptr,
-        dq_desc,
-        stride_dqh,
-        stride_dqt,
         key_rows,
         key_start,
         DIAGONAL_BLOCKS,
         group_size,
         seq_len,
         qk_scale,
-        scale,
         HEAD_DIM,
         BLOCK_M,
         ON_DIAGONAL=True,
         EVEN_T=EVEN_T,
-        FUSED_DQ=FUSED_DQ,
-        DQ_TMA=DQ_TMA,
     )
     # Query blocks after the key block see all of its keys: no causal mask.
     below_start = key_start + BLOCK_N
@@ -550,23 +520,16 @@ def _backward_dkdv_kernel(
             stride_qt,
             stride_doh,
             stride_dot,
-            dq_acc_ptr,
-            dq_desc,
-            stride_dqh,
-            stride_dqt,
             key_rows,
             below_start,
             below_blocks,
             group_size,
             seq_len,
             qk_scale,
-            scale,
             HEAD_DIM,
             BLOCK_M,
             ON_DIAGONAL=False,
             EVEN_T=EVEN_T,
-            FUSED_DQ=FUSED_DQ,
-            DQ_TMA=DQ_TMA,
         )
 
     # The scores were scale * q . k, so d(scores)/dk carries the scale once.
@@ -786,6 +749,12 @@ FORWARD_CONFIGS: dict[int, BlockConfig] = {
     64: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     128: BlockConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
 }
+# The forward at these head dims loads K/V through TMA tensor descriptors (the copy
+# engine), with its own tiles: at D=128 1.04 ms against 1.19 ms for the best
+# pointer-load config (same sweep, H100, 2026-11-24); at D=64 TMA was slower.
+FORWARD_TMA_CONFIGS: dict[int, BlockConfig] = {
+    128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+}
 BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
     16: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
     32: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
@@ -826,10 +795,37 @@ def _shrink_for_short_sequence(config: BlockConfig, seq_len: int) -> BlockConfig
     )
 
 
-def forward_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
+def forward_config(
+    head_dim: int, seq_len: int, interpreter: bool = False, tma: bool = False
+) -> BlockConfig:
     if interpreter:
         return INTERPRETER_FORWARD_CONFIG
-    return _shrink_for_short_sequence(FORWARD_CONFIGS[head_dim], seq_len)
+    table = FORWARD_TMA_CONFIGS if tma else FORWARD_CONFIGS
+    return _shrink_for_short_sequence(table[head_dim], seq_len)
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    # device-side tensor descriptors live in global scratch that Triton asks for
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_forward_tma(k: Tensor, v: Tensor, head_dim: int) -> bool:
+    """The TMA forward where it was measured faster and the copy engine can address
+    K/V: a Hopper (or newer) GPU, compiled kernels, 16-byte aligned heads and rows."""
+    if head_dim not in FORWARD_TMA_CONFIGS or _running_in_interpreter(k):
+        return False
+    if (
+        not hasattr(tl, "make_tensor_descriptor")
+        or torch.cuda.get_device_capability(k.device)[0] < 9
+    ):
+        return False
+    # (storage offsets, not data_ptr: under Inductor's tracing these are fake tensors;
+    # allocations themselves start 16-byte aligned)
+    for t in (k, v):
+        offsets = (t.storage_offset(), *t.stride()[:3])
+        if any(offset * t.element_size() % 16 for offset in offsets):
+            return False
+    return True
 
 
 def backward_dkdv_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
@@ -842,28 +838,6 @@ def backward_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -
     if interpreter:
         return INTERPRETER_DQ_CONFIG
     return _shrink_for_short_sequence(BACKWARD_DQ_CONFIGS[head_dim], seq_len)
-
-
-# The fused-dQ backward (dq added by the dK/dV programs with float32 atomics: 5 matmuls
-# per tile instead of the two kernels' 7) at these head dims; elsewhere the separate dQ
-# kernel is faster (the atomics cost more than the two recomputed matmuls save).
-FUSED_DQ_HEAD_DIMS: frozenset[int] = frozenset()
-FUSED_DQ_CONFIGS: dict[int, BlockConfig] = {
-    128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
-}
-
-
-def use_fused_dq(head_dim: int) -> bool:
-    """Whether the backward adds dq with atomics.  Never under
-    torch.use_deterministic_algorithms: atomic float adds land in any order."""
-    return head_dim in FUSED_DQ_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-
-
-def fused_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
-    if interpreter:
-        return INTERPRETER_DKDV_CONFIG
-    config = FUSED_DQ_CONFIGS.get(head_dim, BACKWARD_DKDV_CONFIGS[head_dim])
-    return _shrink_for_short_sequence(config, seq_len)
 
 
 # ---------------------------------------------------------------------------------
@@ -923,7 +897,13 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 
 def _launch_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, shapes: _Shapes, config: BlockConfig
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    shapes: _Shapes,
+    config: BlockConfig,
+    tma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     out = torch.empty(
         (shapes.batch, shapes.num_q_heads, shapes.seq_len, shapes.head_dim),
@@ -934,6 +914,9 @@ def _launch_forward(
         (shapes.batch, shapes.num_q_heads, shapes.seq_len), dtype=torch.float32, device=q.device
     )
     grid = (shapes.batch * shapes.num_q_heads, triton.cdiv(shapes.seq_len, config.block_m))
+    if tma:
+        # (Inductor sets its own allocator before each launch of a compiled graph)
+        triton.set_allocator(_tma_scratch)
     traceable(_forward_kernel)[grid](
         q,
         k,
@@ -960,6 +943,7 @@ def _launch_forward(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         EVEN_T=shapes.seq_len % config.block_m == 0,
+        TMA=tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1001,11 +985,7 @@ def _launch_backward_dkdv(
     scale: float,
     shapes: _Shapes,
     config: BlockConfig,
-    dq_acc: Tensor | None = None,
-    dq_tma: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """dk, dv; with `dq_acc` (float32, zeroed, contiguous (B, Hq, T, D)) also dq,
-    added into dq_acc by the same programs (the fused-dQ backward)."""
     dk = torch.empty(
         (shapes.batch, shapes.num_kv_heads, shapes.seq_len, shapes.head_dim),
         dtype=k.dtype,
@@ -1022,7 +1002,6 @@ def _launch_backward_dkdv(
         delta,
         dk,
         dv,
-        dk if dq_acc is None else dq_acc,  # not read unless FUSED_DQ
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -1041,7 +1020,6 @@ def _launch_backward_dkdv(
         dv.stride(0),
         dv.stride(1),
         dv.stride(2),
-        *(dk if dq_acc is None else dq_acc).stride()[:3],
         shapes.num_kv_heads,
         shapes.group_size,
         shapes.seq_len,
@@ -1051,8 +1029,6 @@ def _launch_backward_dkdv(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         EVEN_T=shapes.seq_len % config.block_n == 0,
-        FUSED_DQ=dq_acc is not None,
-        DQ_TMA=dq_tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1129,8 +1105,9 @@ def gqa_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
             q.shape[:3], dtype=torch.float32
         )
-    config = forward_config(shapes.head_dim, shapes.seq_len, _running_in_interpreter(q))
-    return _launch_forward(q, k, v, scale, shapes, config)
+    tma = use_forward_tma(k, v, shapes.head_dim)
+    config = forward_config(shapes.head_dim, shapes.seq_len, _running_in_interpreter(q), tma)
+    return _launch_forward(q, k, v, scale, shapes, config, tma)
 
 
 def gqa_attention_bwd(
@@ -1161,25 +1138,6 @@ def gqa_attention_bwd(
     lse = lse.contiguous()
     interpreter = _running_in_interpreter(q)
     delta = _launch_backward_preprocess(do, o, shapes)
-    if use_fused_dq(shapes.head_dim):
-        dq_acc = torch.zeros(
-            (shapes.batch, shapes.num_q_heads, shapes.seq_len, shapes.head_dim),
-            dtype=torch.float32,
-            device=q.device,
-        )
-        dk, dv = _launch_backward_dkdv(
-            do,
-            q,
-            k,
-            v,
-            lse,
-            delta,
-            scale,
-            shapes,
-            fused_dq_config(shapes.head_dim, shapes.seq_len, interpreter),
-            dq_acc,
-        )
-        return dq_acc.to(q.dtype), dk, dv
     dk, dv = _launch_backward_dkdv(
         do,
         q,

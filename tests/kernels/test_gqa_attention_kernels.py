@@ -154,36 +154,29 @@ def test_matches_float64_reference_fp32(
 
 
 @requires_interpreter
-@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
-@pytest.mark.parametrize(
-    ("batch", "num_q_heads", "num_kv_heads", "seq_len", "head_dim"), INTERPRETER_CASES
-)
-def test_fused_dq_backward_matches_float64_reference_fp32(
-    monkeypatch, batch, num_q_heads, num_kv_heads, seq_len, head_dim, layout
-):
-    # The fused-dQ backward (dq added with atomics by the dK/dV programs) at every
-    # head dim and shape, not only the head dims it is enabled for by default.
-    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", frozenset(attention.SUPPORTED_HEAD_DIMS))
-    assert attention.use_fused_dq(head_dim)
-    q, k, v = _make_inputs(
-        batch, num_q_heads, num_kv_heads, seq_len, head_dim, torch.float32, DEVICE, layout,
-        seed=seq_len + 100,
-    )  # fmt: skip
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    scale = 0.3
-    _check_against_reference(q, k, v, scale, do, FP32_TOLERANCE, FP32_TOLERANCE, FP32_TOLERANCE)
+@pytest.mark.parametrize(("seq_len", "head_dim"), [(40, 32), (64, 16), (1, 16), (33, 64)])
+def test_tma_forward_matches_pointer_loads_and_reference(seq_len, head_dim):
+    # The forward's TMA form (K/V through tensor descriptors; rows past T zero-filled
+    # instead of masked), which the GPU takes at D=128, run here at small D.
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    q, k, v = _make_inputs(1, 4, 2, seq_len, head_dim, torch.float32, DEVICE, "bthd", seed=21)
+    scale = 1.0 / math.sqrt(head_dim)
+    shapes = attention._check_inputs(q, k, v, scale)
+    config = attention.INTERPRETER_FORWARD_CONFIG
+    out_tma, lse_tma = attention._launch_forward(q, k, v, scale, shapes, config, tma=True)
+    out_ptr, lse_ptr = attention._launch_forward(q, k, v, scale, shapes, config, tma=False)
+    ref_out, ref_lse, _ = _reference_outputs(q, k, v, torch.ones_like(q), scale)
+    _assert_close(out_tma, ref_out, FP32_TOLERANCE, "o (tma)")
+    _assert_close(lse_tma, ref_lse, FP32_TOLERANCE, "lse (tma)")
+    assert torch.allclose(out_tma, out_ptr, atol=1e-6) and torch.allclose(lse_tma, lse_ptr)
 
 
-def test_fused_dq_never_under_deterministic_algorithms(monkeypatch):
-    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", frozenset({128}))
-    assert attention.use_fused_dq(128)
-    assert not attention.use_fused_dq(16)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert not attention.use_fused_dq(128)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+def test_tma_forward_not_taken_where_it_cannot_run():
+    q, k, v = _make_inputs(1, 2, 1, 8, 128, torch.float32, DEVICE, "bhtd", seed=0)
+    assert not attention.use_forward_tma(k, v, 128)  # CPU / interpreter
+    assert not attention.use_forward_tma(k, v, 64)  # not a TMA head dim
 
 
 @requires_interpreter
@@ -289,20 +282,50 @@ def test_cuda_long_partial_block_bf16(head_dim):
 
 @pytest.mark.cuda
 @requires_compiled_cuda
-@pytest.mark.parametrize("fused_dq", [True, False], ids=["fused_dq", "dq_kernel"])
 @pytest.mark.parametrize("seq_len", [1, 100, 1000, 2048])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_both_backwards_bf16(monkeypatch, head_dim, seq_len, fused_dq):
-    # Both backward forms compiled, whichever one a head dim uses by default.
-    dims = frozenset(attention.SUPPORTED_HEAD_DIMS) if fused_dq else frozenset()
-    monkeypatch.setattr(attention, "FUSED_DQ_HEAD_DIMS", dims)
-    q, k, v = _make_inputs(2, 8, 2, seq_len, head_dim, torch.bfloat16, "cuda", "bthd", seed=15)
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(
+def test_cuda_tma_forward_d128_and_its_pointer_fallback(seq_len):
+    # D=128 takes the TMA forward on a Hopper; a K/V view 2 bytes off 16-byte alignment
+    # must take the pointer-load forward instead, with the same result.
+    q, k, v = _make_inputs(2, 8, 2, seq_len, 128, torch.bfloat16, "cuda", "bthd", seed=17)
+    assert attention.use_forward_tma(k, v, 128)
+    scale = 1.0 / math.sqrt(128)
+    out, lse = gqa_attention_fwd(q, k, v, scale)
+    ref_out, ref_lse, _ = _reference_outputs(q, k, v, torch.ones_like(q), scale)
+    _assert_close(out, ref_out, GPU_TOLERANCES[torch.bfloat16][0], "o")
+    _assert_close(lse, ref_lse, GPU_TOLERANCES[torch.bfloat16][1], "lse")
+    flat = torch.empty(k.numel() + 1, dtype=k.dtype, device="cuda")
+    k_off = flat[1:].view(k.shape[0], k.shape[2], k.shape[1], 128).transpose(1, 2)
+    k_off.copy_(k)
+    assert not attention.use_forward_tma(k_off, v, 128)
+    out_off, lse_off = gqa_attention_fwd(q, k_off, v, scale)
+    _assert_close(out_off, ref_out, GPU_TOLERANCES[torch.bfloat16][0], "o (unaligned k)")
+
+
+@pytest.mark.cuda
+@requires_compiled_cuda
+def test_cuda_tma_forward_under_torch_compile():
+    # Inside a compiled graph Inductor launches the kernel and provides the scratch
+    # the device-side descriptors need: the op at D=128, fwd and bwd, vs float64.
+    import ccgqa_compile  # noqa: F401  (registers torch.ops.ccgqa)
+
+    q, k, v = _make_inputs(2, 8, 2, 300, 128, torch.bfloat16, "cuda", "bthd", seed=19)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(20)).to(
         "cuda", torch.bfloat16
     )
-    _check_against_reference(
-        q, k, v, 1.0 / math.sqrt(head_dim), do, *GPU_TOLERANCES[torch.bfloat16]
-    )
+    scale = 1.0 / math.sqrt(128)
+
+    @torch.compile(fullgraph=True)
+    def attend(q, k, v):
+        return torch.ops.ccgqa.gqa_attention(q, k, v, scale)[0]
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attend(*leaves)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_out, _, ref_grads = _reference_outputs(q, k, v, do, scale)
+    out_tol, _, grad_tol = GPU_TOLERANCES[torch.bfloat16]
+    _assert_close(out, ref_out, out_tol, "o")
+    for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        _assert_close(grad, ref, grad_tol, name)
 
 
 @pytest.mark.cuda
