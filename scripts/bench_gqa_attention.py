@@ -264,6 +264,14 @@ SWEEP_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
             (64, 128, 8, 2), (32, 64, 4, 4), (16, 64, 4, 4),
         ],
     },
+    # the dK/dV kernel with Q/dO loaded through TMA tensor descriptors
+    "dkdv_tma": {
+        64: [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+        128: [
+            (32, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2),
+            (64, 64, 4, 2), (32, 64, 4, 4),
+        ],
+    },
     # the forward with K/V loaded through TMA tensor descriptors
     "fwd_tma": {
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -298,16 +306,18 @@ def sweep_head_dim(head_dim: int, kernels: list[str]) -> list[dict]:
     fwd_flops = forward_flops(BATCH, num_q_heads, SEQ_LEN, head_dim)
     # The dK/dV kernel does 4 matmuls (QK^T, dP, dV, dK), dQ 3 (QK^T, dP, dQ).
     flops = {"fwd": fwd_flops, "fwd_tma": fwd_flops, "dkdv": fwd_flops * 2, "dq": fwd_flops * 1.5}
-    expected = {"fwd": out, "fwd_tma": out, "dkdv": dk, "dq": dq}
+    flops["dkdv_tma"] = flops["dkdv"]
+    expected = {"fwd": out, "fwd_tma": out, "dkdv": dk, "dkdv_tma": dk, "dq": dq}
 
     def launch(kernel: str, config: attention.BlockConfig) -> Tensor:
         if kernel.startswith("fwd"):
             tma = kernel == "fwd_tma"
             return attention._launch_forward(q, k, v, scale, shapes, config, tma)[0]
-        if kernel == "dkdv":
-            return attention._launch_backward_dkdv(do, q, k, v, lse, delta, scale, shapes, config)[
-                0
-            ]
+        if kernel.startswith("dkdv"):
+            tma = kernel == "dkdv_tma"
+            return attention._launch_backward_dkdv(
+                do, q, k, v, lse, delta, scale, shapes, config, tma
+            )[0]
         return attention._launch_backward_dq(do, q, k, v, lse, delta, scale, shapes, config)
 
     results = []
@@ -357,7 +367,9 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: li
         "dkdv": attention.BACKWARD_DKDV_CONFIGS,
         "dq": attention.BACKWARD_DQ_CONFIGS,
         "fwd_tma": attention.FORWARD_TMA_CONFIGS,
+        "dkdv_tma": attention.BACKWARD_DKDV_TMA_CONFIGS,
     }
+    fastest_ms: dict[tuple[str, int], float] = {}
     for kernel, table in tables.items():
         print(f"{kernel} table:")
         for head_dim in head_dims:
@@ -365,9 +377,16 @@ def run_sweep(out_dir: Path, head_dims: list[int], then_bench: bool, kernels: li
             if not timed:
                 continue
             fastest = min(timed, key=lambda r: r["ms"])
+            fastest_ms[kernel, head_dim] = fastest["ms"]
             best = attention.BlockConfig(*fastest["config"])
             print(f"    {head_dim}: {best},")
-            if then_bench:
+            # a TMA form only where it beat the pointer-load kernel in this sweep
+            plain = fastest_ms.get((kernel.removesuffix("_tma"), head_dim), float("inf"))
+            if kernel.endswith("_tma") and fastest["ms"] >= plain:
+                print(f"    ({kernel} slower than {plain:.3f} ms: not used)")
+                if then_bench:
+                    table.pop(head_dim, None)
+            elif then_bench:
                 table[head_dim] = best
     if then_bench:
         run_benchmark(out_dir)

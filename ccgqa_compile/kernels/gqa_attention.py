@@ -34,6 +34,11 @@ Conventions:
     neighbouring programs (head is the fast grid axis), so they read the same K/V
     tiles close together in time, from L2.  Packing a group's heads into one tile was
     not done: at small D the cost is the exp2 per score, which packing doesn't cut.
+  * TMA: at head dims where the H100 sweep measured it faster (D=128), the forward
+    reads K/V and the dK/dV kernel reads Q/dO through device-side tensor descriptors
+    (the copy engine; rows past T arrive as zeros).  Their scratch comes from
+    `triton.set_allocator` (Inductor sets its own).  Elsewhere, and wherever the
+    tensors are not 16-byte aligned, the same kernels use pointer loads.
   * float32 inputs use Triton's default dot precision (tf32 on the GPU): ~3e-4
     relative error; the interpreter computes them in IEEE float32.
   * Causal block skipping: key blocks after a query block are never visited; only
@@ -330,6 +335,8 @@ def _backward_dkdv_inner(
     dout_ptr,
     lse_ptr,
     delta_ptr,
+    q_desc,
+    do_desc,
     stride_qh,
     stride_qt,
     stride_doh,
@@ -344,6 +351,7 @@ def _backward_dkdv_inner(
     BLOCK_M: tl.constexpr,
     ON_DIAGONAL: tl.constexpr,
     EVEN_T: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """Accumulate dk, dv of one key block over `blocks_per_head` query blocks from
     `query_start`, for each of the `group_size` query heads sharing this K/V head.
@@ -372,7 +380,14 @@ def _backward_dkdv_inner(
             dout_ptr + head_offset * stride_doh + query_rows[:, None] * stride_dot + dims[None, :]
         )
         row_stats_offset = head_offset * seq_len + query_rows
-        if EVEN_T:
+        if TMA:
+            # q_desc / do_desc: (group, T, D) descriptors, zero rows past T
+            q_t = tl.trans(
+                tl.reshape(q_desc.load([head_in_group, block_start, 0]), [BLOCK_M, HEAD_DIM])
+            )
+            in_bounds = query_rows < seq_len
+            lse = tl.load(lse_ptr + row_stats_offset, mask=in_bounds, other=0.0)
+        elif EVEN_T:
             q_t = tl.load(q_t_ptrs)
             lse = tl.load(lse_ptr + row_stats_offset)
         else:
@@ -385,7 +400,10 @@ def _backward_dkdv_inner(
         p_t = tl.math.exp2(scores_t * qk_scale - (lse * LOG2E)[None, :])
         if ON_DIAGONAL:
             p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
-        if EVEN_T:
+        if TMA:
+            do = tl.reshape(do_desc.load([head_in_group, block_start, 0]), [BLOCK_M, HEAD_DIM])
+            delta = tl.load(delta_ptr + row_stats_offset, mask=in_bounds, other=0.0)
+        elif EVEN_T:
             do = tl.load(do_ptrs)
             delta = tl.load(delta_ptr + row_stats_offset)
         else:
@@ -436,6 +454,7 @@ def _backward_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_T: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -458,6 +477,18 @@ def _backward_dkdv_kernel(
     row_stats_base = (batch.to(tl.int64) * num_q_heads + first_q_head) * seq_len
     lse_ptr += row_stats_base
     delta_ptr += row_stats_base
+    if TMA:
+        q_desc = tl.make_tensor_descriptor(
+            q_ptr, shape=[group_size, seq_len, HEAD_DIM], strides=[stride_qh, stride_qt, 1],
+            block_shape=[1, BLOCK_M, HEAD_DIM],
+        )  # fmt: skip
+        do_desc = tl.make_tensor_descriptor(
+            dout_ptr, shape=[group_size, seq_len, HEAD_DIM], strides=[stride_doh, stride_dot, 1],
+            block_shape=[1, BLOCK_M, HEAD_DIM],
+        )  # fmt: skip
+    else:
+        q_desc = q_ptr
+        do_desc = dout_ptr
     k_ptr += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_ptr += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     dk_ptr += batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
@@ -488,6 +519,8 @@ def _backward_dkdv_kernel(
         dout_ptr,
         lse_ptr,
         delta_ptr,
+        q_desc,
+        do_desc,
         stride_qh,
         stride_qt,
         stride_doh,
@@ -502,6 +535,7 @@ def _backward_dkdv_kernel(
         BLOCK_M,
         ON_DIAGONAL=True,
         EVEN_T=EVEN_T,
+        TMA=TMA,
     )
     # Query blocks after the key block see all of its keys: no causal mask.
     below_start = key_start + BLOCK_N
@@ -516,6 +550,8 @@ def _backward_dkdv_kernel(
             dout_ptr,
             lse_ptr,
             delta_ptr,
+            q_desc,
+            do_desc,
             stride_qh,
             stride_qt,
             stride_doh,
@@ -530,6 +566,7 @@ def _backward_dkdv_kernel(
             BLOCK_M,
             ON_DIAGONAL=False,
             EVEN_T=EVEN_T,
+            TMA=TMA,
         )
 
     # The scores were scale * q . k, so d(scores)/dk carries the scale once.
@@ -755,6 +792,11 @@ FORWARD_CONFIGS: dict[int, BlockConfig] = {
 FORWARD_TMA_CONFIGS: dict[int, BlockConfig] = {
     128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
 }
+# dK/dV reading Q and dO through TMA descriptors: at D=128 1.82 ms against 2.12 ms for
+# the best pointer-load config (same sweep, H100, 2026-11-24)
+BACKWARD_DKDV_TMA_CONFIGS: dict[int, BlockConfig] = {
+    128: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+}
 BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
     16: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
     32: BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
@@ -812,26 +854,38 @@ def _tma_scratch(size: int, alignment: int, stream: int | None) -> Tensor:
 def use_forward_tma(k: Tensor, v: Tensor, head_dim: int) -> bool:
     """The TMA forward where it was measured faster and the copy engine can address
     K/V: a Hopper (or newer) GPU, compiled kernels, 16-byte aligned heads and rows."""
-    if head_dim not in FORWARD_TMA_CONFIGS or _running_in_interpreter(k):
+    return head_dim in FORWARD_TMA_CONFIGS and _tma_addressable(k, v)
+
+
+def use_dkdv_tma(q: Tensor, do: Tensor, head_dim: int) -> bool:
+    """The dK/dV kernel reading Q and dO through TMA, where measured faster."""
+    return head_dim in BACKWARD_DKDV_TMA_CONFIGS and _tma_addressable(q, do)
+
+
+def _tma_addressable(*tensors: Tensor) -> bool:
+    if _running_in_interpreter(tensors[0]):
         return False
     if (
         not hasattr(tl, "make_tensor_descriptor")
-        or torch.cuda.get_device_capability(k.device)[0] < 9
+        or torch.cuda.get_device_capability(tensors[0].device)[0] < 9
     ):
         return False
     # (storage offsets, not data_ptr: under Inductor's tracing these are fake tensors;
     # allocations themselves start 16-byte aligned)
-    for t in (k, v):
+    for t in tensors:
         offsets = (t.storage_offset(), *t.stride()[:3])
         if any(offset * t.element_size() % 16 for offset in offsets):
             return False
     return True
 
 
-def backward_dkdv_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
+def backward_dkdv_config(
+    head_dim: int, seq_len: int, interpreter: bool = False, tma: bool = False
+) -> BlockConfig:
     if interpreter:
         return INTERPRETER_DKDV_CONFIG
-    return _shrink_for_short_sequence(BACKWARD_DKDV_CONFIGS[head_dim], seq_len)
+    table = BACKWARD_DKDV_TMA_CONFIGS if tma else BACKWARD_DKDV_CONFIGS
+    return _shrink_for_short_sequence(table[head_dim], seq_len)
 
 
 def backward_dq_config(head_dim: int, seq_len: int, interpreter: bool = False) -> BlockConfig:
@@ -985,6 +1039,7 @@ def _launch_backward_dkdv(
     scale: float,
     shapes: _Shapes,
     config: BlockConfig,
+    tma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     dk = torch.empty(
         (shapes.batch, shapes.num_kv_heads, shapes.seq_len, shapes.head_dim),
@@ -993,6 +1048,8 @@ def _launch_backward_dkdv(
     )
     dv = torch.empty_like(dk, dtype=v.dtype)
     grid = (shapes.batch * shapes.num_kv_heads, triton.cdiv(shapes.seq_len, config.block_n))
+    if tma:
+        triton.set_allocator(_tma_scratch)
     traceable(_backward_dkdv_kernel)[grid](
         q,
         k,
@@ -1029,6 +1086,7 @@ def _launch_backward_dkdv(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         EVEN_T=shapes.seq_len % config.block_n == 0,
+        TMA=tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -1138,6 +1196,7 @@ def gqa_attention_bwd(
     lse = lse.contiguous()
     interpreter = _running_in_interpreter(q)
     delta = _launch_backward_preprocess(do, o, shapes)
+    dkdv_tma = use_dkdv_tma(q, do, shapes.head_dim)
     dk, dv = _launch_backward_dkdv(
         do,
         q,
@@ -1147,7 +1206,8 @@ def gqa_attention_bwd(
         delta,
         scale,
         shapes,
-        backward_dkdv_config(shapes.head_dim, shapes.seq_len, interpreter),
+        backward_dkdv_config(shapes.head_dim, shapes.seq_len, interpreter, dkdv_tma),
+        dkdv_tma,
     )
     dq = _launch_backward_dq(
         do,

@@ -173,10 +173,41 @@ def test_tma_forward_matches_pointer_loads_and_reference(seq_len, head_dim):
     assert torch.allclose(out_tma, out_ptr, atol=1e-6) and torch.allclose(lse_tma, lse_ptr)
 
 
+@requires_interpreter
+@pytest.mark.parametrize(
+    ("batch", "num_q_heads", "num_kv_heads", "seq_len", "head_dim"), INTERPRETER_CASES
+)
+def test_tma_dkdv_matches_pointer_loads(batch, num_q_heads, num_kv_heads, seq_len, head_dim):
+    # The dK/dV kernel's TMA form (Q and dO through (group, T, D) descriptors), which the
+    # GPU takes at D=128, against its pointer-load form and the float64 reference.
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    q, k, v = _make_inputs(
+        batch, num_q_heads, num_kv_heads, seq_len, head_dim, torch.float32, DEVICE, "bthd",
+        seed=seq_len + 7,
+    )  # fmt: skip
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    scale = 1.0 / math.sqrt(head_dim)
+    shapes = attention._check_inputs(q, k, v, scale)
+    out, lse = gqa_attention_fwd(q, k, v, scale)
+    delta = attention._launch_backward_preprocess(do, out, shapes)
+    config = attention.INTERPRETER_DKDV_CONFIG
+    launch = attention._launch_backward_dkdv
+    dk_tma, dv_tma = launch(do, q, k, v, lse, delta, scale, shapes, config, tma=True)
+    dk_ptr, dv_ptr = launch(do, q, k, v, lse, delta, scale, shapes, config, tma=False)
+    _, _, (_, ref_dk, ref_dv) = _reference_outputs(q, k, v, do, scale)
+    _assert_close(dk_tma, ref_dk, FP32_TOLERANCE, "dk (tma)")
+    _assert_close(dv_tma, ref_dv, FP32_TOLERANCE, "dv (tma)")
+    assert torch.allclose(dk_tma, dk_ptr, atol=1e-5) and torch.allclose(dv_tma, dv_ptr, atol=1e-5)
+
+
 def test_tma_forward_not_taken_where_it_cannot_run():
     q, k, v = _make_inputs(1, 2, 1, 8, 128, torch.float32, DEVICE, "bhtd", seed=0)
     assert not attention.use_forward_tma(k, v, 128)  # CPU / interpreter
     assert not attention.use_forward_tma(k, v, 64)  # not a TMA head dim
+    assert not attention.use_dkdv_tma(q, q, 128)
+    assert not attention.use_dkdv_tma(q, q, 64)
 
 
 @requires_interpreter
@@ -283,7 +314,7 @@ def test_cuda_long_partial_block_bf16(head_dim):
 @pytest.mark.cuda
 @requires_compiled_cuda
 @pytest.mark.parametrize("seq_len", [1, 100, 1000, 2048])
-def test_cuda_tma_forward_d128_and_its_pointer_fallback(seq_len):
+def test_cuda_tma_d128_and_its_pointer_fallback(seq_len):
     # D=128 takes the TMA forward on a Hopper; a K/V view 2 bytes off 16-byte alignment
     # must take the pointer-load forward instead, with the same result.
     q, k, v = _make_inputs(2, 8, 2, seq_len, 128, torch.bfloat16, "cuda", "bthd", seed=17)
@@ -299,6 +330,19 @@ def test_cuda_tma_forward_d128_and_its_pointer_fallback(seq_len):
     assert not attention.use_forward_tma(k_off, v, 128)
     out_off, lse_off = gqa_attention_fwd(q, k_off, v, scale)
     _assert_close(out_off, ref_out, GPU_TOLERANCES[torch.bfloat16][0], "o (unaligned k)")
+    # the backward: TMA dK/dV on aligned q/dO, pointer loads on a misaligned dO
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(18)).to(
+        "cuda", torch.bfloat16
+    )
+    assert attention.use_dkdv_tma(q, do, 128)
+    _, _, ref_grads = _reference_outputs(q, k, v, do, scale)
+    flat = torch.empty(do.numel() + 1, dtype=do.dtype, device="cuda")
+    do_off = flat[1:].view(do.shape).copy_(do)
+    assert not attention.use_dkdv_tma(q, do_off, 128)
+    for grad_out in (do, do_off):
+        grads = gqa_attention_bwd(grad_out, q, k, v, out, lse, scale)
+        for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+            _assert_close(grad, ref, GPU_TOLERANCES[torch.bfloat16][2], name)
 
 
 @pytest.mark.cuda
