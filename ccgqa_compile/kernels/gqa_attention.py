@@ -34,8 +34,8 @@ Conventions:
     neighbouring programs (head is the fast grid axis), so they read the same K/V
     tiles close together in time, from L2.  Packing a group's heads into one tile was
     not done: at small D the cost is the exp2 per score, which packing doesn't cut.
-  * TMA: at head dims where the H100 sweep measured it faster (D=128), the forward
-    reads K/V and the dK/dV kernel reads Q/dO through device-side tensor descriptors
+  * TMA: at head dims where the H100 sweep measured it faster, the forward (D=128)
+    reads K/V and the dK/dV kernel (D=64, 128) reads Q/dO through device-side descriptors
     (the copy engine; rows past T arrive as zeros).  Their scratch comes from
     `triton.set_allocator` (Inductor sets its own).  Elsewhere, and wherever the
     tensors are not 16-byte aligned, the same kernels use pointer loads.
@@ -793,8 +793,9 @@ FORWARD_TMA_CONFIGS: dict[int, BlockConfig] = {
     128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
 }
 # dK/dV reading Q and dO through TMA descriptors: at D=128 1.82 ms against 2.12 ms for
-# the best pointer-load config (same sweep, H100, 2026-11-24)
+# the best pointer-load config, at D=64 1.16 ms against 1.36 ms (H100, 2026-11-24)
 BACKWARD_DKDV_TMA_CONFIGS: dict[int, BlockConfig] = {
+    64: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     128: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
