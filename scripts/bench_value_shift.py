@@ -1,0 +1,79 @@
+"""What the value shift costs a compiled CCGQA block: the most folding it into
+attention's V load could save (CUDA only).
+
+    python scripts/bench_value_shift.py [--configs 2048:16:4:4,512:8:2:4] [--seq-len 2048]
+
+For each config: the block (patterns/ccgqa.py ``CCGQAttention``, hand-written core) with
+the value shift and without it (one V projection of the same width: the same FLOPs),
+both under ``backend="ccgqa"``, fwd+bwd timed in one process as CUDA-graph medians, and
+the kernels of the shifted block whose names show the shift (``constant_pad_nd`` /
+``slice``). The time difference bounds what any fold of the shift can save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # patterns/
+from patterns.ccgqa import CCGQAttention  # noqa: E402
+from profile_ops import cuda_kernel_breakdown  # noqa: E402  (scripts/profile_ops.py)
+
+import ccgqa_compile  # noqa: E402,F401  (registers backend="ccgqa")
+
+TOKENS = 32768
+
+
+def block_step(dim, heads, kv_heads, compression, seq_len, value_shift):
+    head_dim = dim // compression // heads
+    model = CCGQAttention(dim, heads, kv_heads, head_dim, value_shift=value_shift)
+    model = model.to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, backend="ccgqa")
+    x = torch.randn(max(1, TOKENS // seq_len), seq_len, dim, device="cuda", dtype=torch.bfloat16)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    params = [x, *model.parameters()]
+
+    def step():
+        compiled(x).backward(grad)
+
+    step()
+    step()
+    return step, params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="2048:16:4:4,512:8:2:4")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    args = parser.parse_args()
+    for spec in args.configs.split(","):
+        dim, heads, kv_heads, compression = (int(p) for p in spec.split(":"))
+        times = {}
+        for shift in (True, False):
+            step, params = block_step(dim, heads, kv_heads, compression, args.seq_len, shift)
+            times[shift] = triton.testing.do_bench_cudagraph(
+                step, grad_to_none=params, return_mode="median"
+            )
+            if shift:
+                events, total = cuda_kernel_breakdown(step, steps=5)
+                shift_kernels = [
+                    e for e in events if "constant_pad_nd" in e.key or "slice" in e.key
+                ]
+        label = f"E{dim} hq{heads} hkv{kv_heads} C{compression} T{args.seq_len}"
+        saved = times[True] - times[False]
+        print(
+            f"{label}: fwd+bwd {times[True]:.3f} ms with the shift, {times[False]:.3f} ms "
+            f"without: the shift costs {saved:.3f} ms ({100 * saved / times[True]:.1f}%)"
+        )
+        for e in shift_kernels:
+            print(f"    {e.device_time_total / 5 / 1e3:.4f} ms  {e.key[:100]}")
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
