@@ -20,10 +20,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # patterns/
-from patterns.ccgqa import CCGQAttention  # noqa: E402
 from profile_ops import cuda_kernel_breakdown  # noqa: E402  (scripts/profile_ops.py)
 
 import ccgqa_compile  # noqa: E402,F401  (registers backend="ccgqa")
+from patterns.ccgqa import CCGQAttention  # noqa: E402
 
 TOKENS = 32768
 
