@@ -71,9 +71,16 @@ def normalize_joint_graph(graph: torch.fx.Graph) -> None:
 
 
 def current_compile_id() -> str:
+    """``frame/compile``, with ``_attempt`` after a restarted attempt as in Dynamo's logs
+    (``0/0_1``). Dynamo may run the backend, restart the analysis and run it again within
+    one compile id (seen under ``dynamic=True`` on a CCGQA block, a restart from
+    ``_tensorify_python_scalars``, plain Inductor too); the SDPA rewrite's report events of
+    the abandoned attempt must not be counted with the next attempt's graph (they were:
+    ``gqa_attention x2`` for one SDPA call)."""
     ctx = torch._guards.CompileContext.try_get()
     if ctx is not None and ctx.compile_id is not None:
-        return str(ctx.compile_id)
+        attempt = getattr(ctx, "attempt", 0)
+        return f"{ctx.compile_id}_{attempt}" if attempt else str(ctx.compile_id)
     return "?"
 
 
