@@ -7,6 +7,9 @@ clear message instead of an AttributeError deep inside a compilation.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 MIN_TORCH = (2, 11)
@@ -50,8 +53,6 @@ def fwd_only_functional(fn, args, **kwargs):
 
 def pattern_tracing_context():
     """The context Inductor itself registers patterns under (see ``init_once_fakemode``)."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch._guards.tracing(None))
     stack.enter_context(unset_fake_temporarily())
@@ -82,6 +83,64 @@ def current_compile_id() -> str:
         attempt = getattr(ctx, "attempt", 0)
         return f"{ctx.compile_id}_{attempt}" if attempt else str(ctx.compile_id)
     return "?"
+
+
+def _possibly_true(expr) -> bool:
+    """Not statically known to be false (``statically_known_true`` of the negation)."""
+    return not statically_known_true(torch.sym_not(expr))
+
+
+_SYM_ARG_DEDUP = "statically_known_true(v != a) for a in sym_args"
+
+
+@functools.cache
+def _sym_arg_dedup_patchable() -> bool:
+    """Whether ``pattern_matcher`` calls ``statically_known_true`` only in the sym-arg
+    dedup of ``register_replacement`` (checked on the installed torch's source)."""
+    import inspect
+
+    from torch._inductor import pattern_matcher
+
+    if pattern_matcher.statically_known_true is not statically_known_true:
+        return False
+    try:
+        source = inspect.getsource(pattern_matcher)
+    except (OSError, TypeError):  # pragma: no cover - no source installed
+        return False
+    return source.count("statically_known_true(") == 1 and _SYM_ARG_DEDUP in source
+
+
+@contextlib.contextmanager
+def symbolic_sizes_as_pattern_inputs():
+    """Around a ``register_replacement`` exact check: every distinct symbolic size of the
+    matched inputs becomes an input of the re-traced pattern.
+
+    The check re-traces the search function at the matched shapes, with the SymInts of the
+    inputs' sizes and strides as extra inputs so that the pattern refers to them as the
+    graph does (AOTAutograd passes each size symbol in as a placeholder). It keeps a SymInt
+    only if ``statically_known_true(v != a)`` for every one kept before: two independent
+    symbols (B and T under ``dynamic=True``, s0 != s1 not provable) keep only the first.
+    The pattern then reads T as ``sym_size(q, 2)``, with tril's ``arange`` length as
+    ``(T - 0 + 1 - 1) // 1`` around it, where the graph has the placeholder: no exact match,
+    so no hand-written attention or CCGQA prologue fused under ``dynamic=True`` (with T
+    the only symbol, ``mark_dynamic``, it was kept: no miss). Here a SymInt is kept unless
+    it is statically known equal to one kept before: one input per distinct size, what the
+    dedup is for.
+    ``statically_known_true`` has no other use in ``pattern_matcher`` (checked on the
+    source; on a torch where that is not so, this does nothing and the tests that count
+    the ``dynamic=True`` fusions fail).
+    """
+    from torch._inductor import pattern_matcher
+
+    if not _sym_arg_dedup_patchable():
+        yield
+        return
+    original = pattern_matcher.statically_known_true
+    pattern_matcher.statically_known_true = _possibly_true
+    try:
+        yield
+    finally:
+        pattern_matcher.statically_known_true = original
 
 
 def _has_symbolic_size(node) -> bool:
@@ -132,6 +191,7 @@ __all__ = [
     "register_replacement",
     "stable_topological_sort",
     "statically_known_true",
+    "symbolic_sizes_as_pattern_inputs",
 ]
 
 

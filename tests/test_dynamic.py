@@ -18,12 +18,14 @@ def _run_lengths(entry, compiled, eager, training, mark, lengths, **shape):
     judged as the corpus judges it: directly, or against a float64 copy where fp32 itself
     is ill-conditioned, as a CCGQA temperature's gradient is). ``mark``: True for
     ``mark_dynamic`` on T, a callable for another marker (``maybe_mark_dynamic``), False
-    for none."""
+    for none. ``lengths``: sequence lengths, or (batch, seq) pairs."""
     marker = torch._dynamo.mark_dynamic if mark is True else mark
     reference = copy.deepcopy(eager).double()
     torch.manual_seed(0)
-    for seq in lengths:
-        (x,) = entry.make_inputs(Shape(**shape, seq=seq), torch.float32, "cpu")
+    for size in lengths:
+        batch, seq = size if isinstance(size, tuple) else (shape.get("batch", 2), size)
+        sizes = Shape(**{**shape, "batch": batch, "seq": seq})
+        (x,) = entry.make_inputs(sizes, torch.float32, "cpu")
         x_c, x_e = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
         if marker:
             marker(x_c, 1)
@@ -98,20 +100,78 @@ def test_ccgqa_block_mark_dynamic_sequence_compiles_once(name, training):
     assert len(ccgqa_compile.report().graphs) == 2
 
 
-def test_ccgqa_block_dynamic_true_compiles_once_and_stays_correct():
-    """``dynamic=True`` (every dim symbolic): one compilation for all lengths, outputs and
-    every gradient as eager. Only RoPE fuses there (README, Dynamic shapes: the
-    hand-written attention's causal mask traces to another graph with a symbolic T)."""
-    entry = BY_NAME["ccgqa_handwritten_core"]
-    model = entry.build(Shape(heads=2))
+# (batch, seq) pairs for dynamic=True: both vary (every dim is symbolic), none is 1 (0/1
+# specialisation), and the first pair differs (equal hints would share one symbol)
+_DYNAMIC_SIZES = ((2, 6), (3, 11), (4, 19))
+
+
+def _compile_dynamic_true(name, heads):
+    entry = BY_NAME[name]
+    model = entry.build(Shape(heads=heads))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="ccgqa", dynamic=True)
     torch._dynamo.utils.counters.clear()
-    _run_lengths(entry, compiled, eager, True, mark=False, lengths=(6, 11, 19), heads=2)
+    return entry, compiled, eager
+
+
+def _assert_one_graph():
     rep = ccgqa_compile.report()
     assert len(rep.graphs) == 1, f"recompiled: {len(rep.graphs)} graphs\n{rep}"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert rep.count("rope") == 2, str(rep)
+    return rep
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("name", ["ccgqa_handwritten_core", "ccgqa_sdpa_repeat_kv"])
+def test_ccgqa_block_dynamic_true_compiles_once_and_fuses(name, training):
+    """``dynamic=True`` (every dim symbolic, batch included): one compilation for every
+    batch size and length, attention (hand-written, or SDPA) and the q/k prologue fused
+    (forward and backward), outputs and every gradient as eager. The hand-written attention
+    and the prologue failed their exact re-trace before
+    ``symbolic_sizes_as_pattern_inputs`` (B and T: two independent symbols)."""
+    entry, compiled, eager = _compile_dynamic_true(name, heads=2)
+    _run_lengths(entry, compiled, eager, training, False, _DYNAMIC_SIZES, heads=2)
+    rep = _assert_one_graph()
+    assert rep.count("gqa_attention") == 1, str(rep)
+    assert _qk_fusions(rep, entry) == _expected_qk_fusions(entry) == (1, 0), str(rep)
+    assert rep.count("ccgqa_block") == 1, str(rep)
+    assert not rep.graphs[0].forward_only, str(rep)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "attn_repeat_kv_tril",
+        "attn_repeat_interleave_triu",
+        "attn_near_non_causal",
+        "attn_near_peeks_ahead",
+    ],
+)
+@pytest.mark.parametrize("heads", [2, 4], ids=["hkv1", "hkv2"])
+def test_handwritten_attention_dynamic_true(name, heads):
+    """Hand-written causal GQA attention under ``dynamic=True`` (training): one compilation
+    for every batch size and length, fused with its backward; the near misses (no mask,
+    ``tril(1)``) still never fuse. Outputs and gradients as eager either way."""
+    entry, compiled, eager = _compile_dynamic_true(name, heads)
+    _run_lengths(entry, compiled, eager, True, False, _DYNAMIC_SIZES, heads=heads)
+    rep = _assert_one_graph()
+    assert rep.count("gqa_attention") == entry.expect, str(rep)
+    assert not rep.graphs[0].forward_only, str(rep)
+
+
+@pytest.mark.parametrize(
+    "name", ["ccgqa_near_symmetric_conv_padding", "ccgqa_near_mean_wrong_heads"]
+)
+def test_ccgqa_block_near_miss_dynamic_true(name):
+    """The block near misses under ``dynamic=True``: their genuine attention core fuses,
+    the q/k prologue (convs that see later tokens, a mean over the wrong heads) does not."""
+    entry, compiled, eager = _compile_dynamic_true(name, heads=2)
+    _run_lengths(entry, compiled, eager, True, False, _DYNAMIC_SIZES, heads=2)
+    rep = _assert_one_graph()
+    assert entry.block_near_miss
+    assert rep.count("gqa_attention") == entry.expect == 1, str(rep)
+    assert rep.count("ccgqa_prologue") == 0, str(rep)
+    assert rep.count("ccgqa_block") == 0, str(rep)
 
 
 def test_ccgqa_block_maybe_dynamic_sequence():

@@ -29,6 +29,7 @@ from .._inductor_compat import (
     joint_fwd_bwd,
     pattern_tracing_context,
     register_replacement,
+    symbolic_sizes_as_pattern_inputs,
 )
 from .grad_sums import nodes_depending_on_tangents
 
@@ -157,6 +158,10 @@ def _guard_new_entries(pattern_pass: PatternMatcherPass, seen: set[int], idiom: 
     It must see the loose match, because that is the one Inductor replaces: for a
     multi-output pattern the exact re-trace may pick a different (correct) backward than
     the loose match did, and then pass while the wrong nodes get replaced.
+
+    The exact check itself runs with every distinct size symbol as a pattern input
+    (``symbolic_sizes_as_pattern_inputs``): without that, no pattern whose inputs have two
+    independent symbolic sizes (B and T under ``dynamic=True``) matched exactly.
     """
     for entries in pattern_pass.patterns.values():
         for entry in entries:
@@ -170,7 +175,8 @@ def _guard_new_entries(pattern_pass: PatternMatcherPass, seen: set[int], idiom: 
                 if reason is not None:
                     report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
                     return False
-                return exact_check(match)
+                with symbolic_sizes_as_pattern_inputs():
+                    return exact_check(match)
 
             entry.extra_check = guarded
 
