@@ -128,7 +128,7 @@ class CCGQAttention(nn.Module):
         # padding each conv when conv1 has no bias; with one, the first k2-1 outputs also
         # see conv1's bias applied to the padding (a function of its own, fine here)
         y = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
-        y = F.pad(y, (self.k1 - 1 + self.k2 - 1, 0))
+        y = F.pad(y, self._pad(self.k1 + self.k2 - 1))  # the near miss centres it
         y = self.qk_conv2(self.qk_conv1(y)).transpose(1, 2)
         return y.split((self.e_q, self.e_kv), dim=-1)
 
