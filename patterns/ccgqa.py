@@ -126,7 +126,8 @@ class CCGQAttention(nn.Module):
             return q, self._conv(k_pre, self.k_conv1, self.k_conv2)
         # Zyphra: one left pad of (k1-1)+(k2-1), then both convs unpadded. The same as
         # padding each conv when conv1 has no bias; with one, the first k2-1 outputs also
-        # see conv1's bias applied to the padding (a function of its own, fine here)
+        # see conv1's bias applied to the padding (a function of its own: the prologue
+        # fusion folds that bias into conv2's, passes/ccgqa_prologue.py)
         y = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
         y = F.pad(y, self._pad(self.k1 + self.k2 - 1))  # the near miss centres it
         y = self.qk_conv2(self.qk_conv1(y)).transpose(1, 2)
@@ -370,12 +371,33 @@ ENTRIES = [
     _sdpa(
         "ccgqa_zyphra_qk_concat_conv",
         _build(qk_concat=True, attention="sdpa", temperature="raw"),
-        note="CCGQA, q and k concatenated and convolved once (Zyphra), raw temperature",
+        note="CCGQA, q and k concatenated and convolved once (Zyphra: one pad, so conv1's "
+        "bias reaches conv2's padding), raw temperature",
+        prologue=1,
     ),
     _hand(
         "ccgqa_no_mean_no_temperature",
         _build(qk_mean=False, temperature="none", value_shift=False, l2norm="norm_div"),
         note="CCGQA without qk-mean, temperature or value shift",
+        prologue=1,
+    ),
+    _sdpa(
+        "ccgqa_no_mean_partial_rope",
+        _build(qk_mean=False, attention="sdpa", rotary_fraction=0.5),
+        note="CCGQA without qk-mean, exp temperature, half-rotary",
+        prologue=1,
+    ),
+    _hand(
+        "ccgqa_norm_div_raw_temperature",
+        _build(l2norm="norm_div", temperature="raw", rotary_fraction=0.5),
+        note="CCGQA, x / x.norm(), raw temperature, half-rotary",
+        prologue=1,
+    ),
+    _sdpa(
+        "ccgqa_sdpa_norm_div_no_temperature",
+        _build(attention="sdpa", l2norm="norm_div", temperature="none"),
+        note="CCGQA, SDPA, x / x.norm(), no temperature",
+        prologue=1,
     ),
     _sdpa(
         "ccgqa_sdpa_d16",
@@ -432,6 +454,18 @@ ENTRIES = [
         note="value shift by two tokens: V's shift stays Inductor's code (the fused ops "
         "never see it), so the genuine q/k prologue and attention fuse",
         prologue=1,
+    ),
+    _hand(
+        "ccgqa_near_no_mean_symmetric_conv_padding",
+        _build(qk_mean=False, conv_padding="symmetric", conv_kernels=(3, 3), temperature="none"),
+        note=f"no qk-mean, convs padded on both sides; {BLOCK_NEAR_MISS}",
+        block_near_miss=True,
+    ),
+    _sdpa(
+        "ccgqa_near_zyphra_symmetric_conv_padding",
+        _build(qk_concat=True, attention="sdpa", temperature="raw", conv_padding="symmetric"),
+        note=f"Zyphra's concatenated convs padded on both sides; {BLOCK_NEAR_MISS}",
+        block=True,
     ),
     _hand(
         "ccgqa_near_mean_wrong_heads",

@@ -3,11 +3,16 @@ says which half is missing where only one half fused (passes/blocks.py)."""
 
 from __future__ import annotations
 
+from unittest import mock
+
+import pytest
 import torch
 from torch import nn
 
 import ccgqa_compile
+from patterns import ccgqa as ccgqa_module
 from patterns.ccgqa import CCGQAttention
+from patterns.rope import rotary_tables
 
 from ._backends import ccgqa_without_codegen
 from ._compare import rel_err
@@ -27,12 +32,21 @@ class TwoBlocks(nn.Module):
 
 
 def _compile_and_check(model: nn.Module, training: bool) -> ccgqa_compile.FusionReport:
+    """Compiled vs eager: the output, and in training every gradient (x's included)."""
     torch.manual_seed(0)
     x = torch.randn(2, 6, 32, requires_grad=training)
     ccgqa_compile.reset_report()
     compiled = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)
     with torch.set_grad_enabled(training):
-        assert rel_err(compiled(x), model(x)) < 1e-5
+        out_c, out_e = compiled(x), model(x)
+    assert rel_err(out_c, out_e) < 1e-5
+    if training:
+        wrt = [x, *model.parameters()]
+        grad_out = torch.randn_like(out_e)
+        grads_c = torch.autograd.grad(out_c, wrt, grad_out)
+        grads_e = torch.autograd.grad(out_e, wrt, grad_out)
+        for i, (got, want) in enumerate(zip(grads_c, grads_e)):
+            assert rel_err(got, want) < 1e-5, i
     return ccgqa_compile.report()
 
 
@@ -43,6 +57,62 @@ def test_each_block_of_a_two_layer_model_is_named():
     assert rep.count("ccgqa_prologue") == 2 and rep.count("gqa_attention") == 2, str(rep)
     assert "fused    ccgqa_block    x2   idiom=prologue+attention" in str(rep)
     assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"], str(rep)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(qk_mean=False, temperature="none"), dict(qk_concat=True)],
+    ids=["no-mean-no-temperature", "zyphra-concat"],
+)
+def test_each_block_of_another_spelling_is_named(options):
+    """Without qk-mean and temperature q's and k's chains look alike (the matcher must pair
+    each q with its own block's k); Zyphra's concatenated convs are sliced and conv1's bias
+    folded into conv2's."""
+    torch.manual_seed(0)
+    rep = _compile_and_check(TwoBlocks(**options), training=True)
+    assert rep.count("ccgqa_prologue") == 2 and rep.count("ccgqa_block") == 2, str(rep)
+    assert not rep.unfused_candidates, str(rep)
+
+
+class MixedBlocks(nn.Module):
+    """A genuine block, then a near miss of it (convs that see later tokens)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.first = CCGQAttention(32, 4, 2, 8, **options)
+        self.second = CCGQAttention(
+            32, 4, 2, 8, conv_padding="symmetric", conv_kernels=(3, 3), **options
+        )
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
+
+
+SHARED_TABLE_SPELLINGS = {
+    "mean": dict(),
+    "no-mean": dict(qk_mean=False),
+    "no-mean-no-temperature": dict(qk_mean=False, temperature="none"),
+}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["two-blocks", "block-and-near-miss"])
+@pytest.mark.parametrize("spelling", SHARED_TABLE_SPELLINGS)
+def test_blocks_sharing_one_rope_table(spelling, mixed):
+    """One RoPE table for every block, as models that compute cos/sin once pass it on.
+    Without qk-mean, q's and k's chains meet only in that table, so every block's chains
+    are candidates for every q: each q must still be paired with its own block's k (a
+    pairing with another block's would feed the op its own output), and a near miss
+    sharing the table must stay unfused. Every result matches eager."""
+    torch.manual_seed(0)
+    options = SHARED_TABLE_SPELLINGS[spelling]
+    model = MixedBlocks(**options) if mixed else TwoBlocks(**options)
+    cos, sin = rotary_tables(6, 8, "cpu", torch.float32)  # (T, head dim) of _compile_and_check
+    with mock.patch.object(ccgqa_module, "rotary_tables", lambda *_: (cos, sin)):
+        rep = _compile_and_check(model, training=True)
+    expected = 1 if mixed else 2
+    assert rep.count("ccgqa_prologue") == expected, str(rep)
+    assert rep.count("ccgqa_block") == expected, str(rep)
 
 
 def test_a_block_whose_attention_stays_unfused_says_so():
@@ -56,10 +126,11 @@ def test_a_block_whose_attention_stays_unfused_says_so():
 
 
 def test_a_block_whose_prologue_stays_unfused_says_so():
-    """A block without qk-mean is not a prologue spelling yet: attention fuses, the block
-    does not."""
+    """Zyphra's concatenated convs without a temperature are not a prologue spelling yet:
+    attention fuses, the block does not."""
     torch.manual_seed(0)
-    rep = _compile_and_check(CCGQAttention(32, 4, 2, 8, qk_mean=False), False)
+    block = CCGQAttention(32, 4, 2, 8, qk_concat=True, temperature="none")
+    rep = _compile_and_check(block, False)
     assert rep.count("gqa_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
     missing = [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
     assert len(missing) == 1 and "q/k prologue did not" in missing[0].reason, str(rep)

@@ -357,3 +357,110 @@ def test_pattern_family_fuses_the_training_prologue(heads, kv_heads):
     assert ccgqa_compile.report().count("ccgqa_prologue") == 1, str(ccgqa_compile.report())
     for got, want in zip([p.grad for p in m.parameters()] + [x.grad], expected):
         assert rel_err(got, want) < 1e-5
+
+
+def _prologue_only_backend_without_codegen():
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.compile_fx import compile_fx
+
+    import ccgqa_compile.passes.ccgqa_prologue  # noqa: F401  (registers the family)
+    from ccgqa_compile.passes import CCGQAGraphPass
+
+    def run_eagerly(gm, example_inputs, **kwargs):
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        graph_pass = CCGQAGraphPass(("ccgqa_prologue",), fuse_on_cpu=True)
+        return compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=run_eagerly,
+            config_patches={"joint_custom_pre_pass": graph_pass},
+        )
+
+    return backend
+
+
+LAYOUTS = {"grouped": (4, 2), "single-kv-head": (3, 1), "ungrouped": (2, 2)}
+SPELLINGS = {
+    "no-mean": dict(qk_mean=False, temperature="none"),
+    "no-mean-exp-norm-div-half-rotary": dict(qk_mean=False, l2norm="norm_div", rotary_fraction=0.5),
+    "norm-div-raw": dict(l2norm="norm_div", temperature="raw"),
+    "norm-div-no-temperature-half-rotary": dict(
+        l2norm="norm_div", temperature="none", rotary_fraction=0.5
+    ),
+    "zyphra-concat-raw": dict(qk_concat=True, temperature="raw"),
+    "zyphra-concat-exp-half-rotary": dict(qk_concat=True, rotary_fraction=0.5),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_pattern_family_fuses_each_spelling(spelling, layout):
+    """Training graphs of every spelling the family covers beyond the canonical one, in
+    each head layout: one prologue op takes both convs of q and k (none is left), and
+    every gradient matches eager. An exp temperature goes through the raw idioms (exp(t)
+    is the tensor they bind). The Zyphra spelling's biases are scaled up so that conv1's
+    bias at the padded steps (folded into conv2's bias) weighs in."""
+    heads, kv_heads = LAYOUTS[layout]
+    torch.manual_seed(0)
+    m = CCGQAttention(heads * 8, heads, kv_heads, 8, **SPELLINGS[spelling])
+    with torch.no_grad():
+        if m.temp is not None:
+            m.temp.uniform_(-0.5, 0.5)
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.mul_(4)
+    x = torch.randn(2, 6, heads * 8, requires_grad=True)
+    expected = m(x)
+    grad = torch.randn_like(expected)
+    wrt = [x, *m.parameters()]
+    want = torch.autograd.grad(expected, wrt, grad)
+    compiled = torch.compile(m, backend=_prologue_only_backend_without_codegen(), fullgraph=True)
+    out = compiled(x)
+    rep = ccgqa_compile.report()
+    assert rep.count("ccgqa_prologue") == 1, str(rep)
+    assert not rep.forward_only().get("ccgqa_prologue"), str(rep)
+    assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_prologue"], str(rep)
+    assert rel_err(out, expected) < 1e-5
+    for i, (got, ref) in enumerate(zip(torch.autograd.grad(out, wrt, grad), want)):
+        assert rel_err(got, ref) < 1e-5, i
+
+
+def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
+    """Float64, bit for bit up to rounding: Zyphra's one pad of (K1-1)+(K2-1) lets conv1's
+    bias reach conv2 at the first K2-1 steps, so it is NOT the two separately padded convs
+    on the sliced weights; with conv1's bias folded into conv2's (what the replacement
+    passes the op) it is."""
+    from ccgqa_compile.passes.ccgqa_prologue import _fold_concat_conv
+
+    torch.manual_seed(0)
+    m = CCGQAttention(32, 4, 2, 8, qk_concat=True, conv_kernels=(3, 2), temperature="raw")
+    m = m.double()
+    with torch.no_grad():
+        m.temp.uniform_(0.5, 1.5)
+        m.qk_conv1.bias.mul_(4)
+    x = torch.randn(2, 5, 32, dtype=f64)
+    captured = {}
+
+    def capture(q, k, v):
+        captured.update(q=q, k=k)
+        return q
+
+    m._attend = capture
+    m(x)
+    q_pre, k_pre = m.q_proj(x), m.k_proj(x)
+    cos, sin = rotary_tables(5, m.rotary_dim, x.device, x.dtype)
+    conv1, conv2 = m.qk_conv1, m.qk_conv2
+    scalars = (4, 2, True, "raw", math.sqrt(8), 1e-12, m.rotary_dim, False)
+    e_q = q_pre.shape[-1]
+    sliced = (
+        conv1.weight[:e_q], conv1.bias[:e_q], conv2.weight[:e_q], conv2.bias[:e_q],
+        conv1.weight[e_q:], conv1.bias[e_q:], conv2.weight[e_q:], conv2.bias[e_q:],
+    )  # fmt: skip
+    q, _ = ops.ccgqa_prologue(q_pre, k_pre, *sliced, m.temp, cos, sin, *scalars)
+    assert rel_err(q[:, :, :1], captured["q"][:, :, :1]) > 1e-3  # the bias does weigh in
+    q_convs, k_convs = _fold_concat_conv(q_pre, conv1.weight, conv1.bias, conv2.weight, conv2.bias)
+    q, k = ops.ccgqa_prologue(q_pre, k_pre, *q_convs, *k_convs, m.temp, cos, sin, *scalars)
+    torch.testing.assert_close(q, captured["q"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k, captured["k"], rtol=1e-12, atol=1e-12)

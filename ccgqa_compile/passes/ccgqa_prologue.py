@@ -2,8 +2,10 @@
 
 From the pre-conv projections to the rotated q, k in (B, H, T, D): two causal convs per
 stream (``F.pad`` on the left + ``F.conv1d``, the depthwise one then the per-head one,
-with biases), the qk-mean coupling, ``F.normalize`` times sqrt(D), k times exp(temp) or
-temp per kv head, then rotate-half RoPE on all or the first part of the head dims.
+with biases), or Zyphra's spelling (q and k channels concatenated, padded once by
+(K1-1)+(K2-1), both convs over all channels, split again), the qk-mean coupling or none,
+``F.normalize`` or ``x / x.norm()`` times sqrt(D), k times exp(temp), temp or nothing per
+kv head, then rotate-half RoPE on all or the first part of the head dims.
 
 Near misses that must not match: a pad on the wrong side or by another amount, a conv1
 grouped per head or a dense conv2, a mean over other heads, another norm scale. The exact
@@ -20,30 +22,48 @@ which expands the matched node's int lists into tuples, so the structure check f
 (the family's ``after_build`` hook) and ignores those lists in the loose match; the exact
 re-trace still compares every literal.
 
-Idioms covered: qk-mean on; exp, raw or no temperature with ``F.normalize``, or exp with
-``x / x.norm()`` (the op's eps = 0 computes exactly that); full or partial rotate-half
-RoPE; biases on both convs (``nn.Conv1d`` modules and ``F.conv1d`` trace the same); any
-head layout. Not yet: no qk-mean, other temperature/norm pairings, the Zyphra concatenated
-conv, the original project's variant (the corpus entries say which fuse).
+Zyphra's single pad is not two separate pads: conv1 sees only padding at the first K2-1
+steps and outputs its bias there, which conv2 then reads where separately padded convs
+read zeros. The replacement folds that constant into conv2's bias (exact) and hands the op
+the sliced weights without a conv1 bias (``_fold_concat_conv``).
+
+Without qk-mean, q's and k's chains meet only in the RoPE tables, and the matcher can pair
+a q with the wrong k: see "Pairing q with k" below.
+
+Idioms covered (``_VARIANTS``): with qk-mean or without; exp, raw or no temperature with
+``F.normalize`` or ``x / x.norm()`` (the op's eps = 0 computes exactly that); full or
+partial rotate-half RoPE; biases on both convs (``nn.Conv1d`` modules and ``F.conv1d``
+trace the same); any head layout; Zyphra's concatenated convs with qk-mean,
+``F.normalize`` and an exp or raw temperature. Not yet: other spellings of the
+concatenated convs, the original project's variant (the corpus entries say which fuse).
+Each idiom costs about 0.5 s of tracing once per process (CPU, 2 cores): the 48 here take
+about 30 s, the 24 there were before no-mean, the x / x.norm() pairings and Zyphra's
+convs about 17.5 s (2026-11-24).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.ccgqa_prologue import check_args
-from ._registry import HALF_OR_FLOAT, Idiom, family
+from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family
 
 _NAMES = (
     "q_pre", "k_pre", "q_w1", "q_b1", "q_w2", "q_b2", "k_w1", "k_b1", "k_w2", "k_b2",
     "temp", "cos", "sin",
 )  # fmt: skip
-# q_pre, k_pre, conv weights/biases and temp require grad; the tables do not
-_GRADS = ((True,) * 11 + (False, False),)
-_GRADS_NO_TEMP = ((True,) * 10 + (False, False),)
+# requires_grad per traced tensor, [concatenated convs][with temp]: every input but the
+# RoPE tables
+_GRADS = {
+    concat: {with_temp: ((True,) * (n + with_temp) + (False, False),) for with_temp in (0, 1)}
+    for concat, n in ((False, 10), (True, 6))
+}
 
 
 def relax_list_arguments(pattern_pass) -> None:
@@ -83,24 +103,22 @@ def relax_list_arguments(pattern_pass) -> None:
             walk(entry.pattern)
 
 
-def _inputs(rotary_dim: int, heads: int, kv_heads: int, with_temp: bool):
+def _inputs(rotary_dim: int, heads: int, kv_heads: int, with_temp: bool, concat: bool):
     def make(act, param, device):
         b, t, d, k1, k2 = 2, 5, 8, 2, 2
 
         def p(*shape):
             return torch.randn(*shape, dtype=param, device=device)
 
+        def convs(width):
+            return p(width, 1, k1), p(width), p(width, d, k2), p(width)
+
+        e_q, e_kv = heads * d, kv_heads * d
+        weights = convs(e_q + e_kv) if concat else (*convs(e_q), *convs(e_kv))
         return (
-            torch.randn(b, t, heads * d, dtype=act, device=device),
-            torch.randn(b, t, kv_heads * d, dtype=act, device=device),
-            p(heads * d, 1, k1),
-            p(heads * d),
-            p(heads * d, d, k2),
-            p(heads * d),
-            p(kv_heads * d, 1, k1),
-            p(kv_heads * d),
-            p(kv_heads * d, d, k2),
-            p(kv_heads * d),
+            torch.randn(b, t, e_q, dtype=act, device=device),
+            torch.randn(b, t, e_kv, dtype=act, device=device),
+            *weights,
             *((p(kv_heads),) if with_temp else ()),
             torch.randn(t, rotary_dim, dtype=act, device=device),
             torch.randn(t, rotary_dim, dtype=act, device=device),
@@ -109,10 +127,9 @@ def _inputs(rotary_dim: int, heads: int, kv_heads: int, with_temp: bool):
     return make
 
 
-def _sizes(q_pre, q_w2, k_w2):
-    d = q_w2.shape[1]
-    heads, kv_heads = q_w2.shape[0] // d, k_w2.shape[0] // d
-    return q_pre.shape[0], q_pre.shape[1], heads, kv_heads, d
+def _heads(q_pre, k_pre, conv2_weight):
+    d = conv2_weight.shape[1]
+    return q_pre.shape[-1] // d, k_pre.shape[-1] // d, d
 
 
 def _conv(x, w1, b1, w2, b2, heads):
@@ -122,25 +139,34 @@ def _conv(x, w1, b1, w2, b2, heads):
     return y.transpose(1, 2)
 
 
+def _concat_conv(q_pre, k_pre, w1, b1, w2, b2, heads, kv_heads):
+    """Zyphra's spelling: q and k channels concatenated, one left pad of (K1-1)+(K2-1),
+    both convs unpadded, split again."""
+    y = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
+    y = F.pad(y, (w1.shape[-1] - 1 + w2.shape[-1] - 1, 0))
+    y = F.conv1d(y, w1, b1, groups=w1.shape[0])
+    y = F.conv1d(y, w2, b2, groups=heads + kv_heads)
+    return y.transpose(1, 2).split((q_pre.shape[-1], k_pre.shape[-1]), dim=-1)
+
+
 def _rotate_half(x):
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _normalized(
-    q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, temperature, norm
-):  # fmt: skip
-    """patterns/ccgqa.py ``CCGQAttention.forward`` up to the transpose before RoPE."""
-    b, t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
-    g = heads // kv_heads
-    q = _conv(q_pre, q_w1, q_b1, q_w2, q_b2, heads).view(b, t, heads, d)
-    k = _conv(k_pre, k_w1, k_b1, k_w2, k_b2, kv_heads).view(b, t, kv_heads, d)
-    qh = q_pre.view(b, t, heads, d)
-    kh = k_pre.view(b, t, kv_heads, d).repeat_interleave(g, dim=2)
-    m_q = (qh + kh) / 2
-    m_k = m_q.view(b, t, kv_heads, g, d).mean(3)
-    q, k = q + m_q, k + m_k
+def _after_conv(q_pre, k_pre, q, k, temp, heads, kv_heads, d, qk_mean, temperature, norm):
+    """patterns/ccgqa.py ``CCGQAttention.forward`` from the conv outputs (B, T, C) to the
+    transpose before RoPE."""
+    b, t = q_pre.shape[:2]
+    q, k = q.view(b, t, heads, d), k.view(b, t, kv_heads, d)
+    if qk_mean:
+        g = heads // kv_heads
+        qh = q_pre.view(b, t, heads, d)
+        kh = k_pre.view(b, t, kv_heads, d).repeat_interleave(g, dim=2)
+        m_q = (qh + kh) / 2
+        m_k = m_q.view(b, t, kv_heads, g, d).mean(3)
+        q, k = q + m_q, k + m_k
     if norm == "normalize":
         q = F.normalize(q, dim=-1) * math.sqrt(d)
         k = F.normalize(k, dim=-1) * math.sqrt(d)
@@ -148,6 +174,8 @@ def _normalized(
         q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(d)
         k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(d)
     if temperature != "none":
+        # "raw" multiplies by whatever tensor temp is bound to, exp(t) included: the raw
+        # idioms cover an exp temperature too, its exp left to Inductor
         beta = temp.exp() if temperature == "exp" else temp
         k = k * beta.view(1, 1, kv_heads, 1)
     return q.transpose(1, 2), k.transpose(1, 2)
@@ -163,56 +191,268 @@ def _partial_rope(x, cos, sin):
     return torch.cat(((x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass), dim=-1)
 
 
-def _search(temperature: str, norm: str, rope):
+def _search(qk_mean: bool, temperature: str, norm: str, rope, concat: bool):
+    spelling = (qk_mean, temperature, norm)
+
     def search(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
-        q, k = _normalized(
-            q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, temperature,
-            norm,
-        )  # fmt: skip
+        heads, kv_heads, d = _heads(q_pre, k_pre, q_w2)
+        q = _conv(q_pre, q_w1, q_b1, q_w2, q_b2, heads)
+        k = _conv(k_pre, k_w1, k_b1, k_w2, k_b2, kv_heads)
+        q, k = _after_conv(q_pre, k_pre, q, k, temp, heads, kv_heads, d, *spelling)
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    def search_concat(q_pre, k_pre, w1, b1, w2, b2, temp, cos, sin):
+        heads, kv_heads, d = _heads(q_pre, k_pre, w2)
+        q, k = _concat_conv(q_pre, k_pre, w1, b1, w2, b2, heads, kv_heads)
+        q, k = _after_conv(q_pre, k_pre, q, k, temp, heads, kv_heads, d, *spelling)
         return rope(q, cos, sin), rope(k, cos, sin)
 
     def search_no_temp(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, cos, sin):
         return search(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, None, cos, sin)
 
+    def search_concat_no_temp(q_pre, k_pre, w1, b1, w2, b2, cos, sin):
+        return search_concat(q_pre, k_pre, w1, b1, w2, b2, None, cos, sin)
+
+    if concat:
+        return search_concat_no_temp if temperature == "none" else search_concat
     return search_no_temp if temperature == "none" else search
 
 
-def _replace(temperature: str, norm: str):
+def _fold_concat_conv(q_pre, w1, b1, w2, b2):
+    """The concatenated convs as the op's separately padded q and k convs.
+
+    Slicing the weights at the q/k boundary is exact (conv1 is depthwise, conv2's groups
+    are whole heads, q's first). The single pad is not quite two pads: conv1 sees only
+    padding at the first K2-1 steps and outputs its bias there, which conv2 then reads
+    where separate padding would give it zeros. So conv1's bias reaches conv2 at every
+    step, a constant input: conv2 maps it to a per-channel constant, folded into conv2's
+    bias (computed in float32 at least), and the op runs with no conv1 bias. Exact, and
+    differentiable in every weight and bias."""
+    e_q, d = q_pre.shape[-1], w2.shape[1]
+    groups = w2.shape[0] // d
+    acc = torch.promote_types(w2.dtype, torch.float32)
+    taps = w2.to(acc).sum(-1).view(groups, d, d)
+    b2 = b2.to(acc) + (taps * b1.to(acc).view(groups, 1, d)).sum(-1).view(-1)
+    return (w1[:e_q], None, w2[:e_q], b2[:e_q]), (w1[e_q:], None, w2[e_q:], b2[e_q:])
+
+
+def _symmetric(qk_mean: bool, temperature: str) -> bool:
+    """Without qk-mean and temperature, q's chain and k's are the same function of their
+    own inputs: the matcher may bind q's pattern to k's chain and k's to q's."""
+    return not qk_mean and temperature == "none"
+
+
+def _replace(qk_mean: bool, temperature: str, norm: str, concat: bool):
     eps = 1e-12 if norm == "normalize" else 0.0  # F.normalize's default eps; x / |x|
+    symmetric = _symmetric(qk_mean, temperature)
 
     def replace(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin):
-        _b, _t, heads, kv_heads, d = _sizes(q_pre, q_w2, k_w2)
+        heads, kv_heads, d = _heads(q_pre, k_pre, q_w2)
+        if symmetric and heads < kv_heads:
+            # bound the other way round: the op wants the stream with more heads as q
+            k, q = replace(
+                k_pre, q_pre, k_w1, k_b1, k_w2, k_b2, q_w1, q_b1, q_w2, q_b2, temp, cos, sin
+            )
+            return q, k
         q, k = torch.ops.ccgqa.ccgqa_prologue(
             q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
-            heads, kv_heads, True, temperature, math.sqrt(d), eps, cos.shape[-1], False,
+            heads, kv_heads, qk_mean, temperature, math.sqrt(d), eps, cos.shape[-1], False,
         )  # fmt: skip
         return q, k
+
+    def replace_concat(q_pre, k_pre, w1, b1, w2, b2, temp, cos, sin):
+        q_convs, k_convs = _fold_concat_conv(q_pre, w1, b1, w2, b2)
+        return replace(q_pre, k_pre, *q_convs, *k_convs, temp, cos, sin)
 
     def replace_no_temp(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, cos, sin):
         return replace(q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, None, cos, sin)
 
+    def replace_concat_no_temp(q_pre, k_pre, w1, b1, w2, b2, cos, sin):
+        return replace_concat(q_pre, k_pre, w1, b1, w2, b2, None, cos, sin)
+
+    if concat:
+        return replace_concat_no_temp if temperature == "none" else replace_concat
     return replace_no_temp if temperature == "none" else replace
 
 
-def _check(values) -> str | None:
-    q_pre = values["q_pre"]
-    if q_pre.dtype not in HALF_OR_FLOAT:
-        return f"q_pre is {q_pre.dtype}"
-    w2 = values["q_w2"]
-    d = w2.shape[1]
-    if w2.shape[0] % d or values["k_w2"].shape[0] % d:
-        return "conv2 weights do not split into heads of the head dim"
-    heads, kv_heads = w2.shape[0] // d, values["k_w2"].shape[0] // d
-    tensors = [values.get(name) for name in _NAMES]  # no "temp" in the no-temperature idioms
-    # exp or raw: the mode does not change what check_args checks
-    temperature = "none" if values.get("temp") is None else "exp"
-    rotary_dim = values["cos"].shape[-1]
-    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
-    if problem is not None:
-        return problem
-    if values["cos"].dtype != q_pre.dtype or values["sin"].dtype != q_pre.dtype:
-        return "cos/sin are not in q's dtype (the idiom would compute in another dtype)"
+def _meta(shape, like):
+    return torch.empty(shape, dtype=like.dtype, device="meta")
+
+
+def _checker(qk_mean: bool, temperature: str):
+    symmetric = _symmetric(qk_mean, temperature)
+
+    def check(values) -> str | None:
+        problem = _same_binding_as_first_match(values)
+        if problem is not None:
+            return problem
+        q_pre, k_pre = values["q_pre"], values["k_pre"]
+        if q_pre.dtype not in HALF_OR_FLOAT:
+            return f"q_pre is {q_pre.dtype}"
+        concat = "w2" in values
+        w2 = values["w2"] if concat else values["q_w2"]
+        d = w2.shape[1]
+        if q_pre.shape[-1] % d or k_pre.shape[-1] % d:
+            return "q_pre and k_pre do not split into heads of conv2's head dim"
+        heads, kv_heads = q_pre.shape[-1] // d, k_pre.shape[-1] // d
+        if concat:
+            e_q, e_kv = q_pre.shape[-1], k_pre.shape[-1]
+            w1, b1, b2 = values["w1"], values["b1"], values["b2"]
+            width = e_q + e_kv
+            if w1.shape[0] != width or w2.shape[0] != width or b1.shape != (width,):
+                return f"the concatenated convs are not {width} channels wide"
+            # the op sees the sliced weights and conv2's folded bias (_fold_concat_conv)
+            convs = []
+            for e in (e_q, e_kv):
+                convs += [_meta((e, *w1.shape[1:]), w1), None, _meta((e, *w2.shape[1:]), w2)]
+                convs.append(_meta((e,), b2))
+        else:
+            convs = [values[name] for name in _NAMES[2:10]]
+        if symmetric and heads < kv_heads:  # the replacement swaps the streams
+            q_pre, k_pre, heads, kv_heads = k_pre, q_pre, kv_heads, heads
+            convs = convs[4:] + convs[:4]
+        temp = values.get("temp")  # absent in the no-temperature idioms
+        # exp or raw: the mode does not change what check_args checks
+        temperature_mode = "none" if temp is None else "raw"
+        cos, sin = values["cos"], values["sin"]
+        problem = check_args(
+            q_pre, k_pre, *convs, temp, cos, sin, heads, kv_heads, temperature_mode,
+            cos.shape[-1],
+        )  # fmt: skip
+        if problem is not None:
+            return problem
+        if cos.dtype != q_pre.dtype or sin.dtype != q_pre.dtype:
+            return "cos/sin are not in q's dtype (the idiom would compute in another dtype)"
+        return None
+
+    return check
+
+
+# ---- Pairing q with k ---------------------------------------------------------------
+# A multi-output pattern matches its first output (q) at an anchor node, then takes the
+# first node reachable from what is already matched that matches the next output (k),
+# and never goes back to try another. With qk-mean, q's and k's chains meet in the mean,
+# so the first k found is the block's own. Without it they meet only in the RoPE tables,
+# and the first candidate may be q's own chain (with no temperature both chains look
+# alike; the match then fails at the gradients, or passes with q's chain twice), or, where
+# one table serves several blocks, another block's k, whose replacement would take an
+# input computed from its own output (a cycle). So each candidate for a later output is
+# skipped when an earlier output already took it, or when the outputs found so far feed
+# the forward inputs bound so far (``_match_from_anchors``). The loose match gets that
+# from the class of its pattern (``pair_outputs``); the exact re-trace that
+# ``register_replacement`` matches again from the anchor gets it by a swap of
+# ``MultiOutputPattern._match_from_anchors`` for the time of the check, the way
+# ``_inductor_compat.symbolic_sizes_as_pattern_inputs`` swaps a helper there. Should the
+# two still bind different inputs, the idiom's check rejects the match (``_FIRST_MATCH``):
+# the re-trace would vouch for one subgraph while the other is replaced.
+
+_FIRST_MATCH: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ccgqa_prologue_first_match", default=None
+)
+
+
+def _value(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+def _same_binding_as_first_match(values: dict[str, Any]) -> str | None:
+    first = _FIRST_MATCH.get()
+    if first is not None and any(values.get(name) is not val for name, val in first.items()):
+        return "the exact re-trace bound other inputs than the first match (another k)"
     return None
+
+
+def _feeds_its_inputs(ctx, outputs) -> bool:
+    """Whether an output matched so far feeds a forward input bound so far. The tangents
+    are left out: in a training graph attention's backward computes them from q and k."""
+    from torch._inductor.pattern_matcher import KeywordArg
+
+    found = [n for n in map(ctx.pattern_to_node.get, outputs) if isinstance(n, torch.fx.Node)]
+    backward = backward_nodes_of(found[0].graph)
+    inputs = {
+        node
+        for pattern, node in ctx.pattern_to_node.items()
+        if isinstance(pattern, KeywordArg)
+        and isinstance(node, torch.fx.Node)
+        and node not in backward
+    }
+    # forward nodes only: no forward input is computed from a backward node
+    seen: set[torch.fx.Node] = set()
+    stack = [node for node in found if node not in backward]
+    while stack:
+        for user in stack.pop().users:
+            if user in inputs:
+                return True
+            if user not in seen and user not in backward:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _match_from_anchors(self, pattern, ctx):
+    """``MultiOutputPattern._match_from_anchors`` (torch 2.11 to 2.13), skipping a candidate
+    an earlier output took or one that would pair q with another block's k."""
+    from torch._inductor.pattern_matcher import FailedMatch, is_match
+
+    taken = {ctx.pattern_to_node.get(output) for output in self.outputs}
+    prior = dict(ctx.pattern_to_node)
+    m = FailedMatch("no anchor found")
+    for node in pattern.find_anchor_nodes(ctx, set()):
+        if node in taken:
+            continue
+        m = ctx.match(pattern, node)
+        if is_match(m) and _feeds_its_inputs(ctx, self.outputs):
+            m = FailedMatch("the outputs would feed the pattern's own inputs")
+        if is_match(m):
+            return m
+        ctx.pattern_to_node = dict(prior)
+    return m
+
+
+@contextlib.contextmanager
+def _exact_match_pairs_outputs():
+    from torch._inductor.pattern_matcher import MultiOutputPattern
+
+    original = MultiOutputPattern._match_from_anchors
+    MultiOutputPattern._match_from_anchors = _match_from_anchors
+    try:
+        yield
+    finally:
+        MultiOutputPattern._match_from_anchors = original
+
+
+def pair_outputs(pattern_pass) -> None:
+    """Give every registered multi-output pattern the pairing above, for its loose match and
+    (wrapping each entry's check) for the exact re-trace's; the idiom's check then also
+    compares the two bindings. Idempotent."""
+    from torch._inductor.pattern_matcher import MultiOutputPattern
+
+    class PairedOutputs(MultiOutputPattern):
+        _match_from_anchors = _match_from_anchors
+
+    for entries in pattern_pass.patterns.values():
+        for entry in entries:
+            if type(entry.pattern) is MultiOutputPattern:
+                entry.pattern.__class__ = PairedOutputs
+            if getattr(entry.extra_check, "ccgqa_pairs_outputs", False):
+                continue
+
+            def paired(match, inner=entry.extra_check) -> bool:
+                first = {name: _value(arg) for name, arg in match.kwargs.items()}
+                token = _FIRST_MATCH.set(first)
+                try:
+                    with _exact_match_pairs_outputs():
+                        return inner(match)
+                finally:
+                    _FIRST_MATCH.reset(token)
+
+            paired.ccgqa_pairs_outputs = True  # type: ignore[attr-defined]
+            entry.extra_check = paired
+
+
+def _after_build(pattern_pass) -> None:
+    relax_list_arguments(pattern_pass)
+    pair_outputs(pattern_pass)
 
 
 # (heads, kv heads) the patterns are traced with: a single kv head traces differently
@@ -220,36 +460,44 @@ def _check(values) -> str | None:
 # kv head (G = 1: the repeat and the mean are no-ops): each gets its own patterns
 _HEAD_LAYOUTS = (("", 4, 2), ("_single_kv_head", 3, 1), ("_ungrouped", 2, 2))
 
-
-# (temperature, norm) spellings: patterns/ccgqa.py's options
-_SPELLINGS = (
-    ("exp", "normalize"),
-    ("raw", "normalize"),
-    ("none", "normalize"),
-    ("exp", "norm_div"),
+# (name prefix, qk mean, concatenated convs, head layouts, (temperature, norm) spellings).
+# A "raw" idiom also covers its spelling with exp(temp), the exp left to Inductor (see
+# _after_conv): exp is traced only in the grouped layout, where it saves the production
+# models a kernel launch. Without the mean, G = 1 traces as the grouped layout does, and
+# one kv head differs only in the backward (where its rope's layout copy lands).
+_ANY_TEMPERATURE = (
+    ("raw", "normalize"), ("none", "normalize"), ("raw", "norm_div"), ("none", "norm_div"),
+)  # fmt: skip
+_VARIANTS = (
+    ("conv_mean", True, False, _HEAD_LAYOUTS[:1], (("exp", "normalize"), *_ANY_TEMPERATURE)),
+    ("conv_mean", True, False, _HEAD_LAYOUTS[1:], _ANY_TEMPERATURE),
+    ("conv", False, False, _HEAD_LAYOUTS[:2], _ANY_TEMPERATURE),
+    ("concat_conv_mean", True, True, _HEAD_LAYOUTS, (("raw", "normalize"),)),
 )
 
 
-@family("ccgqa_prologue", after_build=relax_list_arguments)
+@family("ccgqa_prologue", after_build=_after_build)
 def idioms() -> list[Idiom]:
     out = []
-    for suffix, heads, kv_heads in _HEAD_LAYOUTS:
-        for temperature, norm in _SPELLINGS:
-            with_temp = temperature != "none"
-            norm_name = "norm" if norm == "normalize" else "norm_div"
-            for rope_name, rope, rotary_dim in (
-                ("full", _full_rope, 8),
-                ("partial", _partial_rope, 4),
-            ):
-                out.append(
-                    Idiom(
-                        "ccgqa_prologue",
-                        f"conv_mean_{norm_name}_{temperature}_temperature_{rope_name}_rope{suffix}",
-                        _search(temperature, norm, rope),
-                        _replace(temperature, norm),
-                        _inputs(rotary_dim, heads, kv_heads, with_temp),
-                        _GRADS if with_temp else _GRADS_NO_TEMP,
-                        check=_check,
+    for prefix, qk_mean, concat, layouts, spellings in _VARIANTS:
+        for suffix, heads, kv_heads in layouts:
+            for temperature, norm in spellings:
+                with_temp = temperature != "none"
+                norm_name = "norm" if norm == "normalize" else "norm_div"
+                for rope_name, rope, rotary_dim in (
+                    ("full", _full_rope, 8),
+                    ("partial", _partial_rope, 4),
+                ):
+                    name = f"{norm_name}_{temperature}_temperature_{rope_name}_rope{suffix}"
+                    out.append(
+                        Idiom(
+                            "ccgqa_prologue",
+                            f"{prefix}_{name}",
+                            _search(qk_mean, temperature, norm, rope, concat),
+                            _replace(qk_mean, temperature, norm, concat),
+                            _inputs(rotary_dim, heads, kv_heads, with_temp, concat),
+                            _GRADS[concat][with_temp],
+                            check=_checker(qk_mean, temperature),
+                        )
                     )
-                )
     return out
