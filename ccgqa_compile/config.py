@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import os
 
-# the CCGQA prologue before RoPE: its RoPE is part of it
-FUSIONS: tuple[str, ...] = ("rms_norm", "swiglu", "ccgqa_prologue", "rope", "gqa_attention")
+# the CCGQA prologue before RoPE: its RoPE is part of it; "value_shift" is a pre-grad
+# rewrite (passes/value_shift.py), the others joint-graph patterns
+FUSIONS: tuple[str, ...] = (
+    "rms_norm",
+    "swiglu",
+    "ccgqa_prologue",
+    "rope",
+    "gqa_attention",
+    "value_shift",
+)
 
 # Names added here are skipped by every later compilation.
 disabled_fusions: set[str] = set()

@@ -107,7 +107,8 @@ class CCGQALM(nn.Module):
     def expected_fusions(self) -> dict[str, int]:
         """What fires in one training graph: two norms per block plus the final one, one
         q/k prologue (convs, qk-mean, norm, temperature, RoPE), one attention core, one
-        SwiGLU per block, and each block whose prologue feeds a fused attention."""
+        SwiGLU per block, each block whose prologue feeds a fused attention, and one value
+        shift moved onto V per block."""
         from ccgqa_compile.passes.sdpa_attention import MAX_HEAD_DIM
 
         n = self.layers
@@ -119,6 +120,7 @@ class CCGQALM(nn.Module):
             "ccgqa_block": attention,
             "rms_norm": 2 * n + 1,
             "swiglu": n,
+            "value_shift": n,
         }
 
 

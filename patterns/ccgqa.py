@@ -451,8 +451,9 @@ ENTRIES = [
     _sdpa(
         "ccgqa_near_value_shift_two",
         _build(attention="sdpa", value_shift_tokens=2),
-        note="value shift by two tokens: V's shift stays Inductor's code (the fused ops "
-        "never see it), so the genuine q/k prologue and attention fuse",
+        note="value shift by two tokens: not CCGQA's, but the value_shift rewrite is exact "
+        "for any shift (the fused ops never see it), so the genuine q/k prologue and "
+        "attention fuse",
         prologue=1,
     ),
     _hand(

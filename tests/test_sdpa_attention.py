@@ -207,7 +207,11 @@ def _fired(**compile_kwargs) -> int:
 
 def test_disabling_gqa_attention_disables_the_sdpa_rewrite(monkeypatch):
     assert _fired() == 1
-    assert _pass_patches({"gqa_attention"})["pre_grad_custom_pass"] is None
+    # the pre-grad hook then holds only the value-shift rewrite, and nothing with both off
+    assert type(_pass_patches({"gqa_attention"})["pre_grad_custom_pass"]).__name__ == (
+        "ValueShiftPass"
+    )
+    assert _pass_patches({"gqa_attention", "value_shift"})["pre_grad_custom_pass"] is None
     monkeypatch.setenv("CCGQA_DISABLE", "gqa_attention")
     assert _fired() == 0
     monkeypatch.delenv("CCGQA_DISABLE")

@@ -21,7 +21,7 @@ TINY = [
     *("--batch", "2", "--seq", "16", "--steps", "8", "--lr", "1e-2", "--sample", "16"),
     *("--device", "cpu"),
 ]
-FUSIONS = ("ccgqa_prologue", "gqa_attention", "ccgqa_block", "rms_norm", "swiglu")
+FUSIONS = ("ccgqa_prologue", "gqa_attention", "ccgqa_block", "rms_norm", "swiglu", "value_shift")
 
 
 def _run(tmp_path_factory, *extra: str):
@@ -117,6 +117,7 @@ def test_expected_fusions_scale_with_layers():
         "ccgqa_block": 3,
         "rms_norm": 7,
         "swiglu": 3,
+        "value_shift": 3,
     }
     sdpa = CCGQALM(256, dim=256, layers=2, heads=2, kv_heads=1, head_dim=128, attention="sdpa")
     assert sdpa.expected_fusions()["gqa_attention"] == 0  # SDPA keeps large head dims

@@ -1,5 +1,6 @@
-"""The graph passes the ``ccgqa`` backend installs: ``joint_custom_pre_pass`` (every fusion)
-and ``pre_grad_custom_pass`` (SDPA -> our attention op, see ``sdpa_attention.py``)."""
+"""The graph passes the ``ccgqa`` backend installs: ``joint_custom_pre_pass`` (the pattern
+fusions) and ``pre_grad_custom_pass`` (SDPA -> our attention op, see ``sdpa_attention.py``;
+the value shift moved onto V, see ``value_shift.py``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from .blocks import report_fused_blocks
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import is_tangent, order_scatter_sums, peel_first_addend
 from .sdpa_attention import SdpaAttentionPass, flush_pending_reports
+from .value_shift import rewrite_value_shift
+
+# fusions done entirely by the pre-grad pass: no joint-graph patterns
+PRE_GRAD_ONLY = frozenset({"value_shift"})
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -63,7 +68,7 @@ class CCGQAGraphPass(CustomGraphPass):
     def __init__(self, fusions: tuple[str, ...], fuse_on_cpu: bool | None = None) -> None:
         from .. import config
 
-        self.fusions = tuple(fusions)
+        self.fusions = tuple(f for f in fusions if f not in PRE_GRAD_ONLY)
         self.fuse_on_cpu = config.fuse_on_cpu() if fuse_on_cpu is None else fuse_on_cpu
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -149,9 +154,41 @@ def make_pass(fusions: tuple[str, ...], existing: Any = None) -> CustomGraphPass
     return _chain(CCGQAGraphPass(fusions), existing)
 
 
+class ValueShiftPass(CustomGraphPass):
+    """Pre-grad: ``linear(pad(x)[:, :T])`` -> ``pad(linear(x))[:, :T]`` (``value_shift.py``),
+    on CUDA graphs (and CPU ones with ``CCGQA_FUSE_ON_CPU=1``, as every fusion)."""
+
+    def __init__(self, fuse_on_cpu: bool | None = None) -> None:
+        from .. import config
+
+        self.fuse_on_cpu = config.fuse_on_cpu() if fuse_on_cpu is None else fuse_on_cpu
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.fuse_on_cpu or _dynamo_graph_device_type(graph) == "cuda":
+            rewrite_value_shift(graph)
+
+    def uuid(self) -> Any:
+        extra = f"value_shift|{torch.__version__}|cpu={self.fuse_on_cpu}"
+        return get_hash_for_files(_source_files(), extra)
+
+
+def _dynamo_graph_device_type(graph: torch.fx.Graph) -> str:
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if isinstance(val, torch.Tensor):
+                return val.device.type
+    return "cpu"
+
+
 def make_pre_grad_pass(fusions: tuple[str, ...], existing: Any = None) -> Any:
-    """The ``pre_grad_custom_pass``: the SDPA rewrite (part of the ``gqa_attention`` fusion),
-    then ``existing``; ``existing`` unchanged when that fusion is off."""
-    if "gqa_attention" not in fusions:
-        return existing
-    return _chain(SdpaAttentionPass(), existing)
+    """The ``pre_grad_custom_pass``: the value-shift rewrite and the SDPA rewrite (part of
+    the ``gqa_attention`` fusion), each when its fusion is on, then ``existing``."""
+    ours: list[CustomGraphPass] = []
+    if "value_shift" in fusions:
+        ours.append(ValueShiftPass())
+    if "gqa_attention" in fusions:
+        ours.append(SdpaAttentionPass())
+    for pass_ in reversed(ours):
+        existing = _chain(pass_, existing)
+    return existing

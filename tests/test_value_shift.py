@@ -1,0 +1,142 @@
+"""The value-shift rewrite (passes/value_shift.py): ``linear(pad(x)[:, :T], W)`` becomes
+``pad(linear(x, W))[:, :T]`` exactly where the two are equal, never elsewhere; outputs and
+every gradient as eager, and the rewrite counted in the report."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import ccgqa_compile
+from ccgqa_compile import config
+from patterns.ccgqa import CCGQAttention
+
+from ._backends import ccgqa_without_codegen
+from ._compare import rel_err
+
+
+@pytest.fixture(autouse=True)
+def _fuse_on_cpu(monkeypatch):
+    monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "1")
+
+
+@pytest.fixture
+def _value_shift_only(monkeypatch):
+    """Only this rewrite: the other fusions' patterns (tens of seconds to build, seconds
+    per compile) are covered elsewhere; the full backend test below runs them all."""
+    others = {name for name in config.FUSIONS if name != "value_shift"}
+    monkeypatch.setattr(config, "disabled_fusions", others)
+
+
+# float64 throughout, but the block's RoPE tables are built in float32 inside the graph
+# (compiled and eager round them differently, ~1e-7), which the temperature's gradient (a
+# sum over every logit) amplifies to ~1e-6; a shift applied wrongly is an O(1) error
+TOLERANCE = 1e-5
+
+
+def _compare(model, x, backend=ccgqa_without_codegen, dynamic=None):
+    """Compiled vs eager (float64 copies of both): output, input and parameter grads."""
+    model.zero_grad(set_to_none=True)  # (deepcopy does not copy .grad)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    x_c, x_e = (x.detach().clone().requires_grad_() for _ in range(2))
+    out_c, out_e = compiled(x_c), eager(x_e)
+    grad = torch.randn_like(out_e)
+    out_c.backward(grad)
+    out_e.backward(grad)
+    assert rel_err(out_c, out_e) < TOLERANCE, rel_err(out_c, out_e)
+    assert rel_err(x_c.grad, x_e.grad) < TOLERANCE
+    for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
+        assert rel_err(p_c.grad, p_e.grad) < TOLERANCE, name
+    return ccgqa_compile.report()
+
+
+@pytest.mark.usefixtures("_value_shift_only")
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 9),
+    heads=st.sampled_from([(2, 1), (4, 2), (4, 4)]),
+    head_dim=st.sampled_from([4, 8]),
+    shift=st.sampled_from([1, 2]),
+)
+def test_ccgqa_value_shift_moves_onto_v(batch, seq, heads, head_dim, shift):
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    torch.manual_seed(seq)
+    model = CCGQAttention(16, *heads, head_dim, value_shift_tokens=shift).double()
+    rep = _compare(model, torch.randn(batch, seq, 16, dtype=torch.float64))
+    assert rep.count("value_shift") == 1, str(rep)
+    assert f"idiom=pad_slice_linear_shift_{shift}" in str(rep)
+
+
+def test_the_full_backend_and_dynamic_sequence_lengths():
+    """Every fusion, through real Inductor code generation, with every size symbolic (the
+    slice bound is then T's symbol): one compilation, fused, exact for each length."""
+    torch.manual_seed(0)
+    model = CCGQAttention(16, 4, 2, 4).double()
+    for seq in (5, 8, 11):
+        rep = _compare(model, torch.randn(2, seq, 16, dtype=torch.float64), "ccgqa", True)
+        assert len(rep.graphs) == 1 and rep.count("value_shift") == 1, str(rep)
+
+
+class ShiftThenLinear(nn.Module):
+    """One linear of a shifted input, spelled by ``variant``: "shift" is the CCGQA value
+    shift (rewritten), the rest are near misses (left as written)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.proj = nn.Linear(16, 8, bias=variant == "bias")
+
+    def forward(self, x):
+        t = x.shape[1]
+        if self.variant in ("shift", "bias"):
+            x_prev = F.pad(x, (0, 0, 1, 0))[:, :t]
+        elif self.variant == "next_token":  # pads the end: x_{t+1}
+            x_prev = F.pad(x, (0, 0, 0, 1))[:, 1:]
+        elif self.variant == "feature_dim":  # shifts features, not time
+            x_prev = F.pad(x, (1, 0))[..., : x.shape[-1]]
+        elif self.variant == "padded_with_ones":  # padding rows of 1: linear(1) != 0
+            x_prev = F.pad(x, (0, 0, 1, 0), value=1.0)[:, :t]
+        elif self.variant == "keeps_the_pad":  # all T + 1 rows
+            x_prev = F.pad(x, (0, 0, 1, 0))
+        else:
+            raise ValueError(self.variant)
+        return self.proj(x_prev) * 2 + 1
+
+
+@pytest.mark.usefixtures("_value_shift_only")
+@pytest.mark.parametrize(
+    "variant, rewritten",
+    [
+        ("shift", True),
+        ("bias", False),
+        ("next_token", False),
+        ("feature_dim", False),
+        ("padded_with_ones", False),
+        ("keeps_the_pad", False),
+    ],
+)
+def test_only_the_exact_shift_is_rewritten(variant, rewritten):
+    torch.manual_seed(0)
+    model = ShiftThenLinear(variant).double()
+    rep = _compare(model, torch.randn(2, 6, 16, dtype=torch.float64))
+    assert rep.count("value_shift") == int(rewritten), str(rep)
+    if variant == "bias":
+        assert "the linear has a bias" in str(rep), str(rep)
+
+
+@pytest.mark.usefixtures("_value_shift_only")
+def test_disabled_by_name():
+    torch.manual_seed(0)
+    model = CCGQAttention(16, 4, 2, 4).double()
+    compiled = torch.compile(model, backend="ccgqa", options={"ccgqa_disable": ["value_shift"]})
+    compiled(torch.randn(2, 5, 16, dtype=torch.float64))
+    assert ccgqa_compile.report().count("value_shift") == 0
