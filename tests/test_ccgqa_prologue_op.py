@@ -82,6 +82,19 @@ def make_args(
     return tensors, scalars
 
 
+def _module_q_k(module: CCGQAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The q and k ``module`` hands its attention core (the core itself not run)."""
+    captured = {}
+
+    def capture(q, k, v):
+        captured.update(q=q, k=k)
+        return q
+
+    module._attend = capture
+    module(x)
+    return captured
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -99,14 +112,7 @@ def test_composite_equals_the_reference_module(options):
         with torch.no_grad():
             m.temp.uniform_(-0.5, 0.5)
     x = torch.randn(2, 5, 32, dtype=f64)
-    captured = {}
-
-    def capture(q, k, v):
-        captured.update(q=q, k=k)
-        return q
-
-    m._attend = capture
-    m(x)
+    captured = _module_q_k(m, x)
     cos, sin = rotary_tables(5, m.rotary_dim, x.device, x.dtype)
     q, k = ops.ccgqa_prologue(
         m.q_proj(x), m.k_proj(x),
@@ -441,14 +447,7 @@ def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
         m.temp.uniform_(0.5, 1.5)
         m.qk_conv1.bias.mul_(4)
     x = torch.randn(2, 5, 32, dtype=f64)
-    captured = {}
-
-    def capture(q, k, v):
-        captured.update(q=q, k=k)
-        return q
-
-    m._attend = capture
-    m(x)
+    captured = _module_q_k(m, x)
     q_pre, k_pre = m.q_proj(x), m.k_proj(x)
     cos, sin = rotary_tables(5, m.rotary_dim, x.device, x.dtype)
     conv1, conv2 = m.qk_conv1, m.qk_conv2
