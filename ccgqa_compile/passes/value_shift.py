@@ -11,7 +11,8 @@ zero rows of the padding to zero rows, so
 
 and the rewritten graph shifts the (B, T, E_kv / 2) projection instead; Inductor fuses
 that shift into the copy that concatenates V, and the backward needs no padded input
-gradient. This is our form of "folding the shift into the V load": the attention kernel
+gradient. Measured: the shift's kernels 0.306 -> 0.018 ms, the E2048 block 3.22 -> 3.12 ms
+(what remains of the gap to a block without shift is V's two half-width projections). This is our form of "folding the shift into the V load": the attention kernel
 still reads one V tensor, which Inductor builds already shifted.
 
 A ``linear`` is rewritten when and only when the identity holds:
