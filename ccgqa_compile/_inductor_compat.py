@@ -186,9 +186,13 @@ __all__ = [
     "fwd_only_functional",
     "install_conv1d_backward_fallback",
     "joint_fwd_bwd",
+    "matched_so_far",
+    "multi_output_pairing_supported",
     "normalize_joint_graph",
+    "pair_multi_outputs",
     "pattern_tracing_context",
     "register_replacement",
+    "relax_list_arguments",
     "stable_topological_sort",
     "statically_known_true",
     "symbolic_sizes_as_pattern_inputs",
@@ -213,3 +217,173 @@ def triton_kernel_of(node: torch.fx.Node) -> str | None:
     while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> the Python function
         fn = fn.fn
     return f"{fn.__module__}.{fn.__name__}"
+
+
+# ---- Pattern internals the CCGQA prologue's patterns need -----------------------------
+
+
+@functools.cache
+def _list_arguments_relaxable() -> bool:
+    """Whether ``CallFunction`` still keeps its arguments and flattening where
+    ``relax_list_arguments`` rewrites them."""
+    from torch._inductor.pattern_matcher import CallFunction
+
+    probe = CallFunction(torch.ops.aten.add.default, [1], 2)
+    return hasattr(CallFunction, "simple_flatten") and all(
+        hasattr(probe, name) for name in ("args", "kwargs", "flatten", "flat_args_kwargs")
+    )
+
+
+def relax_list_arguments(pattern_pass, target) -> bool:
+    """Make the loose match of every registered pattern node calling ``target`` ignore its
+    list arguments, as ``fx_to_pattern`` already does for int lists (``list`` is an ignored
+    type there) but not for bool lists such as ``convolution_backward``'s ``output_mask``:
+    a pattern node with a nested list is compared with ``pytree_flatten``, which expands
+    the matched node's int lists into tuples, so its structure check ("args_structure")
+    failed on every real graph. Idempotent. The exact re-trace at match time still
+    compares every literal, so this only widens the loose match.
+
+    Returns False (and changes nothing) on a torch whose pattern classes do not look as
+    they did in 2.11 to 2.13: those patterns then never match, a missed fusion, never a
+    wrong one."""
+    from torch._inductor.pattern_matcher import (
+        CallFunction,
+        Ignored,
+        MultiOutputPattern,
+        PatternExpr,
+    )
+
+    if not _list_arguments_relaxable():
+        return False
+    seen: set[int] = set()
+
+    def walk(pattern) -> None:
+        if id(pattern) in seen or not isinstance(pattern, PatternExpr):
+            return
+        seen.add(id(pattern))
+        if isinstance(pattern, MultiOutputPattern):
+            for output in pattern.outputs:
+                walk(output)
+            return
+        if not isinstance(pattern, CallFunction):
+            return
+        if target in pattern.fns:
+            pattern.args = tuple(
+                Ignored() if isinstance(a, (list, tuple)) else a for a in pattern.args
+            )
+            pattern.flatten = pattern.simple_flatten
+            pattern.flat_args_kwargs = pattern.flatten(pattern.args, pattern.kwargs)
+        for arg in (*pattern.args, *pattern.kwargs.values()):
+            walk(arg)
+
+    for entries in pattern_pass.patterns.values():
+        for entry in entries:
+            walk(entry.pattern)
+    return True
+
+
+# What ``MultiOutputPattern`` must look like for ``pair_multi_outputs`` to replace its
+# anchor search: ``_match`` hands every later output to ``_match_from_anchors``, which
+# tries the anchor nodes in turn and keeps the first that matches (torch 2.11 to 2.13).
+_ANCHOR_SEARCH_SOURCE = (
+    "self._match_from_anchors(pattern, ctx)",
+    "pattern.find_anchor_nodes(ctx,",
+    "ctx.pattern_to_node = dict(prior)",
+)
+
+
+@functools.cache
+def multi_output_pairing_supported() -> bool:
+    """Whether ``pair_multi_outputs`` can take over the anchor search (checked on the
+    installed torch's source)."""
+    import inspect
+
+    from torch._inductor.pattern_matcher import MultiOutputPattern
+
+    try:
+        source = inspect.getsource(MultiOutputPattern)
+    except (OSError, TypeError):  # pragma: no cover - no source installed
+        return False
+    return all(line in source for line in _ANCHOR_SEARCH_SOURCE)
+
+
+def _anchor_search(accept):
+    """``MultiOutputPattern._match_from_anchors`` of torch 2.11 to 2.13, skipping a
+    candidate an earlier output took and one for which ``accept(ctx, outputs)`` is False."""
+
+    def _match_from_anchors(self, pattern, ctx):
+        from torch._inductor.pattern_matcher import FailedMatch, is_match
+
+        taken = {ctx.pattern_to_node.get(output) for output in self.outputs}
+        prior = dict(ctx.pattern_to_node)
+        m = FailedMatch("no anchor found")
+        for node in pattern.find_anchor_nodes(ctx, set()):
+            if node in taken:
+                continue
+            m = ctx.match(pattern, node)
+            if is_match(m) and not accept(ctx, self.outputs):
+                m = FailedMatch("the outputs found so far were refused")
+            if is_match(m):
+                return m
+            ctx.pattern_to_node = dict(prior)
+        return m
+
+    return _match_from_anchors
+
+
+def pair_multi_outputs(pattern_pass, accept, wrap_check) -> bool:
+    """Give every registered multi-output pattern of ``pattern_pass`` an anchor search
+    that skips taken and refused candidates (``_anchor_search``): for its loose match
+    through the class of the pattern, and for the exact re-trace that
+    ``register_replacement`` matches again from the anchor (inside its ``extra_check``)
+    by a swap of ``MultiOutputPattern._match_from_anchors`` for the time of that check,
+    the way ``symbolic_sizes_as_pattern_inputs`` swaps a helper there.
+    ``wrap_check(match, inner)`` runs in the swap and calls the entry's own check.
+    Idempotent. Returns False (changing nothing) where the anchor search is not the one
+    replaced here: the caller must then not register patterns that need the pairing."""
+    from torch._inductor.pattern_matcher import MultiOutputPattern
+
+    if not multi_output_pairing_supported():
+        return False
+    search = _anchor_search(accept)
+
+    class PairedOutputs(MultiOutputPattern):
+        _match_from_anchors = search
+
+    @contextlib.contextmanager
+    def exact_match_pairs_outputs():
+        original = MultiOutputPattern._match_from_anchors
+        MultiOutputPattern._match_from_anchors = search
+        try:
+            yield
+        finally:
+            MultiOutputPattern._match_from_anchors = original
+
+    for entries in pattern_pass.patterns.values():
+        for entry in entries:
+            if type(entry.pattern) is MultiOutputPattern:
+                entry.pattern.__class__ = PairedOutputs
+            if getattr(entry.extra_check, "ccgqa_pairs_outputs", False):
+                continue
+
+            def paired(match, inner=entry.extra_check) -> bool:
+                with exact_match_pairs_outputs():
+                    return wrap_check(match, inner)
+
+            paired.ccgqa_pairs_outputs = True  # type: ignore[attr-defined]
+            entry.extra_check = paired
+    return True
+
+
+def matched_so_far(ctx, outputs) -> tuple[list[torch.fx.Node], set[torch.fx.Node]]:
+    """In a match in progress: the graph nodes matched to ``outputs`` so far, and those
+    bound to the pattern's named inputs (``KeywordArg``s)."""
+    from torch._inductor.pattern_matcher import KeywordArg
+
+    found = [n for n in map(ctx.pattern_to_node.get, outputs) if isinstance(n, torch.fx.Node)]
+    inputs = {
+        node
+        for pattern, node in ctx.pattern_to_node.items()
+        if isinstance(pattern, KeywordArg) and isinstance(node, torch.fx.Node)
+    }
+    return found, inputs

@@ -463,3 +463,27 @@ def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
     q, k = ops.ccgqa_prologue(q_pre, k_pre, *q_convs, *k_convs, m.temp, cos, sin, *scalars)
     torch.testing.assert_close(q, captured["q"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(k, captured["k"], rtol=1e-12, atol=1e-12)
+
+
+def test_private_pattern_hooks_apply_on_this_torch():
+    """The two pattern-matcher internals the prologue family replaces are the ones they
+    were written against (torch 2.11 on the GPU, 2.13 here): should a torch change them,
+    this fails first, and the family degrades to fewer fusions instead of wrong ones."""
+    from ccgqa_compile import _inductor_compat as compat
+
+    assert compat.multi_output_pairing_supported()
+    assert compat._list_arguments_relaxable()
+
+
+def test_no_qk_mean_idioms_need_the_output_pairing(monkeypatch):
+    """Without the anchor-search replacement a no-qk-mean q could be paired with its own
+    chain or another block's k: those idioms are then not registered at all."""
+    from ccgqa_compile.passes import ccgqa_prologue as family_module
+
+    names = {idiom.name for idiom in family_module.idioms()}
+    assert any(name.startswith("conv_norm") for name in names)
+    monkeypatch.setattr(family_module, "multi_output_pairing_supported", lambda: False)
+    reduced = {idiom.name for idiom in family_module.idioms()}
+    assert reduced and reduced < names
+    assert not any(name.startswith("conv_norm") for name in reduced)
+    assert all(name.startswith(("conv_mean_", "concat_conv_mean_")) for name in reduced)

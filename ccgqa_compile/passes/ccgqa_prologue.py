@@ -12,15 +12,11 @@ grouped per head or a dense conv2, a mean over other heads, another norm scale. 
 re-trace compares the pad amounts, groups and constants computed from the real weight
 shapes; ``check`` (the op's own argument check) rejects what the op does not compute.
 
-Training graphs: Inductor's ``fx_to_pattern`` turns the traced
-``aten.convolution_backward`` into a pattern whose int-list arguments (bias_sizes, stride,
-padding, dilation, output_padding) become single ``Ignored()`` leaves (``list`` is an
-ignored type), but ``output_mask=[True, True, True]`` stays a list (bools are not ``int``
-by ``type()``). A pattern node with a nested list is compared with ``pytree_flatten``,
-which expands the matched node's int lists into tuples, so the structure check failed
-("args_structure") on every real graph. ``relax_list_arguments`` runs on the built pass
-(the family's ``after_build`` hook) and ignores those lists in the loose match; the exact
-re-trace still compares every literal.
+Training graphs: the traced ``aten.convolution_backward`` keeps its ``output_mask`` bool
+list in the pattern, which the loose match cannot compare with a real graph's node; the
+family's ``after_build`` hook makes it ignore those lists
+(``_inductor_compat.relax_list_arguments``), and the exact re-trace still compares every
+literal.
 
 Zyphra's single pad is not two separate pads: conv1 sees only padding at the first K2-1
 steps and outputs its bias there, which conv2 then reads where separately padded convs
@@ -43,16 +39,24 @@ convs about 17.5 s (2026-11-24).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import logging
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._inductor_compat import (
+    matched_so_far,
+    multi_output_pairing_supported,
+    pair_multi_outputs,
+    relax_list_arguments,
+)
 from ..ops.ccgqa_prologue import check_args
 from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family
+
+_log = logging.getLogger(__name__)
 
 _NAMES = (
     "q_pre", "k_pre", "q_w1", "q_b1", "q_w2", "q_b2", "k_w1", "k_b1", "k_w2", "k_b2",
@@ -64,43 +68,6 @@ _GRADS = {
     concat: {with_temp: ((True,) * (n + with_temp) + (False, False),) for with_temp in (0, 1)}
     for concat, n in ((False, 10), (True, 6))
 }
-
-
-def relax_list_arguments(pattern_pass) -> None:
-    """Make the loose match of every registered ``convolution_backward`` ignore its list
-    arguments, as ``fx_to_pattern`` already does for their int lists (see the docstring).
-    Idempotent; the exact re-trace at match time still compares all of them."""
-    from torch._inductor.pattern_matcher import (
-        CallFunction,
-        Ignored,
-        MultiOutputPattern,
-        PatternExpr,
-    )
-
-    seen: set[int] = set()
-
-    def walk(pattern) -> None:
-        if id(pattern) in seen or not isinstance(pattern, PatternExpr):
-            return
-        seen.add(id(pattern))
-        if isinstance(pattern, MultiOutputPattern):
-            for output in pattern.outputs:
-                walk(output)
-            return
-        if not isinstance(pattern, CallFunction):
-            return
-        if torch.ops.aten.convolution_backward.default in pattern.fns:
-            pattern.args = tuple(
-                Ignored() if isinstance(a, (list, tuple)) else a for a in pattern.args
-            )
-            pattern.flatten = pattern.simple_flatten
-            pattern.flat_args_kwargs = pattern.flatten(pattern.args, pattern.kwargs)
-        for arg in (*pattern.args, *pattern.kwargs.values()):
-            walk(arg)
-
-    for entries in pattern_pass.patterns.values():
-        for entry in entries:
-            walk(entry.pattern)
 
 
 def _inputs(rotary_dim: int, heads: int, kv_heads: int, with_temp: bool, concat: bool):
@@ -338,13 +305,13 @@ def _checker(qk_mean: bool, temperature: str):
 # one table serves several blocks, another block's k, whose replacement would take an
 # input computed from its own output (a cycle). So each candidate for a later output is
 # skipped when an earlier output already took it, or when the outputs found so far feed
-# the forward inputs bound so far (``_match_from_anchors``). The loose match gets that
-# from the class of its pattern (``pair_outputs``); the exact re-trace that
-# ``register_replacement`` matches again from the anchor gets it by a swap of
-# ``MultiOutputPattern._match_from_anchors`` for the time of the check, the way
-# ``_inductor_compat.symbolic_sizes_as_pattern_inputs`` swaps a helper there. Should the
-# two still bind different inputs, the idiom's check rejects the match (``_FIRST_MATCH``):
-# the re-trace would vouch for one subgraph while the other is replaced.
+# the forward inputs bound so far (``_feeds_its_inputs``), in the loose match and in the
+# exact re-trace alike (``_inductor_compat.pair_multi_outputs``, which replaces Inductor's
+# anchor search). Should the two still bind different inputs, the idiom's check rejects
+# the match (``_FIRST_MATCH``): the re-trace would vouch for one subgraph while the other
+# is replaced. On a torch whose anchor search is not the one replaced there, the idioms
+# without qk-mean are not registered at all (``idioms``): a missed fusion, never q's chain
+# bound twice.
 
 _FIRST_MATCH: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "ccgqa_prologue_first_match", default=None
@@ -365,17 +332,9 @@ def _same_binding_as_first_match(values: dict[str, Any]) -> str | None:
 def _feeds_its_inputs(ctx, outputs) -> bool:
     """Whether an output matched so far feeds a forward input bound so far. The tangents
     are left out: in a training graph attention's backward computes them from q and k."""
-    from torch._inductor.pattern_matcher import KeywordArg
-
-    found = [n for n in map(ctx.pattern_to_node.get, outputs) if isinstance(n, torch.fx.Node)]
+    found, bound = matched_so_far(ctx, outputs)
     backward = backward_nodes_of(found[0].graph)
-    inputs = {
-        node
-        for pattern, node in ctx.pattern_to_node.items()
-        if isinstance(pattern, KeywordArg)
-        and isinstance(node, torch.fx.Node)
-        and node not in backward
-    }
+    inputs = {node for node in bound if node not in backward}
     # forward nodes only: no forward input is computed from a backward node
     seen: set[torch.fx.Node] = set()
     stack = [node for node in found if node not in backward]
@@ -389,70 +348,25 @@ def _feeds_its_inputs(ctx, outputs) -> bool:
     return False
 
 
-def _match_from_anchors(self, pattern, ctx):
-    """``MultiOutputPattern._match_from_anchors`` (torch 2.11 to 2.13), skipping a candidate
-    an earlier output took or one that would pair q with another block's k."""
-    from torch._inductor.pattern_matcher import FailedMatch, is_match
-
-    taken = {ctx.pattern_to_node.get(output) for output in self.outputs}
-    prior = dict(ctx.pattern_to_node)
-    m = FailedMatch("no anchor found")
-    for node in pattern.find_anchor_nodes(ctx, set()):
-        if node in taken:
-            continue
-        m = ctx.match(pattern, node)
-        if is_match(m) and _feeds_its_inputs(ctx, self.outputs):
-            m = FailedMatch("the outputs would feed the pattern's own inputs")
-        if is_match(m):
-            return m
-        ctx.pattern_to_node = dict(prior)
-    return m
-
-
-@contextlib.contextmanager
-def _exact_match_pairs_outputs():
-    from torch._inductor.pattern_matcher import MultiOutputPattern
-
-    original = MultiOutputPattern._match_from_anchors
-    MultiOutputPattern._match_from_anchors = _match_from_anchors
+def _check_against_first_match(match, inner) -> bool:
+    """Run the entry's check (the exact re-trace, then the idiom's ``check``) with the loose
+    match's bindings at hand for ``_same_binding_as_first_match``."""
+    first = {name: _value(arg) for name, arg in match.kwargs.items()}
+    token = _FIRST_MATCH.set(first)
     try:
-        yield
+        return inner(match)
     finally:
-        MultiOutputPattern._match_from_anchors = original
-
-
-def pair_outputs(pattern_pass) -> None:
-    """Give every registered multi-output pattern the pairing above, for its loose match and
-    (wrapping each entry's check) for the exact re-trace's; the idiom's check then also
-    compares the two bindings. Idempotent."""
-    from torch._inductor.pattern_matcher import MultiOutputPattern
-
-    class PairedOutputs(MultiOutputPattern):
-        _match_from_anchors = _match_from_anchors
-
-    for entries in pattern_pass.patterns.values():
-        for entry in entries:
-            if type(entry.pattern) is MultiOutputPattern:
-                entry.pattern.__class__ = PairedOutputs
-            if getattr(entry.extra_check, "ccgqa_pairs_outputs", False):
-                continue
-
-            def paired(match, inner=entry.extra_check) -> bool:
-                first = {name: _value(arg) for name, arg in match.kwargs.items()}
-                token = _FIRST_MATCH.set(first)
-                try:
-                    with _exact_match_pairs_outputs():
-                        return inner(match)
-                finally:
-                    _FIRST_MATCH.reset(token)
-
-            paired.ccgqa_pairs_outputs = True  # type: ignore[attr-defined]
-            entry.extra_check = paired
+        _FIRST_MATCH.reset(token)
 
 
 def _after_build(pattern_pass) -> None:
-    relax_list_arguments(pattern_pass)
-    pair_outputs(pattern_pass)
+    relax_list_arguments(pattern_pass, torch.ops.aten.convolution_backward.default)
+    # without the pairing the no-qk-mean idioms are not registered (see idioms())
+    pair_multi_outputs(
+        pattern_pass,
+        accept=lambda ctx, outputs: not _feeds_its_inputs(ctx, outputs),
+        wrap_check=_check_against_first_match,
+    )
 
 
 # (heads, kv heads) the patterns are traced with: a single kv head traces differently
@@ -479,7 +393,16 @@ _VARIANTS = (
 @family("ccgqa_prologue", after_build=_after_build)
 def idioms() -> list[Idiom]:
     out = []
+    pairing = multi_output_pairing_supported()
+    if not pairing:
+        _log.warning(
+            "ccgqa_prologue: this torch's multi-output pattern matching is not the one "
+            "ccgqa_compile was checked against (2.11 to 2.13); prologues without qk-mean "
+            "will not fuse"
+        )
     for prefix, qk_mean, concat, layouts, spellings in _VARIANTS:
+        if not qk_mean and not pairing:
+            continue  # q could be paired with the wrong k: see "Pairing q with k"
         for suffix, heads, kv_heads in layouts:
             for temperature, norm in spellings:
                 with_temp = temperature != "none"
