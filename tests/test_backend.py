@@ -183,6 +183,52 @@ def test_report_names_unfused_candidates():
     assert [c.fusion for c in rep.unfused_candidates] == ["rms_norm"], str(rep)
 
 
+def _unfused_attention(entry_name: str) -> tuple[int, list]:
+    """Compile one corpus entry for training; gqa_attention's count and its "not fused"
+    lines."""
+    entry = BY_NAME[entry_name]
+    torch.manual_seed(0)
+    inputs = entry.make_inputs(Shape(), torch.float32, "cpu")
+    torch.compile(entry.build(Shape()), backend="ccgqa")(*inputs).sum().backward()
+    rep = ccgqa_compile.report()
+    return rep.count("gqa_attention"), [
+        c for c in rep.unfused_candidates if c.fusion == "gqa_attention"
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry_name, fired, unfused",
+    [
+        ("attn_near_non_causal", 0, 1),  # a hand-written softmax attention left as it was
+        ("attn_near_peeks_ahead", 0, 1),
+        ("attn_repeat_kv_tril", 1, 0),  # fused: its composite's softmax is new, not reported
+    ],
+)
+def test_report_names_unfused_attention(monkeypatch, entry_name, fired, unfused):
+    """Joint graphs hold softmax decomposed (amax, sub, exp, sum, div), never
+    ``aten._softmax``: the candidate scan looks for an amax whose probabilities weight a
+    matmul."""
+    monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "1")
+    count, lines = _unfused_attention(entry_name)
+    assert count == fired and len(lines) == unfused, str(ccgqa_compile.report())
+    assert all("softmax" in line.reason for line in lines)
+
+
+def test_cross_entropy_is_not_an_attention_candidate(monkeypatch):
+    """A loss's log-softmax has an amax too, but no matmul takes its probabilities."""
+    monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "1")
+    head = torch.nn.Linear(16, 50)
+    x, target = torch.randn(2, 5, 16), torch.randint(0, 50, (10,))
+
+    def loss(x):
+        return torch.nn.functional.cross_entropy(head(x).view(10, 50), target)
+
+    torch.compile(loss, backend="ccgqa")(x).backward()
+    rep = ccgqa_compile.report()
+    assert any(r.kind == "training" for r in rep.graphs), str(rep)
+    assert not [c for c in rep.unfused_candidates if c.fusion == "gqa_attention"], str(rep)
+
+
 def test_cpu_graphs_are_left_to_inductor_by_default(monkeypatch):
     monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "0")
     torch.compile(_rms_model(), backend="ccgqa")(_x())

@@ -16,7 +16,12 @@ _ANCHORS = {
     "rms_norm": ((aten.rsqrt.default,), "an rsqrt is left in the graph"),
     "swiglu": ((aten.silu.default, aten.sigmoid.default), "a silu/sigmoid is left in the graph"),
     "rope": ((aten.neg.default,), "a negation feeding a cat/stack is left in the graph"),
-    "gqa_attention": ((aten._softmax.default,), "a softmax is left in the graph"),
+    # Inductor's decompositions reach our pass with softmax spelled out (amax, sub, exp,
+    # sum, div): ``aten._softmax`` never appears there
+    "gqa_attention": (
+        (aten.amax.default,),
+        "a softmax over scores, weighting values with a matmul, is left in the graph",
+    ),
     # a causal conv left in the graph: a CCGQA prologue that did not fuse
     "ccgqa_prologue": ((aten.convolution.default,), "a convolution is left in the graph"),
 }
@@ -24,6 +29,35 @@ _ANCHORS = {
 
 def _feeds_rotation(node: torch.fx.Node) -> bool:
     return any(user.target in (aten.cat.default, aten.stack.default) for user in node.users)
+
+
+# what lies between a softmax's amax and the matmul that weights the values by its
+# probabilities, in a decomposed graph: the softmax itself, casts and layout ops
+_SOFTMAX_TO_MATMUL = {
+    aten.sub.Tensor, aten.exp.default, aten.sum.dim_IntList, aten.div.Tensor,
+    aten.mul.Tensor, aten.reciprocal.default, torch.ops.prims.convert_element_type.default,
+    aten.expand.default, aten.view.default, aten.reshape.default,
+    aten._unsafe_view.default, aten.clone.default, aten.where.self,
+}  # fmt: skip
+_MATMULS = {aten.bmm.default, aten.mm.default, aten.matmul.default}
+
+
+def _softmax_weights_a_matmul(amax: torch.fx.Node, max_hops: int = 10) -> bool:
+    """An attention softmax: its probabilities reach a matmul (P @ V) through the
+    softmax's own ops, casts and views only. Keeps cross-entropy's and other reductions'
+    amax out of the report."""
+    frontier, seen = [amax], {amax}
+    for _ in range(max_hops):
+        next_frontier = []
+        for node in frontier:
+            for user in node.users:
+                if user.target in _MATMULS:
+                    return True
+                if user.target in _SOFTMAX_TO_MATMUL and user not in seen:
+                    seen.add(user)
+                    next_frontier.append(user)
+        frontier = next_frontier
+    return False
 
 
 def find_candidates(graph: torch.fx.Graph, fusion: str) -> list[torch.fx.Node]:
@@ -34,6 +68,8 @@ def find_candidates(graph: torch.fx.Graph, fusion: str) -> list[torch.fx.Node]:
         if node.op != "call_function" or node.target not in targets:
             continue
         if fusion == "rope" and not _feeds_rotation(node):
+            continue
+        if fusion == "gqa_attention" and not _softmax_weights_a_matmul(node):
             continue
         found.append(node)
     return found
