@@ -73,7 +73,8 @@ def test_ccgqa_value_shift_moves_onto_v(batch, seq, heads, head_dim, shift):
     model = CCGQAttention(16, *heads, head_dim, value_shift_tokens=shift).double()
     rep = _compare(model, torch.randn(batch, seq, 16, dtype=torch.float64))
     assert rep.count("value_shift") == 1, str(rep)
-    assert f"idiom=pad_slice_linear_shift_{shift}" in str(rep)
+    # V's two halves project the same x: one matmul
+    assert f"idiom=pad_slice_linear_shift_{shift}_one_v_matmul" in str(rep), str(rep)
 
 
 def test_the_full_backend_and_dynamic_sequence_lengths():
@@ -140,3 +141,43 @@ def test_disabled_by_name():
     compiled = torch.compile(model, backend="ccgqa", options={"ccgqa_disable": ["value_shift"]})
     compiled(torch.randn(2, 5, 16, dtype=torch.float64))
     assert ccgqa_compile.report().count("value_shift") == 0
+
+
+class TwoHalves(nn.Module):
+    """V as CCGQA builds it, ``cat((now(x), prev(x_prev)), -1)``, and variants whose two
+    projections must stay two matmuls (the shift is still moved)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.now = nn.Linear(16, 8, bias=variant == "bias_on_now")
+        self.prev = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        t = x.shape[1]
+        x_prev = F.pad(x, (0, 0, 1, 0))[:, :t]
+        now_in = x * 2 if self.variant == "other_input" else x
+        now, prev = self.now(now_in), self.prev(x_prev)
+        if self.variant == "not_concatenated":
+            return now * prev
+        if self.variant == "prev_first":
+            return torch.cat((prev, now), dim=-1)
+        return torch.cat((now, prev), dim=-1)
+
+
+@pytest.mark.usefixtures("_value_shift_only")
+@pytest.mark.parametrize(
+    "variant, merged",
+    [
+        ("ccgqa", True),
+        ("prev_first", True),
+        ("bias_on_now", False),
+        ("other_input", False),
+        ("not_concatenated", False),
+    ],
+)
+def test_v_halves_merge_into_one_matmul_only_when_exact(variant, merged):
+    torch.manual_seed(0)
+    rep = _compare(TwoHalves(variant).double(), torch.randn(2, 6, 16, dtype=torch.float64))
+    assert rep.count("value_shift") == 1, str(rep)
+    assert ("one_v_matmul" in str(rep)) == merged, str(rep)

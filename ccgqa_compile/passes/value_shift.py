@@ -15,6 +15,11 @@ gradient. Measured: the shift's kernels 0.306 -> 0.018 ms, the E2048 block 3.22 
 (what remains of the gap to a block without shift is V's two half-width projections). This is our form of "folding the shift into the V load": the attention kernel
 still reads one V tensor, which Inductor builds already shifted.
 
+Then V's two halves, ``cat((linear(x, W_now), pad(linear(x, W_prev))[:, :T]), -1)``,
+project the same x, and become one matmul with ``cat((W_now, W_prev))`` split in two
+(``_merge_with_sibling_projection``): x is read once forward and backward, and dx is one
+matmul instead of two summed. The report's idiom then ends in ``_one_v_matmul``.
+
 A ``linear`` is rewritten when and only when the identity holds:
 - no bias (with one, the padded rows would become the bias, not zero);
 - its input is ``pad(x, (0, 0, s, 0))`` (constant mode, value 0 or default, s >= 1: a shift
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._inductor_compat import statically_known_true
+from .._inductor_compat import stable_topological_sort, statically_known_true
 from .sdpa_attention import record_pre_grad_event
 
 FUSION = "value_shift"
@@ -106,6 +111,7 @@ def rewrite_value_shift(graph: torch.fx.Graph) -> int:
             projected = graph.call_function(node.target, (x, node.args[1], None))
             padded = graph.call_function(torch._C._nn.pad, (projected, (0, 0, shift, 0)))
             out = graph.call_function(operator.getitem, (padded, (slice(None), slice(None, stop))))
+        projected.meta.update(node.meta)
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
@@ -114,6 +120,67 @@ def rewrite_value_shift(graph: torch.fx.Graph) -> int:
             graph.erase_node(sliced)
             if not pad_node.users:
                 graph.erase_node(pad_node)
-        record_pre_grad_event("fused", FUSION, f"pad_slice_linear_shift_{shift}")
+        merged = _merge_with_sibling_projection(graph, projected, out)
+        idiom = f"pad_slice_linear_shift_{shift}" + ("_one_v_matmul" if merged else "")
+        record_pre_grad_event("fused", FUSION, idiom)
         moved += 1
+    if moved:
+        stable_topological_sort(graph)  # the merged matmul sits after its first reader
     return moved
+
+
+def _weight_shape(node: Any) -> tuple[int, int] | None:
+    val = _val(node)
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    if not all(isinstance(n, int) for n in val.shape):
+        return None
+    return tuple(val.shape)
+
+
+def _merge_with_sibling_projection(
+    graph: torch.fx.Graph, projected: torch.fx.Node, shifted: torch.fx.Node
+) -> bool:
+    """V's other half: ``cat((linear(x, W_now), shifted), -1)`` with ``shifted`` now
+    ``pad(linear(x, W_prev))[:, :T]``. Both halves project the same x, so one matmul with
+    ``cat((W_now, W_prev))`` computes both (each output column is the same dot product)
+    and reads x once, forward and backward (one dx matmul, no sum of two). Merged only
+    for exactly that: a bias-free linear of the same x, same weight width and dtype, and
+    a ``cat`` on the last dim taking the sibling's and the shifted half."""
+    x, w_prev = projected.args[0], projected.args[1]
+    prev_shape = _weight_shape(w_prev)
+    cats = [
+        u
+        for u in shifted.users
+        if u.target is torch.cat
+        and u.kwargs.get("dim", u.args[1] if len(u.args) > 1 else 0) in (-1, 2)
+        and isinstance(u.args[0], (tuple, list))
+    ]
+    if prev_shape is None or len(cats) != 1:
+        return False
+    for sibling in x.users:
+        if sibling is projected or sibling.target not in _LINEAR or sibling.kwargs:
+            continue
+        if len(sibling.args) not in (2, 3) or (len(sibling.args) == 3 and sibling.args[2]):
+            continue
+        if sibling.args[0] is not x or sibling not in cats[0].args[0]:
+            continue
+        w_now = sibling.args[1]
+        now_shape = _weight_shape(w_now)
+        if now_shape is None or now_shape[1] != prev_shape[1]:
+            continue
+        if _val(w_now).dtype != _val(w_prev).dtype:
+            continue
+        with graph.inserting_before(projected):
+            weight = graph.call_function(torch.cat, ((w_now, w_prev),), {"dim": 0})
+            both = graph.call_function(projected.target, (x, weight, None))
+            now = graph.call_function(torch.narrow, (both, -1, 0, now_shape[0]))
+            prev = graph.call_function(torch.narrow, (both, -1, now_shape[0], prev_shape[0]))
+        now.meta.update(sibling.meta)
+        prev.meta.update(projected.meta)
+        sibling.replace_all_uses_with(now)
+        projected.replace_all_uses_with(prev)
+        graph.erase_node(sibling)
+        graph.erase_node(projected)
+        return True
+    return False
