@@ -376,6 +376,19 @@ ENTRIES = [
         prologue=1,
     ),
     _hand(
+        "ccgqa_zyphra_norm_div_no_temperature",
+        _build(qk_concat=True, l2norm="norm_div", temperature="none", rotary_fraction=0.5),
+        note="CCGQA, Zyphra's concatenated convs, x / x.norm(), no temperature, half-rotary, "
+        "hand-written core",
+        prologue=1,
+    ),
+    _sdpa(
+        "ccgqa_zyphra_no_mean",
+        _build(qk_concat=True, qk_mean=False, attention="sdpa", value_shift=False),
+        note="CCGQA, Zyphra's concatenated convs without qk-mean, exp temperature",
+        prologue=1,
+    ),
+    _hand(
         "ccgqa_no_mean_no_temperature",
         _build(qk_mean=False, temperature="none", value_shift=False, l2norm="norm_div"),
         note="CCGQA without qk-mean, temperature or value shift",
@@ -466,6 +479,19 @@ ENTRIES = [
         "ccgqa_near_zyphra_symmetric_conv_padding",
         _build(qk_concat=True, attention="sdpa", temperature="raw", conv_padding="symmetric"),
         note=f"Zyphra's concatenated convs padded on both sides; {BLOCK_NEAR_MISS}",
+        block=True,
+    ),
+    _sdpa(
+        "ccgqa_near_zyphra_no_mean_symmetric_conv_padding",
+        _build(
+            qk_concat=True,
+            qk_mean=False,
+            temperature="none",
+            attention="sdpa",
+            conv_padding="symmetric",
+        ),  # fmt: skip
+        note=f"Zyphra's convs without qk-mean or temperature, padded on both sides; "
+        f"{BLOCK_NEAR_MISS}",
         block=True,
     ),
     _hand(

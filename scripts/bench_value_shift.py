@@ -5,7 +5,8 @@
 
 For each config, the block (patterns/ccgqa.py ``CCGQAttention``, hand-written core) under
 ``backend="ccgqa"``, fwd+bwd timed in one process as CUDA-graph medians:
-  * with the value shift, rewritten onto V (passes/value_shift.py, the default);
+  * with the value shift, rewritten onto V (passes/value_shift.py, the default), V's
+    two halves then one matmul; and the same with the two matmuls kept;
   * with the value shift as written (``ccgqa_disable=["value_shift"]``);
   * without a value shift (one V projection of the same width: the same FLOPs), the
     bound on what any fold of the shift can save;
@@ -26,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # patterns/
 from profile_ops import cuda_kernel_breakdown  # noqa: E402  (scripts/profile_ops.py)
 
 import ccgqa_compile  # noqa: E402,F401  (registers backend="ccgqa")
+from ccgqa_compile.passes import value_shift  # noqa: E402
 from patterns.ccgqa import CCGQAttention  # noqa: E402
+
+merge_halves = value_shift._merge_with_sibling_projection
 
 TOKENS = 32768
 
@@ -49,11 +53,17 @@ def block_step(dim, heads, kv_heads, compression, seq_len, value_shift, disable)
     return step, params
 
 
+# (label, value shift, fusions disabled, V's halves merged into one matmul)
 VARIANTS = (
-    ("shift moved onto V", True, []),
-    ("shift as written", True, ["value_shift"]),
-    ("no shift", False, []),
+    ("shift moved, one V mm", True, [], True),
+    ("shift moved, two V mm", True, [], False),
+    ("shift as written", True, ["value_shift"], False),
+    ("no shift", False, [], False),
 )
+
+
+def never(*_args) -> bool:
+    return False
 
 
 def main() -> None:
@@ -64,7 +74,9 @@ def main() -> None:
     for spec in args.configs.split(","):
         dim, heads, kv_heads, compression = (int(p) for p in spec.split(":"))
         print(f"E{dim} hq{heads} hkv{kv_heads} C{compression} T{args.seq_len}, fwd+bwd:")
-        for label, shift, disable in VARIANTS:
+        for label, shift, disable, merge in VARIANTS:
+            # the merge is part of the value_shift rewrite, with no switch of its own
+            value_shift._merge_with_sibling_projection = merge_halves if merge else never
             step, params = block_step(
                 dim, heads, kv_heads, compression, args.seq_len, shift, disable
             )

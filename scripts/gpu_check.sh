@@ -7,6 +7,7 @@
 #   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
 #   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
+#   vshift   scripts/bench_value_shift.py (the value shift's cost, moved / merged / as written)
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,6 +37,8 @@ for step in ${GPU_STEPS:-tests bench}; do
              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
     sweep) timeout "${SWEEP_TIMEOUT:-400}" python3 scripts/bench_gqa_attention.py --out "$OUT" \
              --sweep ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/sweep.log" | tail -60 ;;
+    vshift) timeout "${VSHIFT_TIMEOUT:-200}" python3 scripts/bench_value_shift.py 2>&1 \
+             | grep -v -i warn | tee "$OUT/value_shift.log" | tail -30 ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;
   esac

@@ -11,7 +11,7 @@ from torch import nn
 
 import ccgqa_compile
 from patterns import ccgqa as ccgqa_module
-from patterns.ccgqa import CCGQAttention
+from patterns.ccgqa import CCGQAAttentionSeed, CCGQAttention
 from patterns.rope import rotary_tables
 
 from ._backends import ccgqa_without_codegen
@@ -31,10 +31,12 @@ class TwoBlocks(nn.Module):
         return x + self.second(x)
 
 
-def _compile_and_check(model: nn.Module, training: bool) -> ccgqa_compile.FusionReport:
+def _compile_and_check(
+    model: nn.Module, training: bool, width: int = 32
+) -> ccgqa_compile.FusionReport:
     """Compiled vs eager: the output, and in training every gradient (x's included)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 32, requires_grad=training)
+    x = torch.randn(2, 6, width, requires_grad=training)
     ccgqa_compile.reset_report()
     compiled = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)
     with torch.set_grad_enabled(training):
@@ -126,11 +128,11 @@ def test_a_block_whose_attention_stays_unfused_says_so():
 
 
 def test_a_block_whose_prologue_stays_unfused_says_so():
-    """Zyphra's concatenated convs without a temperature are not a prologue spelling yet:
-    attention fuses, the block does not."""
+    """The original project's variant (per-head conv1, dense conv2, a mean over all heads)
+    is another computation than the prologue op's: attention fuses, the block does not."""
     torch.manual_seed(0)
-    block = CCGQAttention(32, 4, 2, 8, qk_concat=True, temperature="none")
-    rep = _compile_and_check(block, False)
+    block = CCGQAAttentionSeed(64, 4, 2, 2)  # head dim 64 / (2 * 4) = 8
+    rep = _compile_and_check(block, False, width=64)
     assert rep.count("gqa_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
     missing = [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
     assert len(missing) == 1 and "q/k prologue did not" in missing[0].reason, str(rep)

@@ -18,7 +18,7 @@ from .._inductor_compat import (
     stable_topological_sort,
 )
 from . import ccgqa_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (families)
-from ._registry import forget_graph, pattern_pass_for, refresh_backward_nodes
+from ._registry import forget_graph, pattern_passes_for, refresh_backward_nodes
 from .blocks import report_fused_blocks
 from .candidates import find_candidates, report_unfused_candidates
 from .grad_sums import is_tangent, order_scatter_sums, peel_first_addend
@@ -38,14 +38,6 @@ def _source_files() -> tuple[str, ...]:
     for folder in folders:
         files.extend(sorted((_PACKAGE / folder).glob("*.py")))
     return tuple(str(f) for f in files)
-
-
-# A family's patterns are only built and run on graphs containing one of these ops
-# (every traced idiom of the family contains one).
-_FAMILY_NEEDS = {
-    "gqa_attention": {torch.ops.aten.amax.default},
-    "ccgqa_prologue": {torch.ops.aten.convolution.default},
-}
 
 
 def _graph_device_type(graph: torch.fx.Graph) -> str:
@@ -98,17 +90,15 @@ class CCGQAGraphPass(CustomGraphPass):
             report_fused_blocks(graph)
 
     def _apply_patterns(self, graph: torch.fx.Graph, device_type: str) -> None:
-        present = {n.target for n in graph.nodes if n.op == "call_function"}
         for fusion in self.fusions:
-            needed = _FAMILY_NEEDS.get(fusion)
-            if needed is not None and not needed & present:
-                continue  # skip building (tracing) patterns that cannot match this graph
-            refresh_backward_nodes(graph)
-            if pattern_pass_for(fusion, device_type).apply(graph):
-                # replacements are inserted at the match's last node; restore the order
-                # before anything lints the graph
-                stable_topological_sort(graph)
-                graph.eliminate_dead_code()
+            # only the parts that may match this graph get built (traced) and run
+            for pattern_pass in pattern_passes_for(fusion, graph, device_type):
+                refresh_backward_nodes(graph)
+                if pattern_pass.apply(graph):
+                    # replacements are inserted at the match's last node; restore the
+                    # order before anything lints the graph
+                    stable_topological_sort(graph)
+                    graph.eliminate_dead_code()
 
     def uuid(self) -> Any:
         try:

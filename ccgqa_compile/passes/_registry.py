@@ -225,30 +225,70 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
     return registered
 
 
-_FAMILIES: dict[str, Callable[[], Sequence[Idiom]]] = {}
-_AFTER_BUILD: dict[str, Callable[[PatternMatcherPass], None]] = {}
+@dataclass(frozen=True)
+class _Part:
+    """One separately built set of a family's patterns."""
+
+    name: str
+    idioms: Callable[[], Sequence[Idiom]]
+    after_build: Callable[[PatternMatcherPass], None] | None
+    # whether a graph may hold one of these idioms (e.g. contains one of their ops): the
+    # patterns are built (traced, seconds each) and run only on graphs where it is so
+    applies: Callable[[torch.fx.Graph], bool] | None
 
 
-def family(fusion: str, after_build: Callable[[PatternMatcherPass], None] | None = None):
-    """Decorator: ``fn() -> list[Idiom]`` provides the idioms of one fusion.
-    ``after_build(pattern_pass)`` runs once the family is registered (a family whose
-    traced patterns need adjusting, e.g. the prologue's ``convolution_backward``)."""
+_FAMILIES: dict[str, list[_Part]] = {}
+
+
+def family(
+    fusion: str,
+    after_build: Callable[[PatternMatcherPass], None] | None = None,
+    *,
+    part: str = "",
+    applies: Callable[[torch.fx.Graph], bool] | None = None,
+):
+    """Decorator: ``fn() -> list[Idiom]`` provides the idioms of one fusion, or of one
+    ``part`` of it: each part is built and applied on its own, only to graphs that
+    ``applies(graph)`` accepts. ``after_build(pattern_pass)`` runs once the part is
+    registered (a part whose traced patterns need adjusting, e.g. the prologue's
+    ``convolution_backward``)."""
 
     def wrap(fn: Callable[[], Sequence[Idiom]]) -> Callable[[], Sequence[Idiom]]:
-        _FAMILIES[fusion] = fn
-        if after_build is not None:
-            _AFTER_BUILD[fusion] = after_build
+        parts = _FAMILIES.setdefault(fusion, [])
+        parts[:] = [p for p in parts if p.name != part]  # a re-import replaces its part
+        parts.append(_Part(part, fn, after_build, applies))
         return fn
 
     return wrap
 
 
+def graph_calls(*targets) -> Callable[[torch.fx.Graph], bool]:
+    """``applies`` for a part every idiom of which calls one of ``targets``."""
+    wanted = set(targets)
+
+    def applies(graph: torch.fx.Graph) -> bool:
+        return any(n.op == "call_function" and n.target in wanted for n in graph.nodes)
+
+    return applies
+
+
+def pattern_passes_for(fusion: str, graph: torch.fx.Graph, device_type: str):
+    """The built passes of ``fusion``'s parts that apply to ``graph``."""
+    return [
+        pattern_pass_for(fusion, device_type, part.name)
+        for part in _FAMILIES[fusion]
+        if part.applies is None or part.applies(graph)
+    ]
+
+
 @functools.cache
-def pattern_pass_for(fusion: str, device_type: str) -> PatternMatcherPass:
-    """Built lazily, once per process and device type, under a fake tensor mode."""
-    pattern_pass = PatternMatcherPass(pass_name=f"ccgqa_{fusion}")
+def pattern_pass_for(fusion: str, device_type: str, part: str = "") -> PatternMatcherPass:
+    """Built lazily, once per process, device type and part, under a fake tensor mode."""
+    (found,) = [p for p in _FAMILIES[fusion] if p.name == part]
+    suffix = f"_{part}" if part else ""
+    pattern_pass = PatternMatcherPass(pass_name=f"ccgqa_{fusion}{suffix}")
     with pattern_tracing_context():
-        register_idioms(pattern_pass, _FAMILIES[fusion](), device_type)
-    if fusion in _AFTER_BUILD:
-        _AFTER_BUILD[fusion](pattern_pass)
+        register_idioms(pattern_pass, found.idioms(), device_type)
+    if found.after_build is not None:
+        found.after_build(pattern_pass)
     return pattern_pass

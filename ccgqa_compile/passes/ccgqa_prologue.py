@@ -26,15 +26,16 @@ the sliced weights without a conv1 bias (``_fold_concat_conv``).
 Without qk-mean, q's and k's chains meet only in the RoPE tables, and the matcher can pair
 a q with the wrong k: see "Pairing q with k" below.
 
-Idioms covered (``_VARIANTS``): with qk-mean or without; exp, raw or no temperature with
-``F.normalize`` or ``x / x.norm()`` (the op's eps = 0 computes exactly that); full or
-partial rotate-half RoPE; biases on both convs (``nn.Conv1d`` modules and ``F.conv1d``
-trace the same); any head layout; Zyphra's concatenated convs with qk-mean,
-``F.normalize`` and an exp or raw temperature. Not yet: other spellings of the
-concatenated convs, the original project's variant (the corpus entries say which fuse).
-Each idiom costs about 0.5 s of tracing once per process (CPU, 2 cores): the 48 here take
-about 30 s, the 24 there were before no-mean, the x / x.norm() pairings and Zyphra's
-convs about 17.5 s (2026-11-24).
+Idioms covered (``_SEPARATE_CONVS``, ``_CONCATENATED_CONVS``): with qk-mean or
+without; exp, raw or no temperature with ``F.normalize`` or ``x / x.norm()`` (the op's
+eps = 0 computes exactly that); full or partial rotate-half RoPE; biases on both convs
+(``nn.Conv1d`` modules and ``F.conv1d`` trace the same); any head layout; q and k convs
+separate or concatenated (Zyphra). Not covered: the original project's variant (per-head
+conv1, dense conv2, a mean over all heads: another computation, which the op's check
+rejects by weight shape). Each idiom costs about 0.5 s of tracing once per process (CPU,
+2 cores), so the two conv spellings are separate parts of the family, each built only
+for graphs that may hold it: 42 separate-conv idioms (about 30 s), 40 concatenated
+(2026-11-24).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .._inductor_compat import (
     relax_list_arguments,
 )
 from ..ops.ccgqa_prologue import check_args
-from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family
+from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family, graph_calls
 
 _log = logging.getLogger(__name__)
 
@@ -382,16 +383,18 @@ _HEAD_LAYOUTS = (("", 4, 2), ("_single_kv_head", 3, 1), ("_ungrouped", 2, 2))
 _ANY_TEMPERATURE = (
     ("raw", "normalize"), ("none", "normalize"), ("raw", "norm_div"), ("none", "norm_div"),
 )  # fmt: skip
-_VARIANTS = (
+_SEPARATE_CONVS = (
     ("conv_mean", True, False, _HEAD_LAYOUTS[:1], (("exp", "normalize"), *_ANY_TEMPERATURE)),
     ("conv_mean", True, False, _HEAD_LAYOUTS[1:], _ANY_TEMPERATURE),
     ("conv", False, False, _HEAD_LAYOUTS[:2], _ANY_TEMPERATURE),
-    ("concat_conv_mean", True, True, _HEAD_LAYOUTS, (("raw", "normalize"),)),
+)
+_CONCATENATED_CONVS = (
+    ("concat_conv_mean", True, True, _HEAD_LAYOUTS, _ANY_TEMPERATURE),
+    ("concat_conv", False, True, _HEAD_LAYOUTS[:2], _ANY_TEMPERATURE),
 )
 
 
-@family("ccgqa_prologue", after_build=_after_build)
-def idioms() -> list[Idiom]:
+def _idioms_of(variants) -> list[Idiom]:
     out = []
     pairing = multi_output_pairing_supported()
     if not pairing:
@@ -400,7 +403,7 @@ def idioms() -> list[Idiom]:
             "ccgqa_compile was checked against (2.11 to 2.13); prologues without qk-mean "
             "will not fuse"
         )
-    for prefix, qk_mean, concat, layouts, spellings in _VARIANTS:
+    for prefix, qk_mean, concat, layouts, spellings in variants:
         if not qk_mean and not pairing:
             continue  # q could be paired with the wrong k: see "Pairing q with k"
         for suffix, heads, kv_heads in layouts:
@@ -424,3 +427,44 @@ def idioms() -> list[Idiom]:
                         )
                     )
     return out
+
+
+_CONVOLUTION = torch.ops.aten.convolution.default
+# between Zyphra's cat of q and k and the conv that reads it: the transpose to (B, C, T)
+# and the one pad, as a decomposed graph spells them
+_CAT_TO_CONV = {
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.clone.default,
+    torch.ops.aten.constant_pad_nd.default, torch.ops.aten.view.default,
+}  # fmt: skip
+
+
+def _convolves_a_concatenation(graph: torch.fx.Graph) -> bool:
+    """A ``cat`` that reaches a convolution through layout ops and a pad: where Zyphra's
+    spelling may be (its 30-odd patterns are traced only for such graphs)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        frontier = [node]
+        for _ in range(4):
+            frontier = [u for n in frontier for u in n.users]
+            if any(u.target is _CONVOLUTION for u in frontier):
+                return True
+            frontier = [u for u in frontier if u.target in _CAT_TO_CONV]
+    return False
+
+
+@family("ccgqa_prologue", after_build=_after_build, applies=graph_calls(_CONVOLUTION))
+def idioms() -> list[Idiom]:
+    """Separately padded q and k convs."""
+    return _idioms_of(_SEPARATE_CONVS)
+
+
+@family(
+    "ccgqa_prologue",
+    after_build=_after_build,
+    part="concat",
+    applies=_convolves_a_concatenation,
+)
+def concat_idioms() -> list[Idiom]:
+    """Zyphra's concatenated convs."""
+    return _idioms_of(_CONCATENATED_CONVS)

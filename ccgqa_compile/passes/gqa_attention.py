@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.gqa_attention import check_shapes
-from ._registry import Idiom, family
+from ._registry import Idiom, family, graph_calls
 
 SCALE = 0.25  # scalar_workaround placeholder (exact in fp32)
 _ALL_GRAD = ((True, True, True),)
@@ -94,7 +94,7 @@ def _repl_div(q, k, v, scale):
     return torch.ops.ccgqa.gqa_attention(q, k, v, 1.0 / scale)[0]
 
 
-@family("gqa_attention")
+@family("gqa_attention", applies=graph_calls(torch.ops.aten.amax.default))
 def idioms() -> list[Idiom]:
     out = []
     # mask and softmax spellings come in the pairs seen in practice, to bound the number of
