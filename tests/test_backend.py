@@ -202,6 +202,9 @@ def _unfused_attention(entry_name: str) -> tuple[int, list]:
         ("attn_near_non_causal", 0, 1),  # a hand-written softmax attention left as it was
         ("attn_near_peeks_ahead", 0, 1),
         ("attn_repeat_kv_tril", 1, 0),  # fused: its composite's softmax is new, not reported
+        # SDPA left alone by policy, decomposed to math on CPU: the SDPA pass's "rejected"
+        # line says why, no second line for the same call
+        ("ccgqa_sdpa_d64", 0, 0),
     ],
 )
 def test_report_names_unfused_attention(monkeypatch, entry_name, fired, unfused):

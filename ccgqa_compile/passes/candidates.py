@@ -42,6 +42,15 @@ _SOFTMAX_TO_MATMUL = {
 _MATMULS = {aten.bmm.default, aten.mm.default, aten.matmul.default}
 
 
+def _traced_from_sdpa(node: torch.fx.Node) -> bool:
+    """A softmax Inductor decomposed out of an ``F.scaled_dot_product_attention`` call (on
+    CPU, its math form): the SDPA pass already reported that call, fused or why not."""
+    lines = [  # the user's source lines, without Python's ^^^ markers under them
+        line for line in node.meta.get("stack_trace", "").splitlines() if line.strip().strip("^~")
+    ]
+    return bool(lines) and "scaled_dot_product_attention(" in lines[-1]
+
+
 def _softmax_weights_a_matmul(amax: torch.fx.Node, max_hops: int = 10) -> bool:
     """An attention softmax: its probabilities reach a matmul (P @ V) through the
     softmax's own ops, casts and views only. Keeps cross-entropy's and other reductions'
@@ -69,7 +78,9 @@ def find_candidates(graph: torch.fx.Graph, fusion: str) -> list[torch.fx.Node]:
             continue
         if fusion == "rope" and not _feeds_rotation(node):
             continue
-        if fusion == "gqa_attention" and not _softmax_weights_a_matmul(node):
+        if fusion == "gqa_attention" and (
+            _traced_from_sdpa(node) or not _softmax_weights_a_matmul(node)
+        ):
             continue
         found.append(node)
     return found
