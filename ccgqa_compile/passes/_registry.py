@@ -272,6 +272,20 @@ def graph_calls(*targets) -> Callable[[torch.fx.Graph], bool]:
     return applies
 
 
+def reaches(node: torch.fx.Node, goals, through, max_hops: int) -> bool:
+    """Whether a user of ``node``, or of a chain of at most ``max_hops`` users calling
+    ``through``, calls one of ``goals``: a cheap look along a decomposed graph's data flow
+    (a cat into a conv, a softmax into its matmul)."""
+    frontier, seen = [node], {node}
+    for _ in range(max_hops):
+        users = [u for n in frontier for u in n.users]
+        if any(u.target in goals for u in users):
+            return True
+        frontier = [u for u in users if u.target in through and u not in seen]
+        seen.update(frontier)
+    return False
+
+
 def pattern_passes_for(fusion: str, graph: torch.fx.Graph, device_type: str):
     """The built passes of ``fusion``'s parts that apply to ``graph``."""
     return [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reporting as report
+from ._registry import reaches
 
 aten = torch.ops.aten
 
@@ -51,22 +52,11 @@ def _traced_from_sdpa(node: torch.fx.Node) -> bool:
     return bool(lines) and "scaled_dot_product_attention(" in lines[-1]
 
 
-def _softmax_weights_a_matmul(amax: torch.fx.Node, max_hops: int = 10) -> bool:
+def _softmax_weights_a_matmul(amax: torch.fx.Node) -> bool:
     """An attention softmax: its probabilities reach a matmul (P @ V) through the
     softmax's own ops, casts and views only. Keeps cross-entropy's and other reductions'
     amax out of the report."""
-    frontier, seen = [amax], {amax}
-    for _ in range(max_hops):
-        next_frontier = []
-        for node in frontier:
-            for user in node.users:
-                if user.target in _MATMULS:
-                    return True
-                if user.target in _SOFTMAX_TO_MATMUL and user not in seen:
-                    seen.add(user)
-                    next_frontier.append(user)
-        frontier = next_frontier
-    return False
+    return reaches(amax, _MATMULS, _SOFTMAX_TO_MATMUL, max_hops=10)
 
 
 def find_candidates(graph: torch.fx.Graph, fusion: str) -> list[torch.fx.Node]:

@@ -55,7 +55,7 @@ from .._inductor_compat import (
     relax_list_arguments,
 )
 from ..ops.ccgqa_prologue import check_args
-from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family, graph_calls
+from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family, graph_calls, reaches
 
 _log = logging.getLogger(__name__)
 
@@ -441,16 +441,12 @@ _CAT_TO_CONV = {
 def _convolves_a_concatenation(graph: torch.fx.Graph) -> bool:
     """A ``cat`` that reaches a convolution through layout ops and a pad: where Zyphra's
     spelling may be (its 30-odd patterns are traced only for such graphs)."""
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
-            continue
-        frontier = [node]
-        for _ in range(4):
-            frontier = [u for n in frontier for u in n.users]
-            if any(u.target is _CONVOLUTION for u in frontier):
-                return True
-            frontier = [u for u in frontier if u.target in _CAT_TO_CONV]
-    return False
+    return any(
+        node.op == "call_function"
+        and node.target is torch.ops.aten.cat.default
+        and reaches(node, {_CONVOLUTION}, _CAT_TO_CONV, max_hops=4)
+        for node in graph.nodes
+    )
 
 
 @family("ccgqa_prologue", after_build=_after_build, applies=graph_calls(_CONVOLUTION))
