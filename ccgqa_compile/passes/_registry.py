@@ -60,7 +60,8 @@ class Idiom:
     check: Callable[[dict[str, Any]], str | None] | None = None
 
 
-def _value(arg: Any) -> Any:
+def matched_value(arg: Any) -> Any:
+    """A matched argument's value: a node's fake tensor (or SymInt), a literal as is."""
     if isinstance(arg, torch.fx.Node):
         return arg.meta.get("val")
     return arg
@@ -122,7 +123,7 @@ def _make_extra_check(idiom: Idiom, joint: bool) -> Callable[[Match], bool]:
     """
 
     def extra_check(match: Match) -> bool:
-        values = {name: _value(arg) for name, arg in match.kwargs.items()}
+        values = {name: matched_value(arg) for name, arg in match.kwargs.items()}
         reason = _scalar_error(idiom, match)
         if reason is None and idiom.check is not None:
             reason = idiom.check(values)

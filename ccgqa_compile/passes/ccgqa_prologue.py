@@ -55,7 +55,15 @@ from .._inductor_compat import (
     relax_list_arguments,
 )
 from ..ops.ccgqa_prologue import check_args
-from ._registry import HALF_OR_FLOAT, Idiom, backward_nodes_of, family, graph_calls, reaches
+from ._registry import (
+    HALF_OR_FLOAT,
+    Idiom,
+    backward_nodes_of,
+    family,
+    graph_calls,
+    matched_value,
+    reaches,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -319,10 +327,6 @@ _FIRST_MATCH: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Contex
 )
 
 
-def _value(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
-
-
 def _same_binding_as_first_match(values: dict[str, Any]) -> str | None:
     first = _FIRST_MATCH.get()
     if first is not None and any(values.get(name) is not val for name, val in first.items()):
@@ -352,7 +356,7 @@ def _feeds_its_inputs(ctx, outputs) -> bool:
 def _check_against_first_match(match, inner) -> bool:
     """Run the entry's check (the exact re-trace, then the idiom's ``check``) with the loose
     match's bindings at hand for ``_same_binding_as_first_match``."""
-    first = {name: _value(arg) for name, arg in match.kwargs.items()}
+    first = {name: matched_value(arg) for name, arg in match.kwargs.items()}
     token = _FIRST_MATCH.set(first)
     try:
         return inner(match)
@@ -440,7 +444,7 @@ _CAT_TO_CONV = {
 
 def _convolves_a_concatenation(graph: torch.fx.Graph) -> bool:
     """A ``cat`` that reaches a convolution through layout ops and a pad: where Zyphra's
-    spelling may be (its 30-odd patterns are traced only for such graphs)."""
+    spelling may be (its 40 idioms are traced only for such graphs)."""
     return any(
         node.op == "call_function"
         and node.target is torch.ops.aten.cat.default
