@@ -8,8 +8,8 @@
 #   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
 #   vshift   scripts/bench_value_shift.py (the value shift's cost, moved / merged / as written)
-#   prologue scripts/sweep_prologue_bwd.py (backward tiles per program x warps; PROLOGUE_OLD
-#            names a module with an older ccgqa_prologue_bwd to time beside it)
+#   prologue scripts/sweep_prologue_bwd.py (backward launch sweep; PROLOGUE_ARGS, and
+#            PROLOGUE_OLD: a module with another ccgqa_prologue_bwd to time beside it)
 set -u
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -42,7 +42,7 @@ for step in ${GPU_STEPS:-tests bench}; do
     vshift) timeout "${VSHIFT_TIMEOUT:-200}" python3 scripts/bench_value_shift.py 2>&1 \
              | grep -v -i warn | tee "$OUT/value_shift.log" | tail -30 ;;
     prologue) timeout "${PROLOGUE_TIMEOUT:-400}" python3 scripts/sweep_prologue_bwd.py --out "$OUT" \
-             ${PROLOGUE_OLD:+--old "$PROLOGUE_OLD"} 2>&1 | grep -v -i warn \
+             ${PROLOGUE_OLD:+--old "$PROLOGUE_OLD"} ${PROLOGUE_ARGS:-} 2>&1 | grep -v -i warn \
              | tee "$OUT/sweep_prologue_bwd.log" | tail -80 ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;

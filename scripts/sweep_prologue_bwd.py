@@ -1,15 +1,17 @@
-"""Tune the CCGQA prologue's backward kernel (CUDA only): tiles per program x warps.
+"""Tune the CCGQA prologue's backward kernels (CUDA only): tile height x time blocks per
+conv-backward program x warps.
 
-    python scripts/sweep_prologue_bwd.py [--out DIR] [--old MODULE]
+    python scripts/sweep_prologue_bwd.py [--out DIR] [--old MODULE] [--inductor]
 
-For each config (B*T = 32768 tokens, T = 2048, bf16, conv kernels 2/2 and 4/4, qk-mean,
-exp temperature, full RoPE) and each (chunk, num_warps): the backward's gradients against
-the float64 reference (relative norm error), then its GPU time as a CUDA-graph replay
-(``triton.testing.do_bench_cudagraph``, median; the partial sums included), beside the
-forward kernel's time. ``--old`` names a module with an older ``ccgqa_prologue_bwd``
-(same signature, without num_warps) timed in the same process as the baseline.
-The floor counts the backward's bytes once at ~3 TB/s: dq, dk and q_pre, k_pre read, d
-q_pre, d k_pre written.
+For each config (B*T = 32768 tokens, T = 2048, bf16, conv kernels 2/2, qk-mean, exp
+temperature, full RoPE) and each launch variant: the backward's GPU time as a CUDA-graph
+replay (``triton.testing.do_bench_cudagraph``, median; the partial sums included), beside
+the forward kernel's time. The default launch's gradients are checked against the float64
+reference (relative norm error; the tests cover the other launches). ``--old`` names a
+module with another ``ccgqa_prologue_bwd`` (same signature) timed in the same process;
+``--inductor`` also times the reference's backward compiled by Inductor default (the
+"never slower than Inductor" check). The floor counts the backward's bytes once at ~3
+TB/s: dq, dk and q_pre, k_pre read, d q_pre, d k_pre written.
 """
 
 from __future__ import annotations
@@ -35,16 +37,18 @@ from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
 )
 
 BYTES_PER_S = 3.0e12
-# (label, hq, hkv, d, k1, k2): the block benchmark's two configs, then wider heads
+# launches: (block_t, chunk, num_warps)
+# (first H100 sweep, 2026-11-24: 2 warps and 8 time blocks per program never won at d32)
+_NARROW = [(64, 4, 4), (64, 8, 4)]
+_NARROW += [(bt, c, w) for bt in (128, 256) for c in (1, 2, 4) for w in (4, 8)]
+_WIDE = [(bt, c, w) for bt in (32, 64, 128) for c in (1, 2) for w in (4, 8)]
+# (label, hq, hkv, d, launches): the block benchmark's two configs, then wider heads
 CONFIGS = [
-    ("E2048 hq16 hkv4 C4", 16, 4, 32, 2, 2),
-    ("E512 hq8 hkv2 C4", 8, 2, 16, 2, 2),
-    ("E2048 hq16 hkv4 C4 k44", 16, 4, 32, 4, 4),
-    ("hq8 hkv2 d64", 8, 2, 64, 2, 2),
-    ("hq8 hkv2 d128", 8, 2, 128, 2, 2),
+    ("E2048 hq16 hkv4 C4", 16, 4, 32, _NARROW),
+    ("E512 hq8 hkv2 C4", 8, 2, 16, _NARROW),
+    ("hq8 hkv2 d64", 8, 2, 64, _WIDE),
+    ("hq8 hkv2 d128", 8, 2, 128, _WIDE),
 ]
-CHUNKS = (1, 2, 4, 8)
-WARPS = (4, 8)
 
 
 def _max_err(tensors, scalars, dq, dk, grads) -> float:
@@ -57,55 +61,83 @@ def _max_err(tensors, scalars, dq, dk, grads) -> float:
     return max(rel(g, next(ref)) for g, x in zip(grads, leaves[:11]) if x is not None)
 
 
-def _sweep_config(label, hq, hkv, d, k1, k2, b, t, old) -> list[dict]:
-    tensors, scalars = make(b, t, hq, hkv, d, torch.bfloat16, k1=k1, k2=k2)
+def _inductor_bwd(tensors, scalars, dq, dk):
+    """The reference's backward as Inductor default compiles it (forward run once)."""
+    compiled = torch.compile(ccgqa_prologue_reference)
+    grad_mask = [True] * 11 + [False, False]
+    train_in = [x.detach().requires_grad_(m) for x, m in zip(tensors, grad_mask)]
+    q, k = compiled(*train_in, *scalars)
+
+    def bwd():
+        return torch.autograd.grad((q, k), train_in[:11], (dq, dk), retain_graph=True)
+
+    bwd()  # compile outside the timing
+    return bwd
+
+
+def _cuda_graph_ms(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn)
+
+
+def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict]:
+    tensors, scalars = make(b, t, hq, hkv, d, torch.bfloat16)
     q, k = ccgqa_prologue_fwd(*tensors, *scalars)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     io = sum(x.numel() * x.element_size() for x in (dq, dk, tensors[0], tensors[1]))
     io += tensors[0].numel() * 2 + tensors[1].numel() * 2
     floor = io / BYTES_PER_S * 1e3
     t_fwd = triton.testing.do_bench_cudagraph(lambda: ccgqa_prologue_fwd(*tensors, *scalars))
-    print(f"\n== {label} k{k1}{k2} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms")
-    variants = []
+    err = _max_err(tensors, scalars, dq, dk, ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))
+    print(f"\n== {label} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms, "
+          f"default bwd max rel err {err:.2e}")  # fmt: skip
+    variants = [("default", lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))]
     if old is not None:
-        variants.append(("old (two kernels)", lambda: old(dq, dk, *tensors, *scalars)))
-    for chunk in CHUNKS:
-        for warps in WARPS:
-            variants.append(
-                (f"chunk {chunk} warps {warps}",
-                 lambda c=chunk, w=warps: ccgqa_prologue_bwd(
-                     dq, dk, *tensors, *scalars, chunk=c, num_warps=w)),
-            )  # fmt: skip
+        variants.append(("--old", lambda: old(dq, dk, *tensors, *scalars)))
+    if inductor:
+        variants.append(("inductor reference bwd", _inductor_bwd(tensors, scalars, dq, dk)))
+    for bt, chunk, warps in launches:
+        variants.append(
+            (f"block_t {bt} chunk {chunk} warps {warps}",
+             lambda bt=bt, c=chunk, w=warps: ccgqa_prologue_bwd(
+                 dq, dk, *tensors, *scalars, block_t=bt, chunk=c, num_warps=w)),
+        )  # fmt: skip
     rows = []
     for name, fn in variants:
+        # Inductor's backward is an autograd call that CUDA graphs cannot capture here:
+        # plain do_bench (its launch overhead counts against it; small at these sizes)
+        bench = triton.testing.do_bench if name.startswith("inductor") else _cuda_graph_ms
         try:
-            err = _max_err(tensors, scalars, dq, dk, fn())
-            ms = triton.testing.do_bench_cudagraph(fn)
-        except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result
-            print(f"  {name:24s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            ms = bench(fn)
+        except Exception as exc:  # noqa: BLE001 - a launch that does not fit is a result
+            print(f"  {name:32s} failed: {type(exc).__name__}: {str(exc)[:120]}")
             continue
-        print(f"  {name:24s} {ms:8.4f} ms  {io / ms / 1e6:7.1f} GB/s  max rel err {err:.2e}")
-        rows.append(dict(config=label, k1=k1, k2=k2, b=b, t=t, variant=name, bwd_ms=ms,
-                         fwd_ms=t_fwd, floor_bwd_ms=floor, gbs=io / ms / 1e6,
-                         max_rel_err=err))  # fmt: skip
+        print(f"  {name:32s} {ms:8.4f} ms  {io / ms / 1e6:7.1f} GB/s")
+        rows.append(dict(config=label, b=b, t=t, variant=name, bwd_ms=ms, fwd_ms=t_fwd,
+                         floor_bwd_ms=floor, gbs=io / ms / 1e6,
+                         default_max_rel_err=err))  # fmt: skip
+    torch._dynamo.reset()  # the next config's shapes get a fresh compile
     return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--old", default=None, help="module with the previous ccgqa_prologue_bwd")
+    ap.add_argument("--old", default=None, help="module with another ccgqa_prologue_bwd")
+    ap.add_argument("--inductor", action="store_true", help="also time Inductor's backward")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--configs", default=None, help="comma-separated labels (default: all)")
     args = ap.parse_args(argv)
     old = importlib.import_module(args.old).ccgqa_prologue_bwd if args.old else None
+    chosen = args.configs.split(",") if args.configs else [c[0] for c in CONFIGS]
     b, t = args.tokens // args.seq_len, args.seq_len
     rows = []
-    for config in CONFIGS:
-        rows += _sweep_config(*config, b, t, old)
-        torch.cuda.empty_cache()
     out = Path(args.out) / "sweep_prologue_bwd.json"
-    out.write_text(json.dumps(rows, indent=1))
+    by_label = {config[0]: config for config in CONFIGS}
+    for label in chosen:
+        rows += _sweep_config(*by_label[label], b, t, old, args.inductor)
+        out.write_text(json.dumps(rows, indent=1))  # after each config: a cut run keeps them
+        torch.cuda.empty_cache()
     print(f"wrote {out}")
 
 

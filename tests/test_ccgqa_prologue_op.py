@@ -308,7 +308,8 @@ def test_cuda_compiled_op_inlines_both_kernels(dynamic):
     out, codes = run_and_get_code(step)
     code = "\n".join(codes)
     assert "_ccgqa_prologue_fwd_kernel" in code
-    assert "_ccgqa_prologue_bwd_kernel" in code
+    assert "_ccgqa_prologue_draw_kernel" in code
+    assert "_ccgqa_prologue_conv_bwd_kernel" in code
     assert rel_err(out, eager) < 1e-3
     for i, (a, b) in enumerate(zip(compiled_in, eager_in)):
         if a is not None and a.grad is not None:

@@ -20,20 +20,28 @@ it handles the G query heads of group j and then kv head j, so the qk-mean sum o
 group stays in registers. The conv halo ((K1 - 1) + (K2 - 1) earlier rows) is read as
 shifted tile loads that hit L1/L2; conv2 is one ``tl.dot`` (BLOCK_T x D x D) per tap.
 
-Backward, one kernel, nothing of the forward stored (``_ccgqa_prologue_bwd_kernel``, grid
-(batch * chunks of CHUNK tiles, kv heads)): per tile it recomputes raw of kv head j and of
-the group's query heads once, turns d q / d k into d raw (RoPE, temperature, norm), takes
-both convs' backward in registers (d raw and d y1 shifted up by ``tl.gather``: K2 dots
-for d y1, no forward recompute per shift), adds the qk mean's share and stores d q_pre /
-d k_pre. d x at row t needs d raw up to row t + HALO (HALO = (K1 - 1) + (K2 - 1)), so
-tiles overlap: each computes BLOCK_T rows and owns the first BLOCK_T - HALO. Weight, bias
-and temperature gradients: one float32 partial row per program (its tiles summed in
-place), summed by torch afterwards (deterministic, no atomics).
-
-History (2026-11-24, H100, E2048 B16 T2048): a first single kernel gathered d raw at the
-shifted rows by recomputing the whole forward chain for each shift (2.9 ms against the
-forward's 0.1 ms); then two kernels, d raw stored in float32 and the convs' backward
-read from it (0.171 + 0.446 ms); then this one.
+Backward, in two steps, nothing of the forward stored:
+  1. ``_ccgqa_prologue_draw_kernel`` (laid out as the forward, with its own tile height)
+     recomputes the conv chain and the norm of each head once per tile and stores
+     ``draw`` = d loss / d raw (float32, B x T x H*D; raw = conv2 output + qk mean), plus
+     the temperature's partial sums;
+  2. ``_ccgqa_prologue_conv_bwd_kernel`` (one launch per stream, one program per head and
+     CHUNK time blocks) takes the convs' backward from ``draw``: d y1 at the K1 rows each
+     output row needs (K1 * K2 small dots, no forward recompute), d x plus the qk-mean
+     share, and the weight/bias gradients as one float32 partial row per program, summed
+     by torch afterwards (deterministic, no atomics).
+Why two kernels and not one (all H100, E2048 B16 T2048 bf16, 2026-11-24):
+  * the first design gathered ``draw`` at the (K1 - 1) + (K2 - 1) shifted rows inside one
+    kernel, recomputing the whole forward chain for each shift: 2.9 ms against the
+    forward's 0.1 ms;
+  * a single kernel with overlapping tiles (each computes d raw on BLOCK_T rows and owns
+    the first BLOCK_T - HALO, shifting d raw and d y1 in registers with ``tl.gather``)
+    was exact but took 0.97 ms against these two kernels' 0.69 (0.58 tuned). Its
+    ablation: the weight gradients cost 0.40 ms there. One program must hold the G + 1
+    heads of a group (the qk mean couples their d raw), so it cannot also keep one head's
+    D x D x K2 weight-gradient accumulator in registers across time blocks; step 2's
+    programs hold one head each and can. Code: commit 9fd77cf; figures:
+    docs/benchmarks/h100-2026-11-24/single-kernel-bwd/.
 
 Kernel limits: D a power of two >= 16 (``tl.dot``), K1, K2 in 1..4, rotate-half RoPE with
 ``rotary_dim`` a power of two (interleaved: any even ``rotary_dim``), tables that differ
@@ -347,17 +355,11 @@ def _rotate(
 
 
 @triton.jit
-def _store_masked(ptr, row0, stride_t, rows, row_mask, tile, HEAD_DIM: tl.constexpr):
-    """Store a (BLOCK_T, D) tile at the rows where ``row_mask`` holds (unit column stride)."""
-    cols = tl.arange(0, HEAD_DIM)
-    offsets = row0 + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_mask[:, None])
-
-
-@triton.jit
 def _store_rows(ptr, row0, stride_t, rows, seq_len, tile, HEAD_DIM: tl.constexpr):
     """Store a (BLOCK_T, D) tile at rows ``rows < seq_len`` (unit column stride)."""
-    _store_masked(ptr, row0, stride_t, rows, rows < seq_len, tile, HEAD_DIM)
+    cols = tl.arange(0, HEAD_DIM)
+    offsets = row0 + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=(rows < seq_len)[:, None])
 
 
 # ----------------------------------------------------------------------------
@@ -471,7 +473,6 @@ def _grad_raw(
     dy_row0,
     dy_stride_t,
     rows,
-    own,
     seq_len,
     cos_ptr,
     sin_ptr,
@@ -487,8 +488,8 @@ def _grad_raw(
     INTERLEAVED: tl.constexpr,
 ):
     """For out = rope(raw / max(|raw|, eps) * out_scale): d loss / d raw given d out, and
-    sum over the ``own`` rows of d(out before rope) * unit (the temperature's gradient, up
-    to norm_scale). Rows past seq_len give exactly 0 (even if raw there is 0 and eps is 0)."""
+    sum(d(out before rope) * unit) (the temperature's gradient, up to norm_scale).
+    Rows past seq_len give exactly 0 (even if raw there is 0 and eps is 0)."""
     cols = tl.arange(0, HEAD_DIM)
     valid = (rows < seq_len)[:, None]
     offsets = dy_row0 + rows.to(tl.int64)[:, None] * dy_stride_t + cols[None, :]
@@ -507,125 +508,12 @@ def _grad_raw(
     # below eps the denominator is the constant eps: no radial term
     radial = tl.where(norm >= eps, tl.sum(unit * d_unit, axis=1), 0.0)
     d_raw = tl.where(valid, (d_unit - unit * radial[:, None]) * inv[:, None], 0.0)
-    grad_dot_unit = tl.sum(tl.sum(tl.where(own[:, None], grad * unit, 0.0), axis=1), axis=0)
+    grad_dot_unit = tl.sum(tl.sum(tl.where(valid, grad * unit, 0.0), axis=1), axis=0)
     return d_raw, grad_dot_unit
 
 
 @triton.jit
-def _shift_up(
-    tile,
-    SHIFT: tl.constexpr,
-    scratch_ptr,
-    BLOCK_T: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    IN_MEMORY: tl.constexpr,
-):
-    """Row i of the result is row i + SHIFT of ``tile`` (Triton has no shared-memory shift):
-    by ``tl.gather`` in registers, or IN_MEMORY through this program's float32 scratch
-    tile (L1/L2). The last SHIFT rows are not the tile's: callers never use them."""
-    if SHIFT == 0:
-        return tile
-    rows = tl.arange(0, BLOCK_T)
-    if IN_MEMORY:
-        offsets = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        tl.debug_barrier()  # the last shift's loads are done
-        tl.store(scratch_ptr + offsets, tile)
-        tl.debug_barrier()
-        later = (rows + SHIFT < BLOCK_T)[:, None]
-        return tl.load(scratch_ptr + offsets + SHIFT * HEAD_DIM, mask=later, other=0.0)
-    index = tl.minimum(rows + SHIFT, BLOCK_T - 1)
-    return tl.gather(tile, tl.broadcast_to(index[:, None], (BLOCK_T, HEAD_DIM)), 0)
-
-
-@triton.jit
-def _add_partial(ptr, offsets, value, mask, accumulate):
-    """ptr[offsets] (+)= value in this program's float32 partial row, which sums the
-    program's tiles; the first tile (``accumulate`` false) overwrites (fresh buffer)."""
-    prior = tl.load(ptr + offsets, mask=mask & accumulate, other=0.0)
-    tl.store(ptr + offsets, value + prior, mask=mask)
-
-
-@triton.jit
-def _conv_chain_bwd(
-    d_raw,
-    own,
-    accumulate,
-    x_ptr,
-    x_row0,
-    x_stride_t,
-    rows,
-    seq_len,
-    chan0,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    dw1_ptr,
-    db1_ptr,
-    dw2_ptr,
-    db2_ptr,
-    scratch_ptr,
-    BLOCK_T: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    K1: tl.constexpr,
-    K2: tl.constexpr,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    MAX_TAPS: tl.constexpr,
-    SHIFT_IN_MEMORY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Backward of conv2(pad(conv1(pad(x)))) for one head on one tile, from d raw (= d
-    conv2 output) at the tile's rows, all in registers:
-
-        d y1[i] = sum_s2 d raw[i + s2] @ W2(tap s2)   right for i < BLOCK_T - (K2 - 1)
-        d x[i]  = sum_s1 w1(tap s1) * d y1[i + s1]     right for i < BLOCK_T - HALO
-
-    so d x is returned right at the tile's owned rows (the first BLOCK_T - HALO). The
-    weight and bias gradients of the owned rows (each time step is owned by exactly one
-    tile) are added to this program's partial rows (pointers already at this program):
-
-        d W2(tap s2) = sum_i d raw[i]^T (x) y1[i - s2]   (y1 recomputed: a depthwise conv)
-        d w1(tap s1) = sum_i d y1[i] * x[i - s1];  d b1 = sum d y1;  d b2 = sum d raw"""
-    cols = tl.arange(0, HEAD_DIM)
-    d_y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
-    for s2 in tl.static_range(K2):
-        w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
-        d_raw_later = _shift_up(d_raw, s2, scratch_ptr, BLOCK_T, HEAD_DIM, SHIFT_IN_MEMORY)
-        d_y1 += tl.dot(d_raw_later, w2, input_precision=DOT_PRECISION)
-    d_x = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
-    for s1 in tl.static_range(K1):
-        w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
-        d_x += _shift_up(d_y1, s1, scratch_ptr, BLOCK_T, HEAD_DIM, SHIFT_IN_MEMORY) * w1[None, :]
-
-    d_y1 = tl.where(own[:, None], d_y1, 0.0)
-    d_raw = tl.where(own[:, None], d_raw, 0.0)
-    every_col = cols < HEAD_DIM
-    taps = tl.arange(0, MAX_TAPS)
-    d_w1 = tl.zeros((MAX_TAPS, HEAD_DIM), dtype=tl.float32)
-    for s in tl.static_range(K1):
-        x = _load_rows(x_ptr, x_row0, x_stride_t, rows - s, seq_len, chan0, HEAD_DIM)
-        d_tap = tl.sum(d_y1 * x, axis=0)
-        d_w1 += tl.where(taps[:, None] == K1 - 1 - s, d_tap[None, :], 0.0)
-    w1_offsets = (chan0 + cols)[None, :] * K1 + taps[:, None]
-    _add_partial(dw1_ptr, w1_offsets, d_w1, (taps < K1)[:, None] & every_col, accumulate)
-    if HAS_B1:
-        _add_partial(db1_ptr, chan0 + cols, tl.sum(d_y1, axis=0), every_col, accumulate)
-    if HAS_B2:
-        _add_partial(db2_ptr, chan0 + cols, tl.sum(d_raw, axis=0), every_col, accumulate)
-    # one D x D product per tap (K2 accumulators would not fit in registers at D = 128)
-    for s2 in tl.static_range(K2):
-        y1 = _conv1(
-            x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
-            BLOCK_T, HEAD_DIM, K1, HAS_B1,
-        )  # fmt: skip
-        d_w2 = tl.dot(tl.trans(d_raw), y1, input_precision=DOT_PRECISION)
-        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
-        _add_partial(dw2_ptr, offsets, d_w2, every_col[:, None] & every_col, accumulate)
-    return d_x
-
-
-@triton.jit
-def _ccgqa_prologue_bwd_kernel(
+def _ccgqa_prologue_draw_kernel(
     dq_ptr,
     dk_ptr,
     q_pre_ptr,
@@ -641,18 +529,9 @@ def _ccgqa_prologue_bwd_kernel(
     temp_ptr,
     cos_ptr,
     sin_ptr,
-    d_q_pre_ptr,
-    d_k_pre_ptr,
-    q_dw1_part_ptr,
-    q_db1_part_ptr,
-    q_dw2_part_ptr,
-    q_db2_part_ptr,
-    k_dw1_part_ptr,
-    k_db1_part_ptr,
-    k_dw2_part_ptr,
-    k_db2_part_ptr,
+    draw_q_ptr,
+    draw_k_ptr,
     d_beta_part_ptr,
-    scratch_ptr,
     seq_len,
     q_stride_b,
     q_stride_t,
@@ -683,113 +562,193 @@ def _ccgqa_prologue_bwd_kernel(
     TEMPERATURE: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    MAX_TAPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    CHUNK: tl.constexpr,
-    SHIFT_IN_MEMORY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The whole backward. Grid: (batch * chunks of CHUNK tiles, kv heads). A tile is
-    BLOCK_T rows starting HALO rows before the next tile: its last HALO rows only feed the
-    convs' backward of the rows before (d x at t needs d raw up to t + HALO). Per tile:
-    recompute raw (conv chain + qk mean) of kv head j and of the group's query heads,
-    turn d q / d k into d raw (norm, temperature, RoPE), take the convs' backward in
-    registers (``_conv_chain_bwd``), add the qk mean's share and store d q_pre / d k_pre
-    at the owned rows. Weight, bias and temperature gradients: one float32 partial row per
-    program, summed by torch (deterministic, no atomics)."""
+    """Backward step 1. Grid: (batch * time blocks, kv heads), as the forward's (with the
+    backward's tile height). Recomputes raw (conv chain + qk mean) of the group's query heads and of kv head j at this block's
+    rows, once, and stores d loss / d raw in float32 ((B, T, H*D), like q_pre / k_pre).
+    The temperature's gradient: one partial per program, summed by torch."""
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     norm_scale = tl.cast(norm_scale, tl.float32)
     eps = tl.cast(eps, tl.float32)
-    HALO: tl.constexpr = (K1 - 1) + (K2 - 1)
-    OWN_ROWS: tl.constexpr = BLOCK_T - HALO
     num_kv_heads = tl.num_programs(1)
-    num_chunks = tl.cdiv(seq_len, CHUNK * OWN_ROWS)
-    pid = tl.program_id(0)
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid_bt = tl.program_id(0)
     j = tl.program_id(1)
-    b = (pid // num_chunks).to(tl.int64)
-    first_row = (pid % num_chunks) * (CHUNK * OWN_ROWS)
+    b = (pid_bt // num_t_blocks).to(tl.int64)
+    rows = (pid_bt % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     q_row0 = b * q_stride_b
     k_row0 = b * k_stride_b
     cos_row0 = b * cos_stride_b
     sin_row0 = b * sin_stride_b
     q_channels = num_kv_heads * GROUP * HEAD_DIM
     k_channels = num_kv_heads * HEAD_DIM
-    pid64 = pid.to(tl.int64)
-    q_w1_part = q_dw1_part_ptr + pid64 * q_channels * K1
-    q_b1_part = q_db1_part_ptr + pid64 * q_channels
-    q_w2_part = q_dw2_part_ptr + pid64 * q_channels * HEAD_DIM * K2
-    q_b2_part = q_db2_part_ptr + pid64 * q_channels
-    k_w1_part = k_dw1_part_ptr + pid64 * k_channels * K1
-    k_b1_part = k_db1_part_ptr + pid64 * k_channels
-    k_w2_part = k_dw2_part_ptr + pid64 * k_channels * HEAD_DIM * K2
-    k_b2_part = k_db2_part_ptr + pid64 * k_channels
-    scratch = scratch_ptr + (pid64 * num_kv_heads + j) * (BLOCK_T * HEAD_DIM)
+
+    for g in range(GROUP):
+        h = j * GROUP + g
+        raw = _raw(
+            False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+            k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+            K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, DOT_PRECISION,
+        )  # fmt: skip
+        d_raw, _unused = _grad_raw(
+            raw, dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t, rows, seq_len,
+            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale, eps,
+            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+        )  # fmt: skip
+        row0 = b * seq_len * q_channels + h * HEAD_DIM
+        _store_rows(draw_q_ptr, row0, q_channels, rows, seq_len, d_raw, HEAD_DIM)
+
     k_scale = norm_scale
     if TEMPERATURE == 1:
         k_scale = k_scale * tl.exp(tl.load(temp_ptr + j * temp_stride).to(tl.float32))
     elif TEMPERATURE == 2:
         k_scale = k_scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
-    d_beta = 0.0
-
-    for c in range(CHUNK):
-        # the partial rows were stored by other threads of this program at the last tile
-        tl.debug_barrier()
-        accumulate = c > 0
-        tile_row = tl.arange(0, BLOCK_T)
-        rows = first_row + c * OWN_ROWS + tile_row
-        own = (tile_row < OWN_ROWS) & (rows < seq_len)
-        # kv head first: its d raw enters every query head's d q_pre through the qk mean
-        raw = _raw(
-            True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
-            k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
-            K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, DOT_PRECISION,
-        )  # fmt: skip
-        d_raw_k, grad_dot_unit = _grad_raw(
-            raw, dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t, rows, own, seq_len,
-            cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
-            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
-        )  # fmt: skip
-        d_beta += grad_dot_unit
-        d_raw_q_sum = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
-        for g in range(GROUP):
-            h = j * GROUP + g
-            raw = _raw(
-                False, h, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
-                k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
-                K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, DOT_PRECISION,
-            )  # fmt: skip
-            d_raw, _unused = _grad_raw(
-                raw, dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t, rows, own,
-                seq_len, cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t,
-                norm_scale, eps, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
-            )  # fmt: skip
-            d_x = _conv_chain_bwd(
-                d_raw, own, accumulate, q_pre_ptr, q_row0, q_stride_t, rows, seq_len,
-                h * HEAD_DIM, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_w1_part, q_b1_part, q_w2_part,
-                q_b2_part, scratch, BLOCK_T, HEAD_DIM, K1, K2, HAS_Q_B1, HAS_Q_B2, MAX_TAPS,
-                SHIFT_IN_MEMORY, DOT_PRECISION,
-            )  # fmt: skip
-            if QK_MEAN:
-                # m_q[h] = (q_pre[h] + k_pre[j]) / 2 and m_k[j] = mean_g m_q[jG + g], so
-                # d m_q[h] = d raw_q[h] + d raw_k[j] / G reaches q_pre[h] and k_pre[j] halved
-                d_x += (d_raw + d_raw_k * (1.0 / GROUP)) * 0.5
-                d_raw_q_sum += d_raw
-            row0 = b * seq_len * q_channels + h * HEAD_DIM
-            _store_masked(d_q_pre_ptr, row0, q_channels, rows, own, d_x, HEAD_DIM)
-        d_x = _conv_chain_bwd(
-            d_raw_k, own, accumulate, k_pre_ptr, k_row0, k_stride_t, rows, seq_len,
-            j * HEAD_DIM, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_w1_part, k_b1_part, k_w2_part,
-            k_b2_part, scratch, BLOCK_T, HEAD_DIM, K1, K2, HAS_K_B1, HAS_K_B2, MAX_TAPS,
-            SHIFT_IN_MEMORY, DOT_PRECISION,
-        )  # fmt: skip
-        if QK_MEAN:
-            d_x += (d_raw_q_sum + d_raw_k) * 0.5
-        row0 = b * seq_len * k_channels + j * HEAD_DIM
-        _store_masked(d_k_pre_ptr, row0, k_channels, rows, own, d_x, HEAD_DIM)
-
+    raw = _raw(
+        True, 0, j, rows, seq_len, q_pre_ptr, q_row0, q_stride_t, k_pre_ptr, k_row0,
+        k_stride_t, k_w1_ptr, k_b1_ptr, k_w2_ptr, k_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
+        K1, K2, HAS_K_B1, HAS_K_B2, QK_MEAN, DOT_PRECISION,
+    )  # fmt: skip
+    d_raw, grad_dot_unit = _grad_raw(
+        raw, dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t, rows, seq_len,
+        cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
+        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+    )  # fmt: skip
+    row0 = b * seq_len * k_channels + j * HEAD_DIM
+    _store_rows(draw_k_ptr, row0, k_channels, rows, seq_len, d_raw, HEAD_DIM)
     if TEMPERATURE != 0:
         # d out / d beta = unit * norm_scale (before RoPE)
-        tl.store(d_beta_part_ptr + pid64 * num_kv_heads + j, d_beta * norm_scale)
+        tl.store(
+            d_beta_part_ptr + pid_bt.to(tl.int64) * num_kv_heads + j, grad_dot_unit * norm_scale
+        )
+
+
+@triton.jit
+def _ccgqa_prologue_conv_bwd_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    draw_ptr,
+    other_draw_ptr,
+    dx_ptr,
+    dw1_part_ptr,
+    db1_part_ptr,
+    dw2_part_ptr,
+    db2_part_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    IS_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    QK_MEAN: tl.constexpr,
+    MAX_TAPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward step 2, for one stream (q or k). Grid: (batch * chunks of CHUNK time
+    blocks, heads of the stream). From d raw (= d conv2 output) of step 1:
+
+        d y1[t]  = sum_s2 d raw[t + s2] @ W2(tap s2)          (conv2's input gradient)
+        d x[t]   = sum_s1 w1(tap s1) * d y1[t + s1] + qk-mean share of d raw
+        d W2     = sum_t d raw[t]^T (x) y1[t - s2]   (y1 recomputed: a depthwise conv)
+        d w1     = sum_t d y1[t] * x[t - s1]; d b1 = sum d y1; d b2 = sum d raw
+
+    d y1 is needed at rows t .. t + K1 - 1, so it is computed K1 times from d raw (at most
+    K1 * K2 small dots per tile) rather than stored. Weight and bias gradients: one float32
+    partial row per program, summed by torch (deterministic, no atomics); with CHUNK time
+    blocks per program those rows stay few."""
+    num_heads = tl.num_programs(1)
+    channels = num_heads * HEAD_DIM
+    rows_per_program = CHUNK * BLOCK_T
+    num_chunks = tl.cdiv(seq_len, rows_per_program)
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = (pid // num_chunks).to(tl.int64)
+    row_start = (pid % num_chunks) * rows_per_program
+    chan0 = head * HEAD_DIM
+    x_row0 = b * x_stride_b
+    g_row0 = b * seq_len * channels  # d raw is a contiguous (B, T, channels) buffer
+    if IS_K:
+        other_channels = channels * GROUP
+    else:
+        other_channels = channels // GROUP
+    other_row0 = b * seq_len * other_channels
+    cols = tl.arange(0, HEAD_DIM)
+    taps = tl.arange(0, MAX_TAPS)
+    d_w1 = tl.zeros((MAX_TAPS, HEAD_DIM), dtype=tl.float32)
+    d_b1 = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    d_b2 = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    for c in range(CHUNK):
+        rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+        d_x = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+        for s1 in tl.static_range(K1):
+            d_y1 = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+            for s2 in tl.static_range(K2):
+                g = _load_rows(
+                    draw_ptr, g_row0, channels, rows + (s1 + s2), seq_len, chan0, HEAD_DIM
+                )
+                w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
+                d_y1 += tl.dot(g, w2, input_precision=DOT_PRECISION)
+            w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
+            d_x += d_y1 * w1[None, :]
+            if s1 == 0:
+                # d y1 at this tile's own rows (0 past seq_len: d raw is 0 there)
+                for s in tl.static_range(K1):
+                    x = _load_rows(x_ptr, x_row0, x_stride_t, rows - s, seq_len, chan0, HEAD_DIM)
+                    d_tap = tl.sum(d_y1 * x, axis=0)
+                    d_w1 += tl.where(taps[:, None] == K1 - 1 - s, d_tap[None, :], 0.0)
+                d_b1 += tl.sum(d_y1, axis=0)
+        g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
+        d_b2 += tl.sum(g, axis=0)
+        if QK_MEAN:
+            # m_q[h] = (q_pre[h] + k_pre[j]) / 2 and m_k[j] = mean_g m_q[jG + g], so
+            # d m_q[h] = d raw_q[h] + d raw_k[j] / G reaches q_pre[h] and k_pre[j] halved
+            if IS_K:
+                q_sum = tl.zeros((BLOCK_T, HEAD_DIM), dtype=tl.float32)
+                for gq in range(GROUP):
+                    q_sum += _load_rows(
+                        other_draw_ptr, other_row0, other_channels, rows, seq_len,
+                        (head * GROUP + gq) * HEAD_DIM, HEAD_DIM,
+                    )  # fmt: skip
+                d_x += (q_sum + g) * 0.5
+            else:
+                d_k = _load_rows(
+                    other_draw_ptr, other_row0, other_channels, rows, seq_len,
+                    (head // GROUP) * HEAD_DIM, HEAD_DIM,
+                )  # fmt: skip
+                d_x += (g + d_k * (1.0 / GROUP)) * 0.5
+        _store_rows(dx_ptr, g_row0 + chan0, channels, rows, seq_len, d_x, HEAD_DIM)
+
+    pid64 = pid.to(tl.int64)
+    w1_offsets = pid64 * channels * K1 + (chan0 + cols)[None, :] * K1 + taps[:, None]
+    tl.store(dw1_part_ptr + w1_offsets, d_w1, mask=(taps < K1)[:, None])
+    if HAS_B1:
+        tl.store(db1_part_ptr + pid64 * channels + chan0 + cols, d_b1)
+    if HAS_B2:
+        tl.store(db2_part_ptr + pid64 * channels + chan0 + cols, d_b2)
+    # conv2 weights: dW[o, c, tap(s2)] = sum_t d raw[t, o] * y1[t - s2, c]; one D x D
+    # accumulator at a time (K2 of them would not fit in registers at D = 128)
+    w2_part_ptr = dw2_part_ptr + pid64 * channels * HEAD_DIM * K2
+    for s2 in tl.static_range(K2):
+        d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+        for c in range(CHUNK):
+            rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+            g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
+            y1 = _conv1(
+                x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
+                BLOCK_T, HEAD_DIM, K1, HAS_B1,
+            )  # fmt: skip
+            d_w2 += tl.dot(tl.trans(g), y1, input_precision=DOT_PRECISION)
+        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
+        tl.store(w2_part_ptr + offsets, d_w2)
 
 
 # ----------------------------------------------------------------------------
@@ -801,10 +760,14 @@ def _ccgqa_prologue_bwd_kernel(
 # d=32 in fp32, the H100's 227 KiB then ran out (OutOfResources, 2026-11-24). The tiles
 # are reused from L1/L2 either way.
 _NUM_STAGES = 1
-# Tiles per program of the backward: fewer partial weight-gradient rows (B * T / (CHUNK *
-# own rows) of them) while the grid keeps enough programs. The interpreter takes one: its
-# programs run one after another anyway.
-_BWD_CHUNK = 4
+# The backward's launch per head dim: (tile rows, time blocks per conv-backward program,
+# warps). Taller tiles and CHUNK time blocks per program mean fewer partial
+# weight-gradient rows (B * T / (CHUNK * BLOCK_T) of them) while the grid keeps enough
+# programs. H100 sweep (scripts/sweep_prologue_bwd.py, B16 T2048 bf16, 2026-11-24,
+# docs/benchmarks/h100-2026-11-24/single-kernel-bwd/) against the forward's tiles with
+# CHUNK 4: d16 0.210 -> 0.194 ms, d32 0.690 -> 0.583, d64 0.990 -> 0.909, d128 4.91 ->
+# 4.19. The interpreter takes CHUNK 1: its programs run one after another anyway.
+_BWD_LAUNCH = {16: (256, 2, 4), 32: (128, 2, 4), 64: (128, 2, 8), 128: (128, 2, 8)}
 
 
 def _block_t(head_dim: int, block_t: int | None) -> int:
@@ -982,7 +945,6 @@ def ccgqa_prologue_bwd(
     block_t: int | None = None,
     chunk: int | None = None,
     num_warps: int | None = None,
-    shift_in_memory: bool = False,
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
@@ -1003,18 +965,20 @@ def ccgqa_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
 
-    rows = _block_t(d, block_t)
-    own_rows = rows - (k1 - 1) - (k2 - 1)  # each tile re-reads the next tile's first rows
+    tuned_rows, tuned_chunk, tuned_warps = _BWD_LAUNCH[min(max(d, 16), 128)]
+    rows = block_t or tuned_rows
     if chunk is None:
-        chunk = _BWD_CHUNK if device.type == "cuda" else 1
-    programs = b * triton.cdiv(t, chunk * own_rows)
-    d_beta_parts = torch.empty((programs, kv_heads), dtype=torch.float32, device=device)
-    scratch = d_beta_parts  # never touched unless shift_in_memory
-    if shift_in_memory:
-        scratch = torch.empty((programs * kv_heads, rows * d), dtype=torch.float32, device=device)
+        chunk = tuned_chunk if device.type == "cuda" else 1
+    # step 1: d raw of every head (float32, (B, T, H*D)) and the temperature's partials
+    draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
+    draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
+    t_blocks = b * triton.cdiv(t, rows)
+    d_beta_parts = torch.empty((t_blocks, kv_heads), dtype=torch.float32, device=device)
+    # step 2: the conv chain's backward per stream, weight gradients as partial rows
+    programs = b * triton.cdiv(t, rows * chunk)
 
     def partial(*shape):
-        # every program writes its whole row (for its heads' channels)
+        # every program writes its whole row (for its head's channels)
         return torch.empty((programs, *shape), dtype=torch.float32, device=device)
 
     parts = [
@@ -1028,15 +992,14 @@ def ccgqa_prologue_bwd(
         partial(e_kv) if k_conv2_bias is not None else None,
     ]
     if d_q_pre.numel():
-        traceable(_ccgqa_prologue_bwd_kernel)[(programs, kv_heads)](
+        launch = dict(num_warps=num_warps or tuned_warps, num_stages=_NUM_STAGES)
+        traceable(_ccgqa_prologue_draw_kernel)[(t_blocks, kv_heads)](
             dq,
             dk,
             *tensors,
-            d_q_pre,
-            d_k_pre,
-            *(part if part is not None else parts[0] for part in parts),  # parts[0]: unused
+            draw_q,
+            draw_k,
             d_beta_parts,
-            scratch,
             t,
             *scalars["strides"],
             dq.stride(0),
@@ -1047,13 +1010,46 @@ def ccgqa_prologue_bwd(
             dk.stride(2),
             *scalars["tail"],
             **constexprs,
-            MAX_TAPS=MAX_CONV_KERNEL,
             BLOCK_T=rows,
-            CHUNK=chunk,
-            SHIFT_IN_MEMORY=shift_in_memory,
-            num_warps=num_warps or (4 if d <= 64 else 8),
-            num_stages=_NUM_STAGES,
+            **launch,
         )
+        q_pre, k_pre = tensors[0], tensors[1]
+        streams = (
+            (False, q_pre, tensors[2:5], draw_q, draw_k, d_q_pre, parts[:4], heads),
+            (True, k_pre, tensors[6:9], draw_k, draw_q, d_k_pre, parts[4:], kv_heads),
+        )
+        for is_k, x, (w1, b1, w2), draw, other, dx, (dw1, db1, dw2, db2), n_heads in streams:
+            has_b1 = constexprs["HAS_K_B1" if is_k else "HAS_Q_B1"]
+            has_b2 = constexprs["HAS_K_B2" if is_k else "HAS_Q_B2"]
+            traceable(_ccgqa_prologue_conv_bwd_kernel)[(programs, n_heads)](
+                x,
+                w1,
+                b1,
+                w2,
+                draw,
+                other,
+                dx,
+                dw1,
+                db1 if db1 is not None else dw1,  # dw1: never touched
+                dw2,
+                db2 if db2 is not None else dw1,
+                t,
+                x.stride(0),
+                x.stride(1),
+                IS_K=is_k,
+                GROUP=constexprs["GROUP"],
+                HEAD_DIM=d,
+                K1=k1,
+                K2=k2,
+                HAS_B1=has_b1,
+                HAS_B2=has_b2,
+                QK_MEAN=constexprs["QK_MEAN"],
+                MAX_TAPS=MAX_CONV_KERNEL,
+                BLOCK_T=rows,
+                CHUNK=chunk,
+                DOT_PRECISION=constexprs["DOT_PRECISION"],
+                **launch,
+            )
     weights = (
         q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,

@@ -184,7 +184,7 @@ def run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=False, 
 # Small cases for the interpreter: T = 1, T not a multiple of the block (block_t=16
 # crosses block borders with the halo), d 16/32/64, G 1/2/4, k1/k2 1..4, qk mean on/off,
 # every temperature mode, full/half/interleaved/no RoPE, missing biases, strided inputs,
-# overlapping tiles (the widest halo), several tiles per backward program.
+# the widest halo, the conv backward walking several time blocks per program.
 CASES = {
     "T1-G2-k22-exp-full": dict(t=1, heads=2, kv_heads=1),
     "T19-B2-G2-blocks": dict(b=2, t=19, heads=4, kv_heads=2, launch=dict(block_t=16)),
@@ -192,9 +192,8 @@ CASES = {
     "T40-B2-G2-chunks": dict(
         b=2, t=40, heads=4, kv_heads=2, k1=3, k2=2, launch=dict(block_t=16, chunk=2)
     ),
-    # the widest halo (6 rows): tiles of 16 rows own 10, 4 tiles in chunks of 3, the
-    # second chunk mostly past T
-    "T40-k44-overlapping-tiles": dict(
+    # the widest halo (6 rows past each 16-row block), 3 blocks per conv-backward program
+    "T40-k44-widest-halo-chunks": dict(
         t=40, heads=2, kv_heads=1, k1=4, k2=4, launch=dict(block_t=16, chunk=3)
     ),
     "T5-d32-G4-k31-raw-half": dict(
