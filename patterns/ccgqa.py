@@ -436,9 +436,9 @@ ENTRIES = [
         "ccgqa_sdpa_d128",
         _build(head_dim=128, attention="sdpa"),
         0,
-        "CCGQA, SDPA, d=128 (ZAYA's head dim)",
+        "CCGQA, SDPA, d=128 (ZAYA's head dim); prologue left to Inductor too (d > 64)",
         policy="head dim 128 > 32: SDPA (cuDNN) is faster",
-        prologue=1,
+        prologue=0,
     ),
     _sdpa(
         "ccgqa_seed_variant",

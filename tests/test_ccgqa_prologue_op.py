@@ -343,6 +343,28 @@ def test_pattern_family_fuses_the_inference_prologue():
     assert rel_err(out, expected) < 1e-5
 
 
+def test_pattern_family_leaves_head_dim_128_to_inductor():
+    """Policy (passes/ccgqa_prologue.py, MAX_HEAD_DIM): at d = 128 Inductor's own prologue
+    is faster than our kernels on the H100, so the match is rejected with that reason, in
+    a graph the same spelling fuses at d = 64."""
+    backend = _prologue_only_backend()
+    for head_dim, fused in ((64, 1), (128, 0)):
+        torch._dynamo.reset()
+        ccgqa_compile.reset_report()
+        torch.manual_seed(0)
+        m = CCGQAttention(2 * head_dim, 2, 1, head_dim).eval()
+        x = torch.randn(1, 5, 2 * head_dim)
+        with torch.no_grad():
+            expected = m(x)
+            out = torch.compile(m, backend=backend, fullgraph=True)(x)
+        rep = ccgqa_compile.report()
+        assert rep.count("ccgqa_prologue") == fused, str(rep)
+        reasons = [r.reason for r in rep.rejected if r.fusion == "ccgqa_prologue"]
+        policy = [r for r in reasons if "head dim 128 > 64" in r]
+        assert bool(policy) == (not fused), reasons
+        assert rel_err(out, expected) < 1e-5
+
+
 @pytest.mark.parametrize(
     "heads, kv_heads", [(4, 2), (3, 1), (2, 2)], ids=["grouped", "single-kv-head", "ungrouped"]
 )

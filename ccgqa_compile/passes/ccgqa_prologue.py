@@ -12,6 +12,9 @@ grouped per head or a dense conv2, a mean over other heads, another norm scale. 
 re-trace compares the pad amounts, groups and constants computed from the real weight
 shapes; ``check`` (the op's own argument check) rejects what the op does not compute.
 
+Policy: head dims above ``MAX_HEAD_DIM`` (64) stay with Inductor, whose prologue is faster
+there; the report gives the reason.
+
 Training graphs: the traced ``aten.convolution_backward`` keeps its ``output_mask`` bool
 list in the pattern, which the loose match cannot compare with a real graph's node; the
 family's ``after_build`` hook makes it ignore those lists
@@ -66,6 +69,14 @@ from ._registry import (
 )
 
 _log = logging.getLogger(__name__)
+
+# Policy. Above this head dim Inductor's own prologue (cuDNN convolutions) is faster than
+# our kernels in training: backward on the H100 at d = 128 (hq8 hkv2, B16 T2048 bf16) 3.51
+# ms against our 4.19, while at d = 64 ours is 0.91 against 1.72, at d = 32 0.58 against
+# 2.01, at d = 16 0.19 against 2.96 (scripts/sweep_prologue_bwd.py --inductor, 2026-11-24,
+# docs/benchmarks/h100-2026-11-24/single-kernel-bwd/). So d = 128 prologues are left to
+# Inductor, reported with this reason.
+MAX_HEAD_DIM = 64
 
 _NAMES = (
     "q_pre", "k_pre", "q_w1", "q_b1", "q_w2", "q_b2", "k_w1", "k_b1", "k_w2", "k_b2",
@@ -299,6 +310,8 @@ def _checker(qk_mean: bool, temperature: str):
             return problem
         if cos.dtype != q_pre.dtype or sin.dtype != q_pre.dtype:
             return "cos/sin are not in q's dtype (the idiom would compute in another dtype)"
+        if d > MAX_HEAD_DIM:
+            return f"head dim {d} > {MAX_HEAD_DIM}: Inductor's own prologue is faster (policy)"
         return None
 
     return check
