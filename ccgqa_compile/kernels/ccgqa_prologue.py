@@ -767,7 +767,13 @@ _NUM_STAGES = 1
 # docs/benchmarks/h100-2026-11-24/single-kernel-bwd/) against the forward's tiles with
 # CHUNK 4: d16 0.210 -> 0.194 ms, d32 0.690 -> 0.583, d64 0.990 -> 0.909, d128 4.91 ->
 # 4.19. The interpreter takes CHUNK 1: its programs run one after another anyway.
-_BWD_LAUNCH = {16: (256, 2, 4), 32: (128, 2, 4), 64: (128, 2, 8), 128: (128, 2, 8)}
+def _bwd_launch(head_dim) -> tuple[int, int, int]:
+    """Comparisons, not a table lookup: under ``dynamic=True`` D may be a SymInt."""
+    if head_dim <= 16:
+        return 256, 2, 4
+    if head_dim <= 32:
+        return 128, 2, 4
+    return 128, 2, 8
 
 
 def _block_t(head_dim: int, block_t: int | None) -> int:
@@ -965,7 +971,7 @@ def ccgqa_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
 
-    tuned_rows, tuned_chunk, tuned_warps = _BWD_LAUNCH[min(max(d, 16), 128)]
+    tuned_rows, tuned_chunk, tuned_warps = _bwd_launch(d)
     rows = block_t or tuned_rows
     if chunk is None:
         chunk = tuned_chunk if device.type == "cuda" else 1
