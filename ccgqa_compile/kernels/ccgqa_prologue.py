@@ -760,6 +760,8 @@ def _ccgqa_prologue_conv_bwd_kernel(
 # d=32 in fp32, the H100's 227 KiB then ran out (OutOfResources, 2026-11-24). The tiles
 # are reused from L1/L2 either way.
 _NUM_STAGES = 1
+
+
 # The backward's launch per head dim: (tile rows, time blocks per conv-backward program,
 # warps). Taller tiles and CHUNK time blocks per program mean fewer partial
 # weight-gradient rows (B * T / (CHUNK * BLOCK_T) of them) while the grid keeps enough
@@ -767,8 +769,12 @@ _NUM_STAGES = 1
 # docs/benchmarks/h100-2026-11-24/single-kernel-bwd/) against the forward's tiles with
 # CHUNK 4: d16 0.210 -> 0.194 ms, d32 0.690 -> 0.583, d64 0.990 -> 0.909, d128 4.91 ->
 # 4.19. The interpreter takes CHUNK 1: its programs run one after another anyway.
-def _bwd_launch(head_dim) -> tuple[int, int, int]:
-    """Comparisons, not a table lookup: under ``dynamic=True`` D may be a SymInt."""
+def _bwd_launch(head_dim, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Comparisons, not a table lookup: under ``dynamic=True`` D may be a SymInt. fp32
+    (IEEE products) keeps the forward's tiles and 4 time blocks: the sweep was bf16, and
+    the taller tiles' fp32 tests did not finish on the H100 within the suite's time."""
+    if dtype == torch.float32:
+        return _block_t(head_dim, None), 4, 4 if head_dim <= 64 else 8
     if head_dim <= 16:
         return 256, 2, 4
     if head_dim <= 32:
@@ -971,7 +977,7 @@ def ccgqa_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
 
-    tuned_rows, tuned_chunk, tuned_warps = _bwd_launch(d)
+    tuned_rows, tuned_chunk, tuned_warps = _bwd_launch(d, q_pre.dtype)
     rows = block_t or tuned_rows
     if chunk is None:
         chunk = tuned_chunk if device.type == "cuda" else 1
