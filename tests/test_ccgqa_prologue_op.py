@@ -497,15 +497,23 @@ def test_private_pattern_hooks_apply_on_this_torch():
     assert compat._list_arguments_relaxable()
 
 
-def test_no_qk_mean_idioms_need_the_output_pairing(monkeypatch):
+def test_no_qk_mean_idioms_need_the_output_pairing(monkeypatch, caplog):
     """Without the anchor-search replacement a no-qk-mean q could be paired with its own
-    chain or another block's k: those idioms are then not registered at all."""
+    chain or another block's k: those idioms are then not registered at all, and the
+    user is warned once (not once per family part)."""
     from ccgqa_compile.passes import ccgqa_prologue as family_module
 
     names = {idiom.name for idiom in family_module.idioms()}
     assert any(name.startswith("conv_norm") for name in names)
     monkeypatch.setattr(family_module, "multi_output_pairing_supported", lambda: False)
-    reduced = {idiom.name for idiom in family_module.idioms()}
+    family_module._warn_without_pairing.cache_clear()
+    with caplog.at_level("WARNING", logger=family_module.__name__):
+        reduced = {idiom.name for idiom in family_module.idioms()}
+        concat = {idiom.name for idiom in family_module.concat_idioms()}
+    family_module._warn_without_pairing.cache_clear()
     assert reduced and reduced < names
     assert not any(name.startswith("conv_norm") for name in reduced)
     assert all(name.startswith(("conv_mean_", "concat_conv_mean_")) for name in reduced)
+    assert concat and all(name.startswith("concat_conv_mean_") for name in concat)
+    warnings = [r for r in caplog.records if "will not fuse" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -44,6 +44,7 @@ for graphs that may hold it: 42 separate-conv idioms (about 30 s), 40 concatenat
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import math
 from typing import Any
@@ -411,15 +412,21 @@ _CONCATENATED_CONVS = (
 )
 
 
+@functools.cache
+def _warn_without_pairing() -> None:
+    """Once per process, not once per family part."""
+    _log.warning(
+        "ccgqa_prologue: this torch's multi-output pattern matching is not the one "
+        "ccgqa_compile was checked against (2.11 to 2.13); prologues without qk-mean "
+        "will not fuse"
+    )
+
+
 def _idioms_of(variants) -> list[Idiom]:
     out = []
     pairing = multi_output_pairing_supported()
     if not pairing:
-        _log.warning(
-            "ccgqa_prologue: this torch's multi-output pattern matching is not the one "
-            "ccgqa_compile was checked against (2.11 to 2.13); prologues without qk-mean "
-            "will not fuse"
-        )
+        _warn_without_pairing()
     for prefix, qk_mean, concat, layouts, spellings in variants:
         if not qk_mean and not pairing:
             continue  # q could be paired with the wrong k: see "Pairing q with k"
