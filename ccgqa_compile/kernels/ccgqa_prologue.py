@@ -566,8 +566,9 @@ def _ccgqa_prologue_draw_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Backward step 1. Grid: (batch * time blocks, kv heads), as the forward's (with the
-    backward's tile height). Recomputes raw (conv chain + qk mean) of the group's query heads and of kv head j at this block's
-    rows, once, and stores d loss / d raw in float32 ((B, T, H*D), like q_pre / k_pre).
+    backward's tile height). Recomputes raw (conv chain + qk mean) of the group's query
+    heads and of kv head j at this block's rows, once, and stores d loss / d raw in
+    float32 ((B, T, H*D), like q_pre / k_pre).
     The temperature's gradient: one partial per program, summed by torch."""
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     norm_scale = tl.cast(norm_scale, tl.float32)
