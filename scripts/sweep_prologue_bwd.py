@@ -126,16 +126,22 @@ def main(argv=None) -> None:
     ap.add_argument("--inductor", action="store_true", help="also time Inductor's backward")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--configs", default=None, help="comma-separated labels (default: all)")
+    ap.add_argument(
+        "--configs", default=None, help="comma-separated head dims, e.g. d128,d32 (default: all)"
+    )
     args = ap.parse_args(argv)
     old = importlib.import_module(args.old).ccgqa_prologue_bwd if args.old else None
-    chosen = args.configs.split(",") if args.configs else [c[0] for c in CONFIGS]
+    # by head dim, so that the choice passes through a shell variable unquoted
+    by_dim = {f"d{config[3]}": config for config in CONFIGS}
+    chosen = args.configs.split(",") if args.configs else list(by_dim)
+    unknown = set(chosen) - set(by_dim)
+    if unknown:
+        ap.error(f"unknown --configs {sorted(unknown)}; known: {list(by_dim)}")
     b, t = args.tokens // args.seq_len, args.seq_len
     rows = []
     out = Path(args.out) / "sweep_prologue_bwd.json"
-    by_label = {config[0]: config for config in CONFIGS}
-    for label in chosen:
-        rows += _sweep_config(*by_label[label], b, t, old, args.inductor)
+    for key in chosen:
+        rows += _sweep_config(*by_dim[key], b, t, old, args.inductor)
         out.write_text(json.dumps(rows, indent=1))  # after each config: a cut run keeps them
         torch.cuda.empty_cache()
     print(f"wrote {out}")
