@@ -67,6 +67,16 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def max_rel_err_vs_fp64(tensors, scalars, q, k, dq, dk, grads) -> float:
+    """The kernels' worst relative error (q, k and every gradient) against the float64
+    reference on the same inputs (``make``'s: every weight and bias present)."""
+    grad_mask = [True] * 11 + [False, False]
+    leaves = [x.detach().double().requires_grad_(m) for x, m in zip(tensors, grad_mask)]
+    q_r, k_r = ccgqa_prologue_reference(*leaves, *scalars)
+    ref_grads = torch.autograd.grad((q_r, k_r), leaves[:11], (dq.double(), dk.double()))
+    return max([rel(q, q_r), rel(k, k_r)] + [rel(g, r) for g, r in zip(grads, ref_grads)])
+
+
 def _profile(title: str, fn, steps: int = 5) -> None:
     """Print the CUDA kernels of ``fn`` by total time per step, and the GPU-busy total
     beside the wall time: a wall time far above the kernel total means launch overhead."""
@@ -91,11 +101,7 @@ def _bench_config(
     q, k = ccgqa_prologue_fwd(*tensors, *scalars)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
-    leaves = [x.detach().double().requires_grad_(m) for x, m in zip(tensors, grad_mask)]
-    q_r, k_r = ccgqa_prologue_reference(*leaves, *scalars)
-    ref_grads = torch.autograd.grad((q_r, k_r), leaves[:11], (dq.double(), dk.double()))
-    err = max([rel(q, q_r), rel(k, k_r)] + [rel(g, r) for g, r in zip(grads, ref_grads)])
-    del leaves, q_r, k_r, ref_grads
+    err = max_rel_err_vs_fp64(tensors, scalars, q, k, dq, dk, grads)
     if check_only:
         return [{"case": label, "kernel_rel_err_vs_fp64": err}]
 

@@ -6,8 +6,8 @@ conv-backward program x warps.
 For each config (B*T = 32768 tokens, T = 2048, bf16, conv kernels 2/2, qk-mean, exp
 temperature, full RoPE) and each launch variant: the backward's GPU time as a CUDA-graph
 replay (``triton.testing.do_bench_cudagraph``, median; the partial sums included), beside
-the forward kernel's time. The default launch's gradients are checked against the float64
-reference (relative norm error; the tests cover the other launches). ``--old`` names a
+the forward kernel's time. The default launch's q, k and gradients are checked against the
+float64 reference (relative norm error; the tests cover the other launches). ``--old`` names a
 module with another ``ccgqa_prologue_bwd`` (same signature) timed in the same process;
 ``--inductor`` also times the reference's backward compiled by Inductor default (the
 "never slower than Inductor" check). The floor counts the backward's bytes once at ~3
@@ -28,7 +28,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_prologue import make, rel  # noqa: E402
+from bench_prologue import make, max_rel_err_vs_fp64  # noqa: E402
 
 from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_bwd,
@@ -49,16 +49,6 @@ CONFIGS = [
     ("hq8 hkv2 d64", 8, 2, 64, _WIDE),
     ("hq8 hkv2 d128", 8, 2, 128, _WIDE),
 ]
-
-
-def _max_err(tensors, scalars, dq, dk, grads) -> float:
-    mask = [True] * 11 + [False, False]
-    leaves = [x.detach().double().requires_grad_(m) if x is not None else None
-              for x, m in zip(tensors, mask)]  # fmt: skip
-    q_r, k_r = ccgqa_prologue_reference(*leaves, *scalars)
-    wrt = [x for x in leaves[:11] if x is not None]
-    ref = iter(torch.autograd.grad((q_r, k_r), wrt, (dq.double(), dk.double())))
-    return max(rel(g, next(ref)) for g, x in zip(grads, leaves[:11]) if x is not None)
 
 
 def _inductor_bwd(tensors, scalars, dq, dk):
@@ -87,7 +77,8 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict
     io += tensors[0].numel() * 2 + tensors[1].numel() * 2
     floor = io / BYTES_PER_S * 1e3
     t_fwd = triton.testing.do_bench_cudagraph(lambda: ccgqa_prologue_fwd(*tensors, *scalars))
-    err = _max_err(tensors, scalars, dq, dk, ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))
+    grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
+    err = max_rel_err_vs_fp64(tensors, scalars, q, k, dq, dk, grads)
     print(f"\n== {label} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms, "
           f"default bwd max rel err {err:.2e}")  # fmt: skip
     variants = [("default", lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))]
