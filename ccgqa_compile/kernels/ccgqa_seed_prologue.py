@@ -1,0 +1,847 @@
+"""The original project's CCGQA q/k prologue (the seed variant) in Triton, plus a naive reference.
+
+From the pre-conv projections ``q_pre`` (B, T, Hq*D) and ``k_pre`` (B, T, Hkv*D) to the
+rotated ``q`` (B, Hq, T, D) and ``k`` (B, Hkv, T, D), as patterns/ccgqa.py
+``CCGQAAttentionSeed`` computes them (../../../shared/design/ccgqa.md, "The original
+project's variant"), per batch and time step::
+
+    y1    = conv1(pad(x))     grouped per head (a D x D map per tap), kernel K1, causal
+    y2    = conv2(pad(y1))    dense across the stream's heads (a C x C map per tap), K2
+    raw_q = y2_q + (mean over ALL kv heads of k_pre) / 2
+    raw_k = y2_k + (mean over ALL query heads of q_pre) / 2
+    u     = raw / max(|raw|, eps)                  per head; no sqrt(D)
+    k     = u_k * temp                             one scalar temperature (or none)
+    out   = out * cos + rot(out) * sin             full RoPE: interleaved pairs (the seed's)
+                                                   or rotate-half
+
+No biases (the seed has none). Both convolutions pad with zeros on the left, separately.
+
+Why its own kernels: the stock prologue (kernels/ccgqa_prologue.py) gives each program one
+group of G + 1 heads, which is all its per-head conv2 and per-group mean couple. Here the
+dense conv2 and the all-heads means couple every head of both streams, so a program holds
+a stream's whole width C = H*D (padded to a power of two, ``CP``): conv1 is one
+(BLOCK_T x C) @ (C x C) ``tl.dot`` per tap with the block-diagonal weight built by a
+masked load (H times the FLOPs of per-head products, still far below the memory time at
+C <= 256), conv2 one dense dot per tap. Per-head sums (the norms) and sums over heads (the
+means) are reshapes to (BLOCK_T, H, D) in registers.
+
+Launches:
+  * forward: one program per (batch, BLOCK_T time steps): q's chain, then k's; q_pre and
+    k_pre read once for the means, the conv halo as shifted tile loads (L1/L2 hits);
+  * backward, two kernels, nothing of the forward stored:
+      1. ``_seed_draw_kernel`` (laid out as the forward) recomputes raw and stores
+         d loss / d raw for both streams (float32, (B, T, C)) and the temperature's
+         partial sums, one per program;
+      2. ``_seed_conv_bwd_kernel`` (one launch per stream, one program per time block)
+         takes the convs' backward from d raw: d y1 at the K1 rows each output row needs
+         (K1 * K2 dots), d x plus the other stream's mean share, and the weight gradients
+         as (C x C) dots added with float32 atomics into one buffer per weight.
+
+Kernel limits: D a power of two, C <= ``MAX_KERNEL_WIDTH`` per stream, K1, K2 in 1..4, tables
+that differ at most per batch and time. Everything else goes to the composite in
+ops/ccgqa_seed_prologue.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import traceable
+from .ccgqa_prologue import _rotate, _tables, _unit_last_stride
+
+__all__ = [
+    "ccgqa_seed_prologue_bwd",
+    "ccgqa_seed_prologue_fwd",
+    "ccgqa_seed_prologue_reference",
+    "padded_width",
+]
+
+MAX_CONV_KERNEL = 4
+# One program holds a (BLOCK_T x C) fp32 tile of a whole stream, and conv2's (C x C) taps
+# are dot operands: past 256 channels the registers spill (the seed at E = 512, C = 4 has
+# 128 query and 32 key channels).
+MAX_KERNEL_WIDTH = 256
+
+
+# ----------------------------------------------------------------------------
+# Naive reference (the spec the kernels are tested against; differentiable).
+# ----------------------------------------------------------------------------
+
+
+def _rotate_reference(x: Tensor, interleaved: bool) -> Tensor:
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def ccgqa_seed_prologue_reference(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv2_weight: Tensor,
+    k_conv1_weight: Tensor,
+    k_conv2_weight: Tensor,
+    temp: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float = 1e-12,
+    interleaved: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Naive PyTorch, written the way ``CCGQAAttentionSeed.forward`` writes it.
+
+    Computes in at least fp32 (fp64 stays fp64) and returns ``q_pre.dtype``; cos/sin
+    broadcast to (B, 1, T, D).
+    """
+    acc = torch.promote_types(q_pre.dtype, torch.float32)
+    b, t, e_q = q_pre.shape
+    d = e_q // heads
+
+    def conv(x, w1, w2, n_heads):
+        y = x.to(acc).transpose(1, 2)
+        y = F.conv1d(F.pad(y, (w1.shape[-1] - 1, 0)), w1.to(acc), groups=n_heads)
+        y = F.conv1d(F.pad(y, (w2.shape[-1] - 1, 0)), w2.to(acc))
+        return y.transpose(1, 2).reshape(b, t, n_heads, d)
+
+    q = conv(q_pre, q_conv1_weight, q_conv2_weight, heads)
+    k = conv(k_pre, k_conv1_weight, k_conv2_weight, kv_heads)
+    q_heads = q_pre.to(acc).reshape(b, t, heads, d)
+    k_heads = k_pre.to(acc).reshape(b, t, kv_heads, d)
+    q = q + 0.5 * k_heads.mean(dim=2, keepdim=True)
+    k = k + 0.5 * q_heads.mean(dim=2, keepdim=True)
+    q = F.normalize(q, dim=-1, eps=eps)
+    k = F.normalize(k, dim=-1, eps=eps)
+    if temp is not None:
+        k = k * temp.to(acc).reshape(())
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    c, s = cos.to(acc), sin.to(acc)
+    q = q * c + _rotate_reference(q, interleaved) * s
+    k = k * c + _rotate_reference(k, interleaved) * s
+    return q.to(q_pre.dtype), k.to(k_pre.dtype)
+
+
+def padded_width(width: int) -> int:
+    """Tile width of a stream: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(width))
+
+
+# ----------------------------------------------------------------------------
+# Tile helpers. A tile is (BLOCK_T rows = time steps, CP columns = a stream's channels,
+# head h at columns h*D .. h*D + D - 1; columns >= C are padding and stay 0 where read).
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptr, row0, stride_t, rows, seq_len, WIDTH: tl.constexpr, CP: tl.constexpr):
+    """x[b, rows, :WIDTH] in its own dtype; rows outside [0, seq_len) and padding read 0."""
+    cols = tl.arange(0, CP)
+    mask = ((rows >= 0) & (rows < seq_len))[:, None] & (cols < WIDTH)[None, :]
+    offsets = row0 + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _conv1_tap(
+    w1_ptr,
+    TAP: tl.constexpr,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    CP: tl.constexpr,
+    IN_BY_OUT: tl.constexpr,
+):
+    """conv1's tap TAP (weight (C, D, K1), grouped per head) as a block-diagonal (CP x CP)
+    matrix: [in, out] when IN_BY_OUT (for x @ W), else [out, in]."""
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    if IN_BY_OUT:
+        inp, out = first, second
+    else:
+        out, inp = first, second
+    mask = (inp // HEAD_DIM == out // HEAD_DIM) & (out < WIDTH) & (inp < WIDTH)
+    offsets = out * (HEAD_DIM * K1) + (inp % HEAD_DIM) * K1 + TAP
+    return tl.load(w1_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _conv2_tap(
+    w2_ptr,
+    TAP: tl.constexpr,
+    WIDTH: tl.constexpr,
+    K2: tl.constexpr,
+    CP: tl.constexpr,
+    IN_BY_OUT: tl.constexpr,
+):
+    """conv2's tap TAP (weight (C, C, K2), dense) as a (CP x CP) matrix, [in, out] when
+    IN_BY_OUT, else [out, in]."""
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    if IN_BY_OUT:
+        inp, out = first, second
+    else:
+        out, inp = first, second
+    mask = (out < WIDTH) & (inp < WIDTH)
+    return tl.load(w2_ptr + out * (WIDTH * K2) + inp * K2 + TAP, mask=mask, other=0.0)
+
+
+@triton.jit
+def _conv1_rows(
+    x_ptr,
+    row0,
+    stride_t,
+    rows,
+    seq_len,
+    w1_ptr,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """conv1 at ``rows`` (0 at rows < 0: no bias, so conv2's zero padding comes for free),
+    rounded to the input dtype as eager's conv1 output is; returned as fp32."""
+    y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    for s1 in tl.static_range(K1):
+        x = _load_tile(x_ptr, row0, stride_t, rows - s1, seq_len, WIDTH, CP)
+        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, True)
+        y1 += tl.dot(x, w1.to(x.dtype), input_precision=DOT_PRECISION)
+    return y1.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _conv_chain(
+    x_ptr,
+    row0,
+    stride_t,
+    rows,
+    seq_len,
+    w1_ptr,
+    w2_ptr,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """conv2(pad(conv1(pad(x)))) at ``rows``: a (BLOCK_T, CP) fp32 tile. conv1 is
+    recomputed at each of conv2's K2 shifts (cheap dots on cached rows)."""
+    dtype = x_ptr.dtype.element_ty
+    y2 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    for s2 in tl.static_range(K2):
+        y1 = _conv1_rows(
+            x_ptr, row0, stride_t, rows - s2, seq_len, w1_ptr,
+            WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
+        )  # fmt: skip
+        w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, True)
+        y2 += tl.dot(y1.to(dtype), w2.to(dtype), input_precision=DOT_PRECISION)
+    return y2
+
+
+@triton.jit
+def _head_sums(x, BLOCK_T: tl.constexpr, CP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """At each column, the sum of its head's D columns."""
+    sums = tl.sum(tl.reshape(x, (BLOCK_T, CP // HEAD_DIM, HEAD_DIM)), axis=2)
+    spread = tl.broadcast_to(sums[:, :, None], (BLOCK_T, CP // HEAD_DIM, HEAD_DIM))
+    return tl.reshape(spread, (BLOCK_T, CP))
+
+
+@triton.jit
+def _sum_over_heads(
+    x, BLOCK_T: tl.constexpr, CP_IN: tl.constexpr, CP_OUT: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """(BLOCK_T, CP_IN) -> (BLOCK_T, CP_OUT): at column c, the sum over x's heads of
+    their column c % D (padding heads are 0)."""
+    sums = tl.sum(tl.reshape(x, (BLOCK_T, CP_IN // HEAD_DIM, HEAD_DIM)), axis=1)
+    spread = tl.broadcast_to(sums[:, None, :], (BLOCK_T, CP_OUT // HEAD_DIM, HEAD_DIM))
+    return tl.reshape(spread, (BLOCK_T, CP_OUT))
+
+
+@triton.jit
+def _raw(
+    x_ptr,
+    x_row0,
+    x_stride_t,
+    other_pre,
+    rows,
+    seq_len,
+    w1_ptr,
+    w2_ptr,
+    OTHER_HEADS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    CP: tl.constexpr,
+    CP_OTHER: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """A stream's conv output plus half the mean over the other stream's heads of its
+    pre-conv projection (``other_pre``, a fp32 tile)."""
+    raw = _conv_chain(
+        x_ptr, x_row0, x_stride_t, rows, seq_len, w1_ptr, w2_ptr,
+        WIDTH, HEAD_DIM, K1, K2, CP, BLOCK_T, DOT_PRECISION,
+    )  # fmt: skip
+    mean = _sum_over_heads(other_pre, BLOCK_T, CP_OTHER, CP, HEAD_DIM) * (0.5 / OTHER_HEADS)
+    return raw + mean
+
+
+@triton.jit
+def _load_tables(
+    cos_ptr,
+    sin_ptr,
+    cos_row0,
+    cos_stride_t,
+    sin_row0,
+    sin_stride_t,
+    rows,
+    seq_len,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+):
+    """cos/sin (one D-wide row per time step) repeated across the heads: (BLOCK_T, CP)."""
+    cols = tl.arange(0, CP)
+    mask = ((rows >= 0) & (rows < seq_len))[:, None] & (cols < WIDTH)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    within = (cols % HEAD_DIM)[None, :]
+    cos = tl.load(cos_ptr + cos_row0 + rows64 * cos_stride_t + within, mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + sin_row0 + rows64 * sin_stride_t + within, mask=mask, other=0.0)
+    return cos.to(tl.float32), sin.to(tl.float32)
+
+
+@triton.jit
+def _head_offsets(b, num_heads, rows, seq_len, HEAD_DIM: tl.constexpr, CP: tl.constexpr):
+    """Offsets of a (BLOCK_T, CP) tile in a contiguous (B, H, T, D) tensor."""
+    cols = tl.arange(0, CP)
+    heads = (cols // HEAD_DIM).to(tl.int64)
+    return ((b * num_heads + heads[None, :]) * seq_len + rows.to(tl.int64)[:, None]) * HEAD_DIM + (
+        cols % HEAD_DIM
+    )[None, :]
+
+
+@triton.jit
+def _tile_mask(rows, seq_len, WIDTH: tl.constexpr, CP: tl.constexpr):
+    return (rows < seq_len)[:, None] & (tl.arange(0, CP) < WIDTH)[None, :]
+
+
+@triton.jit
+def _unit(raw, eps, BLOCK_T: tl.constexpr, CP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """raw / max(|raw|, eps) per head, and the head norms (spread over the columns)."""
+    norm = tl.sqrt(_head_sums(raw * raw, BLOCK_T, CP, HEAD_DIM))
+    return raw / tl.maximum(norm, eps), norm
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _seed_fwd_kernel(
+    q_pre_ptr,
+    k_pre_ptr,
+    q_w1_ptr,
+    q_w2_ptr,
+    k_w1_ptr,
+    k_w2_ptr,
+    temp_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    seq_len,
+    q_stride_b,
+    q_stride_t,
+    k_stride_b,
+    k_stride_t,
+    cos_stride_b,
+    cos_stride_t,
+    sin_stride_b,
+    sin_stride_t,
+    eps,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CPQ: tl.constexpr,
+    CPK: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_TEMP: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (batch * time blocks,). q's whole width, then k's."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64
+    e_q: tl.constexpr = HEADS * HEAD_DIM
+    e_kv: tl.constexpr = KV_HEADS * HEAD_DIM
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_t_blocks).to(tl.int64)
+    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    q_row0, k_row0 = b * q_stride_b, b * k_stride_b
+    q_pre = _load_tile(q_pre_ptr, q_row0, q_stride_t, rows, seq_len, e_q, CPQ).to(tl.float32)
+    k_pre = _load_tile(k_pre_ptr, k_row0, k_stride_t, rows, seq_len, e_kv, CPK).to(tl.float32)
+
+    raw = _raw(
+        q_pre_ptr, q_row0, q_stride_t, k_pre, rows, seq_len, q_w1_ptr, q_w2_ptr,
+        KV_HEADS, e_q, HEAD_DIM, K1, K2, CPQ, CPK, BLOCK_T, DOT_PRECISION,
+    )  # fmt: skip
+    out = _unit(raw, eps, BLOCK_T, CPQ, HEAD_DIM)[0]
+    cos, sin = _load_tables(
+        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+        rows, seq_len, e_q, HEAD_DIM, CPQ,
+    )  # fmt: skip
+    out = out * cos + _rotate(out, BLOCK_T, CPQ, HEAD_DIM, INTERLEAVED) * sin
+    offsets = _head_offsets(b, HEADS, rows, seq_len, HEAD_DIM, CPQ)
+    mask = _tile_mask(rows, seq_len, e_q, CPQ)
+    tl.store(q_ptr + offsets, out.to(q_ptr.dtype.element_ty), mask=mask)
+
+    raw = _raw(
+        k_pre_ptr, k_row0, k_stride_t, q_pre, rows, seq_len, k_w1_ptr, k_w2_ptr,
+        HEADS, e_kv, HEAD_DIM, K1, K2, CPK, CPQ, BLOCK_T, DOT_PRECISION,
+    )  # fmt: skip
+    out = _unit(raw, eps, BLOCK_T, CPK, HEAD_DIM)[0]
+    if HAS_TEMP:
+        out = out * tl.load(temp_ptr).to(tl.float32)
+    cos, sin = _load_tables(
+        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+        rows, seq_len, e_kv, HEAD_DIM, CPK,
+    )  # fmt: skip
+    out = out * cos + _rotate(out, BLOCK_T, CPK, HEAD_DIM, INTERLEAVED) * sin
+    offsets = _head_offsets(b, KV_HEADS, rows, seq_len, HEAD_DIM, CPK)
+    mask = _tile_mask(rows, seq_len, e_kv, CPK)
+    tl.store(k_ptr + offsets, out.to(k_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Backward.
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _grad_raw(
+    d_out_ptr,
+    b,
+    num_heads,
+    rows,
+    seq_len,
+    raw,
+    cos,
+    sin,
+    temp,
+    eps,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_TEMP: tl.constexpr,
+):
+    """d loss / d raw of one stream's tile, and sum(d loss / d (u * temp) * u) (the
+    temperature's share; 0 without temp)."""
+    offsets = _head_offsets(b, num_heads, rows, seq_len, HEAD_DIM, CP)
+    mask = _tile_mask(rows, seq_len, WIDTH, CP)
+    dy = tl.load(d_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # RoPE's transpose: rot^T = -rot
+    g = dy * cos - _rotate(dy * sin, BLOCK_T, CP, HEAD_DIM, INTERLEAVED)
+    unit, norm = _unit(raw, eps, BLOCK_T, CP, HEAD_DIM)
+    d_temp = 0.0
+    if HAS_TEMP:
+        d_temp = tl.sum(tl.sum(g * unit, axis=1), axis=0)
+        g = g * temp
+    radial = _head_sums(unit * g, BLOCK_T, CP, HEAD_DIM)
+    radial = tl.where(norm >= eps, radial, 0.0)
+    return (g - unit * radial) / tl.maximum(norm, eps), d_temp
+
+
+@triton.jit
+def _seed_draw_kernel(
+    dq_ptr,
+    dk_ptr,
+    q_pre_ptr,
+    k_pre_ptr,
+    q_w1_ptr,
+    q_w2_ptr,
+    k_w1_ptr,
+    k_w2_ptr,
+    temp_ptr,
+    cos_ptr,
+    sin_ptr,
+    draw_q_ptr,
+    draw_k_ptr,
+    d_temp_parts_ptr,
+    seq_len,
+    q_stride_b,
+    q_stride_t,
+    k_stride_b,
+    k_stride_t,
+    cos_stride_b,
+    cos_stride_t,
+    sin_stride_b,
+    sin_stride_t,
+    eps,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CPQ: tl.constexpr,
+    CPK: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_TEMP: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (batch * time blocks,). dq, dk contiguous (B, H, T, D); d raw stored as
+    contiguous float32 (B, T, C)."""
+    eps = tl.cast(eps, tl.float32)
+    e_q: tl.constexpr = HEADS * HEAD_DIM
+    e_kv: tl.constexpr = KV_HEADS * HEAD_DIM
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_t_blocks).to(tl.int64)
+    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    q_row0, k_row0 = b * q_stride_b, b * k_stride_b
+    q_pre = _load_tile(q_pre_ptr, q_row0, q_stride_t, rows, seq_len, e_q, CPQ).to(tl.float32)
+    k_pre = _load_tile(k_pre_ptr, k_row0, k_stride_t, rows, seq_len, e_kv, CPK).to(tl.float32)
+    rows64 = rows.to(tl.int64)[:, None]
+
+    raw = _raw(
+        q_pre_ptr, q_row0, q_stride_t, k_pre, rows, seq_len, q_w1_ptr, q_w2_ptr,
+        KV_HEADS, e_q, HEAD_DIM, K1, K2, CPQ, CPK, BLOCK_T, DOT_PRECISION,
+    )  # fmt: skip
+    cos, sin = _load_tables(
+        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+        rows, seq_len, e_q, HEAD_DIM, CPQ,
+    )  # fmt: skip
+    draw = _grad_raw(
+        dq_ptr, b, HEADS, rows, seq_len, raw, cos, sin, 1.0, eps,
+        e_q, HEAD_DIM, CPQ, BLOCK_T, INTERLEAVED, False,
+    )[0]  # fmt: skip
+    offsets = (b * seq_len + rows64) * e_q + tl.arange(0, CPQ)[None, :]
+    tl.store(draw_q_ptr + offsets, draw, mask=_tile_mask(rows, seq_len, e_q, CPQ))
+
+    raw = _raw(
+        k_pre_ptr, k_row0, k_stride_t, q_pre, rows, seq_len, k_w1_ptr, k_w2_ptr,
+        HEADS, e_kv, HEAD_DIM, K1, K2, CPK, CPQ, BLOCK_T, DOT_PRECISION,
+    )  # fmt: skip
+    cos, sin = _load_tables(
+        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+        rows, seq_len, e_kv, HEAD_DIM, CPK,
+    )  # fmt: skip
+    temp = 1.0
+    if HAS_TEMP:
+        temp = tl.load(temp_ptr).to(tl.float32)
+    draw, d_temp = _grad_raw(
+        dk_ptr, b, KV_HEADS, rows, seq_len, raw, cos, sin, temp, eps,
+        e_kv, HEAD_DIM, CPK, BLOCK_T, INTERLEAVED, HAS_TEMP,
+    )  # fmt: skip
+    offsets = (b * seq_len + rows64) * e_kv + tl.arange(0, CPK)[None, :]
+    tl.store(draw_k_ptr + offsets, draw, mask=_tile_mask(rows, seq_len, e_kv, CPK))
+    if HAS_TEMP:
+        tl.store(d_temp_parts_ptr + pid, d_temp)
+
+
+@triton.jit
+def _load_draw(ptr, b, rows, seq_len, WIDTH: tl.constexpr, CP: tl.constexpr):
+    """Rows of a contiguous float32 (B, T, C) d raw; outside [0, seq_len) 0."""
+    return _load_tile(ptr, b * seq_len * WIDTH, WIDTH, rows, seq_len, WIDTH, CP)
+
+
+@triton.jit
+def _seed_conv_bwd_kernel(
+    x_ptr,
+    w1_ptr,
+    w2_ptr,
+    draw_ptr,
+    other_draw_ptr,
+    dx_ptr,
+    dw1_ptr,
+    dw2_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    NUM_HEADS: tl.constexpr,
+    OTHER_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+    CP_OTHER: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (batch * time blocks,), one stream. d x (B, T, C) contiguous; the weight
+    gradients (float32, zeroed, the weights' shapes) get this block's share atomically."""
+    WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
+    OTHER_WIDTH: tl.constexpr = OTHER_HEADS * HEAD_DIM
+    dtype = x_ptr.dtype.element_ty
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_t_blocks).to(tl.int64)
+    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    x_row0 = b * x_stride_b
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    inside = (first < WIDTH) & (second < WIDTH)
+
+    # conv2's weight gradient: d y2 (= d raw) at this block's rows against y1 at the
+    # rows each tap reads; dW2[o, i, K2-1-s2] = sum_t d y2[t, o] * y1[t - s2, i]
+    d_y2 = _load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP)
+    for s2 in tl.static_range(K2):
+        y1 = _conv1_rows(
+            x_ptr, x_row0, x_stride_t, rows - s2, seq_len, w1_ptr,
+            WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
+        )  # fmt: skip
+        part = tl.dot(tl.trans(d_y2), y1, input_precision=DOT_PRECISION)  # [o, i]
+        tap = K2 - 1 - s2
+        tl.atomic_add(dw2_ptr + first * (WIDTH * K2) + second * K2 + tap, part, mask=inside)
+
+    # d x = sum_s1 d y1[t + s1] @ W1[tap]^T, with d y1[r] = sum_s2 d y2[r + s2] @ W2[tap]^T
+    dx = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
+    for s1 in tl.static_range(K1):
+        d_y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+        for s2 in tl.static_range(K2):
+            d_y2 = _load_draw(draw_ptr, b, rows + s1 + s2, seq_len, WIDTH, CP)
+            w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, False).to(tl.float32)
+            d_y1 += tl.dot(d_y2, w2, input_precision=DOT_PRECISION)
+        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, False).to(tl.float32)
+        dx += tl.dot(d_y1, w1, input_precision=DOT_PRECISION)
+        if s1 == 0:
+            # conv1's weight gradient from d y1 at this block's rows, per tap:
+            # dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in one head
+            for s in tl.static_range(K1):
+                x = _load_tile(x_ptr, x_row0, x_stride_t, rows - s, seq_len, WIDTH, CP)
+                part = tl.dot(tl.trans(d_y1), x.to(tl.float32), input_precision=DOT_PRECISION)
+                offsets = first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
+                tl.atomic_add(dw1_ptr + offsets, part, mask=same_head)
+
+    # the other stream's raw holds half the mean over this stream's heads of x
+    other = _load_draw(other_draw_ptr, b, rows, seq_len, OTHER_WIDTH, CP_OTHER)
+    dx += _sum_over_heads(other, BLOCK_T, CP_OTHER, CP, HEAD_DIM) * (0.5 / NUM_HEADS)
+    offsets = (b * seq_len + rows.to(tl.int64)[:, None]) * WIDTH + tl.arange(0, CP)[None, :]
+    tl.store(dx_ptr + offsets, dx.to(dtype), mask=_tile_mask(rows, seq_len, WIDTH, CP))
+
+
+# ----------------------------------------------------------------------------
+# Launchers.
+# ----------------------------------------------------------------------------
+
+_NUM_STAGES = 1
+
+
+def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads):
+    if q_pre.dim() != 3 or k_pre.dim() != 3 or q_pre.shape[:2] != k_pre.shape[:2]:
+        raise ValueError("q_pre and k_pre must be (B, T, H*D) with the same B and T")
+    if q_pre.shape[-1] % heads:
+        raise ValueError(f"{heads} query heads do not divide the width {q_pre.shape[-1]}")
+    d = q_pre.shape[-1] // heads
+    e_q, e_kv = heads * d, kv_heads * d
+    if k_pre.shape[-1] != e_kv:
+        raise ValueError(f"k_pre must be {e_kv} wide ({kv_heads} heads of {d}), got {k_pre.shape}")
+    if d & (d - 1):
+        raise ValueError(f"the kernels need a power-of-two head dim, got {d}")
+    if max(e_q, e_kv) > MAX_KERNEL_WIDTH:
+        raise ValueError(f"the kernels take at most {MAX_KERNEL_WIDTH} channels per stream")
+    k1, k2 = q_w1.shape[-1], q_w2.shape[-1]
+    expected = {
+        "q conv1": (q_w1, (e_q, d, k1)),
+        "q conv2": (q_w2, (e_q, e_q, k2)),
+        "k conv1": (k_w1, (e_kv, d, k1)),
+        "k conv2": (k_w2, (e_kv, e_kv, k2)),
+    }
+    for name, (w, shape) in expected.items():
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} weight must be {shape}, got {tuple(w.shape)}")
+    if not (1 <= k1 <= MAX_CONV_KERNEL and 1 <= k2 <= MAX_CONV_KERNEL):
+        raise ValueError(f"conv kernels must be in 1..{MAX_CONV_KERNEL}, got {k1}, {k2}")
+
+
+def _block_t(width: int, block_t: int | None) -> int:
+    """Time steps per tile: depends on the width only (no recompiles when T varies)."""
+    if block_t is not None:
+        return block_t
+    return 64 if width <= 128 else 32
+
+
+def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_heads, eps, inter):
+    """Arguments shared by the forward and the draw kernel."""
+    _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads)
+    b, t, e_q = q_pre.shape
+    d = e_q // heads
+    q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
+    weights = [w.contiguous() for w in (q_w1, q_w2, k_w1, k_w2)]
+    cos, sin, table_strides = _tables(cos, sin, b, t, d)
+    if temp is not None and temp.numel() != 1:
+        raise ValueError(f"temp must be one value, got shape {tuple(temp.shape)}")
+    temp_arg = temp.reshape(1) if temp is not None else q_pre
+    tensors = [q_pre, k_pre, *weights, temp_arg, cos, sin]
+    scalars = [q_pre.stride(0), q_pre.stride(1), k_pre.stride(0), k_pre.stride(1)]
+    scalars += [*table_strides, float(eps)]
+    constexprs = dict(
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HEAD_DIM=d,
+        CPQ=padded_width(e_q),
+        CPK=padded_width(kv_heads * d),
+        K1=q_w1.shape[-1],
+        K2=q_w2.shape[-1],
+        HAS_TEMP=temp is not None,
+        INTERLEAVED=bool(inter),
+        # fp32 products stay IEEE fp32; half inputs multiply in their own precision, as
+        # eager's convs do (the backward's fp32 operands use tf32)
+        DOT_PRECISION="ieee" if q_pre.dtype == torch.float32 else "tf32",
+    )
+    return tensors, scalars, constexprs
+
+
+def _num_warps(width: int) -> int:
+    return 4 if width <= 64 else 8
+
+
+def ccgqa_seed_prologue_fwd(
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv2_weight: Tensor,
+    k_conv1_weight: Tensor,
+    k_conv2_weight: Tensor,
+    temp: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+    interleaved: bool,
+    block_t: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``. ``block_t``
+    overrides the tile height (tests use it to cross block borders)."""
+    tensors, scalars, constexprs = _common(
+        q_pre, k_pre, q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight,
+        temp, cos, sin, heads, kv_heads, eps, interleaved,
+    )  # fmt: skip
+    b, t, e_q = q_pre.shape
+    d = e_q // heads
+    q = torch.empty((b, heads, t, d), dtype=q_pre.dtype, device=q_pre.device)
+    k = torch.empty((b, kv_heads, t, d), dtype=k_pre.dtype, device=k_pre.device)
+    if q.numel() == 0:
+        return q, k
+    rows = _block_t(e_q, block_t)
+    traceable(_seed_fwd_kernel)[(b * triton.cdiv(t, rows),)](
+        *tensors,
+        q,
+        k,
+        t,
+        *scalars,
+        **constexprs,
+        BLOCK_T=rows,
+        num_warps=_num_warps(e_q),
+        num_stages=_NUM_STAGES,
+    )
+    return q, k
+
+
+def ccgqa_seed_prologue_bwd(
+    dq: Tensor,
+    dk: Tensor,
+    q_pre: Tensor,
+    k_pre: Tensor,
+    q_conv1_weight: Tensor,
+    q_conv2_weight: Tensor,
+    k_conv1_weight: Tensor,
+    k_conv2_weight: Tensor,
+    temp: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    heads: int,
+    kv_heads: int,
+    eps: float,
+    interleaved: bool,
+    block_t: int | None = None,
+) -> list[Tensor | None]:
+    """Gradients of ``ccgqa_seed_prologue_fwd`` given dq (B, Hq, T, D), dk (B, Hkv, T, D):
+    [d q_pre, d k_pre, d q_conv1 w, d q_conv2 w, d k_conv1 w, d k_conv2 w, d temp], each in
+    its input's dtype, None for an absent temp."""
+    tensors, scalars, constexprs = _common(
+        q_pre, k_pre, q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight,
+        temp, cos, sin, heads, kv_heads, eps, interleaved,
+    )  # fmt: skip
+    b, t, e_q = q_pre.shape
+    e_kv = k_pre.shape[-1]
+    d = e_q // heads
+    if dq.shape != (b, heads, t, d) or dk.shape != (b, kv_heads, t, d):
+        raise ValueError(f"dq {tuple(dq.shape)} / dk {tuple(dk.shape)} do not match q / k")
+    dq, dk = dq.contiguous(), dk.contiguous()
+    device = q_pre.device
+    d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
+    d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
+    weights = (q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight)
+    d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
+    rows = _block_t(e_q, block_t)
+    programs = b * triton.cdiv(t, rows)
+    d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
+    if d_q_pre.numel():
+        draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
+        draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
+        launch = dict(num_warps=_num_warps(e_q), num_stages=_NUM_STAGES)
+        traceable(_seed_draw_kernel)[(programs,)](
+            dq,
+            dk,
+            *tensors,
+            draw_q,
+            draw_k,
+            d_temp_parts,
+            t,
+            *scalars,
+            **constexprs,
+            BLOCK_T=rows,
+            **launch,
+        )
+        q_pre, k_pre, q_w1, q_w2, k_w1, k_w2 = tensors[:6]
+        cpq, cpk = constexprs["CPQ"], constexprs["CPK"]
+        streams = (
+            (q_pre, q_w1, q_w2, draw_q, draw_k, d_q_pre, d_weights[:2], heads, kv_heads, cpq, cpk),
+            (k_pre, k_w1, k_w2, draw_k, draw_q, d_k_pre, d_weights[2:], kv_heads, heads, cpk, cpq),
+        )
+        for x, w1, w2, draw, other, dx, (dw1, dw2), n_heads, n_other, cp, cp_other in streams:
+            traceable(_seed_conv_bwd_kernel)[(programs,)](
+                x,
+                w1,
+                w2,
+                draw,
+                other,
+                dx,
+                dw1,
+                dw2,
+                t,
+                x.stride(0),
+                x.stride(1),
+                NUM_HEADS=n_heads,
+                OTHER_HEADS=n_other,
+                HEAD_DIM=d,
+                CP=cp,
+                CP_OTHER=cp_other,
+                K1=constexprs["K1"],
+                K2=constexprs["K2"],
+                BLOCK_T=rows,
+                DOT_PRECISION=constexprs["DOT_PRECISION"],
+                num_warps=_num_warps(n_heads * d),
+                num_stages=_NUM_STAGES,
+            )
+    grads: list[Tensor | None] = [d_q_pre, d_k_pre]
+    grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]
+    grads.append(d_temp_parts.sum().reshape(temp.shape).to(temp.dtype) if temp is not None else None)
+    return grads
