@@ -843,5 +843,7 @@ def ccgqa_seed_prologue_bwd(
             )
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
     grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]
-    grads.append(d_temp_parts.sum().reshape(temp.shape).to(temp.dtype) if temp is not None else None)
+    grads.append(
+        d_temp_parts.sum().reshape(temp.shape).to(temp.dtype) if temp is not None else None
+    )
     return grads
