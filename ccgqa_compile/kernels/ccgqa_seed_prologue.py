@@ -726,9 +726,11 @@ def ccgqa_seed_prologue_fwd(
     eps: float,
     interleaved: bool,
     block_t: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``. ``block_t``
-    overrides the tile height (tests use it to cross block borders)."""
+    overrides the tile height (tests use it to cross block borders), ``num_warps`` the
+    launch (for sweeps)."""
     tensors, scalars, constexprs = _common(
         q_pre, k_pre, q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight,
         temp, cos, sin, heads, kv_heads, eps, interleaved,
@@ -748,7 +750,7 @@ def ccgqa_seed_prologue_fwd(
         *scalars,
         **constexprs,
         BLOCK_T=rows,
-        num_warps=_num_warps(e_q),
+        num_warps=num_warps or _num_warps(e_q),
         num_stages=_NUM_STAGES,
     )
     return q, k
@@ -771,6 +773,7 @@ def ccgqa_seed_prologue_bwd(
     eps: float,
     interleaved: bool,
     block_t: int | None = None,
+    num_warps: int | None = None,
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_seed_prologue_fwd`` given dq (B, Hq, T, D), dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, d q_conv2 w, d k_conv1 w, d k_conv2 w, d temp], each in
@@ -796,7 +799,7 @@ def ccgqa_seed_prologue_bwd(
     if d_q_pre.numel():
         draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
         draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
-        launch = dict(num_warps=_num_warps(e_q), num_stages=_NUM_STAGES)
+        launch = dict(num_warps=num_warps or _num_warps(e_q), num_stages=_NUM_STAGES)
         traceable(_seed_draw_kernel)[(programs,)](
             dq,
             dk,
@@ -838,7 +841,7 @@ def ccgqa_seed_prologue_bwd(
                 K2=constexprs["K2"],
                 BLOCK_T=rows,
                 DOT_PRECISION=constexprs["DOT_PRECISION"],
-                num_warps=_num_warps(n_heads * d),
+                num_warps=num_warps or _num_warps(n_heads * d),
                 num_stages=_NUM_STAGES,
             )
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]

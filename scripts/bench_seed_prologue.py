@@ -1,0 +1,206 @@
+"""The seed variant's q/k prologue: our Triton kernels vs the seed's code under Inductor.
+
+    python scripts/bench_seed_prologue.py [--out DIR] [--sweep]
+
+For each config (B*T = 32768, T = 2048, bf16, conv kernels 3/3 as the seed's default):
+checks the kernels' q, k and every gradient against the float64 reference, and the same
+for Inductor's compile of the seed's own spelling (so both errors stand side by side), then
+times (triton.testing.do_bench, median, warm, one process) forward and forward+backward of
+  * ours: ccgqa_seed_prologue_fwd, then ccgqa_seed_prologue_bwd;
+  * the prologue exactly as patterns/ccgqa.py ``CCGQAAttentionSeed`` writes it (bf16
+    throughout) compiled by Inductor default, backward through autograd.
+The floor counts q_pre, k_pre read once and q, k written once (forward), plus dq, dk read
+and d q_pre, d k_pre written once (backward), at ~3 TB/s; the convs' FLOPs are far below
+the byte time. ``--sweep`` also times our launches over tile heights and warps.
+Prints a markdown table and writes bench_seed_prologue.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ccgqa_compile.kernels.ccgqa_seed_prologue import (  # noqa: E402
+    ccgqa_seed_prologue_bwd,
+    ccgqa_seed_prologue_fwd,
+    ccgqa_seed_prologue_reference,
+)
+
+TOKENS = 32768
+SEQ_LEN = 2048
+# (E, hq, hkv, C) with the seed's d = E / C / hq; E512 is the issue's seed config
+CONFIGS = [(512, 8, 2, 4), (1024, 8, 2, 4), (512, 8, 2, 2)]
+COPY_BYTES_PER_S = 3.0e12
+DEVICE = "cuda"
+
+
+def make(b, t, hq, hkv, d, dtype, k=3):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
+
+    e_q, e_kv = hq * d, hkv * d
+    # a fused qkv projection's column slices, as the seed's split gives them
+    qkv = r(b, t, e_q + 2 * e_kv)
+    freqs = torch.arange(t, device=DEVICE)[:, None] / 10000 ** (
+        torch.arange(0, d, 2, device=DEVICE) / d
+    )
+    angles = freqs.repeat_interleave(2, dim=-1)  # the seed's interleaved tables
+    tensors = [
+        qkv[..., :e_q],
+        qkv[..., e_q : e_q + e_kv],
+        r(e_q, d, k, scale=1 / math.sqrt(d * k)),
+        r(e_q, e_q, k, scale=1 / math.sqrt(e_q * k)),
+        r(e_kv, d, k, scale=1 / math.sqrt(d * k)),
+        r(e_kv, e_kv, k, scale=1 / math.sqrt(e_kv * k)),
+        torch.tensor(math.sqrt(d), device=DEVICE, dtype=dtype),
+        angles.cos().to(dtype),
+        angles.sin().to(dtype),
+    ]
+    return tensors, [hq, hkv, 1e-12, True]
+
+
+def seed_prologue(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, hq, hkv, eps, inter):
+    """``CCGQAAttentionSeed.forward`` from the split to the rotated q, k, as written."""
+    b, t, _ = q_pre.shape
+    d = q_pre.shape[-1] // hq
+
+    def conv(x, w1, w2, heads):
+        y = x.transpose(1, 2)
+        y = F.conv1d(F.pad(y, (w1.shape[-1] - 1, 0)), w1, groups=heads)
+        return F.conv1d(F.pad(y, (w2.shape[-1] - 1, 0)), w2).transpose(1, 2)
+
+    q = conv(q_pre, q_w1, q_w2, hq).view(b, t, hq, d)
+    k = conv(k_pre, k_w1, k_w2, hkv).view(b, t, hkv, d)
+    q = q + 0.5 * k_pre.reshape(b, t, hkv, d).mean(dim=2, keepdim=True)
+    k = k + 0.5 * q_pre.reshape(b, t, hq, d).mean(dim=2, keepdim=True)
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1) * temp
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+
+    def rope(x):
+        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return x * cos + rotated * sin
+
+    return rope(q), rope(k)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def errors_vs_fp64(tensors, scalars, q, k, dq, dk, grads) -> float:
+    """Worst relative error over q, k and the 7 gradients against float64."""
+    leaves = [x.detach().double().requires_grad_(i < 7) for i, x in enumerate(tensors)]
+    q_r, k_r = ccgqa_seed_prologue_reference(*leaves, *scalars)
+    ref = torch.autograd.grad((q_r, k_r), leaves[:7], (dq.double(), dk.double()))
+    return max([rel(q, q_r), rel(k, k_r)] + [rel(g, r) for g, r in zip(grads, ref)])
+
+
+def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
+    d = e // c // hq
+    b = TOKENS // SEQ_LEN
+    tensors, scalars = make(b, SEQ_LEN, hq, hkv, d, dtype)
+    label = f"E{e} hq{hq} hkv{hkv} C{c} d{d} (widths {hq * d}+{hkv * d}) B{b} T{SEQ_LEN}"
+    q, k = ccgqa_seed_prologue_fwd(*tensors, *scalars)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    grads = ccgqa_seed_prologue_bwd(dq, dk, *tensors, *scalars)
+    err_ours = errors_vs_fp64(tensors, scalars, q, k, dq, dk, grads)
+
+    compiled = torch.compile(seed_prologue)
+    train_in = [x.detach().requires_grad_(i < 7) for i, x in enumerate(tensors)]
+
+    def inductor_fwd():
+        with torch.no_grad():
+            return compiled(*tensors, *scalars)
+
+    def inductor_train():
+        q, k = compiled(*train_in, *scalars)
+        return torch.autograd.grad((q, k), train_in[:7], (dq, dk))
+
+    q_i, k_i = compiled(*train_in, *scalars)
+    err_inductor = errors_vs_fp64(
+        tensors, scalars, q_i, k_i, dq, dk, torch.autograd.grad((q_i, k_i), train_in[:7], (dq, dk))
+    )
+    inductor_fwd()
+
+    def ours(block_t=None, num_warps=None):
+        launch = dict(block_t=block_t, num_warps=num_warps)
+
+        def fwd():
+            return ccgqa_seed_prologue_fwd(*tensors, *scalars, **launch)
+
+        def train():
+            ccgqa_seed_prologue_fwd(*tensors, *scalars, **launch)
+            return ccgqa_seed_prologue_bwd(dq, dk, *tensors, *scalars, **launch)
+
+        return fwd, train
+
+    io = (b * SEQ_LEN * (hq + hkv) * d) * tensors[0].element_size() * 2
+    providers = [("ccgqa kernels", *ours()), ("inductor", inductor_fwd, inductor_train)]
+    if sweep:
+        providers += [
+            (f"ours BLOCK_T={bt} warps={w}", *ours(bt, w))
+            for bt in (16, 32, 64, 128)
+            for w in (4, 8)
+        ]
+    rows = []
+    for name, fwd, train in providers:
+        t_fwd = triton.testing.do_bench(fwd, return_mode="median")
+        t_tot = triton.testing.do_bench(train, return_mode="median")
+        rows.append(
+            {
+                "case": label,
+                "provider": name,
+                "fwd_ms": t_fwd,
+                "total_ms": t_tot,
+                "fwd_gbs": io / t_fwd / 1e6,
+                "total_gbs": 2 * io / t_tot / 1e6,
+                "floor_fwd_ms": io / COPY_BYTES_PER_S * 1e3,
+                "floor_total_ms": 2 * io / COPY_BYTES_PER_S * 1e3,
+                "rel_err_vs_fp64": err_ours if name != "inductor" else err_inductor,
+            }
+        )
+    torch._dynamo.reset()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--sweep", action="store_true", help="also time other launches")
+    args = ap.parse_args(argv)
+    rows = []
+    for config in CONFIGS:
+        rows.extend(_bench_config(*config, torch.bfloat16, args.sweep))
+    print(
+        "| case | provider | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | floor fwd / total ms | max rel err vs fp64 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['total_ms']:.3f} | "
+            f"{r['fwd_gbs']:.0f} | {r['total_gbs']:.0f} | "
+            f"{r['floor_fwd_ms']:.3f} / {r['floor_total_ms']:.3f} | {r['rel_err_vs_fp64']:.1e} |"
+        )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "bench_seed_prologue.json", "w") as fh:
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+            fh,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
