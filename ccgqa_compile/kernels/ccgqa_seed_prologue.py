@@ -44,6 +44,8 @@ ops/ccgqa_seed_prologue.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -347,33 +349,78 @@ def _unit(raw, eps, BLOCK_T: tl.constexpr, CP: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _stream_rows(
+    x_ptr,
+    other_ptr,
+    w1_ptr,
+    w2_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    other_stride_b,
+    other_stride_t,
+    cos_stride_b,
+    cos_stride_t,
+    sin_stride_b,
+    sin_stride_t,
+    NUM_HEADS: tl.constexpr,
+    OTHER_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+    CP_OTHER: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """This program's batch and rows, the stream's raw tile and its RoPE tables."""
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_t_blocks).to(tl.int64)
+    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    other_width: tl.constexpr = OTHER_HEADS * HEAD_DIM
+    other_pre = _load_tile(
+        other_ptr, b * other_stride_b, other_stride_t, rows, seq_len, other_width, CP_OTHER
+    ).to(tl.float32)
+    raw = _raw(
+        x_ptr, b * x_stride_b, x_stride_t, other_pre, rows, seq_len, w1_ptr, w2_ptr,
+        OTHER_HEADS, NUM_HEADS * HEAD_DIM, HEAD_DIM, K1, K2, CP, CP_OTHER, BLOCK_T,
+        DOT_PRECISION,
+    )  # fmt: skip
+    cos, sin = _load_tables(
+        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
+        rows, seq_len, NUM_HEADS * HEAD_DIM, HEAD_DIM, CP,
+    )  # fmt: skip
+    return b, rows, raw, cos, sin
+
+
+@triton.jit
 def _seed_fwd_kernel(
-    q_pre_ptr,
-    k_pre_ptr,
-    q_w1_ptr,
-    q_w2_ptr,
-    k_w1_ptr,
-    k_w2_ptr,
+    x_ptr,
+    other_ptr,
+    w1_ptr,
+    w2_ptr,
     temp_ptr,
     cos_ptr,
     sin_ptr,
-    q_ptr,
-    k_ptr,
+    out_ptr,
     seq_len,
-    q_stride_b,
-    q_stride_t,
-    k_stride_b,
-    k_stride_t,
+    x_stride_b,
+    x_stride_t,
+    other_stride_b,
+    other_stride_t,
     cos_stride_b,
     cos_stride_t,
     sin_stride_b,
     sin_stride_t,
     eps,
-    HEADS: tl.constexpr,
-    KV_HEADS: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    OTHER_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    CPQ: tl.constexpr,
-    CPK: tl.constexpr,
+    CP: tl.constexpr,
+    CP_OTHER: tl.constexpr,
     K1: tl.constexpr,
     K2: tl.constexpr,
     HAS_TEMP: tl.constexpr,
@@ -381,47 +428,24 @@ def _seed_fwd_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (batch * time blocks,). q's whole width, then k's."""
+    """Grid: (batch * time blocks,), one stream (q: x = q_pre, other = k_pre; k: the other
+    way round). Both streams in one program faulted on the H100 (triton 3.6, widths 128 +
+    32: an illegal memory access that neither stream alone shows), so each stream is
+    its own launch; the other stream's projection is read once more, for the mean."""
     eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64
-    e_q: tl.constexpr = HEADS * HEAD_DIM
-    e_kv: tl.constexpr = KV_HEADS * HEAD_DIM
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    pid = tl.program_id(0)
-    b = (pid // num_t_blocks).to(tl.int64)
-    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    q_row0, k_row0 = b * q_stride_b, b * k_stride_b
-    q_pre = _load_tile(q_pre_ptr, q_row0, q_stride_t, rows, seq_len, e_q, CPQ).to(tl.float32)
-    k_pre = _load_tile(k_pre_ptr, k_row0, k_stride_t, rows, seq_len, e_kv, CPK).to(tl.float32)
-
-    raw = _raw(
-        q_pre_ptr, q_row0, q_stride_t, k_pre, rows, seq_len, q_w1_ptr, q_w2_ptr,
-        KV_HEADS, e_q, HEAD_DIM, K1, K2, CPQ, CPK, BLOCK_T, DOT_PRECISION,
+    b, rows, raw, cos, sin = _stream_rows(
+        x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
+        other_stride_b, other_stride_t, cos_stride_b, cos_stride_t, sin_stride_b,
+        sin_stride_t, NUM_HEADS, OTHER_HEADS, HEAD_DIM, CP, CP_OTHER, K1, K2, BLOCK_T,
+        DOT_PRECISION,
     )  # fmt: skip
-    out = _unit(raw, eps, BLOCK_T, CPQ, HEAD_DIM)[0]
-    cos, sin = _load_tables(
-        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
-        rows, seq_len, e_q, HEAD_DIM, CPQ,
-    )  # fmt: skip
-    out = out * cos + _rotate(out, BLOCK_T, CPQ, HEAD_DIM, INTERLEAVED) * sin
-    offsets = _head_offsets(b, HEADS, rows, seq_len, HEAD_DIM, CPQ)
-    mask = _tile_mask(rows, seq_len, e_q, CPQ)
-    tl.store(q_ptr + offsets, out.to(q_ptr.dtype.element_ty), mask=mask)
-
-    raw = _raw(
-        k_pre_ptr, k_row0, k_stride_t, q_pre, rows, seq_len, k_w1_ptr, k_w2_ptr,
-        HEADS, e_kv, HEAD_DIM, K1, K2, CPK, CPQ, BLOCK_T, DOT_PRECISION,
-    )  # fmt: skip
-    out = _unit(raw, eps, BLOCK_T, CPK, HEAD_DIM)[0]
+    out = _unit(raw, eps, BLOCK_T, CP, HEAD_DIM)[0]
     if HAS_TEMP:
         out = out * tl.load(temp_ptr).to(tl.float32)
-    cos, sin = _load_tables(
-        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
-        rows, seq_len, e_kv, HEAD_DIM, CPK,
-    )  # fmt: skip
-    out = out * cos + _rotate(out, BLOCK_T, CPK, HEAD_DIM, INTERLEAVED) * sin
-    offsets = _head_offsets(b, KV_HEADS, rows, seq_len, HEAD_DIM, CPK)
-    mask = _tile_mask(rows, seq_len, e_kv, CPK)
-    tl.store(k_ptr + offsets, out.to(k_ptr.dtype.element_ty), mask=mask)
+    out = out * cos + _rotate(out, BLOCK_T, CP, HEAD_DIM, INTERLEAVED) * sin
+    offsets = _head_offsets(b, NUM_HEADS, rows, seq_len, HEAD_DIM, CP)
+    mask = _tile_mask(rows, seq_len, NUM_HEADS * HEAD_DIM, CP)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -467,35 +491,31 @@ def _grad_raw(
 
 @triton.jit
 def _seed_draw_kernel(
-    dq_ptr,
-    dk_ptr,
-    q_pre_ptr,
-    k_pre_ptr,
-    q_w1_ptr,
-    q_w2_ptr,
-    k_w1_ptr,
-    k_w2_ptr,
+    d_out_ptr,
+    x_ptr,
+    other_ptr,
+    w1_ptr,
+    w2_ptr,
     temp_ptr,
     cos_ptr,
     sin_ptr,
-    draw_q_ptr,
-    draw_k_ptr,
+    draw_ptr,
     d_temp_parts_ptr,
     seq_len,
-    q_stride_b,
-    q_stride_t,
-    k_stride_b,
-    k_stride_t,
+    x_stride_b,
+    x_stride_t,
+    other_stride_b,
+    other_stride_t,
     cos_stride_b,
     cos_stride_t,
     sin_stride_b,
     sin_stride_t,
     eps,
-    HEADS: tl.constexpr,
-    KV_HEADS: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    OTHER_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    CPQ: tl.constexpr,
-    CPK: tl.constexpr,
+    CP: tl.constexpr,
+    CP_OTHER: tl.constexpr,
     K1: tl.constexpr,
     K2: tl.constexpr,
     HAS_TEMP: tl.constexpr,
@@ -503,54 +523,27 @@ def _seed_draw_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (batch * time blocks,). dq, dk contiguous (B, H, T, D); d raw stored as
-    contiguous float32 (B, T, C)."""
+    """Grid: (batch * time blocks,), one stream, laid out as the forward. d out is a
+    contiguous (B, H, T, D); d raw is stored as a contiguous float32 (B, T, C)."""
     eps = tl.cast(eps, tl.float32)
-    e_q: tl.constexpr = HEADS * HEAD_DIM
-    e_kv: tl.constexpr = KV_HEADS * HEAD_DIM
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    pid = tl.program_id(0)
-    b = (pid // num_t_blocks).to(tl.int64)
-    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    q_row0, k_row0 = b * q_stride_b, b * k_stride_b
-    q_pre = _load_tile(q_pre_ptr, q_row0, q_stride_t, rows, seq_len, e_q, CPQ).to(tl.float32)
-    k_pre = _load_tile(k_pre_ptr, k_row0, k_stride_t, rows, seq_len, e_kv, CPK).to(tl.float32)
-    rows64 = rows.to(tl.int64)[:, None]
-
-    raw = _raw(
-        q_pre_ptr, q_row0, q_stride_t, k_pre, rows, seq_len, q_w1_ptr, q_w2_ptr,
-        KV_HEADS, e_q, HEAD_DIM, K1, K2, CPQ, CPK, BLOCK_T, DOT_PRECISION,
+    b, rows, raw, cos, sin = _stream_rows(
+        x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
+        other_stride_b, other_stride_t, cos_stride_b, cos_stride_t, sin_stride_b,
+        sin_stride_t, NUM_HEADS, OTHER_HEADS, HEAD_DIM, CP, CP_OTHER, K1, K2, BLOCK_T,
+        DOT_PRECISION,
     )  # fmt: skip
-    cos, sin = _load_tables(
-        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
-        rows, seq_len, e_q, HEAD_DIM, CPQ,
-    )  # fmt: skip
-    draw = _grad_raw(
-        dq_ptr, b, HEADS, rows, seq_len, raw, cos, sin, 1.0, eps,
-        e_q, HEAD_DIM, CPQ, BLOCK_T, INTERLEAVED, False,
-    )[0]  # fmt: skip
-    offsets = (b * seq_len + rows64) * e_q + tl.arange(0, CPQ)[None, :]
-    tl.store(draw_q_ptr + offsets, draw, mask=_tile_mask(rows, seq_len, e_q, CPQ))
-
-    raw = _raw(
-        k_pre_ptr, k_row0, k_stride_t, q_pre, rows, seq_len, k_w1_ptr, k_w2_ptr,
-        HEADS, e_kv, HEAD_DIM, K1, K2, CPK, CPQ, BLOCK_T, DOT_PRECISION,
-    )  # fmt: skip
-    cos, sin = _load_tables(
-        cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
-        rows, seq_len, e_kv, HEAD_DIM, CPK,
-    )  # fmt: skip
+    width: tl.constexpr = NUM_HEADS * HEAD_DIM
     temp = 1.0
     if HAS_TEMP:
         temp = tl.load(temp_ptr).to(tl.float32)
     draw, d_temp = _grad_raw(
-        dk_ptr, b, KV_HEADS, rows, seq_len, raw, cos, sin, temp, eps,
-        e_kv, HEAD_DIM, CPK, BLOCK_T, INTERLEAVED, HAS_TEMP,
+        d_out_ptr, b, NUM_HEADS, rows, seq_len, raw, cos, sin, temp, eps,
+        width, HEAD_DIM, CP, BLOCK_T, INTERLEAVED, HAS_TEMP,
     )  # fmt: skip
-    offsets = (b * seq_len + rows64) * e_kv + tl.arange(0, CPK)[None, :]
-    tl.store(draw_k_ptr + offsets, draw, mask=_tile_mask(rows, seq_len, e_kv, CPK))
+    offsets = (b * seq_len + rows.to(tl.int64)[:, None]) * width + tl.arange(0, CP)[None, :]
+    tl.store(draw_ptr + offsets, draw, mask=_tile_mask(rows, seq_len, width, CP))
     if HAS_TEMP:
-        tl.store(d_temp_parts_ptr + pid, d_temp)
+        tl.store(d_temp_parts_ptr + tl.program_id(0), d_temp)
 
 
 @triton.jit
@@ -676,35 +669,70 @@ def _block_t(width: int, block_t: int | None) -> int:
     return 64 if width <= 128 else 32
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """One stream's launch arguments: its projection, the other stream's (for the mean),
+    its weights and widths."""
+
+    x: Tensor
+    other: Tensor
+    w1: Tensor
+    w2: Tensor
+    heads: int
+    other_heads: int
+    has_temp: bool
+
+    def args(self, head_dim: int) -> tuple[list, list, dict]:
+        tensors = [self.x, self.other, self.w1, self.w2]
+        strides = [self.x.stride(0), self.x.stride(1), self.other.stride(0), self.other.stride(1)]
+        constexprs = dict(
+            NUM_HEADS=self.heads,
+            OTHER_HEADS=self.other_heads,
+            HEAD_DIM=head_dim,
+            CP=padded_width(self.heads * head_dim),
+            CP_OTHER=padded_width(self.other_heads * head_dim),
+        )
+        return tensors, strides, constexprs
+
+
 def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_heads, eps, inter):
-    """Arguments shared by the forward and the draw kernel."""
+    """Both streams, the arguments they share (temp, tables, their strides, eps) and the
+    shared constexprs."""
     _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads)
     b, t, e_q = q_pre.shape
     d = e_q // heads
     q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
-    weights = [w.contiguous() for w in (q_w1, q_w2, k_w1, k_w2)]
+    q_w1, q_w2, k_w1, k_w2 = (w.contiguous() for w in (q_w1, q_w2, k_w1, k_w2))
     cos, sin, table_strides = _tables(cos, sin, b, t, d)
     if temp is not None and temp.numel() != 1:
         raise ValueError(f"temp must be one value, got shape {tuple(temp.shape)}")
-    temp_arg = temp.reshape(1) if temp is not None else q_pre
-    tensors = [q_pre, k_pre, *weights, temp_arg, cos, sin]
-    scalars = [q_pre.stride(0), q_pre.stride(1), k_pre.stride(0), k_pre.stride(1)]
-    scalars += [*table_strides, float(eps)]
-    constexprs = dict(
-        HEADS=heads,
-        KV_HEADS=kv_heads,
-        HEAD_DIM=d,
-        CPQ=padded_width(e_q),
-        CPK=padded_width(kv_heads * d),
-        K1=q_w1.shape[-1],
-        K2=q_w2.shape[-1],
-        HAS_TEMP=temp is not None,
-        INTERLEAVED=bool(inter),
-        # fp32 products stay IEEE fp32; half inputs multiply in their own precision, as
-        # eager's convs do (the backward's fp32 operands use tf32)
-        DOT_PRECISION="ieee" if q_pre.dtype == torch.float32 else "tf32",
+    temp_arg = temp.reshape(1) if temp is not None else q_pre  # never read without temp
+    streams = (
+        _Stream(q_pre, k_pre, q_w1, q_w2, heads, kv_heads, False),
+        _Stream(k_pre, q_pre, k_w1, k_w2, kv_heads, heads, temp is not None),
     )
-    return tensors, scalars, constexprs
+    shared = dict(
+        temp=temp_arg,
+        tables=[cos, sin],
+        table_strides=[*table_strides, float(eps)],
+        constexprs=dict(
+            K1=q_w1.shape[-1],
+            K2=q_w2.shape[-1],
+            INTERLEAVED=bool(inter),
+            DOT_PRECISION=_dot_precision(q_pre),
+        ),
+    )
+    return streams, shared
+
+
+def _dot_precision(x: Tensor) -> str:
+    """Half inputs multiply in their own precision, as eager's convs do (the backward's
+    fp32 operands use tf32). fp32 products keep fp32 accuracy: three tf32 products on a
+    GPU ("tf32x3"; IEEE fp32 dots of (C x C) weights unroll into so many FMAs that the
+    compile took minutes on the H100), plain IEEE products in the interpreter."""
+    if x.dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if x.is_cuda else "ieee"
 
 
 def _num_warps(width: int) -> int:
@@ -731,7 +759,7 @@ def ccgqa_seed_prologue_fwd(
     """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``. ``block_t``
     overrides the tile height (tests use it to cross block borders), ``num_warps`` the
     launch (for sweeps)."""
-    tensors, scalars, constexprs = _common(
+    streams, shared = _common(
         q_pre, k_pre, q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight,
         temp, cos, sin, heads, kv_heads, eps, interleaved,
     )  # fmt: skip
@@ -742,17 +770,23 @@ def ccgqa_seed_prologue_fwd(
     if q.numel() == 0:
         return q, k
     rows = _block_t(e_q, block_t)
-    traceable(_seed_fwd_kernel)[(b * triton.cdiv(t, rows),)](
-        *tensors,
-        q,
-        k,
-        t,
-        *scalars,
-        **constexprs,
-        BLOCK_T=rows,
-        num_warps=num_warps or _num_warps(e_q),
-        num_stages=_NUM_STAGES,
-    )
+    for stream, out in zip(streams, (q, k)):
+        tensors, strides, constexprs = stream.args(d)
+        traceable(_seed_fwd_kernel)[(b * triton.cdiv(t, rows),)](
+            *tensors,
+            shared["temp"],
+            *shared["tables"],
+            out,
+            t,
+            *strides,
+            *shared["table_strides"],
+            **constexprs,
+            **shared["constexprs"],
+            HAS_TEMP=stream.has_temp,
+            BLOCK_T=rows,
+            num_warps=num_warps or _num_warps(stream.heads * d),
+            num_stages=_NUM_STAGES,
+        )
     return q, k
 
 
@@ -778,7 +812,7 @@ def ccgqa_seed_prologue_bwd(
     """Gradients of ``ccgqa_seed_prologue_fwd`` given dq (B, Hq, T, D), dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, d q_conv2 w, d k_conv1 w, d k_conv2 w, d temp], each in
     its input's dtype, None for an absent temp."""
-    tensors, scalars, constexprs = _common(
+    streams, shared = _common(
         q_pre, k_pre, q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight,
         temp, cos, sin, heads, kv_heads, eps, interleaved,
     )  # fmt: skip
@@ -787,7 +821,6 @@ def ccgqa_seed_prologue_bwd(
     d = e_q // heads
     if dq.shape != (b, heads, t, d) or dk.shape != (b, kv_heads, t, d):
         raise ValueError(f"dq {tuple(dq.shape)} / dk {tuple(dk.shape)} do not match q / k")
-    dq, dk = dq.contiguous(), dk.contiguous()
     device = q_pre.device
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
@@ -797,51 +830,48 @@ def ccgqa_seed_prologue_bwd(
     programs = b * triton.cdiv(t, rows)
     d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
     if d_q_pre.numel():
-        draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
-        draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
-        launch = dict(num_warps=num_warps or _num_warps(e_q), num_stages=_NUM_STAGES)
-        traceable(_seed_draw_kernel)[(programs,)](
-            dq,
-            dk,
-            *tensors,
-            draw_q,
-            draw_k,
-            d_temp_parts,
-            t,
-            *scalars,
-            **constexprs,
-            BLOCK_T=rows,
-            **launch,
-        )
-        q_pre, k_pre, q_w1, q_w2, k_w1, k_w2 = tensors[:6]
-        cpq, cpk = constexprs["CPQ"], constexprs["CPK"]
-        streams = (
-            (q_pre, q_w1, q_w2, draw_q, draw_k, d_q_pre, d_weights[:2], heads, kv_heads, cpq, cpk),
-            (k_pre, k_w1, k_w2, draw_k, draw_q, d_k_pre, d_weights[2:], kv_heads, heads, cpk, cpq),
-        )
-        for x, w1, w2, draw, other, dx, (dw1, dw2), n_heads, n_other, cp, cp_other in streams:
-            traceable(_seed_conv_bwd_kernel)[(programs,)](
-                x,
-                w1,
-                w2,
+        # step 1, per stream: d raw (float32, (B, T, C)) and the temperature's partials
+        draws = [torch.empty((b, t, w), dtype=torch.float32, device=device) for w in (e_q, e_kv)]
+        for stream, d_out, draw in zip(streams, (dq, dk), draws):
+            tensors, strides, constexprs = stream.args(d)
+            traceable(_seed_draw_kernel)[(programs,)](
+                d_out.contiguous(),
+                *tensors,
+                shared["temp"],
+                *shared["tables"],
                 draw,
-                other,
-                dx,
-                dw1,
-                dw2,
+                d_temp_parts,
                 t,
-                x.stride(0),
-                x.stride(1),
-                NUM_HEADS=n_heads,
-                OTHER_HEADS=n_other,
-                HEAD_DIM=d,
-                CP=cp,
-                CP_OTHER=cp_other,
-                K1=constexprs["K1"],
-                K2=constexprs["K2"],
+                *strides,
+                *shared["table_strides"],
+                **constexprs,
+                **shared["constexprs"],
+                HAS_TEMP=stream.has_temp,
                 BLOCK_T=rows,
-                DOT_PRECISION=constexprs["DOT_PRECISION"],
-                num_warps=num_warps or _num_warps(n_heads * d),
+                num_warps=num_warps or _num_warps(stream.heads * d),
+                num_stages=_NUM_STAGES,
+            )
+        # step 2, per stream: the convs' backward, d x and the weight gradients
+        for i, (stream, dx) in enumerate(zip(streams, (d_q_pre, d_k_pre))):
+            _, _, constexprs = stream.args(d)
+            traceable(_seed_conv_bwd_kernel)[(programs,)](
+                stream.x,
+                stream.w1,
+                stream.w2,
+                draws[i],
+                draws[1 - i],
+                dx,
+                d_weights[2 * i],
+                d_weights[2 * i + 1],
+                t,
+                stream.x.stride(0),
+                stream.x.stride(1),
+                **constexprs,
+                K1=shared["constexprs"]["K1"],
+                K2=shared["constexprs"]["K2"],
+                BLOCK_T=rows,
+                DOT_PRECISION=shared["constexprs"]["DOT_PRECISION"],
+                num_warps=num_warps or _num_warps(stream.heads * d),
                 num_stages=_NUM_STAGES,
             )
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
