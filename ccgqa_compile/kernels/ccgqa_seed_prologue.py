@@ -64,9 +64,10 @@ __all__ = [
 
 MAX_CONV_KERNEL = 4
 # One program holds a (BLOCK_T x C) fp32 tile of a whole stream, and conv2's (C x C) taps
-# are dot operands: past 256 channels the registers spill (the seed at E = 512, C = 4 has
-# 128 query and 32 key channels).
-MAX_KERNEL_WIDTH = 256
+# are dot operands in shared memory: a 128 x 128 tap is 32 KB in half precision (the seed
+# at E = 512, C = 4 has 128 query and 32 key channels). Wider streams would need conv2's
+# output channels tiled; they go to the composite (and the pass leaves them to Inductor).
+MAX_KERNEL_WIDTH = 128
 
 
 # ----------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def _load_tile(ptr, row0, stride_t, rows, seq_len, WIDTH: tl.constexpr, CP: tl.c
 @triton.jit
 def _conv1_tap(
     w1_ptr,
-    TAP: tl.constexpr,
+    TAP,
     WIDTH: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     K1: tl.constexpr,
@@ -174,7 +175,7 @@ def _conv1_tap(
 @triton.jit
 def _conv2_tap(
     w2_ptr,
-    TAP: tl.constexpr,
+    TAP,
     WIDTH: tl.constexpr,
     K2: tl.constexpr,
     CP: tl.constexpr,
@@ -553,6 +554,30 @@ def _load_draw(ptr, b, rows, seq_len, WIDTH: tl.constexpr, CP: tl.constexpr):
 
 
 @triton.jit
+def _d_y1_rows(
+    draw_ptr,
+    b,
+    rows,
+    seq_len,
+    w2_ptr,
+    WIDTH: tl.constexpr,
+    K2: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """d y1 at ``rows`` = sum_s2 d y2[rows + s2] @ W2[tap K2-1-s2]^T (d y2 = d raw, 0 past
+    the end), products in the weights' dtype, fp32 sums."""
+    dtype = w2_ptr.dtype.element_ty
+    d_y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    for s2 in range(K2):
+        d_y2 = _load_draw(draw_ptr, b, rows + s2, seq_len, WIDTH, CP).to(dtype)
+        w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, False)
+        d_y1 += tl.dot(d_y2, w2, input_precision=DOT_PRECISION)
+    return d_y1
+
+
+@triton.jit
 def _seed_conv_bwd_kernel(
     x_ptr,
     w1_ptr,
@@ -576,7 +601,12 @@ def _seed_conv_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (batch * time blocks,), one stream. d x (B, T, C) contiguous; the weight
-    gradients (float32, zeroed, the weights' shapes) get this block's share atomically."""
+    gradients (float32, zeroed, the weights' shapes) get this block's share atomically.
+
+    The products take d raw and d y1 rounded to the input dtype, as eager's half-precision
+    conv backward does (float32 operands of (C x C) weights needed 256 KB of shared memory
+    at C = 128 on the H100); the taps are runtime loops, so one tap's operands are live at
+    a time."""
     WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
     OTHER_WIDTH: tl.constexpr = OTHER_HEADS * HEAD_DIM
     dtype = x_ptr.dtype.element_ty
@@ -589,37 +619,38 @@ def _seed_conv_bwd_kernel(
     second = tl.arange(0, CP)[None, :]
     inside = (first < WIDTH) & (second < WIDTH)
 
-    # conv2's weight gradient: d y2 (= d raw) at this block's rows against y1 at the
-    # rows each tap reads; dW2[o, i, K2-1-s2] = sum_t d y2[t, o] * y1[t - s2, i]
-    d_y2 = _load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP)
-    for s2 in tl.static_range(K2):
+    # conv2's weight gradient: d y2 (= d raw) at this block's rows against y1 at the rows
+    # each tap reads; dW2[o, i, K2-1-s2] = sum_t d y2[t, o] * y1[t - s2, i]
+    d_y2_t = tl.trans(_load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP).to(dtype))
+    for s2 in range(K2):
         y1 = _conv1_rows(
             x_ptr, x_row0, x_stride_t, rows - s2, seq_len, w1_ptr,
             WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
         )  # fmt: skip
-        part = tl.dot(tl.trans(d_y2), y1, input_precision=DOT_PRECISION)  # [o, i]
-        tap = K2 - 1 - s2
-        tl.atomic_add(dw2_ptr + first * (WIDTH * K2) + second * K2 + tap, part, mask=inside)
+        part = tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
+        offsets = first * (WIDTH * K2) + second * K2 + (K2 - 1 - s2)
+        tl.atomic_add(dw2_ptr + offsets, part, mask=inside)
 
-    # d x = sum_s1 d y1[t + s1] @ W1[tap]^T, with d y1[r] = sum_s2 d y2[r + s2] @ W2[tap]^T
-    dx = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    # conv1's weight gradient from d y1 at this block's rows, per tap:
+    # dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in one head
+    d_y1 = _d_y1_rows(draw_ptr, b, rows, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION)
+    d_y1_t = tl.trans(d_y1.to(dtype))
     same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
-    for s1 in tl.static_range(K1):
-        d_y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-        for s2 in tl.static_range(K2):
-            d_y2 = _load_draw(draw_ptr, b, rows + s1 + s2, seq_len, WIDTH, CP)
-            w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, False).to(tl.float32)
-            d_y1 += tl.dot(d_y2, w2, input_precision=DOT_PRECISION)
-        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, False).to(tl.float32)
-        dx += tl.dot(d_y1, w1, input_precision=DOT_PRECISION)
-        if s1 == 0:
-            # conv1's weight gradient from d y1 at this block's rows, per tap:
-            # dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in one head
-            for s in tl.static_range(K1):
-                x = _load_tile(x_ptr, x_row0, x_stride_t, rows - s, seq_len, WIDTH, CP)
-                part = tl.dot(tl.trans(d_y1), x.to(tl.float32), input_precision=DOT_PRECISION)
-                offsets = first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
-                tl.atomic_add(dw1_ptr + offsets, part, mask=same_head)
+    for s in range(K1):
+        x = _load_tile(x_ptr, x_row0, x_stride_t, rows - s, seq_len, WIDTH, CP)
+        part = tl.dot(d_y1_t, x, input_precision=DOT_PRECISION)
+        offsets = first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
+        tl.atomic_add(dw1_ptr + offsets, part, mask=same_head)
+
+    # d x = sum_s1 d y1[t + s1] @ W1[tap K1-1-s1]^T
+    w1 = _conv1_tap(w1_ptr, K1 - 1, WIDTH, HEAD_DIM, K1, CP, False)
+    dx = tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
+    for s1 in range(1, K1):
+        d_y1 = _d_y1_rows(
+            draw_ptr, b, rows + s1, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION
+        )
+        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, False)
+        dx += tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
 
     # the other stream's raw holds half the mean over this stream's heads of x
     other = _load_draw(other_draw_ptr, b, rows, seq_len, OTHER_WIDTH, CP_OTHER)
@@ -662,11 +693,12 @@ def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads):
         raise ValueError(f"conv kernels must be in 1..{MAX_CONV_KERNEL}, got {k1}, {k2}")
 
 
-def _block_t(width: int, block_t: int | None) -> int:
-    """Time steps per tile: depends on the width only (no recompiles when T varies)."""
+def _block_t(width: int, dtype: torch.dtype, block_t: int | None) -> int:
+    """Time steps per tile: depends on the width and dtype only (no recompiles when T
+    varies). fp32 operands take twice the shared memory: shorter tiles."""
     if block_t is not None:
         return block_t
-    return 64 if width <= 128 else 32
+    return 16 if dtype == torch.float32 else 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -769,7 +801,7 @@ def ccgqa_seed_prologue_fwd(
     k = torch.empty((b, kv_heads, t, d), dtype=k_pre.dtype, device=k_pre.device)
     if q.numel() == 0:
         return q, k
-    rows = _block_t(e_q, block_t)
+    rows = _block_t(e_q, q_pre.dtype, block_t)
     for stream, out in zip(streams, (q, k)):
         tensors, strides, constexprs = stream.args(d)
         traceable(_seed_fwd_kernel)[(b * triton.cdiv(t, rows),)](
@@ -826,7 +858,7 @@ def ccgqa_seed_prologue_bwd(
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
     weights = (q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight)
     d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
-    rows = _block_t(e_q, block_t)
+    rows = _block_t(e_q, q_pre.dtype, block_t)
     programs = b * triton.cdiv(t, rows)
     d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
     if d_q_pre.numel():

@@ -150,7 +150,7 @@ def test_empty_sequence():
     "change, match",
     [
         (dict(d=6, heads=2, kv_heads=1), "power-of-two head dim"),
-        (dict(d=64, heads=8, kv_heads=2), "at most 256 channels"),
+        (dict(d=32, heads=8, kv_heads=2), "at most 128 channels"),
         (dict(k1=5), "conv kernels must be in"),
     ],
 )
@@ -173,7 +173,7 @@ def test_depthwise_conv1_is_rejected():
 CUDA_CASES = {
     # the seed config: E512, hq8, hkv2, C4 -> d16, widths 128 + 32
     "seed-E512": dict(b=2, t=1000, heads=8, kv_heads=2, d=16),
-    "E1024-d32": dict(b=2, t=777, heads=8, kv_heads=2, d=32),
+    "d32-widths-128-32": dict(b=2, t=777, heads=4, kv_heads=1, d=32),
     "rotate-half-no-temp": dict(
         b=2, t=300, heads=6, kv_heads=3, d=16, interleaved=False, temp=False
     ),
