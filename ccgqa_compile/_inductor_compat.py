@@ -51,6 +51,33 @@ def fwd_only_functional(fn, args, **kwargs):
     return fwd_only(dispatch_functionalize(fn), args, **kwargs)
 
 
+@functools.cache
+def joint_fwd_bwd_with_tangents(contiguous: bool):
+    """``joint_fwd_bwd`` with the tangents' strides guessed contiguous (``True``) or as the
+    outputs' (``False``).
+
+    A gradient's layout decides where the backward copies: an output that is a transposed
+    view (q after ``transpose(1, 2)`` and RoPE) gets a contiguous gradient from attention's
+    backward, and the backward of the later ``.view`` then clones it; with a gradient laid
+    out as the output, no clone. AOTAutograd guesses the tangents' strides for the trace
+    by ``torch._functorch.config.guess_tangent_strides_as_outputs`` (True on torch 2.13,
+    False on 2.11), so a pattern traced with the default matches only one of the two
+    graphs. Patterns whose backward depends on it are traced both ways. Where the flag
+    does not exist, the plain tracer (a missed fusion at worst: the exact re-trace still
+    decides every match).
+    """
+    config = torch._functorch.config
+    if not hasattr(config, "guess_tangent_strides_as_outputs"):
+        return joint_fwd_bwd
+
+    @functools.wraps(joint_fwd_bwd)
+    def trace(fn, args, **kwargs):
+        with config.patch(guess_tangent_strides_as_outputs=not contiguous):
+            return joint_fwd_bwd(fn, args, **kwargs)
+
+    return trace
+
+
 def pattern_tracing_context():
     """The context Inductor itself registers patterns under (see ``init_once_fakemode``)."""
     stack = contextlib.ExitStack()
@@ -186,6 +213,7 @@ __all__ = [
     "fwd_only_functional",
     "install_conv1d_backward_fallback",
     "joint_fwd_bwd",
+    "joint_fwd_bwd_with_tangents",
     "matched_so_far",
     "multi_output_pairing_supported",
     "normalize_joint_graph",

@@ -446,6 +446,7 @@ ENTRIES = [
         note="original project's CCGQAAttentionSeed: fused qkv, per-head + dense convs, "
         "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa",
         inputs=_seed_inputs,
+        prologue=1,
     ),
     # ---- near misses ----
     _sdpa(

@@ -105,20 +105,19 @@ def _composite_fwd(
 def _composite_bwd(
     dq, dk, q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_heads, eps, inter
 ):
-    """The reference's vector-Jacobian product, every input upcast (fp32 or fp64)."""
+    """The reference's vector-Jacobian product, every input upcast (fp32 or fp64).
+    ``torch.func.vjp``, not ``autograd.grad``: a custom op's body runs below the autograd
+    dispatch key, where leaves record nothing."""
     acc = compute_dtype(q_pre.dtype, q_w2.dtype, dq.dtype)
     inputs = [q_pre, k_pre, q_w1, q_w2, k_w1, k_w2] + ([temp] if temp is not None else [])
-    leaves = [x.detach().to(acc).requires_grad_(True) for x in inputs]
-    with torch.enable_grad():
-        q, k = _reference(
-            *leaves[:6], leaves[6] if temp is not None else None, cos, sin,
-            heads, kv_heads, eps, inter,
-        )  # fmt: skip
-        grads = torch.autograd.grad((q, k), leaves, (dq.to(acc), dk.to(acc)), allow_unused=True)
-    out = [
-        (g if g is not None else torch.zeros_like(x)).to(x.dtype).contiguous()
-        for g, x in zip(grads, inputs)
-    ]
+
+    def forward(*upcast):
+        t = upcast[6] if temp is not None else None
+        return _reference(*upcast[:6], t, cos, sin, heads, kv_heads, eps, inter)
+
+    _, vjp = torch.func.vjp(forward, *(x.detach().to(acc) for x in inputs))
+    grads = vjp((dq.to(acc), dk.to(acc)))
+    out = [g.to(x.dtype).contiguous() for g, x in zip(grads, inputs)]
     if temp is None:
         out.append(q_pre.new_empty((0,)))
     return out

@@ -17,7 +17,7 @@ from .._inductor_compat import (
     normalize_joint_graph,
     stable_topological_sort,
 )
-from . import ccgqa_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (families)
+from . import ccgqa_prologue, ccgqa_seed_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401  (families)
 from ._registry import forget_graph, pattern_passes_for, refresh_backward_nodes
 from .blocks import report_fused_blocks
 from .candidates import find_candidates, report_unfused_candidates

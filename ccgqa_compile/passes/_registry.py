@@ -27,6 +27,7 @@ from .._inductor_compat import (
     PatternMatcherPass,
     fwd_only_functional,
     joint_fwd_bwd,
+    joint_fwd_bwd_with_tangents,
     pattern_tracing_context,
     register_replacement,
     symbolic_sizes_as_pattern_inputs,
@@ -58,6 +59,10 @@ class Idiom:
     scalar_workaround: dict[str, float] = field(default_factory=dict)
     # values of the matched arguments -> None to accept, or the reason to reject
     check: Callable[[dict[str, Any]], str | None] | None = None
+    # training patterns: None traces with the torch's default tangent strides; True/False
+    # with contiguous tangents / tangents laid out as the outputs
+    # (``_inductor_compat.joint_fwd_bwd_with_tangents``)
+    contiguous_tangents: bool | None = None
 
 
 def matched_value(arg: Any) -> Any:
@@ -193,6 +198,14 @@ def _with_grads(args: Sequence[Any], grads: tuple[bool, ...] | None) -> list[Any
     return out
 
 
+def _trace_fn(idiom: Idiom, joint: bool):
+    if not joint:
+        return fwd_only_functional
+    if idiom.contiguous_tangents is None:
+        return joint_fwd_bwd
+    return joint_fwd_bwd_with_tangents(idiom.contiguous_tangents)
+
+
 def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], device: str) -> int:
     """Register every idiom in every traced variant; returns the number registered.
 
@@ -215,7 +228,7 @@ def register_idioms(pattern_pass: PatternMatcherPass, idioms: Sequence[Idiom], d
                             idiom.search,
                             idiom.replace,
                             args,
-                            joint_fwd_bwd if joint else fwd_only_functional,
+                            _trace_fn(idiom, joint),
                             pattern_pass,
                             extra_check=check,
                             scalar_workaround=dict(idiom.scalar_workaround),

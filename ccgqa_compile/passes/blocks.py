@@ -25,12 +25,21 @@ from .._inductor_compat import triton_kernel_of
 aten = torch.ops.aten
 
 _PROLOGUE = (
-    {"ccgqa::ccgqa_prologue", "ccgqa::ccgqa_prologue_composite"},
-    "ccgqa_compile.kernels.ccgqa_prologue._ccgqa_prologue_fwd_kernel",
+    {
+        "ccgqa::ccgqa_prologue",
+        "ccgqa::ccgqa_prologue_composite",
+        "ccgqa::ccgqa_seed_prologue",
+        "ccgqa::ccgqa_seed_prologue_composite",
+    },
+    {
+        "ccgqa_compile.kernels.ccgqa_prologue._ccgqa_prologue_fwd_kernel",
+        "ccgqa_compile.kernels.ccgqa_seed_prologue._seed_fwd_kernel",
+    },
 )
+_SEED_FWD_KERNEL = "ccgqa_compile.kernels.ccgqa_seed_prologue._seed_fwd_kernel"
 _ATTENTION = (
     {"ccgqa::gqa_attention", "ccgqa::gqa_attention_composite"},
-    "ccgqa_compile.kernels.gqa_attention._forward_kernel",
+    {"ccgqa_compile.kernels.gqa_attention._forward_kernel"},
 )
 # ops that only reshape, re-layout or alias a tensor between the prologue and attention
 _PASSTHROUGH = {
@@ -48,12 +57,12 @@ _PASSTHROUGH = {
 _MAX_HOPS = 8
 
 
-def _is(node: torch.fx.Node, kind: tuple[set[str], str]) -> bool:
+def _is(node: torch.fx.Node, kind: tuple[set[str], set[str]]) -> bool:
     if node.op != "call_function":
         return False
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target.name() in kind[0]
-    return triton_kernel_of(node) == kind[1]
+    return triton_kernel_of(node) in kind[1]
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -78,23 +87,33 @@ def _source_prologue(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _paired_prologue(attention: torch.fx.Node) -> torch.fx.Node | None:
-    """The prologue that produces two inputs (q and k) of ``attention``, if one does."""
-    reached: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+def _prologue_key(node: torch.fx.Node):
+    """A prologue's identity. The seed's prologue launches one kernel per stream, q's
+    reading (q_pre, k_pre) and k's (k_pre, q_pre): both launches are one prologue, keyed
+    by that pair; any other prologue is its node."""
+    if triton_kernel_of(node) == _SEED_FWD_KERNEL:
+        launch_args = node.kwargs["kwargs"]
+        return frozenset((launch_args["x_ptr"], launch_args["other_ptr"]))
+    return node
+
+
+def _paired_prologue(attention: torch.fx.Node):
+    """The prologue (its key) that produces two inputs (q and k) of ``attention``."""
+    reached: dict[object, set[torch.fx.Node]] = {}
     for tensor in _tensor_inputs(attention):
         prologue = _source_prologue(tensor)
         if prologue is not None:
-            reached.setdefault(prologue, set()).add(tensor)
+            reached.setdefault(_prologue_key(prologue), set()).add(tensor)
     return next((p for p, inputs in reached.items() if len(inputs) >= 2), None)
 
 
 def report_fused_blocks(graph: torch.fx.Graph) -> int:
     """Record a ``ccgqa_block`` fusion for every prologue -> attention pair and a
     "not fused ccgqa_block" line for every half-fused block; returns the pairs found."""
-    prologues = [n for n in graph.nodes if _is(n, _PROLOGUE)]
+    prologues = {_prologue_key(n): n for n in graph.nodes if _is(n, _PROLOGUE)}
     attentions = [n for n in graph.nodes if _is(n, _ATTENTION)]
     has_conv = any(n.target is aten.convolution.default for n in graph.nodes)
-    paired: set[torch.fx.Node] = set()
+    paired: set[object] = set()
     for attention in attentions:
         prologue = _paired_prologue(attention)
         if prologue is not None:
@@ -105,8 +124,8 @@ def report_fused_blocks(graph: torch.fx.Graph) -> int:
                 attention.name,
                 "attention fused, but its q/k prologue did not (see the ccgqa_prologue lines)",
             )
-    for prologue in prologues:
-        if prologue in paired:
+    for key, prologue in prologues.items():
+        if key in paired:
             report.record_fusion("ccgqa_block", "prologue+attention")
         else:
             report.record_unfused(
