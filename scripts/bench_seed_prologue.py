@@ -150,9 +150,7 @@ def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
     providers = [("ccgqa kernels", *ours()), ("inductor", inductor_fwd, inductor_train)]
     if sweep:
         providers += [
-            (f"ours BLOCK_T={bt} warps={w}", *ours(bt, w))
-            for bt in (32, 64, 128)
-            for w in (4, 8)
+            (f"ours BLOCK_T={bt} warps={w}", *ours(bt, w)) for bt in (32, 64, 128) for w in (4, 8)
         ]
     rows = []
     for name, fwd, train in providers:
