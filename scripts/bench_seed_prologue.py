@@ -11,8 +11,11 @@ times (triton.testing.do_bench, median, warm, one process) forward and forward+b
     throughout) compiled by Inductor default, backward through autograd.
 The floor counts q_pre, k_pre read once and q, k written once (forward), plus dq, dk read
 and d q_pre, d k_pre written once (backward), at ~3 TB/s; the convs' FLOPs are far below
-the byte time. ``--sweep`` also times our launches over tile heights and warps.
-Prints a markdown table and writes bench_seed_prologue.json to --out.
+the byte time. ``--sweep`` also times our launches over tile heights and warps. ``--block`` also times
+the whole ``CCGQAAttentionSeed`` module (E512, hq8, hkv2, C4, B16 T2048) under eager,
+Inductor default and ``backend="ccgqa"``, forward and forward+backward, with peak memory,
+and checks that the seed prologue fused.
+Prints each row as it is measured and writes bench_seed_prologue.json to --out.
 """
 
 from __future__ import annotations
@@ -169,7 +172,80 @@ def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
                 "rel_err_vs_fp64": err_ours if name != "inductor" else err_inductor,
             }
         )
+        r = rows[-1]
+        print(
+            f"| {label} | {name} | {t_fwd:.3f} | {t_tot:.3f} | {r['fwd_gbs']:.0f} GB/s | "
+            f"{r['total_gbs']:.0f} GB/s | err {r['rel_err_vs_fp64']:.1e} |",
+            flush=True,
+        )
     torch._dynamo.reset()
+    return rows
+
+
+def _timed(name, label, fwd, train, flops):
+    """One row: median fwd and fwd+bwd times (with TFLOP/s of the block's matmul FLOPs)
+    and the peak memory of one fwd+bwd step."""
+    t_fwd = triton.testing.do_bench(fwd, return_mode="median")
+    t_tot = triton.testing.do_bench(train, return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    row = {"case": label, "provider": name, "fwd_ms": t_fwd, "total_ms": t_tot}
+    row["fwd_tflops"] = flops[0] / t_fwd / 1e9
+    row["total_tflops"] = flops[1] / t_tot / 1e9
+    row["total_peak_mib"] = peak
+    print(
+        f"| {label} | {name} | {t_fwd:.3f} ({row['fwd_tflops']:.0f} TFLOP/s) | "
+        f"{t_tot:.3f} ({row['total_tflops']:.0f} TFLOP/s) | {peak:.0f} MiB |",
+        flush=True,
+    )
+    return row
+
+
+def _bench_block() -> list[dict]:
+    """The seed module end to end; the prologue must have fused under backend="ccgqa"."""
+    import ccgqa_compile
+    from patterns.ccgqa import CCGQAAttentionSeed
+
+    dim, hq, hkv, c = 512, 8, 2, 4
+    b, t = TOKENS // SEQ_LEN, SEQ_LEN
+    torch.manual_seed(0)
+    module = CCGQAAttentionSeed(dim, hq, hkv, c).to(DEVICE, torch.bfloat16)
+    x = torch.randn(b, t, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    label = f"CCGQAAttentionSeed E{dim} hq{hq} hkv{hkv} C{c} B{b} T{t}"
+    d = dim // c // hq
+    # causal attention in the compressed space, the qkv and output projections (as
+    # ccgqa_compile/bench.py counts a block); the convs are far smaller
+    attn = 4 * b * hq * t * t * d / 2
+    proj = 2 * b * t * dim * ((hq + 2 * hkv) * d + hq * d)
+    flops = (attn + proj, 3.5 * attn + 3 * proj)
+    rows = []
+    ccgqa_compile.reset_report()
+    for name, fn in (
+        ("eager", module),
+        ("inductor", torch.compile(module)),
+        ("ccgqa", torch.compile(module, backend="ccgqa")),
+    ):
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(x)
+
+        def train(fn=fn):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            fn(x).backward(grad)
+
+        fwd(), train()  # compile outside the timing
+        rows.append(_timed(name, label, fwd, train, flops))
+    report = str(ccgqa_compile.report())
+    print(report)
+    if "seed_interleaved_rope" not in report:
+        raise SystemExit("the seed prologue did not fuse under backend='ccgqa'")
     return rows
 
 
@@ -177,26 +253,33 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sweep", action="store_true", help="also time other launches")
+    ap.add_argument("--block", action="store_true", help="also time the whole seed module")
+    ap.add_argument("--configs", type=int, default=len(CONFIGS), help="how many CONFIGS")
     args = ap.parse_args(argv)
     rows = []
-    for config in CONFIGS:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        with open(out / "bench_seed_prologue.json", "w") as fh:
+            meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+            json.dump({**meta, "rows": rows}, fh, indent=1)
+
+    for config in CONFIGS[: args.configs]:
         rows.extend(_bench_config(*config, torch.bfloat16, args.sweep))
+        save()
+    if args.block:
+        rows.extend(_bench_block())
+        save()
     print(
         "| case | provider | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | floor fwd / total ms | max rel err vs fp64 |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in (r for r in rows if "fwd_gbs" in r):
         print(
             f"| {r['case']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['total_ms']:.3f} | "
             f"{r['fwd_gbs']:.0f} | {r['total_gbs']:.0f} | "
             f"{r['floor_fwd_ms']:.3f} / {r['floor_total_ms']:.3f} | {r['rel_err_vs_fp64']:.1e} |"
-        )
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    with open(Path(args.out) / "bench_seed_prologue.json", "w") as fh:
-        json.dump(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-            fh,
-            indent=1,
         )
 
 
