@@ -87,50 +87,46 @@ def _source_prologue(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _prologue_key(node: torch.fx.Node):
-    """A prologue's identity. The seed's prologue launches one kernel per stream, q's
-    reading (q_pre, k_pre) and k's (k_pre, q_pre): both launches are one prologue, keyed
-    by that pair; any other prologue is its node."""
-    if triton_kernel_of(node) == _SEED_FWD_KERNEL:
-        launch_args = node.kwargs["kwargs"]
-        return frozenset((launch_args["x_ptr"], launch_args["other_ptr"]))
-    return node
-
-
-def _paired_prologue(attention: torch.fx.Node):
-    """The prologue (its key) that produces two inputs (q and k) of ``attention``."""
-    reached: dict[object, set[torch.fx.Node]] = {}
+def _paired_prologue(attention: torch.fx.Node) -> frozenset[torch.fx.Node] | None:
+    """The prologue that produces two inputs (q and k) of ``attention``: one node, or the
+    seed prologue's two launches (one per stream: q from one, k from the other)."""
+    reached: dict[torch.fx.Node, set[torch.fx.Node]] = {}
     for tensor in _tensor_inputs(attention):
         prologue = _source_prologue(tensor)
         if prologue is not None:
-            reached.setdefault(_prologue_key(prologue), set()).add(tensor)
-    return next((p for p, inputs in reached.items() if len(inputs) >= 2), None)
+            reached.setdefault(prologue, set()).add(tensor)
+    for prologue, inputs in reached.items():
+        if len(inputs) >= 2:
+            return frozenset((prologue,))
+    seed_launches = [p for p in reached if triton_kernel_of(p) == _SEED_FWD_KERNEL]
+    return frozenset(seed_launches) if len(seed_launches) == 2 else None
 
 
 def report_fused_blocks(graph: torch.fx.Graph) -> int:
     """Record a ``ccgqa_block`` fusion for every prologue -> attention pair and a
     "not fused ccgqa_block" line for every half-fused block; returns the pairs found."""
-    prologues = {_prologue_key(n): n for n in graph.nodes if _is(n, _PROLOGUE)}
+    prologues = [n for n in graph.nodes if _is(n, _PROLOGUE)]
     attentions = [n for n in graph.nodes if _is(n, _ATTENTION)]
     has_conv = any(n.target is aten.convolution.default for n in graph.nodes)
-    paired: set[object] = set()
+    pairs: set[frozenset[torch.fx.Node]] = set()
     for attention in attentions:
         prologue = _paired_prologue(attention)
         if prologue is not None:
-            paired.add(prologue)
+            pairs.add(prologue)
         elif has_conv:
             report.record_unfused(
                 "ccgqa_block",
                 attention.name,
                 "attention fused, but its q/k prologue did not (see the ccgqa_prologue lines)",
             )
-    for key, prologue in prologues.items():
-        if key in paired:
-            report.record_fusion("ccgqa_block", "prologue+attention")
-        else:
+    for _ in pairs:
+        report.record_fusion("ccgqa_block", "prologue+attention")
+    paired = {node for pair in pairs for node in pair}
+    for prologue in prologues:
+        if prologue not in paired:
             report.record_unfused(
                 "ccgqa_block",
                 prologue.name,
                 "q/k prologue fused, but its attention did not (see the gqa_attention lines)",
             )
-    return len(paired)
+    return len(pairs)
