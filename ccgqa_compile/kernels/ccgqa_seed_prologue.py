@@ -150,16 +150,47 @@ def _load_tile(ptr, row0, stride_t, rows, seq_len, WIDTH: tl.constexpr, CP: tl.c
 
 
 @triton.jit
-def _tap(w_ptr, TAP, CP: tl.constexpr, IN_BY_OUT: tl.constexpr):
-    """One tap of a packed conv weight ((K, CP, CP) [tap, in, out], see ``_pack_weights``)
-    as a (CP x CP) matrix: [in, out] when IN_BY_OUT (for x @ W), else [out, in]. Rows are
-    contiguous: the load coalesces (the (C, D, K) / (C, C, K) layouts read taps with a
-    stride of K elements, and that made the first forward 2.4x slower than Inductor)."""
-    i = tl.arange(0, CP)
-    tile = tl.load(w_ptr + TAP * CP * CP + i[:, None] * CP + i[None, :])
+def _conv1_tap(
+    w1_ptr,
+    TAP,
+    WIDTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    CP: tl.constexpr,
+    IN_BY_OUT: tl.constexpr,
+):
+    """conv1's tap TAP (weight (C, D, K1), grouped per head) as a block-diagonal (CP x CP)
+    matrix: [in, out] when IN_BY_OUT (for x @ W), else [out, in]."""
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
     if IN_BY_OUT:
-        return tile
-    return tl.trans(tile)
+        inp, out = first, second
+    else:
+        out, inp = first, second
+    mask = (inp // HEAD_DIM == out // HEAD_DIM) & (out < WIDTH) & (inp < WIDTH)
+    offsets = out * (HEAD_DIM * K1) + (inp % HEAD_DIM) * K1 + TAP
+    return tl.load(w1_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _conv2_tap(
+    w2_ptr,
+    TAP,
+    WIDTH: tl.constexpr,
+    K2: tl.constexpr,
+    CP: tl.constexpr,
+    IN_BY_OUT: tl.constexpr,
+):
+    """conv2's tap TAP (weight (C, C, K2), dense) as a (CP x CP) matrix, [in, out] when
+    IN_BY_OUT, else [out, in]."""
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    if IN_BY_OUT:
+        inp, out = first, second
+    else:
+        out, inp = first, second
+    mask = (out < WIDTH) & (inp < WIDTH)
+    return tl.load(w2_ptr + out * (WIDTH * K2) + inp * K2 + TAP, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -182,7 +213,7 @@ def _conv1_rows(
     y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
     for s1 in tl.static_range(K1):
         x = _load_tile(x_ptr, row0, stride_t, rows - s1, seq_len, WIDTH, CP)
-        w1 = _tap(w1_ptr, K1 - 1 - s1, CP, True)
+        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, True)
         y1 += tl.dot(x, w1.to(x.dtype), input_precision=DOT_PRECISION)
     return y1.to(x_ptr.dtype.element_ty).to(tl.float32)
 
@@ -213,7 +244,7 @@ def _conv_chain(
             x_ptr, row0, stride_t, rows - s2, seq_len, w1_ptr,
             WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
         )  # fmt: skip
-        w2 = _tap(w2_ptr, K2 - 1 - s2, CP, True)
+        w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, True)
         y2 += tl.dot(y1.to(dtype), w2.to(dtype), input_precision=DOT_PRECISION)
     return y2
 
@@ -541,7 +572,7 @@ def _d_y1_rows(
     d_y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
     for s2 in range(K2):
         d_y2 = _load_draw(draw_ptr, b, rows + s2, seq_len, WIDTH, CP).to(dtype)
-        w2 = _tap(w2_ptr, K2 - 1 - s2, CP, False)
+        w2 = _conv2_tap(w2_ptr, K2 - 1 - s2, WIDTH, K2, CP, False)
         d_y1 += tl.dot(d_y2, w2, input_precision=DOT_PRECISION)
     return d_y1
 
@@ -570,8 +601,7 @@ def _seed_conv_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid: (batch * time blocks,), one stream. d x (B, T, C) contiguous; the weight
-    gradients (float32, zeroed, packed (K, CP, CP) [tap, out, in]) get this block's share
-    atomically (conv1's only in its diagonal blocks).
+    gradients (float32, zeroed, the weights' shapes) get this block's share atomically.
 
     The products take d raw and d y1 rounded to the input dtype, as eager's half-precision
     conv backward does (float32 operands of (C x C) weights needed 256 KB of shared memory
@@ -598,7 +628,7 @@ def _seed_conv_bwd_kernel(
             WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
         )  # fmt: skip
         part = tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
-        offsets = (K2 - 1 - s2) * CP * CP + first * CP + second
+        offsets = first * (WIDTH * K2) + second * K2 + (K2 - 1 - s2)
         tl.atomic_add(dw2_ptr + offsets, part, mask=inside)
 
     # conv1's weight gradient from d y1 at this block's rows, per tap:
@@ -608,18 +638,18 @@ def _seed_conv_bwd_kernel(
     same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
     for s in range(K1):
         x = _load_tile(x_ptr, x_row0, x_stride_t, rows - s, seq_len, WIDTH, CP)
-        part = tl.dot(d_y1_t, x, input_precision=DOT_PRECISION)  # [o, i]
-        offsets = (K1 - 1 - s) * CP * CP + first * CP + second
+        part = tl.dot(d_y1_t, x, input_precision=DOT_PRECISION)
+        offsets = first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
         tl.atomic_add(dw1_ptr + offsets, part, mask=same_head)
 
     # d x = sum_s1 d y1[t + s1] @ W1[tap K1-1-s1]^T
-    w1 = _tap(w1_ptr, K1 - 1, CP, False)
+    w1 = _conv1_tap(w1_ptr, K1 - 1, WIDTH, HEAD_DIM, K1, CP, False)
     dx = tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
     for s1 in range(1, K1):
         d_y1 = _d_y1_rows(
             draw_ptr, b, rows + s1, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION
         )
-        w1 = _tap(w1_ptr, K1 - 1 - s1, CP, False)
+        w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, False)
         dx += tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
 
     # the other stream's raw holds half the mean over this stream's heads of x
@@ -697,32 +727,6 @@ class _Stream:
         return tensors, strides, constexprs
 
 
-def _pack_weights(w1: Tensor, w2: Tensor, heads: int, dtype: torch.dtype):
-    """conv1 (C, D, K1) and conv2 (C, C, K2) as the kernels read them: (K, CP, CP)
-    [tap, in, out] in the activations' dtype, zero-padded to CP; conv1's per-head maps on
-    the diagonal blocks. Exact (copies; the block-diagonal placement multiplies by 0 / 1)."""
-    width, d, k1 = w1.shape
-    cp = padded_width(width)
-    eye = torch.eye(heads, dtype=w1.dtype, device=w1.device)
-    # packed1[t, h, j, g, o] = w1[g*D + o, j, t] where h == g
-    packed1 = torch.einsum("hg,gojt->thjgo", eye, w1.reshape(heads, d, d, k1))
-    packed1 = packed1.reshape(k1, width, width)
-    packed2 = w2.permute(2, 1, 0)
-    pad = (0, cp - width, 0, cp - width)
-    return (F.pad(packed1, pad).to(dtype).contiguous(), F.pad(packed2, pad).to(dtype).contiguous())
-
-
-def _unpack_grads(dw1p: Tensor, dw2p: Tensor, width: int, heads: int, k1: int):
-    """The kernels' float32 (K, CP, CP) [tap, out, in] gradients as (C, D, K1) and
-    (C, C, K2): conv1's from the diagonal blocks."""
-    d = width // heads
-    dw2 = dw2p[:, :width, :width].permute(1, 2, 0)
-    blocks = dw1p[:, :width, :width].reshape(k1, heads, d, heads, d)
-    eye = torch.eye(heads, dtype=dw1p.dtype, device=dw1p.device)
-    dw1 = torch.einsum("thogj,hg->hojt", blocks, eye).reshape(width, d, k1)
-    return dw1, dw2
-
-
 def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_heads, eps, inter):
     """Both streams, the arguments they share (temp, tables, their strides, eps) and the
     shared constexprs."""
@@ -730,9 +734,7 @@ def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_head
     b, t, e_q = q_pre.shape
     d = e_q // heads
     q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
-    k1, k2 = q_w1.shape[-1], q_w2.shape[-1]
-    q_w1, q_w2 = _pack_weights(q_w1, q_w2, heads, q_pre.dtype)
-    k_w1, k_w2 = _pack_weights(k_w1, k_w2, kv_heads, k_pre.dtype)
+    q_w1, q_w2, k_w1, k_w2 = (w.contiguous() for w in (q_w1, q_w2, k_w1, k_w2))
     cos, sin, table_strides = _tables(cos, sin, b, t, d)
     if temp is not None and temp.numel() != 1:
         raise ValueError(f"temp must be one value, got shape {tuple(temp.shape)}")
@@ -746,8 +748,8 @@ def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_head
         tables=[cos, sin],
         table_strides=[*table_strides, float(eps)],
         constexprs=dict(
-            K1=k1,
-            K2=k2,
+            K1=q_w1.shape[-1],
+            K2=q_w2.shape[-1],
             INTERLEAVED=bool(inter),
             DOT_PRECISION=_dot_precision(q_pre),
         ),
@@ -855,10 +857,7 @@ def ccgqa_seed_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
     weights = (q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight)
-    d_packed = [
-        torch.zeros(w.shape[-1], cp, cp, dtype=torch.float32, device=device)
-        for w, cp in zip(weights, [padded_width(e_q)] * 2 + [padded_width(e_kv)] * 2)
-    ]
+    d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
     rows = _block_t(e_q, q_pre.dtype, block_t)
     programs = b * triton.cdiv(t, rows)
     d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
@@ -894,8 +893,8 @@ def ccgqa_seed_prologue_bwd(
                 draws[i],
                 draws[1 - i],
                 dx,
-                d_packed[2 * i],
-                d_packed[2 * i + 1],
+                d_weights[2 * i],
+                d_weights[2 * i + 1],
                 t,
                 stream.x.stride(0),
                 stream.x.stride(1),
@@ -908,10 +907,7 @@ def ccgqa_seed_prologue_bwd(
                 num_stages=_NUM_STAGES,
             )
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
-    for i, (stream, width) in enumerate(zip(streams, (e_q, e_kv))):
-        k1 = weights[2 * i].shape[-1]
-        dw1, dw2 = _unpack_grads(d_packed[2 * i], d_packed[2 * i + 1], width, stream.heads, k1)
-        grads += [dw1.to(weights[2 * i].dtype), dw2.to(weights[2 * i + 1].dtype)]
+    grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]
     grads.append(
         d_temp_parts.sum().reshape(temp.shape).to(temp.dtype) if temp is not None else None
     )
