@@ -216,8 +216,11 @@ class CCGQAAttentionSeed(nn.Module):
         n_kv_heads: int,
         compression_factor: int,
         conv_kernel_size: int = 3,
+        mean_scale: float = 0.5,
     ):
         super().__init__()
+        # mean_scale: the seed's 1/2; another value is a near miss the patterns must skip
+        self.mean_scale = mean_scale
         if dim % (compression_factor * n_heads) or n_heads % n_kv_heads:
             raise ValueError("dim must divide into heads after compression; hq % hkv == 0")
         self.h_q, self.h_kv = n_heads, n_kv_heads
@@ -252,8 +255,8 @@ class CCGQAAttentionSeed(nn.Module):
         k = self._conv(k_pre, self.k_conv1, self.k_conv2).view(b, t, self.h_kv, self.d)
         q_heads = q_pre.reshape(b, t, self.h_q, self.d)
         k_heads = k_pre.reshape(b, t, self.h_kv, self.d)
-        q = q + 0.5 * k_heads.mean(dim=2, keepdim=True)
-        k = k + 0.5 * q_heads.mean(dim=2, keepdim=True)
+        q = q + self.mean_scale * k_heads.mean(dim=2, keepdim=True)
+        k = k + self.mean_scale * q_heads.mean(dim=2, keepdim=True)
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1) * self.temperature
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -444,9 +447,9 @@ ENTRIES = [
         "ccgqa_seed_variant",
         _build_seed,
         note="original project's CCGQAAttentionSeed: fused qkv, per-head + dense convs, "
-        "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa",
+        "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa; its "
+        "prologue is recognised and left to Inductor (policy: our kernels are slower)",
         inputs=_seed_inputs,
-        prologue=1,
     ),
     # ---- near misses ----
     _sdpa(

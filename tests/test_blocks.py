@@ -128,8 +128,8 @@ def test_a_block_whose_attention_stays_unfused_says_so():
 
 
 def test_a_block_whose_prologue_stays_unfused_says_so():
-    """The original project's variant (per-head conv1, dense conv2, a mean over all heads)
-    is another computation than the prologue op's: attention fuses, the block does not."""
+    """The original project's variant: its prologue is recognised but left to Inductor (the
+    policy in passes/ccgqa_seed_prologue.py): attention fuses, the block does not."""
     torch.manual_seed(0)
     block = CCGQAAttentionSeed(64, 4, 2, 2)  # head dim 64 / (2 * 4) = 8
     rep = _compile_and_check(block, False, width=64)

@@ -1,0 +1,157 @@
+"""The seed variant's prologue: the op (``torch.ops.ccgqa.ccgqa_seed_prologue``), its
+composite and kernel paths, and its patterns (passes/ccgqa_seed_prologue.py).
+
+By default the pass leaves every match to Inductor (the policy: our kernels measured
+slower on the H100) and reports it; with the policy off the tests check that the patterns
+fire in inference and training graphs and that the compiled module matches eager, outputs
+and every gradient, so the patterns, the op and its autograd stay exact for the day the
+kernels win."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ccgqa_compile
+from ccgqa_compile.kernels.ccgqa_seed_prologue import ccgqa_seed_prologue_reference
+from ccgqa_compile.ops import ccgqa_seed_prologue as seed_op
+from ccgqa_compile.passes import ccgqa_seed_prologue as seed_pass
+from patterns.ccgqa import CCGQAAttentionSeed
+
+from ._backends import ccgqa_without_codegen
+from ._compare import rel_err
+
+
+def _op_inputs(dtype, device="cpu", heads=4, kv_heads=2, d=8, t=7, k=3, temp=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        v = (torch.rand(shape, generator=gen) + 0.5) * (torch.randint(0, 2, shape) * 2 - 1)
+        return (v * scale).to(device=device, dtype=dtype)
+
+    e_q, e_kv = heads * d, kv_heads * d
+    qkv = r(2, t, e_q + 2 * e_kv)
+    tensors = [
+        qkv[..., :e_q],
+        qkv[..., e_q : e_q + e_kv],
+        r(e_q, d, k, scale=1 / math.sqrt(d * k)),
+        r(e_q, e_q, k, scale=1 / math.sqrt(e_q * k)),
+        r(e_kv, d, k, scale=1 / math.sqrt(d * k)),
+        r(e_kv, e_kv, k, scale=1 / math.sqrt(e_kv * k)),
+        r(1, scale=2.0).reshape(()) if temp else None,
+        r(t, d),
+        r(t, d),
+    ]
+    return tensors, (heads, kv_heads, 1e-12, True)
+
+
+@pytest.mark.parametrize("temp", [True, False], ids=["temperature", "no-temperature"])
+def test_composite_gradients_pass_gradcheck(temp):
+    """float64 through the op (the composite path): every input's gradient, against finite
+    differences."""
+    tensors, scalars = _op_inputs(torch.float64, heads=3, kv_heads=1, d=4, t=5, k=2, temp=temp)
+    leaves = [x.detach().clone().requires_grad_(i < 7) if x is not None else None
+              for i, x in enumerate(tensors)]  # fmt: skip
+
+    def fn(*grad_inputs):
+        it = iter(grad_inputs)
+        args = [next(it) if (i < 7 and x is not None) else x for i, x in enumerate(leaves)]
+        return torch.ops.ccgqa.ccgqa_seed_prologue(*args, *scalars)
+
+    assert torch.autograd.gradcheck(fn, [x for x in leaves[:7] if x is not None])
+
+
+def test_kernel_path_through_the_op_matches_the_reference(device):
+    """The op's Triton path (interpreter on CPU, or a GPU) with its registered backward,
+    against the float64 reference: q, k and every gradient."""
+    tensors, scalars = _op_inputs(torch.float32, device=device, t=37)
+    leaves = [x.detach().clone().requires_grad_(i < 7) if x is not None else None
+              for i, x in enumerate(tensors)]  # fmt: skip
+    q, k = torch.ops.ccgqa.ccgqa_seed_prologue(*leaves, *scalars)
+    ref_leaves = [x.detach().double().requires_grad_(i < 7) for i, x in enumerate(tensors)]
+    q_ref, k_ref = ccgqa_seed_prologue_reference(*ref_leaves, *scalars)
+    gen = torch.Generator().manual_seed(3)
+    dq = torch.randn(q.shape, generator=gen).to(q)
+    dk = torch.randn(k.shape, generator=gen).to(k)
+    grads = torch.autograd.grad((q, k), leaves[:7], (dq, dk))
+    want = torch.autograd.grad((q_ref, k_ref), ref_leaves[:7], (dq.double(), dk.double()))
+    assert rel_err(q, q_ref) < 2e-5 and rel_err(k, k_ref) < 2e-5
+    for i, (got, expected) in enumerate(zip(grads, want)):
+        assert torch.isfinite(got).all() and rel_err(got, expected) < 2e-5, i
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.__setitem__(2, t[2][:, :1]), "conv1 must be grouped per head"),
+        (lambda t: t.__setitem__(3, t[3][:, :8]), "conv2 must be dense"),
+        (lambda t: t.__setitem__(6, torch.ones(2)), "temp must be one value"),
+        (lambda t: t.__setitem__(7, torch.ones(7, 6)), "is not a"),
+    ],
+    ids=["depthwise-conv1", "grouped-conv2", "temperature-per-head", "narrow-table"],
+)
+def test_bad_arguments_raise_a_clear_error(change, match):
+    tensors, scalars = _op_inputs(torch.float32)
+    change(tensors)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ccgqa.ccgqa_seed_prologue(*tensors, *scalars)
+
+
+def _compile_and_compare(module: torch.nn.Module, training: bool, width: int):
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, width, requires_grad=training)
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(module, backend=ccgqa_without_codegen, fullgraph=True)
+    with torch.set_grad_enabled(training):
+        out_c, out_e = compiled(x), module(x)
+    assert rel_err(out_c, out_e) < 2e-5
+    if training:
+        wrt = [x, *module.parameters()]
+        grad_out = torch.randn_like(out_e)
+        grads_c = torch.autograd.grad(out_c, wrt, grad_out)
+        grads_e = torch.autograd.grad(out_e, wrt, grad_out)
+        for i, (got, want) in enumerate(zip(grads_c, grads_e)):
+            assert rel_err(got, want) < 2e-5, i
+    return ccgqa_compile.report()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1)], ids=["grouped", "single-kv-head"])
+def test_seed_prologue_fuses_with_the_policy_off(monkeypatch, heads, training):
+    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    h_q, h_kv = heads
+    module = CCGQAAttentionSeed(2 * h_q * 8, h_q, h_kv, 2)  # d = 8
+    rep = _compile_and_compare(module, training, 2 * h_q * 8)
+    assert rep.count("ccgqa_prologue") == 1, str(rep)
+    assert rep.count("ccgqa_block") == 1 and rep.count("gqa_attention") == 1, str(rep)
+    assert "idiom=seed_interleaved_rope" in str(rep), str(rep)
+
+
+def test_seed_prologue_is_recognised_and_left_to_inductor_by_default():
+    """The policy: the match is found, rejected with the measured reason, and the module
+    still computes what eager does (its attention fuses)."""
+    assert seed_pass.LEAVE_TO_INDUCTOR
+    rep = _compile_and_compare(CCGQAAttentionSeed(64, 4, 2, 2), True, 64)
+    assert rep.count("ccgqa_prologue") == 0 and rep.count("gqa_attention") == 1, str(rep)
+    reasons = [r.reason for r in rep.rejected if r.fusion == "ccgqa_prologue"]
+    assert reasons and all(r == seed_pass.POLICY_REASON for r in reasons), str(rep)
+
+
+@pytest.mark.parametrize("mean_scale", [0.25, 1.0])
+def test_another_mean_coefficient_is_a_near_miss(monkeypatch, mean_scale):
+    """q + c * mean with c != 1/2 is another computation: never replaced."""
+    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    module = CCGQAAttentionSeed(64, 4, 2, 2, mean_scale=mean_scale)
+    rep = _compile_and_compare(module, False, 64)
+    assert rep.count("ccgqa_prologue") == 0, str(rep)
+    assert not [r for r in rep.rejected if r.fusion == "ccgqa_prologue"], str(rep)
+
+
+def test_kernel_support_limits():
+    """What the pass may hand the kernels (the rest is the composite or Inductor)."""
+    assert seed_op.kernel_supports(128, 32, 16, 3, 3)
+    assert not seed_op.kernel_supports(256, 64, 32, 3, 3)  # wider than one program holds
+    assert not seed_op.kernel_supports(96, 24, 12, 3, 3)  # head dim not a power of two
+    assert not seed_op.kernel_supports(128, 32, 16, 5, 3)
