@@ -210,6 +210,16 @@ def _kernel_ok(tensors, q_pre: Tensor, heads: int, kv_heads: int, k1: int, k2: i
     )
 
 
+def _dense(tensors):
+    """q_pre and k_pre as contiguous tensors for the kernels. In a traced ``triton_op`` the
+    row strides the kernels get are read from the fake tensors; the seed's q_pre and k_pre
+    are column slices of the fused qkv output, and nothing checked yet (H100, Inductor path
+    with the policy off) that Inductor hands the kernel exactly that view. A copy of the
+    two projections (a few MB) makes the strides true either way."""
+    q_pre, k_pre, *rest = tensors
+    return (q_pre.contiguous(), k_pre.contiguous(), *rest)
+
+
 def kernel_supports(q_pre_width: int, kv_width: int, head_dim: int, k1: int, k2: int) -> bool:
     """Whether the Triton kernels (not the composite) take this shape on a GPU: the pass
     leaves other shapes to Inductor, whose code is faster than the composite."""
@@ -250,7 +260,7 @@ def ccgqa_seed_prologue(
     if _kernel_ok(tensors, q_pre, heads, kv_heads, k1, k2):
         from ..kernels import ccgqa_seed_prologue as kernels
 
-        return kernels.ccgqa_seed_prologue_fwd(*tensors, heads, kv_heads, eps, interleaved)
+        return kernels.ccgqa_seed_prologue_fwd(*_dense(tensors), heads, kv_heads, eps, interleaved)
     return ccgqa_seed_prologue_composite(*tensors, heads, kv_heads, eps, interleaved)
 
 
@@ -283,7 +293,9 @@ def ccgqa_seed_prologue_backward(
     if _kernel_ok((dq, dk, *tensors), q_pre, heads, kv_heads, k1, k2):
         from ..kernels import ccgqa_seed_prologue as kernels
 
-        grads = kernels.ccgqa_seed_prologue_bwd(dq, dk, *tensors, heads, kv_heads, eps, interleaved)
+        grads = kernels.ccgqa_seed_prologue_bwd(
+            dq, dk, *_dense(tensors), heads, kv_heads, eps, interleaved
+        )
         return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
     return ccgqa_seed_prologue_backward_composite(
         dq, dk, *tensors, heads, kv_heads, eps, interleaved
