@@ -53,7 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import traceable
-from .ccgqa_prologue import _rotate, _tables, _unit_last_stride
+from .ccgqa_prologue import _rotate, _rotate_reference, _tables, _unit_last_stride
 
 __all__ = [
     "ccgqa_seed_prologue_bwd",
@@ -73,13 +73,6 @@ MAX_KERNEL_WIDTH = 128
 # ----------------------------------------------------------------------------
 # Naive reference (the spec the kernels are tested against; differentiable).
 # ----------------------------------------------------------------------------
-
-
-def _rotate_reference(x: Tensor, interleaved: bool) -> Tensor:
-    if interleaved:
-        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def ccgqa_seed_prologue_reference(

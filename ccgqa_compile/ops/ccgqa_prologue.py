@@ -50,12 +50,9 @@ def check_args(
     rotary_dim: int,
 ) -> str | None:
     """None when the op computes what was asked, else why not (the op raises it)."""
-    if q_pre.dim() != 3 or k_pre.dim() != 3:
-        return "q_pre and k_pre must be 3-D (B, T, H*D)"
-    if q_pre.shape[:2] != k_pre.shape[:2]:
-        return f"q_pre {tuple(q_pre.shape)} and k_pre {tuple(k_pre.shape)} differ in (B, T)"
-    if q_pre.dtype != k_pre.dtype:
-        return f"q_pre is {q_pre.dtype} but k_pre is {k_pre.dtype}"
+    problem = projections_problem(q_pre, k_pre)
+    if problem is not None:
+        return problem
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         return f"{heads} query heads are not a multiple of {kv_heads} kv heads"
     e_q, e_kv = q_pre.shape[-1], k_pre.shape[-1]
@@ -98,16 +95,33 @@ def check_args(
     if (cos is None or sin is None) != (rotary_dim == 0):
         return "cos and sin are needed exactly when rotary_dim > 0"
     if rotary_dim:
-        b, t = q_pre.shape[:2]
-        for name, table in (("cos", cos), ("sin", sin)):
-            if table.dim() > 4 or table.shape[-1] != rotary_dim:
-                return f"{name} {tuple(table.shape)} is not a (..., T, {rotary_dim}) table"
-            try:
-                shape = torch.broadcast_shapes(table.shape, (b, 1, t, rotary_dim))
-            except RuntimeError:
-                return f"{name} {tuple(table.shape)} does not broadcast to (B, 1, T, R)"
-            if tuple(shape) != (b, 1, t, rotary_dim):
-                return f"{name} {tuple(table.shape)} differs per head or exceeds (B, 1, T, R)"
+        return tables_problem(cos, sin, *q_pre.shape[:2], rotary_dim)
+    return None
+
+
+def projections_problem(q_pre: Tensor, k_pre: Tensor) -> str | None:
+    """The checks every prologue op makes of its two projections (B, T, H*D)."""
+    if q_pre.dim() != 3 or k_pre.dim() != 3:
+        return "q_pre and k_pre must be 3-D (B, T, H*D)"
+    if q_pre.shape[:2] != k_pre.shape[:2]:
+        return f"q_pre {tuple(q_pre.shape)} and k_pre {tuple(k_pre.shape)} differ in (B, T)"
+    if q_pre.dtype != k_pre.dtype:
+        return f"q_pre is {q_pre.dtype} but k_pre is {k_pre.dtype}"
+    return None
+
+
+def tables_problem(cos: Tensor, sin: Tensor, b: int, t: int, width: int) -> str | None:
+    """RoPE tables (..., T, width) that broadcast to (B, 1, T, width): at most per batch
+    and time, never per head."""
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() > 4 or table.shape[-1] != width:
+            return f"{name} {tuple(table.shape)} is not a (..., T, {width}) table"
+        try:
+            shape = torch.broadcast_shapes(table.shape, (b, 1, t, width))
+        except RuntimeError:
+            return f"{name} {tuple(table.shape)} does not broadcast to (B, 1, T, {width})"
+        if tuple(shape) != (b, 1, t, width):
+            return f"{name} {tuple(table.shape)} differs per head or exceeds (B, 1, T, {width})"
     return None
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ._dispatch import compute_dtype, use_triton
+from .ccgqa_prologue import projections_problem, tables_problem
 
 KERNEL_MAX_CONV = 4
 
@@ -39,12 +40,9 @@ def check_args(
     kv_heads: int,
 ) -> str | None:
     """None when the op computes what was asked, else why not (the op raises it)."""
-    if q_pre.dim() != 3 or k_pre.dim() != 3:
-        return "q_pre and k_pre must be 3-D (B, T, H*D)"
-    if q_pre.shape[:2] != k_pre.shape[:2]:
-        return f"q_pre {tuple(q_pre.shape)} and k_pre {tuple(k_pre.shape)} differ in (B, T)"
-    if q_pre.dtype != k_pre.dtype:
-        return f"q_pre is {q_pre.dtype} but k_pre is {k_pre.dtype}"
+    problem = projections_problem(q_pre, k_pre)
+    if problem is not None:
+        return problem
     if heads < 1 or kv_heads < 1:
         return "head counts must be positive"
     e_q, e_kv = q_pre.shape[-1], k_pre.shape[-1]
@@ -69,17 +67,7 @@ def check_args(
             return f"{name} conv2 must be dense with weight ({width}, {width}, {k2}), got {tuple(w2.shape)}"
     if temp is not None and temp.numel() != 1:
         return f"temp must be one value, got shape {tuple(temp.shape)}"
-    b, t = q_pre.shape[:2]
-    for name, table in (("cos", cos), ("sin", sin)):
-        if table.dim() > 4 or table.shape[-1] != d:
-            return f"{name} {tuple(table.shape)} is not a (..., T, {d}) table"
-        try:
-            shape = torch.broadcast_shapes(table.shape, (b, 1, t, d))
-        except RuntimeError:
-            return f"{name} {tuple(table.shape)} does not broadcast to (B, 1, T, D)"
-        if tuple(shape) != (b, 1, t, d):
-            return f"{name} {tuple(table.shape)} differs per head or exceeds (B, 1, T, D)"
-    return None
+    return tables_problem(cos, sin, *q_pre.shape[:2], d)
 
 
 # ----------------------------------------------------------------------------
