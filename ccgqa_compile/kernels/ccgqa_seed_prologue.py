@@ -18,24 +18,28 @@ No biases (the seed has none). Both convolutions pad with zeros on the left, sep
 
 Why its own kernels: the stock prologue (kernels/ccgqa_prologue.py) gives each program one
 group of G + 1 heads, which is all its per-head conv2 and per-group mean couple. Here the
-dense conv2 and the all-heads means couple every head of both streams, so a program holds
-a stream's whole width C = H*D (padded to a power of two, ``CP``): conv1 is one
-(BLOCK_T x C) @ (C x C) ``tl.dot`` per tap with the block-diagonal weight built by a
-masked load (H times the FLOPs of per-head products, still far below the memory time at
-C <= 256), conv2 one dense dot per tap. Per-head sums (the norms) and sums over heads (the
-means) are reshapes to (BLOCK_T, H, D) in registers.
+dense conv2 couples every head of a stream, so a program holds a stream's whole width
+C = H*D (padded to a power of two, ``CP``): conv1 is one (BLOCK_T x C) @ (C x C)
+``tl.dot`` per tap with the block-diagonal weight built by a masked load (H times the
+FLOPs of per-head products), conv2 one dense dot per tap. Per-head sums (the norms) and
+sums over heads (the means) are reshapes to (BLOCK_T, H, D) in registers.
 
-Launches:
-  * forward: one program per (batch, BLOCK_T time steps): q's chain, then k's; q_pre and
-    k_pre read once for the means, the conv halo as shifted tile loads (L1/L2 hits);
+Launches, each one per stream (q: x = q_pre, other = k_pre; k the other way round; both
+streams in one program faulted on the H100), one program per (batch, BLOCK_T time steps):
+  * forward: x's conv chain plus half the mean over the other stream's heads, the norm,
+    the temperature (k) and RoPE; the conv halo as shifted tile loads (L1/L2 hits);
   * backward, two kernels, nothing of the forward stored:
       1. ``_seed_draw_kernel`` (laid out as the forward) recomputes raw and stores
-         d loss / d raw for both streams (float32, (B, T, C)) and the temperature's
-         partial sums, one per program;
-      2. ``_seed_conv_bwd_kernel`` (one launch per stream, one program per time block)
-         takes the convs' backward from d raw: d y1 at the K1 rows each output row needs
-         (K1 * K2 dots), d x plus the other stream's mean share, and the weight gradients
-         as (C x C) dots added with float32 atomics into one buffer per weight.
+         d loss / d raw (float32, (B, T, C)) and, for k, the temperature's partial sums,
+         one per program;
+      2. ``_seed_conv_bwd_kernel`` takes the convs' backward from d raw: d y1 at the K1
+         rows each output row needs (K1 * K2 dots), d x plus the share of the other
+         stream's mean, and the weight gradients as (C x C) dots added with float32
+         atomics into one buffer per weight.
+
+Measured slower than Inductor's code for the seed's config on the H100 (2026-11-25,
+docs/benchmarks/README.md), so passes/ccgqa_seed_prologue.py leaves the seed to Inductor
+by default.
 
 Kernel limits: D a power of two, C <= ``MAX_KERNEL_WIDTH`` per stream, K1, K2 in 1..4, tables
 that differ at most per batch and time. Everything else goes to the composite in
@@ -751,8 +755,8 @@ def _common(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, heads, kv_head
 
 
 def _dot_precision(x: Tensor) -> str:
-    """Half inputs multiply in their own precision, as eager's convs do (the backward's
-    fp32 operands use tf32). fp32 products keep fp32 accuracy: three tf32 products on a
+    """Half inputs multiply in their own precision, as eager's convs do (the setting only
+    acts on fp32 operands). fp32 products keep fp32 accuracy: three tf32 products on a
     GPU ("tf32x3"; IEEE fp32 dots of (C x C) weights unroll into so many FMAs that the
     compile took minutes on the H100), plain IEEE products in the interpreter."""
     if x.dtype != torch.float32:

@@ -23,8 +23,6 @@ from torch.library import triton_op
 from ._dispatch import compute_dtype, use_triton
 from .ccgqa_prologue import projections_problem, tables_problem
 
-KERNEL_MAX_CONV = 4
-
 
 def check_args(
     q_pre: Tensor,
@@ -186,16 +184,8 @@ def _structural(heads, kv_heads) -> tuple[int, int]:
 
 
 def _kernel_ok(tensors, q_pre: Tensor, heads: int, kv_heads: int, k1: int, k2: int) -> bool:
-    from ..kernels.ccgqa_seed_prologue import MAX_KERNEL_WIDTH
-
     d = q_pre.shape[-1] // heads
-    return (
-        use_triton(*tensors)
-        and d & (d - 1) == 0
-        and max(heads, kv_heads) * d <= MAX_KERNEL_WIDTH
-        and k1 <= KERNEL_MAX_CONV
-        and k2 <= KERNEL_MAX_CONV
-    )
+    return use_triton(*tensors) and kernel_supports(heads * d, kv_heads * d, d, k1, k2)
 
 
 def _dense(tensors):
@@ -209,14 +199,13 @@ def _dense(tensors):
 
 
 def kernel_supports(q_pre_width: int, kv_width: int, head_dim: int, k1: int, k2: int) -> bool:
-    """Whether the Triton kernels (not the composite) take this shape on a GPU: the pass
-    leaves other shapes to Inductor, whose code is faster than the composite."""
-    from ..kernels.ccgqa_seed_prologue import MAX_KERNEL_WIDTH
+    """Whether the Triton kernels (not the composite) take this shape on a GPU."""
+    from ..kernels.ccgqa_seed_prologue import MAX_CONV_KERNEL, MAX_KERNEL_WIDTH
 
     return (
         head_dim & (head_dim - 1) == 0
         and max(q_pre_width, kv_width) <= MAX_KERNEL_WIDTH
-        and max(k1, k2) <= KERNEL_MAX_CONV
+        and max(k1, k2) <= MAX_CONV_KERNEL
     )
 
 

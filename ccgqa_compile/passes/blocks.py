@@ -24,6 +24,8 @@ from .._inductor_compat import triton_kernel_of
 
 aten = torch.ops.aten
 
+# the seed prologue launches this kernel once per stream (see _paired_prologue)
+_SEED_FWD_KERNEL = "ccgqa_compile.kernels.ccgqa_seed_prologue._seed_fwd_kernel"
 _PROLOGUE = (
     {
         "ccgqa::ccgqa_prologue",
@@ -31,12 +33,8 @@ _PROLOGUE = (
         "ccgqa::ccgqa_seed_prologue",
         "ccgqa::ccgqa_seed_prologue_composite",
     },
-    {
-        "ccgqa_compile.kernels.ccgqa_prologue._ccgqa_prologue_fwd_kernel",
-        "ccgqa_compile.kernels.ccgqa_seed_prologue._seed_fwd_kernel",
-    },
+    {"ccgqa_compile.kernels.ccgqa_prologue._ccgqa_prologue_fwd_kernel", _SEED_FWD_KERNEL},
 )
-_SEED_FWD_KERNEL = "ccgqa_compile.kernels.ccgqa_seed_prologue._seed_fwd_kernel"
 _ATTENTION = (
     {"ccgqa::gqa_attention", "ccgqa::gqa_attention_composite"},
     {"ccgqa_compile.kernels.gqa_attention._forward_kernel"},
