@@ -1,20 +1,29 @@
 """The seed variant's q/k prologue: our Triton kernels vs the seed's code under Inductor.
 
-    python scripts/bench_seed_prologue.py [--out DIR] [--sweep]
+    python scripts/bench_seed_prologue.py [--out DIR] [--configs N] [--sweep] [--block]
 
 For each config (B*T = 32768, T = 2048, bf16, conv kernels 3/3 as the seed's default):
 checks the kernels' q, k and every gradient against the float64 reference, and the same
 for Inductor's compile of the seed's own spelling (so both errors stand side by side), then
-times (triton.testing.do_bench, median, warm, one process) forward and forward+backward of
+times forward and forward+backward of
   * ours: ccgqa_seed_prologue_fwd, then ccgqa_seed_prologue_bwd;
   * the prologue exactly as patterns/ccgqa.py ``CCGQAAttentionSeed`` writes it (bf16
     throughout) compiled by Inductor default, backward through autograd.
+Three figures per row, all medians in one process, warm:
+  * "graph ms": replays of a CUDA graph of many steps (``do_bench_cudagraph``, as the block
+    benchmark): the GPU work alone, what a compiled model sees;
+  * "kernels ms": the sum of the CUDA kernel times per step (torch.profiler);
+  * "events ms": plain ``do_bench``, host launch overhead included. Our kernels called
+    eagerly go through ``wrap_triton``'s dispatch, so this column is the host's speed, not
+    the kernels' (the 2026-11-25 morning figures were this column: see
+    docs/benchmarks/README.md).
 The floor counts q_pre, k_pre read once and q, k written once (forward), plus dq, dk read
 and d q_pre, d k_pre written once (backward), at ~3 TB/s; the convs' FLOPs are far below
-the byte time. ``--sweep`` also times our launches over tile heights and warps. ``--block`` also times
-the whole ``CCGQAAttentionSeed`` module (E512, hq8, hkv2, C4, B16 T2048) under eager,
-Inductor default and ``backend="ccgqa"``, forward and forward+backward, with peak memory,
-and checks that the seed prologue fused.
+the byte time. ``--sweep`` also times our launches over tile heights and warps. ``--block``
+times the whole ``CCGQAAttentionSeed`` module (E512, hq8, hkv2, C4, B16 T2048) under eager,
+Inductor default, ``backend="ccgqa"`` as shipped (prologue left to Inductor by policy) and
+``backend="ccgqa"`` with the policy off (our prologue kernels inlined), forward and
+forward+backward, with peak memory, and checks which prologue ran.
 Prints each row as it is measured and writes bench_seed_prologue.json to --out.
 """
 
@@ -32,6 +41,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ccgqa_compile.bench import _timer  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_seed_prologue import (  # noqa: E402
     ccgqa_seed_prologue_bwd,
     ccgqa_seed_prologue_fwd,
@@ -157,36 +167,58 @@ def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
         ]
     rows = []
     for name, fwd, train in providers:
-        t_fwd = triton.testing.do_bench(fwd, return_mode="median")
-        t_tot = triton.testing.do_bench(train, return_mode="median")
+        times = _three_timings(fwd, train, train_in[:7] if name == "inductor" else [])
         rows.append(
             {
                 "case": label,
                 "provider": name,
-                "fwd_ms": t_fwd,
-                "total_ms": t_tot,
-                "fwd_gbs": io / t_fwd / 1e6,
-                "total_gbs": 2 * io / t_tot / 1e6,
+                **times,
+                "fwd_gbs": io / times["fwd_ms"] / 1e6,
+                "total_gbs": 2 * io / times["total_ms"] / 1e6,
                 "floor_fwd_ms": io / COPY_BYTES_PER_S * 1e3,
                 "floor_total_ms": 2 * io / COPY_BYTES_PER_S * 1e3,
                 "rel_err_vs_fp64": err_ours if name != "inductor" else err_inductor,
             }
         )
-        r = rows[-1]
-        print(
-            f"| {label} | {name} | {t_fwd:.3f} | {t_tot:.3f} | {r['fwd_gbs']:.0f} GB/s | "
-            f"{r['total_gbs']:.0f} GB/s | err {r['rel_err_vs_fp64']:.1e} |",
-            flush=True,
-        )
+        print(_prologue_row(rows[-1]), flush=True)
     torch._dynamo.reset()
     return rows
 
 
-def _timed(name, label, fwd, train, flops):
+def _three_timings(fwd, train, reset) -> dict:
+    """CUDA-graph median (the GPU work; "fwd_ms"/"total_ms"), the profiler's kernel sum
+    per step, and plain do_bench events (host overhead included)."""
+    from profile_ops import cuda_kernel_breakdown  # scripts/profile_ops.py
+
+    out = {}
+    for key, fn in (("fwd", fwd), ("total", train)):
+        out[f"{key}_ms"], out[f"{key}_method"] = _timer("cuda", fn, reset)
+        out[f"{key}_kernels_ms"] = cuda_kernel_breakdown(fn)[1]
+        out[f"{key}_events_ms"] = triton.testing.do_bench(fn, return_mode="median")
+    return out
+
+
+PROLOGUE_HEADER = (
+    "| case | provider | fwd graph ms | fwd+bwd graph ms | kernels ms fwd / fwd+bwd | "
+    "events ms fwd / fwd+bwd | fwd+bwd GB/s | floor fwd / fwd+bwd ms | max rel err vs fp64 |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _prologue_row(r: dict) -> str:
+    return (
+        f"| {r['case']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['total_ms']:.3f} | "
+        f"{r['fwd_kernels_ms']:.3f} / {r['total_kernels_ms']:.3f} | "
+        f"{r['fwd_events_ms']:.3f} / {r['total_events_ms']:.3f} | {r['total_gbs']:.0f} | "
+        f"{r['floor_fwd_ms']:.3f} / {r['floor_total_ms']:.3f} | {r['rel_err_vs_fp64']:.1e} |"
+    )
+
+
+def _timed(name, label, fwd, train, flops, reset):
     """One row: median fwd and fwd+bwd times (with TFLOP/s of the block's matmul FLOPs)
-    and the peak memory of one fwd+bwd step."""
-    t_fwd = triton.testing.do_bench(fwd, return_mode="median")
-    t_tot = triton.testing.do_bench(train, return_mode="median")
+    and the peak memory of one fwd+bwd step; times are CUDA-graph replays."""
+    t_fwd = _timer("cuda", fwd, reset)[0]
+    t_tot = _timer("cuda", train, reset)[0]
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -224,28 +256,37 @@ def _bench_block() -> list[dict]:
     proj = 2 * b * t * dim * ((hq + 2 * hkv) * d + hq * d)
     flops = (attn + proj, 3.5 * attn + 3 * proj)
     rows = []
-    ccgqa_compile.reset_report()
-    for name, fn in (
-        ("eager", module),
-        ("inductor", torch.compile(module)),
-        ("ccgqa", torch.compile(module, backend="ccgqa")),
-    ):
+    from ccgqa_compile.passes import ccgqa_seed_prologue as seed_pass
+
+    providers = (
+        ("eager", None, None),
+        ("inductor", "inductor", None),
+        ("ccgqa (prologue left to Inductor: policy)", "ccgqa", True),
+        ("ccgqa (our prologue kernels: policy off)", "ccgqa", False),
+    )
+    for name, backend, leave_to_inductor in providers:
+        torch._dynamo.reset()  # the two ccgqa runs differ only in the policy
+        ccgqa_compile.reset_report()
+        if leave_to_inductor is not None:
+            seed_pass.LEAVE_TO_INDUCTOR = leave_to_inductor
+        fn = module if backend is None else torch.compile(module, backend=backend)
 
         def fwd(fn=fn):
             with torch.no_grad():
                 return fn(x)
 
         def train(fn=fn):
-            x.grad = None
-            module.zero_grad(set_to_none=True)
             fn(x).backward(grad)
 
         fwd(), train()  # compile outside the timing
-        rows.append(_timed(name, label, fwd, train, flops))
-    report = str(ccgqa_compile.report())
-    print(report)
-    if "seed_interleaved_rope" not in report:
-        raise SystemExit("the seed prologue did not fuse under backend='ccgqa'")
+        rows.append(_timed(name, label, fwd, train, flops, [x, *module.parameters()]))
+        if backend == "ccgqa":
+            report = ccgqa_compile.report()
+            print(report, flush=True)
+            fused = "idiom=seed_interleaved_rope" in str(report)
+            if fused == leave_to_inductor:
+                raise SystemExit(f"{name}: the seed prologue fused={fused}, not as the policy says")
+    seed_pass.LEAVE_TO_INDUCTOR = True
     return rows
 
 
@@ -271,16 +312,9 @@ def main(argv=None):
     if args.block:
         rows.extend(_bench_block())
         save()
-    print(
-        "| case | provider | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | floor fwd / total ms | max rel err vs fp64 |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print(PROLOGUE_HEADER)
     for r in (r for r in rows if "fwd_gbs" in r):
-        print(
-            f"| {r['case']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['total_ms']:.3f} | "
-            f"{r['fwd_gbs']:.0f} | {r['total_gbs']:.0f} | "
-            f"{r['floor_fwd_ms']:.3f} / {r['floor_total_ms']:.3f} | {r['rel_err_vs_fp64']:.1e} |"
-        )
+        print(_prologue_row(r))
 
 
 if __name__ == "__main__":

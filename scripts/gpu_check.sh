@@ -8,6 +8,7 @@
 #   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
 #   vshift   scripts/bench_value_shift.py (the value shift's cost, moved / merged / as written)
+#   seed     scripts/bench_seed_prologue.py $SEED_ARGS (the seed variant's prologue and module)
 #   prologue scripts/sweep_prologue_bwd.py (backward launch sweep; PROLOGUE_ARGS, and
 #            PROLOGUE_OLD: a module with another ccgqa_prologue_bwd to time beside it)
 set -u
@@ -44,6 +45,9 @@ for step in ${GPU_STEPS:-tests bench}; do
     prologue) timeout "${PROLOGUE_TIMEOUT:-400}" python3 scripts/sweep_prologue_bwd.py --out "$OUT" \
              ${PROLOGUE_OLD:+--old "$PROLOGUE_OLD"} ${PROLOGUE_ARGS:-} 2>&1 | grep -v -i warn \
              | tee "$OUT/sweep_prologue_bwd.log" | tail -80 ;;
+    seed) timeout "${SEED_TIMEOUT:-400}" python3 scripts/bench_seed_prologue.py --out "$OUT" \
+             ${SEED_ARGS:---configs 1 --block} 2>&1 | grep -v -i warn \
+             | tee "$OUT/bench_seed_prologue.log" | tail -60 ;;
     core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
              | tee "$OUT/core.log" | tail -30 ;;
   esac

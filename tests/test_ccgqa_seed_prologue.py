@@ -9,6 +9,7 @@ kernels win."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,10 +19,12 @@ import ccgqa_compile
 from ccgqa_compile.kernels.ccgqa_seed_prologue import ccgqa_seed_prologue_reference
 from ccgqa_compile.ops import ccgqa_seed_prologue as seed_op
 from ccgqa_compile.passes import ccgqa_seed_prologue as seed_pass
-from patterns.ccgqa import CCGQAAttentionSeed
+from patterns import CORPUS, Shape
+from patterns.ccgqa import CCGQAAttentionSeed, _block_counts
 
 from ._backends import ccgqa_without_codegen
 from ._compare import rel_err
+from .test_corpus_equivalence import run_entry
 
 
 def _op_inputs(dtype, device="cpu", heads=4, kv_heads=2, d=8, t=7, k=3, temp=True, seed=0):
@@ -155,3 +158,31 @@ def test_kernel_support_limits():
     assert not seed_op.kernel_supports(256, 64, 32, 3, 3)  # wider than one program holds
     assert not seed_op.kernel_supports(96, 24, 12, 3, 3)  # head dim not a power of two
     assert not seed_op.kernel_supports(128, 32, 16, 5, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    "config",
+    [(512, 8, 2, 4, 300), (192, 3, 1, 2, 37)],
+    ids=["seed-E512-T300", "E192-hq3-T37"],
+)
+def test_seed_kernels_inside_a_compiled_module_on_cuda(monkeypatch, config, training):
+    """With the policy off, Inductor inlines the seed kernels (triton_op) into the
+    compiled module on the GPU: bf16 output and every gradient as close to float64 as
+    eager's, the prologue and the whole block reported fused (the block report pairs the
+    seed's two per-stream launches). The first config is the seed's own (widths 128 + 32,
+    T not a multiple of the 64-row tile), the second pads 96 channels to 128."""
+    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    dim, h_q, h_kv, c, t = config
+    seed_entry = next(e for e in CORPUS if e.name == "ccgqa_seed_variant")
+    entry = dataclasses.replace(
+        seed_entry,
+        build=lambda s: CCGQAAttentionSeed(dim, h_q, h_kv, c),
+        make_inputs=lambda s, dtype, device: (
+            torch.randn(s.batch, s.seq, dim, dtype=dtype, device=device),
+        ),
+        also=_block_counts(1, 1),
+        note="policy off",
+    )
+    run_entry(entry, Shape(batch=2, seq=t, heads=h_q), torch.bfloat16, training, device="cuda")
