@@ -247,6 +247,24 @@ def triton_kernel_of(node: torch.fx.Node) -> str | None:
     return f"{fn.__module__}.{fn.__name__}"
 
 
+def kernel_written_args(kernel, kwargs: dict) -> list[str]:
+    """The tensor arguments Inductor's analysis of a user Triton kernel (its TTIR) says the
+    kernel writes: what ``triton_op`` functionalization clones and writes back. A false
+    positive there is not harmless: a "written" stride-0 (expanded) view is written back
+    into its base by summing over the broadcast dim (seen with the seed prologue's RoPE
+    tables, 2026-11-25). torch 2.13 names it ``identify_accessed_tensors``, 2.11
+    ``identify_mutated_tensors``; both assume every input written when the analysis fails.
+    """
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):
+        accesses = triton_kernel_wrap.identify_accessed_tensors(kernel, dict(kwargs), {})
+        names = [dep.name for dep in accesses.read_writes.writes]
+    else:
+        names = triton_kernel_wrap.identify_mutated_tensors(kernel, dict(kwargs), {})
+    return [n for n in names if isinstance(kwargs.get(n), torch.Tensor)]
+
+
 # ---- Pattern internals the CCGQA prologue's patterns need -----------------------------
 
 

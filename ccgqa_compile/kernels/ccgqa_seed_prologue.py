@@ -347,7 +347,23 @@ def _unit(raw, eps, BLOCK_T: tl.constexpr, CP: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _program_rows(seq_len, BLOCK_T: tl.constexpr):
+    """This program's batch and time rows. Computed from the program id alone, never
+    returned by a helper that also takes pointers: Inductor's mutation analysis would then
+    count every pointer such a helper takes as written through the store addresses built
+    from b and rows, and write "updated" copies of them back (a stride-0 RoPE table was
+    written back as a sum over the batch: wrong q and k under Inductor, 2026-11-25)."""
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    pid = tl.program_id(0)
+    b = (pid // num_t_blocks).to(tl.int64)
+    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return b, rows
+
+
+@triton.jit
 def _stream_rows(
+    b,
+    rows,
     x_ptr,
     other_ptr,
     w1_ptr,
@@ -373,11 +389,7 @@ def _stream_rows(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """This program's batch and rows, the stream's raw tile and its RoPE tables."""
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    pid = tl.program_id(0)
-    b = (pid // num_t_blocks).to(tl.int64)
-    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """The stream's raw tile at (b, rows) and its RoPE tables."""
     other_width: tl.constexpr = OTHER_HEADS * HEAD_DIM
     other_pre = _load_tile(
         other_ptr, b * other_stride_b, other_stride_t, rows, seq_len, other_width, CP_OTHER
@@ -391,7 +403,7 @@ def _stream_rows(
         cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
         rows, seq_len, NUM_HEADS * HEAD_DIM, HEAD_DIM, CP,
     )  # fmt: skip
-    return b, rows, raw, cos, sin
+    return raw, cos, sin
 
 
 @triton.jit
@@ -431,8 +443,9 @@ def _seed_fwd_kernel(
     32: an illegal memory access that neither stream alone shows), so each stream is
     its own launch; the other stream's projection is read once more, for the mean."""
     eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64
-    b, rows, raw, cos, sin = _stream_rows(
-        x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
+    b, rows = _program_rows(seq_len, BLOCK_T)
+    raw, cos, sin = _stream_rows(
+        b, rows, x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
         other_stride_b, other_stride_t, cos_stride_b, cos_stride_t, sin_stride_b,
         sin_stride_t, NUM_HEADS, OTHER_HEADS, HEAD_DIM, CP, CP_OTHER, K1, K2, BLOCK_T,
         DOT_PRECISION,
@@ -524,8 +537,9 @@ def _seed_draw_kernel(
     """Grid: (batch * time blocks,), one stream, laid out as the forward. d out is a
     contiguous (B, H, T, D); d raw is stored as a contiguous float32 (B, T, C)."""
     eps = tl.cast(eps, tl.float32)
-    b, rows, raw, cos, sin = _stream_rows(
-        x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
+    b, rows = _program_rows(seq_len, BLOCK_T)
+    raw, cos, sin = _stream_rows(
+        b, rows, x_ptr, other_ptr, w1_ptr, w2_ptr, cos_ptr, sin_ptr, seq_len, x_stride_b, x_stride_t,
         other_stride_b, other_stride_t, cos_stride_b, cos_stride_t, sin_stride_b,
         sin_stride_t, NUM_HEADS, OTHER_HEADS, HEAD_DIM, CP, CP_OTHER, K1, K2, BLOCK_T,
         DOT_PRECISION,
@@ -607,10 +621,7 @@ def _seed_conv_bwd_kernel(
     WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
     OTHER_WIDTH: tl.constexpr = OTHER_HEADS * HEAD_DIM
     dtype = x_ptr.dtype.element_ty
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    pid = tl.program_id(0)
-    b = (pid // num_t_blocks).to(tl.int64)
-    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, rows = _program_rows(seq_len, BLOCK_T)
     x_row0 = b * x_stride_b
     first = tl.arange(0, CP)[:, None]
     second = tl.arange(0, CP)[None, :]
