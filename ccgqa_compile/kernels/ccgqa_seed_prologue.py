@@ -28,18 +28,19 @@ Launches, each one per stream (q: x = q_pre, other = k_pre; k the other way roun
 streams in one program faulted on the H100), one program per (batch, BLOCK_T time steps):
   * forward: x's conv chain plus half the mean over the other stream's heads, the norm,
     the temperature (k) and RoPE; the conv halo as shifted tile loads (L1/L2 hits);
-  * backward, two kernels, nothing of the forward stored:
+  * backward, three kernels, nothing of the forward stored:
       1. ``_seed_draw_kernel`` (laid out as the forward) recomputes raw and stores
          d loss / d raw (float32, (B, T, C)) and, for k, the temperature's partial sums,
          one per program;
-      2. ``_seed_conv_bwd_kernel`` takes the convs' backward from d raw: d y1 at the K1
-         rows each output row needs (K1 * K2 dots), d x plus the share of the other
-         stream's mean, and the weight gradients as (C x C) dots added with float32
-         atomics into one buffer per weight.
+      2. ``_seed_dx_kernel`` (laid out as the forward) takes the convs' transposes from
+         d raw: d y1 at the K1 rows each output row needs (K1 * K2 dots), d x plus the
+         share of the other stream's mean;
+      3. ``_seed_dw_kernel``, one program per (chunk of tiles, tap): that tap's weight
+         gradient summed over the chunk in registers, stored once per chunk; the launcher
+         adds the chunks' partials (float32 atomics per tile were 1.7 ms on the H100).
 
-Measured slower than Inductor's code for the seed's config on the H100 (2026-11-25,
-docs/benchmarks/README.md), so passes/ccgqa_seed_prologue.py leaves the seed to Inductor
-by default.
+Which of these runs by default is passes/ccgqa_seed_prologue.py's policy (measured on the
+H100, docs/benchmarks/README.md).
 
 Kernel limits: D a power of two, C <= ``MAX_KERNEL_WIDTH`` per stream, K1, K2 in 1..4, tables
 that differ at most per batch and time. Everything else goes to the composite in
@@ -589,18 +590,13 @@ def _d_y1_rows(
 
 
 @triton.jit
-def _seed_conv_bwd_kernel(
-    x_ptr,
+def _seed_dx_kernel(
     w1_ptr,
     w2_ptr,
     draw_ptr,
     other_draw_ptr,
     dx_ptr,
-    dw1_ptr,
-    dw2_ptr,
     seq_len,
-    x_stride_b,
-    x_stride_t,
     NUM_HEADS: tl.constexpr,
     OTHER_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -611,8 +607,8 @@ def _seed_conv_bwd_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (batch * time blocks,), one stream. d x (B, T, C) contiguous; the weight
-    gradients (float32, zeroed, the weights' shapes) get this block's share atomically.
+    """Grid: (batch * time blocks,), one stream: d x (B, T, C) contiguous, from d raw
+    through both convs' transposes, plus the share of the other stream's mean.
 
     The products take d raw and d y1 rounded to the input dtype, as eager's half-precision
     conv backward does (float32 operands of (C x C) weights needed 256 KB of shared memory
@@ -620,51 +616,93 @@ def _seed_conv_bwd_kernel(
     a time."""
     WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
     OTHER_WIDTH: tl.constexpr = OTHER_HEADS * HEAD_DIM
-    dtype = x_ptr.dtype.element_ty
+    dtype = dx_ptr.dtype.element_ty
     b, rows = _program_rows(seq_len, BLOCK_T)
-    x_row0 = b * x_stride_b
-    first = tl.arange(0, CP)[:, None]
-    second = tl.arange(0, CP)[None, :]
-    inside = (first < WIDTH) & (second < WIDTH)
-
-    # conv2's weight gradient: d y2 (= d raw) at this block's rows against y1 at the rows
-    # each tap reads; dW2[o, i, K2-1-s2] = sum_t d y2[t, o] * y1[t - s2, i]
-    d_y2_t = tl.trans(_load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP).to(dtype))
-    for s2 in range(K2):
-        y1 = _conv1_rows(
-            x_ptr, x_row0, x_stride_t, rows - s2, seq_len, w1_ptr,
-            WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
-        )  # fmt: skip
-        part = tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
-        offsets = first * (WIDTH * K2) + second * K2 + (K2 - 1 - s2)
-        tl.atomic_add(dw2_ptr + offsets, part, mask=inside)
-
-    # conv1's weight gradient from d y1 at this block's rows, per tap:
-    # dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in one head
-    d_y1 = _d_y1_rows(draw_ptr, b, rows, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION)
-    d_y1_t = tl.trans(d_y1.to(dtype))
-    same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
-    for s in range(K1):
-        x = _load_tile(x_ptr, x_row0, x_stride_t, rows - s, seq_len, WIDTH, CP)
-        part = tl.dot(d_y1_t, x, input_precision=DOT_PRECISION)
-        offsets = first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
-        tl.atomic_add(dw1_ptr + offsets, part, mask=same_head)
-
     # d x = sum_s1 d y1[t + s1] @ W1[tap K1-1-s1]^T
-    w1 = _conv1_tap(w1_ptr, K1 - 1, WIDTH, HEAD_DIM, K1, CP, False)
-    dx = tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
-    for s1 in range(1, K1):
+    dx = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
+    for s1 in range(K1):
         d_y1 = _d_y1_rows(
             draw_ptr, b, rows + s1, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION
         )
         w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, False)
         dx += tl.dot(d_y1.to(dtype), w1, input_precision=DOT_PRECISION)
-
     # the other stream's raw holds half the mean over this stream's heads of x
     other = _load_draw(other_draw_ptr, b, rows, seq_len, OTHER_WIDTH, CP_OTHER)
     dx += _sum_over_heads(other, BLOCK_T, CP_OTHER, CP, HEAD_DIM) * (0.5 / NUM_HEADS)
     offsets = (b * seq_len + rows.to(tl.int64)[:, None]) * WIDTH + tl.arange(0, CP)[None, :]
     tl.store(dx_ptr + offsets, dx.to(dtype), mask=_tile_mask(rows, seq_len, WIDTH, CP))
+
+
+@triton.jit
+def _seed_dw_kernel(
+    x_ptr,
+    w1_ptr,
+    w2_ptr,
+    draw_ptr,
+    dw1_parts_ptr,
+    dw2_parts_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    num_tiles,
+    tiles_per_program,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (chunks, K2 + K1), one stream: one tap of one weight gradient over a chunk
+    of ``tiles_per_program`` (batch, BLOCK_T rows) tiles, summed in a (C x C) float32
+    accumulator and stored once, into this chunk's slice of a partials buffer
+    (chunks, *weight shape) that the launcher sums. Programs j < K2 take conv2's tap
+    K2-1-j: dW2[o, i, K2-1-j] = sum_t d y2[t, o] * y1[t - j, i]; the others conv1's tap
+    K1-1-s (s = j - K2): dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in
+    one head. (The first version added every tile's (C x C) products with float32
+    atomics: 1.7 ms of contention for the seed's config on the H100.)"""
+    WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
+    dtype = x_ptr.dtype.element_ty
+    chunk = tl.program_id(0)
+    j = tl.program_id(1)
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    inside = (first < WIDTH) & (second < WIDTH)
+    start = chunk * tiles_per_program
+    stop = tl.minimum(start + tiles_per_program, num_tiles)
+    acc = tl.zeros((CP, CP), dtype=tl.float32)
+    if j < K2:
+        for tile in range(start, stop):
+            b = (tile // num_t_blocks).to(tl.int64)
+            rows = (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+            d_y2_t = tl.trans(_load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP).to(dtype))
+            y1 = _conv1_rows(
+                x_ptr, b * x_stride_b, x_stride_t, rows - j, seq_len, w1_ptr,
+                WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
+            )  # fmt: skip
+            acc += tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
+        offsets = chunk * (WIDTH * WIDTH * K2) + first * (WIDTH * K2) + second * K2 + (K2 - 1 - j)
+        tl.store(dw2_parts_ptr + offsets, acc, mask=inside)
+    else:
+        s = j - K2
+        for tile in range(start, stop):
+            b = (tile // num_t_blocks).to(tl.int64)
+            rows = (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+            d_y1 = _d_y1_rows(
+                draw_ptr, b, rows, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION
+            )
+            x = _load_tile(x_ptr, b * x_stride_b, x_stride_t, rows - s, seq_len, WIDTH, CP)
+            acc += tl.dot(tl.trans(d_y1.to(dtype)), x, input_precision=DOT_PRECISION)
+        same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
+        offsets = (
+            chunk * (WIDTH * HEAD_DIM * K1)
+            + first * (HEAD_DIM * K1)
+            + (second % HEAD_DIM) * K1
+            + (K1 - 1 - s)
+        )
+        tl.store(dw1_parts_ptr + offsets, acc, mask=same_head)
 
 
 # ----------------------------------------------------------------------------
@@ -775,6 +813,13 @@ def _dot_precision(x: Tensor) -> str:
     return "tf32x3" if x.is_cuda else "ieee"
 
 
+def _weight_grad_chunks(num_tiles: int, taps: int) -> int:
+    """How many chunks of tiles the weight-gradient kernel splits the sequence into: about
+    two programs per SM of an H100 (132) over all taps, at least one tile per chunk. Fewer
+    chunks mean fewer partial sums to add and less parallelism."""
+    return max(1, min(num_tiles, 264 // taps))
+
+
 def _num_warps(width: int) -> int:
     return 4 if width <= 64 else 8
 
@@ -865,7 +910,9 @@ def ccgqa_seed_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
     weights = (q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight)
+    # float32 weight gradients (zero when T is empty), cast to the weights' dtype at the end
     d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
+    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
     rows = _block_t(e_q, q_pre.dtype, block_t)
     programs = b * triton.cdiv(t, rows)
     d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
@@ -891,29 +938,33 @@ def ccgqa_seed_prologue_bwd(
                 num_warps=num_warps or _num_warps(stream.heads * d),
                 num_stages=_NUM_STAGES,
             )
-        # step 2, per stream: the convs' backward, d x and the weight gradients
+        # step 2, per stream: d x, and the weight gradients as per-chunk partial sums
+        num_tiles = programs
+        chunks = _weight_grad_chunks(num_tiles, k1 + k2)
+        per_program = triton.cdiv(num_tiles, chunks)
         for i, (stream, dx) in enumerate(zip(streams, (d_q_pre, d_k_pre))):
             _, _, constexprs = stream.args(d)
-            traceable(_seed_conv_bwd_kernel)[(programs,)](
-                stream.x,
-                stream.w1,
-                stream.w2,
-                draws[i],
-                draws[1 - i],
-                dx,
-                d_weights[2 * i],
-                d_weights[2 * i + 1],
-                t,
-                stream.x.stride(0),
-                stream.x.stride(1),
-                **constexprs,
-                K1=shared["constexprs"]["K1"],
-                K2=shared["constexprs"]["K2"],
+            launch = dict(
+                K1=k1,
+                K2=k2,
                 BLOCK_T=rows,
                 DOT_PRECISION=shared["constexprs"]["DOT_PRECISION"],
                 num_warps=num_warps or _num_warps(stream.heads * d),
                 num_stages=_NUM_STAGES,
             )
+            traceable(_seed_dx_kernel)[(programs,)](
+                stream.w1, stream.w2, draws[i], draws[1 - i], dx, t, **constexprs, **launch
+            )
+            parts = [
+                torch.empty((chunks, *w.shape), dtype=torch.float32, device=device)
+                for w in (stream.w1, stream.w2)
+            ]
+            traceable(_seed_dw_kernel)[(chunks, k2 + k1)](
+                stream.x, stream.w1, stream.w2, draws[i], *parts, t,
+                stream.x.stride(0), stream.x.stride(1), num_tiles, per_program,
+                NUM_HEADS=constexprs["NUM_HEADS"], HEAD_DIM=d, CP=constexprs["CP"], **launch,
+            )  # fmt: skip
+            d_weights[2 * i], d_weights[2 * i + 1] = parts[0].sum(0), parts[1].sum(0)
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
     grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]
     grads.append(

@@ -44,7 +44,8 @@ EXPECTED_WRITES = {
     * 2,
     "_seed_fwd_kernel": [["out_ptr"], ["out_ptr"]],
     "_seed_draw_kernel": [["draw_ptr"], ["d_temp_parts_ptr", "draw_ptr"]],
-    "_seed_conv_bwd_kernel": [["dw1_ptr", "dw2_ptr", "dx_ptr"]] * 2,
+    "_seed_dx_kernel": [["dx_ptr"]] * 2,
+    "_seed_dw_kernel": [["dw1_parts_ptr", "dw2_parts_ptr"]] * 2,
 }
 
 
