@@ -35,9 +35,10 @@ streams in one program faulted on the H100), one program per (batch, BLOCK_T tim
       2. ``_seed_dx_kernel`` (laid out as the forward) takes the convs' transposes from
          d raw: d y1 at the K1 rows each output row needs (K1 * K2 dots), d x plus the
          share of the other stream's mean;
-      3. ``_seed_dw_kernel``, one program per (chunk of tiles, tap): that tap's weight
-         gradient summed over the chunk in registers, stored once per chunk; the launcher
-         adds the chunks' partials (float32 atomics per tile were 1.7 ms on the H100).
+      3. ``_seed_dw2_kernel`` and ``_seed_dw1_kernel``, one program per (chunk of tiles,
+         tap): that tap's weight gradient summed over the chunk in registers, stored once
+         per chunk; the launcher adds the chunks' partials (float32 atomics per tile
+         were 1.7 ms on the H100).
 
 Which of these runs by default is passes/ccgqa_seed_prologue.py's policy (measured on the
 H100, docs/benchmarks/README.md).
@@ -634,12 +635,25 @@ def _seed_dx_kernel(
 
 
 @triton.jit
-def _seed_dw_kernel(
+def _chunk_tiles(num_tiles, tiles_per_program):
+    """This program's chunk of (batch, time block) tiles: [start, stop)."""
+    start = tl.program_id(0) * tiles_per_program
+    return start, tl.minimum(start + tiles_per_program, num_tiles)
+
+
+@triton.jit
+def _tile_rows(tile, seq_len, BLOCK_T: tl.constexpr):
+    """Batch and time rows of tile ``tile`` (tiles run over batches, then time blocks)."""
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    b = (tile // num_t_blocks).to(tl.int64)
+    return b, (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
+def _seed_dw2_kernel(
     x_ptr,
     w1_ptr,
-    w2_ptr,
     draw_ptr,
-    dw1_parts_ptr,
     dw2_parts_ptr,
     seq_len,
     x_stride_b,
@@ -654,55 +668,72 @@ def _seed_dw_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (chunks, K2 + K1), one stream: one tap of one weight gradient over a chunk
-    of ``tiles_per_program`` (batch, BLOCK_T rows) tiles, summed in a (C x C) float32
-    accumulator and stored once, into this chunk's slice of a partials buffer
-    (chunks, *weight shape) that the launcher sums. Programs j < K2 take conv2's tap
-    K2-1-j: dW2[o, i, K2-1-j] = sum_t d y2[t, o] * y1[t - j, i]; the others conv1's tap
-    K1-1-s (s = j - K2): dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i], o and i in
-    one head. (The first version added every tile's (C x C) products with float32
-    atomics: 1.7 ms of contention for the seed's config on the H100.)"""
+    """Grid: (chunks, K2), one stream: conv2's weight gradient at tap K2-1-j (j the second
+    program id), dW2[o, i, K2-1-j] = sum_t d y2[t, o] * y1[t - j, i], summed over a chunk of
+    ``tiles_per_program`` tiles in a (C x C) float32 accumulator and stored once into this
+    chunk's slice of the partials (chunks, C, C, K2) that the launcher sums. (The first
+    version added every tile's products with float32 atomics: 1.7 ms of contention for the
+    seed's config on the H100.) conv2's and conv1's weight gradients are separate kernels:
+    one kernel branching between them needed 400 KB of shared memory in float32."""
     WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
     dtype = x_ptr.dtype.element_ty
-    chunk = tl.program_id(0)
     j = tl.program_id(1)
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    start, stop = _chunk_tiles(num_tiles, tiles_per_program)
+    acc = tl.zeros((CP, CP), dtype=tl.float32)
+    for tile in range(start, stop):
+        b, rows = _tile_rows(tile, seq_len, BLOCK_T)
+        d_y2_t = tl.trans(_load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP).to(dtype))
+        y1 = _conv1_rows(
+            x_ptr, b * x_stride_b, x_stride_t, rows - j, seq_len, w1_ptr,
+            WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
+        )  # fmt: skip
+        acc += tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
     first = tl.arange(0, CP)[:, None]
     second = tl.arange(0, CP)[None, :]
-    inside = (first < WIDTH) & (second < WIDTH)
-    start = chunk * tiles_per_program
-    stop = tl.minimum(start + tiles_per_program, num_tiles)
+    chunk_base = tl.program_id(0).to(tl.int64) * (WIDTH * WIDTH * K2)
+    offsets = chunk_base + first * (WIDTH * K2) + second * K2 + (K2 - 1 - j)
+    tl.store(dw2_parts_ptr + offsets, acc, mask=(first < WIDTH) & (second < WIDTH))
+
+
+@triton.jit
+def _seed_dw1_kernel(
+    x_ptr,
+    w2_ptr,
+    draw_ptr,
+    dw1_parts_ptr,
+    seq_len,
+    x_stride_b,
+    x_stride_t,
+    num_tiles,
+    tiles_per_program,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CP: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid: (chunks, K1), one stream: conv1's weight gradient at tap K1-1-s (s the second
+    program id), dW1[o, i % D, K1-1-s] = sum_t d y1[t, o] * x[t - s, i] with o and i in one
+    head, over a chunk of tiles as ``_seed_dw2_kernel`` does, into partials (chunks, C, D,
+    K1)."""
+    WIDTH: tl.constexpr = NUM_HEADS * HEAD_DIM
+    dtype = x_ptr.dtype.element_ty
+    s = tl.program_id(1)
+    start, stop = _chunk_tiles(num_tiles, tiles_per_program)
     acc = tl.zeros((CP, CP), dtype=tl.float32)
-    if j < K2:
-        for tile in range(start, stop):
-            b = (tile // num_t_blocks).to(tl.int64)
-            rows = (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-            d_y2_t = tl.trans(_load_draw(draw_ptr, b, rows, seq_len, WIDTH, CP).to(dtype))
-            y1 = _conv1_rows(
-                x_ptr, b * x_stride_b, x_stride_t, rows - j, seq_len, w1_ptr,
-                WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
-            )  # fmt: skip
-            acc += tl.dot(d_y2_t, y1.to(dtype), input_precision=DOT_PRECISION)  # [o, i]
-        offsets = chunk * (WIDTH * WIDTH * K2) + first * (WIDTH * K2) + second * K2 + (K2 - 1 - j)
-        tl.store(dw2_parts_ptr + offsets, acc, mask=inside)
-    else:
-        s = j - K2
-        for tile in range(start, stop):
-            b = (tile // num_t_blocks).to(tl.int64)
-            rows = (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-            d_y1 = _d_y1_rows(
-                draw_ptr, b, rows, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION
-            )
-            x = _load_tile(x_ptr, b * x_stride_b, x_stride_t, rows - s, seq_len, WIDTH, CP)
-            acc += tl.dot(tl.trans(d_y1.to(dtype)), x, input_precision=DOT_PRECISION)
-        same_head = inside & (first // HEAD_DIM == second // HEAD_DIM)
-        offsets = (
-            chunk * (WIDTH * HEAD_DIM * K1)
-            + first * (HEAD_DIM * K1)
-            + (second % HEAD_DIM) * K1
-            + (K1 - 1 - s)
-        )
-        tl.store(dw1_parts_ptr + offsets, acc, mask=same_head)
+    for tile in range(start, stop):
+        b, rows = _tile_rows(tile, seq_len, BLOCK_T)
+        d_y1 = _d_y1_rows(draw_ptr, b, rows, seq_len, w2_ptr, WIDTH, K2, CP, BLOCK_T, DOT_PRECISION)
+        x = _load_tile(x_ptr, b * x_stride_b, x_stride_t, rows - s, seq_len, WIDTH, CP)
+        acc += tl.dot(tl.trans(d_y1.to(dtype)), x, input_precision=DOT_PRECISION)
+    first = tl.arange(0, CP)[:, None]
+    second = tl.arange(0, CP)[None, :]
+    same_head = (first < WIDTH) & (second < WIDTH) & (first // HEAD_DIM == second // HEAD_DIM)
+    chunk_base = tl.program_id(0).to(tl.int64) * (WIDTH * HEAD_DIM * K1)
+    offsets = chunk_base + first * (HEAD_DIM * K1) + (second % HEAD_DIM) * K1 + (K1 - 1 - s)
+    tl.store(dw1_parts_ptr + offsets, acc, mask=same_head)
 
 
 # ----------------------------------------------------------------------------
@@ -959,11 +990,22 @@ def ccgqa_seed_prologue_bwd(
                 torch.empty((chunks, *w.shape), dtype=torch.float32, device=device)
                 for w in (stream.w1, stream.w2)
             ]
-            traceable(_seed_dw_kernel)[(chunks, k2 + k1)](
-                stream.x, stream.w1, stream.w2, draws[i], *parts, t,
-                stream.x.stride(0), stream.x.stride(1), num_tiles, per_program,
-                NUM_HEADS=constexprs["NUM_HEADS"], HEAD_DIM=d, CP=constexprs["CP"], **launch,
-            )  # fmt: skip
+            tiles = dict(
+                seq_len=t,
+                x_stride_b=stream.x.stride(0),
+                x_stride_t=stream.x.stride(1),
+                num_tiles=num_tiles,
+                tiles_per_program=per_program,
+                NUM_HEADS=constexprs["NUM_HEADS"],
+                HEAD_DIM=d,
+                CP=constexprs["CP"],
+            )
+            traceable(_seed_dw2_kernel)[(chunks, k2)](
+                stream.x, stream.w1, draws[i], parts[1], **tiles, **launch
+            )
+            traceable(_seed_dw1_kernel)[(chunks, k1)](
+                stream.x, stream.w2, draws[i], parts[0], **tiles, **launch
+            )
             d_weights[2 * i], d_weights[2 * i + 1] = parts[0].sum(0), parts[1].sum(0)
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
     grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]

@@ -45,7 +45,8 @@ EXPECTED_WRITES = {
     "_seed_fwd_kernel": [["out_ptr"], ["out_ptr"]],
     "_seed_draw_kernel": [["draw_ptr"], ["d_temp_parts_ptr", "draw_ptr"]],
     "_seed_dx_kernel": [["dx_ptr"]] * 2,
-    "_seed_dw_kernel": [["dw1_parts_ptr", "dw2_parts_ptr"]] * 2,
+    "_seed_dw2_kernel": [["dw2_parts_ptr"]] * 2,
+    "_seed_dw1_kernel": [["dw1_parts_ptr"]] * 2,
 }
 
 
