@@ -208,9 +208,12 @@ def _conv1_rows(
     DOT_PRECISION: tl.constexpr,
 ):
     """conv1 at ``rows`` (0 at rows < 0: no bias, so conv2's zero padding comes for free),
-    rounded to the input dtype as eager's conv1 output is; returned as fp32."""
+    rounded to the input dtype as eager's conv1 output is; returned as fp32. The taps are a
+    runtime loop, so one tap's (C x C) operand is in shared memory at a time: unrolled,
+    the float32 weight-gradient kernel needed 400 KB (tf32x3 keeps two halves of each
+    operand) and the bf16 forward 160 KB (now 48 KB: more programs per SM)."""
     y1 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-    for s1 in tl.static_range(K1):
+    for s1 in range(K1):
         x = _load_tile(x_ptr, row0, stride_t, rows - s1, seq_len, WIDTH, CP)
         w1 = _conv1_tap(w1_ptr, K1 - 1 - s1, WIDTH, HEAD_DIM, K1, CP, True)
         y1 += tl.dot(x, w1.to(x.dtype), input_precision=DOT_PRECISION)
@@ -238,7 +241,7 @@ def _conv_chain(
     recomputed at each of conv2's K2 shifts (cheap dots on cached rows)."""
     dtype = x_ptr.dtype.element_ty
     y2 = tl.zeros((BLOCK_T, CP), dtype=tl.float32)
-    for s2 in tl.static_range(K2):
+    for s2 in range(K2):
         y1 = _conv1_rows(
             x_ptr, row0, stride_t, rows - s2, seq_len, w1_ptr,
             WIDTH, HEAD_DIM, K1, CP, BLOCK_T, DOT_PRECISION,
