@@ -53,6 +53,9 @@ class Entry:
     also: tuple[tuple[str, int], ...] = ()
     # shapes on which the `also` counts are promised (default: those of `promised`)
     also_promised: Callable[[Shape], bool] | None = None
+    # the `also` counts in training graphs, where a policy makes them differ (e.g. the
+    # seed's prologue: fused in inference graphs, left to Inductor in training graphs)
+    also_in_training: tuple[tuple[str, int], ...] | None = None
 
     @property
     def near_miss(self) -> bool:

@@ -21,6 +21,7 @@ no near miss of ours: V's shift stays Inductor's code, so the block fuses as wri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -443,13 +444,18 @@ ENTRIES = [
         policy="head dim 128 > 32: SDPA (cuDNN) is faster",
         prologue=0,
     ),
-    _sdpa(
-        "ccgqa_seed_variant",
-        _build_seed,
-        note="original project's CCGQAAttentionSeed: fused qkv, per-head + dense convs, "
-        "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa; its "
-        "prologue is recognised and left to Inductor (policy: our kernels are slower)",
-        inputs=_seed_inputs,
+    dataclasses.replace(
+        _sdpa(
+            "ccgqa_seed_variant",
+            _build_seed,
+            note="original project's CCGQAAttentionSeed: fused qkv, per-head + dense convs, "
+            "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa; its "
+            "prologue fuses in inference graphs and is left to Inductor in training graphs "
+            "(policy: our backward kernels are slower)",
+            inputs=_seed_inputs,
+            prologue=1,
+        ),
+        also_in_training=_block_counts(0, 1),
     ),
     # ---- near misses ----
     _sdpa(

@@ -1,11 +1,11 @@
 """The seed variant's prologue: the op (``torch.ops.ccgqa.ccgqa_seed_prologue``), its
 composite and kernel paths, and its patterns (passes/ccgqa_seed_prologue.py).
 
-By default the pass leaves every match to Inductor (the policy: our kernels measured
-slower on the H100) and reports it; with the policy off the tests check that the patterns
-fire in inference and training graphs and that the compiled module matches eager, outputs
-and every gradient, so the patterns, the op and its autograd stay exact for the day the
-kernels win."""
+By default the pass fuses inference graphs and leaves training graphs to Inductor (the
+policy: our backward kernels measured slower on the H100) with the reason in the report;
+with the policy off the tests check that the patterns fire in training graphs too and
+that the compiled module matches eager, outputs and every gradient, so the patterns, the
+op and its autograd stay exact for the day the backward kernels win."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _compile_and_compare(module: torch.nn.Module, training: bool, width: int):
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 1)], ids=["grouped", "single-kv-head"])
 def test_seed_prologue_fuses_with_the_policy_off(monkeypatch, heads, training):
-    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    monkeypatch.setattr(seed_pass, "LEAVE_TRAINING_TO_INDUCTOR", False)
     h_q, h_kv = heads
     module = CCGQAAttentionSeed(2 * h_q * 8, h_q, h_kv, 2)  # d = 8
     rep = _compile_and_compare(module, training, 2 * h_q * 8)
@@ -132,20 +132,27 @@ def test_seed_prologue_fuses_with_the_policy_off(monkeypatch, heads, training):
     assert "idiom=seed_interleaved_rope" in str(rep), str(rep)
 
 
-def test_seed_prologue_is_recognised_and_left_to_inductor_by_default():
-    """The policy: the match is found, rejected with the measured reason, and the module
-    still computes what eager does (its attention fuses)."""
-    assert seed_pass.LEAVE_TO_INDUCTOR
-    rep = _compile_and_compare(CCGQAAttentionSeed(64, 4, 2, 2), True, 64)
-    assert rep.count("ccgqa_prologue") == 0 and rep.count("gqa_attention") == 1, str(rep)
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_default_policy_fuses_inference_and_leaves_training_to_inductor(training):
+    """The policy: inference graphs fuse (the forward kernels are faster); in training
+    graphs the match is found, rejected with the measured reason, and the module still
+    computes what eager does (its attention fuses)."""
+    assert seed_pass.LEAVE_TRAINING_TO_INDUCTOR
+    rep = _compile_and_compare(CCGQAAttentionSeed(64, 4, 2, 2), training, 64)
+    assert rep.count("gqa_attention") == 1, str(rep)
     reasons = [r.reason for r in rep.rejected if r.fusion == "ccgqa_prologue"]
-    assert reasons and all(r == seed_pass.POLICY_REASON for r in reasons), str(rep)
+    if training:
+        assert rep.count("ccgqa_prologue") == 0 and rep.count("ccgqa_block") == 0, str(rep)
+        assert reasons and all(r == seed_pass.POLICY_REASON for r in reasons), str(rep)
+    else:
+        assert rep.count("ccgqa_prologue") == 1 and rep.count("ccgqa_block") == 1, str(rep)
+        assert seed_pass.POLICY_REASON not in reasons, str(rep)
 
 
 @pytest.mark.parametrize("mean_scale", [0.25, 1.0])
 def test_another_mean_coefficient_is_a_near_miss(monkeypatch, mean_scale):
     """q + c * mean with c != 1/2 is another computation: never replaced."""
-    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    monkeypatch.setattr(seed_pass, "LEAVE_TRAINING_TO_INDUCTOR", False)
     module = CCGQAAttentionSeed(64, 4, 2, 2, mean_scale=mean_scale)
     rep = _compile_and_compare(module, False, 64)
     assert rep.count("ccgqa_prologue") == 0, str(rep)
@@ -173,7 +180,7 @@ def test_seed_kernels_inside_a_compiled_module_on_cuda(monkeypatch, config, trai
     eager's, the prologue and the whole block reported fused (the block report pairs the
     seed's two per-stream launches). The first config is the seed's own (widths 128 + 32,
     T not a multiple of the 64-row tile), the second pads 96 channels to 128."""
-    monkeypatch.setattr(seed_pass, "LEAVE_TO_INDUCTOR", False)
+    monkeypatch.setattr(seed_pass, "LEAVE_TRAINING_TO_INDUCTOR", False)
     dim, h_q, h_kv, c, t = config
     seed_entry = next(e for e in CORPUS if e.name == "ccgqa_seed_variant")
     entry = dataclasses.replace(

@@ -69,7 +69,8 @@ def run_entry(
             f"{entry.name}: {entry.fusion} fused without its backward\n{rep}"
         )
     also_promised = (entry.also_promised or entry.promised)(shape)
-    for fusion, times in entry.also:
+    also = entry.also_in_training if training and entry.also_in_training is not None else entry.also
+    for fusion, times in also:
         fired = rep.count(fusion)
         allowed = {times} if also_promised else {0, times}
         assert fired in allowed, f"{entry.name}: {fusion} fired {fired}x, expected {times}\n{rep}"

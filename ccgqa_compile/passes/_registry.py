@@ -63,6 +63,10 @@ class Idiom:
     # with contiguous tangents / tangents laid out as the outputs
     # (``_inductor_compat.joint_fwd_bwd_with_tangents``)
     contiguous_tangents: bool | None = None
+    # applied to training (forward+backward) matches only, after ``check``: None to accept,
+    # or the reason to leave them to Inductor (a policy measured on the training step,
+    # e.g. a fused forward that is faster and a backward that is not)
+    training_check: Callable[[dict[str, Any]], str | None] | None = None
 
 
 def matched_value(arg: Any) -> Any:
@@ -132,6 +136,8 @@ def _make_extra_check(idiom: Idiom, joint: bool) -> Callable[[Match], bool]:
         reason = _scalar_error(idiom, match)
         if reason is None and idiom.check is not None:
             reason = idiom.check(values)
+        if reason is None and joint and idiom.training_check is not None:
+            reason = idiom.training_check(values)
         if reason is not None:
             report.record_rejection(idiom.fusion, idiom.name, _where(match), reason)
             return False
