@@ -190,6 +190,7 @@ def test_seed_kernels_inside_a_compiled_module_on_cuda(monkeypatch, config, trai
             torch.randn(s.batch, s.seq, dim, dtype=dtype, device=device),
         ),
         also=_block_counts(1, 1),
+        also_in_training=None,  # the policy is off: training graphs fuse too
         note="policy off",
     )
     run_entry(entry, Shape(batch=2, seq=t, heads=h_q), torch.bfloat16, training, device="cuda")
