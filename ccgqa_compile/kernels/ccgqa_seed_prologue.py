@@ -352,17 +352,21 @@ def _unit(raw, eps, BLOCK_T: tl.constexpr, CP: tl.constexpr, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _tile_rows(tile, seq_len, BLOCK_T: tl.constexpr):
+    """Batch and time rows of tile ``tile`` (tiles run over batches, then time blocks)."""
+    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
+    b = (tile // num_t_blocks).to(tl.int64)
+    return b, (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
 def _program_rows(seq_len, BLOCK_T: tl.constexpr):
     """This program's batch and time rows. Computed from the program id alone, never
     returned by a helper that also takes pointers: Inductor's mutation analysis would then
     count every pointer such a helper takes as written through the store addresses built
     from b and rows, and write "updated" copies of them back (a stride-0 RoPE table was
     written back as a sum over the batch: wrong q and k under Inductor, 2026-11-25)."""
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    pid = tl.program_id(0)
-    b = (pid // num_t_blocks).to(tl.int64)
-    rows = (pid % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    return b, rows
+    return _tile_rows(tl.program_id(0), seq_len, BLOCK_T)
 
 
 @triton.jit
@@ -642,14 +646,6 @@ def _chunk_tiles(num_tiles, tiles_per_program):
     """This program's chunk of (batch, time block) tiles: [start, stop)."""
     start = tl.program_id(0) * tiles_per_program
     return start, tl.minimum(start + tiles_per_program, num_tiles)
-
-
-@triton.jit
-def _tile_rows(tile, seq_len, BLOCK_T: tl.constexpr):
-    """Batch and time rows of tile ``tile`` (tiles run over batches, then time blocks)."""
-    num_t_blocks = tl.cdiv(seq_len, BLOCK_T)
-    b = (tile // num_t_blocks).to(tl.int64)
-    return b, (tile % num_t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
 
 
 @triton.jit
@@ -944,9 +940,10 @@ def ccgqa_seed_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
     weights = (q_conv1_weight, q_conv2_weight, k_conv1_weight, k_conv2_weight)
-    # float32 weight gradients (zero when T is empty), cast to the weights' dtype at the end
-    d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
-    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
+    # float32 weight gradients (sums of the chunks' partials; zero when T is empty), cast
+    # to the weights' dtype at the end
+    d_weights = [None] * 4
+    k1, k2 = shared["constexprs"]["K1"], shared["constexprs"]["K2"]
     rows = _block_t(e_q, q_pre.dtype, block_t)
     programs = b * triton.cdiv(t, rows)
     d_temp_parts = torch.zeros((max(programs, 1),), dtype=torch.float32, device=device)
@@ -1010,6 +1007,8 @@ def ccgqa_seed_prologue_bwd(
                 stream.x, stream.w2, draws[i], parts[0], **tiles, **launch
             )
             d_weights[2 * i], d_weights[2 * i + 1] = parts[0].sum(0), parts[1].sum(0)
+    else:
+        d_weights = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
     grads += [g.to(w.dtype) for g, w in zip(d_weights, weights)]
     grads.append(
