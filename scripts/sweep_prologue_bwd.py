@@ -8,7 +8,8 @@ temperature, full RoPE) and each launch variant: the backward's GPU time as a CU
 replay (``triton.testing.do_bench_cudagraph``, median; the partial sums included), beside
 the forward kernel's time. The default launch's q, k and gradients are checked against the
 float64 reference (relative norm error; the tests cover the other launches). ``--old`` names a
-module with another ``ccgqa_prologue_bwd`` (same signature) timed in the same process;
+module with another ``ccgqa_prologue_fwd`` / ``ccgqa_prologue_bwd`` (same signatures, e.g. a
+copy of the kernel file at an earlier commit) timed in the same process, forward too;
 ``--inductor`` also times the reference's backward compiled by Inductor default (the
 "never slower than Inductor" check). The floor counts the backward's bytes once at ~3
 TB/s: dq, dk and q_pre, k_pre read, d q_pre, d k_pre written.
@@ -81,9 +82,18 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict
     err = max_rel_err_vs_fp64(tensors, scalars, q, k, dq, dk, grads)
     print(f"\n== {label} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms, "
           f"default bwd max rel err {err:.2e}")  # fmt: skip
+    t_fwd_old = None
+    if old is not None:
+        q_old, k_old = old.ccgqa_prologue_fwd(*tensors, *scalars)
+        grads_old = old.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
+        err_old = max_rel_err_vs_fp64(tensors, scalars, q_old, k_old, dq, dk, grads_old)
+        t_fwd_old = triton.testing.do_bench_cudagraph(
+            lambda: old.ccgqa_prologue_fwd(*tensors, *scalars)
+        )
+        print(f"   --old: fwd {t_fwd_old:.4f} ms, bwd max rel err {err_old:.2e}")
     variants = [("default", lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))]
     if old is not None:
-        variants.append(("--old", lambda: old(dq, dk, *tensors, *scalars)))
+        variants.append(("--old", lambda: old.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)))
     if inductor:
         variants.append(("inductor reference bwd", _inductor_bwd(tensors, scalars, dq, dk)))
     for bt, chunk, warps in launches:
@@ -104,7 +114,7 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict
             continue
         print(f"  {name:32s} {ms:8.4f} ms  {io / ms / 1e6:7.1f} GB/s")
         rows.append(dict(config=label, b=b, t=t, variant=name, bwd_ms=ms, fwd_ms=t_fwd,
-                         floor_bwd_ms=floor, gbs=io / ms / 1e6,
+                         old_fwd_ms=t_fwd_old, floor_bwd_ms=floor, gbs=io / ms / 1e6,
                          default_max_rel_err=err))  # fmt: skip
     torch._dynamo.reset()  # the next config's shapes get a fresh compile
     return rows
@@ -113,7 +123,7 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--old", default=None, help="module with another ccgqa_prologue_bwd")
+    ap.add_argument("--old", default=None, help="module with another ccgqa_prologue_fwd/_bwd")
     ap.add_argument("--inductor", action="store_true", help="also time Inductor's backward")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -121,7 +131,7 @@ def main(argv=None) -> None:
         "--configs", default=None, help="comma-separated head dims, e.g. d128,d32 (default: all)"
     )
     args = ap.parse_args(argv)
-    old = importlib.import_module(args.old).ccgqa_prologue_bwd if args.old else None
+    old = importlib.import_module(args.old) if args.old else None
     # by head dim, so that the choice passes through a shell variable unquoted
     by_dim = {f"d{config[3]}": config for config in CONFIGS}
     chosen = args.configs.split(",") if args.configs else list(by_dim)

@@ -207,14 +207,29 @@ def _conv2_tap(
     IN_BY_OUT: tl.constexpr,
 ):
     """The D x D matrix of conv2's tap K2-1-SHIFT for one head: [in c, out o] when
-    IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product)."""
+    IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product). In the
+    weight's own dtype: conv2's products take their operands in it (``_product``)."""
     i = tl.arange(0, HEAD_DIM)
     tap = K2 - 1 - SHIFT
     if IN_BY_OUT:
         offsets = (chan0 + i)[None, :] * (HEAD_DIM * K2) + i[:, None] * K2 + tap
     else:
         offsets = (chan0 + i)[:, None] * (HEAD_DIM * K2) + i[None, :] * K2 + tap
-    return tl.load(w2_ptr + offsets).to(tl.float32)
+    return tl.load(w2_ptr + offsets)
+
+
+@triton.jit
+def _product(a, b, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b with both operands rounded to ``dtype`` (conv2's weight dtype), fp32 sums.
+
+    For a half-precision model that is what eager's conv does (its conv1 output and conv2's
+    output gradient are half tensors), at the tensor cores' half rate with half the shared
+    memory. Against fp32 (tf32) operands, H200 bf16 B16 T2048 (scripts/sweep_prologue_bwd.py
+    --old, docs/benchmarks/h200-2026-12-02/prologue-half-products/): backward d16 0.191 ->
+    0.183 ms, d32 0.575 -> 0.554, d64 0.879 -> 0.771; forward d64 0.104 -> 0.089.
+    DOT_PRECISION then only acts on fp32 weights: IEEE for fp32 models, tf32 where fp32
+    weights meet half activations."""
+    return tl.dot(a.to(dtype), b.to(dtype), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -245,7 +260,7 @@ def _conv_chain(
             BLOCK_T, HEAD_DIM, K1, HAS_B1,
         )  # fmt: skip
         w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, True)
-        y2 += tl.dot(y1, w2, input_precision=DOT_PRECISION)
+        y2 += _product(y1, w2, w2_ptr.dtype.element_ty, DOT_PRECISION)
     if HAS_B2:
         y2 += tl.load(b2_ptr + chan0 + tl.arange(0, HEAD_DIM)).to(tl.float32)[None, :]
     return y2
@@ -697,7 +712,7 @@ def _ccgqa_prologue_conv_bwd_kernel(
                     draw_ptr, g_row0, channels, rows + (s1 + s2), seq_len, chan0, HEAD_DIM
                 )
                 w2 = _conv2_tap(w2_ptr, chan0, s2, HEAD_DIM, K2, False)
-                d_y1 += tl.dot(g, w2, input_precision=DOT_PRECISION)
+                d_y1 += _product(g, w2, w2_ptr.dtype.element_ty, DOT_PRECISION)
             w1 = tl.load(w1_ptr + (chan0 + cols) * K1 + (K1 - 1 - s1)).to(tl.float32)
             d_x += d_y1 * w1[None, :]
             if s1 == 0:
@@ -747,7 +762,7 @@ def _ccgqa_prologue_conv_bwd_kernel(
                 x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
                 BLOCK_T, HEAD_DIM, K1, HAS_B1,
             )  # fmt: skip
-            d_w2 += tl.dot(tl.trans(g), y1, input_precision=DOT_PRECISION)
+            d_w2 += _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
         offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
         tl.store(w2_part_ptr + offsets, d_w2)
 
