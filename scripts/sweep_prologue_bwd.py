@@ -70,7 +70,7 @@ def _cuda_graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn)
 
 
-def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict]:
+def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep) -> list[dict]:
     tensors, scalars = make(b, t, hq, hkv, d, torch.bfloat16)
     q, k = ccgqa_prologue_fwd(*tensors, *scalars)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
@@ -96,7 +96,7 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor) -> list[dict
         variants.append(("--old", lambda: old.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)))
     if inductor:
         variants.append(("inductor reference bwd", _inductor_bwd(tensors, scalars, dq, dk)))
-    for bt, chunk, warps in launches:
+    for bt, chunk, warps in launches if sweep else ():
         variants.append(
             (f"block_t {bt} chunk {chunk} warps {warps}",
              lambda bt=bt, c=chunk, w=warps: ccgqa_prologue_bwd(
@@ -125,6 +125,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--old", default=None, help="module with another ccgqa_prologue_fwd/_bwd")
     ap.add_argument("--inductor", action="store_true", help="also time Inductor's backward")
+    ap.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="time only the default launch (and --old / --inductor): at d128 each launch "
+        "variant compiles for tens of seconds, and the whole list did not fit a 330 s step",
+    )
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument(
@@ -142,7 +148,7 @@ def main(argv=None) -> None:
     rows = []
     out = Path(args.out) / "sweep_prologue_bwd.json"
     for key in chosen:
-        rows += _sweep_config(*by_dim[key], b, t, old, args.inductor)
+        rows += _sweep_config(*by_dim[key], b, t, old, args.inductor, not args.no_sweep)
         out.write_text(json.dumps(rows, indent=1))  # after each config: a cut run keeps them
         torch.cuda.empty_cache()
     print(f"wrote {out}")
