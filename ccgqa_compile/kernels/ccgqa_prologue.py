@@ -885,8 +885,8 @@ def _common(
         TEMPERATURE=TEMPERATURE_MODES[temperature],
         ROTARY_DIM=rotary_dim,
         INTERLEAVED=bool(interleaved),
-        # fp32 stays fp32 in the conv2 products; half inputs use tf32 (more precise
-        # than the half-precision rounding eager's convs do)
+        # conv2's products take the weight's dtype (``_product``): fp32 models multiply in
+        # IEEE fp32; this precision matters only where fp32 weights meet half inputs (tf32)
         DOT_PRECISION="ieee" if q_pre.dtype == torch.float32 else "tf32",
     )
     return tensors, scalars, constexprs
