@@ -296,6 +296,22 @@ def _timer(device: str, fn: Callable, reset: list[torch.Tensor]) -> tuple[float,
     return statistics.median(times), "wall-clock"
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Keep the GPU busy with matmuls for ``seconds`` before the first timed case.
+
+    An idle GPU sits at its lowest clocks (the H200 reports 345 MHz SM at the start of a
+    device call) and ramps up under load; without this the first case timed in a run is
+    measured partly at low clocks (the d16 attention core, first in its script, read
+    2.000 ms on the H200 where its three kernels timed alone sum to about 1.5 ms)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def run_case(case: Case, device: str, only: set[str] | None = None) -> list[dict]:
     """Every provider of ``case`` (those in ``only``, when given), timed in this process."""
     # every case compiles afresh with static shapes (no automatic-dynamic recompile of the
@@ -608,6 +624,8 @@ def main(argv=None) -> list[dict]:
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if args.device == "cuda":
+        warm_up_gpu()
     rows = []
     for case in progress:
         rows.extend(run_case(case, args.device, args.providers))

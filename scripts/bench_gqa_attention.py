@@ -37,6 +37,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
+    from ccgqa_compile.bench import warm_up_gpu
     from ccgqa_compile.kernels import gqa_attention as attention
 except ImportError:
     # The kernel module stands alone; load it by path if the package's other
@@ -45,6 +46,10 @@ except ImportError:
     _spec = importlib.util.spec_from_file_location("gqa_attention", _path)
     attention = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(attention)
+
+    def warm_up_gpu() -> None:
+        print("ccgqa_compile not importable: no GPU warm-up, the first case may read slow")
+
 
 BATCH = 2
 SEQ_LEN = 8192
@@ -456,6 +461,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gqa_attention.py needs a CUDA GPU")
+    warm_up_gpu()
     if args.profile:
         for num_q_heads, num_kv_heads, head_dim in CONFIGS:
             if head_dim in args.head_dims:
