@@ -804,8 +804,11 @@ BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
     64: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
     128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
 }
+# D=16 dQ: 64-row tiles, 0.390 ms against 0.436 ms for the H100's 128-row choice, in a
+# sweep on an H200 (2026-12-03, docs/benchmarks/h200-2026-12-03/core-d16-sweep/); the
+# same sm_90 SMs, and D=32 already runs dQ on this tile.
 BACKWARD_DQ_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    16: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     32: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     64: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     128: BlockConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
