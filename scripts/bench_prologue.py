@@ -26,6 +26,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ccgqa_compile.bench import warm_up_gpu  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_bwd,
     ccgqa_prologue_fwd,
@@ -165,6 +166,7 @@ def main(argv=None):
         for config in CONFIGS:
             print(_bench_config(*config, torch.float32, 64, 32, check_only=True))
         return
+    warm_up_gpu()
     dtype = torch.bfloat16
     rows = []
     for config in CONFIGS:

@@ -42,7 +42,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ccgqa_compile.bench import _timer  # noqa: E402
+from ccgqa_compile.bench import _timer, warm_up_gpu  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_seed_prologue import (  # noqa: E402
     ccgqa_seed_prologue_bwd,
     ccgqa_seed_prologue_fwd,
@@ -326,6 +326,7 @@ def main(argv=None):
             meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
             json.dump({**meta, "rows": rows}, fh, indent=1)
 
+    warm_up_gpu()
     if args.block:  # first: a failed CUDA-graph capture can upset later CUDA RNG calls
         rows.extend(_bench_block())
         save()

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_prologue import make, max_rel_err_vs_fp64  # noqa: E402
 
+from ccgqa_compile.bench import warm_up_gpu  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_bwd,
     ccgqa_prologue_fwd,
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
     )
     args = ap.parse_args(argv)
     old = importlib.import_module(args.old) if args.old else None
+    warm_up_gpu()
     # by head dim, so that the choice passes through a shell variable unquoted
     by_dim = {f"d{config[3]}": config for config in CONFIGS}
     chosen = args.configs.split(",") if args.configs else list(by_dim)
