@@ -1,131 +1,191 @@
-"""RMSNorm idioms -> ``torch.ops.ccgqa.rms_norm``.
+"""RMSNorm, recognised by what it computes: y = x / sqrt(mean(x^2, -1) + eps) * w.
 
-Near misses that must not match (and do not, by structure or by the exact re-trace):
-eps outside the sqrt, a mean over another dim, a square other than x^2, Gemma's offset
-other than 1.
+Anchors: a mean or sum of a square over a dim (``x.pow(2).mean(-1)``, ``torch.mean(x * x)``,
+``x.square().sum(-1)``), a norm over a dim (``x.norm(dim=-1)``, ``vector_norm``), and
+``F.rms_norm`` itself. From the squared tensor x the region grows forward through
+elementwise ops, casts and reductions whose other inputs do not depend on x (weights,
+constants); every node of x's shape in it is a candidate output, the widest first. The
+weight is the product of the region's per-channel inputs (``w``, ``1 + w``, a scalar
+gain), eps is read off the probes and matched to the region's literals, and the candidate
+``torch.ops.ccgqa.rms_norm(x, w, eps)`` must agree with the region in float64 at inputs of
+scale 1, 1e3 and around sqrt(eps), where eps inside or outside the sqrt differ.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
+from torch.fx import Node
 
-from ._registry import DTYPES_MIXED, DTYPES_SAME, HALF_OR_FLOAT, Idiom, family
+from .common import GraphContext, float_literals, forward_closure, is_elementwise, snap
+from .evaluate import Evaluator, real_tensors
+from .fx_util import (
+    arg,
+    is_cast,
+    is_function,
+    is_method,
+    same_shape,
+    strip_casts,
+    tensor_value,
+    value,
+)
+from .region import Region, Rejected, emit, verify
 
-EPS = 2.0**-17  # scalar_workaround placeholder; exact in fp32 so decompositions keep it bit-equal
-_GRADS = ((True, True), (True, False), (False, True))
+FUSION = "rms_norm"
+
+_REDUCE_METHODS = {"mean", "sum"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum}
+_NORM_FUNCTIONS = {torch.norm, torch.linalg.vector_norm, torch.linalg.norm}
 
 
-def _inputs(act: torch.dtype, param: torch.dtype, device: str):
-    return (
-        torch.randn(2, 3, 16, dtype=act, device=device),
-        torch.randn(16, dtype=param, device=device),
-        EPS,
-    )
-
-
-def _check_weight(values) -> str | None:
-    x, w = values["x"], values["weight"]
-    if w.dim() != 1 or w.shape[0] != x.shape[-1]:
-        return f"weight shape {tuple(w.shape)} is not ({x.shape[-1]},): not a per-channel weight"
+def _squared(node: Node) -> Node | None:
+    """x for x*x, x.pow(2), x.square(), x**2 (through casts); None otherwise."""
+    node = strip_casts(node)
+    if is_method(node, "square") or is_function(node, torch.square):
+        return strip_casts(node.args[0])
+    if is_method(node, "pow") or is_function(node, torch.pow, __import__("operator").pow):
+        base, exponent = node.args[0], arg(node, 1, "exponent")
+        if isinstance(base, Node):  # any exponent: the probes reject all but 2
+            return strip_casts(base)
+    if is_function(node, __import__("operator").mul, torch.mul) or is_method(node, "mul"):
+        a, b = node.args[0], node.args[1]
+        if isinstance(a, Node) and isinstance(b, Node) and strip_casts(a) is strip_casts(b):
+            return strip_casts(a)
     return None
 
 
-def _check_upcast(values) -> str | None:
-    if values["x"].dtype not in HALF_OR_FLOAT:
-        return f"x is {values['x'].dtype}; the idiom computes in float32, the op would not"
-    return _check_weight(values)
+def _reduced_dim(node: Node) -> object:
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    return dim
 
 
-def _op(x, weight, eps, offset, out_dtype):
-    return torch.ops.ccgqa.rms_norm(x, weight, eps, offset, out_dtype)[0]
+def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
+    """(anchor, x): reductions of a square, norms, ``F.rms_norm`` calls."""
+    found = []
+    for node in graph.nodes:
+        x = None
+        if is_method(node, *_REDUCE_METHODS) or is_function(node, *_REDUCE_FUNCTIONS):
+            if isinstance(node.args[0], Node) and _reduced_dim(node) is not None:
+                x = _squared(node.args[0])
+        elif is_method(node, "norm") or is_function(node, *_NORM_FUNCTIONS):
+            if arg(node, 2, "dim") is not None:
+                x = strip_casts(node.args[0])
+        elif is_function(node, torch.rms_norm, torch.nn.functional.rms_norm):
+            x = strip_casts(node.args[0])
+        if isinstance(x, Node) and tensor_value(x) is not None:
+            found.append((node, x))
+    return found
 
 
-# --- HF Llama: fp32 upcast, pow(2).mean, rsqrt, cast back, weight * normed ---
-def _hf_llama(x, weight, eps):
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    var = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(var + eps)
-    return weight * h.to(dtype)
+def _allowed(node: Node) -> bool:
+    return (
+        is_elementwise(node)
+        or is_cast(node)
+        or is_method(node, *_REDUCE_METHODS, "norm", "expand_as", "expand")
+        or is_function(node, *_REDUCE_FUNCTIONS, *_NORM_FUNCTIONS)
+        or is_function(node, torch.rms_norm, torch.nn.functional.rms_norm)
+    )
 
 
-def _hf_llama_repl(x, weight, eps):
-    return _op(x, weight, eps, 0.0, torch.promote_types(weight.dtype, x.dtype))
+def _per_channel(node: Node, width) -> bool:
+    v = tensor_value(node)
+    if v is None:
+        return False
+    dims = tuple(v.shape)
+    if not dims:
+        return True
+    return all(s == 1 for s in dims[:-1]) and (dims[-1] == 1 or same_shape((dims[-1],), (width,)))
 
 
-# --- the same without the upcast, weight on either side ---
-def _rsqrt_weight_right(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+def _candidate(n_weights: int, eps: float, width):
+    def rms(x, *weights, out_dtypes):
+        weight = None
+        for w in weights:
+            w = w.reshape(-1)
+            weight = w if weight is None else weight * w
+        if weight is not None and n_weights:
+            weight = weight.expand(width) if isinstance(width, int) else weight
+        out_dtype = out_dtypes[0] or torch.float64
+        return (torch.ops.ccgqa.rms_norm(x, weight, eps, 0.0, out_dtype)[0],)
+
+    return rms
 
 
-def _rsqrt_weight_left(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+def _estimate_eps(region: Region, x: Node, weights: list[Node], sizes) -> float:
+    """eps from one probe: with unit weights, (x / y)^2 - mean(x^2) per row."""
+    with real_tensors():
+        feeds = region.feeds(sizes, seed=11)
+        for w in weights:
+            feeds[w] = torch.ones_like(feeds[w])
+        (y,) = Evaluator(region.graph, sizes).run(region.sinks, feeds)
+        xv = feeds[x]
+        ms = xv.pow(2).mean(-1, keepdim=True)
+        ratio = (xv / y).pow(2) - ms
+        est = ratio[torch.isfinite(ratio)]
+        return float(est.median()) if est.numel() else float("nan")
 
 
-def _plain_repl(x, weight, eps):
-    return _op(x, weight, eps, 0.0, torch.promote_types(x.dtype, weight.dtype))
-
-
-# --- division by sqrt ---
-def _div_sqrt(x, weight, eps):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-# --- F.rms_norm ---
-def _functional(x, weight, eps):
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _functional_repl(x, weight, eps):
-    return _op(x, weight, eps, 0.0, x.dtype)
-
-
-# --- Gemma: upcast, (1 + w.float()), type_as(x) ---
-def _gemma(x, weight, eps):
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = h * (1.0 + weight.float())
-    return h.type_as(x)
-
-
-def _gemma_repl(x, weight, eps):
-    return _op(x, weight, eps, 1.0, x.dtype)
-
-
-# --- no weight (e.g. qk-norm): x * rsqrt(mean(x^2) + eps) ---
-def _unweighted(x, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _unweighted_repl(x, eps):
-    return _op(x, None, eps, 0.0, x.dtype)
-
-
-def _unweighted_inputs(act, _param, device):
-    return (torch.randn(2, 3, 16, dtype=act, device=device), EPS)
-
-
-@family("rms_norm")
-def idioms() -> list[Idiom]:
-    def idiom(
-        name, search, replace, dtypes=DTYPES_SAME, check=_check_weight, make=_inputs, grads=_GRADS
-    ):
-        return Idiom("rms_norm", name, search, replace, make, grads, dtypes, {"eps": EPS}, check)
-
-    return [
-        idiom("hf_llama_fp32_upcast", _hf_llama, _hf_llama_repl, DTYPES_MIXED, _check_upcast),
-        idiom("gemma_one_plus_weight", _gemma, _gemma_repl, DTYPES_MIXED, _check_upcast),
-        idiom("rsqrt_times_weight", _rsqrt_weight_right, _plain_repl),
-        idiom("weight_times_rsqrt", _rsqrt_weight_left, _plain_repl),
-        idiom("div_sqrt", _div_sqrt, _plain_repl),
-        idiom("F.rms_norm", _functional, _functional_repl),
-        idiom(
-            "rsqrt_no_weight",
-            _unweighted,
-            _unweighted_repl,
-            check=None,
-            make=_unweighted_inputs,
-            grads=((True,),),
-        ),
+def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], float] | str:
+    """(idiom, weights, eps) when ``sink`` is an RMSNorm of ``x``, else the reason."""
+    try:
+        region = Region.between([x], [sink])
+    except Rejected as why:
+        return str(why)
+    if region.escapes():
+        return f"{region.escapes()[0].name} is also read outside the norm"
+    width = tensor_value(x).shape[-1]
+    weights = [n for n in region.float_leaves() if n is not x]
+    for w in weights:
+        if not _per_channel(w, width):
+            return f"{w.name} {tuple(tensor_value(w).shape)} is not a per-channel weight"
+    sizes = ctx.sizes[0]
+    eps = _estimate_eps(region, x, weights, sizes)
+    if not math.isfinite(eps) or eps < -1e-12:
+        return "not an RMS normalisation (no eps fits the probes)"
+    eps = snap(max(eps, 0.0), float_literals(region.nodes))
+    candidate = _candidate(len(weights), eps, width)
+    small = math.sqrt(eps) if eps > 0 else 1e-6
+    trials = [
+        {"seed": 1},
+        {"seed": 2, "scale": {x: 1e3}},
+        {"seed": 3, "scale": {x: small}},
+        {"seed": 4, "scale": {x: small * 1e-2}},
     ]
+    reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
+    if reason is not None:
+        return reason
+    return ("weighted" if weights else "unweighted", [x, *weights], eps)
+
+
+def run(ctx: GraphContext) -> None:
+    for anchor, x in anchors(ctx.graph):
+        if not ctx.alive(anchor) or not ctx.alive(x):
+            continue
+        xv = tensor_value(x)
+        if not xv.dtype.is_floating_point:
+            continue
+        sinks = [
+            n
+            for n in forward_closure(x, _allowed)
+            if tensor_value(n) is not None and same_shape(tuple(value(n).shape), tuple(xv.shape))
+        ]
+        last_reason = "no output of x's shape follows the reduction"
+        for sink in reversed(sinks):
+            found = try_sink(ctx, x, sink)
+            if isinstance(found, str):
+                last_reason = found
+                continue
+            idiom, inputs, eps = found
+            region = Region.between([x], [sink])
+            try:
+                emit(region, _candidate(len(inputs) - 1, eps, xv.shape[-1]), inputs)
+            except Rejected as why:
+                last_reason = str(why)
+                continue
+            ctx.fused(FUSION, idiom)
+            break
+        else:
+            ctx.rejected(FUSION, "rms", anchor, last_reason)

@@ -1,184 +1,234 @@
-"""RoPE idioms -> ``torch.ops.ccgqa.rope``.
+"""Rotary position embedding, recognised by what it computes:
+out[..., :r] = x[..., :r] * cos + rot(x[..., :r]) * sin, out[..., r:] = x[..., r:],
+with rot the rotate-half or the pairwise (interleaved) quarter turn.
 
-Near misses that must not match: the wrong rotation sign (``cat(x2, -x1)``), a split at
-another point than half the rotary dims, pairs taken in the other order, cos/sin swapped.
-The exact re-trace compares slice bounds and the structure fixes the signs.
+Anchors: concatenations and stacks (``cat((-x2, x1))``, gpt-fast's ``stack([x0*c - x1*s,
+...])``) and complex views (Meta's ``view_as_complex(x) * freqs_cis``). The rotated tensor
+is one of the tensors the anchor's cone slices or reshapes, the largest first; the region
+grows forward from it through element-wise, slicing, reshaping and complex ops whose other
+inputs do not depend on it (the tables). The op's full-width cos/sin tables are built from
+the region's table inputs: two real tables used as they are or duplicated (``cat(c, c)``,
+``repeat_interleave(c, 2)``), one real table holding (cos, sin) pairs, or one complex table.
+Each (tables, layout) candidate must agree with the region in float64 on random x and
+random tables.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch.fx import Node
 
-from ._registry import HALF_OR_FLOAT, Idiom, family
+from .common import GraphContext, forward_closure, is_elementwise
+from .fx_util import (
+    ancestors,
+    is_basic_index,
+    is_cast,
+    is_function,
+    is_layout,
+    is_method,
+    node_inputs,
+    same_shape,
+    tensor_value,
+    value,
+)
+from .region import Region, Rejected, emit, verify
 
-_X_GRAD = ((True, False, False),)
+FUSION = "rope"
+
+_COMPLEX = {torch.view_as_complex, torch.view_as_real, torch.polar, torch.complex}
+_STRUCTURE_FUNCTIONS = {torch.cat, torch.stack, torch.unbind, torch.chunk, torch.split}
+_STRUCTURE_METHODS = {"unbind", "chunk", "split", "real", "imag"}
 
 
-def _inputs(act, _param, device):
-    x = torch.randn(2, 3, 5, 8, dtype=act, device=device)
+def _rotation_op(node: Node) -> bool:
     return (
-        x,
-        torch.randn(2, 1, 5, 8, dtype=act, device=device),
-        torch.randn(2, 1, 5, 8, dtype=act, device=device),
+        is_elementwise(node)
+        or is_cast(node)
+        or is_layout(node)
+        or is_basic_index(node)
+        or is_function(node, operator.getitem, *_COMPLEX, *_STRUCTURE_FUNCTIONS)
+        or is_method(node, *_STRUCTURE_METHODS)
     )
 
 
-def _partial_inputs(act, _param, device):
-    x = torch.randn(2, 3, 5, 8, dtype=act, device=device)
+def anchors(graph: torch.fx.Graph) -> list[Node]:
+    found = []
+    for node in graph.nodes:
+        if is_function(node, torch.view_as_complex):
+            found.append(node)
+        elif is_function(node, torch.cat, torch.stack):
+            parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            if any(_has_neg_or_sub(p) for p in parts if isinstance(p, Node)):
+                found.append(node)
+    return found
+
+
+def _has_neg_or_sub(node: Node) -> bool:
     return (
-        x,
-        torch.randn(2, 1, 5, 4, dtype=act, device=device),
-        torch.randn(2, 1, 5, 4, dtype=act, device=device),
+        is_function(node, operator.neg, torch.neg, operator.sub, torch.sub)
+        or is_method(node, "neg", "sub")
     )
 
 
-def _complex_inputs(act, _param, device):
-    # Meta Llama layout: x (B, T, H, D); freqs_cis reshaped for broadcast to (1, T, 1, D/2)
-    return (
-        torch.randn(2, 5, 3, 8, dtype=act, device=device),
-        torch.randn(1, 5, 1, 4, dtype=torch.complex64, device=device),
-    )
+def _sources(anchor: Node) -> list[Node]:
+    """Tensors the anchor's cone slices, splits or reshapes: the rotated one among them."""
+    seen, todo, found = set(), [anchor], []
+    for _ in range(64):
+        if not todo:
+            break
+        node = todo.pop()
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if not _rotation_op(node):
+            continue
+        if (
+            is_basic_index(node)
+            or is_layout(node)
+            or is_function(node, torch.view_as_complex, torch.unbind, torch.chunk, torch.split)
+            or is_method(node, "unbind", "chunk", "split")
+        ):
+            base = node.args[0]
+            if isinstance(base, Node) and tensor_value(base) is not None:
+                found.append(base)
+        todo.extend(node_inputs(node))
+    out = []
+    for n in found:
+        v = tensor_value(n)
+        if v is not None and v.dtype.is_floating_point and v.dim() >= 2 and n not in out:
+            out.append(n)
+    return sorted(out, key=lambda n: -_numel_hint(n))
 
 
-def _check_tables(values) -> str | None:
-    x, cos, sin = values["x"], values["cos"], values["sin"]
-    rd = cos.shape[-1]
-    if sin.shape[-1] != rd or rd % 2 or rd > x.shape[-1]:
-        return (
-            f"cos/sin last dims {cos.shape[-1]}/{sin.shape[-1]} do not fit head dim {x.shape[-1]}"
-        )
-    rot_shape = (*x.shape[:-1], rd)
-    for name, table in (("cos", cos), ("sin", sin)):
-        try:
-            if tuple(torch.broadcast_shapes(rot_shape, table.shape)) != tuple(rot_shape):
-                return f"{name} {tuple(table.shape)} broadcasts x beyond its own shape"
-        except RuntimeError:
-            return f"{name} {tuple(table.shape)} does not broadcast against x"
-    return None
+def _numel_hint(node: Node) -> int:
+    n = 1
+    for s in tensor_value(node).shape:
+        n *= s if isinstance(s, int) else 1 << 20
+    return n
 
 
-def _check_complex(values) -> str | None:
-    x, freqs = values["x"], values["freqs_cis"]
-    if x.dtype not in HALF_OR_FLOAT:
-        return f"x is {x.dtype}; the idiom computes in float32, the op would not"
-    if freqs.dtype != torch.complex64:
-        return f"freqs_cis is {freqs.dtype}, not complex64"
-    rot_shape = (*x.shape[:-1], x.shape[-1] // 2)
+def _dup(table, how):
+    if how == "cat":
+        return torch.cat((table, table), dim=-1)
+    if how == "interleave":
+        return table.repeat_interleave(2, dim=-1)
+    return table
+
+
+def _table_options(tables: list[Node], width):
+    """(name, inputs, build(tables...) -> (cos, sin), rotary width, interleaved) candidates."""
+    options = []
+    if len(tables) == 2:
+        a, b = tables
+        va, vb = tensor_value(a), tensor_value(b)
+        if va.dtype.is_complex or vb.dtype.is_complex:
+            return options
+        last = va.shape[-1]
+        if not same_shape((vb.shape[-1],), (last,)) or not isinstance(last, int):
+            return options
+        for first, second in ((a, b), (b, a)):
+            for how, r, inter in (
+                ("full", last, False),
+                ("full", last, True),
+                ("cat", 2 * last, False),
+                ("interleave", 2 * last, True),
+            ):
+
+                def build(c, s, how=how):
+                    return _dup(c, how), _dup(s, how)
+
+                options.append((f"{how}", [first, second], build, r, inter))
+    elif len(tables) == 1:
+        (t,) = tables
+        v = tensor_value(t)
+        if v.dtype.is_complex and isinstance(v.shape[-1], int):
+            last = v.shape[-1]
+            for how, inter in (("interleave", True), ("cat", False)):
+
+                def build(z, how=how):
+                    return _dup(z.real, how), _dup(z.imag, how)
+
+                options.append((f"complex_{how}", [t], build, 2 * last, inter))
+        elif v.dim() >= 1 and v.shape[-1] == 2 and isinstance(v.shape[-2], int):
+            last = v.shape[-2]
+            for how, inter in (("interleave", True), ("cat", False)):
+
+                def build(p, how=how):
+                    return _dup(p[..., 0], how), _dup(p[..., 1], how)
+
+                options.append((f"pairs_{how}", [t], build, 2 * last, inter))
+    return [o for o in options if isinstance(width, int) and 0 < o[3] <= width and o[3] % 2 == 0]
+
+
+def _candidate(build, rotary_dim: int, interleaved: bool):
+    def rope(x, *tables, out_dtypes):
+        cos, sin = build(*tables)
+        out_dtype = out_dtypes[0] or torch.float64
+        return (torch.ops.ccgqa.rope(x, cos, sin, rotary_dim, interleaved, out_dtype),)
+
+    return rope
+
+
+def _try(ctx: GraphContext, x: Node, sink: Node):
     try:
-        if tuple(torch.broadcast_shapes(rot_shape, freqs.shape)) != tuple(rot_shape):
-            return "freqs_cis broadcasts x beyond its own shape"
-    except RuntimeError:
-        return "freqs_cis does not broadcast against x"
-    return None
+        region = Region.between([x], [sink])
+    except Rejected as why:
+        return str(why)
+    if region.escapes():
+        return f"{region.escapes()[0].name} is also read outside the rotation"
+    tables = [n for n in region.float_leaves() if n is not x]
+    width = tensor_value(x).shape[-1]
+    options = _table_options(tables, width)
+    if not options:
+        return f"no cos/sin tables among the region's inputs ({len(tables)} float inputs)"
+    trials = [{"seed": 1}, {"seed": 2, "scale": {x: 1e2}}]
+    reason = "no rotation fits"
+    for name, inputs, build, r, inter in options:
+        candidate = _candidate(build, r, inter)
+        why = verify(region, candidate, [x, *inputs], ctx.sizes, trials)
+        if why is None:
+            layout = "interleaved" if inter else "rotate_half"
+            partial = "" if r == width else f" r={r}"
+            return f"{layout}{partial}", region, candidate, [x, *inputs]
+        reason = why
+    return reason
 
 
-def _out_dtype(x, cos, sin):
-    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-
-
-# --- HF Llama rotate_half: cat(-x2, x1) ---
-def _rotate_half(x):
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _hf_rotate_half(x, cos, sin):
-    return (x * cos) + (_rotate_half(x) * sin)
-
-
-def _full_repl(x, cos, sin, interleaved=False):
-    return torch.ops.ccgqa.rope(x, cos, sin, x.shape[-1], interleaved, _out_dtype(x, cos, sin))
-
-
-# --- GPT-NeoX partial rotary: rotate the first rotary_ndims dims, pass the rest ---
-def _neox_partial(x, cos, sin):
-    rd = cos.shape[-1]
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    x_rot = (x_rot * cos) + (_rotate_half(x_rot) * sin)
-    return torch.cat((x_rot, x_pass), dim=-1)
-
-
-def _partial_repl(x, cos, sin):
-    return torch.ops.ccgqa.rope(x, cos, sin, cos.shape[-1], False, _out_dtype(x, cos, sin))
-
-
-# --- GPT-J interleaved pairs: stack(-x_odd, x_even).flatten ---
-def _rotate_every_two(x):
-    x1 = x[..., ::2]
-    x2 = x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def _gptj_interleaved(x, cos, sin):
-    return (x * cos) + (_rotate_every_two(x) * sin)
-
-
-# The rotation computed before ``x * cos`` (``rot = ...; return x * cos + rot * sin``): the
-# forward is the same graph, but autograd then adds x's two gradient terms in the other
-# order, so the backward has its own pattern.
-def _gptj_rotation_first(x, cos, sin):
-    rot = _rotate_every_two(x)
-    return (x * cos) + (rot * sin)
-
-
-def _hf_rotation_first(x, cos, sin):
-    rot = _rotate_half(x)
-    return (x * cos) + (rot * sin)
-
-
-# ... and with the halves (pairs) sliced inline, second (odd) first: after the rotation,
-# autograd folds x * cos's gradient with the two slices' in slicing order
-def _hf_rotation_first_inline(x, cos, sin):
-    h = x.shape[-1] // 2
-    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return (x * cos) + (rot * sin)
-
-
-def _gptj_rotation_first_inline(x, cos, sin):
-    rot = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-    return (x * cos) + (rot * sin)
-
-
-def _interleaved_repl(x, cos, sin):
-    return _full_repl(x, cos, sin, interleaved=True)
-
-
-# --- Meta Llama: view_as_complex multiply ---
-def _meta_complex(x, freqs_cis):
-    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(x_c * freqs_cis).flatten(3).type_as(x)
-
-
-def _meta_complex_repl(x, freqs_cis):
-    parts = torch.view_as_real(freqs_cis)
-    cos = parts[..., 0].repeat_interleave(2, dim=-1)
-    sin = parts[..., 1].repeat_interleave(2, dim=-1)
-    return torch.ops.ccgqa.rope(x, cos, sin, x.shape[-1], True, x.dtype)
-
-
-@family("rope")
-def idioms() -> list[Idiom]:
-    def table_idiom(name, search, replace, make=_inputs):
-        return Idiom("rope", name, search, replace, make, _X_GRAD, check=_check_tables)
-
-    return [
-        table_idiom("neox_partial_rotary", _neox_partial, _partial_repl, _partial_inputs),
-        # each spelling below computes the same forward but sums x's gradient terms in its
-        # own order, so each needs its own training pattern
-        table_idiom("hf_rotate_half", _hf_rotate_half, _full_repl),
-        table_idiom("hf_rotate_half", _hf_rotation_first, _full_repl),
-        table_idiom("hf_rotate_half", _hf_rotation_first_inline, _full_repl),
-        table_idiom("gptj_interleaved", _gptj_interleaved, _interleaved_repl),
-        table_idiom("gptj_interleaved", _gptj_rotation_first, _interleaved_repl),
-        table_idiom("gptj_interleaved", _gptj_rotation_first_inline, _interleaved_repl),
-        Idiom(
-            "rope",
-            "meta_view_as_complex",
-            _meta_complex,
-            _meta_complex_repl,
-            _complex_inputs,
-            ((True, False),),
-            check=_check_complex,
-        ),
-    ]
+def run(ctx: GraphContext) -> None:
+    for anchor in anchors(ctx.graph):
+        if not ctx.alive(anchor):
+            continue
+        reason = "no rotated tensor found"
+        done = False
+        for x in _sources(anchor):
+            if done or not ctx.alive(x):
+                break
+            xv = tensor_value(x)
+            sinks = [
+                n
+                for n in forward_closure(x, _rotation_op, max_nodes=64)
+                if tensor_value(n) is not None
+                and same_shape(tuple(value(n).shape), tuple(xv.shape))
+            ]
+            for sink in reversed(sinks):
+                if anchor not in ancestors([sink]):
+                    continue
+                found = _try(ctx, x, sink)
+                if isinstance(found, str):
+                    reason = found
+                    continue
+                idiom, region, candidate, inputs = found
+                try:
+                    emit(region, candidate, inputs)
+                except Rejected as why:
+                    reason = str(why)
+                    continue
+                ctx.fused(FUSION, idiom)
+                done = True
+                break
+        if not done and ctx.alive(anchor):
+            ctx.rejected(FUSION, "rope", anchor, reason)

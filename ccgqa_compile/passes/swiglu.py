@@ -1,93 +1,140 @@
-"""SwiGLU idioms -> ``torch.ops.ccgqa.swiglu`` / ``swiglu_packed``.
+"""SwiGLU, recognised by what it computes: silu(gate) * up.
 
-Near misses that must not match: another activation (gelu, relu), a plain GLU
-(sigmoid(gate) * up), a chunk along another dim, or halves in the other order for the
-packed form (the exact re-trace compares slice bounds).
+Anchors: every ``silu`` and ``sigmoid``. The gate is the anchor's input (through casts);
+the region grows forward through elementwise ops whose other inputs do not depend on the
+gate, and each node of the gate's shape in it is a candidate output, the widest first. The
+up projection is the region's other input of the gate's shape. When gate and up are the two
+halves of one tensor (``chunk(2, -1)``, ``split``, slices), the packed op reads that tensor
+once. The candidate must agree with the region in float64 on random inputs at three scales.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx import Node
 
-from ._registry import Idiom, family
+from .common import GraphContext, forward_closure, is_elementwise
+from .fx_util import (
+    is_basic_index,
+    is_cast,
+    is_function,
+    is_method,
+    same_shape,
+    strip_casts,
+    tensor_value,
+    value,
+)
+from .region import Region, Rejected, emit, verify
 
-
-def _inputs(act, _param, device):
-    return (
-        torch.randn(2, 3, 16, dtype=act, device=device),
-        torch.randn(2, 3, 16, dtype=act, device=device),
-    )
-
-
-def _packed_inputs(act, _param, device):
-    return (torch.randn(2, 3, 32, dtype=act, device=device),)
-
-
-def _check_same_shape(values) -> str | None:
-    gate, up = values["gate"], values["up"]
-    if gate.shape != up.shape:
-        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} broadcast; the op needs equal shapes"
-    return None
+FUSION = "swiglu"
 
 
-def _check_packed(values) -> str | None:
-    if values["gate_up"].shape[-1] % 2:
-        return "odd last dim: chunk(2) halves are unequal"
-    return None
+def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
+    found = []
+    for node in graph.nodes:
+        if is_function(node, F.silu, torch.sigmoid, F.sigmoid) or is_method(node, "sigmoid"):
+            gate = strip_casts(node.args[0])
+            if isinstance(gate, Node) and tensor_value(gate) is not None:
+                found.append((node, gate))
+    return found
 
 
-def _silu_mul(gate, up):
-    return F.silu(gate) * up
+def _allowed(node: Node) -> bool:
+    return is_elementwise(node) or is_cast(node)
 
 
-def _mul_silu(gate, up):
-    return up * F.silu(gate)
+def _separate(gate, up, out_dtypes):
+    return (torch.ops.ccgqa.swiglu(gate, up),)
 
 
-def _sigmoid_mul(gate, up):
-    return gate * torch.sigmoid(gate) * up
+def _packed(gate_up, out_dtypes):
+    return (torch.ops.ccgqa.swiglu_packed(gate_up),)
 
 
-def _repl(gate, up):
-    return torch.ops.ccgqa.swiglu(gate, up)
+def _halves_of(gate: Node, up: Node) -> Node | None:
+    """The tensor whose last-dim halves are gate (first) and up (second), if one is."""
+    from .evaluate import is_getitem
+
+    def split_part(n):
+        # chunk/split -> getitem(i)
+        if is_getitem(n) and isinstance(n.args[0], Node) and isinstance(n.args[1], int):
+            parent = n.args[0]
+            if is_method(parent, "chunk", "split") or is_function(parent, torch.chunk, torch.split):
+                return parent.args[0], n.args[1]
+        if is_basic_index(n):
+            return n.args[0], None
+        return None
+
+    g, u = split_part(gate), split_part(up)
+    if g is None or u is None or g[0] is not u[0] or not isinstance(g[0], Node):
+        return None
+    base = g[0]
+    bv, gv = tensor_value(base), tensor_value(gate)
+    if bv is None or gv is None or not same_shape((bv.shape[-1],), (2 * gv.shape[-1],)):
+        return None
+    if tuple(bv.shape[:-1]) != tuple(gv.shape[:-1]):
+        return None
+    return base
 
 
-def _chunk_silu_mul(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def _try(ctx: GraphContext, gate: Node, sink: Node) -> tuple[str, Region, object, list] | str:
+    try:
+        region = Region.between([gate], [sink])
+    except Rejected as why:
+        return str(why)
+    if region.escapes():
+        return f"{region.escapes()[0].name} is also read outside"
+    gshape = tuple(value(gate).shape)
+    ups = [n for n in region.float_leaves() if n is not gate]
+    ups = [n for n in ups if same_shape(tuple(value(n).shape), gshape)]
+    if len(ups) != 1:
+        return "no single up tensor of the gate's shape multiplies the activation"
+    up = ups[0]
+    trials = [{"seed": 1}, {"seed": 2, "scale": {gate: 30.0}}, {"seed": 3, "scale": {gate: 1e-3}}]
+    reason = verify(region, _separate, [gate, up], ctx.sizes, trials)
+    if reason is not None:
+        return reason
+    base = _halves_of(gate, up)
+    if base is not None:
+        try:
+            packed = Region.between([base], [sink])
+            if not packed.escapes() and not [n for n in packed.float_leaves() if n is not base]:
+                if verify(packed, _packed, [base], ctx.sizes, trials[:2]) is None:
+                    return "packed", packed, _packed, [base]
+        except Rejected:
+            pass
+    return "separate", region, _separate, [gate, up]
 
 
-def _packed_repl(gate_up):
-    return torch.ops.ccgqa.swiglu_packed(gate_up)
+def run(ctx: GraphContext) -> None:
+    for anchor, gate in anchors(ctx.graph):
+        if not ctx.alive(anchor) or not ctx.alive(gate):
+            continue
+        gv = tensor_value(gate)
+        if not gv.dtype.is_floating_point:
+            continue
+        sinks = [
+            n
+            for n in forward_closure(gate, _allowed)
+            if tensor_value(n) is not None
+            and same_shape(tuple(value(n).shape), tuple(gv.shape))
+            and n is not anchor
+        ]
+        reason = "the activation multiplies no up tensor"
+        for sink in reversed(sinks):
+            found = _try(ctx, gate, sink)
+            if isinstance(found, str):
+                reason = found
+                continue
+            idiom, region, candidate, inputs = found
+            try:
+                emit(region, candidate, inputs)
+            except Rejected as why:
+                reason = str(why)
+                continue
+            ctx.fused(FUSION, idiom)
+            break
+        else:
+            ctx.rejected(FUSION, "swiglu", anchor, reason)
 
-
-@family("swiglu")
-def idioms() -> list[Idiom]:
-    both = ((True, True),)
-    return [
-        Idiom(
-            "swiglu",
-            "chunk_gate_up",
-            _chunk_silu_mul,
-            _packed_repl,
-            _packed_inputs,
-            ((True,),),
-            check=_check_packed,
-        ),
-        Idiom(
-            "swiglu", "silu_gate_times_up", _silu_mul, _repl, _inputs, both, check=_check_same_shape
-        ),
-        Idiom(
-            "swiglu", "up_times_silu_gate", _mul_silu, _repl, _inputs, both, check=_check_same_shape
-        ),
-        Idiom(
-            "swiglu",
-            "gate_sigmoid_gate_up",
-            _sigmoid_mul,
-            _repl,
-            _inputs,
-            both,
-            check=_check_same_shape,
-        ),
-    ]

@@ -1,0 +1,204 @@
+"""Reading Dynamo's torch-level FX graphs (what Inductor's pre-grad hook sees).
+
+Nodes there are ``call_function`` on torch functions / operators and ``call_method`` on
+tensors, with fake example values in ``node.meta["example_value"]``; module parameters are
+placeholders. Nothing here rewrites a graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+
+def value(arg: Any) -> Any:
+    """A node's example value (a fake tensor, SymInt, tuple...), a literal as is."""
+    if isinstance(arg, Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def tensor_value(node: Any) -> torch.Tensor | None:
+    v = value(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_float_tensor(node: Any) -> bool:
+    v = tensor_value(node)
+    return v is not None and (v.dtype.is_floating_point or v.dtype.is_complex)
+
+
+def call_name(node: Node) -> str:
+    """``call_method`` name, or the function's name (``softmax``, ``linear``, ``mul``)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+def is_function(node: Any, *fns: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in fns
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call (counting ``self`` of a method call as 0), or by name."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if index < len(node.args):
+        return node.args[index]
+    return default
+
+
+def node_inputs(node: Node) -> list[Node]:
+    found: list[Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def ancestors(nodes: Iterable[Node], stop: set[Node] | None = None) -> set[Node]:
+    """Every node the given ones depend on (themselves included), not crossing ``stop``."""
+    stop = stop or set()
+    seen: set[Node] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in stop:
+            continue
+        todo.extend(node_inputs(node))
+    return seen
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend(node.users)
+    return seen
+
+
+def depends_on_tensor_input(node: Node) -> bool:
+    """Whether ``node`` reads a graph input tensor (user data or a parameter): if not,
+    it is a constant of the compiled program (built from literals and sizes only)."""
+    return any(
+        n.op == "placeholder" and isinstance(value(n), torch.Tensor) for n in ancestors([node])
+    )
+
+
+def runtime_inputs_of(node: Node) -> list[Node]:
+    return [
+        n for n in ancestors([node]) if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
+    ]
+
+
+# ---- op kinds ----------------------------------------------------------------------
+
+# a dtype cast: the same real function
+CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as"}
+# views and copies that only move elements
+LAYOUT_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
+    "unsqueeze", "squeeze", "movedim", "swapaxes", "swapdims", "t", "clone", "view_as",
+    "reshape_as", "expand", "expand_as", "repeat_interleave", "repeat",
+}  # fmt: skip
+LAYOUT_FUNCTIONS = {
+    torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten,
+    torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims, torch.t,
+    torch.clone, torch.repeat_interleave,
+}  # fmt: skip
+MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.einsum}
+SOFTMAXES = {torch.softmax, F.softmax}
+CONV1D = {torch.conv1d, F.conv1d}
+PAD = {F.pad, torch._C._nn.pad, torch.constant_pad_nd}
+SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def is_cast(node: Any) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method" and node.target in CAST_METHODS:
+        return True
+    return False
+
+
+def is_layout(node: Any) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method" and node.target in LAYOUT_METHODS:
+        return True
+    return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
+
+
+def is_basic_index(node: Any) -> bool:
+    """``x[...]`` with slices, ints, None and Ellipsis only (a view)."""
+    if not is_function(node, operator.getitem) or not isinstance(value(node.args[0]), torch.Tensor):
+        return False
+    index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (slice, int, type(None))) or i is Ellipsis for i in items)
+
+
+def strip_casts(node: Any) -> Any:
+    """Follow casts back to the tensor they convert."""
+    while is_cast(node) and node.target != "type_as" and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def is_mutating(node: Node) -> bool:
+    """In-place tensor methods and operators (``x.mul_(2)``, ``x += y``, ``x[i] = y``)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                           operator.itruediv):  # fmt: skip
+            return True
+        return name.endswith("_") and not name.startswith("_")
+    return False
+
+
+def shape_of(node: Any) -> tuple[Any, ...] | None:
+    v = tensor_value(node)
+    return tuple(v.shape) if v is not None else None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """a == b for sizes, without adding a guard (False when it depends on a symbol)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def static_int(x: Any) -> int | None:
+    return x if isinstance(x, int) else None
+
+
+def topo_order(graph: torch.fx.Graph) -> dict[Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}

@@ -1,0 +1,278 @@
+"""A region of a graph (what lies between some sources and some sinks), its evaluation on
+probes, and its replacement by a fused op.
+
+Recognition by computation: a recognizer proposes a region and a candidate (a function of
+some of the region's inputs, built on a ``torch.ops.ccgqa`` op); ``Region.verify`` runs
+both in float64 on the same random inputs, at several scales and at every size assignment
+the graph may run at, and only a candidate that agrees everywhere is emitted. The
+candidate is then traced into the graph in place of the sinks (before autograd: the op's
+registered backward is the one used).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import Node
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from .evaluate import (
+    Evaluator,
+    NotEvaluable,
+    Probes,
+    agree,
+    fake_mode_of,
+    real_tensors,
+)
+from .fx_util import (
+    ancestors,
+    depends_on_tensor_input,
+    descendants,
+    is_mutating,
+    node_inputs,
+    same_shape,
+    value,
+)
+
+# a candidate: (*input values, out_dtypes=[...]) -> one value per sink
+Candidate = Callable[..., Sequence[Any]]
+
+
+class Rejected(Exception):
+    """A candidate region that must not be replaced; the message says why."""
+
+
+@dataclass
+class Region:
+    graph: torch.fx.Graph
+    sources: list[Node]
+    sinks: list[Node]
+    nodes: set[Node] = field(default_factory=set)
+    leaves: list[Node] = field(default_factory=list)
+
+    @classmethod
+    def between(cls, sources: Sequence[Node], sinks: Sequence[Node]) -> Region:
+        """Every node on a path from a source to a sink (sinks included); the other nodes
+        those read are the region's leaves (sources among them)."""
+        graph = sinks[0].graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        sources = list(dict.fromkeys(sources))
+        on_path = (descendants(sources) & ancestors(sinks)) - set(sources)
+        for sink in sinks:
+            if sink not in on_path:
+                raise Rejected(f"{sink.name} does not depend on the sources")
+        for node in on_path:
+            if is_mutating(node):
+                raise Rejected(f"{node.name} writes a tensor in place")
+            if node.op not in ("call_function", "call_method"):
+                raise Rejected(f"{node.name} is a {node.op}")
+        leaves = {i for n in on_path for i in node_inputs(n) if i not in on_path}
+        return cls(
+            graph,
+            sources,
+            list(sinks),
+            on_path,
+            sorted(leaves | set(sources), key=order.__getitem__),
+        )
+
+    def escapes(self) -> list[Node]:
+        """Region nodes other than the sinks that something outside the region reads."""
+        inside = self.nodes
+        return [
+            n for n in inside if n not in self.sinks and any(u not in inside for u in n.users)
+        ]
+
+    def float_leaves(self) -> list[Node]:
+        return [
+            n
+            for n in self.leaves
+            if isinstance(value(n), torch.Tensor)
+            and (value(n).dtype.is_floating_point or value(n).dtype.is_complex)
+        ]
+
+    def device(self) -> torch.device:
+        for node in (*self.sources, *self.leaves):
+            v = value(node)
+            if isinstance(v, torch.Tensor):
+                return v.device
+        return torch.device("cpu")
+
+    # ---- evaluation ----
+
+    def feeds(
+        self,
+        sizes: dict[sympy.Symbol, int],
+        seed: int,
+        given: dict[Node, Any] | None = None,
+        scale: dict[Node, float] | None = None,
+    ) -> dict[Node, Any]:
+        """A value for every leaf: ``given`` ones, constants computed, tensors of the
+        compiled program's inputs drawn at random (float64), scaled by ``scale``."""
+        given = dict(given or {})
+        scale = scale or {}
+        probes = Probes(sizes, self.device(), seed)
+        evaluator = Evaluator(self.graph, sizes)
+        out: dict[Node, Any] = {}
+        for leaf in self.leaves:
+            if leaf in given:
+                out[leaf] = given[leaf]
+                continue
+            v = value(leaf)
+            if not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
+                out[leaf] = evaluator.run([leaf], {})[0]
+            elif v.dtype.is_floating_point or v.dtype.is_complex:
+                out[leaf] = probes.like(leaf, scale.get(leaf, 1.0))
+            else:
+                raise Rejected(
+                    f"{leaf.name} ({v.dtype}) is a runtime input of the region: its value "
+                    "is not known when compiling"
+                )
+        return out
+
+    def evaluate(self, feeds: dict[Node, Any], sizes: dict[sympy.Symbol, int]) -> list[Any]:
+        return Evaluator(self.graph, sizes).run(self.sinks, feeds)
+
+
+def run_candidate(candidate: Candidate, inputs: Sequence[Node], feeds: dict[Node, Any]):
+    values = [feeds[n] if isinstance(n, Node) else n for n in inputs]
+    outs = candidate(*values, out_dtypes=[None] * 8)
+    return list(outs)
+
+
+def verify(
+    region: Region,
+    candidate: Candidate,
+    inputs: Sequence[Node],
+    sizes_list: Sequence[dict[sympy.Symbol, int]],
+    trials: Sequence[dict[str, Any]],
+    rtol: float = 1e-8,
+) -> str | None:
+    """None when the candidate computes the region's sinks on every trial, else why not.
+
+    Each trial is a dict of ``Region.feeds`` keyword arguments (seed, given, scale)."""
+    try:
+        with real_tensors():
+            for sizes in sizes_list:
+                for trial in trials:
+                    feeds = region.feeds(sizes, **trial)
+                    expected = region.evaluate(feeds, sizes)
+                    actual = run_candidate(candidate, inputs, feeds)
+                    for sink, a, e in zip(region.sinks, actual, expected):
+                        if not agree(a, e, rtol):
+                            return f"it computes another function at {sink.name} (probe {trial.get('seed', 0)})"
+    except Rejected as why:
+        return str(why)
+    except NotEvaluable as why:
+        return f"cannot be evaluated: {why}"
+    except (RuntimeError, ValueError, TypeError, IndexError) as why:
+        return f"probe evaluation failed: {type(why).__name__}: {str(why).splitlines()[0][:160]}"
+    return None
+
+
+# ---- rewriting ----------------------------------------------------------------------
+
+
+def _graph_order(graph: torch.fx.Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[Node]:
+    """Trace ``candidate`` into the graph on ``inputs`` and route every use of the region's
+    sinks to its outputs (cast to each sink's dtype). Returns the new output nodes."""
+    graph = region.graph
+    order = _graph_order(graph)
+    input_nodes = [n for n in inputs if isinstance(n, Node)]
+    last = max(input_nodes, key=order.__getitem__)
+    tracer = GraphAppendingTracer(graph)
+    before = set(graph.nodes)
+    out_dtypes = [value(s).dtype for s in region.sinks]
+    with graph.inserting_before(last.next):
+        proxies = [Proxy(n, tracer) if isinstance(n, Node) else n for n in inputs]
+        outs = candidate(*proxies, out_dtypes=out_dtypes)
+        nodes = []
+        for out, sink in zip(outs, region.sinks):
+            node = out.node if isinstance(out, Proxy) else out
+            nodes.append(node)
+    new = [n for n in graph.nodes if n not in before]
+    _propagate_fake(graph, new)
+    results = []
+    for node, sink in zip(nodes, region.sinks):
+        v, want = value(node), value(sink)
+        if not same_shape(tuple(v.shape), tuple(want.shape)):
+            for n in reversed(new):
+                if not n.users:
+                    graph.erase_node(n)
+            raise Rejected(f"the op gives {tuple(v.shape)} where {tuple(want.shape)} is needed")
+        if v.dtype != want.dtype:
+            with graph.inserting_after(node):
+                cast = graph.call_method("to", (node, want.dtype))
+            cast.meta["example_value"] = _fake_call(cast)
+            node = cast
+        results.append(node)
+    for node, sink in zip(results, region.sinks):
+        sink.replace_all_uses_with(node)
+    _erase_dead(graph, region.nodes)
+    stable_sort(graph)
+    return results
+
+
+def _fake_call(node: Node) -> Any:
+    mode = fake_mode_of(node_inputs(node))
+    evaluator = Evaluator(node.graph, mode="fake")
+    feeds = {n: value(n) for n in node_inputs(node)}
+    with mode if mode is not None else _null():
+        return evaluator.run([node], feeds)[0]
+
+
+def _propagate_fake(graph: torch.fx.Graph, new: list[Node]) -> None:
+    new_set = set(new)
+    outside = {i for n in new for i in node_inputs(n) if i not in new_set}
+    mode = fake_mode_of(outside)
+    feeds = {n: value(n) for n in outside}
+    evaluator = Evaluator(graph, mode="fake")
+    with mode if mode is not None else _null():
+        values = evaluator.run(new, feeds)
+    for node, v in zip(new, values):
+        node.meta["example_value"] = v
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _erase_dead(graph: torch.fx.Graph, nodes: set[Node]) -> None:
+    """Erase the replaced region's nodes nothing reads any more (all side-effect free)."""
+    order = _graph_order(graph)
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+        if node.graph is graph and not node.users and not is_mutating(node):
+            graph.erase_node(node)
+
+
+def erase_unused(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
+    """Erase ``nodes`` and then their inputs, as long as nothing reads them (views, casts:
+    side-effect free ops a rewrite made dead)."""
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+            continue
+        if is_mutating(node) or node.target is operator.setitem:
+            continue
+        inputs = node_inputs(node)
+        graph.erase_node(node)
+        todo.extend(inputs)
+
+
+def stable_sort(graph: torch.fx.Graph) -> None:
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
