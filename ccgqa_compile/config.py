@@ -26,6 +26,11 @@ FUSIONS: tuple[str, ...] = (
     "value_shift",
 )
 
+# Policy: SDPA calls with a head dim above this stay on SDPA, whose own kernels (cuDNN,
+# flash) beat ours there (docs/benchmarks); hand-written attention is fused at every head
+# dim (it would otherwise materialise the T x T scores).
+SDPA_MAX_HEAD_DIM = 32
+
 # Names added here are skipped by every later compilation.
 disabled_fusions: set[str] = set()
 

@@ -137,3 +137,87 @@ def _backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None):
 
 
 gqa_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# A mask known only at run time (a padding mask built from the user's attention_mask):
+# the fused path runs when it is exactly causal, else the exact masked composite.
+# ----------------------------------------------------------------------------
+
+
+def causal_mask_problem(mask: Tensor, t_q: int, t_k: int) -> str | None:
+    """None when ``mask`` (bool: True attends; float: added to the scores) is causal
+    for every batch and head, else what differs."""
+    if t_q != t_k or mask.dim() < 2 or mask.shape[-2:] != (t_q, t_k):
+        return f"mask {tuple(mask.shape)} is not a ({t_q}, {t_k}) mask"
+    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask == 0
+        blocked = mask[~keep.expand_as(mask)]
+        if blocked.numel() and not bool((blocked <= -1e30).all()):
+            return "masked entries are not -inf (or the dtype's lowest value)"
+        if not bool((mask[keep.expand_as(mask)] == 0).all()):
+            return "the mask adds a bias to allowed scores"
+    if not torch.equal(allowed, keep.expand_as(allowed)):
+        return "the mask is not causal"
+    return None
+
+
+def _masked_composite(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    acc = compute_dtype(q.dtype, k.dtype, v.dtype)
+    groups = q.shape[1] // k.shape[1]
+    s = (q.to(acc) @ _repeat_kv(k, groups).to(acc).transpose(-1, -2)) * scale
+    if mask.dtype == torch.bool:
+        s = s.masked_fill(~mask, float("-inf"))
+    else:
+        s = s + mask.to(acc)
+    p = torch.softmax(s, dim=-1)
+    out = (p @ _repeat_kv(v, groups).to(acc)).to(q.dtype)
+    return out, torch.logsumexp(s, dim=-1).to(torch.float32)
+
+
+@torch.library.custom_op(
+    "ccgqa::gqa_attention_masked", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,)
+)
+def gqa_attention_masked(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """SDPA with a bool or additive ``mask``: our causal op when the mask is causal
+    (checked on the device: one host sync), the exact masked attention otherwise; and the
+    logsumexp of each score row."""
+    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
+        o, lse = torch.ops.ccgqa.gqa_attention(q, k, v, scale)
+        return o, lse
+    return _masked_composite(q, k, v, mask, scale)
+
+
+@gqa_attention_masked.register_fake
+def _(q, k, v, mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _masked_setup(ctx, inputs, output) -> None:
+    q, k, v, mask, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, mask, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _masked_backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None):
+    q, k, v, mask, o, lse = ctx.saved_tensors
+    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
+        dq, dk, dv = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None, None
+    with torch.enable_grad():
+        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = _masked_composite(q_, k_, v_, mask, ctx.scale)[0]
+        dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), grad_o)
+    return dq, dk, dv, None, None
+
+
+gqa_attention_masked.register_autograd(_masked_backward, setup_context=_masked_setup)

@@ -52,9 +52,14 @@ def _is_joint(graph: torch.fx.Graph) -> bool:
 
 def recognizers(fusions: tuple[str, ...]):
     """(fusion, run) in the order they run on a graph."""
-    from . import rms_norm, rope, swiglu
+    from . import attention, rms_norm, rope, swiglu
 
-    table = [("rope", rope.run), ("rms_norm", rms_norm.run), ("swiglu", swiglu.run)]
+    table = [
+        ("gqa_attention", attention.run),
+        ("rope", rope.run),
+        ("rms_norm", rms_norm.run),
+        ("swiglu", swiglu.run),
+    ]
     return [(name, fn) for name, fn in table if name in fusions]
 
 

@@ -1,0 +1,773 @@
+"""Causal grouped-query attention, recognised by what it computes:
+o = softmax(scale * q k^T + causal mask) v, query head h reading kv head h // (Hq / Hkv).
+
+Two kinds of sites:
+
+- ``F.scaled_dot_product_attention``: one call whose arguments say what it computes. It is
+  taken when it is causal (``is_causal=True``, or a mask that is causal: evaluated when it
+  is built from sizes alone, checked at run time by ``gqa_attention_masked`` when it is
+  built from a user input such as HF's padding mask), without dropout, with equal query
+  and key lengths. K and V repeated for GQA by any spelling (``repeat_kv``,
+  ``repeat_interleave``, einops) are traced back to the un-repeated tensors, which are
+  proven on probes to be what the repeat spreads over the query heads.
+- hand-written: a ``softmax`` over the last dim whose input is a chain of element-wise
+  ops (scale, mask, casts) on a product of two tensors (``matmul``, ``@``, ``bmm``,
+  ``einsum``), and whose output weights a third in another product. The q, k and v the op
+  takes are looked for on the three operand paths (layouts, GQA repeats, casts), the scale
+  is read off the probes, and the candidate must agree with the region on every query
+  row, evaluated in blocks of rows so the T x T scores never exist whole.
+
+Every site found (fused or kept on SDPA by policy) is returned: a CCGQA prologue ends at
+its q and k.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from .. import config
+from .common import GraphContext, float_literals, is_elementwise, snap
+from .evaluate import Evaluator, Probes, agree, real_tensors
+from .fx_util import (
+    SDPA,
+    SOFTMAXES,
+    arg,
+    depends_on_tensor_input,
+    is_basic_index,
+    is_cast,
+    is_function,
+    is_layout,
+    is_method,
+    node_inputs,
+    runtime_inputs_of,
+    same_size,
+    tensor_value,
+    value,
+)
+from .region import Region, Rejected, _propagate_fake, emit, erase_unused, stable_sort, verify
+
+FUSION = "gqa_attention"
+
+
+@dataclass
+class Site:
+    """An attention the prologue recognizer may end at: q, k, v as (B, H, T, D) nodes, k
+    and v not repeated."""
+
+    kind: str
+    q: Node
+    k: Node
+    v: Node
+    fused: bool
+    anchor: Node
+
+
+# ---------------------------------------------------------------------------------------
+# GQA repeats and layouts on an operand's path
+# ---------------------------------------------------------------------------------------
+
+_EMPTY = object()
+
+
+def _path_step(node: Node) -> Node | None:
+    """The tensor a single-input view/copy/cast/repeat reads, or None."""
+    if is_layout(node) or is_cast(node) or is_basic_index(node):
+        src = node.args[0]
+        return src if isinstance(src, Node) else None
+    if is_function(node, torch.cat):
+        # HF's DynamicCache: cat([empty, k]) is k
+        parts = [p for p in node.args[0] if isinstance(p, Node)]
+        live = [p for p in parts if not _is_empty_constant(p)]
+        if len(live) == 1 and len(parts) == len(node.args[0]):
+            return live[0]
+    if node.op == "call_function" and "einops" in getattr(node.target, "__module__", ""):
+        src = node.args[0]
+        return src if isinstance(src, Node) else None
+    return None
+
+
+def _is_empty_constant(node: Node) -> bool:
+    v = tensor_value(node)
+    return v is not None and v.numel() == 0 and not depends_on_tensor_input(node)
+
+
+def path_nodes(node: Node, limit: int = 16) -> list[Node]:
+    """``node`` and the tensors it is a view/copy/cast/repeat of, nearest first."""
+    out = [node]
+    for _ in range(limit):
+        src = _path_step(out[-1])
+        if src is None:
+            break
+        out.append(src)
+    return out
+
+
+def _heads_layouts(node: Node, b, t, d) -> list[tuple[str, int]]:
+    """How a 4-D node is (B, H, T, D): ("bhtd", H) or ("bthd", H)."""
+    v = tensor_value(node)
+    if v is None or v.dim() != 4 or not v.dtype.is_floating_point:
+        return []
+    s = tuple(v.shape)
+    out = []
+    if same_size(s[0], b) and same_size(s[2], t) and same_size(s[3], d) and isinstance(s[1], int):
+        out.append(("bhtd", s[1]))
+    if same_size(s[0], b) and same_size(s[1], t) and same_size(s[3], d) and isinstance(s[2], int):
+        out.append(("bthd", s[2]))
+    return out
+
+
+def _to_bhtd(x, layout: str):
+    return x if layout == "bhtd" else x.transpose(1, 2)
+
+
+def unrepeated(ctx: GraphContext, node: Node, groups: int) -> Node | None:
+    """The (B, H / groups, T, D) tensor whose heads ``node`` repeats ``groups`` times each
+    (``repeat_interleave`` on the head dim), proven on probes; ``node`` itself when
+    ``groups`` is 1."""
+    if groups == 1:
+        return node
+    v = tensor_value(node)
+    b, h, t, d = v.shape
+    for cand in path_nodes(node)[1:]:
+        if ("bhtd", h // groups) not in _heads_layouts(cand, b, t, d):
+            continue
+
+        def repeat(x, out_dtypes, g=groups):
+            return (x.repeat_interleave(g, dim=1),)
+
+        try:
+            region = Region.between([cand], [node])
+        except Rejected:
+            continue
+        if [n for n in region.float_leaves() if n is not cand]:
+            continue
+        if verify(region, repeat, [cand], ctx.sizes, [{"seed": 5}]) is None:
+            return cand
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# SDPA
+# ---------------------------------------------------------------------------------------
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}  # fmt: skip
+
+
+def sdpa_arguments(node: Node) -> dict[str, Any] | None:
+    if len(node.args) > len(_SDPA_PARAMS):
+        return None
+    args = dict(_SDPA_DEFAULTS)
+    args.update(zip(_SDPA_PARAMS, node.args))
+    for name, v in node.kwargs.items():
+        if name not in _SDPA_PARAMS:
+            return None
+        args[name] = v
+    return args if all(n in args for n in ("query", "key", "value")) else None
+
+
+def _mask_kind(ctx: GraphContext, mask: Node, t_q: int, t_k: int) -> str:
+    """"causal" for a mask proven causal, "runtime" for one built from user inputs that is
+    causal when those are all ones (then checked at run time); else raises Rejected."""
+    from ..ops.gqa_attention import causal_mask_problem
+
+    runtime = runtime_inputs_of(mask)
+    given = {}
+    for node in runtime:
+        v = value(node)
+        if v.dtype.is_floating_point or v.dtype.is_complex:
+            raise Rejected(f"the mask depends on the float input {node.name}")
+        given[node] = None
+    try:
+        with real_tensors():
+            for sizes in ctx.sizes:
+                feeds = {}
+                for node in given:
+                    shape = Probes(sizes, value(node).device).shape(node)
+                    feeds[node] = torch.ones(shape, dtype=value(node).dtype, device=value(node).device)
+                m = Evaluator(ctx.graph, sizes).run([mask], feeds)[0]
+                tq = sizes_of(t_q, sizes)
+                problem = causal_mask_problem(m, tq, sizes_of(t_k, sizes))
+                if problem is not None:
+                    raise Rejected(problem)
+    except Rejected:
+        raise
+    except Exception as why:  # noqa: BLE001 - any failure means: not provably causal
+        raise Rejected(f"the mask could not be evaluated ({type(why).__name__})") from None
+    return "runtime" if runtime else "causal"
+
+
+def sizes_of(x, sizes):
+    from .evaluate import concrete
+
+    return concrete(x, sizes)
+
+
+def _autocast_dtype(graph: torch.fx.Graph, node: Node) -> torch.dtype | None:
+    """The autocast dtype in force at ``node`` (Dynamo keeps autocast as enter/exit calls)."""
+    stack: list[Any] = []
+    for n in graph.nodes:
+        if n is node:
+            break
+        if is_function(n, torch.amp.autocast_mode._enter_autocast):
+            enabled = arg(n, 2, "enabled", True)
+            dtype = arg(n, 1, "dtype", None)
+            stack.append(dtype if enabled else None)
+        elif is_function(n, torch.amp.autocast_mode._exit_autocast) and stack:
+            stack.pop()
+    for dtype in reversed(stack):
+        if dtype is not None:
+            return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return None
+
+
+def _sdpa(ctx: GraphContext, node: Node) -> Site | None:
+    args = sdpa_arguments(node)
+    if args is None:
+        ctx.rejected(FUSION, "sdpa", node, "unrecognised SDPA arguments")
+        return None
+    q, k, v = args["query"], args["key"], args["value"]
+    qv, kv, vv = (tensor_value(x) for x in (q, k, v))
+    try:
+        if qv is None or kv is None or vv is None:
+            raise Rejected("q, k, v have no example values")
+        if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+            raise Rejected("q, k, v must be 4-D (B, H, T, D)")
+        if not qv.dtype == kv.dtype == vv.dtype:
+            raise Rejected("q, k, v dtypes differ")
+        dropout = args["dropout_p"]
+        if not (isinstance(dropout, (int, float)) and dropout == 0):
+            raise Rejected(f"dropout_p={dropout} (attention dropout is not fused)")
+        scale = args["scale"]
+        if scale is not None and not isinstance(scale, (int, float)):
+            raise Rejected("scale is not a constant")
+        b, h_q, t, d = qv.shape
+        if not same_size(kv.shape[2], t):
+            relation = "!=" if isinstance(t, int) and isinstance(kv.shape[2], int) else "not known to equal"
+            raise Rejected(f"query length {t} {relation} key length {kv.shape[2]} (a causal "
+                           "mask is then top-left aligned)")  # fmt: skip
+        if tuple(kv.shape) != tuple(vv.shape) or not same_size(kv.shape[3], d):
+            raise Rejected(f"k {tuple(kv.shape)} and v {tuple(vv.shape)} do not pair with q")
+        mask = args["attn_mask"]
+        mask_kind = None
+        if mask is not None:
+            if not isinstance(mask, Node):
+                raise Rejected("attn_mask is not a tensor")
+            if args["is_causal"] is True:
+                raise Rejected("both attn_mask and is_causal")
+            mask_kind = _mask_kind(ctx, mask, t, kv.shape[2])
+        elif args["is_causal"] is not True:
+            raise Rejected("not causal (is_causal is not True and no mask)")
+        h_k = kv.shape[1]
+        if not (isinstance(h_q, int) and isinstance(h_k, int)):
+            raise Rejected("head counts are symbolic")
+        if h_q != h_k and args["enable_gqa"] is not True:
+            raise Rejected("fewer kv heads than query heads without enable_gqa")
+        k0, v0 = k, v
+        if h_q == h_k:
+            # K/V may be repeats of fewer heads (repeat_kv before SDPA)
+            for groups in _divisors_desc(h_q):
+                k1, v1 = unrepeated(ctx, k, groups), unrepeated(ctx, v, groups)
+                if k1 is not None and v1 is not None:
+                    k0, v0 = k1, v1
+                    break
+        if h_q % tensor_value(k0).shape[1]:
+            raise Rejected(f"{h_q} query heads are not a multiple of {h_k} kv heads")
+        if not isinstance(d, int):
+            raise Rejected("head dim is symbolic")
+    except Rejected as why:
+        ctx.rejected(FUSION, "sdpa", node, str(why))
+        return None
+    site = Site("sdpa", q, k0, v0, False, node)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    policy = _sdpa_policy(qv, d, t)
+    if policy is not None:
+        ctx.rejected(FUSION, "sdpa", node, policy)
+        return site
+    autocast = _autocast_dtype(ctx.graph, node)
+    out_node = _emit_sdpa(ctx, node, q, k0, v0, mask if mask_kind == "runtime" else None, scale, autocast)
+    site.fused = True
+    site.anchor = out_node
+    idiom = "sdpa" + ("_runtime_mask" if mask_kind == "runtime" else "_mask" if mask_kind else "")
+    ctx.fused(FUSION, idiom)
+    return site
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [g for g in range(n, 1, -1) if n % g == 0]
+
+
+def _sdpa_policy(qv, d: int, t) -> str | None:
+    if isinstance(t, int) and t == 1:
+        return "a single token: the attention output is v; left to Inductor"
+    if d > config.SDPA_MAX_HEAD_DIM:
+        return (f"head dim {d} > {config.SDPA_MAX_HEAD_DIM}: SDPA's own kernel is faster there "
+                "(config.SDPA_MAX_HEAD_DIM); left to SDPA")  # fmt: skip
+    if qv.device.type == "cuda":
+        from ..ops.gqa_attention import KERNEL_HEAD_DIMS
+
+        if d not in KERNEL_HEAD_DIMS:
+            return f"head dim {d} has no Triton kernel: SDPA is faster; left to SDPA"
+    return None
+
+
+def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast) -> Node:
+    """Replace the SDPA call ``node`` by our op on (q, k, v); its old K/V repeats go."""
+    graph = ctx.graph
+    old_k, old_v = node.args[1] if len(node.args) > 1 else node.kwargs["key"], (
+        node.args[2] if len(node.args) > 2 else node.kwargs["value"]
+    )
+    new: list[Node] = []
+    with graph.inserting_before(node):
+        ins = [q, k, v]
+        if autocast is not None:
+            ins = [graph.call_method("to", (x, autocast)) for x in ins]
+            for x in ins:
+                x.meta["ccgqa_autocast"] = True
+            new.extend(ins)
+        if mask is None:
+            op = graph.call_function(torch.ops.ccgqa.gqa_attention.default, (*ins, scale))
+        else:
+            op = graph.call_function(
+                torch.ops.ccgqa.gqa_attention_masked.default, (*ins, mask, scale)
+            )
+        out = graph.call_function(operator.getitem, (op, 0))
+        new.extend([op, out])
+    _propagate_fake(graph, new)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    erase_unused(graph, [n for n in (old_k, old_v) if isinstance(n, Node)])
+    stable_sort(graph)
+    return op
+
+
+# ---------------------------------------------------------------------------------------
+# hand-written attention
+# ---------------------------------------------------------------------------------------
+
+
+def _softmax_dim_ok(node: Node) -> bool:
+    dim = arg(node, 1, "dim")
+    nd = tensor_value(node).dim()
+    return dim == -1 or dim == nd - 1
+
+
+def _is_product(node: Any) -> bool:
+    return is_function(node, torch.matmul, operator.matmul, torch.bmm, torch.einsum) or is_method(
+        node, "matmul", "bmm", "__matmul__"
+    )
+
+
+def _product_operands(node: Node) -> list[Node]:
+    if is_function(node, torch.einsum):
+        ops = node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = ops[0]
+        return list(ops)
+    return [node.args[0], node.args[1]]
+
+
+_DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+
+
+def _chain_op(node: Node) -> bool:
+    """Ops that act on every score the same way wherever it is (so rows can be evaluated
+    apart): element-wise arithmetic, masking with a leaf mask, casts, row softmax."""
+    return (
+        is_elementwise(node)
+        or is_cast(node)
+        or is_function(node, torch.where, torch.masked_fill, *_DROPOUT)
+        or is_method(node, "masked_fill", "softmax")
+        or is_function(node, *SOFTMAXES)
+    )
+
+
+def _score_input(node: Node) -> Node | None:
+    """Of a chain op's inputs, the one carrying the scores (depends on graph inputs)."""
+    live = [i for i in node_inputs(node) if depends_on_tensor_input(i)]
+    return live[0] if len(live) == 1 else None
+
+
+@dataclass
+class _Handwritten:
+    softmax: Node
+    scores: Node  # the product q k^T
+    product: Node  # probabilities times values
+    chain: list[Node]  # scores -> ... -> the product's probability operand
+
+
+def _parse(anchor: Node) -> _Handwritten | str:
+    if not _softmax_dim_ok(anchor):
+        return "softmax over another dim than the last"
+    node = anchor.args[0]
+    chain = []
+    for _ in range(16):
+        if not isinstance(node, Node):
+            return "the softmax input is not a tensor"
+        if _is_product(node):
+            break
+        if not _chain_op(node):
+            return f"{node.name} ({node.target}) between the scores and the softmax"
+        chain.append(node)
+        nxt = _score_input(node)
+        if nxt is None:
+            return f"{node.name} combines two runtime tensors"
+        node = nxt
+    else:
+        return "no product of q and k before the softmax"
+    scores = node
+    chain = list(reversed(chain)) + [anchor]
+    # forward: casts and identity dropouts to the product with v
+    node = anchor
+    for _ in range(6):
+        users = list(node.users)
+        if len(users) != 1:
+            return "the probabilities are read more than once"
+        user = users[0]
+        if _is_product(user):
+            return _Handwritten(anchor, scores, user, chain)
+        if not (is_cast(user) or is_function(user, *_DROPOUT)):
+            return f"{user.name} between the softmax and the product with v"
+        chain.append(user)
+        node = user
+    return "no product with v after the softmax"
+
+
+def _einsum_letters(spec: str) -> tuple[list[str], str]:
+    spec = spec.replace(" ", "")
+    lhs, out = spec.split("->")
+    return lhs.split(","), out
+
+
+def _row_dims(product: Node, prob_or_q: Node) -> tuple[int, int] | None:
+    """(row dim in the operand ``prob_or_q``, row dim in the product's output)."""
+    if is_function(product, torch.einsum):
+        ins, out = _einsum_letters(product.args[0])
+        if "." in product.args[0]:
+            return None
+        ops = _product_operands(product)
+        idx = ops.index(prob_or_q)
+        row_letter = out[-2]
+        if row_letter not in ins[idx]:
+            return None
+        return ins[idx].index(row_letter), out.index(row_letter)
+    ops = _product_operands(product)
+    if ops[0] is not prob_or_q:
+        return None
+    return tensor_value(prob_or_q).dim() - 2, tensor_value(product).dim() - 2
+
+
+class _RowEvaluator:
+    """Evaluates the hand-written region on blocks of query rows."""
+
+    def __init__(self, ctx: GraphContext, hw: _Handwritten, sources: list[Node]):
+        self.ctx, self.hw = ctx, hw
+        self.sources = sources
+        s_ops = _product_operands(hw.scores)
+        self.a, self.bm = s_ops
+        self.p_operand = hw.chain[-1]
+        p_ops = _product_operands(hw.product)
+        self.vp = p_ops[1] if p_ops[0] is self.p_operand else p_ops[0]
+        rows_s = _row_dims(hw.scores, self.a)
+        rows_o = _row_dims(hw.product, self.p_operand)
+        if rows_s is None or rows_o is None:
+            raise Rejected("the products' row dims could not be read")
+        self.a_row, self.s_row = rows_s
+        self.p_row, self.o_row = rows_o
+        sv = tensor_value(hw.scores)
+        if self.s_row != sv.dim() - 2:
+            raise Rejected("the scores' rows are not their second to last dim")
+
+    def operands(self, feeds, sizes):
+        return Evaluator(self.ctx.graph, sizes).run([self.a, self.bm, self.vp], feeds)
+
+    def rows(self, feeds, sizes, a, bm, vp, r0: int, r1: int, upto: Node | None = None):
+        hw = self.hw
+        a_rows = a.narrow(self.a_row, r0, r1 - r0)
+        s_args = [a_rows if x is self.a else bm for x in _product_operands(hw.scores)]
+        s_rows = _call_product(hw.scores, s_args)
+        chain_feeds = {hw.scores: s_rows}
+        evaluator = Evaluator(self.ctx.graph, sizes)
+        chain_set = set(hw.chain)
+        for node in hw.chain:
+            for leaf in node_inputs(node):
+                if leaf in chain_set or leaf is hw.scores or leaf in chain_feeds:
+                    continue
+                full = feeds[leaf] if leaf in feeds else evaluator.run([leaf], feeds)[0]
+                chain_feeds[leaf] = _slice_rows(full, tensor_value(hw.scores), r0, r1)
+        target = upto or self.p_operand
+        if target is hw.scores:
+            return s_rows
+        (p_rows,) = evaluator.run([target], {**feeds, **chain_feeds})
+        if upto is not None:
+            return p_rows
+        o_args = [p_rows if x is self.p_operand else vp for x in _product_operands(hw.product)]
+        return _call_product(hw.product, o_args)
+
+
+def _call_product(node: Node, operands: list[Any]) -> Any:
+    if is_function(node, torch.einsum):
+        return torch.einsum(node.args[0], *operands)
+    if node.op == "call_method":
+        return getattr(operands[0], str(node.target))(operands[1])
+    return node.target(*operands)
+
+
+def _slice_rows(t: Any, scores_val, r0: int, r1: int) -> Any:
+    """A leaf broadcast against (..., T, T) scores, cut to rows [r0, r1)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    if t.shape[-2] == 1:
+        return t
+    return t.narrow(-2, r0, r1 - r0)
+
+
+def _reference_rows(q, k, v, scale, r0, r1):
+    """Causal GQA attention of rows [r0, r1), float64, (B, Hq, R, D)."""
+    g = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = q[:, :, r0:r1] @ kr.transpose(-1, -2) * scale
+    t_k = k.shape[2]
+    rows = torch.arange(r0, r1, device=q.device)[:, None]
+    cols = torch.arange(t_k, device=q.device)[None, :]
+    s = s.masked_fill(cols > rows, float("-inf"))
+    return torch.softmax(s, dim=-1) @ vr
+
+
+def _block_rows(numel_per_row: int) -> int:
+    return max(1, min(4096, (1 << 22) // max(numel_per_row, 1)))
+
+
+def _handwritten(ctx: GraphContext, anchor: Node) -> Site | None:
+    hw = _parse(anchor)
+    if isinstance(hw, str):
+        ctx.rejected(FUSION, "handwritten", anchor, hw)
+        return None
+    try:
+        site = _match_handwritten(ctx, hw)
+    except Rejected as why:
+        ctx.rejected(FUSION, "handwritten", anchor, str(why))
+        return None
+    return site
+
+
+def _match_handwritten(ctx: GraphContext, hw: _Handwritten) -> Site:
+    sv = tensor_value(hw.scores)
+    t_q, t_k = sv.shape[-2], sv.shape[-1]
+    if not same_size(t_q, t_k):
+        raise Rejected(f"query length {t_q} and key length {t_k} differ")
+    a, bm = _product_operands(hw.scores)
+    p_ops = _product_operands(hw.product)
+    vp = p_ops[1] if p_ops[0] is hw.chain[-1] else p_ops[0]
+    ov = tensor_value(hw.product)
+    d = ov.shape[-1] if not is_function(hw.product, torch.einsum) else None
+    # q candidates: 4-D tensors on A's path laid out (B, H, T, D) or (B, T, H, D)
+    choices = []
+    for q in reversed(path_nodes(a)):
+        qv = tensor_value(q)
+        if qv is None or qv.dim() != 4:
+            continue
+        b = qv.shape[0]
+        dq = qv.shape[-1]
+        for q_layout, h_q in _heads_layouts(q, b, t_q, dq):
+            for k in reversed(path_nodes(bm)):
+                for k_layout, h_k in _heads_layouts(k, b, t_k, dq):
+                    if h_q % h_k:
+                        continue
+                    for v in reversed(path_nodes(vp)):
+                        for v_layout, h_v in _heads_layouts(v, b, t_k, dq):
+                            if h_v == h_k:
+                                choices.append((q, q_layout, k, k_layout, v, v_layout, h_q, dq))
+    if not choices:
+        raise Rejected("no (B, H, T, D) q, k, v found on the products' operand paths")
+    del d
+    out_layouts = _output_layouts(hw.product)
+    reason = "no q, k, v on the operand paths compute this attention"
+    for q, ql, k, kl, v, vl, h_q, dq in choices[:16]:
+        try:
+            region = Region.between([q, k, v], [hw.product])
+        except Rejected as why:
+            reason = str(why)
+            continue
+        if region.escapes():
+            reason = f"{region.escapes()[0].name} is also read outside the attention"
+            continue
+        extra = [n for n in region.float_leaves() if n not in (q, k, v) and depends_on_tensor_input(n)]
+        if extra:
+            reason = f"the scores depend on another runtime tensor ({extra[0].name})"
+            continue
+        try:
+            rows = _RowEvaluator(ctx, hw, [q, k, v])
+            scale = _infer_scale(ctx, hw, rows, region, q, ql, k, kl)
+        except Rejected as why:
+            reason = str(why)
+            continue
+        for out_layout in out_layouts:
+            why = _verify_rows(ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout)
+            if why is None:
+                cand = _candidate(ql, kl, vl, scale, out_layout, _autocast_dtype(ctx.graph, hw.scores))
+                (out,) = emit(region, cand, [q, k, v])
+                ctx.fused(FUSION, "handwritten")
+                op = _op_above(out)
+                return Site("handwritten", *_op_inputs(op), True, op)
+            reason = why
+    raise Rejected(reason)
+
+
+_OPS = (torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention_masked)
+
+
+def is_attention_op(node: Any) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", target)
+    return packet in _OPS
+
+
+def _op_above(node: Node) -> Node:
+    from .fx_util import ancestors
+
+    return next(n for n in ancestors([node]) if is_attention_op(n))
+
+
+def _op_inputs(op: Node) -> tuple[Node, Node, Node]:
+    """The op's q, k, v before any autocast cast the rewrite inserted."""
+    out = []
+    for x in op.args[:3]:
+        if is_method(x, "to") and x.meta.get("ccgqa_autocast"):
+            x = x.args[0]
+        out.append(x)
+    return tuple(out)
+
+
+def _output_layouts(product: Node) -> list[str]:
+    nd = tensor_value(product).dim()
+    if nd == 3:
+        return ["flat"]
+    return ["bhtd", "bthd"] if nd == 4 else []
+
+
+def _adapt_out(o, layout):
+    if layout == "flat":
+        return o.flatten(0, 1)
+    if layout == "bthd":
+        return o.transpose(1, 2)
+    return o
+
+
+def _candidate(ql, kl, vl, scale, out_layout, autocast):
+    def attention(q, k, v, out_dtypes):
+        ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
+        if autocast is not None and out_dtypes[0] is not None:
+            ins = [x.to(autocast) for x in ins]
+        o = torch.ops.ccgqa.gqa_attention(*ins, scale)[0]
+        return (_adapt_out(o, out_layout),)
+
+    return attention
+
+
+def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl) -> float:
+    sizes = ctx.sizes[0]
+    with real_tensors():
+        feeds = region.feeds(sizes, seed=21)
+        a, bm, vp = rows.operands(feeds, sizes)
+        t = sizes_of(tensor_value(hw.scores).shape[-1], sizes)
+        r1 = min(t, 8)
+        s_in = rows.rows(feeds, sizes, a, bm, vp, 0, r1, upto=_softmax_input(hw))
+        qq, kk = _to_bhtd(feeds[q], ql), _to_bhtd(feeds[k], kl)
+        g = qq.shape[1] // kk.shape[1]
+        ref = qq[:, :, :r1] @ kk.repeat_interleave(g, dim=1).transpose(-1, -2)
+        ref = _match_rows_layout(ref, s_in)
+        if ref is None:
+            raise Rejected("the scores are not laid out (B, H, T, T)")
+        rr = torch.arange(r1, device=ref.device)[:, None]
+        cc = torch.arange(t, device=ref.device)[None, :]
+        keep = (cc <= rr).expand_as(ref) & torch.isfinite(s_in)
+        num = (s_in[keep] * ref[keep]).sum()
+        den = (ref[keep] * ref[keep]).sum()
+        if den <= 0:
+            raise Rejected("degenerate scores")
+        alpha = float(num / den)
+    d = tensor_value(q).shape[-1]
+    literals = float_literals(hw.chain) | float_literals([hw.scores])
+    derived = {1.0 / math.sqrt(d), 1.0 / d, 1.0}
+    for lit in list(literals):
+        if lit > 0:
+            derived |= {lit, 1.0 / lit, math.sqrt(lit), 1.0 / math.sqrt(lit)}
+    return snap(alpha, derived, rel=1e-6)
+
+
+def _softmax_input(hw: _Handwritten) -> Node:
+    return hw.softmax.args[0]
+
+
+def _match_rows_layout(ref, s_in):
+    """ref (B, H, R, T) in the layout of the region's scores (B, H, R, T) or (B*H, R, T)."""
+    if tuple(ref.shape) == tuple(s_in.shape):
+        return ref
+    if s_in.dim() == 3 and ref.flatten(0, 1).shape == s_in.shape:
+        return ref.flatten(0, 1)
+    return None
+
+
+def _verify_rows(ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout) -> str | None:
+    (q, ql), (k, kl), (v, vl) = qs, ks, vs
+    try:
+        with real_tensors():
+            for sizes in ctx.sizes:
+                for seed, q_scale in ((31, 1.0), (32, 8.0)):
+                    feeds = region.feeds(sizes, seed=seed, scale={q: q_scale})
+                    a, bm, vp = rows.operands(feeds, sizes)
+                    qq, kk, vv = (_to_bhtd(feeds[x], lay) for x, lay in ((q, ql), (k, kl), (v, vl)))
+                    t = qq.shape[2]
+                    b, h = qq.shape[0], qq.shape[1]
+                    block = _block_rows(b * h * t)
+                    starts = range(0, t, block) if seed == 31 else [0, max(0, t - block)]
+                    for r0 in starts:
+                        r1 = min(t, r0 + block)
+                        got = rows.rows(feeds, sizes, a, bm, vp, r0, r1)
+                        want = _adapt_out(_reference_rows(qq, kk, vv, scale, r0, r1), out_layout)
+                        if not agree(got, want):
+                            return f"it computes another function (rows {r0}..{r1 - 1})"
+    except Rejected as why:
+        return str(why)
+    except Exception as why:  # noqa: BLE001
+        return f"probe evaluation failed: {type(why).__name__}: {str(why).splitlines()[0][:160]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def anchors(graph: torch.fx.Graph) -> list[Node]:
+    out = []
+    for node in graph.nodes:
+        if is_function(node, *SDPA):
+            out.append(node)
+        elif is_function(node, *SOFTMAXES) or is_method(node, "softmax"):
+            if tensor_value(node) is not None and tensor_value(node).dim() >= 2:
+                out.append(node)
+    return out
+
+
+def run(ctx: GraphContext) -> list[Site]:
+    sites = []
+    for node in anchors(ctx.graph):
+        if not ctx.alive(node):
+            continue
+        if is_function(node, *SDPA):
+            site = _sdpa(ctx, node)
+        else:
+            site = _handwritten(ctx, node)
+        if site is not None:
+            sites.append(site)
+    return sites
