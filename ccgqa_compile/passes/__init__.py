@@ -50,17 +50,18 @@ def _is_joint(graph: torch.fx.Graph) -> bool:
     return any(n.op == "placeholder" and "tangent" in str(n.target) for n in graph.nodes)
 
 
-def recognizers(fusions: tuple[str, ...]):
-    """(fusion, run) in the order they run on a graph."""
-    from . import attention, rms_norm, rope, swiglu
+def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
+    """Every recognizer, in order: attention sites, the prologues ending at them (and the
+    whole blocks they make), then RoPE, RMSNorm and SwiGLU wherever they remain."""
+    from . import attention, blocks, prologue, rms_norm, rope, swiglu
 
-    table = [
-        ("gqa_attention", attention.run),
-        ("rope", rope.run),
-        ("rms_norm", rms_norm.run),
-        ("swiglu", swiglu.run),
-    ]
-    return [(name, fn) for name, fn in table if name in fusions]
+    sites = attention.run(ctx, fuse="gqa_attention" in fusions)
+    if "ccgqa_prologue" in fusions:
+        prologue.run(ctx, sites)
+    blocks.report(ctx, sites)
+    for name, run in (("rope", rope.run), ("rms_norm", rms_norm.run), ("swiglu", swiglu.run)):
+        if name in fusions:
+            run(ctx)
 
 
 class RecognitionPass(CustomGraphPass):
@@ -82,8 +83,7 @@ class RecognitionPass(CustomGraphPass):
                 ("note", (f"{device_type} graph left to Inductor (CCGQA_FUSE_ON_CPU=1 fuses it)",))
             )
         else:
-            for _name, run in recognizers(self.fusions):
-                run(ctx)
+            recognise(ctx, self.fusions)
         flush_to_report(ctx)
 
     def uuid(self) -> Any:

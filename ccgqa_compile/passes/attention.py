@@ -58,8 +58,9 @@ FUSION = "gqa_attention"
 
 @dataclass
 class Site:
-    """An attention the prologue recognizer may end at: q, k, v as (B, H, T, D) nodes, k
-    and v not repeated."""
+    """An attention a CCGQA prologue may end at: q, k, v as (B, H, T, D) nodes, k and v not
+    repeated. ``causal``: the attention is causal GQA (fused, or kept on SDPA by policy);
+    a whole CCGQA block is counted only then."""
 
     kind: str
     q: Node
@@ -67,6 +68,8 @@ class Site:
     v: Node
     fused: bool
     anchor: Node
+    causal: bool = True
+    prologue: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,73 +232,96 @@ def _autocast_dtype(graph: torch.fx.Graph, node: Node) -> torch.dtype | None:
     return None
 
 
-def _sdpa(ctx: GraphContext, node: Node) -> Site | None:
+def _sdpa_operands(ctx: GraphContext, args: dict[str, Any]) -> tuple[Node, Node, Node]:
+    """q, and k and v before any GQA repeat; raises Rejected when they are not (B, H, T, D)."""
+    q, k, v = args["query"], args["key"], args["value"]
+    qv, kv, vv = (tensor_value(x) for x in (q, k, v))
+    if qv is None or kv is None or vv is None:
+        raise Rejected("q, k, v have no example values")
+    if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+        raise Rejected("q, k, v must be 4-D (B, H, T, D)")
+    if not qv.dtype == kv.dtype == vv.dtype:
+        raise Rejected("q, k, v dtypes differ")
+    h_q, h_k = qv.shape[1], kv.shape[1]
+    if not (isinstance(h_q, int) and isinstance(h_k, int)):
+        raise Rejected("head counts are symbolic")
+    if tuple(kv.shape) != tuple(vv.shape) or not same_size(kv.shape[3], qv.shape[3]):
+        raise Rejected(f"k {tuple(kv.shape)} and v {tuple(vv.shape)} do not pair with q")
+    if h_q != h_k and args["enable_gqa"] is not True:
+        raise Rejected("fewer kv heads than query heads without enable_gqa")
+    if h_q % h_k:
+        raise Rejected(f"{h_q} query heads are not a multiple of {h_k} kv heads")
+    if h_q == h_k:
+        # K/V may be repeats of fewer heads (repeat_kv before SDPA)
+        for groups in _divisors_desc(h_q):
+            k1, v1 = unrepeated(ctx, k, groups), unrepeated(ctx, v, groups)
+            if k1 is not None and v1 is not None:
+                return q, k1, v1
+    return q, k, v
+
+
+def _sdpa_semantics(ctx: GraphContext, args: dict[str, Any]) -> str | None:
+    """None for a causal SDPA without dropout over equal lengths (mask kind in
+    ``args["_mask_kind"]``), else why not."""
+    qv, kv = tensor_value(args["query"]), tensor_value(args["key"])
+    dropout = args["dropout_p"]
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        return f"dropout_p={dropout} (attention dropout is not fused)"
+    scale = args["scale"]
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale is not a constant"
+    t, t_k = qv.shape[2], kv.shape[2]
+    if not same_size(t_k, t):
+        relation = "!=" if isinstance(t, int) and isinstance(t_k, int) else "not known to equal"
+        return f"query length {t} {relation} key length {t_k} (a causal mask is then top-left aligned)"
+    mask = args["attn_mask"]
+    args["_mask_kind"] = None
+    if mask is not None:
+        if not isinstance(mask, Node):
+            return "attn_mask is not a tensor"
+        if args["is_causal"] is True:
+            return "both attn_mask and is_causal"
+        try:
+            args["_mask_kind"] = _mask_kind(ctx, mask, t, t_k)
+        except Rejected as why:
+            return f"attn_mask: {why}"
+    elif args["is_causal"] is not True:
+        return "not causal (is_causal is not True and no mask)"
+    if not isinstance(qv.shape[3], int):
+        return "head dim is symbolic"
+    return None
+
+
+def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
     args = sdpa_arguments(node)
     if args is None:
         ctx.rejected(FUSION, "sdpa", node, "unrecognised SDPA arguments")
         return None
-    q, k, v = args["query"], args["key"], args["value"]
-    qv, kv, vv = (tensor_value(x) for x in (q, k, v))
     try:
-        if qv is None or kv is None or vv is None:
-            raise Rejected("q, k, v have no example values")
-        if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
-            raise Rejected("q, k, v must be 4-D (B, H, T, D)")
-        if not qv.dtype == kv.dtype == vv.dtype:
-            raise Rejected("q, k, v dtypes differ")
-        dropout = args["dropout_p"]
-        if not (isinstance(dropout, (int, float)) and dropout == 0):
-            raise Rejected(f"dropout_p={dropout} (attention dropout is not fused)")
-        scale = args["scale"]
-        if scale is not None and not isinstance(scale, (int, float)):
-            raise Rejected("scale is not a constant")
-        b, h_q, t, d = qv.shape
-        if not same_size(kv.shape[2], t):
-            relation = "!=" if isinstance(t, int) and isinstance(kv.shape[2], int) else "not known to equal"
-            raise Rejected(f"query length {t} {relation} key length {kv.shape[2]} (a causal "
-                           "mask is then top-left aligned)")  # fmt: skip
-        if tuple(kv.shape) != tuple(vv.shape) or not same_size(kv.shape[3], d):
-            raise Rejected(f"k {tuple(kv.shape)} and v {tuple(vv.shape)} do not pair with q")
-        mask = args["attn_mask"]
-        mask_kind = None
-        if mask is not None:
-            if not isinstance(mask, Node):
-                raise Rejected("attn_mask is not a tensor")
-            if args["is_causal"] is True:
-                raise Rejected("both attn_mask and is_causal")
-            mask_kind = _mask_kind(ctx, mask, t, kv.shape[2])
-        elif args["is_causal"] is not True:
-            raise Rejected("not causal (is_causal is not True and no mask)")
-        h_k = kv.shape[1]
-        if not (isinstance(h_q, int) and isinstance(h_k, int)):
-            raise Rejected("head counts are symbolic")
-        if h_q != h_k and args["enable_gqa"] is not True:
-            raise Rejected("fewer kv heads than query heads without enable_gqa")
-        k0, v0 = k, v
-        if h_q == h_k:
-            # K/V may be repeats of fewer heads (repeat_kv before SDPA)
-            for groups in _divisors_desc(h_q):
-                k1, v1 = unrepeated(ctx, k, groups), unrepeated(ctx, v, groups)
-                if k1 is not None and v1 is not None:
-                    k0, v0 = k1, v1
-                    break
-        if h_q % tensor_value(k0).shape[1]:
-            raise Rejected(f"{h_q} query heads are not a multiple of {h_k} kv heads")
-        if not isinstance(d, int):
-            raise Rejected("head dim is symbolic")
+        q, k0, v0 = _sdpa_operands(ctx, args)
     except Rejected as why:
         ctx.rejected(FUSION, "sdpa", node, str(why))
         return None
-    site = Site("sdpa", q, k0, v0, False, node)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    site = Site("sdpa", q, k0, v0, False, node, causal=False)
+    reason = _sdpa_semantics(ctx, args)
+    if reason is not None:
+        ctx.rejected(FUSION, "sdpa", node, reason)
+        return site
+    site.causal = True
+    if not fuse:
+        return site
+    qv = tensor_value(q)
+    d, t = qv.shape[3], qv.shape[2]
+    scale = 1.0 / math.sqrt(d) if args["scale"] is None else float(args["scale"])
     policy = _sdpa_policy(qv, d, t)
     if policy is not None:
         ctx.rejected(FUSION, "sdpa", node, policy)
         return site
+    mask_kind = args["_mask_kind"]
+    mask = args["attn_mask"] if mask_kind == "runtime" else None
     autocast = _autocast_dtype(ctx.graph, node)
-    out_node = _emit_sdpa(ctx, node, q, k0, v0, mask if mask_kind == "runtime" else None, scale, autocast)
+    site.anchor = _emit_sdpa(ctx, node, q, k0, v0, mask, scale, autocast)
     site.fused = True
-    site.anchor = out_node
     idiom = "sdpa" + ("_runtime_mask" if mask_kind == "runtime" else "_mask" if mask_kind else "")
     ctx.fused(FUSION, idiom)
     return site
@@ -546,20 +572,20 @@ def _block_rows(numel_per_row: int) -> int:
     return max(1, min(4096, (1 << 22) // max(numel_per_row, 1)))
 
 
-def _handwritten(ctx: GraphContext, anchor: Node) -> Site | None:
+def _handwritten(ctx: GraphContext, anchor: Node, fuse: bool = True) -> Site | None:
     hw = _parse(anchor)
     if isinstance(hw, str):
         ctx.rejected(FUSION, "handwritten", anchor, hw)
         return None
     try:
-        site = _match_handwritten(ctx, hw)
+        site = _match_handwritten(ctx, hw, fuse)
     except Rejected as why:
         ctx.rejected(FUSION, "handwritten", anchor, str(why))
         return None
     return site
 
 
-def _match_handwritten(ctx: GraphContext, hw: _Handwritten) -> Site:
+def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -> Site:
     sv = tensor_value(hw.scores)
     t_q, t_k = sv.shape[-2], sv.shape[-1]
     if not same_size(t_q, t_k):
@@ -612,6 +638,10 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten) -> Site:
             continue
         for out_layout in out_layouts:
             why = _verify_rows(ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout)
+            if why is None and not fuse:
+                if (ql, kl, vl) != ("bhtd",) * 3:
+                    raise Rejected("attention found (fusion off) with q, k, v not laid out (B, H, T, D)")
+                return Site("handwritten", q, k, v, False, hw.softmax)
             if why is None:
                 cand = _candidate(ql, kl, vl, scale, out_layout, _autocast_dtype(ctx.graph, hw.scores))
                 (out,) = emit(region, cand, [q, k, v])
@@ -759,15 +789,16 @@ def anchors(graph: torch.fx.Graph) -> list[Node]:
     return out
 
 
-def run(ctx: GraphContext) -> list[Site]:
+def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
+    """Every attention site; replaced by our op where proven (and ``fuse``)."""
     sites = []
     for node in anchors(ctx.graph):
         if not ctx.alive(node):
             continue
         if is_function(node, *SDPA):
-            site = _sdpa(ctx, node)
+            site = _sdpa(ctx, node, fuse)
         else:
-            site = _handwritten(ctx, node)
+            site = _handwritten(ctx, node, fuse)
         if site is not None:
             sites.append(site)
     return sites

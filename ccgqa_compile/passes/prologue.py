@@ -1,0 +1,557 @@
+"""The CCGQA q/k prologue, recognised by what it computes (../shared/design/ccgqa.md, steps
+3 to 6): from the projections q_pre, k_pre to the q and k an attention reads,
+
+    q = rope(L2norm(conv2(conv1(q_pre)) + m_q) * s),  k = rope(L2norm(...) * s * beta),
+
+with causal depthwise conv1 and per-head conv2 (biases optional), the qk-mean coupling
+m_q / m_k or none, norm scale s, beta a per-kv-head (or shared) temperature or none, and
+full, partial, rotate-half or pairwise RoPE or none.
+
+It starts from an attention site's q and k (``attention.Site``) and looks for 1-D
+convolutions among their ancestors: two per stream, or Zyphra's two shared by q and k
+concatenated. The tensors those convolutions read (through pads, concatenations and
+layout ops) are q_pre and k_pre; everything between them and the site is the region. The
+op's arguments come from the convolutions (weights, biases, kernel sizes; the halves of a
+shared one), the norm scale and temperature from output norms on probes, RoPE's tables from
+the region's remaining inputs; each choice (qk-mean or not, conv1's bias applied before
+the padding of conv2 or not, which input is the temperature, which table layout, which
+eps) is decided on probes, and the whole candidate must agree with the region in float64:
+random inputs, weights and tables, inputs scaled down to where eps decides, and every size
+assignment a dynamic graph may run at. Near misses (convs that see later tokens, a mean over
+other heads, another normalisation) agree with no candidate and stay as written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from .attention import Site
+from .common import GraphContext, float_literals
+from .evaluate import Evaluator, agree, real_tensors
+from .fx_util import (
+    CONV1D,
+    PAD,
+    ancestors,
+    arg,
+    is_cast,
+    is_function,
+    is_layout,
+    node_inputs,
+    same_size,
+    tensor_value,
+    value,
+)
+from .region import Region, Rejected, emit
+from .rope import _table_options
+
+FUSION = "ccgqa_prologue"
+
+
+@dataclass
+class Conv:
+    node: Node
+    weight: Node
+    bias: Node | None
+    groups: int
+    kernel: int
+
+
+@dataclass
+class Plan:
+    """Everything the op call needs, as graph nodes and constants."""
+
+    q_pre: Node
+    k_pre: Node
+    heads: int
+    kv_heads: int
+    d: int
+    # per stream (conv1, conv2); a shared conv appears in both, with ``q_first``
+    q_convs: tuple[Conv, Conv]
+    k_convs: tuple[Conv, Conv]
+    shared: bool = False
+    q_first: bool = True
+    fold_bias: bool = False
+    qk_mean: bool = True
+    temp: Node | None = None
+    norm_scale: float = 1.0
+    eps: float = 1e-12
+    rope: tuple | None = None  # (name, tables, build, rotary_dim, interleaved)
+    extra: dict = field(default_factory=dict)
+
+    def inputs(self) -> list[Any]:
+        leaves: list[Any] = [self.q_pre, self.k_pre]
+        convs = [*self.q_convs] if self.shared else [*self.q_convs, *self.k_convs]
+        for conv in convs:
+            leaves += [conv.weight, conv.bias]
+        leaves.append(self.temp)
+        if self.rope is not None:
+            leaves += list(self.rope[1])
+        return leaves
+
+
+def _conv_of(node: Node) -> Conv | None:
+    weight = arg(node, 1, "weight")
+    bias = arg(node, 2, "bias")
+    stride, padding, dilation = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1)
+    groups = arg(node, 6, "groups", 1)
+    if not isinstance(weight, Node) or not isinstance(groups, int):
+        return None
+    if _ints(stride) != (1,) or _ints(dilation) != (1,) or isinstance(padding, str):
+        return None
+    w = tensor_value(weight)
+    if w is None or w.dim() != 3 or not isinstance(w.shape[-1], int):
+        return None
+    return Conv(node, weight, bias if isinstance(bias, Node) else None, groups, w.shape[-1])
+
+
+def _ints(x) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def _conv_sources(conv: Node) -> list[Node]:
+    """The tensors a conv reads through pads, concatenations, casts and layout ops."""
+    out, todo, seen = [], [conv.args[0]], set()
+    while todo:
+        node = todo.pop(0)
+        if not isinstance(node, Node) or node in seen:
+            continue
+        seen.add(node)
+        if is_function(node, *PAD) or is_layout(node) or is_cast(node):
+            todo.append(node.args[0])
+        elif is_function(node, torch.cat):
+            todo.extend(p for p in node.args[0] if isinstance(p, Node))
+        else:
+            out.append(node)
+    return out
+
+
+def _as_btc(node: Node, b, t) -> str | None:
+    """How a source is (B, T, C): "btc" as is, "bthd" flattened."""
+    v = tensor_value(node)
+    if v is None or not same_size(v.shape[0], b) or not same_size(v.shape[1], t):
+        return None
+    if v.dim() == 3:
+        return "btc"
+    if v.dim() == 4:
+        return "bthd"
+    return None
+
+
+def _width(node: Node) -> int:
+    v = tensor_value(node)
+    return math.prod(v.shape[2:])
+
+
+def _plans(site: Site) -> list[Plan] | str:
+    qv, kv = tensor_value(site.q), tensor_value(site.k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        return "the attention's q and k are not 4-D"
+    b, hq, t, d = qv.shape
+    hkv = kv.shape[1]
+    if not all(isinstance(x, int) for x in (hq, hkv, d)):
+        return "head counts or head dim are symbolic"
+    convs = [n for n in ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
+    parsed = [_conv_of(n) for n in convs]
+    if not convs:
+        return "no convolution feeds q and k"
+    if any(c is None for c in parsed):
+        return "a convolution with stride, dilation or string padding"
+    firsts = [c for c in parsed if not any(o.node in ancestors([c.node.args[0]]) for o in parsed if o is not c)]
+    chains = []
+    for c1 in firsts:
+        seconds = [c for c in parsed if c is not c1 and c1.node in ancestors([c.node.args[0]])]
+        if len(seconds) != 1:
+            return f"{c1.node.name} does not feed exactly one second convolution"
+        chains.append((c1, seconds[0]))
+    if len(chains) * 2 != len(parsed):
+        return f"{len(parsed)} convolutions do not pair into conv1 -> conv2 chains"
+    cq, ckv = hq * d, hkv * d
+    plans = []
+    if len(chains) == 1:
+        c1, c2 = chains[0]
+        sources = _conv_sources(c1.node)
+        if len(sources) != 2:
+            return f"the shared convolution reads {len(sources)} tensors, not q_pre and k_pre"
+        for first, second in (sources, sources[::-1]):
+            if _as_btc(first, b, t) is None or _as_btc(second, b, t) is None:
+                continue
+            if _width(first) != cq or _width(second) != ckv:
+                continue
+            q_first = first is sources[0]
+            plans.append(Plan(first, second, hq, hkv, d, (c1, c2), (c1, c2), shared=True, q_first=q_first))
+    elif len(chains) == 2:
+        for qc, kc in (chains, chains[::-1]):
+            if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
+                continue
+            qs, ks = _conv_sources(qc[0].node), _conv_sources(kc[0].node)
+            if len(qs) != 1 or len(ks) != 1:
+                continue
+            if _as_btc(qs[0], b, t) is None or _as_btc(ks[0], b, t) is None:
+                continue
+            if _width(qs[0]) != cq or _width(ks[0]) != ckv:
+                continue
+            plans.append(Plan(qs[0], ks[0], hq, hkv, d, qc, kc))
+    else:
+        return f"{len(parsed)} convolutions: not two per stream or two shared"
+    if not plans:
+        return "the convolutions' inputs are not q_pre (B, T, Hq*D) and k_pre (B, T, Hkv*D)"
+    out = []
+    for plan in plans:
+        problem = _conv_shapes_problem(plan)
+        if problem is not None:
+            return problem
+        biased = plan.q_convs[0].bias is not None
+        for fold in ((False, True) if plan.shared and biased else (False,)):
+            for qk_mean in (True, False):
+                out.append(replace(plan, fold_bias=fold, qk_mean=qk_mean))
+    return out
+
+
+def _conv_shapes_problem(plan: Plan) -> str | None:
+    c_total = (plan.heads + plan.kv_heads) * plan.d if plan.shared else None
+    for name, (c1, c2), width, heads in (
+        ("q", plan.q_convs, plan.heads * plan.d, plan.heads),
+        ("k", plan.k_convs, plan.kv_heads * plan.d, plan.kv_heads),
+    ):
+        channels = c_total or width
+        w1, w2 = tensor_value(c1.weight), tensor_value(c2.weight)
+        if tuple(w1.shape) != (channels, 1, c1.kernel) or c1.groups != channels:
+            return f"{name} conv1 is not depthwise (weight {tuple(w1.shape)}, groups {c1.groups})"
+        groups2 = (plan.heads + plan.kv_heads) if plan.shared else heads
+        if tuple(w2.shape) != (channels, plan.d, c2.kernel) or c2.groups != groups2:
+            return f"{name} conv2 is not grouped per head (weight {tuple(w2.shape)}, groups {c2.groups})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# the candidate
+# ---------------------------------------------------------------------------------------
+
+
+def _flat(x, source: Node):
+    """A (B, T, H, D) source as (B, T, H*D); decided on the graph node (x may be a proxy)."""
+    return x.flatten(2) if tensor_value(source).dim() == 4 else x
+
+
+def _fold(w2, b1, d):
+    """conv2's response to conv1's bias held constant: what Zyphra's single padding adds."""
+    channels = w2.shape[0]
+    b1g = b1.view(channels // d, d).repeat_interleave(d, dim=0)
+    return (w2.sum(-1) * b1g).sum(-1)
+
+
+def _half(x, plan: Plan, stream: str):
+    """q's or k's channels of a weight or bias shared by the concatenated streams."""
+    if x is None:
+        return None
+    cq, ckv = plan.heads * plan.d, plan.kv_heads * plan.d
+    if stream == "q":
+        return x[:cq] if plan.q_first else x[ckv:]
+    return x[cq:] if plan.q_first else x[:ckv]
+
+
+def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
+    """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
+    q_pre, k_pre, *rest = values
+    if plan.shared:
+        w1, b1, w2, b2 = rest[:4]
+        rest = rest[4:]
+        if plan.fold_bias and b1 is not None:
+            folded = _fold(w2, b1, plan.d)
+            b2 = folded if b2 is None else b2 + folded
+            b1 = None
+        q_args = [_half(x, plan, "q") for x in (w1, b1, w2, b2)]
+        k_args = [_half(x, plan, "k") for x in (w1, b1, w2, b2)]
+    else:
+        q_args, k_args = rest[:4], rest[4:8]
+        rest = rest[8:]
+    temp, tables = rest[0], rest[1:]
+    cos = sin = None
+    rotary_dim, interleaved = 0, False
+    if plan.rope is not None:
+        cos, sin = plan.rope[2](*tables)
+        rotary_dim, interleaved = plan.rope[3], plan.rope[4]
+    if temp is not None:
+        temp = temp.reshape(-1)
+    return [
+        _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre), *q_args, *k_args, temp, cos, sin,
+        plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
+        plan.norm_scale, plan.eps, rotary_dim, interleaved,
+    ]  # fmt: skip
+
+
+def candidate(plan: Plan):
+    def prologue(*values, out_dtypes):
+        q, k = torch.ops.ccgqa.ccgqa_prologue(*op_arguments(plan, list(values)))
+        return q, k
+
+    return prologue
+
+
+# ---------------------------------------------------------------------------------------
+# deciding the choices on probes
+# ---------------------------------------------------------------------------------------
+
+
+class _Probe:
+    """The region's outputs on one set of inputs, cached for every candidate."""
+
+    def __init__(self, ctx, region: Region, sizes, seed: int, given=None, scale=None):
+        self.feeds = region.feeds(sizes, seed=seed, given=given, scale=scale)
+        self.expected = region.evaluate(self.feeds, sizes)
+
+    def matches(self, plan: Plan, rtol=1e-8) -> bool:
+        values = [self.feeds[n] if isinstance(n, Node) else n for n in plan.inputs()]
+        try:
+            actual = candidate(plan)(*values, out_dtypes=[None, None])
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        return all(agree(a, e, rtol) for a, e in zip(actual, self.expected))
+
+
+def _table_leaves(region: Region, plan: Plan) -> list[Node]:
+    used = {plan.q_pre, plan.k_pre}
+    for conv in (*plan.q_convs, *plan.k_convs):
+        used |= {conv.weight, conv.bias}
+    return [n for n in region.float_leaves() if n not in used]
+
+
+def _runtime(node: Node) -> bool:
+    from .fx_util import depends_on_tensor_input
+
+    return depends_on_tensor_input(node)
+
+
+def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
+    """Tables that make any RoPE layout a rotation by 0 or 90 degrees (norm-preserving)."""
+    out = {}
+    from .evaluate import Probes
+
+    for i, node in enumerate(tables):
+        shape = Probes(sizes, tensor_value(node).device).shape(node)
+        v = tensor_value(node)
+        if v.dtype.is_complex:
+            out[node] = torch.ones(shape, dtype=torch.complex128, device=v.device)
+        else:
+            out[node] = torch.full(shape, 1.0 if i == 0 else 0.0, dtype=torch.float64, device=v.device)
+    return out
+
+
+def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
+    sizes = ctx.sizes[0]
+    base = plans[0]
+    tables_and_temps = _table_leaves(region, base)
+    kv_heads = base.kv_heads
+    temps = [
+        n for n in tables_and_temps
+        if _runtime(n) and tensor_value(n).numel() in (1, kv_heads)
+        and not _has_time_dim(n, region)
+    ]  # fmt: skip
+    with real_tensors():
+        # phase A: tables constant (RoPE is then a rotation by 0 or 90 degrees): norms give
+        # the norm scale and the temperature; the rest of the choices are checked there
+        tables = [n for n in tables_and_temps if n not in temps and _has_time_dim(n, region)]
+        others = [n for n in tables_and_temps if n not in temps + tables and _runtime(n)]
+        if others:
+            return f"{others[0].name} is neither a temperature nor a RoPE table"
+        fixed = _constant_tables(tables, sizes)
+        probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed)
+        q_out, k_out = probe_a.expected
+        norm_scale = float(q_out.norm(dim=-1).median())
+        kn = (k_out.norm(dim=-1) / norm_scale).transpose(0, 1).reshape(kv_heads, -1)
+        beta = kn.median(dim=1).values
+        temp_choices: list[Node | None] = []
+        for n in temps:
+            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
+            if torch.allclose(t, beta, rtol=1e-6, atol=0):
+                temp_choices.append(n)
+        if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
+            temp_choices.append(None)
+        if not temp_choices:
+            return "k's scale matches no per-kv-head input (temperature)"
+        literals = float_literals(region.nodes)
+        norm_scale = _snap_scale(norm_scale, base.d, literals)
+        found = None
+        for plan in plans:
+            for temp in temp_choices:
+                cand = replace(plan, temp=temp, norm_scale=norm_scale, eps=1e-12)
+                cand = _with_identity_rope(cand, tables)
+                if cand is None:
+                    continue
+                if probe_a.matches(cand, rtol=1e-7):
+                    found = cand
+                    break
+            if found:
+                break
+        if found is None:
+            return "no conv / qk-mean / temperature choice agrees with the region"
+        # phase B: RoPE layout and tables, on random tables
+        probe_b = _Probe(ctx, region, sizes, seed=42)
+        width = base.d
+        options = _table_options(tables, width) if tables else []
+        chosen = None
+        if not tables:
+            chosen = replace(found, rope=None)
+            if not probe_b.matches(chosen, rtol=1e-7):
+                return "the candidate without RoPE does not agree"
+        else:
+            for option in options:
+                cand = replace(found, rope=option)
+                if probe_b.matches(cand, rtol=1e-7):
+                    chosen = cand
+                    break
+            if chosen is None:
+                return f"no RoPE layout fits the tables ({len(tables)} table inputs)"
+        # phase C: eps, where it decides: inputs and biases scaled down to norms near eps
+        eps_choices = _eps_choices(region, literals)
+        raw_norm = _raw_norm(ctx, region, chosen)
+        for eps in eps_choices:
+            cand = replace(chosen, eps=eps)
+            ok = True
+            for seed, factor in ((43, 10.0), (44, 0.1)):
+                scale = _tiny_scale(raw_norm, cand, eps * factor)
+                probe = _Probe(ctx, region, sizes, seed=seed, scale=scale)
+                if not probe.matches(cand, rtol=1e-6):
+                    ok = False
+                    break
+            if ok:
+                return cand
+        return "the normalisation's eps or its placement matches no candidate"
+
+
+def _has_time_dim(node: Node, region: Region) -> bool:
+    t = tensor_value(region.sinks[0]).shape[2]
+    return any(same_size(s, t) for s in tensor_value(node).shape) and not (
+        isinstance(t, int) and t == 1
+    )
+
+
+def _with_identity_rope(plan: Plan, tables: list[Node]) -> Plan | None:
+    """For phase A: tables constant, every layout is some rotation; pick the first."""
+    if not tables:
+        return replace(plan, rope=None)
+    options = _table_options(tables, plan.d)
+    return replace(plan, rope=options[0]) if options else None
+
+
+def _snap_scale(estimate: float, d: int, literals: set[float]) -> float:
+    for c in (math.sqrt(d), 1.0, *literals):
+        if c > 0 and abs(c - estimate) <= 1e-6 * c:
+            return c
+    return estimate
+
+
+def _eps_choices(region: Region, literals: set[float]) -> list[float]:
+    from_normalize = []
+    for node in region.nodes:
+        if is_function(node, F.normalize):
+            eps = arg(node, 3, "eps", 1e-12)
+            if isinstance(eps, float):
+                from_normalize.append(eps)
+    defaults = [1e-12, *(torch.finfo(t).eps for t in (torch.float32, torch.bfloat16, torch.float16)),
+                1e-6, 1e-8, 1e-5]  # fmt: skip
+    small = sorted(x for x in literals if 0 < x < 1e-2)
+    seen, out = set(), []
+    for eps in [*from_normalize, *small, *defaults, 0.0]:
+        if eps not in seen:
+            seen.add(eps)
+            out.append(eps)
+    return out
+
+
+def _raw_norm(ctx, region: Region, plan: Plan) -> float:
+    """The median norm of the pre-normalisation vectors on a unit-scale probe."""
+    from ..ops.ccgqa_prologue import _raw
+
+    sizes = ctx.sizes[0]
+    feeds = region.feeds(sizes, seed=45)
+    values = [feeds[n] if isinstance(n, Node) else n for n in plan.inputs()]
+    args = op_arguments(plan, values)
+    q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, plan.qk_mean, torch.float64)
+    return float(torch.cat([q_raw.norm(dim=-1).flatten(), k_raw.norm(dim=-1).flatten()]).median())
+
+
+def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, float]:
+    """Scale q_pre, k_pre and every bias so the pre-norm vectors' norms are near
+    ``target_norm`` (they are linear in those jointly)."""
+    if target_norm <= 0:
+        target_norm = 1e-20
+    s = target_norm / max(raw_norm, 1e-300)
+    out = {plan.q_pre: s, plan.k_pre: s}
+    for conv in (*plan.q_convs, *plan.k_convs):
+        if conv.bias is not None:
+            out[conv.bias] = s
+    return out
+
+
+def _final_check(ctx: GraphContext, region: Region, plan: Plan) -> str | None:
+    with real_tensors():
+        for sizes in ctx.sizes:
+            for seed in (51, 52):
+                probe = _Probe(ctx, region, sizes, seed=seed, scale={plan.q_pre: 3.0} if seed == 52 else None)
+                if not probe.matches(plan):
+                    return "the chosen candidate disagrees on a second probe"
+    return None
+
+
+def recognise(ctx: GraphContext, site: Site) -> None:
+    plans = _plans(site)
+    if isinstance(plans, str):
+        if "no convolution" not in plans:
+            ctx.rejected(FUSION, "prologue", site.anchor, plans)
+        return
+    base = plans[0]
+    try:
+        region = Region.between([base.q_pre, base.k_pre], [site.q, site.k])
+    except Rejected as why:
+        ctx.rejected(FUSION, "prologue", site.anchor, str(why))
+        return
+    escapes = region.escapes()
+    if escapes:
+        ctx.rejected(FUSION, "prologue", site.anchor, f"{escapes[0].name} is also read outside the prologue")
+        return
+    try:
+        chosen = _decide(ctx, region, plans)
+        if isinstance(chosen, Plan):
+            problem = _final_check(ctx, region, chosen)
+            chosen = problem if problem is not None else chosen
+    except Rejected as why:
+        chosen = str(why)
+    except (RuntimeError, ValueError, IndexError, TypeError) as why:
+        chosen = f"probe evaluation failed: {type(why).__name__}: {str(why).splitlines()[0][:160]}"
+    if isinstance(chosen, str):
+        ctx.rejected(FUSION, "prologue", site.anchor, chosen)
+        return
+    try:
+        q_new, k_new = emit(region, candidate(chosen), chosen.inputs())
+    except Rejected as why:
+        ctx.rejected(FUSION, "prologue", site.anchor, str(why))
+        return
+    ctx.fused(FUSION, _idiom(chosen))
+    site.q, site.k = q_new, k_new
+    site.prologue = True
+
+
+def _idiom(plan: Plan) -> str:
+    parts = ["shared_conv" if plan.shared else "separate_convs"]
+    parts.append("qk_mean" if plan.qk_mean else "no_mean")
+    parts.append("temperature" if plan.temp is not None else "no_temperature")
+    if plan.rope is not None:
+        r, inter = plan.rope[3], plan.rope[4]
+        parts.append(("interleaved" if inter else "rotate_half") + (f"_r{r}" if r != plan.d else ""))
+    return ",".join(parts)
+
+
+def run(ctx: GraphContext, sites: list[Site]) -> None:
+    for site in sites:
+        if ctx.alive(site.q) and ctx.alive(site.k):
+            recognise(ctx, site)
+
+
+__all__ = ["run", "recognise", "Evaluator"]
