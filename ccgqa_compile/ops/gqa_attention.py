@@ -165,19 +165,13 @@ def causal_mask_problem(mask: Tensor, t_q: int, t_k: int) -> str | None:
     return None
 
 
-def _masked_composite(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    acc = compute_dtype(q.dtype, k.dtype, v.dtype)
-    groups = q.shape[1] // k.shape[1]
-    s = (q.to(acc) @ _repeat_kv(k, groups).to(acc).transpose(-1, -2)) * scale
-    if mask.dtype == torch.bool:
-        s = s.masked_fill(~mask, float("-inf"))
-    else:
-        s = s + mask.to(acc)
-    p = torch.softmax(s, dim=-1)
-    out = (p @ _repeat_kv(v, groups).to(acc)).to(q.dtype)
-    return out, torch.logsumexp(s, dim=-1).to(torch.float32)
+def _sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """What the user wrote: SDPA with the mask (query heads grouped over k/v's heads)."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 @torch.library.custom_op(
@@ -186,18 +180,20 @@ def _masked_composite(
 def gqa_attention_masked(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """SDPA with a bool or additive ``mask``: our causal op when the mask is causal
-    (checked on the device: one host sync), the exact masked attention otherwise; and the
-    logsumexp of each score row."""
+    """SDPA with a bool or additive ``mask`` known only at run time (HF's padding mask):
+    our causal op when the mask is causal (checked on the device: one host sync), else
+    the SDPA call the user wrote. Second output: the causal op's logsumexp (zeros on the
+    SDPA path, which the backward recomputes)."""
     if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
         o, lse = torch.ops.ccgqa.gqa_attention(q, k, v, scale)
-        return o, lse
-    return _masked_composite(q, k, v, mask, scale)
+        return o.contiguous(), lse.contiguous()
+    out = _sdpa_with_mask(q, k, v, mask, scale)
+    return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
 
 
 @gqa_attention_masked.register_fake
 def _(q, k, v, mask, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _masked_setup(ctx, inputs, output) -> None:
@@ -208,15 +204,35 @@ def _masked_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
 
 
+@torch.library.custom_op(
+    "ccgqa::gqa_attention_masked_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,)
+)
+def gqa_attention_masked_backward(
+    grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, o: Tensor, lse: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of ``gqa_attention_masked``, deciding again on the mask (an opaque op:
+    the decision reads the mask's values)."""
+    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
+        grads = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, scale)
+    else:
+        with torch.enable_grad():
+            q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = _sdpa_with_mask(q_, k_, v_, mask, scale)
+            grads = torch.autograd.grad(out, (q_, k_, v_), grad_o)
+    return tuple(g.contiguous() for g in grads)
+
+
+@gqa_attention_masked_backward.register_fake
+def _(grad_o, q, k, v, mask, o, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _masked_backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None):
     q, k, v, mask, o, lse = ctx.saved_tensors
-    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
-        dq, dk, dv = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None, None
-    with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = _masked_composite(q_, k_, v_, mask, ctx.scale)[0]
-        dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), grad_o)
+    dq, dk, dv = torch.ops.ccgqa.gqa_attention_masked_backward(
+        grad_o, q, k, v, mask, o, lse, ctx.scale
+    )
     return dq, dk, dv, None, None
 
 

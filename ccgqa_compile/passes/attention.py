@@ -177,30 +177,33 @@ def sdpa_arguments(node: Node) -> dict[str, Any] | None:
     return args if all(n in args for n in ("query", "key", "value")) else None
 
 
-def _mask_kind(ctx: GraphContext, mask: Node, t_q: int, t_k: int) -> str:
-    """"causal" for a mask proven causal, "runtime" for one built from user inputs that is
-    causal when those are all ones (then checked at run time); else raises Rejected."""
+def _mask_kind(ctx: GraphContext, mask: Node, t_q, t_k) -> str:
+    """"causal" for a mask proven causal (built from sizes alone); "runtime" for one that
+    is a graph input (built in an earlier graph) or built from user inputs and causal when
+    those are all ones (HF's padding mask): checked at run time. Else raises Rejected."""
     from ..ops.gqa_attention import causal_mask_problem
 
     runtime = runtime_inputs_of(mask)
-    given = {}
+    if runtime and path_nodes(mask)[-1].op == "placeholder":
+        mv = tensor_value(mask)
+        if mv.dim() < 2 or not (same_size(mv.shape[-2], t_q) and same_size(mv.shape[-1], t_k)):
+            raise Rejected(f"mask {tuple(mv.shape)} is not a (T, T) mask")
+        return "runtime"
     for node in runtime:
-        v = value(node)
-        if v.dtype.is_floating_point or v.dtype.is_complex:
+        if value(node).dtype.is_floating_point or value(node).dtype.is_complex:
             raise Rejected(f"the mask depends on the float input {node.name}")
-        given[node] = None
     try:
         with real_tensors():
             for sizes in ctx.sizes:
                 feeds = {}
-                for node in given:
-                    shape = Probes(sizes, value(node).device).shape(node)
-                    feeds[node] = torch.ones(shape, dtype=value(node).dtype, device=value(node).device)
+                for node in runtime:
+                    v = value(node)
+                    shape = Probes(sizes, v.device).shape(node)
+                    feeds[node] = torch.ones(shape, dtype=v.dtype, device=v.device)
                 m = Evaluator(ctx.graph, sizes).run([mask], feeds)[0]
-                tq = sizes_of(t_q, sizes)
-                problem = causal_mask_problem(m, tq, sizes_of(t_k, sizes))
+                problem = causal_mask_problem(m, sizes_of(t_q, sizes), sizes_of(t_k, sizes))
                 if problem is not None:
-                    raise Rejected(problem)
+                    raise Rejected(problem + (" (its user inputs all ones)" if runtime else ""))
     except Rejected:
         raise
     except Exception as why:  # noqa: BLE001 - any failure means: not provably causal
@@ -451,19 +454,19 @@ def _parse(anchor: Node) -> _Handwritten | str:
         return "no product of q and k before the softmax"
     scores = node
     chain = list(reversed(chain)) + [anchor]
-    # forward: casts and identity dropouts to the product with v
+    # forward: casts and identity dropouts to the product with v (other readers of the
+    # probabilities, such as HF's returned attention weights, keep their own copy)
     node = anchor
     for _ in range(6):
-        users = list(node.users)
-        if len(users) != 1:
-            return "the probabilities are read more than once"
-        user = users[0]
-        if _is_product(user):
-            return _Handwritten(anchor, scores, user, chain)
-        if not (is_cast(user) or is_function(user, *_DROPOUT)):
-            return f"{user.name} between the softmax and the product with v"
-        chain.append(user)
-        node = user
+        nexts = [u for u in node.users if _is_product(u) and _product_operands(u)[0] is node]
+        nexts += [u for u in node.users if is_function(u, torch.einsum) and node in _product_operands(u)]
+        if nexts:
+            return _Handwritten(anchor, scores, nexts[0], chain)
+        steps = [u for u in node.users if is_cast(u) or is_function(u, *_DROPOUT)]
+        if len(steps) != 1:
+            return "no product with v after the softmax"
+        chain.append(steps[0])
+        node = steps[0]
     return "no product with v after the softmax"
 
 
@@ -622,9 +625,6 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
             region = Region.between([q, k, v], [hw.product])
         except Rejected as why:
             reason = str(why)
-            continue
-        if region.escapes():
-            reason = f"{region.escapes()[0].name} is also read outside the attention"
             continue
         extra = [n for n in region.float_leaves() if n not in (q, k, v) and depends_on_tensor_input(n)]
         if extra:
