@@ -53,9 +53,6 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
     from torch._inductor.compile_fx import compile_fx
 
     from . import ops  # noqa: F401  (the replacements call torch.ops.ccgqa.*)
-    from ._inductor_compat import install_conv1d_backward_fallback
-
-    install_conv1d_backward_fallback()  # a causal conv must not pin a dynamic T
 
     unknown = set(kwargs) - {"mode", "options"}
     if unknown:
@@ -67,7 +64,18 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
         patches.update(list_mode_options(kwargs["mode"]))
     patches.update(options)
     patches.update(_pass_patches(disabled))
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
+
+
+def _inner_compile(gm, example_inputs, **kwargs):
+    """Inductor's own graph compiler (forward and, later, backward graphs), with a 1-D
+    conv's backward lowered without pinning a dynamic length (see ``_inductor_compat``)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    from ._inductor_compat import conv1d_backward_fallback
+
+    with conv1d_backward_fallback():
+        return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
 _HOOKS = ("joint_custom_pre_pass", "pre_grad_custom_pass", *_LAYOUT_PATCHES)
@@ -82,9 +90,7 @@ def register_global(disable: tuple[str, ...] = ()) -> None:
     from torch._inductor import config as inductor_config
 
     from . import ops  # noqa: F401
-    from ._inductor_compat import install_conv1d_backward_fallback
 
-    install_conv1d_backward_fallback()
     if _saved_global_pass:
         return
     patches = _pass_patches(set(disable))

@@ -64,3 +64,9 @@ def fuse_on_cpu() -> bool:
 
 def kernels_disabled() -> bool:
     return os.environ.get("CCGQA_DISABLE_KERNELS", "0") not in ("", "0")
+
+
+def strict() -> bool:
+    """``CCGQA_STRICT=1``: an internal error in a recognizer raises (the tests set it)
+    instead of being reported and leaving the graph to Inductor."""
+    return os.environ.get("CCGQA_STRICT", "0") not in ("", "0")

@@ -11,6 +11,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # the passes leave CPU graphs to Inductor by default; the tests check them on CPU
 os.environ.setdefault("CCGQA_FUSE_ON_CPU", "1")
+# a recognizer error fails the test instead of being reported and skipped
+os.environ.setdefault("CCGQA_STRICT", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

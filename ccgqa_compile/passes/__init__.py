@@ -21,6 +21,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .. import reporting as report
+from ..reporting import log
 from .._inductor_compat import current_compile_id
 from .common import GraphContext, flush_pending_reports, flush_to_report
 from .evaluate import size_assignments
@@ -53,15 +54,34 @@ def _is_joint(graph: torch.fx.Graph) -> bool:
 def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
     """Every recognizer, in order: attention sites, the prologues ending at them (and the
     whole blocks they make), then RoPE, RMSNorm and SwiGLU wherever they remain."""
-    from . import attention, blocks, prologue, rms_norm, rope, swiglu
+    from . import attention, blocks, prologue, rms_norm, rope, swiglu, value_shift
 
-    sites = attention.run(ctx, fuse="gqa_attention" in fusions)
-    if "ccgqa_prologue" in fusions:
-        prologue.run(ctx, sites)
-    blocks.report(ctx, sites)
+    if "value_shift" in fusions:
+        _guarded(ctx, "value_shift", lambda: value_shift.run(ctx))
+    sites = _guarded(ctx, "gqa_attention", lambda: attention.run(ctx, "gqa_attention" in fusions))
+    if "ccgqa_prologue" in fusions and sites:
+        _guarded(ctx, "ccgqa_prologue", lambda: prologue.run(ctx, sites))
+    blocks.report(ctx, sites or [])
     for name, run in (("rope", rope.run), ("rms_norm", rms_norm.run), ("swiglu", swiglu.run)):
         if name in fusions:
-            run(ctx)
+            _guarded(ctx, name, lambda run=run: run(ctx))
+
+
+def _guarded(ctx: GraphContext, fusion: str, step):
+    """Run one recognizer. An unexpected error must not fail the user's compilation (Dynamo
+    would fall back to a graph break): the graph is checked intact and the error reported;
+    ``CCGQA_STRICT=1`` (the tests) raises it instead."""
+    from .. import config
+
+    try:
+        return step()
+    except Exception as why:
+        if config.strict():
+            raise
+        ctx.graph.lint()  # a half-done rewrite is not recoverable: fail loudly then
+        log.warning("ccgqa: %s recognition failed, graph left as is: %r", fusion, why)
+        ctx.rejected(fusion, "error", "-", f"internal error, left to Inductor: {why!r}"[:300])
+        return None
 
 
 class RecognitionPass(CustomGraphPass):

@@ -88,7 +88,10 @@ def size_assignments(graph: torch.fx.Graph) -> list[dict[sympy.Symbol, int]]:
     for node in graph.nodes:
         if node.op == "placeholder":
             _symbols_of(value(node), symbols)
-    hints = {s: int(env.var_to_val[s]) for s in symbols if s in env.var_to_val}
+    from .._inductor_compat import symbol_hints
+
+    table = symbol_hints(env)
+    hints = {s: int(table[s]) for s in symbols if s in table}
     if not hints:
         return [{}]
     return [hints, {s: v + 3 for s, v in hints.items()}]

@@ -273,6 +273,6 @@ def erase_unused(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
 
 
 def stable_sort(graph: torch.fx.Graph) -> None:
-    from torch._inductor.pattern_matcher import stable_topological_sort
+    from .._inductor_compat import stable_topological_sort
 
     stable_topological_sort(graph)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .._inductor_compat import stable_topological_sort, statically_known_true
-from .sdpa_attention import record_pre_grad_event
+from .common import GraphContext
 
 FUSION = "value_shift"
 
@@ -87,8 +87,9 @@ def _shifted_input(node: Any) -> tuple[torch.fx.Node, int, Any] | None:
     return x, pads[2], rows.stop
 
 
-def rewrite_value_shift(graph: torch.fx.Graph) -> int:
+def run(ctx: GraphContext) -> int:
     """Move every qualifying shift past its linear; returns how many were moved."""
+    graph = ctx.graph
     moved = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _LINEAR or node.kwargs:
@@ -100,8 +101,8 @@ def rewrite_value_shift(graph: torch.fx.Graph) -> int:
         if shifted is None:
             continue
         if bias is not None:
-            record_pre_grad_event(
-                "rejected", FUSION, "pad_slice_linear", node.name,
+            ctx.rejected(
+                FUSION, "pad_slice_linear", node,
                 "the linear has a bias: the padded rows would become the bias, not zero",
             )  # fmt: skip
             continue
@@ -122,7 +123,7 @@ def rewrite_value_shift(graph: torch.fx.Graph) -> int:
                 graph.erase_node(pad_node)
         merged = _merge_with_sibling_projection(graph, projected, out)
         idiom = f"pad_slice_linear_shift_{shift}" + ("_one_v_matmul" if merged else "")
-        record_pre_grad_event("fused", FUSION, idiom)
+        ctx.fused(FUSION, idiom)
         moved += 1
     if moved:
         stable_topological_sort(graph)  # the merged matmul sits after its first reader
