@@ -31,6 +31,11 @@ FUSIONS: tuple[str, ...] = (
 # dim (it would otherwise materialise the T x T scores).
 SDPA_MAX_HEAD_DIM = 32
 
+# Policy: the original project's prologue variant fuses in inference graphs; in training
+# graphs it is left to Inductor, whose code for it trains faster than our backward
+# kernels (docs/benchmarks). True fuses training graphs too.
+SEED_PROLOGUE_IN_TRAINING = False
+
 # Names added here are skipped by every later compilation.
 disabled_fusions: set[str] = set()
 

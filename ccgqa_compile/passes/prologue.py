@@ -24,13 +24,14 @@ other heads, another normalisation) agree with no candidate and stay as written.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from .. import config
 from .attention import Site
 from .common import GraphContext, float_literals
 from .evaluate import Evaluator, agree, real_tensors
@@ -82,7 +83,10 @@ class Plan:
     norm_scale: float = 1.0
     eps: float = 1e-12
     rope: tuple | None = None  # (name, tables, build, rotary_dim, interleaved)
-    extra: dict = field(default_factory=dict)
+    # "stock" (ccgqa_prologue) or "seed": the original project's variant (per-head conv1,
+    # dense conv2, a mean over all heads, no norm scale, one scalar temperature, full
+    # RoPE), which its own op ccgqa_seed_prologue computes
+    kind: str = "stock"
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre]
@@ -203,6 +207,9 @@ def _plans(site: Site) -> list[Plan] | str:
         return "the convolutions' inputs are not q_pre (B, T, Hq*D) and k_pre (B, T, Hkv*D)"
     out = []
     for plan in plans:
+        if not plan.shared and _seed_shapes(plan):
+            out.append(replace(plan, kind="seed"))
+            continue
         problem = _conv_shapes_problem(plan)
         if problem is not None:
             return problem
@@ -211,6 +218,20 @@ def _plans(site: Site) -> list[Plan] | str:
             for qk_mean in (True, False):
                 out.append(replace(plan, fold_bias=fold, qk_mean=qk_mean))
     return out
+
+
+def _seed_shapes(plan: Plan) -> bool:
+    """Per-head conv1 (C, D, K1) and dense conv2 (C, C, K2), no biases: the seed's convs."""
+    for (c1, c2), heads in ((plan.q_convs, plan.heads), (plan.k_convs, plan.kv_heads)):
+        channels = heads * plan.d
+        w1, w2 = tensor_value(c1.weight), tensor_value(c2.weight)
+        if tuple(w1.shape) != (channels, plan.d, c1.kernel) or c1.groups != heads:
+            return False
+        if tuple(w2.shape) != (channels, channels, c2.kernel) or c2.groups != 1:
+            return False
+        if c1.bias is not None or c2.bias is not None:
+            return False
+    return True
 
 
 def _conv_shapes_problem(plan: Plan) -> str | None:
@@ -286,8 +307,22 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     ]  # fmt: skip
 
 
+def seed_op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
+    q_pre, k_pre, qw1, _qb1, qw2, _qb2, kw1, _kb1, kw2, _kb2, temp, *tables = values
+    cos, sin = plan.rope[2](*tables)
+    if temp is not None:
+        temp = temp.reshape(())
+    return [
+        _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre), qw1, qw2, kw1, kw2, temp, cos, sin,
+        plan.heads, plan.kv_heads, plan.eps, plan.rope[4],
+    ]  # fmt: skip
+
+
 def candidate(plan: Plan):
     def prologue(*values, out_dtypes):
+        if plan.kind == "seed":
+            q, k = torch.ops.ccgqa.ccgqa_seed_prologue(*seed_op_arguments(plan, list(values)))
+            return q, k
         q, k = torch.ops.ccgqa.ccgqa_prologue(*op_arguments(plan, list(values)))
         return q, k
 
@@ -395,7 +430,11 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         probe_b = _Probe(ctx, region, sizes, seed=42)
         width = base.d
         options = _table_options(tables, width) if tables else []
+        if base.kind == "seed":
+            options = [o for o in options if o[3] == width]
         chosen = None
+        if not tables and base.kind == "seed":
+            return "the original project's variant without RoPE has no fused op"
         if not tables:
             chosen = replace(found, rope=None)
             if not probe_b.matches(chosen, rtol=1e-7):
@@ -435,8 +474,10 @@ def _has_time_dim(node: Node, region: Region) -> bool:
 def _with_identity_rope(plan: Plan, tables: list[Node]) -> Plan | None:
     """For phase A: tables constant, every layout is some rotation; pick the first."""
     if not tables:
-        return replace(plan, rope=None)
+        return replace(plan, rope=None) if plan.kind == "stock" else None
     options = _table_options(tables, plan.d)
+    if plan.kind == "seed":
+        options = [o for o in options if o[3] == plan.d]
     return replace(plan, rope=options[0]) if options else None
 
 
@@ -472,9 +513,30 @@ def _raw_norm(ctx, region: Region, plan: Plan) -> float:
     sizes = ctx.sizes[0]
     feeds = region.feeds(sizes, seed=45)
     values = [feeds[n] if isinstance(n, Node) else n for n in plan.inputs()]
-    args = op_arguments(plan, values)
-    q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, plan.qk_mean, torch.float64)
+    if plan.kind == "seed":
+        q_raw, k_raw = _seed_raw(plan, values)
+    else:
+        args = op_arguments(plan, values)
+        q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, plan.qk_mean, torch.float64)
     return float(torch.cat([q_raw.norm(dim=-1).flatten(), k_raw.norm(dim=-1).flatten()]).median())
+
+
+def _seed_raw(plan: Plan, values: list[Any]):
+    """The seed variant's vectors before the normalisation, (B, T, H, D) per stream."""
+    q_pre, k_pre, qw1, _, qw2, _, kw1, _, kw2, _ = values[:10]
+    q_pre, k_pre = _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre)
+
+    def convs(x, w1, w2, heads):
+        y = F.pad(x.transpose(1, 2), (w1.shape[-1] - 1, 0))
+        y = F.conv1d(y, w1, groups=heads)
+        y = F.conv1d(F.pad(y, (w2.shape[-1] - 1, 0)), w2)
+        return y.transpose(1, 2).unflatten(-1, (heads, plan.d))
+
+    b, t = q_pre.shape[:2]
+    qh, kh = q_pre.view(b, t, plan.heads, plan.d), k_pre.view(b, t, plan.kv_heads, plan.d)
+    q = convs(q_pre, qw1, qw2, plan.heads) + 0.5 * kh.mean(2, keepdim=True)
+    k = convs(k_pre, kw1, kw2, plan.kv_heads) + 0.5 * qh.mean(2, keepdim=True)
+    return q, k
 
 
 def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, float]:
@@ -528,6 +590,11 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     if isinstance(chosen, str):
         ctx.rejected(FUSION, "prologue", site.anchor, chosen)
         return
+    if chosen.kind == "seed" and _training(ctx) and not config.SEED_PROLOGUE_IN_TRAINING:
+        ctx.rejected(FUSION, "seed", site.anchor, "the original project's variant in a training "
+                     "graph: left to Inductor (policy config.SEED_PROLOGUE_IN_TRAINING: its "
+                     "backward kernels are slower than Inductor's)")  # fmt: skip
+        return
     try:
         q_new, k_new = emit(region, candidate(chosen), chosen.inputs())
     except Rejected as why:
@@ -538,7 +605,19 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     site.prologue = True
 
 
+def _training(ctx: GraphContext) -> bool:
+    """Whether AOTAutograd will build a joint graph: grad mode on and a graph input that
+    requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(
+        n.op == "placeholder" and getattr(value(n), "requires_grad", False) for n in ctx.graph.nodes
+    )
+
+
 def _idiom(plan: Plan) -> str:
+    if plan.kind == "seed":
+        return "seed_variant"
     parts = ["shared_conv" if plan.shared else "separate_convs"]
     parts.append("qk_mean" if plan.qk_mean else "no_mean")
     parts.append("temperature" if plan.temp is not None else "no_temperature")
