@@ -25,8 +25,6 @@ if torch_version() < MIN_TORCH:  # pragma: no cover - exercised only on old inst
         f"(joint-graph custom passes, triton_op); found {torch.__version__}"
     )
 
-from torch._inductor.pattern_matcher import stable_topological_sort  # noqa: E402
-from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: E402
 
 
 def symbol_hints(shape_env) -> dict:

@@ -196,15 +196,13 @@ class SdpaLastTokenQuery(HandWrittenGQA):
 
 
 def _promised(shape: Shape) -> bool:
-    # known gap: with a size-1 batch, sequence or head dim the transposed views are
-    # contiguous-compatible, the matmuls decompose without their copies, and those graphs
-    # are not matched yet (they stay on Inductor's path: correct, not fused)
-    return shape.heads >= 2 and shape.seq >= 2 and shape.batch >= 2
+    # hand-written attention is recognised by what it computes, at every size
+    return True
 
 
 def sdpa_promised(shape: Shape) -> bool:
-    """SDPA is rewritten before autograd, whatever the sizes, except a single token (the
-    output is v) and, by policy, head dims above 32 (passes/sdpa_attention.py)."""
+    """SDPA is rewritten whatever the sizes, except a single token (the output is v) and,
+    by policy, head dims above 32 (config.SDPA_MAX_HEAD_DIM)."""
     return shape.seq >= 2 and shape.head_dim <= 32
 
 

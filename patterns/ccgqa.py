@@ -296,16 +296,16 @@ def _build(head_dim: int | None = None, **options):
 
 
 def _promised(shape: Shape) -> bool:
-    return shape.heads >= 2 and shape.seq >= 2 and shape.batch >= 2
+    return True
 
 
 BLOCK_NEAR_MISS = "block-level near miss: the q/k prologue must not fuse"
 
 
-def _block_counts(prologue: int, attention: int) -> tuple[tuple[str, int], ...]:
+def _block_counts(prologue: int, causal: int) -> tuple[tuple[str, int], ...]:
     """The prologue's count, and the whole block's: reported when one prologue feeds the
-    q and k of one fused attention (passes/blocks.py)."""
-    return (("ccgqa_prologue", prologue), ("ccgqa_block", prologue if attention else 0))
+    q and k of one causal attention, fused or kept on SDPA by policy (passes/blocks.py)."""
+    return (("ccgqa_prologue", prologue), ("ccgqa_block", prologue if causal else 0))
 
 
 def _hand(name, build, expect=1, note="", block_near_miss=False, prologue=0):
@@ -336,7 +336,7 @@ def _sdpa(name, build, expect=1, note="", policy="", inputs=hidden_states, block
         promised=sdpa_promised,
         policy=policy,
         block_near_miss=block,
-        also=_block_counts(prologue, expect),
+        also=_block_counts(prologue, expect or policy),
         # one query head (hq = hkv = 1) traces the prologue differently again; the SDPA
         # core's promise covers it, the prologue's does not (it may fuse, must match)
         also_promised=_promised,
@@ -440,9 +440,9 @@ ENTRIES = [
         "ccgqa_sdpa_d128",
         _build(head_dim=128, attention="sdpa"),
         0,
-        "CCGQA, SDPA, d=128 (ZAYA's head dim); prologue left to Inductor too (d > 64)",
+        "CCGQA, SDPA, d=128 (ZAYA's head dim): the prologue fuses, the core stays on SDPA",
         policy="head dim 128 > 32: SDPA (cuDNN) is faster",
-        prologue=0,
+        prologue=1,
     ),
     dataclasses.replace(
         _sdpa(
@@ -451,7 +451,7 @@ ENTRIES = [
             note="original project's CCGQAAttentionSeed: fused qkv, per-head + dense convs, "
             "all-heads qk-mean, scalar temperature, interleaved RoPE, SDPA enable_gqa; its "
             "prologue fuses in inference graphs and is left to Inductor in training graphs "
-            "(policy: our backward kernels are slower)",
+            "(policy config.SEED_PROLOGUE_IN_TRAINING: our backward kernels are slower)",
             inputs=_seed_inputs,
             prologue=1,
         ),

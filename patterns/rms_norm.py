@@ -127,14 +127,9 @@ def _e(name, cls, expect=1, note="", forbidden=()):
     return Entry(name, "rms_norm", expect, cls, hidden_states, note, forbidden)
 
 
-_WEIGHTED = (
-    "hf_llama_fp32_upcast",
-    "gemma_one_plus_weight",
-    "rsqrt_times_weight",
-    "weight_times_rsqrt",
-    "div_sqrt",
-    "F.rms_norm",
-)
+# the idioms the report names: a region whose output is multiplied by per-channel inputs
+# fuses with their product as the weight
+_WEIGHTED = ("weighted",)
 
 
 ENTRIES = [
@@ -152,6 +147,6 @@ ENTRIES = [
     # near misses of one form whose core is still a genuine RMSNorm: (2 + w) is a fine
     # per-channel weight for the plain op, but must never become Gemma's (1 + w) op; a
     # per-token weight must not become any weighted op (the unweighted core may fuse)
-    _e("rms_near_gemma_two_plus", GemmaTwoPlusWeight, 1, "(2 + w)", ("gemma_one_plus_weight",)),
-    _e("rms_near_per_token_weight", PerTokenWeight, 1, "weight (seq, hidden)", _WEIGHTED),
+    _e("rms_gemma_two_plus", GemmaTwoPlusWeight, 1, "(2 + w): a per-channel weight like any other"),
+    _e("rms_near_per_token_weight", PerTokenWeight, 1, "weight (seq, hidden): only the unweighted core fuses", _WEIGHTED),
 ]

@@ -92,5 +92,5 @@ ENTRIES = [
     _e("swiglu_swapped_halves", SwappedHalvesMLP, note="up, gate = chunk(2)"),
     _e("swiglu_near_gelu", GeluMLP, 0, "gelu(g) * u"),
     _e("swiglu_near_glu", GluMLP, 0, "sigmoid(g) * u"),
-    _e("swiglu_near_sigmoid_of_up", SiluOfUpMLP, 0, "g * sigmoid(u) * u"),
+    _e("swiglu_sigmoid_of_up", SiluOfUpMLP, 1, "g * sigmoid(u) * u = silu(u) * g: gate and up swapped"),
 ]

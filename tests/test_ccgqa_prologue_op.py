@@ -316,21 +316,30 @@ def test_cuda_compiled_op_inlines_both_kernels(dynamic):
             assert rel_err(a.grad, b.grad) < 1e-2, i
 
 
-def _prologue_only_backend():
+def _prologue_only_backend(codegen: bool = True):
+    """Inductor with only the prologue recognition on (attention sites are still found,
+    not replaced)."""
+    from torch._functorch.aot_autograd import make_boxed_func
     from torch._inductor.compile_fx import compile_fx
 
-    import ccgqa_compile.passes.ccgqa_prologue  # noqa: F401  (registers the family)
-    from ccgqa_compile.passes import CCGQAGraphPass
+    from ccgqa_compile.passes import ReportPass, RecognitionPass
+
+    def run_eagerly(gm, example_inputs, **kwargs):
+        return make_boxed_func(gm.forward)
 
     def backend(gm, example_inputs):
-        graph_pass = CCGQAGraphPass(("ccgqa_prologue",), fuse_on_cpu=True)
-        return compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": graph_pass})
+        patches = {
+            "pre_grad_custom_pass": RecognitionPass(("ccgqa_prologue",), fuse_on_cpu=True),
+            "joint_custom_pre_pass": ReportPass(),
+        }
+        extra = {} if codegen else {"inner_compile": run_eagerly}
+        return compile_fx(gm, example_inputs, config_patches=patches, **extra)
 
     return backend
 
 
-def test_pattern_family_fuses_the_inference_prologue():
-    """passes/ccgqa_prologue.py alone replaces patterns/ccgqa.py's prologue in an
+def test_recognition_fuses_the_inference_prologue():
+    """The prologue recognition alone replaces patterns/ccgqa.py's prologue in an
     inference graph by the op, with the same result."""
     backend = _prologue_only_backend()
     torch.manual_seed(0)
@@ -343,36 +352,27 @@ def test_pattern_family_fuses_the_inference_prologue():
     assert rel_err(out, expected) < 1e-5
 
 
-def test_pattern_family_leaves_head_dim_128_to_inductor():
-    """Policy (passes/ccgqa_prologue.py, MAX_HEAD_DIM): at d = 128 Inductor's own prologue
-    is faster than our kernels on the H100, so the match is rejected with that reason, in
-    a graph the same spelling fuses at d = 64."""
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_recognition_fuses_large_head_dims(head_dim):
+    """No head dim is left to Inductor: ZAYA's d = 128 prologue fuses too."""
     backend = _prologue_only_backend()
-    for head_dim, fused in ((64, 1), (128, 0)):
-        torch._dynamo.reset()
-        ccgqa_compile.reset_report()
-        torch.manual_seed(0)
-        m = CCGQAttention(2 * head_dim, 2, 1, head_dim).eval()
-        x = torch.randn(1, 5, 2 * head_dim)
-        with torch.no_grad():
-            expected = m(x)
-            out = torch.compile(m, backend=backend, fullgraph=True)(x)
-        rep = ccgqa_compile.report()
-        assert rep.count("ccgqa_prologue") == fused, str(rep)
-        reasons = [r.reason for r in rep.rejected if r.fusion == "ccgqa_prologue"]
-        policy = [r for r in reasons if "head dim 128 > 64" in r]
-        assert bool(policy) == (not fused), reasons
-        assert rel_err(out, expected) < 1e-5
+    torch.manual_seed(0)
+    m = CCGQAttention(2 * head_dim, 2, 1, head_dim).eval()
+    x = torch.randn(1, 5, 2 * head_dim)
+    with torch.no_grad():
+        expected = m(x)
+        out = torch.compile(m, backend=backend, fullgraph=True)(x)
+    rep = ccgqa_compile.report()
+    assert rep.count("ccgqa_prologue") == 1, str(rep)
+    assert rel_err(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize(
     "heads, kv_heads", [(4, 2), (3, 1), (2, 2)], ids=["grouped", "single-kv-head", "ungrouped"]
 )
-def test_pattern_family_fuses_the_training_prologue(heads, kv_heads):
-    """The joint pattern fires in a training graph (the family's ``after_build`` hook,
-    ``relax_list_arguments``, makes ``convolution_backward``'s list arguments matchable),
-    for every head layout (one kv head and G = 1 trace differently), and every gradient,
-    x's included, matches eager."""
+def test_recognition_fuses_the_training_prologue(heads, kv_heads):
+    """Replaced before autograd: the op's own backward is differentiated, and every
+    gradient, x's included, matches eager."""
     backend = _prologue_only_backend()
     torch.manual_seed(0)
     m = CCGQAttention(heads * 8, heads, kv_heads, 8)
@@ -385,28 +385,6 @@ def test_pattern_family_fuses_the_training_prologue(heads, kv_heads):
     assert ccgqa_compile.report().count("ccgqa_prologue") == 1, str(ccgqa_compile.report())
     for got, want in zip([p.grad for p in m.parameters()] + [x.grad], expected):
         assert rel_err(got, want) < 1e-5
-
-
-def _prologue_only_backend_without_codegen():
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._inductor.compile_fx import compile_fx
-
-    import ccgqa_compile.passes.ccgqa_prologue  # noqa: F401  (registers the family)
-    from ccgqa_compile.passes import CCGQAGraphPass
-
-    def run_eagerly(gm, example_inputs, **kwargs):
-        return make_boxed_func(gm.forward)
-
-    def backend(gm, example_inputs):
-        graph_pass = CCGQAGraphPass(("ccgqa_prologue",), fuse_on_cpu=True)
-        return compile_fx(
-            gm,
-            example_inputs,
-            inner_compile=run_eagerly,
-            config_patches={"joint_custom_pre_pass": graph_pass},
-        )
-
-    return backend
 
 
 LAYOUTS = {"grouped": (4, 2), "single-kv-head": (3, 1), "ungrouped": (2, 2)}
@@ -424,12 +402,11 @@ SPELLINGS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spelling", SPELLINGS)
-def test_pattern_family_fuses_each_spelling(spelling, layout):
-    """Training graphs of every spelling the family covers beyond the canonical one, in
-    each head layout: one prologue op takes both convs of q and k (none is left), and
-    every gradient matches eager. An exp temperature goes through the raw idioms (exp(t)
-    is the tensor they bind). The Zyphra spelling's biases are scaled up so that conv1's
-    bias at the padded steps (folded into conv2's bias) weighs in."""
+def test_recognition_fuses_each_spelling(spelling, layout):
+    """Training graphs of the corpus's spellings in each head layout: one prologue op takes
+    both convs of q and k, and every gradient matches eager. The Zyphra spelling's biases
+    are scaled up so that conv1's bias at the padded steps (folded into conv2's bias)
+    weighs in."""
     heads, kv_heads = LAYOUTS[layout]
     torch.manual_seed(0)
     m = CCGQAttention(heads * 8, heads, kv_heads, 8, **SPELLINGS[spelling])
@@ -444,12 +421,10 @@ def test_pattern_family_fuses_each_spelling(spelling, layout):
     grad = torch.randn_like(expected)
     wrt = [x, *m.parameters()]
     want = torch.autograd.grad(expected, wrt, grad)
-    compiled = torch.compile(m, backend=_prologue_only_backend_without_codegen(), fullgraph=True)
+    compiled = torch.compile(m, backend=_prologue_only_backend(codegen=False), fullgraph=True)
     out = compiled(x)
     rep = ccgqa_compile.report()
     assert rep.count("ccgqa_prologue") == 1, str(rep)
-    assert not rep.forward_only().get("ccgqa_prologue"), str(rep)
-    assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_prologue"], str(rep)
     assert rel_err(out, expected) < 1e-5
     for i, (got, ref) in enumerate(zip(torch.autograd.grad(out, wrt, grad), want)):
         assert rel_err(got, ref) < 1e-5, i
@@ -460,7 +435,7 @@ def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
     bias reach conv2 at the first K2-1 steps, so it is NOT the two separately padded convs
     on the sliced weights; with conv1's bias folded into conv2's (what the replacement
     passes the op) it is."""
-    from ccgqa_compile.passes.ccgqa_prologue import _fold_concat_conv
+    from ccgqa_compile.passes.prologue import _fold
 
     torch.manual_seed(0)
     m = CCGQAttention(32, 4, 2, 8, qk_concat=True, conv_kernels=(3, 2), temperature="raw")
@@ -481,39 +456,11 @@ def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
     )  # fmt: skip
     q, _ = ops.ccgqa_prologue(q_pre, k_pre, *sliced, m.temp, cos, sin, *scalars)
     assert rel_err(q[:, :, :1], captured["q"][:, :, :1]) > 1e-3  # the bias does weigh in
-    q_convs, k_convs = _fold_concat_conv(q_pre, conv1.weight, conv1.bias, conv2.weight, conv2.bias)
-    q, k = ops.ccgqa_prologue(q_pre, k_pre, *q_convs, *k_convs, m.temp, cos, sin, *scalars)
+    b2 = conv2.bias + _fold(conv2.weight, conv1.bias, 8)
+    folded = (
+        conv1.weight[:e_q], None, conv2.weight[:e_q], b2[:e_q],
+        conv1.weight[e_q:], None, conv2.weight[e_q:], b2[e_q:],
+    )  # fmt: skip
+    q, k = ops.ccgqa_prologue(q_pre, k_pre, *folded, m.temp, cos, sin, *scalars)
     torch.testing.assert_close(q, captured["q"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(k, captured["k"], rtol=1e-12, atol=1e-12)
-
-
-def test_private_pattern_hooks_apply_on_this_torch():
-    """The two pattern-matcher internals the prologue family replaces are the ones they
-    were written against (torch 2.11 on the GPU, 2.13 here): should a torch change them,
-    this fails first, and the family degrades to fewer fusions instead of wrong ones."""
-    from ccgqa_compile import _inductor_compat as compat
-
-    assert compat.multi_output_pairing_supported()
-    assert compat._list_arguments_relaxable()
-
-
-def test_no_qk_mean_idioms_need_the_output_pairing(monkeypatch, caplog):
-    """Without the anchor-search replacement a no-qk-mean q could be paired with its own
-    chain or another block's k: those idioms are then not registered at all, and the
-    user is warned once (not once per family part)."""
-    from ccgqa_compile.passes import ccgqa_prologue as family_module
-
-    names = {idiom.name for idiom in family_module.idioms()}
-    assert any(name.startswith("conv_norm") for name in names)
-    monkeypatch.setattr(family_module, "multi_output_pairing_supported", lambda: False)
-    family_module._warn_without_pairing.cache_clear()
-    with caplog.at_level("WARNING", logger=family_module.__name__):
-        reduced = {idiom.name for idiom in family_module.idioms()}
-        concat = {idiom.name for idiom in family_module.concat_idioms()}
-    family_module._warn_without_pairing.cache_clear()
-    assert reduced and reduced < names
-    assert not any(name.startswith("conv_norm") for name in reduced)
-    assert all(name.startswith(("conv_mean_", "concat_conv_mean_")) for name in reduced)
-    assert concat and all(name.startswith("concat_conv_mean_") for name in concat)
-    warnings = [r for r in caplog.records if "will not fuse" in r.getMessage()]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -21,8 +21,8 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .. import reporting as report
-from ..reporting import log
 from .._inductor_compat import current_compile_id
+from ..reporting import log
 from .common import GraphContext, flush_pending_reports, flush_to_report
 from .evaluate import size_assignments
 from .fx_util import value

@@ -46,6 +46,7 @@ from .fx_util import (
     is_layout,
     is_method,
     node_inputs,
+    requires_grad,
     runtime_inputs_of,
     same_size,
     tensor_value,
@@ -284,6 +285,8 @@ def _sdpa_semantics(ctx: GraphContext, args: dict[str, Any]) -> str | None:
             return "attn_mask is not a tensor"
         if args["is_causal"] is True:
             return "both attn_mask and is_causal"
+        if requires_grad(mask):
+            return "attn_mask requires grad (a learned bias)"
         try:
             args["_mask_kind"] = _mask_kind(ctx, mask, t, t_k)
         except Rejected as why:
@@ -615,12 +618,14 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                         for v_layout, h_v in _heads_layouts(v, b, t_k, dq):
                             if h_v == h_k:
                                 choices.append((q, q_layout, k, k_layout, v, v_layout, h_q, dq))
+    if not fuse:  # a site for the prologue: q, k, v must be nodes laid out (B, H, T, D)
+        choices = [c for c in choices if (c[1], c[3], c[5]) == ("bhtd",) * 3]
     if not choices:
         raise Rejected("no (B, H, T, D) q, k, v found on the products' operand paths")
     del d
     out_layouts = _output_layouts(hw.product)
     reason = "no q, k, v on the operand paths compute this attention"
-    for q, ql, k, kl, v, vl, h_q, dq in choices[:16]:
+    for q, ql, k, kl, v, vl, _h_q, _d in choices[:16]:
         try:
             region = Region.between([q, k, v], [hw.product])
         except Rejected as why:
@@ -639,8 +644,6 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
         for out_layout in out_layouts:
             why = _verify_rows(ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout)
             if why is None and not fuse:
-                if (ql, kl, vl) != ("bhtd",) * 3:
-                    raise Rejected("attention found (fusion off) with q, k, v not laid out (B, H, T, D)")
                 return Site("handwritten", q, k, v, False, hw.softmax)
             if why is None:
                 cand = _candidate(ql, kl, vl, scale, out_layout, _autocast_dtype(ctx.graph, hw.scores))

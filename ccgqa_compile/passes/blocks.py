@@ -30,7 +30,7 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
 
 
 def _has_conv(site: Site) -> bool:
-    if not (site.q.graph is site.anchor.graph):
+    if site.q.graph is not site.anchor.graph:
         return False
     return any(is_function(n, *CONV1D) for n in ancestors([site.q, site.k]))
 

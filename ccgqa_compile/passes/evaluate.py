@@ -100,7 +100,7 @@ def size_assignments(graph: torch.fx.Graph) -> list[dict[sympy.Symbol, int]]:
 def concrete(x: Any, sizes: dict[sympy.Symbol, int]) -> Any:
     """An int (or a tuple of them) for a possibly symbolic size at an assignment."""
     if isinstance(x, torch.SymInt):
-        expr = x.node.expr.xreplace(sizes)
+        expr = sympy.sympify(sympy.sympify(x.node.expr).xreplace(sizes))
         if not expr.is_number:
             raise NotEvaluable(f"size {x} has unassigned symbols")
         return int(expr)

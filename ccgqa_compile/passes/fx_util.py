@@ -28,6 +28,11 @@ def tensor_value(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def requires_grad(node: Any) -> bool:
+    v = tensor_value(node)
+    return bool(v is not None and v.requires_grad)
+
+
 def is_float_tensor(node: Any) -> bool:
     v = tensor_value(node)
     return v is not None and (v.dtype.is_floating_point or v.dtype.is_complex)

@@ -43,7 +43,7 @@ from .fx_util import (
     is_cast,
     is_function,
     is_layout,
-    node_inputs,
+    requires_grad,
     same_size,
     tensor_value,
     value,
@@ -395,6 +395,9 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         others = [n for n in tables_and_temps if n not in temps + tables and _runtime(n)]
         if others:
             return f"{others[0].name} is neither a temperature nor a RoPE table"
+        learned = [n for n in tables if requires_grad(n)]
+        if learned:
+            return f"the RoPE table {learned[0].name} requires grad (the op gives tables none)"
         fixed = _constant_tables(tables, sizes)
         probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed)
         q_out, k_out = probe_a.expected

@@ -181,23 +181,51 @@ def _graph_order(graph: torch.fx.Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
+def _grad_modes(graph: torch.fx.Graph) -> dict[Node, Any]:
+    """For each node, the grad mode Dynamo's ``_set_grad_enabled`` calls put it in (None:
+    the mode the graph is called in)."""
+    mode, out = None, {}
+    for node in graph.nodes:
+        out[node] = mode
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            mode = bool(node.args[0])
+    return out
+
+
+def insertion_point(region: Region, inputs: Sequence[Any]) -> Node:
+    """Where the replacement goes: after its last input, before the first reader of a
+    sink, and in the grad mode the sinks were computed in (a table built under
+    ``torch.no_grad()`` must not pull the op into that block: its output would not
+    require grad)."""
+    graph = region.graph
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    modes = _grad_modes(graph)
+    sink_modes = {modes[s] for s in region.sinks}
+    if len(sink_modes) != 1:
+        raise Rejected("the outputs are computed in different grad modes")
+    (want,) = sink_modes
+    start = max(order[n] for n in inputs if isinstance(n, Node)) + 1
+    readers = [order[u] for s in region.sinks for u in s.users if u not in region.nodes]
+    stop = min(readers) if readers else len(nodes) - 1
+    for i in range(start, stop + 1):
+        if modes[nodes[i]] == want:
+            return nodes[i]
+    raise Rejected("no place after the inputs and before the readers has the outputs' grad mode")
+
+
 def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[Node]:
     """Trace ``candidate`` into the graph on ``inputs`` and route every use of the region's
     sinks to its outputs (cast to each sink's dtype). Returns the new output nodes."""
     graph = region.graph
-    order = _graph_order(graph)
-    input_nodes = [n for n in inputs if isinstance(n, Node)]
-    last = max(input_nodes, key=order.__getitem__)
+    where = insertion_point(region, inputs)
     tracer = GraphAppendingTracer(graph)
     before = set(graph.nodes)
     out_dtypes = [value(s).dtype for s in region.sinks]
-    with graph.inserting_before(last.next):
+    with graph.inserting_before(where):
         proxies = [Proxy(n, tracer) if isinstance(n, Node) else n for n in inputs]
         outs = candidate(*proxies, out_dtypes=out_dtypes)
-        nodes = []
-        for out, sink in zip(outs, region.sinks):
-            node = out.node if isinstance(out, Proxy) else out
-            nodes.append(node)
+        nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
     new = [n for n in graph.nodes if n not in before]
     _propagate_fake(graph, new)
     results = []

@@ -14,6 +14,7 @@ scale 1, 1e3 and around sqrt(eps), where eps inside or outside the sqrt differ.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.fx import Node
@@ -44,11 +45,11 @@ def _squared(node: Node) -> Node | None:
     node = strip_casts(node)
     if is_method(node, "square") or is_function(node, torch.square):
         return strip_casts(node.args[0])
-    if is_method(node, "pow") or is_function(node, torch.pow, __import__("operator").pow):
-        base, exponent = node.args[0], arg(node, 1, "exponent")
+    if is_method(node, "pow") or is_function(node, torch.pow, operator.pow):
+        base = node.args[0]
         if isinstance(base, Node):  # any exponent: the probes reject all but 2
             return strip_casts(base)
-    if is_function(node, __import__("operator").mul, torch.mul) or is_method(node, "mul"):
+    if is_function(node, operator.mul, torch.mul) or is_method(node, "mul"):
         a, b = node.args[0], node.args[1]
         if isinstance(a, Node) and isinstance(b, Node) and strip_casts(a) is strip_casts(b):
             return strip_casts(a)
@@ -173,10 +174,12 @@ def run(ctx: GraphContext) -> None:
             if tensor_value(n) is not None and same_shape(tuple(value(n).shape), tuple(xv.shape))
         ]
         last_reason = "no output of x's shape follows the reduction"
+        widest_reason = None
         for sink in reversed(sinks):
             found = try_sink(ctx, x, sink)
             if isinstance(found, str):
                 last_reason = found
+                widest_reason = widest_reason or f"{sink.name}: {found}"
                 continue
             idiom, inputs, eps = found
             region = Region.between([x], [sink])
@@ -186,6 +189,9 @@ def run(ctx: GraphContext) -> None:
                 last_reason = str(why)
                 continue
             ctx.fused(FUSION, idiom)
+            if widest_reason is not None:
+                ctx.rejected(FUSION, "rms", anchor, f"fused up to {sink.name}, not beyond: "
+                             f"{widest_reason}")  # fmt: skip
             break
         else:
             ctx.rejected(FUSION, "rms", anchor, last_reason)

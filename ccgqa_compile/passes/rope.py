@@ -29,6 +29,7 @@ from .fx_util import (
     is_layout,
     is_method,
     node_inputs,
+    requires_grad,
     same_shape,
     tensor_value,
     value,
@@ -181,13 +182,16 @@ def _try(ctx: GraphContext, x: Node, sink: Node):
     if region.escapes():
         return f"{region.escapes()[0].name} is also read outside the rotation"
     tables = [n for n in region.float_leaves() if n is not x]
+    learned = [n for n in tables if requires_grad(n)]
+    if learned:
+        return f"the table {learned[0].name} requires grad (the op gives tables no gradient)"
     width = tensor_value(x).shape[-1]
     options = _table_options(tables, width)
     if not options:
         return f"no cos/sin tables among the region's inputs ({len(tables)} float inputs)"
     trials = [{"seed": 1}, {"seed": 2, "scale": {x: 1e2}}]
     reason = "no rotation fits"
-    for name, inputs, build, r, inter in options:
+    for _name, inputs, build, r, inter in options:
         candidate = _candidate(build, r, inter)
         why = verify(region, candidate, [x, *inputs], ctx.sizes, trials)
         if why is None:

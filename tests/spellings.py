@@ -1,0 +1,1580 @@
+"""Layers as other people write them, for tests/test_generality.py.
+
+Written independently of ``patterns/`` (the package's own reference spellings): each
+module spells RMSNorm, SwiGLU, RoPE, causal GQA attention or a whole CCGQA block (see
+../shared/design/ccgqa.md) the way some public codebase or textbook does, so that the tests
+check recognition by what the code computes, not by how it is written. The ``Near*``
+classes are mutations that compute ANOTHER function (another constant, a pad on the wrong
+side, a non-causal mask, a mean over the wrong heads...): they must never fuse.
+
+Every module takes hidden states ``x`` of shape (B, T, DIM) (``DIM`` a class attribute)
+and returns one tensor. Parameters are initialised away from special values (a zero
+temperature, unit norm weights) so that every gradient is informative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _near_one(n: int) -> nn.Parameter:
+    return nn.Parameter(1.0 + 0.1 * torch.randn(n))
+
+
+# =========================================================================================
+# RMSNorm: y = x / sqrt(mean(x^2, -1) + eps) * w
+# =========================================================================================
+
+
+class RMSMeanOfProduct(nn.Module):
+    """torch.mean(x * x) as a function, rsqrt, the weight last."""
+
+    DIM = 40
+
+    def __init__(self):
+        super().__init__()
+        self.scale = _near_one(self.DIM)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        ms = torch.mean(x * x, dim=-1, keepdim=True)
+        return x * torch.rsqrt(ms + self.eps) * self.scale
+
+
+class RMSPowOperatorDivSqrt(nn.Module):
+    """``x ** 2``, the mean over a positive dim index, division by sqrt."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.g = _near_one(self.DIM)
+
+    def forward(self, x):
+        return x / torch.sqrt((x**2).mean(dim=2, keepdim=True) + 1e-5) * self.g
+
+
+class RMSReciprocalOfSqrt(nn.Module):
+    """``x * (1.0 / torch.sqrt(...))`` with ``square()``, weight first."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+
+    def forward(self, x):
+        inv = 1.0 / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+        return self.weight * (x * inv)
+
+
+class RMSSumOverWidth(nn.Module):
+    """The mean spelled as a sum divided by the width, weight folded into the factor."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        ms = x.pow(2).sum(-1, keepdim=True) / x.shape[-1]
+        return x * (self.w * torch.rsqrt(ms + 1e-5))
+
+
+class RMSNormTimesRsqrtWidth(nn.Module):
+    """RMS = ||x|| / sqrt(D) with no eps at all (``x.norm(dim=-1) * D**-0.5``)."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = _near_one(self.DIM)
+
+    def forward(self, x):
+        rms = x.norm(dim=-1, keepdim=True) * self.DIM**-0.5
+        return x / rms * self.gamma
+
+
+class RMSVectorNormSquared(nn.Module):
+    """``linalg.vector_norm`` squared over D, eps inside the root."""
+
+    DIM = 40
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+
+    def forward(self, x):
+        n2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
+        return x * torch.rsqrt(n2 / self.DIM + 1e-6) * self.weight
+
+
+class RMSMulMethodUpcast(nn.Module):
+    """T5-style: ``.to(float32)`` variance, ``.mul(w)`` method, ``type_as`` back."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = x * torch.rsqrt(variance + self.variance_epsilon)
+        return h.type_as(x).mul(self.weight)
+
+
+class RMSTorchModule(nn.Module):
+    """``nn.RMSNorm`` between two linear layers."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(self.DIM, 40)
+        self.norm = nn.RMSNorm(40, eps=1e-5)
+        nn.init.normal_(self.norm.weight, 1.0, 0.1)
+        self.down = nn.Linear(40, self.DIM)
+
+    def forward(self, x):
+        return self.down(self.norm(self.up(x)))
+
+
+class RMSPerHeadQKNorm(nn.Module):
+    """Qwen3/OLMo-style q/k norm: RMSNorm over each head's D, on (B, T, H, D)."""
+
+    DIM = 32
+    HEADS = 4
+
+    def __init__(self):
+        super().__init__()
+        d = self.DIM // self.HEADS
+        self.q = nn.Linear(self.DIM, self.DIM, bias=False)
+        self.k = nn.Linear(self.DIM, self.DIM, bias=False)
+        self.q_w, self.k_w = _near_one(d), _near_one(d)
+
+    @staticmethod
+    def _rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self._rms(self.q(x).view(b, t, self.HEADS, -1), self.q_w)
+        k = self._rms(self.k(x).view(b, t, self.HEADS, -1), self.k_w)
+        return (q * k).flatten(2)
+
+
+class RMSParallelBlockNorms(nn.Module):
+    """Two norms reading the same residual stream (a parallel attention/MLP block)."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = _near_one(self.DIM), _near_one(self.DIM)
+        self.a = nn.Linear(self.DIM, self.DIM, bias=False)
+        self.m = nn.Linear(self.DIM, self.DIM, bias=False)
+
+    def forward(self, x):
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        n1 = x * inv * self.w1
+        inv2 = torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + 1e-6)
+        n2 = self.w2 * x * inv2
+        return x + self.a(n1) + self.m(n2)
+
+
+class RMSKeepdimFalse(nn.Module):
+    """The mean without keepdim, the factor unsqueezed back."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        ms = x.pow(2).mean(-1)
+        return x * torch.rsqrt(ms + 1e-6).unsqueeze(-1) * self.w
+
+
+class RMSEpsInsideMean(nn.Module):
+    """eps added to every square before the mean: mean(x^2 + eps) = mean(x^2) + eps."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        return x * torch.rsqrt((x * x + 1e-6).mean(-1, keepdim=True)) * self.w
+
+
+class RMSOfCentered(nn.Module):
+    """A bias-free LayerNorm: an RMSNorm of ``x - mean(x)`` (that RMSNorm is genuine)."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w
+
+
+# ---- RMSNorm near misses -----------------------------------------------------------------
+
+
+class NearRMSEpsOutsideNorm(nn.Module):
+    """``x / (||x|| / sqrt(D) + eps)``: eps outside the root (a common spelling, not RMSNorm)."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = _near_one(self.DIM)
+
+    def forward(self, x):
+        rms = x.norm(dim=-1, keepdim=True) * self.DIM**-0.5
+        return x / (rms + 1e-2) * self.gamma
+
+
+class NearRMSNoRoot(nn.Module):
+    """Divides by the mean square itself, not its root."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        return x / (x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+
+class NearRMSMeanOverHeads(nn.Module):
+    """On (B, T, H, D), the mean over the heads (dim 2) instead of the head dim."""
+
+    DIM = 32
+    HEADS = 4
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM // self.HEADS)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = x.view(b, t, self.HEADS, -1)
+        y = h * torch.rsqrt(h.pow(2).mean(2, keepdim=True) + 1e-6) * self.w
+        return y.flatten(2)
+
+
+class NearRMSPerTokenGain(nn.Module):
+    """A per-position gain (T, 1) after a genuine unweighted RMSNorm: the core may fuse,
+    the gain must never be taken for a per-channel weight."""
+
+    DIM = 24
+    SEQ = 7
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(1.0 + 0.1 * torch.randn(self.SEQ, 1))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+
+
+class RMSSumOverWidthPlusOne(nn.Module):
+    """sum(x^2) / (D + 1): equals sqrt((D+1)/D) * RMSNorm with eps * (D+1)/D, so fusing
+    it is allowed only if exact (not a near miss, not a promised idiom either)."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        ms = x.pow(2).sum(-1, keepdim=True) / (self.DIM + 1)
+        return x * torch.rsqrt(ms + 1e-5) * self.w
+
+
+# =========================================================================================
+# SwiGLU: silu(gate) * up
+# =========================================================================================
+
+
+class _TwoProj(nn.Module):
+    DIM = 24
+    INTER = 37
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Linear(self.DIM, self.INTER, bias=False)
+        self.w3 = nn.Linear(self.DIM, self.INTER, bias=False)
+        self.w2 = nn.Linear(self.INTER, self.DIM, bias=False)
+
+
+class SwiGLUSigmoidFirst(_TwoProj):
+    """``torch.sigmoid(a) * a * b``: silu written out, the sigmoid first."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(torch.sigmoid(a) * a * b)
+
+
+class SwiGLUUpTimesSwish(_TwoProj):
+    """``b * (a * a.sigmoid())`` with method calls, the up projection first."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(b * (a * a.sigmoid()))
+
+
+class SwiGLURolesSwapped(_TwoProj):
+    """``a * sigmoid(b) * b`` is silu(b) * a: the same function with w3 as the gate."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(a * torch.sigmoid(b) * b)
+
+
+class _Packed(nn.Module):
+    DIM = 24
+    INTER = 32
+
+    def __init__(self):
+        super().__init__()
+        self.w13 = nn.Linear(self.DIM, 2 * self.INTER, bias=False)
+        self.w2 = nn.Linear(self.INTER, self.DIM, bias=False)
+
+
+class SwiGLUTorchSplit(_Packed):
+    def forward(self, x):
+        gate, up = torch.split(self.w13(x), [self.INTER, self.INTER], dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class SwiGLUSlices(_Packed):
+    """Halves by slicing; the second half is the gate."""
+
+    def forward(self, x):
+        h = self.w13(x)
+        return self.w2(h[..., : self.INTER] * F.silu(h[..., self.INTER :]))
+
+
+class SwiGLUInterleavedHalves(_Packed):
+    """Gate and up interleaved column by column (even / odd)."""
+
+    def forward(self, x):
+        h = self.w13(x)
+        return self.w2(F.silu(h[..., ::2]) * h[..., 1::2])
+
+
+class SwiGLUUnbind(_Packed):
+    """``view(..., 2, I).unbind(-2)``."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        gate, up = self.w13(x).view(b, t, 2, self.INTER).unbind(-2)
+        return self.w2(F.silu(gate).mul(up))
+
+
+class SwiGLUEinsum(nn.Module):
+    """Raw weight matrices and einsum projections."""
+
+    DIM = 24
+    INTER = 40
+
+    def __init__(self):
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(self.INTER, self.DIM) / self.DIM**0.5)
+        self.W3 = nn.Parameter(torch.randn(self.INTER, self.DIM) / self.DIM**0.5)
+        self.W2 = nn.Parameter(torch.randn(self.DIM, self.INTER) / self.INTER**0.5)
+
+    def forward(self, x):
+        a = torch.einsum("btd,fd->btf", x, self.W1)
+        b = torch.einsum("btd,fd->btf", x, self.W3)
+        return torch.einsum("btf,df->btd", nn.functional.silu(a) * b, self.W2)
+
+
+class SwiGLUModuleFp32(_TwoProj):
+    """``nn.SiLU()`` on an fp32 upcast, cast back with ``type_as``."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(self.act(a.float()).type_as(b) * b)
+
+
+class SwiGLUExpSpelling(_TwoProj):
+    """silu without sigmoid: ``a / (1 + exp(-a))``."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(a / (1 + torch.exp(-a)) * b)
+
+
+# ---- SwiGLU near misses ------------------------------------------------------------------
+
+
+class NearSwiGLUQuickGelu(_TwoProj):
+    """``a * sigmoid(1.702 a) * b``: quick-GELU gating, not SiLU."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(a * torch.sigmoid(1.702 * a) * b)
+
+
+class NearSwiGLUSwishBeta(_TwoProj):
+    """Swish-beta with a learnable beta (initialised away from 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(a * torch.sigmoid(self.beta * a) * b)
+
+
+class NearSwiGLUDetachedSigmoid(_TwoProj):
+    """The same forward as SwiGLU, but no gradient through the sigmoid."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(a * torch.sigmoid(a.detach()) * b)
+
+
+class NearSwiGLUSum(_TwoProj):
+    """``silu(a) + b``: a sum, not a product."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(F.silu(a) + b)
+
+
+# =========================================================================================
+# RoPE
+# =========================================================================================
+
+
+def _inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+
+
+class _QK(nn.Module):
+    """Projections to q, k of (B, T, H, D); the output joins both rotated tensors."""
+
+    DIM = 24
+    HEADS = 3
+    HEAD_DIM = 8
+
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(self.DIM, self.HEADS * self.HEAD_DIM, bias=False)
+        self.wk = nn.Linear(self.DIM, self.HEADS * self.HEAD_DIM, bias=False)
+
+    def qk(self, x):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.HEADS, self.HEAD_DIM)
+        k = self.wk(x).view(b, t, self.HEADS, self.HEAD_DIM)
+        return q, k
+
+    @staticmethod
+    def join(q, k):
+        """(B, T, H, D) pair -> (B, T, 2*H*D)."""
+        return torch.cat((q.flatten(2), k.flatten(2)), dim=-1)
+
+
+class RopeGptFast(_QK):
+    """gpt-fast: freqs_cis (T, D/2, 2) stacked cos/sin, ``torch.stack([...], -1).flatten(3)``."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        t = x.shape[1]
+        freqs = torch.outer(torch.arange(t, device=x.device).float(), _inv_freq(self.HEAD_DIM))
+        freqs_cis = torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1)
+        return self.join(self.apply_rotary_emb(q, freqs_cis), self.apply_rotary_emb(k, freqs_cis))
+
+    @staticmethod
+    def apply_rotary_emb(x, freqs_cis):
+        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+        freqs_cis = freqs_cis.view(1, xshaped.size(1), 1, xshaped.size(3), 2)
+        x_out2 = torch.stack(
+            [
+                xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
+                xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1],
+            ],
+            -1,
+        )
+        return x_out2.flatten(3).type_as(x)
+
+
+class RopeComplexHeadsFirst(_QK):
+    """Complex multiplication on (B, H, T, D) with ``torch.complex(cos, sin)`` tables."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        t = x.shape[1]
+        angles = torch.arange(t, device=x.device).float()[:, None] * _inv_freq(self.HEAD_DIM)
+        rot = torch.complex(torch.cos(angles), torch.sin(angles))  # (T, D/2)
+
+        def apply(v):
+            vc = torch.view_as_complex(v.float().unflatten(-1, (-1, 2)).contiguous())
+            return torch.view_as_real(vc * rot).flatten(-2).to(v.dtype)
+
+        return self.join(apply(q).transpose(1, 2), apply(k).transpose(1, 2))
+
+
+class RopeHFChunkNoGrad(_QK):
+    """Hugging Face style: tables from position ids under ``torch.no_grad()`` (batched
+    (B, T, D) tables), rotate_half by ``chunk``, applied on (B, H, T, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", _inv_freq(self.HEAD_DIM), persistent=False)
+
+    def rotary(self, x, position_ids):
+        with torch.no_grad():
+            inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+            pos = position_ids[:, None, :].float()
+            freqs = (inv @ pos).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    @staticmethod
+    def rotate_half(v):
+        v1, v2 = v.chunk(2, dim=-1)
+        return torch.cat((-v2, v1), dim=-1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        position_ids = torch.arange(t, device=x.device)[None].expand(b, t)
+        cos, sin = self.rotary(x, position_ids)
+        q, k = self.qk(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + self.rotate_half(q) * sin
+        k = k * cos + self.rotate_half(k) * sin
+        return self.join(q.transpose(1, 2), k.transpose(1, 2))
+
+
+class RopePartialSplit(_QK):
+    """Partial rotary (half the head dims) with ``split``, tables repeated by ``.repeat``,
+    applied on (B, T, H, D) with tables unsqueezed at the head dim."""
+
+    HEAD_DIM = 16
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        rd = self.HEAD_DIM // 2
+        t = x.shape[1]
+        f = torch.arange(t, device=x.device).float()[:, None] * _inv_freq(rd)[None, :]
+        cos, sin = f.cos().repeat(1, 2)[:, None, :], f.sin().repeat(1, 2)[:, None, :]
+
+        def apply(v):
+            v_rot, v_pass = torch.split(v, [rd, self.HEAD_DIM - rd], dim=-1)
+            a, b = v_rot[..., : rd // 2], v_rot[..., rd // 2 :]
+            v_rot = v_rot * cos + torch.cat((-b, a), dim=-1) * sin
+            return torch.cat([v_rot, v_pass], dim=-1)
+
+        return self.join(apply(q), apply(k))
+
+
+class RopeHalfTablesExplicit(_QK):
+    """The rotation written out on the halves with half-width tables (no rotate_half)."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        t = x.shape[1]
+        f = torch.arange(t, device=x.device).float()[:, None] * _inv_freq(self.HEAD_DIM)
+        cos, sin = f.cos()[:, None], f.sin()[:, None]  # (T, 1, D/2)
+
+        def apply(v):
+            h = v.shape[-1] // 2
+            v1, v2 = v[..., :h], v[..., h:]
+            return torch.cat((v1 * cos - v2 * sin, v2 * cos + v1 * sin), dim=-1)
+
+        return self.join(apply(q), apply(k))
+
+
+class RopeEinopsInterleaved(_QK):
+    """rotary-embedding-torch style: einops ``rearrange``/``repeat`` and pairwise rotation."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        q, k = (einops.rearrange(v, "b t h d -> b h t d") for v in (q, k))
+        t = x.shape[1]
+        pos = torch.arange(t, device=x.device).float()
+        freqs = torch.einsum("t,f->tf", pos, _inv_freq(self.HEAD_DIM))
+        freqs = einops.repeat(freqs, "... n -> ... (n r)", r=2)
+        q = q * freqs.cos() + self.rotate_half(q) * freqs.sin()
+        k = k * freqs.cos() + self.rotate_half(k) * freqs.sin()
+        q, k = (einops.rearrange(v, "b h t d -> b t h d") for v in (q, k))
+        return self.join(q, k)
+
+    @staticmethod
+    def rotate_half(v):
+        v = einops.rearrange(v, "... (d r) -> ... d r", r=2)
+        v1, v2 = v.unbind(dim=-1)
+        v = torch.stack((-v2, v1), dim=-1)
+        return einops.rearrange(v, "... d r -> ... (d r)")
+
+
+# ---- RoPE near misses --------------------------------------------------------------------
+
+
+class NearRopeGptFastSign(RopeGptFast):
+    """gpt-fast with one sign flipped: [[c, -s], [-s, c]] is no rotation."""
+
+    @staticmethod
+    def apply_rotary_emb(x, freqs_cis):
+        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+        freqs_cis = freqs_cis.view(1, xshaped.size(1), 1, xshaped.size(3), 2)
+        x_out2 = torch.stack(
+            [
+                xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
+                xshaped[..., 1] * freqs_cis[..., 0] - xshaped[..., 0] * freqs_cis[..., 1],
+            ],
+            -1,
+        )
+        return x_out2.flatten(3).type_as(x)
+
+
+class NearRopeMixedLayouts(RopeHFChunkNoGrad):
+    """Odd/even elements concatenated as halves: a pairwise split with a half-split
+    reassembly, which rotates no pair."""
+
+    @staticmethod
+    def rotate_half(v):
+        return torch.cat((-v[..., 1::2], v[..., ::2]), dim=-1)
+
+
+class NearRopeComplexWrongFlatten(RopeComplexHeadsFirst):
+    """Meta's complex product, flattened (imag, real)-major: a permuted output."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        t = x.shape[1]
+        angles = torch.arange(t, device=x.device).float()[:, None] * _inv_freq(self.HEAD_DIM)
+        rot = torch.complex(torch.cos(angles), torch.sin(angles))
+
+        def apply(v):
+            vc = torch.view_as_complex(v.float().unflatten(-1, (-1, 2)).contiguous())
+            return torch.view_as_real(vc * rot).transpose(-1, -2).flatten(-2).to(v.dtype)
+
+        return self.join(apply(q).transpose(1, 2), apply(k).transpose(1, 2))
+
+
+# =========================================================================================
+# Causal GQA attention
+# =========================================================================================
+
+
+class _QKV(nn.Module):
+    """q, k, v projections and an output projection; ``core`` is the attention."""
+
+    DIM = 32
+    HEADS = 4
+    KV_HEADS = 2
+    HEAD_DIM = 8
+
+    def __init__(self):
+        super().__init__()
+        self.wq = nn.Linear(self.DIM, self.HEADS * self.HEAD_DIM, bias=False)
+        self.wk = nn.Linear(self.DIM, self.KV_HEADS * self.HEAD_DIM, bias=False)
+        self.wv = nn.Linear(self.DIM, self.KV_HEADS * self.HEAD_DIM, bias=False)
+        self.wo = nn.Linear(self.HEADS * self.HEAD_DIM, self.DIM, bias=False)
+
+    @property
+    def groups(self):
+        return self.HEADS // self.KV_HEADS
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.HEADS, self.HEAD_DIM)
+        k = self.wk(x).view(b, t, self.KV_HEADS, self.HEAD_DIM)
+        v = self.wv(x).view(b, t, self.KV_HEADS, self.HEAD_DIM)
+        return self.wo(self.core(q, k, v).reshape(b, t, -1))
+
+    def core(self, q, k, v):
+        """(B, T, H, D) in, (B, T, H, D) out."""
+        raise NotImplementedError
+
+
+def _expand_heads(x, groups):
+    """(B, Hkv, T, D) -> (B, Hkv*G, T, D), each kv head G times in a row."""
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+class AttnEinsumExpand(_QKV):
+    """einsum on (B, H, T, D), expand+reshape GQA, ``* D**-0.5``, ``masked_fill(~tril)``."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v).transpose(1, 2)
+
+
+class AttnEinsumTokensFirst(_QKV):
+    """einsum straight on (B, T, H, D), ``repeat_interleave`` on dim 2, ``/ math.sqrt(d)``,
+    ``triu(1)`` bool mask."""
+
+    def core(self, q, k, v):
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.HEAD_DIM)
+        t = q.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        p = s.masked_fill(future, float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+class AttnBmmFlat(_QKV):
+    """bmm on (B*H, T, D) with an additive float -inf mask."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        q, k, v = (y.transpose(1, 2).reshape(b * h, t, d) for y in (q, k, v))
+        mask = torch.full((t, t), float("-inf"), device=q.device).triu(1)
+        s = torch.bmm(q, k.transpose(1, 2)) * (1.0 / math.sqrt(d)) + mask
+        o = torch.bmm(F.softmax(s, dim=-1), v)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class AttnScaleSplitWhere(_QKV):
+    """The scale split between q and k (``d**-0.25`` each), ``torch.where(keep, s, -inf)``,
+    fp32 softmax cast back, einops.repeat GQA, ``@``."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k = einops.repeat(k, "b h t d -> b (h g) t d", g=self.groups)
+        v = einops.repeat(v, "b h t d -> b (h g) t d", g=self.groups)
+        c = self.HEAD_DIM**-0.25
+        s = (q * c) @ (k * c).transpose(-2, -1)
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        s = torch.where(keep, s, float("-inf"))
+        p = F.softmax(s.float(), dim=-1).type_as(q)
+        return (p @ v).transpose(1, 2)
+
+
+class AttnScaledQueryArangeMask(_QKV):
+    """q divided by sqrt(d) beforehand, ``k.mT``, a mask from ``arange`` comparisons."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        q = q / math.sqrt(self.HEAD_DIM)
+        s = q @ k.mT
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
+        return torch.matmul(s.softmax(-1), v).transpose(1, 2)
+
+
+class AttnMuPScale(_QKV):
+    """muP's 1/d scale (another scale is still attention), softmax over dim=3, scale
+    applied after the mask."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.permute(0, 2, 1, 3) for y in (q, k, v))
+        k = k.repeat_interleave(self.groups, dim=1)
+        v = v.repeat_interleave(self.groups, dim=1)
+        t = q.shape[2]
+        future = torch.triu(torch.ones(t, t, device=q.device), diagonal=1).bool()
+        s = torch.matmul(q, k.transpose(2, 3)).masked_fill(future, float("-inf")) * (1.0 / self.HEAD_DIM)
+        return torch.matmul(F.softmax(s, dim=3), v).permute(0, 2, 1, 3)
+
+
+class AttnHFEagerMinMask(_QKV):
+    """HF eager style: additive ``finfo.min`` causal mask, softmax(dtype=float32), dropout
+    with p=0."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        mask = torch.full((t, t), torch.finfo(q.dtype).min, device=q.device).triu(1)[None, None]
+        w = torch.matmul(q, k.transpose(2, 3)) * self.HEAD_DIM**-0.5 + mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        w = F.dropout(w, p=0.0, training=self.training)
+        return torch.matmul(w, v).transpose(1, 2).contiguous()
+
+
+class AttnFp32Scores(_QKV):
+    """q and k upcast before the product, probabilities cast back to v's dtype."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / self.HEAD_DIM**0.5
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(s.masked_fill(keep.logical_not(), float("-inf")), -1).to(v.dtype)
+        return (p @ v).transpose(1, 2)
+
+
+class AttnNanoGPT(nn.Module):
+    """nanoGPT's CausalSelfAttention: fused c_attn, ``split``, a registered tril buffer
+    compared ``== 0`` (no GQA)."""
+
+    DIM = 32
+    HEADS = 4
+    MAX_T = 16
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(self.DIM, 3 * self.DIM)
+        self.c_proj = nn.Linear(self.DIM, self.DIM)
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(self.MAX_T, self.MAX_T)).view(1, 1, self.MAX_T, self.MAX_T)
+        )
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.DIM, dim=2)
+        nh = self.HEADS
+        k = k.view(B, T, nh, C // nh).transpose(1, 2)
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)
+        v = v.view(B, T, nh, C // nh).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class AttnManualSoftmax(_QKV):
+    """softmax written out: exp(s - max) / sum."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        return ((e / e.sum(dim=-1, keepdim=True)) @ v).transpose(1, 2)
+
+
+class SdpaArangeBoolMask(_QKV):
+    """SDPA with an explicit causal bool mask from ``arange`` and ``enable_gqa``."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        idx = torch.arange(t, device=q.device)
+        allowed = idx[:, None] >= idx[None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+class SdpaFloatMaskEinopsRepeat(_QKV):
+    """SDPA with an additive -inf float mask on K/V repeated by einops."""
+
+    def core(self, q, k, v):
+        q = einops.rearrange(q, "b t h d -> b h t d")
+        k = einops.repeat(k, "b t h d -> b (h g) t d", g=self.groups)
+        v = einops.repeat(v, "b t h d -> b (h g) t d", g=self.groups)
+        t = q.shape[2]
+        bias = torch.zeros(t, t, device=q.device).masked_fill(
+            torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+        )
+        o = F.scaled_dot_product_attention(q, k, v, bias)
+        return einops.rearrange(o, "b h t d -> b t h d")
+
+
+class SdpaPositionalExpand(_QKV):
+    """SDPA on expand+reshape K/V, every argument positional, an explicit scale."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        o = F.scaled_dot_product_attention(q, k, v, None, 0.0, True, 0.5 / self.HEAD_DIM)
+        return o.transpose(1, 2)
+
+
+class SdpaTransposedInCall(_QKV):
+    """SDPA reading transposes made in the call itself."""
+
+    def core(self, q, k, v):
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return o.transpose(1, 2)
+
+
+class AttnTiledHeads(_QKV):
+    """K/V tiled with ``repeat`` (query head h reads kv head h % Hkv, not h // G): a valid
+    attention over the tiled heads, never GQA with the h // G mapping."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = k.repeat(1, self.groups, 1, 1), v.repeat(1, self.groups, 1, 1)
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+class AttnDropout(_QKV):
+    """Hand-written attention with probability dropout (active in training)."""
+
+    P = 0.5
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        p = F.dropout(s.softmax(-1), p=self.P, training=self.training)
+        return (p @ v).transpose(1, 2)
+
+
+class SdpaDropout(_QKV):
+    """SDPA with ``dropout_p=self.p if self.training else 0.0``."""
+
+    P = 0.5
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        p = self.P if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+# ---- attention near misses ---------------------------------------------------------------
+
+
+class NearAttnSlidingWindow(AttnEinsumExpand):
+    """A sliding window of 3 tokens: causal, but not full causal attention."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        ones = torch.ones(t, t, dtype=torch.bool, device=q.device)
+        keep = torch.tril(ones) & torch.triu(ones, diagonal=-2)
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v).transpose(1, 2)
+
+
+class NearAttnPeekAdditive(AttnBmmFlat):
+    """Additive mask ``triu(2)``: each query also sees the next token."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        q, k, v = (y.transpose(1, 2).reshape(b * h, t, d) for y in (q, k, v))
+        mask = torch.full((t, t), float("-inf"), device=q.device).triu(2)
+        s = torch.bmm(q, k.transpose(1, 2)) * (1.0 / math.sqrt(d)) + mask
+        o = torch.bmm(F.softmax(s, dim=-1), v)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class NearAttnLearnedAlibi(_QKV):
+    """Causal, plus a learned per-head distance bias (ALiBi with trainable slopes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.slopes = nn.Parameter(0.3 * torch.rand(self.HEADS) + 0.1)
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        dist = (i[:, None] - i[None, :]).float()
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5 - self.slopes.view(1, -1, 1, 1) * dist
+        s = s.masked_fill(dist < 0, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+class NearAttnMaskAfterSoftmax(_QKV):
+    """The causal mask applied to the probabilities, without renormalising."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5, dim=-1)
+        return (p.masked_fill(~keep, 0.0) @ v).transpose(1, 2)
+
+
+class NearAttnSoftmaxOverQueries(_QKV):
+    """Softmax over the query dim (-2)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        s = (q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5).masked_fill(~keep, float("-inf"))
+        return (s.softmax(-2) @ v).transpose(1, 2)
+
+
+class NearSdpaPeekMask(_QKV):
+    """SDPA with a bool mask that also allows the next token (j <= i + 1)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        idx = torch.arange(t, device=q.device)
+        allowed = idx[None, :] <= idx[:, None] + 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+class NearSdpaWindowMask(_QKV):
+    """SDPA with a causal sliding-window bool mask (window 4)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        idx = torch.arange(t, device=q.device)
+        delta = idx[:, None] - idx[None, :]
+        allowed = (delta >= 0) & (delta < 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+# =========================================================================================
+# Whole CCGQA blocks (../shared/design/ccgqa.md), several independent spellings
+# =========================================================================================
+
+
+def _repeat_heads_bthd(x, groups):
+    """(B, T, Hkv, D) -> (B, T, Hkv*G, D), each kv head G times in a row."""
+    b, t, h, d = x.shape
+    return x[:, :, :, None, :].expand(b, t, h, groups, d).reshape(b, t, h * groups, d)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class CCGQAZayaStyle(nn.Module):
+    """Zyphra/ZAYA's layout: q|k channels concatenated, ONE left ``F.pad`` by
+    (k1-1)+(k2-1), depthwise then per-head grouped ``nn.Conv1d`` (padding 0, biases);
+    qk-mean ``(q + repeat_kv(k)) * 0.5`` and ``.view(.., hkv, g, d).mean(-2)``; L2 norm as
+    ``x * (sqrt(d) / x.norm().clamp_min(finfo.eps))``; raw per-kv-head temperature; half
+    rotary; value shift on half of each kv head; SDPA enable_gqa + is_causal."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 2
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.q_proj = nn.Linear(self.DIM, hq * d, bias=False)
+        self.k_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.v_proj_current = nn.Linear(self.DIM, hkv * d // 2, bias=False)
+        self.v_proj_delayed = nn.Linear(self.DIM, hkv * d // 2, bias=False)
+        c = (hq + hkv) * d
+        self.conv_qk_depthwise = nn.Conv1d(c, c, self.K1, groups=c, padding=0)
+        self.conv_qk_grouped = nn.Conv1d(c, c, self.K2, groups=hq + hkv, padding=0)
+        self.temp = nn.Parameter(0.8 + 0.3 * torch.rand(hkv))
+        self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
+
+    def rotary(self, t, device, dtype):
+        rd = self.D // 2
+        inv = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, device=device).float() / rd))
+        freqs = torch.arange(t, device=device).float()[:, None] * inv[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q_pre, k_pre = self.q_proj(x), self.k_proj(x)
+        qk = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
+        qk = F.pad(qk, ((self.K1 - 1) + (self.K2 - 1), 0))
+        qk = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)
+        q_c, k_c = qk.split((hq * d, hkv * d), dim=-1)
+        qh, kh = q_pre.view(b, t, hq, d), k_pre.view(b, t, hkv, d)
+        m = (qh + _repeat_heads_bthd(kh, g)) * 0.5
+        q = q_c.reshape(b, t, hq, d) + m
+        k = k_c.reshape(b, t, hkv, d) + m.view(b, t, hkv, g, d).mean(-2)
+        eps = torch.finfo(q.dtype).eps
+        q = q * (math.sqrt(d) / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (math.sqrt(d) / k.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * self.temp[:, None]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = self.rotary(t, x.device, q.dtype)
+        rd = cos.shape[-1]
+        q = torch.cat((q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]), -1)
+        k = torch.cat((k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]), -1)
+        x_prev = F.pad(x, (0, 0, 1, 0))[:, :-1]
+        v = torch.cat(
+            (
+                self.v_proj_current(x).view(b, t, hkv, d // 2),
+                self.v_proj_delayed(x_prev).view(b, t, hkv, d // 2),
+            ),
+            dim=-1,
+        ).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class CCGQAConvPadSlice(nn.Module):
+    """Separate q and k ``nn.Conv1d(padding=k-1)`` convs whose outputs are sliced
+    ``[..., :T]``; qk-mean with ``repeat_interleave`` and ``unflatten``; ``F.normalize``;
+    exp'd temperature on (B, H, T, D); full rotate-half RoPE; hand-written einsum core.
+
+    The steps are methods so that the near misses below mutate one of them."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 3, 2
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.wq = nn.Linear(self.DIM, hq * d, bias=False)
+        self.wk = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.wv = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.wo = nn.Linear(hq * d, self.DIM, bias=False)
+        self.q_dw = nn.Conv1d(hq * d, hq * d, self.K1, padding=self.K1 - 1, groups=hq * d)
+        self.q_hc = nn.Conv1d(hq * d, hq * d, self.K2, padding=self.K2 - 1, groups=hq)
+        self.k_dw = nn.Conv1d(hkv * d, hkv * d, self.K1, padding=self.K1 - 1, groups=hkv * d)
+        self.k_hc = nn.Conv1d(hkv * d, hkv * d, self.K2, padding=self.K2 - 1, groups=hkv)
+        self.log_temp = nn.Parameter(0.2 * torch.randn(hkv))
+
+    def conv(self, x, dw, hc):
+        t = x.shape[1]
+        y = dw(x.transpose(1, 2))[..., :t]
+        return hc(y)[..., :t].transpose(1, 2)
+
+    def qk_mean(self, q_pre, k_pre):
+        g = self.HQ // self.HKV
+        qh = q_pre.unflatten(-1, (self.HQ, self.D))
+        kh = k_pre.unflatten(-1, (self.HKV, self.D))
+        m_q = 0.5 * (qh + kh.repeat_interleave(g, dim=2))
+        m_k = m_q.unflatten(2, (self.HKV, g)).mean(3)
+        return m_q, m_k
+
+    def normalise(self, t):
+        return F.normalize(t, dim=-1) * self.D**0.5
+
+    def temperature(self, k):
+        return k * self.log_temp.exp().view(1, self.HKV, 1, 1)
+
+    def tables(self, t, device):
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=device).float() / self.D))
+        f = torch.outer(torch.arange(t, device=device).float(), inv)
+        f = torch.cat((f, f), dim=-1)
+        return f.cos(), f.sin()
+
+    def attend(self, q, k, v):
+        g = self.HQ // self.HKV
+        k, v = _expand_heads(k, g), _expand_heads(v, g)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+    def rotate(self, q, k, t, device):
+        cos, sin = self.tables(t, device)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.normalise(q + m_q), self.normalise(k + m_k)
+        q, k = q.transpose(1, 2), self.temperature(k.transpose(1, 2))
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class CCGQAFunctionalInterleaved(nn.Module):
+    """Raw conv weights with ``F.pad`` + ``F.conv1d`` (no biases, no nn.Conv1d), no qk-mean,
+    no temperature, ``x / x.norm() * sqrt(d)``, interleaved (pairwise) RoPE on (B, T, H, D)
+    with ``repeat_interleave`` tables, a hand-written ``@`` core with ``torch.where``."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 3
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.wq = nn.Linear(self.DIM, hq * d, bias=False)
+        self.wk = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.wv = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.wo = nn.Linear(hq * d, self.DIM, bias=False)
+        self.q_w1 = nn.Parameter(0.5 * torch.randn(hq * d, 1, self.K1))
+        self.q_w2 = nn.Parameter(torch.randn(hq * d, d, self.K2) / math.sqrt(d * self.K2))
+        self.k_w1 = nn.Parameter(0.5 * torch.randn(hkv * d, 1, self.K1))
+        self.k_w2 = nn.Parameter(torch.randn(hkv * d, d, self.K2) / math.sqrt(d * self.K2))
+
+    def causal_conv(self, x, w, groups):
+        return F.conv1d(F.pad(x, (w.shape[-1] - 1, 0)), w, groups=groups)
+
+    def conv(self, x, w1, w2, heads):
+        y = x.transpose(1, 2)
+        y = self.causal_conv(y, w1, y.shape[1])
+        y = self.causal_conv(y, w2, heads)
+        return y.transpose(1, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        q = self.conv(self.wq(x), self.q_w1, self.q_w2, hq).reshape(b, t, hq, d)
+        k = self.conv(self.wk(x), self.k_w1, self.k_w2, hkv).reshape(b, t, hkv, d)
+        q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(d)
+        k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(d)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+        ang = torch.arange(t, device=x.device).float()[:, None] * inv
+        cos = ang.cos().repeat_interleave(2, dim=-1)[:, None, :]  # (T, 1, D)
+        sin = ang.sin().repeat_interleave(2, dim=-1)[:, None, :]
+
+        def pairs(z):
+            z1, z2 = z[..., 0::2], z[..., 1::2]
+            return torch.stack((-z2, z1), dim=-1).flatten(-2)
+
+        q, k = q * cos + pairs(q) * sin, k * cos + pairs(k) * sin
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        g = hq // hkv
+        v = self.wv(x).view(b, t, hkv, d).transpose(1, 2)
+        k, v = _expand_heads(k, g), _expand_heads(v, g)
+        s = q @ k.transpose(-2, -1) / math.sqrt(d)
+        keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        s = torch.where(keep, s, float("-inf"))
+        o = torch.softmax(s, dim=-1) @ v
+        return self.wo(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class CCGQAEinops(nn.Module):
+    """einops throughout: ``rearrange`` for the conv layout and heads, ``reduce`` for the
+    group mean, ``repeat`` for GQA; SDPA is_causal on repeated K/V; exp temperature."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 2
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.to_q = nn.Linear(self.DIM, hq * d, bias=False)
+        self.to_k = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.to_v = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.to_out = nn.Linear(hq * d, self.DIM, bias=False)
+        self.q_conv1 = nn.Conv1d(hq * d, hq * d, self.K1, groups=hq * d)
+        self.q_conv2 = nn.Conv1d(hq * d, hq * d, self.K2, groups=hq)
+        self.k_conv1 = nn.Conv1d(hkv * d, hkv * d, self.K1, groups=hkv * d)
+        self.k_conv2 = nn.Conv1d(hkv * d, hkv * d, self.K2, groups=hkv)
+        self.temperature = nn.Parameter(0.2 * torch.randn(hkv))
+
+    def conv(self, x, c1, c2):
+        y = einops.rearrange(x, "b t c -> b c t")
+        y = c1(F.pad(y, (self.K1 - 1, 0)))
+        y = c2(F.pad(y, (self.K2 - 1, 0)))
+        return einops.rearrange(y, "b (h d) t -> b h t d", d=self.D)
+
+    def forward(self, x):
+        g = self.HQ // self.HKV
+        q_pre, k_pre = self.to_q(x), self.to_k(x)
+        q = self.conv(q_pre, self.q_conv1, self.q_conv2)
+        k = self.conv(k_pre, self.k_conv1, self.k_conv2)
+        qh = einops.rearrange(q_pre, "b t (h d) -> b h t d", d=self.D)
+        kh = einops.repeat(k_pre, "b t (h d) -> b (h g) t d", d=self.D, g=g)
+        m_q = (qh + kh) / 2
+        m_k = einops.reduce(m_q, "b (h g) t d -> b h t d", "mean", g=g)
+        q, k = F.normalize(q + m_q, dim=-1), F.normalize(k + m_k, dim=-1)
+        q = q * self.D**0.5
+        k = k * self.D**0.5 * einops.rearrange(self.temperature.exp(), "h -> h 1 1")
+        t = x.shape[1]
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=x.device).float() / self.D))
+        f = einops.repeat(torch.arange(t, device=x.device).float()[:, None] * inv, "t f -> t (2 f)")
+        q, k = q * f.cos() + _rotate_half(q) * f.sin(), k * f.cos() + _rotate_half(k) * f.sin()
+        v = einops.repeat(self.to_v(x), "b t (h d) -> b (h g) t d", d=self.D, g=g)
+        k = einops.repeat(k, "b h t d -> b (h g) t d", g=g)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.to_out(einops.rearrange(o, "b h t d -> b t (h d)"))
+
+
+class CCGQAHFEager(nn.Module):
+    """Hugging Face eager style: RoPE tables under ``torch.no_grad()``, separate q/k convs
+    each ``F.pad``-ed, qk-mean on (B, H, T, D) with ``repeat_kv`` and ``view(.., g, ..)``,
+    ``F.normalize(p=2, eps=1e-6)``, raw temperature, partial RoPE, repeat_kv + matmul core
+    with an additive ``finfo.min`` mask and an fp32 softmax. One kv head (G = 4), d = 16."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 1, 16, 2, 2
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.q_proj = nn.Linear(self.DIM, hq * d, bias=False)
+        self.k_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.v_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
+        self.q_conv1 = nn.Conv1d(hq * d, hq * d, self.K1, groups=hq * d)
+        self.q_conv2 = nn.Conv1d(hq * d, hq * d, self.K2, groups=hq)
+        self.k_conv1 = nn.Conv1d(hkv * d, hkv * d, self.K1, groups=hkv * d)
+        self.k_conv2 = nn.Conv1d(hkv * d, hkv * d, self.K2, groups=hkv)
+        self.temp = nn.Parameter(0.8 + 0.3 * torch.rand(hkv))
+        self.register_buffer(
+            "inv_freq", 1.0 / (10000.0 ** (torch.arange(0, d // 2, 2).float() / (d // 2))), persistent=False
+        )
+
+    @torch.no_grad()
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    @staticmethod
+    def repeat_kv(h, n_rep):
+        b, n, t, d = h.shape
+        if n_rep == 1:
+            return h
+        return h[:, :, None, :, :].expand(b, n, n_rep, t, d).reshape(b, n * n_rep, t, d)
+
+    def conv(self, x, c1, c2):
+        y = F.pad(x.transpose(1, 2), (self.K1 - 1, 0))
+        y = F.pad(c1(y), (self.K2 - 1, 0))
+        return c2(y).transpose(1, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        position_ids = torch.arange(t, device=x.device)[None]
+        cos, sin = self.rotary(x, position_ids)
+        q_pre, k_pre = self.q_proj(x), self.k_proj(x)
+        q = self.conv(q_pre, self.q_conv1, self.q_conv2).view(b, t, hq, d).transpose(1, 2)
+        k = self.conv(k_pre, self.k_conv1, self.k_conv2).view(b, t, hkv, d).transpose(1, 2)
+        qh = q_pre.view(b, t, hq, d).transpose(1, 2)
+        kh = k_pre.view(b, t, hkv, d).transpose(1, 2)
+        m = (qh + self.repeat_kv(kh, g)) * 0.5
+        q = q + m
+        k = k + m.view(b, hkv, g, t, d).mean(2)
+        q = F.normalize(q, p=2.0, dim=-1, eps=1e-6) * math.sqrt(d)
+        k = F.normalize(k, p=2.0, dim=-1, eps=1e-6) * math.sqrt(d) * self.temp.view(1, hkv, 1, 1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rd = cos.shape[-1]
+        q_rot, q_pass = q[..., :rd], q[..., rd:]
+        k_rot, k_pass = k[..., :rd], k[..., rd:]
+        q = torch.cat(((q_rot * cos) + (_rotate_half(q_rot) * sin), q_pass), dim=-1)
+        k = torch.cat(((k_rot * cos) + (_rotate_half(k_rot) * sin), k_pass), dim=-1)
+        v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
+        k, v = self.repeat_kv(k, g), self.repeat_kv(v, g)
+        mask = torch.full((t, t), torch.finfo(x.dtype).min, device=x.device).triu(1)
+        w = torch.matmul(q, k.transpose(2, 3)) * d**-0.5 + mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(w, v).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(o)
+
+
+class CCGQASharedConvBmm(nn.Module):
+    """q|k concatenated and convolved once without biases (one left pad), qk-mean spelled
+    as two halves and a sum over the group divided by G, ``x / vector_norm(x)``, no
+    temperature, RoPE tables from a non-persistent buffer sliced to T, a bmm core on
+    (B*H, T, D) with ``repeat_interleave``."""
+
+    DIM, HQ, HKV, D, K1, K2, MAX_T = 40, 4, 2, 8, 3, 3, 32
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.qkv = nn.Linear(self.DIM, (hq + 2 * hkv) * d, bias=False)
+        self.out = nn.Linear(hq * d, self.DIM, bias=False)
+        c = (hq + hkv) * d
+        self.dw = nn.Conv1d(c, c, self.K1, groups=c, bias=False)
+        self.hc = nn.Conv1d(c, c, self.K2, groups=hq + hkv, bias=False)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+        f = torch.outer(torch.arange(self.MAX_T).float(), inv)
+        self.register_buffer("cos_cached", torch.cat((f, f), -1).cos(), persistent=False)
+        self.register_buffer("sin_cached", torch.cat((f, f), -1).sin(), persistent=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q_pre, k_pre, v = self.qkv(x).split((hq * d, hkv * d, hkv * d), dim=-1)
+        qk = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
+        qk = self.hc(self.dw(F.pad(qk, (self.K1 + self.K2 - 2, 0))))
+        q, k = qk.transpose(1, 2).split((hq * d, hkv * d), dim=-1)
+        m_q = 0.5 * q_pre.unflatten(-1, (hq, d)) + 0.5 * k_pre.unflatten(-1, (hkv, d)).repeat_interleave(g, -2)
+        m_k = m_q.unflatten(-2, (hkv, g)).sum(-2) / g
+        q = q.unflatten(-1, (hq, d)) + m_q
+        k = k.unflatten(-1, (hkv, d)) + m_k
+        q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True) * math.sqrt(d)
+        k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True) * math.sqrt(d)
+        cos, sin = self.cos_cached[:t, None, :], self.sin_cached[:t, None, :]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = v.unflatten(-1, (hkv, d))
+        k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        q, k, v = (z.transpose(1, 2).reshape(b * hq, t, d) for z in (q, k, v))
+        s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(d)
+        s = s + torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        o = torch.bmm(torch.softmax(s, -1), v).view(b, hq, t, d)
+        return self.out(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class CCGQARopeBeforeNorm(CCGQAConvPadSlice):
+    """RoPE applied BEFORE the L2 norm and temperature: a rotation keeps the norm, so this
+    is the same function as the canonical order."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
+        q, k = self.rotate(q, k, t, x.device)
+        q, k = self.normalise(q), self.temperature(self.normalise(k))
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class CCGQATokensFirstSdpaMask(CCGQAFunctionalInterleaved):
+    """Everything on (B, T, H, D) up to an SDPA with an explicit causal bool mask and
+    enable_gqa; conv weights from ``nn.Conv1d`` modules called functionally; qk-mean by
+    ``expand``; exp temperature; rotate-half RoPE with tables unsqueezed at the head dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.temp_log = nn.Parameter(0.2 * torch.randn(self.HKV))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_w1, self.q_w2, hq).view(b, t, hq, d)
+        k = self.conv(k_pre, self.k_w1, self.k_w2, hkv).view(b, t, hkv, d)
+        kh = k_pre.view(b, t, hkv, 1, d).expand(b, t, hkv, g, d)
+        m_q = (q_pre.view(b, t, hkv, g, d) + kh) / 2
+        q = q + m_q.reshape(b, t, hq, d)
+        k = k + m_q.mean(dim=3)
+        q = F.normalize(q, dim=-1) * math.sqrt(d)
+        k = F.normalize(k, dim=-1) * (math.sqrt(d) * self.temp_log.exp()[:, None])
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+        ang = torch.arange(t, device=x.device).float()[:, None] * inv
+        ang = torch.cat((ang, ang), -1).unsqueeze(-2)  # (T, 1, D)
+        q = q * ang.cos() + _rotate_half(q) * ang.sin()
+        k = k * ang.cos() + _rotate_half(k) * ang.sin()
+        v = self.wv(x).view(b, t, hkv, d)
+        idx = torch.arange(t, device=x.device)
+        causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal, enable_gqa=True
+        )
+        return self.wo(o.transpose(1, 2).flatten(2))
+
+
+# ---- CCGQA block-level near misses (the q/k prologue must not fuse) -----------------------
+
+
+class NearCCGQAPadRight(CCGQAFunctionalInterleaved):
+    """Each conv padded on the RIGHT: every output sees later tokens."""
+
+    def causal_conv(self, x, w, groups):
+        return F.conv1d(F.pad(x, (0, w.shape[-1] - 1)), w, groups=groups)
+
+
+class NearCCGQAShiftByTwo(CCGQAFunctionalInterleaved):
+    """Each conv padded by k and its last output dropped: a causal conv shifted one token
+    further into the past (sees x_{t-k}..x_{t-1}, not x_t)."""
+
+    def causal_conv(self, x, w, groups):
+        return F.conv1d(F.pad(x, (w.shape[-1], 0)), w, groups=groups)[..., :-1]
+
+
+class NearCCGQASymmetricPadding(CCGQAConvPadSlice):
+    """``nn.Conv1d(padding=k // 2)`` with odd kernels: centred convs (see the next token)."""
+
+    K1, K2 = 3, 3
+
+    def __init__(self):
+        super().__init__()
+        for conv in (self.q_dw, self.q_hc, self.k_dw, self.k_hc):
+            conv.padding = (conv.kernel_size[0] // 2,)
+
+
+class NearCCGQAMeanOverAllHeads(CCGQAConvPadSlice):
+    """m_k as the mean over ALL query heads, not over the kv head's own group."""
+
+    def qk_mean(self, q_pre, k_pre):
+        m_q, _ = super().qk_mean(q_pre, k_pre)
+        m_k = m_q.mean(2, keepdim=True).expand(-1, -1, self.HKV, -1)
+        return m_q, m_k
+
+
+class NearCCGQAMeanWithoutHalf(CCGQAConvPadSlice):
+    """m_q = q_pre + k_pre (the 1/2 dropped): another constant."""
+
+    def qk_mean(self, q_pre, k_pre):
+        m_q, m_k = super().qk_mean(q_pre, k_pre)
+        return 2 * m_q, 2 * m_k
+
+
+class NearCCGQANormOverHeads(CCGQAConvPadSlice):
+    """The L2 norm taken over the heads of each channel (dim -2), not over the head dim."""
+
+    def normalise(self, t):
+        return F.normalize(t, dim=-2) * self.D**0.5
+
+
+class NearCCGQAPerTokenTemperature(CCGQAConvPadSlice):
+    """k scaled by a learned per-position factor instead of a per-kv-head temperature."""
+
+    MAX_T = 32
+
+    def __init__(self):
+        super().__init__()
+        self.pos_temp = nn.Parameter(1.0 + 0.2 * torch.randn(self.MAX_T))
+
+    def temperature(self, k):
+        t = k.shape[2]
+        return k * self.pos_temp[:t, None]
+
+
+class CCGQANonCausalSdpa(CCGQATokensFirstSdpaMask):
+    """A genuine CCGQA prologue feeding a NON-causal SDPA: the prologue fuses, the
+    attention and the whole block must not."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        q = self.conv(self.wq(x), self.q_w1, self.q_w2, hq).view(b, t, hq, d)
+        k = self.conv(self.wk(x), self.k_w1, self.k_w2, hkv).view(b, t, hkv, d)
+        q = F.normalize(q, dim=-1) * math.sqrt(d)
+        k = F.normalize(k, dim=-1) * math.sqrt(d)
+        v = self.wv(x).view(b, t, hkv, d)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+        )
+        return self.wo(o.transpose(1, 2).flatten(2))

@@ -1,0 +1,348 @@
+"""Recognition follows what code computes, not how it is spelled; near misses never fuse.
+
+Every layer in tests/spellings.py is compiled with the backend's passes, run in training
+(inputs and parameters requiring grad, backward with a random upstream gradient) and in
+inference; its output and every gradient are compared with eager and with a float64 copy,
+and the fusion report must show the expected counts:
+
+- ``must``: a spelling of a fused op's function; the fusion fires the expected number of
+  times. A spelling the recognizers miss is kept as a strict xfail whose reason quotes the
+  report (``gap``), raised only by the count check (a numerical mismatch still fails).
+- ``near``: a mutation computing another function; the fusion must not fire (count 0).
+- ``either``: not a promised idiom, not a near miss either (the same function up to
+  constants the op cannot take as they are written, or a valid attention over other heads):
+  it may fuse or not; whatever it does must match eager.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import ccgqa_compile
+
+from . import spellings as sp
+from ._backends import ccgqa_without_codegen
+from ._compare import assert_as_close_as_eager, rel_err
+
+BLOCK = ("ccgqa_prologue", "gqa_attention", "ccgqa_block")
+
+
+class NotFused(AssertionError):
+    """A fusion count differs from what the spelling promises (a recognizer gap)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: type
+    expect: Mapping[str, int]  # fusion -> times per graph (training and inference)
+    kind: str = "must"  # "must", "near" or "either"
+    seq: int = 9
+    gap: str = ""  # a known recognizer gap: strict xfail, with the report's reason
+    # per fusion, the idioms it may fire as (e.g. an unweighted core, never "weighted")
+    idioms: Mapping[str, frozenset] = field(default_factory=dict)
+    expect_inference: Mapping[str, int] | None = None  # where inference graphs differ
+
+
+def _must(name, build, seq=9, gap="", **expect):
+    return Case(name, build, expect, "must", seq, gap)
+
+
+def _near(name, build, seq=9, idioms=None, **expect):
+    return Case(name, build, expect, "near", seq, "", idioms or {})
+
+
+def _either(name, build, seq=9, **expect):
+    return Case(name, build, expect, "either", seq)
+
+
+def _block(n=1):
+    return dict.fromkeys(BLOCK, n)
+
+
+RMS_NORM = [
+    _must("rms_mean_of_product", sp.RMSMeanOfProduct, rms_norm=1),
+    _must("rms_pow_operator_div_sqrt_dim2", sp.RMSPowOperatorDivSqrt, seq=11, rms_norm=1),
+    _must("rms_reciprocal_of_sqrt_weight_first", sp.RMSReciprocalOfSqrt, rms_norm=1),
+    _must("rms_sum_over_width_weight_in_factor", sp.RMSSumOverWidth, seq=5, rms_norm=1),
+    _must("rms_norm_times_rsqrt_width_no_eps", sp.RMSNormTimesRsqrtWidth, rms_norm=1),
+    _must("rms_vector_norm_squared", sp.RMSVectorNormSquared, rms_norm=1),
+    _must("rms_t5_upcast_mul_method", sp.RMSMulMethodUpcast, seq=13, rms_norm=1),
+    _must("rms_nn_RMSNorm_module", sp.RMSTorchModule, rms_norm=1),
+    _must("rms_per_head_qk_norm", sp.RMSPerHeadQKNorm, rms_norm=2),
+    _must("rms_parallel_block_two_norms", sp.RMSParallelBlockNorms, rms_norm=2),
+    _must("rms_keepdim_false_unsqueeze", sp.RMSKeepdimFalse, rms_norm=1),
+    _must("rms_eps_inside_mean", sp.RMSEpsInsideMean, rms_norm=1),
+    _must("rms_of_centered_x", sp.RMSOfCentered, rms_norm=1),
+    _near("rms_near_eps_outside_norm", sp.NearRMSEpsOutsideNorm, rms_norm=0),
+    _near("rms_near_no_root", sp.NearRMSNoRoot, rms_norm=0),
+    _near("rms_near_mean_over_heads", sp.NearRMSMeanOverHeads, rms_norm=0),
+    # the genuine unweighted core may fuse; the per-token gain never as a weight
+    _near(
+        "rms_near_per_token_gain",
+        sp.NearRMSPerTokenGain,
+        seq=sp.NearRMSPerTokenGain.SEQ,
+        idioms={"rms_norm": frozenset({"unweighted"})},
+        rms_norm=1,
+    ),
+    _either("rms_sum_over_width_plus_one", sp.RMSSumOverWidthPlusOne, rms_norm=1),
+]
+
+SWIGLU = [
+    _must("swiglu_sigmoid_first", sp.SwiGLUSigmoidFirst, swiglu=1),
+    _must("swiglu_up_times_swish_methods", sp.SwiGLUUpTimesSwish, swiglu=1),
+    _must("swiglu_roles_swapped_silu_of_w3", sp.SwiGLURolesSwapped, swiglu=1),
+    _must("swiglu_torch_split", sp.SwiGLUTorchSplit, swiglu=1),
+    _must("swiglu_slices_second_half_gate", sp.SwiGLUSlices, seq=7, swiglu=1),
+    _must("swiglu_interleaved_columns", sp.SwiGLUInterleavedHalves, swiglu=1),
+    _must("swiglu_view_unbind", sp.SwiGLUUnbind, seq=5, swiglu=1),
+    _must("swiglu_einsum_projections", sp.SwiGLUEinsum, swiglu=1),
+    _must("swiglu_nn_SiLU_fp32_upcast", sp.SwiGLUModuleFp32, swiglu=1),
+    _must("swiglu_exp_spelling", sp.SwiGLUExpSpelling, swiglu=1),
+    _near("swiglu_near_quick_gelu", sp.NearSwiGLUQuickGelu, swiglu=0),
+    _near("swiglu_near_swish_beta", sp.NearSwiGLUSwishBeta, swiglu=0),
+    _near("swiglu_near_detached_sigmoid", sp.NearSwiGLUDetachedSigmoid, swiglu=0),
+    _near("swiglu_near_sum", sp.NearSwiGLUSum, swiglu=0),
+]
+
+ROPE = [
+    _must("rope_gpt_fast_freqs_cis_pairs", sp.RopeGptFast, rope=2),
+    _must("rope_complex_heads_first", sp.RopeComplexHeadsFirst, seq=7, rope=2),
+    _must("rope_hf_chunk_no_grad_tables", sp.RopeHFChunkNoGrad, seq=11, rope=2),
+    _must("rope_partial_split_repeat", sp.RopePartialSplit, rope=2),
+    _must("rope_half_tables_explicit", sp.RopeHalfTablesExplicit, seq=13, rope=2),
+    _must("rope_einops_interleaved", sp.RopeEinopsInterleaved, rope=2),
+    _near("rope_near_gpt_fast_one_sign", sp.NearRopeGptFastSign, rope=0),
+    _near("rope_near_mixed_layouts", sp.NearRopeMixedLayouts, rope=0),
+    _near("rope_near_complex_wrong_flatten", sp.NearRopeComplexWrongFlatten, rope=0),
+]
+
+ATTENTION = [
+    _must("attn_einsum_bhtd_expand", sp.AttnEinsumExpand, gqa_attention=1),
+    _must("attn_einsum_tokens_first", sp.AttnEinsumTokensFirst, seq=13, gqa_attention=1),
+    _must("attn_bmm_flat_additive_mask", sp.AttnBmmFlat, seq=7, gqa_attention=1),
+    _must("attn_scale_split_where_einops", sp.AttnScaleSplitWhere, gqa_attention=1),
+    _must("attn_scaled_query_arange_mask", sp.AttnScaledQueryArangeMask, seq=11, gqa_attention=1),
+    _must("attn_mup_scale_after_mask", sp.AttnMuPScale, gqa_attention=1),
+    _must("attn_hf_eager_min_mask", sp.AttnHFEagerMinMask, seq=17, gqa_attention=1),
+    _must("attn_fp32_scores", sp.AttnFp32Scores, gqa_attention=1),
+    _must("attn_nanogpt_buffer_mask", sp.AttnNanoGPT, seq=11, gqa_attention=1),
+    _must("attn_manual_softmax", sp.AttnManualSoftmax, gqa_attention=1),
+    _must("sdpa_arange_bool_mask", sp.SdpaArangeBoolMask, gqa_attention=1),
+    _must("sdpa_float_mask_einops_repeat", sp.SdpaFloatMaskEinopsRepeat, seq=7, gqa_attention=1),
+    _must("sdpa_positional_expand_scale", sp.SdpaPositionalExpand, gqa_attention=1),
+    _must("sdpa_transposed_in_call", sp.SdpaTransposedInCall, seq=5, gqa_attention=1),
+    _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
+    _near("attn_near_sliding_window", sp.NearAttnSlidingWindow, gqa_attention=0),
+    _near("attn_near_peek_additive_triu2", sp.NearAttnPeekAdditive, gqa_attention=0),
+    _near("attn_near_learned_alibi", sp.NearAttnLearnedAlibi, gqa_attention=0),
+    _near("attn_near_mask_after_softmax", sp.NearAttnMaskAfterSoftmax, gqa_attention=0),
+    _near("attn_near_softmax_over_queries", sp.NearAttnSoftmaxOverQueries, gqa_attention=0),
+    _near("sdpa_near_peek_mask", sp.NearSdpaPeekMask, gqa_attention=0),
+    _near("sdpa_near_window_mask", sp.NearSdpaWindowMask, seq=11, gqa_attention=0),
+]
+
+CCGQA = [
+    _must("ccgqa_zaya_style", sp.CCGQAZayaStyle, **_block()),
+    _must("ccgqa_conv_pad_slice_einsum", sp.CCGQAConvPadSlice, seq=11, **_block()),
+    _must("ccgqa_functional_interleaved", sp.CCGQAFunctionalInterleaved, **_block()),
+    _must("ccgqa_einops", sp.CCGQAEinops, seq=7, **_block()),
+    _must("ccgqa_hf_eager_no_grad_tables", sp.CCGQAHFEager, **_block()),
+    _must("ccgqa_shared_conv_bmm_buffers", sp.CCGQASharedConvBmm, seq=13, **_block()),
+    _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
+    _must("ccgqa_tokens_first_sdpa_mask", sp.CCGQATokensFirstSdpaMask, seq=5, **_block()),
+    # block-level near misses: the attention core is genuine (it fuses); the prologue and
+    # so the whole block must not
+    _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
+    _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_symmetric_padding",
+        sp.NearCCGQASymmetricPadding,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_mean_over_all_heads",
+        sp.NearCCGQAMeanOverAllHeads,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_mean_without_half",
+        sp.NearCCGQAMeanWithoutHalf,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near("ccgqa_near_norm_over_heads", sp.NearCCGQANormOverHeads, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_per_token_temperature",
+        sp.NearCCGQAPerTokenTemperature,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    # the genuine prologue fuses; a non-causal attention must not, nor the block
+    _near(
+        "ccgqa_near_non_causal_sdpa",
+        sp.CCGQANonCausalSdpa,
+        ccgqa_prologue=1,
+        gqa_attention=0,
+        ccgqa_block=0,
+    ),
+]
+
+CASES = RMS_NORM + SWIGLU + ROPE + ATTENTION + CCGQA
+
+# the real backend (Inductor's C++ code generation included) on a few of them
+REAL_BACKEND = (
+    "rms_vector_norm_squared",
+    "swiglu_torch_split",
+    "rope_gpt_fast_freqs_cis_pairs",
+    "attn_einsum_tokens_first",
+    "ccgqa_zaya_style",
+    "ccgqa_conv_pad_slice_einsum",
+    "ccgqa_near_pad_right",
+)
+BY_NAME = {c.name: c for c in CASES}
+
+
+def _params(cases):
+    out = []
+    for case in cases:
+        marks = []
+        if case.gap:
+            marks.append(pytest.mark.xfail(strict=True, raises=NotFused, reason=case.gap))
+        out.append(pytest.param(case, id=case.name, marks=marks))
+    return out
+
+
+def _compile_and_compare(case: Case, training: bool, backend):
+    """Compiled vs eager vs a float64 copy: the output and, in training, the gradient of
+    the input and of every parameter. Returns the fusion report."""
+    torch.manual_seed(0)
+    model = case.build().train(training)
+    eager = copy.deepcopy(model)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(2, case.seq, model.DIM)
+    x_c, x_e = (x.clone().requires_grad_(training) for _ in range(2))
+    x_r = x.double().requires_grad_(training)
+
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.set_grad_enabled(training):
+        out_c = compiled(x_c)
+        out_e = eager(x_e)
+        out_r = reference(x_r)
+    rep = ccgqa_compile.report()
+    kinds = {g.kind for g in rep.graphs}
+    assert kinds == {"training" if training else "inference"}, f"{kinds}\n{rep}"
+
+    assert_as_close_as_eager(out_c, out_e, out_r, torch.float32, f"{case.name} output\n{rep}")
+    if training:
+        grad_out = torch.randn_like(out_e)
+        names = ["x", *(n for n, _ in model.named_parameters())]
+        grads_c = torch.autograd.grad(out_c, [x_c, *model.parameters()], grad_out, allow_unused=True)
+        grads_e = torch.autograd.grad(out_e, [x_e, *eager.parameters()], grad_out, allow_unused=True)
+        grads_r = torch.autograd.grad(
+            out_r, [x_r, *reference.parameters()], grad_out.double(), allow_unused=True
+        )
+        for name, gc, ge, gr in zip(names, grads_c, grads_e, grads_r):
+            assert (gc is None) == (ge is None), (
+                f"{case.name}: the gradient of {name} is "
+                f"{'missing' if gc is None else 'present'} in the compiled model and "
+                f"{'missing' if ge is None else 'present'} in eager\n{rep}"
+            )
+            if ge is not None:
+                assert_as_close_as_eager(
+                    gc,
+                    ge,
+                    gr,
+                    torch.float32,
+                    f"{case.name} grad of {name}\n{rep}",
+                    ill_conditioned="temp" in name,
+                )
+    return rep
+
+
+def _check_counts(case: Case, rep, training: bool):
+    expect = case.expect
+    if not training and case.expect_inference is not None:
+        expect = case.expect_inference
+    for fusion, times in expect.items():
+        fired = rep.count(fusion)
+        if case.kind == "either":
+            assert fired in (0, times), f"{case.name}: {fusion} fired {fired}x\n{rep}"
+        elif case.kind == "near":
+            # a near miss that fuses is a false match: a plain failure, never an xfail
+            assert fired == times, (
+                f"FALSE MATCH {case.name}: {fusion} fired {fired}x, expected {times}\n{rep}"
+            )
+        elif fired != times:
+            raise NotFused(f"{case.name}: {fusion} fired {fired}x, expected {times}\n{rep}")
+        if training and fired and case.kind == "must":
+            assert not rep.forward_only().get(fusion), (
+                f"{case.name}: {fusion} fused without its backward\n{rep}"
+            )
+    for fusion, allowed in case.idioms.items():
+        fired_as = {idiom for (name, idiom) in rep.idioms() if name == fusion}
+        assert fired_as <= allowed, f"{case.name}: {fusion} fired as {fired_as}\n{rep}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("case", _params(CASES))
+def test_spelling(case, training):
+    rep = _compile_and_compare(case, training, ccgqa_without_codegen)
+    _check_counts(case, rep, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("case", _params([BY_NAME[n] for n in REAL_BACKEND]))
+def test_spelling_with_the_real_backend(case, training):
+    rep = _compile_and_compare(case, training, "ccgqa")
+    _check_counts(case, rep, training)
+
+
+# ---- dropout: in training the op would drop the dropout; in eval it must fuse ---------------
+
+
+@pytest.mark.parametrize("build", [sp.SdpaDropout, sp.AttnDropout], ids=["sdpa", "handwritten"])
+def test_attention_dropout_in_training_is_not_fused(build):
+    """p = 0.5 in training: the fused op has no dropout, so the attention must stay as
+    written, random (two calls differ, and differ from the dropout-free output), with
+    finite gradients. In eval mode the same module fuses and matches eager."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(2, 9, model.DIM, requires_grad=True)
+    compiled = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)
+    out1, out2 = compiled(x), compiled(x)
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_attention") == 0, f"FALSE MATCH: dropout fused away\n{rep}"
+    with torch.no_grad():
+        plain = copy.deepcopy(model).eval()(x)
+    assert rel_err(out1, out2) > 1e-2 and rel_err(out1, plain) > 1e-2, "dropout was not applied"
+    grads = torch.autograd.grad(out1, [x, *model.parameters()], torch.randn_like(out1))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    model.eval()
+    compiled = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)
+    with torch.no_grad():
+        out_c, out_e = compiled(x), copy.deepcopy(model)(x)
+        out_r = copy.deepcopy(model).double()(x.double())
+    assert_as_close_as_eager(out_c, out_e, out_r, torch.float32, "eval output")
+    assert ccgqa_compile.report().count("gqa_attention") == 1, str(ccgqa_compile.report())
+
+
+def test_case_names_are_unique_and_every_fusion_has_near_misses():
+    assert len(BY_NAME) == len(CASES)
+    for fusion in ("rms_norm", "swiglu", "rope", "gqa_attention", "ccgqa_prologue"):
+        near = [c for c in CASES if c.kind == "near" and fusion in c.expect]
+        assert len(near) >= 3, fusion
+    assert math.isfinite(len(CASES))
