@@ -6,7 +6,8 @@ functions below inspect what fused; ``register_global()`` opts plain ``torch.com
 
 from __future__ import annotations
 
-from . import ops  # noqa: F401  (registers torch.ops.ccgqa.*)
+# torch.ops.ccgqa.* are registered by ``import ccgqa_compile.ops``, which the backend and
+# the passes do when they first run (the op modules import triton; the passes do not)
 from .backend import ccgqa_backend, register_global, unregister_global
 from .reporting import FusionReport, report, reset_report
 

@@ -25,6 +25,9 @@ if torch_version() < MIN_TORCH:  # pragma: no cover - exercised only on old inst
         f"(joint-graph custom passes, triton_op); found {torch.__version__}"
     )
 
+# re-exported: the passes use them from here
+from torch._inductor.pattern_matcher import stable_topological_sort  # noqa: E402, F401
+from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: E402, F401
 
 
 def symbol_hints(shape_env) -> dict:

@@ -109,18 +109,17 @@ class CCGQALM(nn.Module):
         q/k prologue (convs, qk-mean, norm, temperature, RoPE), one attention core, one
         SwiGLU per block, each block whose prologue feeds a fused attention, and one value
         shift moved onto V per block."""
-        from ccgqa_compile.passes import ccgqa_prologue, sdpa_attention
+        from ccgqa_compile import config
 
         n = self.layers
         # an SDPA core is taken over only at small head dims (above, SDPA's cuDNN is faster)
-        small = self.head_dim <= sdpa_attention.MAX_HEAD_DIM
+        small = self.head_dim <= config.SDPA_MAX_HEAD_DIM
         attention = n if self.attention == "handwritten" or small else 0
-        # the prologue likewise up to its own limit (above, Inductor's is faster)
-        prologue = n if self.head_dim <= ccgqa_prologue.MAX_HEAD_DIM else 0
         return {
-            "ccgqa_prologue": prologue,
+            "ccgqa_prologue": n,
             "gqa_attention": attention,
-            "ccgqa_block": min(attention, prologue),
+            # a block counts with the core fused or kept on SDPA by policy
+            "ccgqa_block": n,
             "rms_norm": 2 * n + 1,
             "swiglu": n,
             "value_shift": n,

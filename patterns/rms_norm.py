@@ -123,8 +123,8 @@ class PerTokenWeight(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _e(name, cls, expect=1, note="", forbidden=()):
-    return Entry(name, "rms_norm", expect, cls, hidden_states, note, forbidden)
+def _e(name, cls, expect=1, note="", forbidden=(), promised=lambda shape: True):
+    return Entry(name, "rms_norm", expect, cls, hidden_states, note, forbidden, promised)
 
 
 # the idioms the report names: a region whose output is multiplied by per-channel inputs
@@ -148,5 +148,9 @@ ENTRIES = [
     # per-channel weight for the plain op, but must never become Gemma's (1 + w) op; a
     # per-token weight must not become any weighted op (the unweighted core may fuse)
     _e("rms_gemma_two_plus", GemmaTwoPlusWeight, 1, "(2 + w): a per-channel weight like any other"),
-    _e("rms_near_per_token_weight", PerTokenWeight, 1, "weight (seq, hidden): only the unweighted core fuses", _WEIGHTED),
+    _e(
+        "rms_near_per_token_weight", PerTokenWeight, 1,
+        "weight (seq, hidden): only the unweighted core fuses (one token: it is per-channel)",
+        _WEIGHTED, promised=lambda shape: shape.seq > 1,
+    ),  # fmt: skip
 ]

@@ -57,7 +57,7 @@ def test_each_block_of_a_two_layer_model_is_named():
     rep = _compile_and_check(TwoBlocks(), training=True)
     assert rep.count("ccgqa_block") == 2, str(rep)
     assert rep.count("ccgqa_prologue") == 2 and rep.count("gqa_attention") == 2, str(rep)
-    assert "fused    ccgqa_block    x2   idiom=prologue+attention" in str(rep)
+    assert "fused    ccgqa_block    x2   idiom=prologue+fused_attention" in str(rep)
     assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"], str(rep)
 
 
@@ -124,12 +124,12 @@ def test_a_block_whose_attention_stays_unfused_says_so():
     rep = _compile_and_check(CCGQAttention(32, 4, 2, 8, attention="sdpa", causal=False), False)
     assert rep.count("ccgqa_prologue") == 1 and rep.count("ccgqa_block") == 0, str(rep)
     missing = [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
-    assert len(missing) == 1 and "its attention did not" in missing[0].reason, str(rep)
+    assert len(missing) == 1 and "not causal" in missing[0].reason, str(rep)
 
 
 def test_a_block_whose_prologue_stays_unfused_says_so():
     """The original project's variant in a training graph: its prologue is recognised but
-    left to Inductor there (the policy in passes/ccgqa_seed_prologue.py): attention fuses,
+    left to Inductor there (config.SEED_PROLOGUE_IN_TRAINING): attention fuses,
     the block does not."""
     torch.manual_seed(0)
     block = CCGQAAttentionSeed(64, 4, 2, 2)  # head dim 64 / (2 * 4) = 8

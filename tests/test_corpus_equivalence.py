@@ -79,7 +79,8 @@ def run_entry(
                 f"{entry.name}: {fusion} fused without its backward\n{rep}"
             )
     idioms = {idiom for (fusion, idiom) in rep.idioms() if fusion == entry.fusion}
-    assert not idioms & set(entry.forbidden_idioms), f"{entry.name}: fired as {idioms}"
+    if entry.promised(shape):
+        assert not idioms & set(entry.forbidden_idioms), f"{entry.name}: fired as {idioms}"
     kinds = {g.kind for g in rep.graphs}
     assert kinds == {"training" if training else "inference"}, kinds
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import ccgqa_compile.ops  # noqa: F401  (registers torch.ops.ccgqa.*)
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ccgqa_compile  # noqa: F401

@@ -655,15 +655,12 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
     raise Rejected(reason)
 
 
-_OPS = (torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention_masked)
-
-
 def is_attention_op(node: Any) -> bool:
     if not isinstance(node, Node) or node.op != "call_function":
         return False
     target = node.target
     packet = getattr(target, "overloadpacket", target)
-    return packet in _OPS
+    return packet in (torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention_masked)
 
 
 def _op_above(node: Node) -> Node:
