@@ -24,7 +24,10 @@ import torch.nn.functional as F
 
 import ccgqa_compile
 
-OPS = ("rmsnorm", "swiglu", "rope", "attention", "ccgqa-block")
+OPS = (
+    "rmsnorm", "swiglu", "rope", "attention", "ccgqa-block",
+    "zaya-attention", "zaya-lm", "llama-lm",
+)  # fmt: skip
 # whole-block cases: (E, hq, hkv, C); the first is the product's target, the second the seed's
 BLOCK_CONFIGS = ((2048, 16, 4, 4), (512, 8, 2, 4))
 BLOCK_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -123,6 +126,8 @@ class Case:
     # compare with a float64 reference (skipped where the reference itself would not fit:
     # a hand-written float64 attention at T = 8192 materialises 17 GB per score tensor)
     check: bool = True
+    # extra providers "ccgqa-no-<fusion>": the backend with that fusion off
+    variants: tuple[str, ...] = ()
 
 
 def _cases(
@@ -136,6 +141,18 @@ def _cases(
     big = device == "cuda" and not quick
     es = dtype.itemsize
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    if op in ("zaya-attention", "zaya-lm", "llama-lm"):
+        from . import bench_hf
+
+        small = quick or device != "cuda"
+        if op == "zaya-attention":
+            yield from bench_hf.zaya_attention_cases(
+                device, dtype, small, seq_lens, Case, UncompressedGQABlock)  # fmt: skip
+        elif op == "zaya-lm":
+            yield from bench_hf.zaya_lm_cases(device, dtype, small, seq_lens, Case)
+        else:
+            yield from bench_hf.llama_lm_cases(device, dtype, small, seq_lens, Case)
+        return
     if op == "rmsnorm":
         m, n = (16384, 4096) if big else (512, 1024)
         yield Case(
@@ -246,6 +263,9 @@ def _providers(case: Case) -> dict[str, Callable]:
         "inductor": torch.compile(case.fn),
         "ccgqa": torch.compile(case.fn, backend="ccgqa"),
     }
+    for variant in case.variants:
+        fusion = variant.removeprefix("ccgqa-no-")
+        out[variant] = torch.compile(case.fn, backend="ccgqa", options={"ccgqa_disable": [fusion]})
     if case.providers:
         return {name: fn for name, fn in out.items() if name in case.providers}
     if case.op == "attention":
@@ -356,12 +376,19 @@ def _measure(case, device, fn, name, base, grads, reference, params, row) -> Non
         for p in params:
             p.grad = None
         ccgqa_compile.reset_report()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter()
         with torch.set_grad_enabled(train):
             out = _as_tuple(fn(*inputs))  # warm-up: compiles, never timed
             if grads is None:
                 grads = tuple(torch.randn_like(o) for o in out)
             if train:
                 torch.autograd.backward(out, grads)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        # the first call: compilation included (the user's cost), forward then backward
+        row[f"{'total' if train else 'fwd'}_first_call_s"] = time.perf_counter() - first
         if name == "ccgqa":
             row[f"fused_{mode}"] = ccgqa_compile.report().counts()
         err = None
@@ -408,8 +435,9 @@ def _rel(a, b) -> float:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| op | case | provider | fwd ms | fwd+bwd ms | rate | peak MiB | vs best(eager, inductor) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | case | provider | fwd ms | fwd+bwd ms | rate | peak MiB | vs best(eager, inductor) "
+        "| first call s (fwd / fwd+bwd) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("oom"):
@@ -429,9 +457,10 @@ def table(rows: list[dict]) -> str:
             else f"{r.get('total_tflops', 0):.1f} TFLOP/s"
         )
         peak = f"{r['total_peak_mib']:.0f}" if "total_peak_mib" in r else "-"
+        first = f"{r.get('fwd_first_call_s', 0):.1f} / {r.get('total_first_call_s', 0):.1f}"
         lines.append(
             f"| {r['op']} | {r['case']} | {r['provider']} | {r['fwd_ms']:.4f} | "
-            f"{r['total_ms']:.4f} | {rate} | {peak} | {ratio} |"
+            f"{r['total_ms']:.4f} | {rate} | {peak} | {ratio} | {first} |"
         )
     return "\n".join(lines)
 

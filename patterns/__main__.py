@@ -1,4 +1,4 @@
-"""``python -m patterns`` rewrites the supported-idioms table in README.md from the corpus."""
+"""``python -m patterns`` rewrites the corpus table in docs/corpus.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 from . import idiom_table
 
 START, END = "<!-- idioms:start -->", "<!-- idioms:end -->"
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parent.parent / "docs" / "corpus.md"
 
 
 def render(readme: str) -> str:

@@ -504,10 +504,14 @@ ENTRIES = [
         f"{BLOCK_NEAR_MISS}",
         block=True,
     ),
-    _hand(
-        "ccgqa_near_mean_wrong_heads",
-        _build(mean_grouping="strided"),
-        note=f"qk-mean over strided (wrong) head groups; {BLOCK_NEAR_MISS}",
-        block_near_miss=True,
+    dataclasses.replace(
+        _hand(
+            "ccgqa_near_mean_wrong_heads",
+            _build(mean_grouping="strided"),
+            note=f"qk-mean over strided (wrong) head groups; {BLOCK_NEAR_MISS} (with one kv "
+            "head, or one query head per group, the strided mean is the right one: may fuse)",
+            block_near_miss=True,
+        ),
+        also_promised=lambda s: kv_heads_for(s.heads) > 1 and s.heads > kv_heads_for(s.heads),
     ),
 ]

@@ -293,6 +293,34 @@ class NearRMSPerTokenGain(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
 
 
+class NearRMSClampInsteadOfEps(nn.Module):
+    """``x / max(rms, eps)``: a clamp, not eps inside the root (they differ at small rms)."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        return x / rms.clamp_min(1e-3) * self.w
+
+
+class NearRMSStatsOfScaledInput(nn.Module):
+    """The statistic of ``x * w`` normalising ``x`` itself."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        xw = x * self.w
+        return x * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class RMSSumOverWidthPlusOne(nn.Module):
     """sum(x^2) / (D + 1): equals sqrt((D+1)/D) * RMSNorm with eps * (D+1)/D, so fusing
     it is allowed only if exact (not a near miss, not a promised idiom either)."""
@@ -540,6 +568,25 @@ class RopeComplexHeadsFirst(_QK):
         return self.join(apply(q).transpose(1, 2), apply(k).transpose(1, 2))
 
 
+class RopeMetaTokensFirst(_QK):
+    """Meta Llama layout: complex rotation on (B, T, H, D), freqs_cis reshaped for
+    broadcast as (1, T, 1, D/2) with ``unsqueeze``."""
+
+    HEADS = 2
+    HEAD_DIM = 16
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        t = x.shape[1]
+        freqs = torch.outer(torch.arange(t, device=x.device).float(), _inv_freq(self.HEAD_DIM))
+        freqs_cis = torch.polar(torch.ones_like(freqs), freqs).unsqueeze(0).unsqueeze(2)
+        q_c = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+        k_c = torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2))
+        q = torch.view_as_real(q_c * freqs_cis).flatten(3).type_as(q)
+        k = torch.view_as_real(k_c * freqs_cis).flatten(3).type_as(k)
+        return self.join(q, k)
+
+
 class RopeHFChunkNoGrad(_QK):
     """Hugging Face style: tables from position ids under ``torch.no_grad()`` (batched
     (B, T, D) tables), rotate_half by ``chunk``, applied on (B, H, T, D)."""
@@ -681,6 +728,21 @@ class NearRopeComplexWrongFlatten(RopeComplexHeadsFirst):
         return self.join(apply(q).transpose(1, 2), apply(k).transpose(1, 2))
 
 
+class NearRopeRotatesTheOtherTensor(RopeHFChunkNoGrad):
+    """``q * cos + rotate_half(k) * sin``: q's rotation built from k (a copy-paste bug)."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        position_ids = torch.arange(t, device=x.device)[None].expand(b, t)
+        cos, sin = self.rotary(x, position_ids)
+        q, k = self.qk(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q2 = q * cos + self.rotate_half(k) * sin
+        k2 = k * cos + self.rotate_half(q) * sin
+        return self.join(q2.transpose(1, 2), k2.transpose(1, 2))
+
+
 # =========================================================================================
 # Causal GQA attention
 # =========================================================================================
@@ -777,22 +839,47 @@ class AttnScaleSplitWhere(_QKV):
         t = q.shape[2]
         keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         s = torch.where(keep, s, float("-inf"))
-        p = F.softmax(s.float(), dim=-1).type_as(q)
+        p = F.softmax(s.float(), dim=-1).to(q.dtype)
         return (p @ v).transpose(1, 2)
 
 
+class AttnSoftmaxTypeAs(_QKV):
+    """The fp32 probabilities cast back with ``.type_as(q)`` (q read for its dtype only)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = F.softmax(s.masked_fill(~keep, float("-inf")).float(), dim=-1).type_as(q)
+        return torch.matmul(p, v).transpose(1, 2)
+
+
 class AttnScaledQueryArangeMask(_QKV):
-    """q divided by sqrt(d) beforehand, ``k.mT``, a mask from ``arange`` comparisons."""
+    """q divided by sqrt(d) beforehand, a mask from ``arange`` comparisons."""
 
     def core(self, q, k, v):
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
         q = q / math.sqrt(self.HEAD_DIM)
-        s = q @ k.mT
+        s = q @ k.transpose(2, 3)
         t = q.shape[2]
         i = torch.arange(t, device=q.device)
         s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
         return torch.matmul(s.softmax(-1), v).transpose(1, 2)
+
+
+class AttnMatrixTranspose(_QKV):
+    """k transposed with the ``.mT`` property."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = (q @ k.mT) * self.HEAD_DIM**-0.5
+        t = q.shape[2]
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        return (s.masked_fill(future, float("-inf")).softmax(-1) @ v).transpose(1, 2)
 
 
 class AttnMuPScale(_QKV):
@@ -805,7 +892,8 @@ class AttnMuPScale(_QKV):
         v = v.repeat_interleave(self.groups, dim=1)
         t = q.shape[2]
         future = torch.triu(torch.ones(t, t, device=q.device), diagonal=1).bool()
-        s = torch.matmul(q, k.transpose(2, 3)).masked_fill(future, float("-inf")) * (1.0 / self.HEAD_DIM)
+        s = torch.matmul(q, k.transpose(2, 3)).masked_fill(future, float("-inf"))
+        s = s * (1.0 / self.HEAD_DIM)
         return torch.matmul(F.softmax(s, dim=3), v).permute(0, 2, 1, 3)
 
 
@@ -817,7 +905,8 @@ class AttnHFEagerMinMask(_QKV):
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
         t = q.shape[2]
-        mask = torch.full((t, t), torch.finfo(q.dtype).min, device=q.device).triu(1)[None, None]
+        mask = torch.full((t, t), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)
+        mask = mask.triu(1)[None, None]
         w = torch.matmul(q, k.transpose(2, 3)) * self.HEAD_DIM**-0.5 + mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         w = F.dropout(w, p=0.0, training=self.training)
@@ -850,7 +939,8 @@ class AttnNanoGPT(nn.Module):
         self.c_attn = nn.Linear(self.DIM, 3 * self.DIM)
         self.c_proj = nn.Linear(self.DIM, self.DIM)
         self.register_buffer(
-            "bias", torch.tril(torch.ones(self.MAX_T, self.MAX_T)).view(1, 1, self.MAX_T, self.MAX_T)
+            "bias",
+            torch.tril(torch.ones(self.MAX_T, self.MAX_T)).view(1, 1, self.MAX_T, self.MAX_T),
         )
 
     def forward(self, x):
@@ -876,7 +966,9 @@ class AttnManualSoftmax(_QKV):
         k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
         s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
         t = q.shape[2]
-        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        s = s.masked_fill(
+            ~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
         e = torch.exp(s - s.amax(dim=-1, keepdim=True))
         return ((e / e.sum(dim=-1, keepdim=True)) @ v).transpose(1, 2)
 
@@ -909,12 +1001,13 @@ class SdpaFloatMaskEinopsRepeat(_QKV):
 
 
 class SdpaPositionalExpand(_QKV):
-    """SDPA on expand+reshape K/V, every argument positional, an explicit scale."""
+    """SDPA on expand+reshape K/V, mask, dropout and is_causal positional, an explicit
+    scale keyword (0.5 / d)."""
 
     def core(self, q, k, v):
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
-        o = F.scaled_dot_product_attention(q, k, v, None, 0.0, True, 0.5 / self.HEAD_DIM)
+        o = F.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale=0.5 / self.HEAD_DIM)
         return o.transpose(1, 2)
 
 
@@ -937,7 +1030,9 @@ class AttnTiledHeads(_QKV):
         k, v = k.repeat(1, self.groups, 1, 1), v.repeat(1, self.groups, 1, 1)
         s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
         t = q.shape[2]
-        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        s = s.masked_fill(
+            ~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
         return (s.softmax(-1) @ v).transpose(1, 2)
 
 
@@ -951,7 +1046,9 @@ class AttnDropout(_QKV):
         k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
         s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
         t = q.shape[2]
-        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        s = s.masked_fill(
+            ~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
         p = F.dropout(s.softmax(-1), p=self.P, training=self.training)
         return (p @ v).transpose(1, 2)
 
@@ -983,6 +1080,33 @@ class NearAttnSlidingWindow(AttnEinsumExpand):
         keep = torch.tril(ones) & torch.triu(ones, diagonal=-2)
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
         return torch.einsum("bhqk,bhkd->bhqd", p, v).transpose(1, 2)
+
+
+class NearAttnOneHoleMask(_QKV):
+    """Causal except one entry: the last query may not see the first token."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        hole = (i[:, None] == t - 1) & (i[None, :] == 0)
+        blocked = (i[None, :] > i[:, None]) | hole
+        s = (q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5).masked_fill(blocked, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+class NearSdpaOneHoleMask(_QKV):
+    """SDPA with a bool mask that is causal except one entry (last query, first key)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        hole = (i[:, None] == t - 1) & (i[None, :] == 0)
+        allowed = (i[None, :] <= i[:, None]) & ~hole
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        return o.transpose(1, 2)
 
 
 class NearAttnPeekAdditive(AttnBmmFlat):
@@ -1039,6 +1163,18 @@ class NearAttnSoftmaxOverQueries(_QKV):
         keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         s = (q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5).masked_fill(~keep, float("-inf"))
         return (s.softmax(-2) @ v).transpose(1, 2)
+
+
+class AttnCausalAtNineTokensOnly(_QKV):
+    """``tril(diagonal=T - 9)``: causal at T = 9, peeking T - 9 tokens ahead beyond."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(diagonal=t - 9)
+        s = (q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5).masked_fill(~keep, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2)
 
 
 class NearSdpaPeekMask(_QKV):
@@ -1186,6 +1322,11 @@ class CCGQAConvPadSlice(nn.Module):
     def temperature(self, k):
         return k * self.log_temp.exp().view(1, self.HKV, 1, 1)
 
+    def norm_and_temperature(self, q, k):
+        """(B, T, H, D) in, (B, H, T, D) out."""
+        q, k = self.normalise(q), self.normalise(k)
+        return q.transpose(1, 2), self.temperature(k.transpose(1, 2))
+
     def tables(self, t, device):
         inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=device).float() / self.D))
         f = torch.outer(torch.arange(t, device=device).float(), inv)
@@ -1211,8 +1352,7 @@ class CCGQAConvPadSlice(nn.Module):
         q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
         k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
         m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = self.normalise(q + m_q), self.normalise(k + m_k)
-        q, k = q.transpose(1, 2), self.temperature(k.transpose(1, 2))
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
         q, k = self.rotate(q, k, t, x.device)
         v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
         o = self.attend(q, k, v)
@@ -1221,8 +1361,8 @@ class CCGQAConvPadSlice(nn.Module):
 
 class CCGQAFunctionalInterleaved(nn.Module):
     """Raw conv weights with ``F.pad`` + ``F.conv1d`` (no biases, no nn.Conv1d), no qk-mean,
-    no temperature, ``x / x.norm() * sqrt(d)``, interleaved (pairwise) RoPE on (B, T, H, D)
-    with ``repeat_interleave`` tables, a hand-written ``@`` core with ``torch.where``."""
+    no temperature, ``x / x.norm() * sqrt(d)``, interleaved (pairwise) RoPE with
+    ``repeat_interleave`` tables, a hand-written ``@`` core with ``torch.where``."""
 
     DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 3
 
@@ -1254,17 +1394,17 @@ class CCGQAFunctionalInterleaved(nn.Module):
         k = self.conv(self.wk(x), self.k_w1, self.k_w2, hkv).reshape(b, t, hkv, d)
         q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(d)
         k = k / k.norm(dim=-1, keepdim=True) * math.sqrt(d)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
         ang = torch.arange(t, device=x.device).float()[:, None] * inv
-        cos = ang.cos().repeat_interleave(2, dim=-1)[:, None, :]  # (T, 1, D)
-        sin = ang.sin().repeat_interleave(2, dim=-1)[:, None, :]
+        cos = ang.cos().repeat_interleave(2, dim=-1)  # (T, D)
+        sin = ang.sin().repeat_interleave(2, dim=-1)
 
         def pairs(z):
             z1, z2 = z[..., 0::2], z[..., 1::2]
             return torch.stack((-z2, z1), dim=-1).flatten(-2)
 
         q, k = q * cos + pairs(q) * sin, k * cos + pairs(k) * sin
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         g = hq // hkv
         v = self.wv(x).view(b, t, hkv, d).transpose(1, 2)
         k, v = _expand_heads(k, g), _expand_heads(v, g)
@@ -1315,7 +1455,8 @@ class CCGQAEinops(nn.Module):
         t = x.shape[1]
         inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=x.device).float() / self.D))
         f = einops.repeat(torch.arange(t, device=x.device).float()[:, None] * inv, "t f -> t (2 f)")
-        q, k = q * f.cos() + _rotate_half(q) * f.sin(), k * f.cos() + _rotate_half(k) * f.sin()
+        cos, sin = f.cos(), f.sin()
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         v = einops.repeat(self.to_v(x), "b t (h d) -> b (h g) t d", d=self.D, g=g)
         k = einops.repeat(k, "b h t d -> b (h g) t d", g=g)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -1343,7 +1484,9 @@ class CCGQAHFEager(nn.Module):
         self.k_conv2 = nn.Conv1d(hkv * d, hkv * d, self.K2, groups=hkv)
         self.temp = nn.Parameter(0.8 + 0.3 * torch.rand(hkv))
         self.register_buffer(
-            "inv_freq", 1.0 / (10000.0 ** (torch.arange(0, d // 2, 2).float() / (d // 2))), persistent=False
+            "inv_freq",
+            1.0 / (10000.0 ** (torch.arange(0, d // 2, 2).float() / (d // 2))),
+            persistent=False,
         )
 
     @torch.no_grad()
@@ -1388,7 +1531,7 @@ class CCGQAHFEager(nn.Module):
         k = torch.cat(((k_rot * cos) + (_rotate_half(k_rot) * sin), k_pass), dim=-1)
         v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
         k, v = self.repeat_kv(k, g), self.repeat_kv(v, g)
-        mask = torch.full((t, t), torch.finfo(x.dtype).min, device=x.device).triu(1)
+        mask = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
         w = torch.matmul(q, k.transpose(2, 3)) * d**-0.5 + mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(w, v).transpose(1, 2).reshape(b, t, -1)
@@ -1424,17 +1567,19 @@ class CCGQASharedConvBmm(nn.Module):
         qk = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
         qk = self.hc(self.dw(F.pad(qk, (self.K1 + self.K2 - 2, 0))))
         q, k = qk.transpose(1, 2).split((hq * d, hkv * d), dim=-1)
-        m_q = 0.5 * q_pre.unflatten(-1, (hq, d)) + 0.5 * k_pre.unflatten(-1, (hkv, d)).repeat_interleave(g, -2)
+        k_rep = k_pre.unflatten(-1, (hkv, d)).repeat_interleave(g, -2)
+        m_q = 0.5 * q_pre.unflatten(-1, (hq, d)) + 0.5 * k_rep
         m_k = m_q.unflatten(-2, (hkv, g)).sum(-2) / g
         q = q.unflatten(-1, (hq, d)) + m_q
         k = k.unflatten(-1, (hkv, d)) + m_k
         q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True) * math.sqrt(d)
         k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True) * math.sqrt(d)
-        cos, sin = self.cos_cached[:t, None, :], self.sin_cached[:t, None, :]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = self.cos_cached[:t], self.sin_cached[:t]
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        v = v.unflatten(-1, (hkv, d))
-        k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        q, k, v = (z.transpose(1, 2).reshape(b * hq, t, d) for z in (q, k, v))
+        v = v.unflatten(-1, (hkv, d)).transpose(1, 2)
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        q, k, v = (z.reshape(b * hq, t, d) for z in (q, k, v))
         s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(d)
         s = s + torch.full((t, t), float("-inf"), device=x.device).triu(1)
         o = torch.bmm(torch.softmax(s, -1), v).view(b, hq, t, d)
@@ -1480,19 +1625,44 @@ class CCGQATokensFirstSdpaMask(CCGQAFunctionalInterleaved):
         q = q + m_q.reshape(b, t, hq, d)
         k = k + m_q.mean(dim=3)
         q = F.normalize(q, dim=-1) * math.sqrt(d)
-        k = F.normalize(k, dim=-1) * (math.sqrt(d) * self.temp_log.exp()[:, None])
+        k = F.normalize(k, dim=-1) * math.sqrt(d) * self.temp_log.exp()[:, None]
         inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
         ang = torch.arange(t, device=x.device).float()[:, None] * inv
         ang = torch.cat((ang, ang), -1).unsqueeze(-2)  # (T, 1, D)
-        q = q * ang.cos() + _rotate_half(q) * ang.sin()
-        k = k * ang.cos() + _rotate_half(k) * ang.sin()
+        cos, sin = ang.cos(), ang.sin()
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
         v = self.wv(x).view(b, t, hkv, d)
         idx = torch.arange(t, device=x.device)
         causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal, enable_gqa=True
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=causal,
+            enable_gqa=True,
         )
         return self.wo(o.transpose(1, 2).flatten(2))
+
+
+class CCGQATablesPerTensor(CCGQAConvPadSlice):
+    """``apply_rotary(x, t)`` builds cos/sin inside, once for q and once for k."""
+
+    def apply_rotary(self, x, t, device):
+        cos, sin = self.tables(t, device)
+        return x * cos + _rotate_half(x) * sin
+
+    def rotate(self, q, k, t, device):
+        return self.apply_rotary(q, t, device), self.apply_rotary(k, t, device)
+
+
+class CCGQATemperatureInNormScale(CCGQAConvPadSlice):
+    """The temperature folded into k's norm scale: ``normalize(k) * (sqrt(d) * exp(t))``."""
+
+    def norm_and_temperature(self, q, k):
+        q = F.normalize(q, dim=-1) * self.D**0.5
+        k = F.normalize(k, dim=-1) * (self.D**0.5 * self.log_temp.exp()[:, None])
+        return q.transpose(1, 2), k.transpose(1, 2)
 
 
 # ---- CCGQA block-level near misses (the q/k prologue must not fuse) -----------------------
@@ -1505,12 +1675,14 @@ class NearCCGQAPadRight(CCGQAFunctionalInterleaved):
         return F.conv1d(F.pad(x, (0, w.shape[-1] - 1)), w, groups=groups)
 
 
-class NearCCGQAShiftByTwo(CCGQAFunctionalInterleaved):
-    """Each conv padded by k and its last output dropped: a causal conv shifted one token
-    further into the past (sees x_{t-k}..x_{t-1}, not x_t)."""
+class NearCCGQAShiftByTwo(CCGQAConvPadSlice):
+    """``nn.Conv1d(padding=k)`` sliced ``[..., :T]``: each conv shifted one token further
+    into the past (sees x_{t-k}..x_{t-1}, not x_t)."""
 
-    def causal_conv(self, x, w, groups):
-        return F.conv1d(F.pad(x, (w.shape[-1], 0)), w, groups=groups)[..., :-1]
+    def __init__(self):
+        super().__init__()
+        for conv in (self.q_dw, self.q_hc, self.k_dw, self.k_hc):
+            conv.padding = (conv.kernel_size[0],)
 
 
 class NearCCGQASymmetricPadding(CCGQAConvPadSlice):
@@ -1531,6 +1703,18 @@ class NearCCGQAMeanOverAllHeads(CCGQAConvPadSlice):
         m_q, _ = super().qk_mean(q_pre, k_pre)
         m_k = m_q.mean(2, keepdim=True).expand(-1, -1, self.HKV, -1)
         return m_q, m_k
+
+
+class NearCCGQATiledKInMean(CCGQAConvPadSlice):
+    """m_q adds k_pre tiled over the query heads (query head h takes kv head h % Hkv, not
+    h // G); m_k is still the group mean of that m_q."""
+
+    def qk_mean(self, q_pre, k_pre):
+        g = self.HQ // self.HKV
+        qh = q_pre.unflatten(-1, (self.HQ, self.D))
+        kh = k_pre.unflatten(-1, (self.HKV, self.D))
+        m_q = 0.5 * (qh + kh.repeat(1, 1, g, 1))
+        return m_q, m_q.unflatten(2, (self.HKV, g)).mean(3)
 
 
 class NearCCGQAMeanWithoutHalf(CCGQAConvPadSlice):
@@ -1562,7 +1746,7 @@ class NearCCGQAPerTokenTemperature(CCGQAConvPadSlice):
         return k * self.pos_temp[:t, None]
 
 
-class CCGQANonCausalSdpa(CCGQATokensFirstSdpaMask):
+class CCGQANonCausalSdpa(CCGQAFunctionalInterleaved):
     """A genuine CCGQA prologue feeding a NON-causal SDPA: the prologue fuses, the
     attention and the whole block must not."""
 

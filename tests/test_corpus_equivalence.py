@@ -72,7 +72,9 @@ def run_entry(
     also = entry.also_in_training if training and entry.also_in_training is not None else entry.also
     for fusion, times in also:
         fired = rep.count(fusion)
-        allowed = {times} if also_promised else {0, times}
+        # off the promised shapes a near miss may be no miss (a mean over strided heads is
+        # the contiguous mean when there is one kv head): anything up to the count
+        allowed = {times} if also_promised else set(range(max(times, 1) + 1))
         assert fired in allowed, f"{entry.name}: {fusion} fired {fired}x, expected {times}\n{rep}"
         if training and times and also_promised:
             assert not rep.forward_only().get(fusion), (
@@ -156,10 +158,10 @@ def test_entry_on_cuda(entry, training, dtype):
     )
 
 
-def test_readme_idiom_table_is_generated_from_the_corpus():
+def test_corpus_table_is_generated_from_the_corpus():
     import pathlib
 
     from patterns.__main__ import README, render
 
     text = pathlib.Path(README).read_text()
-    assert render(text) == text, "README idiom table is stale: run `python -m patterns`"
+    assert render(text) == text, "docs/corpus.md is stale: run `python -m patterns`"

@@ -422,10 +422,31 @@ def _chain_op(node: Node) -> bool:
     )
 
 
-def _score_input(node: Node) -> Node | None:
-    """Of a chain op's inputs, the one carrying the scores (depends on graph inputs)."""
+def _reaches_product(node: Node, hops: int = 16) -> bool:
+    """Whether the scores' product lies behind ``node`` through chain ops."""
+    for _ in range(hops):
+        if _is_product(node):
+            return True
+        if not _chain_op(node):
+            return False
+        live = [i for i in node_inputs(node) if depends_on_tensor_input(i)]
+        ahead = [i for i in live if _reaches_product(i, hops - 1)] if len(live) > 1 else live
+        if len(ahead) != 1:
+            return False
+        node = ahead[0]
+    return False
+
+
+def _score_input(node: Node) -> tuple[Node | None, list[Node]]:
+    """Of a chain op's inputs, the one carrying the scores, and the other runtime inputs
+    (a mask passed in)."""
     live = [i for i in node_inputs(node) if depends_on_tensor_input(i)]
-    return live[0] if len(live) == 1 else None
+    if len(live) == 1:
+        return live[0], []
+    scores = [i for i in live if _reaches_product(i)]
+    if len(scores) != 1:
+        return None, []
+    return scores[0], [i for i in live if i is not scores[0]]
 
 
 @dataclass
@@ -434,6 +455,7 @@ class _Handwritten:
     scores: Node  # the product q k^T
     product: Node  # probabilities times values
     chain: list[Node]  # scores -> ... -> the product's probability operand
+    mask: Node | None = None  # a mask the chain reads that is a run-time input
 
 
 def _parse(anchor: Node) -> _Handwritten | str:
@@ -441,6 +463,7 @@ def _parse(anchor: Node) -> _Handwritten | str:
         return "softmax over another dim than the last"
     node = anchor.args[0]
     chain = []
+    masks: list[Node] = []
     for _ in range(16):
         if not isinstance(node, Node):
             return "the softmax input is not a tensor"
@@ -449,12 +472,16 @@ def _parse(anchor: Node) -> _Handwritten | str:
         if not _chain_op(node):
             return f"{node.name} ({node.target}) between the scores and the softmax"
         chain.append(node)
-        nxt = _score_input(node)
+        nxt, others = _score_input(node)
         if nxt is None:
             return f"{node.name} combines two runtime tensors"
+        masks += others
         node = nxt
     else:
         return "no product of q and k before the softmax"
+    if len(set(masks)) > 1:
+        return "the scores combine several run-time tensors"
+    mask = masks[0] if masks else None
     scores = node
     chain = list(reversed(chain)) + [anchor]
     # forward: casts and identity dropouts to the product with v (other readers of the
@@ -464,7 +491,7 @@ def _parse(anchor: Node) -> _Handwritten | str:
         nexts = [u for u in node.users if _is_product(u) and _product_operands(u)[0] is node]
         nexts += [u for u in node.users if is_function(u, torch.einsum) and node in _product_operands(u)]
         if nexts:
-            return _Handwritten(anchor, scores, nexts[0], chain)
+            return _Handwritten(anchor, scores, nexts[0], chain, mask)
         steps = [u for u in node.users if is_cast(u) or is_function(u, *_DROPOUT)]
         if len(steps) != 1:
             return "no product with v after the softmax"
@@ -562,15 +589,21 @@ def _slice_rows(t: Any, scores_val, r0: int, r1: int) -> Any:
     return t.narrow(-2, r0, r1 - r0)
 
 
-def _reference_rows(q, k, v, scale, r0, r1):
-    """Causal GQA attention of rows [r0, r1), float64, (B, Hq, R, D)."""
+def _reference_rows(q, k, v, scale, r0, r1, mask=None, mask_mode=None):
+    """GQA attention of rows [r0, r1), float64, (B, Hq, R, D): causal, or with ``mask``
+    (rows already cut) instead when one is given."""
     g = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = q[:, :, r0:r1] @ kr.transpose(-1, -2) * scale
-    t_k = k.shape[2]
-    rows = torch.arange(r0, r1, device=q.device)[:, None]
-    cols = torch.arange(t_k, device=q.device)[None, :]
-    s = s.masked_fill(cols > rows, float("-inf"))
+    if mask is None:
+        t_k = k.shape[2]
+        rows = torch.arange(r0, r1, device=q.device)[:, None]
+        cols = torch.arange(t_k, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows, float("-inf"))
+    elif mask_mode == "add":
+        s = s + mask
+    else:
+        s = s.masked_fill(~_op_mask(mask, mask_mode), float("-inf"))
     return torch.softmax(s, dim=-1) @ vr
 
 
@@ -631,28 +664,63 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
         except Rejected as why:
             reason = str(why)
             continue
-        extra = [n for n in region.float_leaves() if n not in (q, k, v) and depends_on_tensor_input(n)]
+        extra = [
+            n for n in region.float_leaves()
+            if n not in (q, k, v, hw.mask) and depends_on_tensor_input(n)
+        ]  # fmt: skip
         if extra:
             reason = f"the scores depend on another runtime tensor ({extra[0].name})"
             continue
-        try:
-            rows = _RowEvaluator(ctx, hw, [q, k, v])
-            scale = _infer_scale(ctx, hw, rows, region, q, ql, k, kl)
-        except Rejected as why:
-            reason = str(why)
-            continue
-        for out_layout in out_layouts:
-            why = _verify_rows(ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout)
-            if why is None and not fuse:
-                return Site("handwritten", q, k, v, False, hw.softmax)
-            if why is None:
-                cand = _candidate(ql, kl, vl, scale, out_layout, _autocast_dtype(ctx.graph, hw.scores))
-                (out,) = emit(region, cand, [q, k, v])
-                ctx.fused(FUSION, "handwritten")
-                op = _op_above(out)
-                return Site("handwritten", *_op_inputs(op), True, op)
-            reason = why
+        for mask_mode in _mask_modes(hw.mask):
+            try:
+                rows = _RowEvaluator(ctx, hw, [q, k, v])
+                scale = _infer_scale(ctx, hw, rows, region, q, ql, k, kl, mask_mode)
+            except Rejected as why:
+                reason = str(why)
+                continue
+            for out_layout in out_layouts:
+                why = _verify_rows(
+                    ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout, mask_mode
+                )
+                if why is None and not fuse:
+                    return Site("handwritten", q, k, v, False, hw.softmax)
+                if why is None:
+                    autocast = _autocast_dtype(ctx.graph, hw.scores)
+                    cand = _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode)
+                    inputs = [q, k, v] + ([hw.mask] if hw.mask is not None else [])
+                    (out,) = emit(region, cand, inputs)
+                    ctx.fused(FUSION, "handwritten" + ("_runtime_mask" if hw.mask else ""))
+                    op = _op_above(out)
+                    return Site("handwritten", *_op_inputs(op), True, op)
+                reason = why
     raise Rejected(reason)
+
+
+def _mask_modes(mask: Node | None) -> list[str | None]:
+    """How a mask passed in at run time may act: added to the scores (float), or a bool
+    mask of allowed ("keep") or of blocked ("drop") positions."""
+    if mask is None:
+        return [None]
+    v = tensor_value(mask)
+    return ["add"] if v.dtype.is_floating_point else ["keep", "drop"]
+
+
+def _random_mask(node: Node, mode: str, sizes, seed: int, neutral: bool = False):
+    """A mask for the probes: random (a quarter of the positions blocked), or one that
+    blocks nothing (``neutral``)."""
+    v = tensor_value(node)
+    shape = Probes(sizes, v.device).shape(node)
+    gen = torch.Generator().manual_seed(seed)
+    blocked = torch.rand(shape, generator=gen) < (0.0 if neutral else 0.25)
+    if mode == "add":
+        values = torch.randn(shape, generator=gen, dtype=torch.float64) * (0 if neutral else 2)
+        return values.masked_fill(blocked, float("-inf")).to(v.device)
+    return (~blocked if mode == "keep" else blocked).to(v.device)
+
+
+def _op_mask(mask, mode):
+    """The mask as the op reads it: additive, or bool with True where allowed."""
+    return mask.logical_not() if mode == "drop" else mask
 
 
 def is_attention_op(node: Any) -> bool:
@@ -694,21 +762,30 @@ def _adapt_out(o, layout):
     return o
 
 
-def _candidate(ql, kl, vl, scale, out_layout, autocast):
-    def attention(q, k, v, out_dtypes):
+def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None):
+    def attention(q, k, v, *mask, out_dtypes):
         ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
         if autocast is not None and out_dtypes[0] is not None:
             ins = [x.to(autocast) for x in ins]
-        o = torch.ops.ccgqa.gqa_attention(*ins, scale)[0]
+        if mask_mode is None:
+            o = torch.ops.ccgqa.gqa_attention(*ins, scale)[0]
+        else:
+            m = _op_mask(mask[0], mask_mode)
+            if mask_mode == "add" and out_dtypes[0] is not None:
+                m = m.to(ins[0].dtype)
+            o = torch.ops.ccgqa.gqa_attention_masked(*ins, m, scale)[0]
         return (_adapt_out(o, out_layout),)
 
     return attention
 
 
-def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl) -> float:
+def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=None) -> float:
     sizes = ctx.sizes[0]
     with real_tensors():
-        feeds = region.feeds(sizes, seed=21)
+        given = {}
+        if mask_mode is not None:
+            given[hw.mask] = _random_mask(hw.mask, mask_mode, sizes, 20, neutral=True)
+        feeds = region.feeds(sizes, seed=21, given=given)
         a, bm, vp = rows.operands(feeds, sizes)
         t = sizes_of(tensor_value(hw.scores).shape[-1], sizes)
         r1 = min(t, 8)
@@ -749,13 +826,18 @@ def _match_rows_layout(ref, s_in):
     return None
 
 
-def _verify_rows(ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout) -> str | None:
+def _verify_rows(
+    ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout, mask_mode=None
+) -> str | None:
     (q, ql), (k, kl), (v, vl) = qs, ks, vs
     try:
         with real_tensors():
             for sizes in ctx.sizes:
                 for seed, q_scale in ((31, 1.0), (32, 8.0)):
-                    feeds = region.feeds(sizes, seed=seed, scale={q: q_scale})
+                    given = {}
+                    if mask_mode is not None:
+                        given[hw.mask] = _random_mask(hw.mask, mask_mode, sizes, seed)
+                    feeds = region.feeds(sizes, seed=seed, scale={q: q_scale}, given=given)
                     a, bm, vp = rows.operands(feeds, sizes)
                     qq, kk, vv = (_to_bhtd(feeds[x], lay) for x, lay in ((q, ql), (k, kl), (v, vl)))
                     t = qq.shape[2]
@@ -765,7 +847,11 @@ def _verify_rows(ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_la
                     for r0 in starts:
                         r1 = min(t, r0 + block)
                         got = rows.rows(feeds, sizes, a, bm, vp, r0, r1)
-                        want = _adapt_out(_reference_rows(qq, kk, vv, scale, r0, r1), out_layout)
+                        mask = None
+                        if mask_mode is not None:
+                            mask = _slice_rows(feeds[hw.mask], None, r0, r1)
+                        ref = _reference_rows(qq, kk, vv, scale, r0, r1, mask, mask_mode)
+                        want = _adapt_out(ref, out_layout)
                         if not agree(got, want):
                             return f"it computes another function (rows {r0}..{r1 - 1})"
     except Rejected as why:

@@ -98,12 +98,36 @@ def descendants(nodes: Iterable[Node]) -> set[Node]:
     return seen
 
 
+_RUNTIME: dict[int, tuple[torch.fx.Graph, int, set[Node]]] = {}
+
+
+def _runtime_nodes(graph: torch.fx.Graph) -> set[Node]:
+    """Every node that reads a graph input tensor, directly or not (one pass per version of
+    the graph: the recognizers ask this of many leaves)."""
+    count = len(graph.nodes)
+    cached = _RUNTIME.get(id(graph))
+    if cached is not None and cached[0] is graph and cached[1] == count:
+        return cached[2]
+    found: set[Node] = set()
+    for n in graph.nodes:
+        if (n.op == "placeholder" and isinstance(value(n), torch.Tensor)) or any(
+            i in found for i in node_inputs(n)
+        ):
+            found.add(n)
+    _RUNTIME.clear()  # one graph at a time
+    _RUNTIME[id(graph)] = (graph, count, found)
+    return found
+
+
+def graph_changed() -> None:
+    """Forget what was computed of a graph before a rewrite changed it."""
+    _RUNTIME.clear()
+
+
 def depends_on_tensor_input(node: Node) -> bool:
     """Whether ``node`` reads a graph input tensor (user data or a parameter): if not,
     it is a constant of the compiled program (built from literals and sizes only)."""
-    return any(
-        n.op == "placeholder" and isinstance(value(n), torch.Tensor) for n in ancestors([node])
-    )
+    return node in _runtime_nodes(node.graph)
 
 
 def runtime_inputs_of(node: Node) -> list[Node]:

@@ -301,6 +301,10 @@ def erase_unused(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:
 
 
 def stable_sort(graph: torch.fx.Graph) -> None:
+    """Restore a topological order after a rewrite (and forget what was cached of the
+    graph: every rewrite ends here)."""
     from .._inductor_compat import stable_topological_sort
+    from .fx_util import graph_changed
 
+    graph_changed()
     stable_topological_sort(graph)

@@ -44,16 +44,28 @@ def _squared(node: Node) -> Node | None:
     """x for x*x, x.pow(2), x.square(), x**2 (through casts); None otherwise."""
     node = strip_casts(node)
     if is_method(node, "square") or is_function(node, torch.square):
-        return strip_casts(node.args[0])
+        return node.args[0]
     if is_method(node, "pow") or is_function(node, torch.pow, operator.pow):
         base = node.args[0]
         if isinstance(base, Node):  # any exponent: the probes reject all but 2
-            return strip_casts(base)
+            return base
     if is_function(node, operator.mul, torch.mul) or is_method(node, "mul"):
         a, b = node.args[0], node.args[1]
         if isinstance(a, Node) and isinstance(b, Node) and strip_casts(a) is strip_casts(b):
-            return strip_casts(a)
+            return a if a is b else strip_casts(a)
     return None
+
+
+def _cast_chain(node: Node) -> list[Node]:
+    """The tensor a norm reads and the ones it is a cast of, furthest first: the norm may
+    start before its casts (it reads the model's dtype once) or, when a cast is also read
+    elsewhere (a residual kept in fp32), right after it."""
+    chain = [node]
+    while is_cast(chain[-1]) and chain[-1].target != "type_as" and isinstance(
+        chain[-1].args[0], Node
+    ):
+        chain.append(chain[-1].args[0])
+    return list(reversed(chain))
 
 
 def _reduced_dim(node: Node) -> object:
@@ -73,11 +85,11 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
                 x = _squared(node.args[0])
         elif is_method(node, "norm") or is_function(node, *_NORM_FUNCTIONS):
             if arg(node, 2, "dim") is not None:
-                x = strip_casts(node.args[0])
+                x = node.args[0]
         elif is_function(node, torch.rms_norm, torch.nn.functional.rms_norm):
-            x = strip_casts(node.args[0])
+            x = node.args[0]
         if isinstance(x, Node) and tensor_value(x) is not None:
-            found.append((node, x))
+            found.append((node, _cast_chain(x)))
     return found
 
 
@@ -161,37 +173,47 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
     return ("weighted" if weights else "unweighted", [x, *weights], eps)
 
 
+def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
+    """Fuse the widest RMSNorm of ``x`` there is: (fused, last reason, widest reason)."""
+    xv = tensor_value(x)
+    sinks = [
+        n
+        for n in forward_closure(x, _allowed)
+        if tensor_value(n) is not None and same_shape(tuple(value(n).shape), tuple(xv.shape))
+    ]
+    last_reason = "no output of x's shape follows the reduction"
+    widest_reason = None
+    for sink in reversed(sinks):
+        found = try_sink(ctx, x, sink)
+        if isinstance(found, str):
+            last_reason = found
+            widest_reason = widest_reason or f"{sink.name}: {found}"
+            continue
+        idiom, inputs, eps = found
+        region = Region.between([x], [sink])
+        try:
+            emit(region, _candidate(len(inputs) - 1, eps, xv.shape[-1]), inputs)
+        except Rejected as why:
+            last_reason = str(why)
+            continue
+        ctx.fused(FUSION, idiom)
+        note = f"fused up to {sink.name}, not beyond: {widest_reason}" if widest_reason else None
+        return True, last_reason, note
+    return False, last_reason, None
+
+
 def run(ctx: GraphContext) -> None:
-    for anchor, x in anchors(ctx.graph):
-        if not ctx.alive(anchor) or not ctx.alive(x):
+    for anchor, sources in anchors(ctx.graph):
+        if not ctx.alive(anchor):
             continue
-        xv = tensor_value(x)
-        if not xv.dtype.is_floating_point:
-            continue
-        sinks = [
-            n
-            for n in forward_closure(x, _allowed)
-            if tensor_value(n) is not None and same_shape(tuple(value(n).shape), tuple(xv.shape))
-        ]
-        last_reason = "no output of x's shape follows the reduction"
-        widest_reason = None
-        for sink in reversed(sinks):
-            found = try_sink(ctx, x, sink)
-            if isinstance(found, str):
-                last_reason = found
-                widest_reason = widest_reason or f"{sink.name}: {found}"
+        reason = "no source tensor"
+        for x in sources:
+            if not ctx.alive(x) or not tensor_value(x).dtype.is_floating_point:
                 continue
-            idiom, inputs, eps = found
-            region = Region.between([x], [sink])
-            try:
-                emit(region, _candidate(len(inputs) - 1, eps, xv.shape[-1]), inputs)
-            except Rejected as why:
-                last_reason = str(why)
-                continue
-            ctx.fused(FUSION, idiom)
-            if widest_reason is not None:
-                ctx.rejected(FUSION, "rms", anchor, f"fused up to {sink.name}, not beyond: "
-                             f"{widest_reason}")  # fmt: skip
-            break
+            fused, reason, note = _fuse_from(ctx, x)
+            if fused:
+                if note:
+                    ctx.rejected(FUSION, "rms", anchor, note)
+                break
         else:
-            ctx.rejected(FUSION, "rms", anchor, last_reason)
+            ctx.rejected(FUSION, "rms", anchor, reason)

@@ -126,6 +126,9 @@ def run(ctx: GraphContext) -> int:
         ctx.fused(FUSION, idiom)
         moved += 1
     if moved:
+        from .fx_util import graph_changed
+
+        graph_changed()
         stable_topological_sort(graph)  # the merged matmul sits after its first reader
     return moved
 
