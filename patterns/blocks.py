@@ -102,8 +102,8 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x))
 
     def expected_fusions(self, device: str = "cpu") -> dict[str, int]:
+        from ccgqa_compile.config import SDPA_MAX_HEAD_DIM as MAX_HEAD_DIM
         from ccgqa_compile.ops.gqa_attention import KERNEL_HEAD_DIMS
-        from ccgqa_compile.passes.sdpa_attention import MAX_HEAD_DIM
 
         n = self.cfg.layers
         out = {"rms_norm": 2 * n + 1, "rope": 2 * n, "swiglu": n}

@@ -322,7 +322,7 @@ def _prologue_only_backend(codegen: bool = True):
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._inductor.compile_fx import compile_fx
 
-    from ccgqa_compile.passes import ReportPass, RecognitionPass
+    from ccgqa_compile.passes import RecognitionPass, ReportPass
 
     def run_eagerly(gm, example_inputs, **kwargs):
         return make_boxed_func(gm.forward)

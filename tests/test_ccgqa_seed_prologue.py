@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import ccgqa_compile
+from ccgqa_compile import config
 from ccgqa_compile.kernels.ccgqa_seed_prologue import ccgqa_seed_prologue_reference
 from ccgqa_compile.ops import ccgqa_seed_prologue as seed_op
-from ccgqa_compile import config
 from patterns import CORPUS, Shape
 from patterns.ccgqa import CCGQAAttentionSeed, _block_counts
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import ccgqa_compile.ops  # noqa: F401  (registers torch.ops.ccgqa.*)
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ccgqa_compile  # noqa: F401
+import ccgqa_compile.ops  # noqa: F401  (registers torch.ops.ccgqa.*)
 
 ops = torch.ops.ccgqa
 f64 = dict(dtype=torch.float64)
