@@ -53,6 +53,9 @@ class Entry:
     also: tuple[tuple[str, int], ...] = ()
     # shapes on which the `also` counts are promised (default: those of `promised`)
     also_promised: Callable[[Shape], bool] | None = None
+    # a near miss that computes the op itself off the promised shapes (a rotation by the
+    # wrong sign at one token, where every angle is 0): how many times it may fire there
+    may_fire: int = 0
     # the `also` counts in training graphs, where a policy makes them differ (e.g. the
     # seed's prologue: fused in inference graphs, left to Inductor in training graphs)
     also_in_training: tuple[tuple[str, int], ...] | None = None

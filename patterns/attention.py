@@ -210,6 +210,14 @@ def _e(name, cls, expect=1, note=""):
     return Entry(name, "gqa_attention", expect, cls, hidden_states, note, (), _promised)
 
 
+def _near_causal(name, cls, note):
+    """A mask that differs from the causal one only off the diagonal: at one token it is."""
+    return Entry(
+        name, "gqa_attention", 0, cls, hidden_states, note, promised=lambda s: s.seq > 1,
+        may_fire=1,
+    )  # fmt: skip
+
+
 def _sdpa(name, build, expect=1, note="", policy=""):
     return Entry(
         name, "gqa_attention", expect, build, hidden_states, note, (), sdpa_promised, policy
@@ -223,8 +231,8 @@ ENTRIES = [
         RepeatInterleaveTriuGQA,
         note="repeat_interleave, / sqrt(d), triu(1)",
     ),
-    _e("attn_near_non_causal", NonCausalGQA, 0, "no causal mask"),
-    _e("attn_near_peeks_ahead", PeeksOneAheadGQA, 0, "tril(1)"),
+    _near_causal("attn_near_non_causal", NonCausalGQA, "no causal mask"),
+    _near_causal("attn_near_peeks_ahead", PeeksOneAheadGQA, "tril(1)"),
     _sdpa("attn_sdpa_enable_gqa", SdpaEnableGQA, note="SDPA is_causal, enable_gqa"),
     _sdpa("attn_sdpa_repeat_kv", SdpaRepeatKV, note="SDPA is_causal on repeat_kv K/V (HF)"),
     _sdpa(

@@ -172,6 +172,15 @@ def _e(name, cls, expect=2, note=""):
     return Entry(name, "rope", expect, cls, hidden_states, note)
 
 
+def _several_tokens(shape: Shape) -> bool:
+    return shape.seq > 1
+
+
+def _near(name, cls, note):
+    """A wrong rotation: at one token every angle is 0 and it is the identity, as RoPE is."""
+    return Entry(name, "rope", 0, cls, hidden_states, note, promised=_several_tokens, may_fire=2)
+
+
 ENTRIES = [
     _e("rope_hf_rotate_half", HFRotateHalf, note="q*cos + rotate_half(q)*sin"),
     _e("rope_neox_partial", NeoXPartialRotary, note="half the head dims rotated"),
@@ -180,7 +189,7 @@ ENTRIES = [
     _e("rope_gqa_kv_cache", GQAKVCacheRope, note="HF GQA shapes, k also an output"),
     _e("rope_inline_halves", InlineHalves, note="cat((-x[..., h:], x[..., :h]))"),
     _e("rope_inline_pairs", InlinePairs, note="stack((-x[..., 1::2], x[..., ::2]))"),
-    _e("rope_near_wrong_sign", WrongSignRotation, 0, "cat(x2, -x1)"),
-    _e("rope_near_quarter_split", QuarterSplitRotation, 0, "split at D/4"),
-    _e("rope_near_swapped_pairs", SwappedPairOrder, 0, "stack(x_odd, -x_even)"),
+    _near("rope_near_wrong_sign", WrongSignRotation, "cat(x2, -x1)"),
+    _near("rope_near_quarter_split", QuarterSplitRotation, "split at D/4"),
+    _near("rope_near_swapped_pairs", SwappedPairOrder, "stack(x_odd, -x_even)"),
 ]

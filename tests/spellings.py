@@ -958,6 +958,16 @@ class AttnNanoGPT(nn.Module):
         return self.c_proj(y)
 
 
+class AttnNanoGPTWindowBuffer(AttnNanoGPT):
+    """nanoGPT with a sliding-window (3 tokens) buffer instead of tril: the mask is only
+    known at run time, where it is not causal."""
+
+    def __init__(self):
+        super().__init__()
+        ones = torch.ones(self.MAX_T, self.MAX_T)
+        self.bias.copy_((torch.tril(ones) * torch.triu(ones, diagonal=-2)).view_as(self.bias))
+
+
 class AttnManualSoftmax(_QKV):
     """softmax written out: exp(s - max) / sum."""
 
@@ -983,6 +993,35 @@ class SdpaArangeBoolMask(_QKV):
         allowed = idx[:, None] >= idx[None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
         return o.transpose(1, 2)
+
+
+class SdpaBufferMask(_QKV):
+    """SDPA with a bool mask sliced from a registered (max_T, max_T) buffer: a graph
+    input, known at run time only. ``WINDOW`` None: causal (tril)."""
+
+    MAX_T = 16
+    WINDOW: int | None = None
+
+    def __init__(self):
+        super().__init__()
+        ones = torch.ones(self.MAX_T, self.MAX_T, dtype=torch.bool)
+        allowed = torch.tril(ones)
+        if self.WINDOW is not None:
+            allowed &= torch.triu(ones, diagonal=1 - self.WINDOW)
+        self.register_buffer("allowed", allowed)
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        mask = self.allowed[:t, :t]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return o.transpose(1, 2)
+
+
+class SdpaWindowBufferMask(SdpaBufferMask):
+    """The same with a sliding-window (3 tokens) buffer: not causal, known at run time."""
+
+    WINDOW = 3
 
 
 class SdpaFloatMaskEinopsRepeat(_QKV):

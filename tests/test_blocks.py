@@ -77,14 +77,15 @@ def test_each_block_of_another_spelling_is_named(options):
 
 
 class MixedBlocks(nn.Module):
-    """A genuine block, then a near miss of it (convs that see later tokens)."""
+    """A genuine block and a near miss of it (convs that see later tokens); ``near_first``:
+    the near miss is the first layer, so the genuine block's q and k have its unfused
+    convolutions among their ancestors."""
 
-    def __init__(self, **options):
+    def __init__(self, near_first: bool = False, **options):
         super().__init__()
-        self.first = CCGQAttention(32, 4, 2, 8, **options)
-        self.second = CCGQAttention(
-            32, 4, 2, 8, conv_padding="symmetric", conv_kernels=(3, 3), **options
-        )
+        genuine = CCGQAttention(32, 4, 2, 8, **options)
+        near = CCGQAttention(32, 4, 2, 8, conv_padding="symmetric", conv_kernels=(3, 3), **options)
+        self.first, self.second = (near, genuine) if near_first else (genuine, near)
 
     def forward(self, x):
         x = x + self.first(x)
@@ -98,7 +99,9 @@ SHARED_TABLE_SPELLINGS = {
 }
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["two-blocks", "block-and-near-miss"])
+@pytest.mark.parametrize(
+    "mixed", [False, True, "near-first"], ids=["two-blocks", "block-and-near-miss", "near-miss-first"]
+)
 @pytest.mark.parametrize("spelling", SHARED_TABLE_SPELLINGS)
 def test_blocks_sharing_one_rope_table(spelling, mixed):
     """One RoPE table for every block, as models that compute cos/sin once pass it on.
@@ -108,7 +111,10 @@ def test_blocks_sharing_one_rope_table(spelling, mixed):
     sharing the table must stay unfused. Every result matches eager."""
     torch.manual_seed(0)
     options = SHARED_TABLE_SPELLINGS[spelling]
-    model = MixedBlocks(**options) if mixed else TwoBlocks(**options)
+    if mixed:
+        model = MixedBlocks(near_first=mixed == "near-first", **options)
+    else:
+        model = TwoBlocks(**options)
     cos, sin = rotary_tables(6, 8, "cpu", torch.float32)  # (T, head dim) of _compile_and_check
     with mock.patch.object(ccgqa_module, "rotary_tables", lambda *_: (cos, sin)):
         rep = _compile_and_check(model, training=True)

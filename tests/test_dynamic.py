@@ -164,9 +164,10 @@ def test_handwritten_attention_dynamic_true(name, heads):
 )
 def test_ccgqa_block_near_miss_dynamic_true(name):
     """The block near misses under ``dynamic=True``: their genuine attention core fuses,
-    the q/k prologue (convs that see later tokens, a mean over the wrong heads) does not."""
-    entry, compiled, eager = _compile_dynamic_true(name, heads=2)
-    _run_lengths(entry, compiled, eager, True, False, _DYNAMIC_SIZES, heads=2)
+    the q/k prologue (convs that see later tokens, a mean over the wrong heads) does not.
+    Four query heads over two kv heads: with one kv head the strided mean is the right one."""
+    entry, compiled, eager = _compile_dynamic_true(name, heads=4)
+    _run_lengths(entry, compiled, eager, True, False, _DYNAMIC_SIZES, heads=4)
     rep = _assert_one_graph()
     assert entry.block_near_miss
     assert rep.count("gqa_attention") == entry.expect == 1, str(rep)

@@ -180,14 +180,8 @@ ATTENTION = [
         "products' operand paths (k.mT is not followed)",
         gqa_attention=1,
     ),
-    _must(
-        "attn_nanogpt_buffer_mask",
-        sp.AttnNanoGPT,
-        seq=11,
-        # the tril mask is a registered buffer, so a graph input: its value is unknown
-        gap="rejected gqa_attention at att_2: att_1 combines two runtime tensors",
-        gqa_attention=1,
-    ),
+    # the tril mask is a registered buffer, a graph input: checked at run time
+    _must("attn_nanogpt_buffer_mask", sp.AttnNanoGPT, seq=11, gqa_attention=1),
     _must(
         "attn_manual_softmax",
         sp.AttnManualSoftmax,
@@ -197,8 +191,12 @@ ATTENTION = [
     _must("sdpa_arange_bool_mask", sp.SdpaArangeBoolMask, gqa_attention=1),
     _must("sdpa_float_mask_einops_repeat", sp.SdpaFloatMaskEinopsRepeat, seq=7, gqa_attention=1),
     _must("sdpa_positional_expand_scale", sp.SdpaPositionalExpand, gqa_attention=1),
+    _must("sdpa_buffer_mask", sp.SdpaBufferMask, seq=11, gqa_attention=1),
     _must("sdpa_transposed_in_call", sp.SdpaTransposedInCall, seq=5, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
+    # a run-time mask is checked when the op runs: it may fuse, it must compute the window
+    _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
+    _either("sdpa_window_buffer_mask", sp.SdpaWindowBufferMask, seq=11, gqa_attention=1),
     _near("attn_near_sliding_window", sp.NearAttnSlidingWindow, gqa_attention=0),
     _near("attn_near_peek_additive_triu2", sp.NearAttnPeekAdditive, gqa_attention=0),
     _near("attn_near_learned_alibi", sp.NearAttnLearnedAlibi, gqa_attention=0),
@@ -300,18 +298,6 @@ REAL_BACKEND = (
     "ccgqa_near_pad_right",
 )
 BY_NAME = {c.name: c for c in CASES}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_per_worker():
-    """One intra-op thread while this module runs: under ``pytest -n 2`` on two cores, two
-    OpenMP threads per worker oversubscribe the CPU and tiny float64 convolutions (the
-    prologue's probes) wait ~1000x longer in spin barriers (0.28 s instead of 0.2 ms per
-    call, measured). The previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _params(cases):

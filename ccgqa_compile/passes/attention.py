@@ -38,6 +38,7 @@ from .evaluate import Evaluator, Probes, agree, real_tensors
 from .fx_util import (
     SDPA,
     SOFTMAXES,
+    ancestors,
     arg,
     depends_on_tensor_input,
     is_basic_index,
@@ -731,10 +732,25 @@ def is_attention_op(node: Any) -> bool:
     return packet in (torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention_masked)
 
 
-def _op_above(node: Node) -> Node:
-    from .fx_util import ancestors
+def layer_ancestors(nodes: list[Node]) -> set[Node]:
+    """The nodes ``nodes`` depend on within their layer: not past another attention (an
+    earlier layer's convolutions are behind its attention)."""
+    graph = nodes[0].graph
+    stop = set(anchors(graph)) | {n for n in graph.nodes if is_attention_op(n)}
+    return ancestors(nodes, stop=stop - set(nodes))
 
-    return next(n for n in ancestors([node]) if is_attention_op(n))
+
+def _op_above(node: Node) -> Node:
+    """The attention op nearest above ``node`` (the emitted output reads it through views
+    only; an earlier layer's op is further up, past its residual)."""
+    frontier, seen = [node], {node}
+    while frontier:
+        for n in frontier:
+            if is_attention_op(n):
+                return n
+        frontier = [i for n in frontier for i in node_inputs(n) if i not in seen]
+        seen.update(frontier)
+    raise Rejected(f"no attention op above {node.name}")
 
 
 def _op_inputs(op: Node) -> tuple[Node, Node, Node]:

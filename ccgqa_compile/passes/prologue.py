@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
-from .attention import Site
+from .attention import Site, layer_ancestors
 from .common import GraphContext, float_literals
 from .evaluate import Evaluator, agree, real_tensors
 from .fx_util import (
@@ -160,7 +160,7 @@ def _plans(site: Site) -> list[Plan] | str:
     hkv = kv.shape[1]
     if not all(isinstance(x, int) for x in (hq, hkv, d)):
         return "head counts or head dim are symbolic"
-    convs = [n for n in ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
+    convs = [n for n in layer_ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
     parsed = [_conv_of(n) for n in convs]
     if not convs:
         return "no convolution feeds q and k"
