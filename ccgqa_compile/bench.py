@@ -332,7 +332,12 @@ def warm_up_gpu(seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(case: Case, device: str, only: set[str] | None = None) -> list[dict]:
+MODES = ("fwd", "fwd+bwd")
+
+
+def run_case(
+    case: Case, device: str, only: set[str] | None = None, modes: tuple[str, ...] = MODES
+) -> list[dict]:
     """Every provider of ``case`` (those in ``only``, when given), timed in this process."""
     # every case compiles afresh with static shapes (no automatic-dynamic recompile of the
     # same code at a second size), as a training job with a fixed T does
@@ -359,7 +364,7 @@ def run_case(case: Case, device: str, only: set[str] | None = None) -> list[dict
             continue
         row = {"op": case.op, "case": case.label, "provider": name, **case.extra}
         try:
-            _measure(case, device, fn, name, base, grads, reference, params, row)
+            _measure(case, device, fn, name, base, grads, reference, params, row, modes)
         except torch.OutOfMemoryError:
             row["oom"] = True
             torch.cuda.empty_cache()
@@ -367,8 +372,8 @@ def run_case(case: Case, device: str, only: set[str] | None = None) -> list[dict
     return rows
 
 
-def _measure(case, device, fn, name, base, grads, reference, params, row) -> None:
-    for mode in ("fwd", "fwd+bwd"):
+def _measure(case, device, fn, name, base, grads, reference, params, row, modes=MODES) -> None:
+    for mode in modes:
         train = mode == "fwd+bwd"
         inputs = [
             t.detach().clone().requires_grad_(train and i < case.n_grad) for i, t in enumerate(base)
@@ -419,13 +424,14 @@ def _measure(case, device, fn, name, base, grads, reference, params, row) -> Non
             row[f"{key}_peak_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         row[f"{key}_ms"], row[f"{key}_timer"] = _timer(device, step, reset)
         row[f"{key}_rel_err_vs_fp64"] = err
-    row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
-    if case.fwd_bytes:
-        row["fwd_gbs"] = case.fwd_bytes / row["fwd_ms"] / 1e6
-        row["total_gbs"] = case.total_bytes / row["total_ms"] / 1e6
-    if case.fwd_flops:
-        row["fwd_tflops"] = case.fwd_flops / row["fwd_ms"] / 1e9
-        row["total_tflops"] = case.total_flops / row["total_ms"] / 1e9
+    if "fwd_ms" in row and "total_ms" in row:
+        row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
+    for key, work in (("fwd", case.fwd_bytes), ("total", case.total_bytes)):
+        if work and f"{key}_ms" in row:
+            row[f"{key}_gbs"] = work / row[f"{key}_ms"] / 1e6
+    for key, work in (("fwd", case.fwd_flops), ("total", case.total_flops)):
+        if work and f"{key}_ms" in row:
+            row[f"{key}_tflops"] = work / row[f"{key}_ms"] / 1e9
 
 
 def _rel(a, b) -> float:
@@ -443,24 +449,34 @@ def table(rows: list[dict]) -> str:
         if r.get("oom"):
             lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | OOM | OOM | | | |")
             continue
+        key = "total_ms" if "total_ms" in r else "fwd_ms"
         peers = [
-            p["total_ms"]
+            p[key]
             for p in rows
             if p["case"] == r["case"]
             and p["provider"] in ("eager", "inductor")
             and not p.get("oom")
+            and key in p
         ]
-        ratio = f"{min(peers) / r['total_ms']:.2f}x" if peers else "-"
+        ratio = f"{min(peers) / r[key]:.2f}x" if peers else "-"
+        kind = "total" if key == "total_ms" else "fwd"
         rate = (
-            f"{r['total_gbs']:.0f} GB/s"
-            if "total_gbs" in r
-            else f"{r.get('total_tflops', 0):.1f} TFLOP/s"
+            f"{r[f'{kind}_gbs']:.0f} GB/s"
+            if f"{kind}_gbs" in r
+            else f"{r.get(f'{kind}_tflops', 0):.1f} TFLOP/s"
         )
-        peak = f"{r['total_peak_mib']:.0f}" if "total_peak_mib" in r else "-"
-        first = f"{r.get('fwd_first_call_s', 0):.1f} / {r.get('total_first_call_s', 0):.1f}"
+        peak = f"{r[f'{kind}_peak_mib']:.0f}" if f"{kind}_peak_mib" in r else "-"
+
+        def ms(name, r=r):
+            return f"{r[name]:.4f}" if name in r else "-"
+
+        def first_s(name, r=r):
+            return f"{r[name]:.1f}" if name in r else "-"
+
+        first = f"{first_s('fwd_first_call_s')} / {first_s('total_first_call_s')}"
         lines.append(
-            f"| {r['op']} | {r['case']} | {r['provider']} | {r['fwd_ms']:.4f} | "
-            f"{r['total_ms']:.4f} | {rate} | {peak} | {ratio} | {first} |"
+            f"| {r['op']} | {r['case']} | {r['provider']} | {ms('fwd_ms')} | "
+            f"{ms('total_ms')} | {rate} | {peak} | {ratio} | {first} |"
         )
     return "\n".join(lines)
 
@@ -597,6 +613,9 @@ def parse_args(argv=None):
         default="",
         help="time only these providers, comma-separated (e.g. inductor,ccgqa; default: all)",
     )
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help="fwd, fwd+bwd or both (each compiles apart)"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--save", default="bench-results")
     ap.add_argument("--plot", action="store_true")
@@ -626,6 +645,9 @@ def parse_args(argv=None):
                 "multiple of hkv and E divisible by C * hq"
             )
     args.ops = ops
+    args.modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if not args.modes:
+        ap.error(f"--modes takes {', '.join(MODES)}")
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     args.providers = {p.strip() for p in args.providers.split(",") if p.strip()} or None
     return args
@@ -657,7 +679,7 @@ def main(argv=None) -> list[dict]:
         warm_up_gpu()
     rows = []
     for case in progress:
-        rows.extend(run_case(case, args.device, args.providers))
+        rows.extend(run_case(case, args.device, args.providers, args.modes))
         # rewritten after every case: a run cut short by a time limit keeps what it measured
         with open(os.path.join(args.save, "bench.json"), "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.compile_fx import compile_fx
 
+from ccgqa_compile import ops  # noqa: F401  (a cached graph calls torch.ops.ccgqa.*)
 from ccgqa_compile.backend import _pass_patches
 
 

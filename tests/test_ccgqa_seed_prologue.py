@@ -170,18 +170,18 @@ def test_kernel_support_limits():
 @pytest.mark.cuda
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize(
-    "config",
+    "widths",
     [(512, 8, 2, 4, 300), (192, 3, 1, 2, 37)],
     ids=["seed-E512-T300", "E192-hq3-T37"],
 )
-def test_seed_kernels_inside_a_compiled_module_on_cuda(monkeypatch, config, training):
+def test_seed_kernels_inside_a_compiled_module_on_cuda(monkeypatch, widths, training):
     """With the policy off, Inductor inlines the seed kernels (triton_op) into the
     compiled module on the GPU: bf16 output and every gradient as close to float64 as
     eager's, the prologue and the whole block reported fused (the block report pairs the
     seed's two per-stream launches). The first config is the seed's own (widths 128 + 32,
     T not a multiple of the 64-row tile), the second pads 96 channels to 128."""
     monkeypatch.setattr(config, "SEED_PROLOGUE_IN_TRAINING", True)
-    dim, h_q, h_kv, c, t = config
+    dim, h_q, h_kv, c, t = widths
     seed_entry = next(e for e in CORPUS if e.name == "ccgqa_seed_variant")
     entry = dataclasses.replace(
         seed_entry,

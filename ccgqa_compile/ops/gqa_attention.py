@@ -216,11 +216,37 @@ def gqa_attention_masked_backward(
     if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
         grads = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, scale)
     else:
-        with torch.enable_grad():
-            q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-            out = _sdpa_with_mask(q_, k_, v_, mask, scale)
-            grads = torch.autograd.grad(out, (q_, k_, v_), grad_o)
+        grads = _sdpa_with_mask_backward(grad_o, q, k, v, mask, scale)
     return tuple(g.contiguous() for g in grads)
+
+
+def _sdpa_with_mask_backward(
+    grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SDPA's gradients with the mask, written out in fp32 (fp64 for fp64; an op's implementation runs
+    below autograd, so the forward cannot be differentiated again here). A row with every
+    key masked has zero probabilities, as SDPA's forward gives it."""
+    hq, hkv = q.shape[1], k.shape[1]
+    groups = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, gf = q.to(acc), grad_o.to(acc)
+    kf = k.to(acc).repeat_interleave(groups, dim=1)
+    vf = v.to(acc).repeat_interleave(groups, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.to(acc)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    dv = p.transpose(-1, -2) @ gf
+    dp = gf @ vf.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale
+    b, t_k, d = k.shape[0], k.shape[2], k.shape[3]
+    dk = dk.view(b, hkv, groups, t_k, d).sum(2)
+    dv = dv.view(b, hkv, groups, t_k, v.shape[3]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @gqa_attention_masked_backward.register_fake
