@@ -711,12 +711,13 @@ def _random_mask(node: Node, mode: str, sizes, seed: int, neutral: bool = False)
     blocks nothing (``neutral``)."""
     v = tensor_value(node)
     shape = Probes(sizes, v.device).shape(node)
-    gen = torch.Generator().manual_seed(seed)
-    blocked = torch.rand(shape, generator=gen) < (0.0 if neutral else 0.25)
+    gen = torch.Generator(device=v.device).manual_seed(seed)
+    blocked = torch.rand(shape, generator=gen, device=v.device) < (0.0 if neutral else 0.25)
     if mode == "add":
-        values = torch.randn(shape, generator=gen, dtype=torch.float64) * (0 if neutral else 2)
-        return values.masked_fill(blocked, float("-inf")).to(v.device)
-    return (~blocked if mode == "keep" else blocked).to(v.device)
+        values = torch.randn(shape, generator=gen, dtype=torch.float64, device=v.device)
+        values = values * (0 if neutral else 2)
+        return values.masked_fill(blocked, float("-inf"))
+    return ~blocked if mode == "keep" else blocked
 
 
 def _op_mask(mask, mode):
