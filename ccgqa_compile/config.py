@@ -31,12 +31,6 @@ FUSIONS: tuple[str, ...] = (
 # dim (it would otherwise materialise the T x T scores).
 SDPA_MAX_HEAD_DIM = 32
 
-# Policy: head dims at which the CCGQA prologue op runs our Triton kernels on the GPU. At
-# the others (64, 128) its body is plain PyTorch that Inductor compiles with the rest of
-# the graph: our d128 kernels measured slower than Inductor's code for the same prologue
-# (H200, HF ZayaAttention at ZAYA1's widths, fwd+bwd 3.87 ms against 3.39; docs/benchmarks).
-PROLOGUE_KERNEL_HEAD_DIMS = (16, 32)
-
 # Policy: the original project's prologue variant fuses in inference graphs; in training
 # graphs it is left to Inductor, whose code for it trains faster than our backward
 # kernels (docs/benchmarks). True fuses training graphs too.

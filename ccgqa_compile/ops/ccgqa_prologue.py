@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from .. import config
 from ._dispatch import composite_op, compute_dtype, use_triton
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
@@ -366,22 +365,10 @@ def _kernel_ok(tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim:
     return (
         use_triton(*tensors)
         and d in KERNEL_HEAD_DIMS
-        and (d in config.PROLOGUE_KERNEL_HEAD_DIMS or not _on_gpu(tensors))
         and k1 <= KERNEL_MAX_CONV
         and k2 <= KERNEL_MAX_CONV
         and (rotary_dim == 0 or inter or _is_power_of_two(rotary_dim))
     )
-
-
-def _on_gpu(tensors) -> bool:
-    return all(t.is_cuda for t in tensors if t is not None)
-
-
-def _inductor_compiles_body(tensors) -> bool:
-    """On the GPU at the head dims our kernels do not take (policy), the body is plain
-    PyTorch: Inductor, which traces a triton_op's body, compiles it with the graph. Off the
-    GPU the composite stays one opaque op (exact, and the CPU tests' reference path)."""
-    return _on_gpu(tensors)
 
 
 @triton_op("ccgqa::ccgqa_prologue", mutates_args=())
@@ -422,8 +409,6 @@ def ccgqa_prologue(
         from ..kernels import ccgqa_prologue as kernels
 
         return kernels.ccgqa_prologue_fwd(*tensors, *scalars)
-    if _inductor_compiles_body(tensors):
-        return _ccgqa_prologue_composite(*tensors, *scalars)
     return ccgqa_prologue_composite(*tensors, *scalars)
 
 
@@ -467,8 +452,6 @@ def ccgqa_prologue_backward(
 
         grads = kernels.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
         return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
-    if _inductor_compiles_body((dq, dk, *tensors)):
-        return _ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars)
     return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars)
 
 

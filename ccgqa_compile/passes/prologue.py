@@ -603,7 +603,7 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return
-    ctx.fused(FUSION, _idiom(chosen) + _body(chosen))
+    ctx.fused(FUSION, _idiom(chosen))
     site.q, site.k = q_new, k_new
     site.prologue = True
 
@@ -616,16 +616,6 @@ def _training(ctx: GraphContext) -> bool:
     return any(
         n.op == "placeholder" and getattr(value(n), "requires_grad", False) for n in ctx.graph.nodes
     )
-
-
-def _body(plan: Plan) -> str:
-    """Which code runs the op: on the GPU at head dims outside config.PROLOGUE_KERNEL_HEAD_DIMS
-    its plain-PyTorch body, compiled by Inductor with the graph."""
-    v = tensor_value(plan.q_pre)
-    if plan.kind != "seed" and v is not None and v.is_cuda:
-        if plan.d not in config.PROLOGUE_KERNEL_HEAD_DIMS:
-            return ",body=inductor"
-    return ""
 
 
 def _idiom(plan: Plan) -> str:
