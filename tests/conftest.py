@@ -29,6 +29,12 @@ if os.environ.get("CI"):
 # take 1.5 s instead of 4 ms. One thread per worker.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    # one Inductor cache directory per worker: two workers building the same C++ kernel
+    # into one directory left a truncated .so for the other ("file too short")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{base}_{os.environ['PYTEST_XDIST_WORKER']}"
 
 torch._inductor.config.fx_graph_cache = False
 torch._functorch.config.enable_autograd_cache = False

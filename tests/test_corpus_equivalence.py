@@ -112,8 +112,9 @@ def run_entry(
 
 @pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
 @settings(
-    # CCGQA_TEST_EXAMPLES lowers it for a time-boxed GPU run of the whole suite
-    max_examples=int(os.environ.get("CCGQA_TEST_EXAMPLES", "8")),
+    # five per entry (derandomized under CI: the same every run); CCGQA_TEST_EXAMPLES
+    # raises it for a longer exploration, or lowers it for a time-boxed GPU run
+    max_examples=int(os.environ.get("CCGQA_TEST_EXAMPLES", "5")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     # no shrinking/explaining: each step recompiles, and tracing makes it crawl; the
