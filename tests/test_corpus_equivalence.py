@@ -112,9 +112,10 @@ def run_entry(
 
 @pytest.mark.parametrize("entry", CORPUS, ids=lambda e: e.name)
 @settings(
-    # five per entry (derandomized under CI: the same every run); CCGQA_TEST_EXAMPLES
-    # raises it for a longer exploration, or lowers it for a time-boxed GPU run
-    max_examples=int(os.environ.get("CCGQA_TEST_EXAMPLES", "5")),
+    # four per entry (derandomized under CI: the same every run), on top of the fixed odd
+    # sizes of test_entry_with_the_real_backend; CCGQA_TEST_EXAMPLES raises it for a longer
+    # exploration, or lowers it for a time-boxed GPU run
+    max_examples=int(os.environ.get("CCGQA_TEST_EXAMPLES", "4")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     # no shrinking/explaining: each step recompiles, and tracing makes it crawl; the

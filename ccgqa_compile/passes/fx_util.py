@@ -151,6 +151,8 @@ LAYOUT_FUNCTIONS = {
     torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims, torch.t,
     torch.clone, torch.repeat_interleave,
 }  # fmt: skip
+# ``x.mT`` / ``x.T`` as Dynamo records them: getattr(x, "mT")
+LAYOUT_PROPERTIES = {"mT", "T"}
 MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.einsum}
 SOFTMAXES = {torch.softmax, F.softmax}
 CONV1D = {torch.conv1d, F.conv1d}
@@ -171,6 +173,8 @@ def is_layout(node: Any) -> bool:
         return False
     if node.op == "call_method" and node.target in LAYOUT_METHODS:
         return True
+    if is_function(node, getattr) and len(node.args) == 2 and node.args[1] in LAYOUT_PROPERTIES:
+        return isinstance(value(node.args[0]), torch.Tensor)
     return node.op == "call_function" and node.target in LAYOUT_FUNCTIONS
 
 

@@ -56,6 +56,17 @@ def _squared(node: Node) -> Node | None:
     return None
 
 
+def _squared_plus_constant(node: Node) -> Node | None:
+    """x for ``x*x + c`` (eps inside the mean: the mean of it is mean(x^2) + c)."""
+    if not (is_function(node, operator.add, torch.add) or is_method(node, "add")):
+        return None
+    a, b = node.args[0], node.args[1]
+    for square, other in ((a, b), (b, a)):
+        if isinstance(square, Node) and isinstance(other, (int, float)):
+            return _squared(square)
+    return None
+
+
 def _cast_chain(node: Node) -> list[Node]:
     """The tensor a norm reads and the ones it is a cast of, furthest first: the norm may
     start before its casts (it reads the model's dtype once) or, when a cast is also read
@@ -82,7 +93,7 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
         x = None
         if is_method(node, *_REDUCE_METHODS) or is_function(node, *_REDUCE_FUNCTIONS):
             if isinstance(node.args[0], Node) and _reduced_dim(node) is not None:
-                x = _squared(node.args[0])
+                x = _squared(node.args[0]) or _squared_plus_constant(node.args[0])
         elif is_method(node, "norm") or is_function(node, *_NORM_FUNCTIONS):
             if arg(node, 2, "dim") is not None:
                 x = node.args[0]
@@ -97,10 +108,20 @@ def _allowed(node: Node) -> bool:
     return (
         is_elementwise(node)
         or is_cast(node)
-        or is_method(node, *_REDUCE_METHODS, "norm", "expand_as", "expand")
+        or is_method(node, *_REDUCE_METHODS, "norm", "expand_as", "expand", "unsqueeze")
+        or is_function(node, torch.unsqueeze)
+        or _adds_unit_dim(node)
         or is_function(node, *_REDUCE_FUNCTIONS, *_NORM_FUNCTIONS)
         or is_function(node, torch.rms_norm, torch.nn.functional.rms_norm)
     )
+
+
+def _adds_unit_dim(node: Node) -> bool:
+    """``r[..., None]``: a reduction without keepdim, its dim put back."""
+    if not is_function(node, operator.getitem) or not isinstance(node.args[1], tuple):
+        return False
+    index = node.args[1]
+    return None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index)
 
 
 def _per_channel(node: Node, width) -> bool:
@@ -159,18 +180,22 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
     if not math.isfinite(eps) or eps < -1e-12:
         return "not an RMS normalisation (no eps fits the probes)"
     eps = snap(max(eps, 0.0), float_literals(region.nodes))
-    candidate = _candidate(len(weights), eps, width)
-    small = math.sqrt(eps) if eps > 0 else 1e-6
-    trials = [
-        {"seed": 1},
-        {"seed": 2, "scale": {x: 1e3}},
-        {"seed": 3, "scale": {x: small}},
-        {"seed": 4, "scale": {x: small * 1e-2}},
-    ]
-    reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
-    if reason is not None:
-        return reason
-    return ("weighted" if weights else "unweighted", [x, *weights], eps)
+    # an estimate at float64 rounding from unit-scale probes may be a norm without eps
+    choices = [eps, 0.0] if 0.0 < eps < 1e-9 else [eps]
+    reason = "no eps fits"
+    for eps in choices:
+        candidate = _candidate(len(weights), eps, width)
+        small = math.sqrt(eps) if eps > 0 else 1e-6
+        trials = [
+            {"seed": 1},
+            {"seed": 2, "scale": {x: 1e3}},
+            {"seed": 3, "scale": {x: small}},
+            {"seed": 4, "scale": {x: small * 1e-2}},
+        ]
+        reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
+        if reason is None:
+            return ("weighted" if weights else "unweighted", [x, *weights], eps)
+    return reason
 
 
 def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
@@ -204,16 +229,18 @@ def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
 
 def run(ctx: GraphContext) -> None:
     for anchor, sources in anchors(ctx.graph):
-        if not ctx.alive(anchor):
-            continue
-        reason = "no source tensor"
-        for x in sources:
-            if not ctx.alive(x) or not tensor_value(x).dtype.is_floating_point:
-                continue
-            fused, reason, note = _fuse_from(ctx, x)
-            if fused:
-                if note:
-                    ctx.rejected(FUSION, "rms", anchor, note)
+        # again while this anchor stands: the norm fused from x may have been another norm
+        # of the same x (a parallel block's two norms), not this one
+        while ctx.alive(anchor):
+            reason = "no source tensor"
+            for x in sources:
+                if not ctx.alive(x) or not tensor_value(x).dtype.is_floating_point:
+                    continue
+                fused, reason, note = _fuse_from(ctx, x)
+                if fused:
+                    if note:
+                        ctx.rejected(FUSION, "rms", anchor, note)
+                    break
+            else:
+                ctx.rejected(FUSION, "rms", anchor, reason)
                 break
-        else:
-            ctx.rejected(FUSION, "rms", anchor, reason)

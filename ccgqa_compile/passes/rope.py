@@ -174,9 +174,31 @@ def _candidate(build, rotary_dim: int, interleaved: bool):
     return rope
 
 
+def _lift_table_slices(region: Region, x: Node) -> Region:
+    """Slices of one table read only inside the region (gpt-fast indexes its (..., 2)
+    cos/sin pairs once per product: four leaves of one table) join the region; their
+    table becomes the leaf."""
+    by_source: dict[Node, list[Node]] = {}
+    for leaf in region.float_leaves():
+        if leaf is x or not is_function(leaf, operator.getitem):
+            continue
+        source = leaf.args[0]
+        if isinstance(source, Node) and all(u in region.nodes for u in leaf.users):
+            by_source.setdefault(source, []).append(leaf)
+    lifted = {n for slices in by_source.values() if len(slices) >= 2 for n in slices}
+    if not lifted:
+        return region
+    order = {n: i for i, n in enumerate(region.graph.nodes)}
+    leaves = (set(region.leaves) - lifted) | {n.args[0] for n in lifted}
+    return Region(
+        region.graph, region.sources, region.sinks, region.nodes | lifted,
+        sorted(leaves, key=order.__getitem__),
+    )  # fmt: skip
+
+
 def _try(ctx: GraphContext, x: Node, sink: Node):
     try:
-        region = Region.between([x], [sink])
+        region = _lift_table_slices(Region.between([x], [sink]), x)
     except Rejected as why:
         return str(why)
     if region.escapes():

@@ -10,6 +10,8 @@ once. The candidate must agree with the region in float64 on random inputs at th
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
@@ -37,7 +39,27 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
             gate = strip_casts(node.args[0])
             if isinstance(gate, Node) and tensor_value(gate) is not None:
                 found.append((node, gate))
+        elif is_function(node, torch.exp) or is_method(node, "exp"):
+            # a sigmoid written out: 1 / (1 + exp(-a))
+            gate = _negated(node.args[0])
+            if gate is not None and tensor_value(gate) is not None:
+                found.append((node, strip_casts(gate)))
     return found
+
+
+def _negated(node) -> Node | None:
+    """a for -a (neg, or a times -1)."""
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, operator.neg, torch.neg) or is_method(node, "neg"):
+        return node.args[0] if isinstance(node.args[0], Node) else None
+    if is_function(node, operator.mul, torch.mul) or is_method(node, "mul"):
+        a, b = node.args[0], node.args[1]
+        if isinstance(a, Node) and b == -1:
+            return a
+        if isinstance(b, Node) and a == -1:
+            return b
+    return None
 
 
 def _allowed(node: Node) -> bool:
