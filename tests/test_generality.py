@@ -192,13 +192,8 @@ CCGQA = [
         gap="rejected ccgqa_prologue: k's scale matches no per-kv-head input (temperature)",
         **_block(),
     ),
-    _must(
-        "ccgqa_temperature_in_norm_scale",
-        sp.CCGQATemperatureInNormScale,
-        # the leaf is sqrt(d) * exp(t): the temperature is looked for as an input alone
-        gap="rejected ccgqa_prologue: k's scale matches no per-kv-head input (temperature)",
-        **_block(),
-    ),
+    # the leaf is sqrt(d) * exp(t): read as the temperature times the norm scale
+    _must("ccgqa_temperature_in_norm_scale", sp.CCGQATemperatureInNormScale, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),

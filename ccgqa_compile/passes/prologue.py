@@ -80,6 +80,9 @@ class Plan:
     fold_bias: bool = False
     qk_mean: bool = True
     temp: Node | None = None
+    # beta = temp / temp_scale: a temperature folded into k's norm scale
+    # (``normalize(k) * (sqrt(d) * exp(t))``) reads sqrt(d) * beta
+    temp_scale: float = 1.0
     norm_scale: float = 1.0
     eps: float = 1e-12
     rope: tuple | None = None  # (name, tables, build, rotary_dim, interleaved)
@@ -300,6 +303,8 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
         rotary_dim, interleaved = plan.rope[3], plan.rope[4]
     if temp is not None:
         temp = temp.reshape(-1)
+        if plan.temp_scale != 1.0:
+            temp = temp / plan.temp_scale
     return [
         _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre), *q_args, *k_args, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
@@ -404,21 +409,26 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         norm_scale = float(q_out.norm(dim=-1).median())
         kn = (k_out.norm(dim=-1) / norm_scale).transpose(0, 1).reshape(kv_heads, -1)
         beta = kn.median(dim=1).values
-        temp_choices: list[Node | None] = []
-        for n in temps:
-            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
-            if torch.allclose(t, beta, rtol=1e-6, atol=0):
-                temp_choices.append(n)
-        if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
-            temp_choices.append(None)
-        if not temp_choices:
-            return "k's scale matches no per-kv-head input (temperature)"
         literals = float_literals(region.nodes)
         norm_scale = _snap_scale(norm_scale, base.d, literals)
+        temp_choices: list[tuple[Node | None, float]] = []
+        for n in temps:
+            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
+            for scale in dict.fromkeys((1.0, norm_scale)):
+                if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
+                    temp_choices.append((n, scale))
+        if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
+            temp_choices.append((None, 1.0))
+        if not temp_choices:
+            return "k's scale matches no per-kv-head input (temperature)"
         found = None
         for plan in plans:
-            for temp in temp_choices:
-                cand = replace(plan, temp=temp, norm_scale=norm_scale, eps=1e-12)
+            for temp, temp_scale in temp_choices:
+                if plan.kind == "seed" and temp_scale != 1.0:
+                    continue  # the seed op reads its temperature as it is
+                cand = replace(
+                    plan, temp=temp, temp_scale=temp_scale, norm_scale=norm_scale, eps=1e-12
+                )
                 cand = _with_identity_rope(cand, tables)
                 if cand is None:
                     continue
