@@ -179,19 +179,11 @@ CCGQA = [
         "ccgqa_tokens_first_sdpa_mask",
         sp.CCGQATokensFirstSdpaMask,
         seq=5,
-        # RoPE on (B, T, H, D) with (T, 1, D) tables; the same block rotating on
-        # (B, H, T, D) fuses (the standalone RoPE fusion takes it then)
-        gap="rejected ccgqa_prologue: no conv / qk-mean / temperature choice agrees with the region",
+        # RoPE on (B, T, H, D) with (T, 1, D) tables
         **_block(),
     ),
-    _must(
-        "ccgqa_tables_per_tensor",
-        sp.CCGQATablesPerTensor,
-        # cos/sin computed once for q and once for k: four table leaves, and the constant
-        # tables of the first probe zero k's rotation
-        gap="rejected ccgqa_prologue: k's scale matches no per-kv-head input (temperature)",
-        **_block(),
-    ),
+    # cos/sin computed once for q and once for k: four table leaves of two values
+    _must("ccgqa_tables_per_tensor", sp.CCGQATablesPerTensor, **_block()),
     # the leaf is sqrt(d) * exp(t): read as the temperature times the norm scale
     _must("ccgqa_temperature_in_norm_scale", sp.CCGQATemperatureInNormScale, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and

@@ -34,7 +34,7 @@ from torch.fx import Node
 from .. import config
 from .attention import Site, layer_ancestors
 from .common import GraphContext, float_literals
-from .evaluate import Evaluator, agree, real_tensors
+from .evaluate import Evaluator, agree, constant_value, real_tensors
 from .fx_util import (
     CONV1D,
     PAD,
@@ -383,6 +383,30 @@ def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
     return out
 
 
+def _distinct_constant_tables(graph, tables: list[Node], sizes):
+    """Tables computed apart with equal values (cos/sin built once for q, once for k) are
+    one table: (the distinct ones, {duplicate: the one it equals}). Only constants (built
+    from sizes), whose values are known here."""
+    distinct: list[Node] = []
+    values: dict[Node, torch.Tensor] = {}
+    same_as: dict[Node, Node] = {}
+    for node in tables:
+        if _runtime(node):
+            distinct.append(node)
+            continue
+        v = constant_value(graph, node, sizes)
+        rep = next(
+            (r for r in distinct if r in values and values[r].shape == v.shape
+             and torch.equal(values[r], v)), None,
+        )  # fmt: skip
+        if rep is None:
+            distinct.append(node)
+            values[node] = v
+        else:
+            same_as[node] = rep
+    return distinct, same_as
+
+
 def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
     sizes = ctx.sizes[0]
     base = plans[0]
@@ -403,7 +427,9 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         learned = [n for n in tables if requires_grad(n)]
         if learned:
             return f"the RoPE table {learned[0].name} requires grad (the op gives tables none)"
+        tables, same_as = _distinct_constant_tables(region.graph, tables, sizes)
         fixed = _constant_tables(tables, sizes)
+        fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
         probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed)
         q_out, k_out = probe_a.expected
         norm_scale = float(q_out.norm(dim=-1).median())
@@ -429,11 +455,11 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
                 cand = replace(
                     plan, temp=temp, temp_scale=temp_scale, norm_scale=norm_scale, eps=1e-12
                 )
-                cand = _with_identity_rope(cand, tables)
-                if cand is None:
-                    continue
-                if probe_a.matches(cand, rtol=1e-7):
-                    found = cand
+                for with_rope in _with_identity_rope(cand, tables):
+                    if probe_a.matches(with_rope, rtol=1e-7):
+                        found = with_rope
+                        break
+                if found:
                     break
             if found:
                 break
@@ -442,7 +468,7 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         # phase B: RoPE layout and tables, on random tables
         probe_b = _Probe(ctx, region, sizes, seed=42)
         width = base.d
-        options = _table_options(tables, width) if tables else []
+        options = _prologue_table_options(tables, width) if tables else []
         if base.kind == "seed":
             options = [o for o in options if o[3] == width]
         chosen = None
@@ -484,14 +510,34 @@ def _has_time_dim(node: Node, region: Region) -> bool:
     )
 
 
-def _with_identity_rope(plan: Plan, tables: list[Node]) -> Plan | None:
-    """For phase A: tables constant, every layout is some rotation; pick the first."""
+def _prologue_table_options(tables: list[Node], width):
+    """RoPE's table options, the tables as the op reads them: (..., T, r). Tables shaped
+    for q and k in (B, T, H, D) ((T, 1, r): a unit head axis) lose that axis."""
+
+    def drop_head_axis(build):
+        def built(*ts):  # traced with proxies too: no shape tests (squeeze keeps a non-1 axis)
+            return tuple(t.squeeze(-2) for t in build(*ts))
+
+        return built
+
+    options = _table_options(tables, width)
+    return options + [(f"{n}_heads_axis", ins, drop_head_axis(b), r, i) for n, ins, b, r, i in options]
+
+
+def _with_identity_rope(plan: Plan, tables: list[Node]) -> list[Plan]:
+    """For phase A: tables constant, every layout is some rotation; one plan per way the
+    tables may be read (the first that agrees is kept)."""
     if not tables:
-        return replace(plan, rope=None) if plan.kind == "stock" else None
-    options = _table_options(tables, plan.d)
+        return [replace(plan, rope=None)] if plan.kind == "stock" else []
+    options = _prologue_table_options(tables, plan.d)
     if plan.kind == "seed":
         options = [o for o in options if o[3] == plan.d]
-    return replace(plan, rope=options[0]) if options else None
+    seen, out = set(), []
+    for option in options:  # one per table form: the rotation itself does not matter here
+        if option[0].endswith("_heads_axis") not in seen:
+            seen.add(option[0].endswith("_heads_axis"))
+            out.append(replace(plan, rope=option))
+    return out
 
 
 def _snap_scale(estimate: float, d: int, literals: set[float]) -> float:
