@@ -52,10 +52,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
-        # the dynamic-shape tests compile the same C++ kernels: two workers building one
-        # into Inductor's shared cache left a truncated .so for the other ("file too short")
-        if item.nodeid.startswith("tests/test_dynamic.py"):
-            item.add_marker(pytest.mark.xdist_group("dynamic"))
     # the kernel-path tests' "cuda" parameter (the ``device`` fixture below) is GPU work
     # too: ``-m cuda`` selects it
     for item in items:
