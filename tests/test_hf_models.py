@@ -164,6 +164,27 @@ def randomise_zaya(model):
 # consecutive tests at the start (the two default ones, then skipped ones, go to one worker).
 
 
+def logits_of_three(model, eager, reference, kwargs, training):
+    """Logits of the model under backend="ccgqa", of its eager copy and of the float64
+    reference, on the same inputs."""
+    compiled = torch.compile(model, backend="ccgqa")
+    with torch.set_grad_enabled(training):
+        return tuple(m(**kwargs).logits for m in (compiled, eager, reference))
+
+
+def check_logits_and_grads(logits, model, eager, reference, dtype, training):
+    """Compiled logits and, in training, every parameter gradient as close to float64 as
+    eager's (fp32: to eager directly)."""
+    logits_c, logits_e, logits_r = logits
+    check_result(logits_c, logits_e, logits_r, dtype, "logits", strict=dtype == torch.float32)
+    if training:
+        grad = torch.randn_like(logits_r)
+        logits_c.backward(grad.to(logits_c.dtype))
+        logits_e.backward(grad.to(logits_e.dtype))
+        logits_r.backward(grad)
+        check_grads(model, eager, reference, dtype)
+
+
 def zaya_lm_counts(head_dim, experts="eager"):
     """Per layer: the CCGQA block (its RoPE inside the prologue), and three RMSNorms (input,
     post-attention, the router MLP's); one more at the end. With eager experts the
@@ -193,21 +214,11 @@ def check_zaya_lm(
     kwargs = dict(input_ids=ids, use_cache=False)
     if mask:
         kwargs["attention_mask"] = torch.ones_like(ids)
-    compiled = torch.compile(model, backend="ccgqa")
-    with torch.set_grad_enabled(training):
-        logits_c = compiled(**kwargs).logits
-        logits_e = eager(**kwargs).logits
-        logits_r = reference(**kwargs).logits
+    logits = logits_of_three(model, eager, reference, kwargs, training)
     check_counts(zaya_lm_counts(head_dim, experts) if expected is None else expected, training)
     if experts != "eager":
         assert len(ccgqa_compile.report().graphs) == 1, str(ccgqa_compile.report())
-    check_result(logits_c, logits_e, logits_r, dtype, "logits", strict=dtype == torch.float32)
-    if training:
-        grad = torch.randn_like(logits_r)
-        logits_c.backward(grad.to(logits_c.dtype))
-        logits_e.backward(grad.to(logits_e.dtype))
-        logits_r.backward(grad)
-        check_grads(model, eager, reference, dtype)
+    check_logits_and_grads(logits, model, eager, reference, dtype, training)
 
 
 LM_DEFAULT = [(16, True, True), (16, False, False)]
@@ -418,21 +429,11 @@ def check_decoder(family, attn, training, dtype, device, mask=False, expected=No
     kwargs = dict(input_ids=ids)
     if mask:
         kwargs["attention_mask"] = torch.ones_like(ids)
-    compiled = torch.compile(model, backend="ccgqa")
-    with torch.set_grad_enabled(training):
-        logits_c = compiled(**kwargs).logits
-        logits_e = eager(**kwargs).logits
-        logits_r = reference(**kwargs).logits
+    logits = logits_of_three(model, eager, reference, kwargs, training)
     expected = decoder_counts(family, attn, device) if expected is None else expected
     rep = check_counts(expected, training)
     assert len(rep.graphs) == 1, f"graph breaks: {rep}"
-    check_result(logits_c, logits_e, logits_r, dtype, "logits", strict=dtype == torch.float32)
-    if training:
-        grad = torch.randn_like(logits_r)
-        logits_c.backward(grad.to(dtype))
-        logits_e.backward(grad.to(dtype))
-        logits_r.backward(grad)
-        check_grads(model, eager, reference, dtype)
+    check_logits_and_grads(logits, model, eager, reference, dtype, training)
 
 
 @TRAIN_INFER
