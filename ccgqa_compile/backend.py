@@ -13,11 +13,12 @@ passes in ``torch._inductor.config`` (chained with any pass already there) until
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from . import config
+from . import config, reporting
 
 _OUR_OPTIONS = ("ccgqa_disable",)
 
@@ -64,7 +65,94 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
         patches.update(list_mode_options(kwargs["mode"]))
     patches.update(options)
     patches.update(_pass_patches(disabled))
-    return compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
+    piece = _ddp_piece(gm)
+    before = len(reporting.report().graphs)
+    from .passes import recognition_runs
+
+    runs = recognition_runs()
+    compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
+    if recognition_runs() == runs:
+        _record_cache_hit()
+    records = reporting.report().graphs[before:]
+    if piece is not None:
+        _mark_ddp_piece(records, reporting.report().graphs[:before], *piece)
+    return _run_tracking_modules(compiled, records) if records else compiled
+
+
+def _record_cache_hit() -> None:
+    """The graph came whole from a compile cache (AOTAutograd's): no pass ran on it, so
+    the report can only say so."""
+    from ._inductor_compat import current_compile_id
+
+    record = reporting.start_graph(current_compile_id(), "unknown")
+    record.from_cache = True
+    record.note = ("loaded whole from the compile cache: the fusions in it are not known here "
+                   "(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 recompiles and reports them)")  # fmt: skip
+
+
+def _ddp_piece(gm: torch.fx.GraphModule) -> tuple[set[str], set[str]] | None:
+    """For a piece of a graph DDPOptimizer split at gradient-bucket boundaries (it tags
+    each piece with its reason before calling the backend): the names of the nodes whose
+    value leaves the piece, and of those reading a value from an earlier piece (a
+    placeholder without a Dynamo source). None for any other graph."""
+    reason = getattr(getattr(gm, "compile_subgraph_reason", None), "reason", "")
+    if "DDPOptimizer" not in str(reason):
+        return None
+    leaving: set[str] = set()
+    for node in gm.graph.find_nodes(op="output"):
+        torch.fx.map_arg(node.args, lambda n: leaving.add(n.name))
+    entering = {
+        user.name
+        for node in gm.graph.find_nodes(op="placeholder")
+        if getattr(node, "_dynamo_source", None) is None
+        for user in node.users
+    }
+    return leaving, entering
+
+
+def _mark_ddp_piece(records, earlier, leaving: set[str], entering: set[str]) -> None:
+    """Number the pieces of one split graph, and say so where a candidate stops at a
+    piece boundary: the rest of its pattern is in another piece."""
+    for record in records:
+        record.ddp_piece = 1 + sum(
+            1 for g in earlier if g.compile_id == record.compile_id and g.ddp_piece
+        )
+        earlier = [*earlier, record]
+        for r in (*record.rejected, *record.unfused_candidates):
+            if r.node in leaving:
+                r.reason += (
+                    f"; cut by DDPOptimizer's split: {r.node} leaves this piece, "
+                    "the rest of the pattern is in the next"
+                )
+            elif r.node in entering:
+                r.reason += (
+                    f"; cut by DDPOptimizer's split: {r.node} reads a value of an earlier piece"
+                )
+
+
+def _run_tracking_modules(compiled, records):
+    """The compiled graph, noting at each call which module it runs for (its first
+    parameter input): Dynamo runs one compiled graph for every module of the same code
+    whose guards pass (FSDP2's per-block compiled blocks, blocks between graph breaks),
+    and the report counts each fusion once per module (``GraphRecord.sites``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def is_param(a) -> bool:
+        # not a fake one: DDPOptimizer runs each compiled piece on fake tensors once
+        return isinstance(a, torch.nn.Parameter) and not isinstance(a, FakeTensor)
+
+    first_param: list[int] = []
+
+    def run(*args):
+        if not first_param:
+            first_param.append(next((i for i, a in enumerate(args) if is_param(a)), -1))
+        i = first_param[0]
+        if 0 <= i < len(args) and is_param(args[i]):
+            for record in records:
+                record.modules.add(args[i])
+        return compiled(*args)
+
+    return functools.update_wrapper(run, compiled)
 
 
 def _inner_compile(gm, example_inputs, **kwargs):

@@ -23,6 +23,7 @@ FUSIONS: tuple[str, ...] = (
     "ccgqa_prologue",
     "rope",
     "gqa_attention",
+    "gqa_decode_attention",
     "value_shift",
 )
 
@@ -30,6 +31,11 @@ FUSIONS: tuple[str, ...] = (
 # flash) beat ours there (docs/benchmarks); hand-written attention is fused at every head
 # dim (it would otherwise materialise the T x T scores).
 SDPA_MAX_HEAD_DIM = 32
+
+# Policy: attention of at most this many new query tokens over a longer KV cache (a decode
+# step, or a few tokens when speculating) becomes gqa_decode_attention (split-KV kernel);
+# longer query chunks over a cache stay on SDPA, whose prefill kernels suit them.
+DECODE_MAX_QUERY_LEN = 16
 
 # Policy: the original project's prologue variant fuses in inference graphs; in training
 # graphs it is left to Inductor, whose code for it trains faster than our backward

@@ -8,6 +8,7 @@ rejected candidates (``logging.getLogger("ccgqa_compile").setLevel(logging.DEBUG
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,6 +21,24 @@ class Rejection:
     idiom: str
     node: str
     reason: str
+
+
+class ModuleSet:
+    """The live modules a compiled graph has run for, each known by its first parameter,
+    held weakly (a set of weak references would compare tensors with ``==``)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, param: object) -> None:
+        ref = self._refs.get(id(param))
+        if ref is None or ref() is not param:
+            if len(self._refs) >= 1024:  # forget dead modules before growing further
+                self._refs = {k: r for k, r in self._refs.items() if r() is not None}
+            self._refs[id(param)] = weakref.ref(param)
+
+    def __len__(self) -> int:
+        return sum(1 for r in self._refs.values() if r() is not None)
 
 
 @dataclass
@@ -35,9 +54,24 @@ class GraphRecord:
     rejected: list[Rejection] = field(default_factory=list)
     unfused_candidates: list[Rejection] = field(default_factory=list)
     note: str = ""
+    # a piece of a graph DDPOptimizer split at DDP's gradient-bucket boundaries: which one
+    # (1, 2, ...; 0: not split). A fusion whose ops fall into two pieces cannot fire.
+    ddp_piece: int = 0
+    # the modules this compiled graph has run for, each known by its first parameter (the
+    # backend's wrapper adds them): Dynamo runs one compiled graph for every module of the
+    # same code whose guards pass (FSDP2's per-block graphs, blocks between graph breaks),
+    # so one record can stand for several blocks
+    modules: ModuleSet = field(default_factory=ModuleSet, repr=False, compare=False)
+    from_cache: bool = False  # compiled code loaded from Inductor's cache
 
     def count(self, fusion: str) -> int:
+        """Times ``fusion`` fired in this graph (once however many modules run it)."""
         return sum(n for (name, _idiom), n in self.fused.items() if name == fusion)
+
+    @property
+    def sites(self) -> int:
+        """How many modules this compiled graph has run for (1 before its first run)."""
+        return max(1, len(self.modules))
 
 
 @dataclass
@@ -45,27 +79,28 @@ class FusionReport:
     graphs: list[GraphRecord] = field(default_factory=list)
 
     def count(self, fusion: str) -> int:
-        """Total number of times ``fusion`` fired over all recorded graphs."""
-        return sum(g.count(fusion) for g in self.graphs)
+        """Total number of times ``fusion`` fired over all recorded graphs, each graph
+        counted once per module it runs for (``GraphRecord.sites``)."""
+        return sum(g.count(fusion) * g.sites for g in self.graphs)
 
     def counts(self) -> dict[str, int]:
         out: Counter = Counter()
         for g in self.graphs:
             for (fusion, _idiom), n in g.fused.items():
-                out[fusion] += n
+                out[fusion] += n * g.sites
         return dict(out)
 
     def idioms(self) -> dict[tuple[str, str], int]:
         out: Counter = Counter()
         for g in self.graphs:
-            out.update(g.fused)
+            out.update({key: n * g.sites for key, n in g.fused.items()})
         return dict(out)
 
     def forward_only(self) -> dict[str, int]:
         """Fusions that fired in training graphs without their backward (see GraphRecord)."""
         out: Counter = Counter()
         for g in self.graphs:
-            out.update(g.forward_only)
+            out.update({fusion: n * g.sites for fusion, n in g.forward_only.items()})
         return dict(out)
 
     @property
@@ -81,7 +116,20 @@ class FusionReport:
             return "ccgqa fusion report: no graph compiled with the ccgqa passes yet"
         lines = ["ccgqa fusion report"]
         for g in self.graphs:
-            lines.append(f"graph {g.compile_id} ({g.kind}):")
+            cached = ", compiled code from Inductor's cache" if g.from_cache else ""
+            piece = f" piece {g.ddp_piece}" if g.ddp_piece else ""
+            lines.append(f"graph {g.compile_id}{piece} ({g.kind}{cached}):")
+            if g.ddp_piece:
+                lines.append(
+                    "  a piece of a graph DDPOptimizer split at DDP's gradient-bucket "
+                    "boundaries (bucket_cap_mb): a fusion cut by a boundary cannot fire"
+                )
+            if g.sites > 1:
+                lines.append(
+                    f"  run for {g.sites} modules: Dynamo reuses this one compiled graph for "
+                    f"modules of the same code; each fusion below fired in each (x{g.sites} in "
+                    "the totals)"
+                )
             if g.note:
                 lines.append(f"  {g.note}")
             elif not g.fused:
@@ -103,16 +151,28 @@ class FusionReport:
 _REPORT = FusionReport()
 
 
-def report() -> FusionReport:
-    """The fusion report of every graph compiled since the last ``reset_report()``.
+# callables that record what the passes saw but no joint-graph hook recorded yet (graphs
+# whose compiled code Inductor loaded from its cache); set by the passes, run by report()
+_drains: list = []
 
-    Note: a graph loaded from Inductor's FX graph cache does not run the passes again, so it
-    adds no record; set ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` to see every graph.
-    """
+
+def register_drain(drain) -> None:
+    if drain not in _drains:
+        _drains.append(drain)
+
+
+def report() -> FusionReport:
+    """The fusion report of every graph compiled since the last ``reset_report()``,
+    including graphs whose compiled code Inductor loaded from its cache (``from_cache``:
+    the recognition ran on them before the cache lookup)."""
+    for drain in _drains:
+        drain()
     return _REPORT
 
 
 def reset_report() -> None:
+    for drain in _drains:
+        drain()
     _REPORT.graphs.clear()
 
 

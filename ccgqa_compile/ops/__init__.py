@@ -1,3 +1,11 @@
 """Importing this package registers every ``torch.ops.ccgqa.*`` op."""
 
-from . import ccgqa_prologue, ccgqa_seed_prologue, gqa_attention, rms_norm, rope, swiglu  # noqa: F401
+from . import (  # noqa: F401
+    ccgqa_prologue,
+    ccgqa_seed_prologue,
+    gqa_attention,
+    gqa_decode,
+    rms_norm,
+    rope,
+    swiglu,
+)

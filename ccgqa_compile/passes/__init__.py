@@ -56,6 +56,7 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
     whole blocks they make), then RoPE, RMSNorm and SwiGLU wherever they remain."""
     from . import attention, blocks, prologue, rms_norm, rope, swiglu, value_shift
 
+    ctx.decode = "gqa_decode_attention" in fusions
     if "value_shift" in fusions:
         _guarded(ctx, "value_shift", lambda: value_shift.run(ctx))
     sites = _guarded(ctx, "gqa_attention", lambda: attention.run(ctx, "gqa_attention" in fusions))
@@ -84,6 +85,15 @@ def _guarded(ctx: GraphContext, fusion: str, step):
         return None
 
 
+_runs = [0]
+
+
+def recognition_runs() -> int:
+    """How many graphs the recognition pass has run on in this process (a compile that
+    does not add one was served whole from a cache)."""
+    return _runs[0]
+
+
 class RecognitionPass(CustomGraphPass):
     """Pre-grad: replaces every region proven to compute a fused op's function."""
 
@@ -96,6 +106,7 @@ class RecognitionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         from .. import ops  # noqa: F401  (registers torch.ops.ccgqa.*)
 
+        _runs[0] += 1
         device_type = _graph_device_type(graph)
         ctx = GraphContext(graph, size_assignments(graph), self.fuse_on_cpu)
         if device_type != "cuda" and not self.fuse_on_cpu:

@@ -56,6 +56,7 @@ from .fx_util import (
 from .region import Region, Rejected, _propagate_fake, emit, erase_unused, stable_sort, verify
 
 FUSION = "gqa_attention"
+DECODE_FUSION = "gqa_decode_attention"
 
 
 @dataclass
@@ -309,6 +310,9 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
     except Rejected as why:
         ctx.rejected(FUSION, "sdpa", node, str(why))
         return None
+    if _is_decode(q, k0):
+        _sdpa_decode(ctx, node, q, k0, v0, args)
+        return None
     site = Site("sdpa", q, k0, v0, False, node, causal=False)
     reason = _sdpa_semantics(ctx, args)
     if reason is not None:
@@ -334,6 +338,76 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
     return site
 
 
+def _is_decode(q: Node, k: Node) -> bool:
+    """New query tokens over a longer key sequence (a KV cache): the query length is not
+    the key length."""
+    t_q, t_k = tensor_value(q).shape[2], tensor_value(k).shape[2]
+    return not same_size(t_q, t_k)
+
+
+def _decode_problem(ctx: GraphContext, q: Node, mask: Any, training: bool) -> str | None:
+    """None when a decode-step attention may become our op (its function is SDPA's, no
+    causality to prove), else why not."""
+    if not ctx.decode:
+        return "gqa_decode_attention is disabled"
+    qv = tensor_value(q)
+    t_q, d = qv.shape[2], qv.shape[3]
+    if not isinstance(d, int):
+        return "head dim is symbolic"
+    if training:
+        return "a query length != key length in a training graph: left to SDPA"
+    if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
+        return (f"{t_q} query tokens over a cache: more than config.DECODE_MAX_QUERY_LEN="
+                f"{config.DECODE_MAX_QUERY_LEN}, SDPA's prefill kernels are faster; left to SDPA")  # fmt: skip
+    if qv.device.type == "cuda":
+        from ..ops.gqa_decode import KERNEL_HEAD_DIMS
+
+        if d not in KERNEL_HEAD_DIMS:
+            return f"head dim {d} has no decode kernel; left to SDPA"
+    if mask is not None:
+        if not isinstance(mask, Node):
+            return "attn_mask is not a tensor"
+        if requires_grad(mask):
+            return "attn_mask requires grad (a learned bias)"
+        mv = tensor_value(mask)
+        if mv is None or mv.dim() > 4:
+            return "attn_mask is not a tensor of at most 4 dims"
+    return None
+
+
+def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args) -> None:
+    """An SDPA call of a decode step (query length != key length) -> gqa_decode_attention,
+    which computes the same function without repeating K/V."""
+    dropout, scale = args["dropout_p"], args["scale"]
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        reason = f"dropout_p={dropout} (attention dropout is not fused)"
+    elif scale is not None and not isinstance(scale, (int, float)):
+        reason = "scale is not a constant"
+    elif args["is_causal"] is True:
+        t_q, t_k = tensor_value(q).shape[2], tensor_value(k).shape[2]
+        relation = "!=" if isinstance(t_q, int) and isinstance(t_k, int) else "not known to equal"
+        reason = (f"is_causal with query length {t_q} {relation} key length {t_k}: SDPA aligns "
+                  "that mask top-left, not at a cache's end; left to SDPA")  # fmt: skip
+    else:
+        reason = _decode_problem(ctx, q, args["attn_mask"], _training(ctx.graph))
+    if reason is not None:
+        ctx.rejected(DECODE_FUSION, "sdpa", node, reason)
+        return
+    d = tensor_value(q).shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mask = args["attn_mask"]
+    _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
+    ctx.fused(DECODE_FUSION, "sdpa" + ("_mask" if mask is not None else ""))
+
+
+def _training(graph: torch.fx.Graph) -> bool:
+    """Whether AOTAutograd will build a joint graph: grad mode on and a graph input that
+    requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(n.op == "placeholder" and requires_grad(n) for n in graph.nodes)
+
+
 def _divisors_desc(n: int) -> list[int]:
     return [g for g in range(n, 1, -1) if n % g == 0]
 
@@ -352,7 +426,7 @@ def _sdpa_policy(qv, d: int, t) -> str | None:
     return None
 
 
-def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast) -> Node:
+def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast, decode: bool = False) -> Node:
     """Replace the SDPA call ``node`` by our op on (q, k, v); its old K/V repeats go."""
     graph = ctx.graph
     old_k, old_v = node.args[1] if len(node.args) > 1 else node.kwargs["key"], (
@@ -366,14 +440,20 @@ def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast) -> Node:
             for x in ins:
                 x.meta["ccgqa_autocast"] = True
             new.extend(ins)
-        if mask is None:
+        if decode:
+            op = out = graph.call_function(
+                torch.ops.ccgqa.gqa_decode_attention.default, (*ins, mask, scale)
+            )
+            new.append(op)
+        elif mask is None:
             op = graph.call_function(torch.ops.ccgqa.gqa_attention.default, (*ins, scale))
         else:
             op = graph.call_function(
                 torch.ops.ccgqa.gqa_attention_masked.default, (*ins, mask, scale)
             )
-        out = graph.call_function(operator.getitem, (op, 0))
-        new.extend([op, out])
+        if not decode:
+            out = graph.call_function(operator.getitem, (op, 0))
+            new.extend([op, out])
     _propagate_fake(graph, new)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
@@ -730,7 +810,11 @@ def is_attention_op(node: Any) -> bool:
         return False
     target = node.target
     packet = getattr(target, "overloadpacket", target)
-    return packet in (torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention_masked)
+    return packet in (
+        torch.ops.ccgqa.gqa_attention,
+        torch.ops.ccgqa.gqa_attention_masked,
+        torch.ops.ccgqa.gqa_decode_attention,
+    )
 
 
 def layer_ancestors(nodes: list[Node]) -> set[Node]:

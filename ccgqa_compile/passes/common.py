@@ -48,6 +48,7 @@ class GraphContext:
     graph: torch.fx.Graph
     sizes: list[dict[sympy.Symbol, int]]
     fuse_on_cpu: bool
+    decode: bool = True  # whether decode-step attention may become gqa_decode_attention
     events: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
     def fused(self, fusion: str, idiom: str) -> None:
@@ -125,9 +126,20 @@ def source_through_casts(node: Any) -> Any:
 
 
 def flush_to_report(ctx: GraphContext) -> None:
+    compile_id = current_compile_id()
+    _pending.append((compile_id, "graph_kind", (_graph_kind(ctx.graph),)))
     for kind, args in ctx.events:
-        _pending.append((current_compile_id(), kind, args))
+        _pending.append((compile_id, kind, args))
     ctx.events.clear()
+
+
+def _graph_kind(graph: torch.fx.Graph) -> str:
+    """What AOTAutograd will make of the graph: a joint "training" graph when grad mode is
+    on and an input requires grad, else "inference"."""
+    training = torch.is_grad_enabled() and any(
+        n.op == "placeholder" and getattr(value(n), "requires_grad", False) for n in graph.nodes
+    )
+    return "training" if training else "inference"
 
 
 # pre-grad events wait here until the joint-graph pass opens the graph's report record
@@ -135,10 +147,39 @@ _pending: list[tuple[str, str, tuple[Any, ...]]] = []
 
 
 def flush_pending_reports() -> None:
+    """The joint-graph pass of the current graph: record its pre-grad events. Events of
+    other graphs still waiting are graphs whose joint pass never ran (loaded from
+    Inductor's cache): they are recorded first, as such."""
     compile_id = current_compile_id()
-    events = [e for e in _pending if e[0] == compile_id]
+    mine = [e for e in _pending if e[0] == compile_id]
+    others = [e for e in _pending if e[0] != compile_id]
     _pending.clear()
+    _record_from_cache(others)
+    _record(mine)
+
+
+def record_cached_graphs() -> None:
+    """Record the graphs whose joint pass did not run: Inductor loaded their compiled code
+    from its cache, with our rewrite in it (the pre-grad pass runs before the cache
+    lookup, so what it replaced is known)."""
+    waiting = list(_pending)
+    _pending.clear()
+    _record_from_cache(waiting)
+
+
+def _record_from_cache(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
+    for compile_id in dict.fromkeys(e[0] for e in events):
+        graph_events = [e for e in events if e[0] == compile_id]
+        kind = next((a[0] for _c, k, a in graph_events if k == "graph_kind"), "inference")
+        record = report.start_graph(compile_id, kind)
+        record.from_cache = True
+        _record(graph_events)
+
+
+def _record(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
     for _cid, kind, args in events:
+        if kind == "graph_kind":
+            continue
         if kind == "fused":
             report.record_fusion(*args)
         elif kind == "rejected":
@@ -149,6 +190,9 @@ def flush_pending_reports() -> None:
                 record.note = args[0]
         else:
             report.record_unfused(*args)
+
+
+report.register_drain(record_cached_graphs)
 
 
 def inputs_of(node: Node) -> list[Node]:

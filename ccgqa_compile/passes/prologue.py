@@ -40,6 +40,7 @@ from .fx_util import (
     PAD,
     ancestors,
     arg,
+    is_basic_index,
     is_cast,
     is_function,
     is_layout,
@@ -633,7 +634,7 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return
-    escapes = region.escapes()
+    escapes = [n for n in region.escapes() if not _moves_data_only(region, n)]
     if escapes:
         ctx.rejected(FUSION, "prologue", site.anchor, f"{escapes[0].name} is also read outside the prologue")
         return
@@ -662,6 +663,20 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     ctx.fused(FUSION, _idiom(chosen))
     site.q, site.k = q_new, k_new
     site.prologue = True
+
+
+def _moves_data_only(region: Region, node: Node) -> bool:
+    """Whether ``node`` only rearranges the region's inputs (views, casts, slices, cat,
+    pad): read outside the prologue, as HF's cached generation reads the padded q/k columns
+    to keep a conv state, it is left in the graph at the cost of a copy, not a second
+    convolution."""
+    inside = region.nodes
+    for n in ancestors([node], stop=set(region.sources)):
+        if n not in inside or n in region.sources:
+            continue
+        if not (is_layout(n) or is_cast(n) or is_basic_index(n) or is_function(n, torch.cat, *PAD)):
+            return False
+    return True
 
 
 def _training(ctx: GraphContext) -> bool:

@@ -1,0 +1,279 @@
+"""Decode steps: a few new query tokens attending a KV cache -> ``ccgqa.gqa_decode_attention``.
+
+SDPA over a cache, as HF (repeat_kv, no mask for one token), gpt-fast (static cache
+buffers updated in place, ``enable_gqa``, a bool row of a causal table at the token's
+position) and speculative decoding (a few tokens, a mask) write it, fuses and matches eager
+and a float64 copy; near misses (SDPA's top-left ``is_causal`` over a longer cache, dropout,
+a training graph, a long query chunk) are left alone with their reason. HF Llama and ZAYA
+``generate`` with the model compiled by ``backend="ccgqa"`` give eager's greedy tokens, and
+the report shows the decode fusion in the decode graphs (and ZAYA's whole CCGQA block in
+its cached prefill).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ccgqa_compile
+from ccgqa_compile import config
+
+from ._backends import ccgqa_without_codegen
+from ._compare import assert_as_close_as_eager, rel_err
+
+
+def repeat_kv(x, groups):
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def hf_decode(q, k, v):
+    """HF's SDPA path for one token: K/V repeated, no mask, not causal."""
+    g = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), is_causal=False)
+
+
+def decode_with_bool_mask(q, k, v):
+    """Speculative tokens at the end of the cache: each sees the cache up to itself."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    pos = torch.arange(t_k - t_q, t_k)
+    mask = torch.arange(t_k)[None, :] <= pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def decode_with_additive_mask(q, k, v):
+    t_q, t_k = q.shape[2], k.shape[2]
+    pos = torch.arange(t_k - t_q, t_k)
+    mask = torch.zeros(t_q, t_k).masked_fill(torch.arange(t_k)[None, :] > pos[:, None], float("-inf"))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+
+
+SPELLINGS = {
+    "hf_one_token": (hf_decode, 1, "sdpa"),
+    "speculative_bool_mask": (decode_with_bool_mask, 3, "sdpa_mask"),
+    "additive_mask_repeat_interleave": (decode_with_additive_mask, 2, "sdpa_mask"),
+}
+
+
+def qkv(t_q, t_k=23, heads=4, kv_heads=2, d=16, batch=2, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(t_q + t_k)
+    q = torch.randn(batch, heads, t_q, d, generator=gen, dtype=dtype)
+    k = torch.randn(batch, kv_heads, t_k, d, generator=gen, dtype=dtype)
+    v = torch.randn(batch, kv_heads, t_k, d, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def compile_and_compare(fn, inputs, dtype=torch.float32, dynamic=None):
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.no_grad():
+        out_c = torch.compile(fn, backend=ccgqa_without_codegen, fullgraph=True, dynamic=dynamic)(*inputs)
+        out_e = fn(*inputs)
+        out_r = fn(*(t.double() for t in inputs))
+    assert_as_close_as_eager(out_c, out_e, out_r, dtype, "decode output")
+    return ccgqa_compile.report()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_decode_spelling_fires_and_matches_eager(name, dtype):
+    fn, t_q, idiom = SPELLINGS[name]
+    rep = compile_and_compare(fn, qkv(t_q, dtype=dtype), dtype)
+    assert rep.idioms() == {("gqa_decode_attention", idiom): 1}, str(rep)
+
+
+def test_decode_over_a_growing_cache_with_dynamic_length():
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(hf_decode, backend=ccgqa_without_codegen)
+    with torch.no_grad():
+        for t_k in (9, 10, 17):  # the second length recompiles with the cache length symbolic
+            q, k, v = qkv(1, t_k)
+            got, want = compiled(q, k, v), hf_decode(q, k, v)
+            assert rel_err(got, want) < 1e-5 and torch.isfinite(got).all()
+    rep = ccgqa_compile.report()
+    assert [g.count("gqa_decode_attention") for g in rep.graphs] == [1, 1], str(rep)
+
+
+class StaticCacheAttention(nn.Module):
+    """gpt-fast's decode step: the new K/V written into static cache buffers with
+    ``index_copy_``, then SDPA over the whole cache with the causal table's rows at the
+    tokens' positions as a bool mask."""
+
+    def __init__(self, batch=2, heads=4, kv_heads=2, d=16, max_len=32):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(batch, kv_heads, max_len, d))
+        self.register_buffer("v_cache", torch.zeros(batch, kv_heads, max_len, d))
+        table = torch.ones(max_len, max_len, dtype=torch.bool).tril()
+        self.register_buffer("causal", table)
+
+    def forward(self, q, k, v, input_pos):
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        mask = self.causal[None, None, input_pos]
+        return F.scaled_dot_product_attention(
+            q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True
+        )
+
+
+def test_static_cache_steps_match_eager_and_fuse():
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    fused, eager = StaticCacheAttention(), StaticCacheAttention()
+    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for pos in range(6):  # the cache fills step by step; each step reads what came before
+            q = torch.randn(2, 4, 1, 16, generator=gen)
+            k, v = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
+            input_pos = torch.tensor([pos])
+            got, want = step(q, k, v, input_pos), eager(q, k, v, input_pos)
+            assert torch.isfinite(got).all()
+            assert rel_err(got, want) < 1e-5, pos
+    assert torch.equal(fused.k_cache, eager.k_cache) and torch.equal(fused.v_cache, eager.v_cache)
+    assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", "sdpa_mask"): 1}
+
+
+def test_op_runs_the_kernel_under_the_interpreter(monkeypatch):
+    """The op's wiring to the kernel (strides, mask broadcast, dtype) on CPU."""
+    monkeypatch.setenv("CCGQA_INTERPRET_KERNELS_ON_CPU", "1")
+    q, k, v = qkv(2, 70, heads=8, kv_heads=2, d=32)
+    mask = torch.rand(2, 1, 2, 70, generator=torch.Generator().manual_seed(1)) < 0.8
+    got = torch.ops.ccgqa.gqa_decode_attention(q, k, v, mask, 0.25)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                          scale=0.25, enable_gqa=True)  # fmt: skip
+    assert rel_err(got, want) < 1e-5
+
+
+def test_op_gradients_match_sdpa():
+    q, k, v = (t.double().requires_grad_() for t in qkv(2, 11))
+    mask = torch.rand(2, 1, 2, 11, generator=torch.Generator().manual_seed(2)) < 0.7
+    mask[..., 0] = True
+
+    def op(q, k, v):
+        return torch.ops.ccgqa.gqa_decode_attention(q, k, v, mask, 0.4)
+
+    assert torch.autograd.gradcheck(op, (q, k, v))
+
+
+NEAR_MISSES = {
+    # SDPA aligns is_causal top-left: with one query token only key 0 is visible
+    "top_left_causal": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        1, "is_causal with query length 1 != key length 40",
+    ),
+    "dropout": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True),
+        1, "dropout_p=0.5",
+    ),
+    "long_query_chunk": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        config.DECODE_MAX_QUERY_LEN + 1, "DECODE_MAX_QUERY_LEN",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(NEAR_MISSES))
+def test_decode_near_miss_is_left_alone(name):
+    fn, t_q, reason = NEAR_MISSES[name]
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    q, k, v = qkv(t_q, t_k=40)
+    with torch.no_grad():
+        torch.compile(fn, backend=ccgqa_without_codegen, fullgraph=True)(q, k, v)
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 0, str(rep)
+    assert any(reason in r.reason for r in rep.rejected), str(rep)
+
+
+def test_training_graph_is_left_to_sdpa():
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    q, k, v = (t.requires_grad_() for t in qkv(1))
+    out = torch.compile(hf_decode, backend=ccgqa_without_codegen, fullgraph=True)(q, k, v)
+    out.sum().backward()
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 0, str(rep)
+    assert any("training graph" in r.reason for r in rep.rejected), str(rep)
+
+
+def test_disabling_the_fusion_keeps_sdpa():
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    config.disabled_fusions.add("gqa_decode_attention")
+    try:
+        with torch.no_grad():
+            torch.compile(hf_decode, backend=ccgqa_without_codegen)(*qkv(1))
+    finally:
+        config.disabled_fusions.discard("gqa_decode_attention")
+    assert ccgqa_compile.report().count("gqa_decode_attention") == 0
+
+
+# ------------------------------------------------------------------ HF generate
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _greedy(model, ids, new_tokens):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)  # fmt: skip
+
+
+def _decode_graph_counts(rep):
+    """Per graph with a decode fusion: its fusion counts."""
+    return [g for g in rep.graphs if g.count("gqa_decode_attention")]
+
+
+def test_llama_generate_greedy_tokens_equal_eager():
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=44, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = _greedy(lm, ids, 6)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = copy.deepcopy(lm)
+    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
+    got = _greedy(compiled, ids, 6)
+    assert torch.equal(got, want), (got, want)
+    rep = ccgqa_compile.report()
+    decode_graphs = _decode_graph_counts(rep)
+    assert decode_graphs, str(rep)
+    for g in decode_graphs:  # every layer's attention, in every decode graph
+        assert g.count("gqa_decode_attention") == 2, str(rep)
+    assert rep.count("gqa_attention") == 2, str(rep)  # the prefill
+
+
+def test_zaya_generate_greedy_tokens_equal_eager():
+    mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
+    from .test_hf_models import randomise_zaya, zaya_config
+
+    cfg = zaya_config(16)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
+    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = _greedy(lm, ids, 5)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = copy.deepcopy(lm)
+    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
+    got = _greedy(compiled, ids, 5)
+    assert torch.equal(got, want), (got, want)
+    rep = ccgqa_compile.report()
+    # prefill with a cache: the whole CCGQA block (the conv state read from its padded
+    # q/k columns stays outside the fused prologue)
+    assert rep.count("ccgqa_block") == 1 and rep.count("ccgqa_prologue") == 1, str(rep)
+    assert _decode_graph_counts(rep), str(rep)
