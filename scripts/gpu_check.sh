@@ -7,6 +7,7 @@
 #   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
 #   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
+#   decode   the decode kernel's cuda tests, then scripts/bench_decode.py (decode steps)
 #   vshift   scripts/bench_value_shift.py (the value shift's cost, moved / merged / as written)
 #   seed     scripts/bench_seed_prologue.py $SEED_ARGS (the seed variant's prologue and module)
 #   prologue scripts/sweep_prologue_bwd.py (backward launch sweep; PROLOGUE_ARGS, and
@@ -40,6 +41,10 @@ for step in ${GPU_STEPS:-tests bench}; do
              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
     sweep) timeout "${SWEEP_TIMEOUT:-400}" python3 scripts/bench_gqa_attention.py --out "$OUT" \
              --sweep ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/sweep.log" | tail -60 ;;
+    decode) python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels/test_gqa_decode_kernels.py \
+             2>&1 | tail -15 | tee "$OUT/decode_tests.log"
+            timeout "${DECODE_TIMEOUT:-480}" python3 scripts/bench_decode.py --out "$OUT" \
+             --workers "${DECODE_WORKERS:-6}" 2>&1 | grep -v -i warn | tee "$OUT/bench_decode.log" | tail -40 ;;
     vshift) timeout "${VSHIFT_TIMEOUT:-200}" python3 scripts/bench_value_shift.py 2>&1 \
              | grep -v -i warn | tee "$OUT/value_shift.log" | tail -30 ;;
     prologue) timeout "${PROLOGUE_TIMEOUT:-400}" python3 scripts/sweep_prologue_bwd.py --out "$OUT" \

@@ -1,0 +1,156 @@
+"""Decode-step benchmark: one attention layer decoding with a static KV cache (gpt-fast's
+spelling: in-place cache writes, a bool row of a causal table as the mask, K/V repeated
+for SDPA as HF does), at ZAYA1's widths (E2048; CCGQA: 8 query / 2 kv heads of d128 in the
+compressed space, C=2) against the uncompressed GQA layer of the same width (16 / 4 heads).
+
+Providers: ccgqa (backend="ccgqa"), inductor (default torch.compile) on the CCGQA layer,
+and inductor on the uncompressed layer (its SDPA picks its best backend). Each step is one
+CUDA-graph replay; time is the median of replays (triton.testing.do_bench). Bytes: the K/V
+cache read once plus the weights; GB/s beside each time, and the device's copy bandwidth
+measured in the same process.
+
+    python scripts/bench_decode.py --out OUT              # every case, warm then time
+    python scripts/bench_decode.py --one ccgqa,16,32768   # one case, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E, D, MAX_NEW = 2048, 128, 8
+LAYERS = {"ccgqa": (8, 2), "uncompressed": (16, 4)}  # (query heads, kv heads)
+PROVIDERS = {"ccgqa": ("ccgqa", "ccgqa"), "inductor": ("ccgqa", "inductor"),
+             "uncompressed": ("uncompressed", "inductor")}  # fmt: skip
+BATCHES, CONTEXTS = (1, 16, 64), (4096, 32768)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DecodeAttention(nn.Module):
+    def __init__(self, heads, kv_heads, batch, max_len, dtype):
+        super().__init__()
+        self.h, self.hkv = heads, kv_heads
+        self.q = nn.Linear(E, heads * D, bias=False)
+        self.k = nn.Linear(E, kv_heads * D, bias=False)
+        self.v = nn.Linear(E, kv_heads * D, bias=False)
+        self.o = nn.Linear(heads * D, E, bias=False)
+        self.register_buffer("k_cache", torch.randn(batch, kv_heads, max_len, D, dtype=dtype))
+        self.register_buffer("v_cache", torch.randn(batch, kv_heads, max_len, D, dtype=dtype))
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+        inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+        freqs = torch.outer(torch.arange(max_len).float(), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(dtype))
+        self.register_buffer("sin", emb.sin().to(dtype))
+
+    def forward(self, x, input_pos):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, D).transpose(1, 2)
+        k = self.k(x).view(b, t, self.hkv, D).transpose(1, 2)
+        v = self.v(x).view(b, t, self.hkv, D).transpose(1, 2)
+        cos, sin = self.cos[input_pos][None, None], self.sin[input_pos][None, None]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        g = self.h // self.hkv
+        kr = self.k_cache[:, :, None].expand(b, self.hkv, g, -1, D).reshape(b, self.h, -1, D)
+        vr = self.v_cache[:, :, None].expand(b, self.hkv, g, -1, D).reshape(b, self.h, -1, D)
+        mask = self.causal[None, None, input_pos]
+        y = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.h * D))
+
+
+def one(provider: str, batch: int, context: int) -> dict:
+    import triton
+
+    import ccgqa_compile
+
+    torch.manual_seed(0)
+    layer_kind, backend = PROVIDERS[provider]
+    heads, kv_heads = LAYERS[layer_kind]
+    dtype = torch.bfloat16
+    model = DecodeAttention(heads, kv_heads, batch, context, dtype).cuda().to(dtype)
+    x = torch.randn(batch, 1, E, device="cuda", dtype=dtype)
+    pos = torch.tensor([context - MAX_NEW], device="cuda")
+    step = torch.compile(model, backend=backend, fullgraph=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        step(x, pos)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        for _ in range(3):
+            step(x, pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(x, pos)
+    ms = triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+    cache_bytes = 2 * batch * kv_heads * context * D * 2
+    weight_bytes = sum(p.numel() for p in model.parameters()) * 2
+    big = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy_ms = triton.testing.do_bench(lambda: big.clone(), warmup=10, rep=100, return_mode="median")
+    copy_gbs = 2 * big.numel() / copy_ms / 1e6
+    gbs = (cache_bytes + weight_bytes) / ms / 1e6
+    rep = ccgqa_compile.report() if backend == "ccgqa" else None
+    return {
+        "provider": provider, "batch": batch, "context": context, "ms": ms,
+        "tokens_per_s": batch / ms * 1e3, "gb_per_s": gbs, "copy_gb_per_s": copy_gbs,
+        "fraction_of_copy": gbs / copy_gbs, "kv_bytes_per_token": 2 * kv_heads * D * 2,
+        "compile_s": compile_s, "counts": rep.counts() if rep else None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--workers", type=int, default=8)
+    args = ap.parse_args()
+    if args.one:
+        p, b, c = args.one.split(",")
+        print("RESULT " + json.dumps(one(p, int(b), int(c))))
+        return
+    cases = [(p, b, c) for c in CONTEXTS for b in BATCHES for p in PROVIDERS]
+
+    def run(case):
+        cmd = [sys.executable, __file__, "--one", ",".join(map(str, case))]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            return {"case": case, "error": out.stderr[-1500:]}
+        return json.loads(lines[0][7:])
+
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:  # warm the caches
+        cold = list(pool.map(run, cases))
+    results = [run(case) for case in cases]  # then time one process at a time
+    for r, c in zip(results, cold):
+        r["first_call_cold_s"] = c.get("compile_s")
+    json.dump(results, open(os.path.join(args.out, "bench_decode.json"), "w"), indent=1)
+    base = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "inductor"}
+    unc = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "uncompressed"}
+    print("provider      B  context     ms   tok/s    GB/s  %copy  vs inductor  vs uncompressed  compile s")
+    for r in results:
+        if "error" in r:
+            print("ERROR", r["case"], r["error"])
+            continue
+        key = (r["batch"], r["context"])
+        print(f"{r['provider']:<12} {r['batch']:>2} {r['context']:>8} {r['ms']:7.4f} {r['tokens_per_s']:8.0f} "
+              f"{r['gb_per_s']:7.0f} {100 * r['fraction_of_copy']:5.1f}  {base[key]['ms'] / r['ms']:10.2f}x "
+              f"{unc[key]['ms'] / r['ms']:14.2f}x  {r.get('first_call_cold_s') or 0:8.1f}")  # fmt: skip
+    print("counts (ccgqa):", next(r["counts"] for r in results if r.get("provider") == "ccgqa"))
+
+
+if __name__ == "__main__":
+    main()
