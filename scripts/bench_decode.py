@@ -78,6 +78,7 @@ def one(provider: str, batch: int, context: int) -> dict:
 
     import ccgqa_compile
 
+    ccgqa_compile.reset_report()
     torch.manual_seed(0)
     layer_kind, backend = PROVIDERS[provider]
     heads, kv_heads = LAYERS[layer_kind]
@@ -117,12 +118,31 @@ def main() -> None:
     ap.add_argument("--one")
     ap.add_argument("--out", default=".")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--in-process", action="store_true", help="one process, in order")
+    ap.add_argument("--deadline-s", type=float, default=1e9)
     args = ap.parse_args()
     if args.one:
         p, b, c = args.one.split(",")
         print("RESULT " + json.dumps(one(p, int(b), int(c))))
         return
-    cases = [(p, b, c) for c in CONTEXTS for b in BATCHES for p in PROVIDERS]
+    order = [(16, 32768), (64, 32768), (1, 4096), (64, 4096), (1, 32768), (16, 4096)]
+    cases = [(p, b, c) for b, c in order for p in PROVIDERS]
+    if args.in_process:  # one process, cases in order until the deadline
+        start, results = time.perf_counter(), []
+        for case in cases:
+            if time.perf_counter() - start > args.deadline_s:
+                break
+            torch._dynamo.reset()
+            try:
+                r = one(*case)
+            except Exception as why:  # noqa: BLE001 - report and go on
+                r = {"case": case, "error": repr(why)[:500]}
+            r["first_call_cold_s"] = r.get("compile_s")
+            print("CASE", json.dumps(r), flush=True)
+            results.append(r)
+            torch.cuda.empty_cache()
+        _print(results, args.out)
+        return
 
     def run(case):
         cmd = [sys.executable, __file__, "--one", ",".join(map(str, case))]
@@ -137,7 +157,11 @@ def main() -> None:
     results = [run(case) for case in cases]  # then time one process at a time
     for r, c in zip(results, cold):
         r["first_call_cold_s"] = c.get("compile_s")
-    json.dump(results, open(os.path.join(args.out, "bench_decode.json"), "w"), indent=1)
+    _print(results, args.out)
+
+
+def _print(results: list[dict], out_dir: str) -> None:
+    json.dump(results, open(os.path.join(out_dir, "bench_decode.json"), "w"), indent=1)
     base = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "inductor"}
     unc = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "uncompressed"}
     print("provider      B  context     ms   tok/s    GB/s  %copy  vs inductor  vs uncompressed  compile s")
@@ -146,10 +170,12 @@ def main() -> None:
             print("ERROR", r["case"], r["error"])
             continue
         key = (r["batch"], r["context"])
+        if key not in base or key not in unc:
+            continue
         print(f"{r['provider']:<12} {r['batch']:>2} {r['context']:>8} {r['ms']:7.4f} {r['tokens_per_s']:8.0f} "
               f"{r['gb_per_s']:7.0f} {100 * r['fraction_of_copy']:5.1f}  {base[key]['ms'] / r['ms']:10.2f}x "
               f"{unc[key]['ms'] / r['ms']:14.2f}x  {r.get('first_call_cold_s') or 0:8.1f}")  # fmt: skip
-    print("counts (ccgqa):", next(r["counts"] for r in results if r.get("provider") == "ccgqa"))
+    print("counts (ccgqa):", next((r["counts"] for r in results if r.get("provider") == "ccgqa"), None))
 
 
 if __name__ == "__main__":
