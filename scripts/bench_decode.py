@@ -86,7 +86,8 @@ def one(provider: str, batch: int, context: int) -> dict:
     model = DecodeAttention(heads, kv_heads, batch, context, dtype).cuda().to(dtype)
     x = torch.randn(batch, 1, E, device="cuda", dtype=dtype)
     pos = torch.tensor([context - MAX_NEW], device="cuda")
-    step = torch.compile(model, backend=backend, fullgraph=True)
+    compiler = ccgqa_compile.ccgqa_backend if backend == "ccgqa" else "inductor"
+    step = torch.compile(model, backend=compiler, fullgraph=True)
     t0 = time.perf_counter()
     with torch.no_grad():
         step(x, pos)
