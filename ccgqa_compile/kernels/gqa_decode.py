@@ -43,6 +43,9 @@ def _decode_split_kernel(
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
+    # Inductor may type a Python float argument as fp64: the loop-carried row max must
+    # stay fp32
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     split = tl.program_id(0)
     batch_head = tl.program_id(1)
     row_block = tl.program_id(2)
