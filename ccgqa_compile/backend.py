@@ -65,17 +65,29 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
         patches.update(list_mode_options(kwargs["mode"]))
     patches.update(options)
     patches.update(_pass_patches(disabled))
+    from ._inductor_compat import current_compile_id
+
     piece = _ddp_piece(gm)
-    before = len(reporting.report().graphs)
+    before = len(reporting.recorded_graphs())
     from .passes import recognition_runs
+    from .passes.common import discard_pending, record_cached_joint
 
     runs = recognition_runs()
-    compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
+    try:
+        compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
+    except BaseException:
+        discard_pending(current_compile_id())  # an abandoned attempt (Dynamo restarts it)
+        raise
     if recognition_runs() == runs:
         _record_cache_hit()
-    records = reporting.report().graphs[before:]
+    else:
+        record_cached_joint(current_compile_id())
+    # this graph's records (a split graph's pieces share its compile id)
+    compile_id = current_compile_id()
+    graphs = reporting.recorded_graphs()
+    records = [g for g in graphs[before:] if g.compile_id == compile_id]
     if piece is not None:
-        _mark_ddp_piece(records, reporting.report().graphs[:before], *piece)
+        _mark_ddp_piece(records, graphs[:before], *piece)
     return _run_tracking_modules(compiled, records) if records else compiled
 
 

@@ -151,28 +151,19 @@ class FusionReport:
 _REPORT = FusionReport()
 
 
-# callables that record what the passes saw but no joint-graph hook recorded yet (graphs
-# whose compiled code Inductor loaded from its cache); set by the passes, run by report()
-_drains: list = []
-
-
-def register_drain(drain) -> None:
-    if drain not in _drains:
-        _drains.append(drain)
-
-
 def report() -> FusionReport:
     """The fusion report of every graph compiled since the last ``reset_report()``,
     including graphs whose compiled code Inductor loaded from its cache (``from_cache``:
-    the recognition ran on them before the cache lookup)."""
-    for drain in _drains:
-        drain()
+    the recognition ran on them before the cache lookup; with ``backend="ccgqa"``)."""
     return _REPORT
 
 
+def recorded_graphs() -> list[GraphRecord]:
+    """The records so far."""
+    return _REPORT.graphs
+
+
 def reset_report() -> None:
-    for drain in _drains:
-        drain()
     _REPORT.graphs.clear()
 
 

@@ -16,6 +16,13 @@ compiling step), CUDA when present.
     python examples/train_ccgqa_lm.py
     python examples/train_ccgqa_lm.py --compare
     python examples/train_ccgqa_lm.py --device cuda --dtype bf16 --steps 1000 --dim 512
+
+Several processes (gloo on CPU, NCCL on GPUs, one GPU per process): ``--ddp`` wraps the model
+in DistributedDataParallel, ``--fsdp`` shards each block and the root with FSDP2's
+``fully_shard``, then compiles it. ``--batch`` is per process; each process trains on its
+own slice of one global batch; rank 0 prints and writes the outputs.
+
+    torchrun --nproc-per-node 2 examples/train_ccgqa_lm.py --fsdp
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -183,6 +191,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also train in eager mode and under Inductor default; print speed ratios",
     )
+    parallel = run.add_mutually_exclusive_group()
+    parallel.add_argument(
+        "--ddp",
+        action="store_true",
+        help="under torchrun: DistributedDataParallel (gloo on CPU, NCCL on GPUs)",
+    )
+    parallel.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: FSDP2, fully_shard on each block and the root",
+    )
     run.add_argument("--out", default="runs/train_ccgqa_lm", help="folder for the PNG and JSON")
     run.add_argument(
         "--sample", type=int, default=200, help="bytes of text to generate at the end (0: none)"
@@ -234,20 +253,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seq + 1 > corpus_bytes:
         ap.error(f"--seq {args.seq} is longer than the corpus ({corpus_bytes} bytes) allows")
 
+    args.parallel = "ddp" if args.ddp else "fsdp" if args.fsdp else None
+    if args.parallel:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            ap.error(
+                f"--{args.parallel} runs one process per device under torchrun: "
+                f"torchrun --nproc-per-node N examples/train_ccgqa_lm.py --{args.parallel}"
+            )
+        if args.compare:
+            ap.error(f"--compare runs in one process, not with --{args.parallel}")
+        if kind == "cuda":
+            if index:
+                ap.error(f"--device {args.device}: with --{args.parallel} each process "
+                         "takes the GPU of its local rank; pass --device cuda")  # fmt: skip
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                ap.error(f"local rank {local}: only {torch.cuda.device_count()} GPU(s) visible")
+            args.device = f"cuda:{local}"
+
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         ap.error(f"--out {args.out} exists and is not a folder")
     return args
 
 
+# ---------------------------------------------------------------------- several processes
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def parallelize(model: CCGQALM, args: argparse.Namespace) -> nn.Module:
+    """``--ddp``: the model wrapped in DDP (to be compiled whole; DDPOptimizer splits the
+    graph at DDP's bucket boundaries). ``--fsdp``: each block, then the root, sharded with
+    FSDP2 in place (Dynamo then compiles one graph per block code, run for every block)."""
+    if args.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch.device(args.device).index] if args.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 # --------------------------------------------------------------------------- data, timing
 
 
 def batch_starts(corpus_len: int, args: argparse.Namespace) -> list[torch.Tensor]:
-    """Offsets of every batch of the run, drawn once so that every provider sees the same."""
+    """Offsets of every batch of the run, drawn once so that every provider sees the same.
+    Under torchrun: one global batch of world x --batch per step, this rank's slice."""
+    rank, world = rank_and_world()
     generator = torch.Generator().manual_seed(args.seed)
     high = corpus_len - args.seq  # a window of seq + 1 bytes: inputs and shifted targets
-    return [torch.randint(0, high, (args.batch,), generator=generator) for _ in range(args.steps)]
+    mine = slice(rank * args.batch, (rank + 1) * args.batch)
+    return [
+        torch.randint(0, high, (args.batch * world,), generator=generator)[mine]
+        for _ in range(args.steps)
+    ]
 
 
 def get_batch(data: torch.Tensor, starts: torch.Tensor, seq: int, device: str):
@@ -278,7 +347,22 @@ class PlainProgress:
         pass
 
 
+class Silent(PlainProgress):
+    """The progress of a rank other than 0: nothing printed."""
+
+    def __init__(self):
+        super().__init__(1, "")
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+
 def progress(total: int, desc: str):
+    if rank_and_world()[0] != 0:
+        return Silent()
     if tqdm is None:
         return PlainProgress(total, desc)
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
@@ -309,15 +393,15 @@ def train(provider: str, args: argparse.Namespace, data: torch.Tensor, starts) -
     torch._dynamo.reset()  # each provider compiles from scratch
     torch.manual_seed(args.seed)
     model = build_model(args).to(device=args.device, dtype=DTYPES[args.dtype])
+    step_model = parallelize(model, args) if args.parallel else model
     if provider == "ccgqa":
-        step_model = torch.compile(model, backend="ccgqa")
+        step_model = torch.compile(step_model, backend="ccgqa")
         ccgqa_compile.reset_report()
     elif provider == "inductor":
-        step_model = torch.compile(model)
-    else:
-        step_model = model
+        step_model = torch.compile(step_model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    tokens = args.batch * args.seq
+    rank, world = rank_and_world()
+    tokens = args.batch * args.seq * world
     losses, seconds = [], []
     bar = progress(args.steps, desc=f"{provider:>8}")
     with no_compile_caches():
@@ -331,6 +415,10 @@ def train(provider: str, args: argparse.Namespace, data: torch.Tensor, starts) -
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if world > 1:  # the global batch's loss: the mean of the ranks'
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
             losses.append(loss.item())  # .item() waits for the device
             seconds.append(time.perf_counter() - start)
             bar.set_postfix_str(f"loss {losses[-1]:.3f}  {tokens / seconds[-1]:,.0f} tok/s")
@@ -340,7 +428,7 @@ def train(provider: str, args: argparse.Namespace, data: torch.Tensor, starts) -
                 bar.write(str(ccgqa_compile.report()))
                 bar.write(f"expected per training graph: {model.expected_fusions()}")
     bar.close()
-    if not all(math.isfinite(v) for v in losses):
+    if rank == 0 and not all(math.isfinite(v) for v in losses):
         print(f"warning: {provider} loss went non-finite; try a lower --lr", file=sys.stderr)
     warm = statistics.median(seconds[1:])
     tail = losses[-max(1, args.steps // 10) :]
@@ -415,10 +503,19 @@ def main(argv: list[str] | None = None) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.parallel:
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     try:
-        return run_job(args)
+        if rank_and_world()[0] == 0:
+            return run_job(args)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return run_job(args)  # every rank trains (and samples: FSDP2 gathers weights)
     finally:
         torch.set_num_threads(threads)
+        if args.parallel:
+            dist.destroy_process_group()
 
 
 def run_job(args: argparse.Namespace) -> dict:
@@ -442,6 +539,12 @@ def run_job(args: argparse.Namespace) -> dict:
         f"{args.seq} bytes; {args.dtype} on {device_name}"
         + (f", {torch.get_num_threads()} CPU thread(s)" if args.device == "cpu" else "")
     )
+    rank, world = rank_and_world()
+    if args.parallel:
+        print(
+            f"{args.parallel.upper()} over {world} processes ({dist.get_backend()}): each step "
+            f"{world} x {args.batch} sequences; the report and outputs are rank 0's"
+        )
     if args.device != "cpu" and args.head_dim not in KERNEL_HEAD_DIMS:
         print(f"note: head dim {args.head_dim} runs the attention op's composite, not Triton")
 
@@ -500,13 +603,15 @@ def run_job(args: argparse.Namespace) -> dict:
         sample = generate(runs["ccgqa"]["model"], prompt, args.sample, args.seq, args.device, 0)
         print(f"\nsample from the trained model:\n{sample}\n")
 
-    config = {k: v for k, v in vars(args).items()}
+    # the --ddp / --fsdp switches are logged when used (a plain run's log stays as it was)
+    switches = () if args.parallel else ("ddp", "fsdp", "parallel")
+    config = {k: v for k, v in vars(args).items() if k not in switches}
     title = (
         f"CCGQA LM {args.layers}x{args.dim}, heads {args.heads}/{args.kv_heads}, d "
         f"{args.head_dim}, {args.batch}x{args.seq} bytes, {args.dtype} on {device_name}"
     )
     png = out / "loss_curve.png"
-    wrote_png = plot(runs, png, title)
+    wrote_png = rank == 0 and plot(runs, png, title)
     log = {
         "script": "examples/train_ccgqa_lm.py",
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -530,9 +635,16 @@ def run_job(args: argparse.Namespace) -> dict:
         "sample": sample,
         "loss_curve_png": str(png) if wrote_png else None,
     }
-    log_path = out / "train_log.json"
-    log_path.write_text(json.dumps(log, indent=1) + "\n")
-    print(f"wrote {log_path}" + (f" and {png}" if wrote_png else ""))
+    if args.parallel:
+        log["distributed"] = {
+            "mode": args.parallel,
+            "world_size": world,
+            "backend": dist.get_backend(),
+        }
+    if rank == 0:
+        log_path = out / "train_log.json"
+        log_path.write_text(json.dumps(log, indent=1) + "\n")
+        print(f"wrote {log_path}" + (f" and {png}" if wrote_png else ""))
     return log
 
 

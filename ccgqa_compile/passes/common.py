@@ -147,33 +147,29 @@ _pending: list[tuple[str, str, tuple[Any, ...]]] = []
 
 
 def flush_pending_reports() -> None:
-    """The joint-graph pass of the current graph: record its pre-grad events. Events of
-    other graphs still waiting are graphs whose joint pass never ran (loaded from
-    Inductor's cache): they are recorded first, as such."""
+    """The joint-graph pass of the current graph: record its pre-grad events."""
     compile_id = current_compile_id()
     mine = [e for e in _pending if e[0] == compile_id]
-    others = [e for e in _pending if e[0] != compile_id]
-    _pending.clear()
-    _record_from_cache(others)
+    _pending[:] = [e for e in _pending if e[0] != compile_id]
     _record(mine)
 
 
-def record_cached_graphs() -> None:
-    """Record the graphs whose joint pass did not run: Inductor loaded their compiled code
-    from its cache, with our rewrite in it (the pre-grad pass runs before the cache
-    lookup, so what it replaced is known)."""
-    waiting = list(_pending)
-    _pending.clear()
-    _record_from_cache(waiting)
+def record_cached_joint(compile_id: str) -> None:
+    """After a successful compile: events still waiting for ``compile_id`` belong to a
+    graph whose joint pass did not run (Inductor loaded its compiled code from its cache,
+    with our rewrite in it: the pre-grad pass runs before that lookup)."""
+    events = [e for e in _pending if e[0] == compile_id]
+    if not events:
+        return
+    discard_pending(compile_id)
+    kind = next((a[0] for _c, k, a in events if k == "graph_kind"), "inference")
+    record = report.start_graph(compile_id, kind)
+    record.from_cache = True
+    _record(events)
 
 
-def _record_from_cache(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
-    for compile_id in dict.fromkeys(e[0] for e in events):
-        graph_events = [e for e in events if e[0] == compile_id]
-        kind = next((a[0] for _c, k, a in graph_events if k == "graph_kind"), "inference")
-        record = report.start_graph(compile_id, kind)
-        record.from_cache = True
-        _record(graph_events)
+def discard_pending(compile_id: str) -> None:
+    _pending[:] = [e for e in _pending if e[0] != compile_id]
 
 
 def _record(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
@@ -191,8 +187,6 @@ def _record(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
         else:
             report.record_unfused(*args)
 
-
-report.register_drain(record_cached_graphs)
 
 
 def inputs_of(node: Node) -> list[Node]:
