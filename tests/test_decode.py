@@ -232,6 +232,18 @@ def _decode_graph_counts(rep):
     return [g for g in rep.graphs if g.count("gqa_decode_attention")]
 
 
+def _generate_compiled_and_eager(lm, ids, new_tokens):
+    """Greedy tokens of ``lm`` compiled with backend="ccgqa" equal eager's; the report."""
+    want = _greedy(lm, ids, new_tokens)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = copy.deepcopy(lm)
+    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
+    got = _greedy(compiled, ids, new_tokens)
+    assert torch.equal(got, want), (got, want)
+    return ccgqa_compile.report()
+
+
 def test_llama_generate_greedy_tokens_equal_eager():
     cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=44, num_hidden_layers=2,
@@ -241,14 +253,7 @@ def test_llama_generate_greedy_tokens_equal_eager():
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
-    want = _greedy(lm, ids, 6)
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
-    compiled = copy.deepcopy(lm)
-    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
-    got = _greedy(compiled, ids, 6)
-    assert torch.equal(got, want), (got, want)
-    rep = ccgqa_compile.report()
+    rep = _generate_compiled_and_eager(lm, ids, 6)
     decode_graphs = _decode_graph_counts(rep)
     assert decode_graphs, str(rep)
     for g in decode_graphs:  # every layer's attention, in every decode graph
@@ -265,14 +270,7 @@ def test_zaya_generate_greedy_tokens_equal_eager():
     torch.manual_seed(0)
     lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
     ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
-    want = _greedy(lm, ids, 5)
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
-    compiled = copy.deepcopy(lm)
-    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
-    got = _greedy(compiled, ids, 5)
-    assert torch.equal(got, want), (got, want)
-    rep = ccgqa_compile.report()
+    rep = _generate_compiled_and_eager(lm, ids, 5)
     # prefill with a cache: the whole CCGQA block (the conv state read from its padded
     # q/k columns stays outside the fused prologue)
     assert rep.count("ccgqa_block") == 1 and rep.count("ccgqa_prologue") == 1, str(rep)
