@@ -66,37 +66,34 @@ def ccgqa_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs:
     patches.update(options)
     patches.update(_pass_patches(disabled))
     from ._inductor_compat import current_compile_id
-
-    piece = _ddp_piece(gm)
-    before = len(reporting.recorded_graphs())
     from .passes import recognition_runs
     from .passes.common import discard_pending, record_cached_joint
 
+    compile_id = current_compile_id()
+    piece = _ddp_piece(gm)
+    graphs = reporting.report().graphs
+    before = len(graphs)
     runs = recognition_runs()
     try:
         compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_inner_compile)
     except BaseException:
-        discard_pending(current_compile_id())  # an abandoned attempt (Dynamo restarts it)
+        discard_pending(compile_id)  # an abandoned attempt (Dynamo restarts it)
         raise
     if recognition_runs() == runs:
-        _record_cache_hit()
+        _record_cache_hit(compile_id)
     else:
-        record_cached_joint(current_compile_id())
+        record_cached_joint(compile_id)
     # this graph's records (a split graph's pieces share its compile id)
-    compile_id = current_compile_id()
-    graphs = reporting.recorded_graphs()
     records = [g for g in graphs[before:] if g.compile_id == compile_id]
     if piece is not None:
         _mark_ddp_piece(records, graphs[:before], *piece)
     return _run_tracking_modules(compiled, records) if records else compiled
 
 
-def _record_cache_hit() -> None:
+def _record_cache_hit(compile_id: str) -> None:
     """The graph came whole from a compile cache (AOTAutograd's): no pass ran on it, so
     the report can only say so."""
-    from ._inductor_compat import current_compile_id
-
-    record = reporting.start_graph(current_compile_id(), "unknown")
+    record = reporting.start_graph(compile_id, "unknown")
     record.from_cache = True
     record.note = ("loaded whole from the compile cache: the fusions in it are not known here "
                    "(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 recompiles and reports them)")  # fmt: skip

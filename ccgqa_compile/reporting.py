@@ -158,11 +158,6 @@ def report() -> FusionReport:
     return _REPORT
 
 
-def recorded_graphs() -> list[GraphRecord]:
-    """The records so far."""
-    return _REPORT.graphs
-
-
 def reset_report() -> None:
     _REPORT.graphs.clear()
 

@@ -82,15 +82,3 @@ def _backward(ctx, grad_o: Tensor):
 
 gqa_decode_attention.register_autograd(_backward, setup_context=_setup_context)
 
-
-def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """None when (q, k, v) pair as the op reads them, else why not."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-D (B, H, T, D)"
-    if k.shape != v.shape:
-        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        return f"q {tuple(q.shape)} and k {tuple(k.shape)} do not pair"
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads"
-    return None

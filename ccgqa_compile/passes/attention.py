@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
-from .common import GraphContext, float_literals, is_elementwise, snap
+from .common import GraphContext, float_literals, is_elementwise, is_training_graph, snap
 from .evaluate import Evaluator, Probes, agree, real_tensors
 from .fx_util import (
     SDPA,
@@ -266,20 +266,23 @@ def _sdpa_operands(ctx: GraphContext, args: dict[str, Any]) -> tuple[Node, Node,
     return q, k, v
 
 
+def _dropout_or_scale_problem(args: dict[str, Any]) -> str | None:
+    dropout, scale = args["dropout_p"], args["scale"]
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        return f"dropout_p={dropout} (attention dropout is not fused)"
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale is not a constant"
+    return None
+
+
 def _sdpa_semantics(ctx: GraphContext, args: dict[str, Any]) -> str | None:
     """None for a causal SDPA without dropout over equal lengths (mask kind in
     ``args["_mask_kind"]``), else why not."""
     qv, kv = tensor_value(args["query"]), tensor_value(args["key"])
-    dropout = args["dropout_p"]
-    if not (isinstance(dropout, (int, float)) and dropout == 0):
-        return f"dropout_p={dropout} (attention dropout is not fused)"
-    scale = args["scale"]
-    if scale is not None and not isinstance(scale, (int, float)):
-        return "scale is not a constant"
-    t, t_k = qv.shape[2], kv.shape[2]
-    if not same_size(t_k, t):
-        relation = "!=" if isinstance(t, int) and isinstance(t_k, int) else "not known to equal"
-        return f"query length {t} {relation} key length {t_k} (a causal mask is then top-left aligned)"
+    problem = _dropout_or_scale_problem(args)
+    if problem is not None:
+        return problem
+    t, t_k = qv.shape[2], kv.shape[2]  # equal: unequal lengths went to _sdpa_decode
     mask = args["attn_mask"]
     args["_mask_kind"] = None
     if mask is not None:
@@ -345,16 +348,24 @@ def _is_decode(q: Node, k: Node) -> bool:
     return not same_size(t_q, t_k)
 
 
-def _decode_problem(ctx: GraphContext, q: Node, mask: Any, training: bool) -> str | None:
-    """None when a decode-step attention may become our op (its function is SDPA's, no
+def _decode_problem(ctx: GraphContext, q: Node, k: Node, args: dict[str, Any]) -> str | None:
+    """None when a decode-step SDPA may become our op (its function is SDPA's, no
     causality to prove), else why not."""
-    if not ctx.decode:
-        return "gqa_decode_attention is disabled"
+    problem = _dropout_or_scale_problem(args)
+    if problem is not None:
+        return problem
     qv = tensor_value(q)
     t_q, d = qv.shape[2], qv.shape[3]
+    if args["is_causal"] is True:
+        t_k = tensor_value(k).shape[2]
+        relation = "!=" if isinstance(t_q, int) and isinstance(t_k, int) else "not known to equal"
+        return (f"is_causal with query length {t_q} {relation} key length {t_k}: SDPA aligns "
+                "that mask top-left, not at a cache's end; left to SDPA")  # fmt: skip
+    if not ctx.decode:
+        return "gqa_decode_attention is disabled"
     if not isinstance(d, int):
         return "head dim is symbolic"
-    if training:
+    if is_training_graph(ctx.graph):
         return "a query length != key length in a training graph: left to SDPA"
     if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
         return (f"{t_q} query tokens over a cache: more than config.DECODE_MAX_QUERY_LEN="
@@ -364,6 +375,7 @@ def _decode_problem(ctx: GraphContext, q: Node, mask: Any, training: bool) -> st
 
         if d not in KERNEL_HEAD_DIMS:
             return f"head dim {d} has no decode kernel; left to SDPA"
+    mask = args["attn_mask"]
     if mask is not None:
         if not isinstance(mask, Node):
             return "attn_mask is not a tensor"
@@ -378,34 +390,15 @@ def _decode_problem(ctx: GraphContext, q: Node, mask: Any, training: bool) -> st
 def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args) -> None:
     """An SDPA call of a decode step (query length != key length) -> gqa_decode_attention,
     which computes the same function without repeating K/V."""
-    dropout, scale = args["dropout_p"], args["scale"]
-    if not (isinstance(dropout, (int, float)) and dropout == 0):
-        reason = f"dropout_p={dropout} (attention dropout is not fused)"
-    elif scale is not None and not isinstance(scale, (int, float)):
-        reason = "scale is not a constant"
-    elif args["is_causal"] is True:
-        t_q, t_k = tensor_value(q).shape[2], tensor_value(k).shape[2]
-        relation = "!=" if isinstance(t_q, int) and isinstance(t_k, int) else "not known to equal"
-        reason = (f"is_causal with query length {t_q} {relation} key length {t_k}: SDPA aligns "
-                  "that mask top-left, not at a cache's end; left to SDPA")  # fmt: skip
-    else:
-        reason = _decode_problem(ctx, q, args["attn_mask"], _training(ctx.graph))
+    reason = _decode_problem(ctx, q, k, args)
     if reason is not None:
         ctx.rejected(DECODE_FUSION, "sdpa", node, reason)
         return
-    d = tensor_value(q).shape[3]
+    d, scale = tensor_value(q).shape[3], args["scale"]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = args["attn_mask"]
     _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
     ctx.fused(DECODE_FUSION, "sdpa" + ("_mask" if mask is not None else ""))
-
-
-def _training(graph: torch.fx.Graph) -> bool:
-    """Whether AOTAutograd will build a joint graph: grad mode on and a graph input that
-    requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(n.op == "placeholder" and requires_grad(n) for n in graph.nodes)
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -440,18 +433,18 @@ def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast, decode: bool = False) 
             for x in ins:
                 x.meta["ccgqa_autocast"] = True
             new.extend(ins)
-        if decode:
+        if decode:  # one output: no logsumexp is kept for a backward
             op = out = graph.call_function(
                 torch.ops.ccgqa.gqa_decode_attention.default, (*ins, mask, scale)
             )
             new.append(op)
-        elif mask is None:
-            op = graph.call_function(torch.ops.ccgqa.gqa_attention.default, (*ins, scale))
         else:
-            op = graph.call_function(
-                torch.ops.ccgqa.gqa_attention_masked.default, (*ins, mask, scale)
-            )
-        if not decode:
+            if mask is None:
+                op = graph.call_function(torch.ops.ccgqa.gqa_attention.default, (*ins, scale))
+            else:
+                op = graph.call_function(
+                    torch.ops.ccgqa.gqa_attention_masked.default, (*ins, mask, scale)
+                )
             out = graph.call_function(operator.getitem, (op, 0))
             new.extend([op, out])
     _propagate_fake(graph, new)

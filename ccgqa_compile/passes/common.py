@@ -133,13 +133,16 @@ def flush_to_report(ctx: GraphContext) -> None:
     ctx.events.clear()
 
 
-def _graph_kind(graph: torch.fx.Graph) -> str:
-    """What AOTAutograd will make of the graph: a joint "training" graph when grad mode is
-    on and an input requires grad, else "inference"."""
-    training = torch.is_grad_enabled() and any(
+def is_training_graph(graph: torch.fx.Graph) -> bool:
+    """Whether AOTAutograd will build a joint graph: grad mode on and a graph input that
+    requires grad."""
+    return torch.is_grad_enabled() and any(
         n.op == "placeholder" and getattr(value(n), "requires_grad", False) for n in graph.nodes
     )
-    return "training" if training else "inference"
+
+
+def _graph_kind(graph: torch.fx.Graph) -> str:
+    return "training" if is_training_graph(graph) else "inference"
 
 
 # pre-grad events wait here until the joint-graph pass opens the graph's report record
@@ -186,7 +189,6 @@ def _record(events: list[tuple[str, str, tuple[Any, ...]]]) -> None:
                 record.note = args[0]
         else:
             report.record_unfused(*args)
-
 
 
 def inputs_of(node: Node) -> list[Node]:

@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from .. import config
 from .attention import Site, layer_ancestors
-from .common import GraphContext, float_literals
+from .common import GraphContext, float_literals, is_training_graph
 from .evaluate import Evaluator, agree, constant_value, real_tensors
 from .fx_util import (
     CONV1D,
@@ -47,7 +47,6 @@ from .fx_util import (
     requires_grad,
     same_size,
     tensor_value,
-    value,
 )
 from .region import Region, Rejected, emit
 from .rope import _table_options
@@ -650,7 +649,7 @@ def recognise(ctx: GraphContext, site: Site) -> None:
     if isinstance(chosen, str):
         ctx.rejected(FUSION, "prologue", site.anchor, chosen)
         return
-    if chosen.kind == "seed" and _training(ctx) and not config.SEED_PROLOGUE_IN_TRAINING:
+    if chosen.kind == "seed" and is_training_graph(ctx.graph) and not config.SEED_PROLOGUE_IN_TRAINING:
         ctx.rejected(FUSION, "seed", site.anchor, "the original project's variant in a training "
                      "graph: left to Inductor (policy config.SEED_PROLOGUE_IN_TRAINING: its "
                      "backward kernels are slower than Inductor's)")  # fmt: skip
@@ -677,16 +676,6 @@ def _moves_data_only(region: Region, node: Node) -> bool:
         if not (is_layout(n) or is_cast(n) or is_basic_index(n) or is_function(n, torch.cat, *PAD)):
             return False
     return True
-
-
-def _training(ctx: GraphContext) -> bool:
-    """Whether AOTAutograd will build a joint graph: grad mode on and a graph input that
-    requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(
-        n.op == "placeholder" and getattr(value(n), "requires_grad", False) for n in ctx.graph.nodes
-    )
 
 
 def _idiom(plan: Plan) -> str:
