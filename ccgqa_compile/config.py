@@ -37,6 +37,11 @@ SDPA_MAX_HEAD_DIM = 32
 # longer query chunks over a cache stay on SDPA, whose prefill kernels suit them.
 DECODE_MAX_QUERY_LEN = 16
 
+# Probes are drawn in float64; a region whose tensors hold more elements than this (a
+# KV cache of a large batch and context) is checked in a cheaper exact way where one
+# exists (a repeat of K/V heads: one-byte codes), so recognition never needs tens of GB.
+PROBE_MAX_ELEMENTS = 1 << 26
+
 # Policy: the original project's prologue variant fuses in inference graphs; in training
 # graphs it is left to Inductor, whose code for it trains faster than our backward
 # kernels (docs/benchmarks). True fuses training graphs too.

@@ -983,6 +983,84 @@ class AttnManualSoftmax(_QKV):
         return ((e / e.sum(dim=-1, keepdim=True)) @ v).transpose(1, 2)
 
 
+class AttnManualSoftmaxExp2(_QKV):
+    """softmax written out in fp32 with exp2: a detached ``max(...).values`` shift, the
+    log2(e) factor folded into the scale, a multiply by the reciprocal of the row sum."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        s = (q.float() @ k.float().transpose(-1, -2)) * (1.4426950408889634 / self.HEAD_DIM**0.5)
+        s = torch.where(torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), s, -torch.inf)
+        e = torch.exp2(s - torch.max(s, dim=-1, keepdim=True).values.detach())
+        p = e * e.sum(dim=-1, keepdim=True).reciprocal()
+        return (p.to(v.dtype) @ v).transpose(1, 2)
+
+
+class AttnManualSoftmaxLogsumexp(_QKV):
+    """softmax written as ``exp(s - logsumexp(s))``, einsum scores, an additive mask."""
+
+    def core(self, q, k, v):
+        k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
+        t = q.shape[1]
+        s = torch.einsum("bqhd,bkhd->bhqk", q / self.HEAD_DIM**0.5, k)
+        s = s + torch.full((t, t), float("-inf"), device=q.device, dtype=s.dtype).triu(1)
+        p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))
+        return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+class AttnManualSoftmaxMaskAfterExp(_QKV):
+    """No max shift; the causal mask applied after the exponential as a 0/1 factor, then
+    the rows normalised: the same causal softmax."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        tril = torch.tril(torch.ones(t, t, device=q.device, dtype=q.dtype))
+        e = torch.exp(q @ k.transpose(-1, -2) / self.HEAD_DIM**0.5) * tril
+        return ((e / e.sum(-1, keepdim=True)) @ v).transpose(1, 2)
+
+
+class NearAttnManualDetachedSum(_QKV):
+    """A softmax written out with the row sum detached: the same values, another gradient
+    (probes of values alone cannot tell; the detach must keep it out)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), -torch.inf)
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        return ((e / e.sum(dim=-1, keepdim=True).detach()) @ v).transpose(1, 2)
+
+
+class NearAttnManualSoftmaxPlusOne(_QKV):
+    """``exp(s) / (1 + sum exp(s))`` ("softmax1", an extra zero logit): not a softmax."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        e = s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), -torch.inf).exp()
+        return ((e / (1 + e.sum(dim=-1, keepdim=True))) @ v).transpose(1, 2)
+
+
+class NearAttnManualSumOverQueries(_QKV):
+    """exp normalised over the query axis (-2) instead of the keys."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        t = q.shape[2]
+        s = q @ k.transpose(-1, -2) * self.HEAD_DIM**-0.5
+        e = torch.exp(s.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), -torch.inf))
+        return ((e / e.sum(dim=-2, keepdim=True)) @ v).transpose(1, 2)
+
+
 class SdpaArangeBoolMask(_QKV):
     """SDPA with an explicit causal bool mask from ``arange`` and ``enable_gqa``."""
 

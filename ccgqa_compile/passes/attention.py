@@ -34,12 +34,13 @@ from torch.fx import Node
 
 from .. import config
 from .common import GraphContext, float_literals, is_elementwise, is_training_graph, snap
-from .evaluate import Evaluator, Probes, agree, real_tensors
+from .evaluate import Evaluator, NotEvaluable, Probes, agree, concrete, real_tensors
 from .fx_util import (
     SDPA,
     SOFTMAXES,
     ancestors,
     arg,
+    call_name,
     depends_on_tensor_input,
     is_basic_index,
     is_cast,
@@ -51,6 +52,7 @@ from .fx_util import (
     runtime_inputs_of,
     same_size,
     tensor_value,
+    topo_order,
     value,
 )
 from .region import Region, Rejected, _propagate_fake, emit, erase_unused, stable_sort, verify
@@ -154,9 +156,50 @@ def unrepeated(ctx: GraphContext, node: Node, groups: int) -> Node | None:
             continue
         if [n for n in region.float_leaves() if n is not cand]:
             continue
-        if verify(region, repeat, [cand], ctx.sizes, [{"seed": 5}]) is None:
+        if _too_big_for_probes(node, ctx.sizes):
+            if _repeats_byte_codes(ctx, region, cand, node, groups):
+                return cand
+        elif verify(region, repeat, [cand], ctx.sizes, [{"seed": 5}]) is None:
             return cand
     return None
+
+
+def _too_big_for_probes(node: Node, sizes_list) -> bool:
+    v = tensor_value(node)
+    return any(
+        math.prod(concrete(tuple(v.shape), sizes)) > config.PROBE_MAX_ELEMENTS
+        for sizes in sizes_list
+    )
+
+
+def _repeats_byte_codes(ctx: GraphContext, region: Region, cand: Node, node: Node, groups) -> bool:
+    """The repeat check for tensors too large for float64 probes (a decode step's KV cache
+    at a large batch): a region that only moves data (views, expands, reshapes, casts)
+    computes the same on random one-byte codes, exactly and at an eighth of the memory."""
+    movers = (is_layout, is_cast, is_basic_index)
+    if not all(any(f(n) for f in movers) or _is_repeat_call(n) for n in region.nodes):
+        return False
+    try:
+        with real_tensors():
+            for sizes in ctx.sizes:
+                shape = concrete(tuple(tensor_value(cand).shape), sizes)
+                gen = torch.Generator(device=region.device()).manual_seed(5)
+                codes = torch.randint(
+                    0, 256, shape, dtype=torch.uint8, device=region.device(), generator=gen
+                )
+                (out,) = Evaluator(ctx.graph, sizes).run([node], {cand: codes})
+                want = codes.repeat_interleave(groups, dim=1)
+                same = out.shape == want.shape and torch.equal(out.to(torch.uint8), want)
+                del out, want, codes
+                if not same:
+                    return False
+    except (RuntimeError, ValueError, TypeError, IndexError, NotEvaluable):
+        return False
+    return True
+
+
+def _is_repeat_call(node: Node) -> bool:
+    return is_function(node, torch.repeat_interleave) or is_method(node, "repeat_interleave", "repeat")
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,6 +573,7 @@ class _Handwritten:
     product: Node  # probabilities times values
     chain: list[Node]  # scores -> ... -> the product's probability operand
     mask: Node | None = None  # a mask the chain reads that is a run-time input
+    manual: bool = False  # a softmax written out: ``softmax`` is then the probabilities
 
 
 def _parse(anchor: Node) -> _Handwritten | str:
@@ -556,22 +600,156 @@ def _parse(anchor: Node) -> _Handwritten | str:
     if len(set(masks)) > 1:
         return "the scores combine several run-time tensors"
     mask = masks[0] if masks else None
-    scores = node
-    chain = list(reversed(chain)) + [anchor]
-    # forward: casts and identity dropouts to the product with v (other readers of the
-    # probabilities, such as HF's returned attention weights, keep their own copy)
+    if mask is not None and node in ancestors([mask]):
+        return f"{mask.name} is computed from the scores by an op that is not row-wise"
+    return _with_product(anchor, node, list(reversed(chain)) + [anchor], mask)
+
+
+def _with_product(anchor: Node, scores: Node, chain: list[Node], mask: Node | None, manual=False):
+    """The parse completed forward: casts and identity dropouts from the probabilities to
+    the product with v (other readers of the probabilities, such as HF's returned
+    attention weights, keep their own copy)."""
     node = anchor
     for _ in range(6):
         nexts = [u for u in node.users if _is_product(u) and _product_operands(u)[0] is node]
         nexts += [u for u in node.users if is_function(u, torch.einsum) and node in _product_operands(u)]
         if nexts:
-            return _Handwritten(anchor, scores, nexts[0], chain, mask)
+            return _Handwritten(anchor, scores, nexts[0], chain, mask, manual)
         steps = [u for u in node.users if is_cast(u) or is_function(u, *_DROPOUT)]
         if len(steps) != 1:
             return "no product with v after the softmax"
         chain.append(steps[0])
         node = steps[0]
     return "no product with v after the softmax"
+
+
+# a softmax written out (``exp(s - max) / sum``, ``exp2``, ``exp(s - logsumexp)``...): the
+# probabilities are recognised as the output of row-wise ops on the scores (element-wise
+# ops and reductions over the key axis that keep it), then proven on probes like any
+# other spelling
+_ROW_REDUCTIONS = (torch.amax, torch.max, torch.sum, torch.logsumexp)
+_ROW_REDUCTION_METHODS = ("amax", "max", "sum", "logsumexp")
+
+
+def _row_reduction(node: Any) -> bool:
+    """A reduction over the last dim that keeps it (so it broadcasts back along the row)."""
+    if not (is_function(node, *_ROW_REDUCTIONS) or is_method(node, *_ROW_REDUCTION_METHODS)):
+        return False
+    x = tensor_value(node.args[0]) if node.args else None
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    return x is not None and arg(node, 2, "keepdim", False) is True and dim in (-1, x.dim() - 1)
+
+
+def _row_max_values(node: Any) -> bool:
+    """``max(..., keepdim=True)[0]`` / ``.values``."""
+    return (
+        is_function(node, operator.getitem)
+        and node.args[1] == 0
+        and _row_reduction(node.args[0])
+        and call_name(node.args[0]) == "max"
+    )
+
+
+def _detached_row_max(node: Any) -> bool:
+    """A detached row max: the shift of a stable softmax, which moves no gradient (the
+    softmax is shift-invariant). A detach anywhere else would change the gradient with
+    the same values, which probes cannot see: not allowed."""
+    if not is_method(node, "detach"):
+        return False
+    x = node.args[0]
+    return _row_max_values(x) or (_row_reduction(x) and call_name(x) == "amax")
+
+
+def _row_op(node: Any) -> bool:
+    return (
+        _chain_op(node)
+        or is_function(node, torch.exp2)
+        or is_method(node, "exp2")
+        or _row_reduction(node)
+        or _row_max_values(node)
+        or _detached_row_max(node)
+    )
+
+
+def _row_reaches_product(node: Node, memo: dict[Node, bool], hops: int = 24) -> bool:
+    if node in memo:
+        return memo[node]
+    memo[node] = False  # no cycles in a graph; this bounds revisits
+    if _is_product(node):
+        memo[node] = True
+    elif hops > 0 and _row_op(node):
+        live = [i for i in node_inputs(node) if depends_on_tensor_input(i)]
+        memo[node] = any(_row_reaches_product(i, memo, hops - 1) for i in live)
+    return memo[node]
+
+
+def _parse_manual(anchor: Node) -> _Handwritten | str:
+    """Probabilities computed by row-wise ops from one product of q and k."""
+    memo: dict[Node, bool] = {}
+    region: set[Node] = set()
+    scores: set[Node] = set()
+    masks: set[Node] = set()
+    stack = [anchor]
+    while stack:
+        node = stack.pop()
+        if node in region or node in scores:
+            continue
+        if _is_product(node):
+            scores.add(node)
+            continue
+        if not _row_op(node):
+            return f"{node.name} ({call_name(node)}) between the scores and the probabilities"
+        region.add(node)
+        if len(region) > 32:
+            return "too many ops between the scores and the probabilities"
+        for i in node_inputs(node):
+            if not depends_on_tensor_input(i):
+                continue
+            if _row_reaches_product(i, memo):
+                stack.append(i)
+            else:
+                masks.add(i)
+    if len(scores) != 1:
+        return "the probabilities read several products"
+    if len(masks) > 1:
+        return "the scores combine several run-time tensors"
+    product, mask = scores.pop(), next(iter(masks), None)
+    if mask is not None and product in ancestors([mask]):  # such as a detached row sum
+        return f"{mask.name} is computed from the scores by an op that is not row-wise"
+    order = topo_order(anchor.graph)
+    chain = sorted(region, key=order.__getitem__)
+    return _with_product(anchor, product, chain, mask, manual=True)
+
+
+def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
+    """The probability operand of every product of a softmax written out: row-wise ops on
+    another product with an exponential and a row reduction among them, and no softmax
+    call (those are anchors of their own)."""
+    found = []
+    for node in graph.nodes:
+        if not _is_product(node):
+            continue
+        ops = _product_operands(node)
+        for p in ops if is_function(node, torch.einsum) else ops[:1]:
+            while is_cast(p) or is_function(p, *_DROPOUT):
+                p = p.args[0]
+            if not isinstance(p, Node) or p in found or _is_product(p) or not _row_op(p):
+                continue
+            hw = _parse_manual(p)
+            if not isinstance(hw, _Handwritten):
+                if _exp_within(p, 3):  # looks like one: its rejection goes in the report
+                    found.append(p)
+                continue
+            chain = hw.chain
+            if (
+                any(_is_exp(n) for n in chain)
+                and any(_row_reduction(n) for n in chain)
+                and not any(_is_softmax(n) for n in chain)
+            ):  # fmt: skip
+                found.append(p)
+    return found
 
 
 def _einsum_letters(spec: str) -> tuple[list[str], str]:
@@ -685,8 +863,12 @@ def _block_rows(numel_per_row: int) -> int:
     return max(1, min(4096, (1 << 22) // max(numel_per_row, 1)))
 
 
+def _is_softmax(node: Node) -> bool:
+    return is_function(node, *SOFTMAXES) or is_method(node, "softmax")
+
+
 def _handwritten(ctx: GraphContext, anchor: Node, fuse: bool = True) -> Site | None:
-    hw = _parse(anchor)
+    hw = _parse(anchor) if _is_softmax(anchor) else _parse_manual(anchor)
     if isinstance(hw, str):
         ctx.rejected(FUSION, "handwritten", anchor, hw)
         return None
@@ -883,7 +1065,8 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
         a, bm, vp = rows.operands(feeds, sizes)
         t = sizes_of(tensor_value(hw.scores).shape[-1], sizes)
         r1 = min(t, 8)
-        s_in = rows.rows(feeds, sizes, a, bm, vp, 0, r1, upto=_softmax_input(hw))
+        upto = hw.softmax if hw.manual else _softmax_input(hw)
+        s_in = rows.rows(feeds, sizes, a, bm, vp, 0, r1, upto=upto)
         qq, kk = _to_bhtd(feeds[q], ql), _to_bhtd(feeds[k], kl)
         g = qq.shape[1] // kk.shape[1]
         ref = qq[:, :, :r1] @ kk.repeat_interleave(g, dim=1).transpose(-1, -2)
@@ -892,12 +1075,9 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
             raise Rejected("the scores are not laid out (B, H, T, T)")
         rr = torch.arange(r1, device=ref.device)[:, None]
         cc = torch.arange(t, device=ref.device)[None, :]
-        keep = (cc <= rr).expand_as(ref) & torch.isfinite(s_in)
-        num = (s_in[keep] * ref[keep]).sum()
-        den = (ref[keep] * ref[keep]).sum()
-        if den <= 0:
-            raise Rejected("degenerate scores")
-        alpha = float(num / den)
+        causal = (cc <= rr).expand_as(ref)
+        fit = _scale_from_probs if hw.manual else _scale_from_scores
+        alpha = fit(s_in, ref, causal)
     d = tensor_value(q).shape[-1]
     literals = float_literals(hw.chain) | float_literals([hw.scores])
     derived = {1.0 / math.sqrt(d), 1.0 / d, 1.0}
@@ -905,6 +1085,30 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
         if lit > 0:
             derived |= {lit, 1.0 / lit, math.sqrt(lit), 1.0 / math.sqrt(lit)}
     return snap(alpha, derived, rel=1e-6)
+
+
+def _scale_from_scores(s_in, ref, causal) -> float:
+    """The factor between the softmax's input and q k^T on the visible entries."""
+    keep = causal & torch.isfinite(s_in)
+    num = (s_in[keep] * ref[keep]).sum()
+    den = (ref[keep] * ref[keep]).sum()
+    if den <= 0:
+        raise Rejected("degenerate scores")
+    return float(num / den)
+
+
+def _scale_from_probs(p, ref, causal) -> float:
+    """The factor from probabilities: log p = scale * q k^T - (a per-row constant) on the
+    visible entries, fitted with each row's mean taken out."""
+    keep = (causal & (p > 0)).to(ref.dtype)
+    logp = torch.where(p > 0, p, 1.0).log()
+    n = keep.sum(-1, keepdim=True).clamp_min(1)
+    dr = (ref - (ref * keep).sum(-1, keepdim=True) / n) * keep
+    dl = (logp - (logp * keep).sum(-1, keepdim=True) / n) * keep
+    den = (dr * dr).sum()
+    if den <= 0:
+        raise Rejected("degenerate scores")
+    return float((dr * dl).sum() / den)
 
 
 def _softmax_input(hw: _Handwritten) -> Node:
@@ -963,10 +1167,23 @@ def anchors(graph: torch.fx.Graph) -> list[Node]:
     for node in graph.nodes:
         if is_function(node, *SDPA):
             out.append(node)
-        elif is_function(node, *SOFTMAXES) or is_method(node, "softmax"):
+        elif _is_softmax(node):
             if tensor_value(node) is not None and tensor_value(node).dim() >= 2:
                 out.append(node)
-    return out
+    if not any(_is_exp(n) for n in graph.nodes):
+        return out
+    order = topo_order(graph)
+    return sorted(out + _manual_anchors(graph), key=order.__getitem__)
+
+
+def _exp_within(node: Node, hops: int) -> bool:
+    if _is_exp(node):
+        return True
+    return hops > 0 and any(_exp_within(i, hops - 1) for i in node_inputs(node))
+
+
+def _is_exp(node: Node) -> bool:
+    return is_function(node, torch.exp, torch.exp2) or is_method(node, "exp", "exp2")
 
 
 def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
