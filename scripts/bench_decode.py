@@ -121,7 +121,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--in-process", action="store_true", help="one process, in order")
     ap.add_argument("--deadline-s", type=float, default=1e9)
+    ap.add_argument("--record", metavar="JSON", help="append a run's JSON to the results files")
+    ap.add_argument("--commit", default="unknown", help="with --record: the commit measured")
+    ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="with --record")
     args = ap.parse_args()
+    if args.record:
+        from ccgqa_compile.bench import results as res
+
+        rows = result_rows(json.load(open(args.record)), args.commit, args.date, "NVIDIA H200")
+        res.record(res.default_dir(), "NVIDIA H200", rows)
+        return
     if args.one:
         p, b, c = args.one.split(",")
         print("RESULT " + json.dumps(one(p, int(b), int(c))))
@@ -159,6 +168,29 @@ def main() -> None:
     for r, c in zip(results, cold):
         r["first_call_cold_s"] = c.get("compile_s")
     _print(results, args.out)
+
+
+def result_rows(results: list[dict], commit: str, date: str, device: str) -> list[dict]:
+    """The run as rows of the results files (docs/benchmarks/results/), ratios against
+    Inductor default on the same layer code."""
+    base = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "inductor"}
+    rows = []
+    for r in results:
+        if "error" in r:
+            continue
+        b = base.get((r["batch"], r["context"]))
+        ratio = b["ms"] / r["ms"] if b is not None and r["provider"] != "inductor" else None
+        rows.append({
+            "date": date, "commit": commit, "device": device, "dtype": "bfloat16", "op": "decode",
+            "case": f"B{r['batch']} context {r['context']}", "provider": r["provider"],
+            "fwd_ms": f"{r['ms']:.5g}", "rate": f"{r['gb_per_s']:.0f} GB/s",
+            "baseline": "inductor" if ratio else "", "ratio": f"{ratio:.5g}" if ratio else "",
+            "first_call_s": f"{r['first_call_cold_s']:.1f}" if r.get("first_call_cold_s") else "",
+            "note": f"{100 * r['fraction_of_copy']:.0f}% of the copy bandwidth measured in the run "
+                    f"({r['copy_gb_per_s']:.0f} GB/s)",
+            "source": "scripts/bench_decode.py --in-process",
+        })  # fmt: skip
+    return rows
 
 
 def _print(results: list[dict], out_dir: str) -> None:

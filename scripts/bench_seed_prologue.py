@@ -42,7 +42,13 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ccgqa_compile.bench import _timer, warm_up_gpu  # noqa: E402
+from ccgqa_compile.bench import (  # noqa: E402
+    cuda_kernel_breakdown,
+    print_kernels,
+    rel_err,
+    timer,
+    warm_up_gpu,
+)
 from ccgqa_compile.kernels.ccgqa_seed_prologue import (  # noqa: E402
     ccgqa_seed_prologue_bwd,
     ccgqa_seed_prologue_fwd,
@@ -109,10 +115,6 @@ def seed_prologue(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, temp, cos, sin, hq, hkv,
     return rope(q), rope(k)
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def errors_vs_fp64(tensors, scalars, q, k, dq, dk, grads) -> tuple[float, float]:
     """Worst relative error over q, k and the 6 tensor gradients against float64, and the
     temperature gradient's apart: one sum over every element with heavy cancellation, its
@@ -120,8 +122,10 @@ def errors_vs_fp64(tensors, scalars, q, k, dq, dk, grads) -> tuple[float, float]
     leaves = [x.detach().double().requires_grad_(i < 7) for i, x in enumerate(tensors)]
     q_r, k_r = ccgqa_seed_prologue_reference(*leaves, *scalars)
     ref = torch.autograd.grad((q_r, k_r), leaves[:7], (dq.double(), dk.double()))
-    errors = [rel(q, q_r), rel(k, k_r)] + [rel(g, r) for g, r in zip(grads[:6], ref[:6])]
-    return max(errors), rel(grads[6], ref[6])
+    errors = [rel_err(q, q_r), rel_err(k, k_r)] + [
+        rel_err(g, r) for g, r in zip(grads[:6], ref[:6])
+    ]
+    return max(errors), rel_err(grads[6], ref[6])
 
 
 def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
@@ -195,11 +199,9 @@ def _bench_config(e, hq, hkv, c, dtype, sweep: bool) -> list[dict]:
 def _three_timings(fwd, train, reset) -> dict:
     """CUDA-graph median (the GPU work; "fwd_ms"/"total_ms"), the profiler's kernel sum
     per step, and plain do_bench events (host overhead included)."""
-    from profile_ops import cuda_kernel_breakdown, print_kernels  # scripts/profile_ops.py
-
     out = {}
     for key, fn in (("fwd", fwd), ("total", train)):
-        out[f"{key}_ms"], out[f"{key}_method"] = _timer("cuda", fn, reset)
+        out[f"{key}_ms"], out[f"{key}_method"] = timer("cuda", fn, reset)
         events, out[f"{key}_kernels_ms"] = cuda_kernel_breakdown(fn)
         print(f"  {key}: kernels per step", flush=True)
         print_kernels(events, 5, 8)
@@ -228,8 +230,8 @@ def _prologue_row(r: dict) -> str:
 def _timed(name, label, fwd, train, flops, reset):
     """One row: median fwd and fwd+bwd times (with TFLOP/s of the block's matmul FLOPs)
     and the peak memory of one fwd+bwd step; times are CUDA-graph replays."""
-    t_fwd = _timer("cuda", fwd, reset)[0]
-    t_tot = _timer("cuda", train, reset)[0]
+    t_fwd = timer("cuda", fwd, reset)[0]
+    t_tot = timer("cuda", train, reset)[0]
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

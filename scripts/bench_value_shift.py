@@ -24,9 +24,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # patterns/
-from profile_ops import cuda_kernel_breakdown  # noqa: E402  (scripts/profile_ops.py)
 
 import ccgqa_compile  # noqa: E402,F401  (registers backend="ccgqa")
+from ccgqa_compile.bench import cuda_kernel_breakdown  # noqa: E402
 from ccgqa_compile.passes import value_shift  # noqa: E402
 from patterns.ccgqa import CCGQAttention  # noqa: E402
 

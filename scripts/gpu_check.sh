@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (kernels, fused model paths), a kernel profile, then benchmarks.
-# Steps are chosen with GPU_STEPS (default "tests bench"); each writes under $OUT.
+# Steps are chosen with GPU_STEPS (default "tests bench"); each writes under $OUT. The
+# benchmarks append their rows to $OUT/results/<device>.csv: bring them home with
+# `python -m ccgqa_compile.bench record <files>/results/*.csv --commit <sha>`, then
+# `python -m ccgqa_compile.bench tables` (or set CCGQA_COMMIT=<sha> in the command).
 #   tests    pytest -m cuda, all of it (xdist: compiles run in parallel on the host's cores)
-#   profile  scripts/profile_ops.py (CUDA kernel breakdown per provider)
+#   profile  python -m ccgqa_compile.bench profile (CUDA kernel breakdown per provider)
 #   bench    python -m ccgqa_compile.bench --plot (ops; BENCH_OPS, BENCH_ARGS)
-#   core     scripts/bench_gqa_attention.py (attention core vs SDPA cuDNN / flash)
-#   sweep    scripts/bench_gqa_attention.py --sweep $SWEEP_ARGS (block configs, fused dQ)
+#   core     python -m ccgqa_compile.bench core (attention core vs SDPA cuDNN / flash)
+#   pkernels python -m ccgqa_compile.bench prologue (prologue kernels vs Inductor)
+#   sweep    scripts/sweep_gqa_attention.py $SWEEP_ARGS (the core's launch tables)
 #   pytest   python3 -m pytest $PYTEST_ARGS (any selection; log in $OUT/pytest.log)
 #   decode   the decode kernel's cuda tests, then scripts/bench_decode.py (decode steps)
 #   vshift   scripts/bench_value_shift.py (the value shift's cost, moved / merged / as written)
@@ -31,16 +35,16 @@ for step in ${GPU_STEPS:-tests bench}; do
              --tb=short -rfE tests ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests.log" 2>&1
            echo "pytest rc=$?"
            grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v "^E " | tail -60 ;;
-    profile) timeout "${PROFILE_TIMEOUT:-200}" python3 scripts/profile_ops.py \
+    profile) timeout "${PROFILE_TIMEOUT:-200}" python3 -m ccgqa_compile.bench profile \
              --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
-             --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
+             --results "$OUT/results" --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/bench.log" | tail -60 ;;
     # eval: PYTEST_ARGS may hold quoted words (-k 'not slow')
     pytest) eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider $PYTEST_ARGS" \
              > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -5 "$OUT/pytest.log" ;;
-    sweep) timeout "${SWEEP_TIMEOUT:-400}" python3 scripts/bench_gqa_attention.py --out "$OUT" \
-             --sweep ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/sweep.log" | tail -60 ;;
+    sweep) timeout "${SWEEP_TIMEOUT:-400}" python3 scripts/sweep_gqa_attention.py --out "$OUT" \
+             ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/sweep.log" | tail -60 ;;
     decode) python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels/test_gqa_decode_kernels.py \
              2>&1 | tail -15 | tee "$OUT/decode_tests.log"
             timeout "${DECODE_TIMEOUT:-480}" python3 scripts/bench_decode.py --out "$OUT" \
@@ -53,7 +57,9 @@ for step in ${GPU_STEPS:-tests bench}; do
     seed) timeout "${SEED_TIMEOUT:-400}" python3 scripts/bench_seed_prologue.py --out "$OUT" \
              ${SEED_ARGS:---configs 1 --block} 2>&1 | grep -v -i warn \
              | tee "$OUT/bench_seed_prologue.log" | tail -60 ;;
-    core) timeout "${CORE_TIMEOUT:-200}" python3 scripts/bench_gqa_attention.py --out "$OUT" 2>&1 \
-             | tee "$OUT/core.log" | tail -30 ;;
+    core) timeout "${CORE_TIMEOUT:-200}" python3 -m ccgqa_compile.bench core --out "$OUT" \
+             --results "$OUT/results" 2>&1 | tee "$OUT/core.log" | tail -30 ;;
+    pkernels) timeout "${PKERNELS_TIMEOUT:-300}" python3 -m ccgqa_compile.bench prologue --out "$OUT" \
+             --results "$OUT/results" 2>&1 | grep -v -i warn | tee "$OUT/prologue.log" | tail -30 ;;
   esac
 done

@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_prologue import make, max_rel_err_vs_fp64  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # --old modules of the checkout
 
 from ccgqa_compile.bench import warm_up_gpu  # noqa: E402
+from ccgqa_compile.bench.prologue import make_inputs, max_rel_err_vs_fp64  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_bwd,
     ccgqa_prologue_fwd,
@@ -72,7 +70,7 @@ def _cuda_graph_ms(fn) -> float:
 
 
 def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep) -> list[dict]:
-    tensors, scalars = make(b, t, hq, hkv, d, torch.bfloat16)
+    tensors, scalars = make_inputs(b, t, hq, hkv, d, torch.bfloat16)
     q, k = ccgqa_prologue_fwd(*tensors, *scalars)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     io = sum(x.numel() * x.element_size() for x in (dq, dk, tensors[0], tensors[1]))
