@@ -121,7 +121,7 @@ def kernel_written_args(kernel, kwargs: dict) -> list[str]:
     kernel writes: what ``triton_op`` functionalization clones and writes back. A false
     positive there is not harmless: a "written" stride-0 (expanded) view is written back
     into its base by summing over the broadcast dim (seen with the seed prologue's RoPE
-    tables, 2026-11-25). torch 2.13 names it ``identify_accessed_tensors``, 2.11
+    tables). torch 2.13 names it ``identify_accessed_tensors``, 2.11
     ``identify_mutated_tensors``; both assume every input written when the analysis fails.
     """
     from torch._higher_order_ops import triton_kernel_wrap

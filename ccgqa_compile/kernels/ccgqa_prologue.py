@@ -30,7 +30,7 @@ Backward, in two steps, nothing of the forward stored:
      output row needs (K1 * K2 small dots, no forward recompute), d x plus the qk-mean
      share, and the weight/bias gradients as one float32 partial row per program, summed
      by torch afterwards (deterministic, no atomics).
-Why two kernels and not one (all H100, E2048 B16 T2048 bf16, 2026-11-24):
+Why two kernels and not one (all H100, E2048 B16 T2048 bf16):
   * the first design gathered ``draw`` at the (K1 - 1) + (K2 - 1) shifted rows inside one
     kernel, recomputing the whole forward chain for each shift: 2.9 ms against the
     forward's 0.1 ms;
@@ -40,8 +40,8 @@ Why two kernels and not one (all H100, E2048 B16 T2048 bf16, 2026-11-24):
     ablation: the weight gradients cost 0.40 ms there. One program must hold the G + 1
     heads of a group (the qk mean couples their d raw), so it cannot also keep one head's
     D x D x K2 weight-gradient accumulator in registers across time blocks; step 2's
-    programs hold one head each and can. Code: commit 9fd77cf; figures:
-    docs/benchmarks/h100-2026-11-24/single-kernel-bwd/.
+    programs hold one head each and can (the experiment: commit 9fd77cf, its figures in
+    the results files, docs/benchmarks/).
 
 Kernel limits: D a power of two >= 16 (``tl.dot``), K1, K2 in 1..4, rotate-half RoPE with
 ``rotary_dim`` a power of two (interleaved: any even ``rotary_dim``), tables that differ
@@ -224,9 +224,8 @@ def _product(a, b, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
     For a half-precision model that is what eager's conv does (its conv1 output and conv2's
     output gradient are half tensors), at the tensor cores' half rate with half the shared
-    memory. Against fp32 (tf32) operands, H200 bf16 B16 T2048 (scripts/sweep_prologue_bwd.py
-    --old, docs/benchmarks/h200-2026-12-02/prologue-half-products/): backward d16 0.191 ->
-    0.183 ms, d32 0.575 -> 0.554, d64 0.879 -> 0.771; forward d64 0.104 -> 0.089.
+    memory; it measured faster than fp32 (tf32) operands at every head dim (backward and
+    forward; scripts/sweep_prologue_bwd.py --old, figures in docs/benchmarks/).
     DOT_PRECISION then only acts on fp32 weights: IEEE for fp32 models, tf32 where fp32
     weights meet half activations."""
     return tl.dot(a.to(dtype), b.to(dtype), input_precision=DOT_PRECISION)
@@ -773,7 +772,7 @@ def _ccgqa_prologue_conv_bwd_kernel(
 
 # No software pipelining: the loops over group heads and time blocks would otherwise keep
 # num_stages copies of every conv2 weight tap and tile in shared memory; at d=128, or at
-# d=32 in fp32, the H100's 227 KiB then ran out (OutOfResources, 2026-11-24). The tiles
+# d=32 in fp32, the H100's 227 KiB then ran out (OutOfResources). The tiles
 # are reused from L1/L2 either way.
 _NUM_STAGES = 1
 
@@ -781,10 +780,8 @@ _NUM_STAGES = 1
 # The backward's launch per head dim: (tile rows, time blocks per conv-backward program,
 # warps). Taller tiles and CHUNK time blocks per program mean fewer partial
 # weight-gradient rows (B * T / (CHUNK * BLOCK_T) of them) while the grid keeps enough
-# programs. H100 sweep (scripts/sweep_prologue_bwd.py, B16 T2048 bf16, 2026-11-24,
-# docs/benchmarks/h100-2026-11-24/single-kernel-bwd/) against the forward's tiles with
-# CHUNK 4: d16 0.210 -> 0.194 ms, d32 0.690 -> 0.583, d64 0.990 -> 0.909, d128 4.91 ->
-# 4.19. The interpreter takes CHUNK 1: its programs run one after another anyway.
+# programs; a sweep (scripts/sweep_prologue_bwd.py) found CHUNK 4 faster than the
+# forward's tiles at every head dim (figures in docs/benchmarks/). The interpreter takes CHUNK 1: its programs run one after another anyway.
 def _bwd_launch(head_dim, dtype: torch.dtype) -> tuple[int, int, int]:
     """Comparisons, not a table lookup: under ``dynamic=True`` D may be a SymInt. fp32
     (IEEE products) keeps the forward's tiles and 4 time blocks: the sweep was bf16, and

@@ -365,7 +365,7 @@ def _program_rows(seq_len, BLOCK_T: tl.constexpr):
     returned by a helper that also takes pointers: Inductor's mutation analysis would then
     count every pointer such a helper takes as written through the store addresses built
     from b and rows, and write "updated" copies of them back (a stride-0 RoPE table was
-    written back as a sum over the batch: wrong q and k under Inductor, 2026-11-25)."""
+    written back as a sum over the batch: wrong q and k under Inductor)."""
     return _tile_rows(tl.program_id(0), seq_len, BLOCK_T)
 
 

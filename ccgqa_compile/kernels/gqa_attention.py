@@ -775,8 +775,8 @@ class BlockConfig:
     num_stages: int
 
 
-# Chosen per head dim from `scripts/bench_gqa_attention.py --sweep` on an H100 (torch
-# 2.11, triton 3.6; B=2, Hq=16, Hkv=4, T=8192, bf16): the fastest candidate of each
+# Chosen per head dim from `scripts/sweep_gqa_attention.py` on sm_90 (torch 2.11, triton
+# 3.6; B=2, Hq=16, Hkv=4, T=8192, bf16): the fastest candidate of each
 # kernel, among configs that don't spill registers (checked with ptxas -v for sm_90).
 # Small D is softmax-bound (an exp2 per score and few FLOPs per score), large D is
 # limited by registers: the (block, D) float32 accumulators (two in dK/dV) must fit.
@@ -788,12 +788,12 @@ FORWARD_CONFIGS: dict[int, BlockConfig] = {
 }
 # The forward at these head dims loads K/V through TMA tensor descriptors (the copy
 # engine), with its own tiles: at D=128 1.04 ms against 1.19 ms for the best
-# pointer-load config (same sweep, H100, 2026-11-24); at D=64 TMA was slower.
+# pointer-load config (same sweep, H100); at D=64 TMA was slower.
 FORWARD_TMA_CONFIGS: dict[int, BlockConfig] = {
     128: BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
 }
 # dK/dV reading Q and dO through TMA descriptors: at D=128 1.82 ms against 2.12 ms for
-# the best pointer-load config, at D=64 1.16 ms against 1.36 ms (H100, 2026-11-24)
+# the best pointer-load config, at D=64 1.16 ms against 1.36 ms (H100)
 BACKWARD_DKDV_TMA_CONFIGS: dict[int, BlockConfig] = {
     64: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     128: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
@@ -804,9 +804,8 @@ BACKWARD_DKDV_CONFIGS: dict[int, BlockConfig] = {
     64: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
     128: BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=3),
 }
-# D=16 dQ: 64-row tiles, 0.390 ms against 0.436 ms for the H100's 128-row choice, in a
-# sweep on an H200 (2026-12-03, docs/benchmarks/h200-2026-12-03/core-d16-sweep/); the
-# same sm_90 SMs, and D=32 already runs dQ on this tile.
+# D=16 dQ: 64-row tiles measured faster than 128-row ones on the H200 (the same sm_90
+# SMs as the H100's; D=32 already runs dQ on this tile).
 BACKWARD_DQ_CONFIGS: dict[int, BlockConfig] = {
     16: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
     32: BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),

@@ -356,7 +356,7 @@ def _structural(heads, kv_heads, rotary_dim) -> tuple[int, int, int]:
     """Head counts and the RoPE width shape the computation (kernel constexprs): under
     ``dynamic=True`` Dynamo may pass them as SymInts, so specialise on them here (a guard,
     as for any int that decides control flow). Comparing such a SymBool with a Python bool
-    in ``check_args`` raised inside sympy (H100, torch 2.11, 2026-11-24)."""
+    in ``check_args`` raised inside sympy (H100, torch 2.11)."""
     return int(heads), int(kv_heads), int(rotary_dim)
 
 
