@@ -54,8 +54,29 @@ def decode_with_additive_mask(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
 
 
+def hand_one_token_einsum(q, k, v):
+    """Written out for one token: einsum scores over the repeated cache, no mask."""
+    g = q.shape[1] // k.shape[1]
+    s = torch.einsum("bhqd,bhkd->bhqk", q, repeat_kv(k, g)) / q.shape[-1] ** 0.5
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), repeat_kv(v, g))
+
+
+def hand_speculative_manual_softmax(q, k, v):
+    """A few speculative tokens, the softmax written out in fp32, a bottom-right causal
+    bool table over the cache."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    keep = torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q)
+    s = (q.float() @ k.repeat_interleave(g, 1).float().mT) * 0.3
+    s = s.masked_fill(~keep, float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return ((e / e.sum(-1, keepdim=True)).to(q.dtype) @ v.repeat_interleave(g, 1))
+
+
 SPELLINGS = {
     "hf_one_token": (hf_decode, 1, "sdpa"),
+    "hand_one_token_einsum": (hand_one_token_einsum, 1, "handwritten"),
+    "hand_speculative_manual_softmax": (hand_speculative_manual_softmax, 3, "handwritten_mask"),
     "speculative_bool_mask": (decode_with_bool_mask, 3, "sdpa_mask"),
     "additive_mask_repeat_interleave": (decode_with_additive_mask, 2, "sdpa_mask"),
 }
@@ -189,6 +210,59 @@ def test_repeated_cache_is_read_unrepeated(monkeypatch, probe_limit):
             assert rel_err(got, want) < 1e-5, pos
     assert ccgqa_compile.report().count("gqa_decode_attention") == 1, str(ccgqa_compile.report())
     assert kv_heads_read == [2], kv_heads_read
+
+
+class HandWrittenCacheStep(StaticCacheAttention):
+    """A decode step written out over a static cache filled by slice assignment; ``mask``:
+    a row of the causal table at the token's position (a run-time mask), or none (every
+    cached key, as HF reads a cache that holds only the past). Without a mask the op's
+    only inputs exist before the cache write: it must still read the cache after it."""
+
+    def __init__(self, mask: bool):
+        super().__init__()
+        self.mask = mask
+        torch.nn.init.normal_(self.k_cache)  # unwritten slots hold data: reading them shows
+        torch.nn.init.normal_(self.v_cache)
+
+    def forward(self, q, k, v, input_pos):
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        g = q.shape[1] // self.k_cache.shape[1]
+        s = q @ self.k_cache.repeat_interleave(g, 1).transpose(-1, -2) * 0.25
+        if self.mask:
+            s = s.masked_fill(~self.causal[input_pos][None, None], float("-inf"))
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ self.v_cache.repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("mask", [True, False], ids=["causal-row", "no-mask"])
+def test_handwritten_step_over_a_written_cache(mask):
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    torch.manual_seed(0)
+    fused = HandWrittenCacheStep(mask)
+    eager = copy.deepcopy(fused)
+    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for pos in range(4):
+            q = torch.randn(2, 4, 1, 16, generator=gen)
+            k, v = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
+            got, want = step(q, k, v, torch.tensor([pos])), eager(q, k, v, torch.tensor([pos]))
+            assert rel_err(got, want) < 1e-5, (pos, str(ccgqa_compile.report()))
+    assert torch.equal(fused.k_cache, eager.k_cache)
+    idiom = "handwritten_mask" if mask else "handwritten"
+    assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", idiom): 1}
+
+
+def test_handwritten_decode_in_training_is_left_alone():
+    q, k, v = (t.requires_grad_() for t in qkv(1))
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    out = torch.compile(hand_one_token_einsum, backend=ccgqa_without_codegen, fullgraph=True)(q, k, v)
+    assert rel_err(out, hand_one_token_einsum(q, k, v)) < 1e-5
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 0 and rep.count("gqa_attention") == 0, str(rep)
+    assert "training graph" in str(rep), str(rep)
 
 
 def test_op_runs_the_kernel_under_the_interpreter(monkeypatch):

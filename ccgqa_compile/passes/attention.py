@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -841,13 +841,15 @@ def _slice_rows(t: Any, scores_val, r0: int, r1: int) -> Any:
     return t.narrow(-2, r0, r1 - r0)
 
 
-def _reference_rows(q, k, v, scale, r0, r1, mask=None, mask_mode=None):
+def _reference_rows(q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=True):
     """GQA attention of rows [r0, r1), float64, (B, Hq, R, D): causal, or with ``mask``
-    (rows already cut) instead when one is given."""
+    (rows already cut) instead when one is given, or over every key (``causal`` False)."""
     g = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = q[:, :, r0:r1] @ kr.transpose(-1, -2) * scale
-    if mask is None:
+    if mask is None and not causal:
+        pass
+    elif mask is None:
         t_k = k.shape[2]
         rows = torch.arange(r0, r1, device=q.device)[:, None]
         cols = torch.arange(t_k, device=q.device)[None, :]
@@ -883,8 +885,18 @@ def _handwritten(ctx: GraphContext, anchor: Node, fuse: bool = True) -> Site | N
 def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -> Site:
     sv = tensor_value(hw.scores)
     t_q, t_k = sv.shape[-2], sv.shape[-1]
-    if not same_size(t_q, t_k):
-        raise Rejected(f"query length {t_q} and key length {t_k} differ")
+    decode = not same_size(t_q, t_k)
+    if decode:  # a few new tokens over a KV cache: the mask alone says what each sees
+        problem = _handwritten_decode_problem(ctx, hw, t_q, sv.shape[-1])
+        if problem is not None:
+            raise Rejected(problem)
+        if not fuse:
+            raise Rejected("a decode step: no CCGQA prologue ends here")
+        if hw.mask is None:
+            table = _decode_mask_table(hw)
+            if isinstance(table, str):
+                raise Rejected(table)
+            hw = replace(hw, mask=table)
     a, bm = _product_operands(hw.scores)
     p_ops = _product_operands(hw.product)
     vp = p_ops[1] if p_ops[0] is hw.chain[-1] else p_ops[0]
@@ -930,26 +942,57 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
         for mask_mode in _mask_modes(hw.mask):
             try:
                 rows = _RowEvaluator(ctx, hw, [q, k, v])
-                scale = _infer_scale(ctx, hw, rows, region, q, ql, k, kl, mask_mode)
+                scale = _infer_scale(ctx, hw, rows, region, q, ql, k, kl, mask_mode, decode)
             except Rejected as why:
                 reason = str(why)
                 continue
             for out_layout in out_layouts:
                 why = _verify_rows(
-                    ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout, mask_mode
-                )
+                    ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout,
+                    mask_mode, decode,
+                )  # fmt: skip
                 if why is None and not fuse:
                     return Site("handwritten", q, k, v, False, hw.softmax)
                 if why is None:
                     autocast = _autocast_dtype(ctx.graph, hw.scores)
-                    cand = _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode)
+                    cand = _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode, decode)
                     inputs = [q, k, v] + ([hw.mask] if hw.mask is not None else [])
                     (out,) = emit(region, cand, inputs)
+                    if decode:
+                        ctx.fused(DECODE_FUSION, "handwritten" + ("_mask" if hw.mask else ""))
+                        return None
                     ctx.fused(FUSION, "handwritten" + ("_runtime_mask" if hw.mask else ""))
                     op = _op_above(out)
                     return Site("handwritten", *_op_inputs(op), True, op)
                 reason = why
     raise Rejected(reason)
+
+
+def _handwritten_decode_problem(ctx: GraphContext, hw: _Handwritten, t_q, t_k) -> str | None:
+    """Why a hand-written attention of t_q queries over t_k keys is not a decode step we
+    fuse (None: it may be)."""
+    if not ctx.decode:
+        return "gqa_decode_attention is disabled"
+    if is_training_graph(ctx.graph):
+        return f"query length {t_q} != key length {t_k} in a training graph: left as written"
+    if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
+        return (f"query length {t_q} and key length {t_k} differ, more than "
+                f"config.DECODE_MAX_QUERY_LEN={config.DECODE_MAX_QUERY_LEN} query tokens")  # fmt: skip
+    return None
+
+
+def _decode_mask_table(hw: _Handwritten) -> Node | str | None:
+    """A decode step's mask built from sizes (a bool or additive table over the cache):
+    the op takes it as its mask, and the probes draw it at random like a run-time one, so
+    whatever it holds, the function is proven. None: no table; a reason: several."""
+    tables = {
+        leaf for node in hw.chain for leaf in node_inputs(node)
+        if leaf not in hw.chain and leaf is not hw.scores
+        and tensor_value(leaf) is not None and tensor_value(leaf).dim() >= 2
+    }  # fmt: skip
+    if len(tables) > 1:
+        return "a decode step masked by several tables"
+    return next(iter(tables), None)
 
 
 def _mask_modes(mask: Node | None) -> list[str | None]:
@@ -1038,12 +1081,17 @@ def _adapt_out(o, layout):
     return o
 
 
-def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None):
+def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False):
     def attention(q, k, v, *mask, out_dtypes):
         ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
         if autocast is not None and out_dtypes[0] is not None:
             ins = [x.to(autocast) for x in ins]
-        if mask_mode is None:
+        if decode:
+            m = None if mask_mode is None else _op_mask(mask[0], mask_mode)
+            if mask_mode == "add" and out_dtypes[0] is not None:
+                m = m.to(ins[0].dtype)
+            o = torch.ops.ccgqa.gqa_decode_attention(*ins, m, scale)
+        elif mask_mode is None:
             o = torch.ops.ccgqa.gqa_attention(*ins, scale)[0]
         else:
             m = _op_mask(mask[0], mask_mode)
@@ -1055,7 +1103,7 @@ def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None):
     return attention
 
 
-def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=None) -> float:
+def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=None, decode=False) -> float:
     sizes = ctx.sizes[0]
     with real_tensors():
         given = {}
@@ -1064,7 +1112,7 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
         feeds = region.feeds(sizes, seed=21, given=given)
         a, bm, vp = rows.operands(feeds, sizes)
         t = sizes_of(tensor_value(hw.scores).shape[-1], sizes)
-        r1 = min(t, 8)
+        r1 = min(sizes_of(tensor_value(hw.scores).shape[-2], sizes), 8)
         upto = hw.softmax if hw.manual else _softmax_input(hw)
         s_in = rows.rows(feeds, sizes, a, bm, vp, 0, r1, upto=upto)
         qq, kk = _to_bhtd(feeds[q], ql), _to_bhtd(feeds[k], kl)
@@ -1075,7 +1123,7 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
             raise Rejected("the scores are not laid out (B, H, T, T)")
         rr = torch.arange(r1, device=ref.device)[:, None]
         cc = torch.arange(t, device=ref.device)[None, :]
-        causal = (cc <= rr).expand_as(ref)
+        causal = (cc <= rr).expand_as(ref) if not decode else torch.ones_like(ref, dtype=torch.bool)
         fit = _scale_from_probs if hw.manual else _scale_from_scores
         alpha = fit(s_in, ref, causal)
     d = tensor_value(q).shape[-1]
@@ -1125,7 +1173,8 @@ def _match_rows_layout(ref, s_in):
 
 
 def _verify_rows(
-    ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout, mask_mode=None
+    ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout, mask_mode=None,
+    decode=False,
 ) -> str | None:
     (q, ql), (k, kl), (v, vl) = qs, ks, vs
     try:
@@ -1148,7 +1197,9 @@ def _verify_rows(
                         mask = None
                         if mask_mode is not None:
                             mask = _slice_rows(feeds[hw.mask], None, r0, r1)
-                        ref = _reference_rows(qq, kk, vv, scale, r0, r1, mask, mask_mode)
+                        ref = _reference_rows(
+                            qq, kk, vv, scale, r0, r1, mask, mask_mode, causal=not decode
+                        )
                         want = _adapt_out(ref, out_layout)
                         if not agree(got, want):
                             return f"it computes another function (rows {r0}..{r1 - 1})"

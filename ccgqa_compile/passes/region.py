@@ -206,12 +206,41 @@ def insertion_point(region: Region, inputs: Sequence[Any]) -> Node:
         raise Rejected("the outputs are computed in different grad modes")
     (want,) = sink_modes
     start = max(order[n] for n in inputs if isinstance(n, Node)) + 1
+    start = max(start, _after_writes(region, inputs, order))
     readers = [order[u] for s in region.sinks for u in s.users if u not in region.nodes]
     stop = min(readers) if readers else len(nodes) - 1
     for i in range(start, stop + 1):
         if modes[nodes[i]] == want:
             return nodes[i]
     raise Rejected("no place after the inputs and before the readers has the outputs' grad mode")
+
+
+def _storage_base(node: Any) -> Any:
+    """The tensor ``node`` is a view of (through layout ops and basic indexing)."""
+    from .fx_util import is_basic_index, is_layout
+
+    while isinstance(node, Node) and (is_layout(node) or is_basic_index(node)):
+        node = node.args[0]
+    return node
+
+
+def _after_writes(region: Region, inputs: Sequence[Any], order: dict[Node, int]) -> int:
+    """The first position after every in-place write to an input (or to a view of its
+    storage) that comes before the region: the op must read what the region read, such as
+    a KV cache after this step's ``index_copy_`` or slice assignment. A write between the
+    region's own reads of an input leaves no single place to read it: rejected."""
+    bases = {_storage_base(n) for n in inputs if isinstance(n, Node)}
+    first = min(order[n] for n in region.nodes)
+    last = max(order[n] for n in region.nodes)
+    start = 0
+    for node in region.graph.nodes:
+        if not is_mutating(node) or not node.args or _storage_base(node.args[0]) not in bases:
+            continue
+        if order[node] < first:
+            start = max(start, order[node] + 1)
+        elif order[node] < last:
+            raise Rejected(f"{node.name} writes an input in place between the region's reads")
+    return start
 
 
 def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[Node]:
