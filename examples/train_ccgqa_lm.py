@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="under torchrun: FSDP2, fully_shard on each block and the root",
     )
-    run.add_argument("--out", default="runs/train_ccgqa_lm", help="folder for the PNG and JSON")
+    run.add_argument("--out", default="runs/train_ccgqa_lm", help="folder for the PNG, the JSON log and the trained model (model.pt)")
     run.add_argument(
         "--sample", type=int, default=200, help="bytes of text to generate at the end (0: none)"
     )
@@ -645,6 +645,10 @@ def run_job(args: argparse.Namespace) -> dict:
         log_path = out / "train_log.json"
         log_path.write_text(json.dumps(log, indent=1) + "\n")
         print(f"wrote {log_path}" + (f" and {png}" if wrote_png else ""))
+    if rank == 0 and not args.parallel:  # examples/generate_ccgqa.py reads it
+        trained = runs["ccgqa"]["model"]
+        trained = getattr(trained, "_orig_mod", trained)
+        torch.save({"model": trained.state_dict()}, out / "model.pt")
     return log
 
 
