@@ -420,6 +420,92 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype):
     ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
     rep = _generate_compiled_and_eager(lm, ids, 5, device, dtype)
     # prefill with a cache: the whole CCGQA block (the conv state read from its padded
-    # q/k columns stays outside the fused prologue)
-    assert rep.count("ccgqa_block") == 1 and rep.count("ccgqa_prologue") == 1, str(rep)
-    assert _decode_graph_counts(rep), str(rep)
+    # q/k columns stays outside the fused prologue); every decode graph: the whole step,
+    # the prologue over HF's conv state feeding the attention over the cache
+    prefill = [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))]
+    assert len(prefill) == 1, str(rep)
+    decode_graphs = _decode_graph_counts(rep)
+    assert decode_graphs, str(rep)
+    for g in decode_graphs:
+        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+
+
+# ---------------------------------------------- a CCGQA decode step: prologue + attention
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class OneTokenCCGQA(nn.Module):
+    """One decode step of a CCGQA layer written from the spec, Zyphra-style shared convs
+    over q and k channels: the convs run unpadded over the conv state (the last
+    (k1-1)+(k2-1) pre-conv columns) and the new column, the state is overwritten with the
+    window's tail, then L2 norm, temperature, RoPE at the token's position, the cache
+    write, SDPA over the cache. ``state_first=False``: the state after the new column (a
+    near miss: the convs then see the past as the future)."""
+
+    def __init__(self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16):
+        super().__init__()
+        self.hq, self.hkv, self.d, self.state_first = hq, hkv, d, state_first
+        c = (hq + hkv) * d
+        self.q_proj, self.k_proj = nn.Linear(32, hq * d), nn.Linear(32, hkv * d)
+        self.v_proj = nn.Linear(32, hkv * d)
+        self.conv1 = nn.Conv1d(c, c, k1, groups=c)
+        self.conv2 = nn.Conv1d(c, c, k2, groups=hq + hkv)
+        self.temp = nn.Parameter(0.1 * torch.randn(hkv))
+        self.register_buffer("conv_state", torch.randn(batch, c, k1 - 1 + k2 - 1))
+        self.register_buffer("k_cache", torch.randn(batch, hkv, max_len, d))
+        self.register_buffer("v_cache", torch.randn(batch, hkv, max_len, d))
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+        freqs = torch.outer(torch.arange(max_len).float(), 1.0 / 100 ** (torch.arange(0, d, 2) / d))
+        self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
+        self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin())
+
+    def forward(self, x, pos):
+        b, hq, hkv, d = x.shape[0], self.hq, self.hkv, self.d
+        cols = torch.cat([self.q_proj(x), self.k_proj(x)], -1).transpose(1, 2)
+        parts = [self.conv_state, cols] if self.state_first else [cols, self.conv_state]
+        window = torch.cat(parts, dim=-1)
+        self.conv_state.copy_(window[..., 1:])
+        y = self.conv2(self.conv1(window)).transpose(1, 2)
+        q = y[..., : hq * d].reshape(b, 1, hq, d)
+        k = y[..., hq * d :].reshape(b, 1, hkv, d)
+        q = F.normalize(q, dim=-1) * d**0.5
+        k = F.normalize(k, dim=-1) * d**0.5 * self.temp.exp().view(1, 1, hkv, 1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2))
+        mask = self.causal[pos][None, None]
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+                                              enable_gqa=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("state_first", [True, False], ids=["state-first", "near-state-after"])
+def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first):
+    """The step's prologue over the conv state fuses with the attention over the cache
+    (a near miss only the attention); outputs and every state (conv state, caches) equal
+    eager's step after step (the state write is moved after the op that reads the old
+    state)."""
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    torch.manual_seed(0)
+    fused = OneTokenCCGQA(state_first)
+    eager = copy.deepcopy(fused)
+    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for pos in range(4):
+            x = torch.randn(2, 1, 32, generator=gen)
+            got, want = step(x, torch.tensor([pos])), eager(x, torch.tensor([pos]))
+            assert rel_err(got, want) < 1e-5, (pos, str(ccgqa_compile.report()))
+            for name in ("conv_state", "k_cache", "v_cache"):
+                assert rel_err(getattr(fused, name), getattr(eager, name)) < 1e-6, (pos, name)
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 1, str(rep)
+    assert rep.count("ccgqa_prologue") == rep.count("ccgqa_block") == int(state_first), str(rep)
+    if state_first:
+        assert rep.idioms()[("ccgqa_block", "decode_step")] == 1, str(rep)

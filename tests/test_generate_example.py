@@ -166,12 +166,13 @@ def test_prefill_fuses_whole_blocks_and_decode_the_cache_attention(generated):
         "swiglu": n,
         "value_shift": n,
     }
-    # the one-token prologue (convs over the conv state) is left to Inductor but for its
-    # RoPE (docs/recognition.md, Limits); the attention over the cache fuses
+    # the one-token prologue (convs over the conv state, qk-mean, norm, temperature, RoPE)
+    # feeding the attention over the cache: the whole decode step
     assert result["fusions"]["decode"] == {
+        "ccgqa_block": n,
+        "ccgqa_prologue": n,
         "gqa_decode_attention": n,
         "rms_norm": 2 * n + 1,
-        "rope": 2 * n,
         "swiglu": n,
     }
     phases = result["runs"]["ccgqa"]["phases"]
@@ -180,6 +181,7 @@ def test_prefill_fuses_whole_blocks_and_decode_the_cache_attention(generated):
     (decode,) = phases["decode"]
     assert decode.kind == "inference"
     assert decode.fused[("gqa_decode_attention", "sdpa_mask")] == n
+    assert decode.fused[("ccgqa_block", "decode_step")] == n
     assert "ccgqa fusion report" in stdout and "decode graph(s)" in stdout
 
 

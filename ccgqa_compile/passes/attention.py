@@ -47,6 +47,7 @@ from .fx_util import (
     is_function,
     is_layout,
     is_method,
+    is_mutating,
     node_inputs,
     requires_grad,
     runtime_inputs_of,
@@ -357,8 +358,7 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
         ctx.rejected(FUSION, "sdpa", node, str(why))
         return None
     if _is_decode(q, k0):
-        _sdpa_decode(ctx, node, q, k0, v0, args)
-        return None
+        return _sdpa_decode(ctx, node, q, k0, v0, args)
     site = Site("sdpa", q, k0, v0, False, node, causal=False)
     reason = _sdpa_semantics(ctx, args)
     if reason is not None:
@@ -430,18 +430,66 @@ def _decode_problem(ctx: GraphContext, q: Node, k: Node, args: dict[str, Any]) -
     return None
 
 
-def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args) -> None:
+def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args) -> Site | None:
     """An SDPA call of a decode step (query length != key length) -> gqa_decode_attention,
-    which computes the same function without repeating K/V."""
+    which computes the same function without repeating K/V. The site: the step's new q and
+    k, where a CCGQA prologue of one step may end."""
     reason = _decode_problem(ctx, q, k, args)
     if reason is not None:
         ctx.rejected(DECODE_FUSION, "sdpa", node, reason)
-        return
+        return None
     d, scale = tensor_value(q).shape[3], args["scale"]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = args["attn_mask"]
-    _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
+    k_new = new_keys(k, tensor_value(q).shape[2], node)
+    op = _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
     ctx.fused(DECODE_FUSION, "sdpa" + ("_mask" if mask is not None else ""))
+    return _decode_site(op, q, k_new)
+
+
+def _decode_site(op: Node, q: Node, k_new: Node | None) -> Site | None:
+    if k_new is None or not isinstance(q, Node):
+        return None
+    return Site("decode", q, k_new, op.args[2], True, op, causal=False)
+
+
+def new_keys(k: Node, t_new, reader: Node) -> Node | None:
+    """The step's new keys (B, Hkv, t_new, D) behind the cache ``k`` an attention reads: the
+    tensor written into a static cache (``index_copy_``, slice assignment, ``index_put_``,
+    ``copy_`` into a slice) before it is read, or the part of a ``cat`` of past and new keys
+    (HF's dynamic cache). None when not found."""
+    kv = tensor_value(k)
+    want = (kv.shape[0], kv.shape[1], t_new, kv.shape[3]) if kv is not None and kv.dim() == 4 else None
+    node = k
+    while is_cast(node):
+        node = node.args[0]
+    if is_function(node, torch.cat):
+        parts = [p for p in node.args[0] if isinstance(p, Node) and depends_on_tensor_input(p)]
+        fresh = [p for p in parts if p.op != "placeholder" and _shape_is(p, want)]
+        return fresh[-1] if len(fresh) == 1 else None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    written = []
+    for n in node.graph.nodes:
+        if order[n] >= order[reader] or not is_mutating(n) or not n.args:
+            continue
+        target = n.args[0]
+        while is_layout(target) or is_basic_index(target):
+            target = target.args[0]
+        if target is not node:
+            continue
+        src = {"index_copy_": 3, "index_put_": 2, "copy_": 1}.get(str(n.target), None)
+        if n.target is operator.setitem:
+            src = 2
+        if src is not None and len(n.args) > src and _shape_is(n.args[src], want):
+            written.append(n.args[src])
+    return written[-1] if len(written) == 1 else None
+
+
+def _shape_is(node: Any, shape) -> bool:
+    v = tensor_value(node)
+    return shape is not None and v is not None and v.dim() == 4 and all(
+        same_size(a, b) for a, b in zip(v.shape, shape)
+    )
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -960,7 +1008,9 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                     (out,) = emit(region, cand, inputs)
                     if decode:
                         ctx.fused(DECODE_FUSION, "handwritten" + ("_mask" if hw.mask else ""))
-                        return None
+                        op = _op_above(out)
+                        q_op, k_op, _ = _op_inputs(op)
+                        return _decode_site(op, q_op, new_keys(k, t_q, op))
                     ctx.fused(FUSION, "handwritten" + ("_runtime_mask" if hw.mask else ""))
                     op = _op_above(out)
                     return Site("handwritten", *_op_inputs(op), True, op)

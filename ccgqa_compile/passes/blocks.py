@@ -18,6 +18,13 @@ FUSION = "ccgqa_block"
 
 def report(ctx: GraphContext, sites: list[Site]) -> None:
     for site in sites:
+        if site.kind == "decode":  # one step over a cache: the prologue of its new tokens
+            if site.prologue:
+                ctx.fused(FUSION, "decode_step")
+            elif _has_conv(site):
+                ctx.unfused(FUSION, site.anchor, "decode attention fused, but the step's q/k "
+                            "prologue did not (see the ccgqa_prologue lines)")  # fmt: skip
+            continue
         if site.prologue and site.causal:
             core = "fused_attention" if site.fused else "sdpa_kept"
             ctx.fused(FUSION, f"prologue+{core}")

@@ -24,6 +24,7 @@ other heads, another normalisation) agree with no candidate and stay as written.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +45,7 @@ from .fx_util import (
     is_cast,
     is_function,
     is_layout,
+    is_method,
     requires_grad,
     same_size,
     tensor_value,
@@ -90,9 +92,16 @@ class Plan:
     # dense conv2, a mean over all heads, no norm scale, one scalar temperature, full
     # RoPE), which its own op ccgqa_seed_prologue computes
     kind: str = "stock"
+    # a decode step: the convs run over each stream's cached columns (the conv state, for a
+    # shared conv one tensor of both streams' channels) followed by the new ones, and the
+    # op runs on that longer sequence; its last T positions are the step's q and k
+    states: tuple = ()
+    state_btc: bool = False  # the states laid out (B, S, C); else (B, C, S)
+    state_len: int = 0
+    state_q_first: bool = True  # one state of both streams: q's channels first
 
     def inputs(self) -> list[Any]:
-        leaves: list[Any] = [self.q_pre, self.k_pre]
+        leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
         convs = [*self.q_convs] if self.shared else [*self.q_convs, *self.k_convs]
         for conv in convs:
             leaves += [conv.weight, conv.bias]
@@ -131,11 +140,23 @@ def _conv_sources(conv: Node) -> list[Node]:
         seen.add(node)
         if is_function(node, *PAD) or is_layout(node) or is_cast(node):
             todo.append(node.args[0])
+        elif _split_part(node):  # a stream's channels of a window of both (decode steps)
+            todo.append(node.args[0].args[0])
         elif is_function(node, torch.cat):
             todo.extend(p for p in node.args[0] if isinstance(p, Node))
         else:
             out.append(node)
     return out
+
+
+def _split_part(node: Node) -> bool:
+    """``x.split(...)[i]`` / ``torch.chunk(x, ...)[i]``: one part of a tensor."""
+    if not is_function(node, operator.getitem) or not isinstance(node.args[0], Node):
+        return False
+    src = node.args[0]
+    return is_method(src, "split", "chunk", "tensor_split") or is_function(
+        src, torch.split, torch.chunk, torch.tensor_split
+    )
 
 
 def _as_btc(node: Node, b, t) -> str | None:
@@ -183,34 +204,54 @@ def _plans(site: Site) -> list[Plan] | str:
     if len(chains) == 1:
         c1, c2 = chains[0]
         sources = _conv_sources(c1.node)
-        if len(sources) != 2:
+        if len(sources) not in (2, 3):
             return f"the shared convolution reads {len(sources)} tensors, not q_pre and k_pre"
-        for first, second in (sources, sources[::-1]):
+        for first, second in [(x, y) for x in sources for y in sources if x is not y]:
             if _as_btc(first, b, t) is None or _as_btc(second, b, t) is None:
                 continue
             if _width(first) != cq or _width(second) != ckv:
                 continue
-            q_first = first is sources[0]
-            plans.append(Plan(first, second, hq, hkv, d, (c1, c2), (c1, c2), shared=True, q_first=q_first))
+            rest = [x for x in sources if x is not first and x is not second]
+            state = _state_form(rest, b, cq + ckv)
+            if state is None:
+                continue
+            q_first = sources.index(first) < sources.index(second)
+            plans.append(Plan(first, second, hq, hkv, d, (c1, c2), (c1, c2), shared=True,
+                              q_first=q_first, state_q_first=q_first, **state))  # fmt: skip
     elif len(chains) == 2:
         for qc, kc in (chains, chains[::-1]):
             if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
                 continue
             qs, ks = _conv_sources(qc[0].node), _conv_sources(kc[0].node)
-            if len(qs) != 1 or len(ks) != 1:
+            q_pre = [x for x in qs if _as_btc(x, b, t) is not None and _width(x) == cq]
+            k_pre = [x for x in ks if _as_btc(x, b, t) is not None and _width(x) == ckv]
+            if len(q_pre) != 1 or len(k_pre) != 1:
                 continue
-            if _as_btc(qs[0], b, t) is None or _as_btc(ks[0], b, t) is None:
+            pres = (q_pre[0], k_pre[0])
+            q_rest = [x for x in qs if x not in pres]
+            k_rest = [x for x in ks if x not in pres]
+            base = Plan(q_pre[0], k_pre[0], hq, hkv, d, qc, kc)
+            if q_rest and q_rest == k_rest:  # one state of both streams, split by channels
+                state = _state_form(q_rest, b, cq + ckv)
+                if state is not None:
+                    plans += [replace(base, state_q_first=f, **state) for f in (True, False)]
                 continue
-            if _width(qs[0]) != cq or _width(ks[0]) != ckv:
+            q_state, k_state = _state_form(q_rest, b, cq), _state_form(k_rest, b, ckv)
+            if q_state is None or k_state is None or bool(q_state) != bool(k_state):
                 continue
-            plans.append(Plan(qs[0], ks[0], hq, hkv, d, qc, kc))
+            if q_state and (q_state["state_btc"], q_state["state_len"]) != (
+                k_state["state_btc"], k_state["state_len"]
+            ):
+                continue
+            state = {**q_state, "states": q_state.get("states", ()) + k_state.get("states", ())}
+            plans.append(replace(base, **(state if q_state else {})))
     else:
         return f"{len(parsed)} convolutions: not two per stream or two shared"
     if not plans:
         return "the convolutions' inputs are not q_pre (B, T, Hq*D) and k_pre (B, T, Hkv*D)"
     out = []
     for plan in plans:
-        if not plan.shared and _seed_shapes(plan):
+        if not plan.shared and not plan.states and _seed_shapes(plan):
             out.append(replace(plan, kind="seed"))
             continue
         problem = _conv_shapes_problem(plan)
@@ -221,6 +262,45 @@ def _plans(site: Site) -> list[Plan] | str:
             for qk_mean in (True, False):
                 out.append(replace(plan, fold_bias=fold, qk_mean=qk_mean))
     return out
+
+
+def _state_form(rest: list[Node], b, channels: int) -> dict | None:
+    """Of a conv's inputs other than the new columns: nothing ({}), or one conv state of
+    shape (B, C, S) or (B, S, C) (the cached columns of a decode step) as Plan fields;
+    None when they are something else."""
+    if not rest:
+        return {}
+    if len(rest) != 1:
+        return None
+    v = tensor_value(rest[0])
+    if v is None or v.dim() != 3 or not same_size(v.shape[0], b):
+        return None
+    if v.shape[1] == channels and isinstance(v.shape[2], int):
+        return {"states": (rest[0],), "state_btc": False, "state_len": v.shape[2]}
+    if v.shape[2] == channels and isinstance(v.shape[1], int):
+        return {"states": (rest[0],), "state_btc": True, "state_len": v.shape[1]}
+    return None
+
+
+def _extended(plan: Plan, states: list[Any], q_pre, k_pre):
+    """q_pre and k_pre (B, T, C) with each stream's cached columns in front (B, S + T, C)."""
+    cols = [x if plan.state_btc else x.transpose(1, 2) for x in states]
+    if len(cols) == 1:  # both streams' channels
+        cq, ckv = plan.heads * plan.d, plan.kv_heads * plan.d
+        (both,) = cols
+        first = plan.state_q_first
+        q_cols, k_cols = (both[..., :cq], both[..., cq:]) if first else (both[..., ckv:], both[..., :ckv])
+    else:
+        q_cols, k_cols = cols
+    return torch.cat([q_cols.to(q_pre.dtype), q_pre], 1), torch.cat([k_cols.to(k_pre.dtype), k_pre], 1)
+
+
+def _rows_in_front(table, n: int):
+    """A RoPE table (..., T, r) with n rows of zeros in front: the cached positions, whose
+    outputs are dropped."""
+    if table is None or n == 0:
+        return table
+    return F.pad(table, (0, 0, n, 0))  # traced with proxies too: no shape arithmetic
 
 
 def _seed_shapes(plan: Plan) -> bool:
@@ -283,6 +363,10 @@ def _half(x, plan: Plan, stream: str):
 def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
     q_pre, k_pre, *rest = values
+    q_x, k_x = _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre)
+    if plan.states:
+        q_x, k_x = _extended(plan, rest[: len(plan.states)], q_x, k_x)
+        rest = rest[len(plan.states) :]
     if plan.shared:
         w1, b1, w2, b2 = rest[:4]
         rest = rest[4:]
@@ -300,13 +384,14 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     rotary_dim, interleaved = 0, False
     if plan.rope is not None:
         cos, sin = plan.rope[2](*tables)
+        cos, sin = _rows_in_front(cos, plan.state_len), _rows_in_front(sin, plan.state_len)
         rotary_dim, interleaved = plan.rope[3], plan.rope[4]
     if temp is not None:
         temp = temp.reshape(-1)
         if plan.temp_scale != 1.0:
             temp = temp / plan.temp_scale
     return [
-        _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre), *q_args, *k_args, temp, cos, sin,
+        q_x, k_x, *q_args, *k_args, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
         plan.norm_scale, plan.eps, rotary_dim, interleaved,
     ]  # fmt: skip
@@ -329,6 +414,8 @@ def candidate(plan: Plan):
             q, k = torch.ops.ccgqa.ccgqa_seed_prologue(*seed_op_arguments(plan, list(values)))
             return q, k
         q, k = torch.ops.ccgqa.ccgqa_prologue(*op_arguments(plan, list(values)))
+        if plan.states:  # the step's own positions
+            q, k = q[:, :, plan.state_len :], k[:, :, plan.state_len :]
         return q, k
 
     return prologue
@@ -356,7 +443,7 @@ class _Probe:
 
 
 def _table_leaves(region: Region, plan: Plan) -> list[Node]:
-    used = {plan.q_pre, plan.k_pre}
+    used = {plan.q_pre, plan.k_pre, *plan.states}
     for conv in (*plan.q_convs, *plan.k_convs):
         used |= {conv.weight, conv.bias}
     return [n for n in region.float_leaves() if n not in used]
@@ -505,9 +592,10 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
 
 def _has_time_dim(node: Node, region: Region) -> bool:
     t = tensor_value(region.sinks[0]).shape[2]
-    return any(same_size(s, t) for s in tensor_value(node).shape) and not (
-        isinstance(t, int) and t == 1
-    )
+    v = tensor_value(node)
+    if isinstance(t, int) and t == 1:  # one token (a decode step): a table's rows are 1 wide
+        return v.dim() >= 2 and isinstance(v.shape[-1], int) and v.shape[-1] > 1
+    return any(same_size(s, t) for s in v.shape)
 
 
 def _prologue_table_options(tables: list[Node], width):
@@ -604,7 +692,7 @@ def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, f
     if target_norm <= 0:
         target_norm = 1e-20
     s = target_norm / max(raw_norm, 1e-300)
-    out = {plan.q_pre: s, plan.k_pre: s}
+    out = {plan.q_pre: s, plan.k_pre: s, **dict.fromkeys(plan.states, s)}
     for conv in (*plan.q_convs, *plan.k_convs):
         if conv.bias is not None:
             out[conv.bias] = s
@@ -629,7 +717,7 @@ def recognise(ctx: GraphContext, site: Site) -> None:
         return
     base = plans[0]
     try:
-        region = Region.between([base.q_pre, base.k_pre], [site.q, site.k])
+        region = Region.between([base.q_pre, base.k_pre, *base.states], [site.q, site.k])
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return

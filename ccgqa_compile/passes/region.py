@@ -192,11 +192,14 @@ def _grad_modes(graph: torch.fx.Graph) -> dict[Node, Any]:
     return out
 
 
-def insertion_point(region: Region, inputs: Sequence[Any]) -> Node:
+def insertion_point(region: Region, inputs: Sequence[Any]) -> tuple[Node, list[Node]]:
     """Where the replacement goes: after its last input, before the first reader of a
     sink, and in the grad mode the sinks were computed in (a table built under
     ``torch.no_grad()`` must not pull the op into that block: its output would not
-    require grad)."""
+    require grad). With it, the in-place writes to its inputs that must move after it: a
+    write the region's reads came before (a decode step's conv state overwritten with the
+    window it read) whose input is ready only later (a temperature computed there), when
+    nothing else in between touches that storage."""
     graph = region.graph
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -206,13 +209,34 @@ def insertion_point(region: Region, inputs: Sequence[Any]) -> Node:
         raise Rejected("the outputs are computed in different grad modes")
     (want,) = sink_modes
     start = max(order[n] for n in inputs if isinstance(n, Node)) + 1
-    start = max(start, _after_writes(region, inputs, order))
+    after, late = _write_bounds(region, inputs, order)
+    start = max(start, after)
     readers = [order[u] for s in region.sinks for u in s.users if u not in region.nodes]
     stop = min(readers) if readers else len(nodes) - 1
-    for i in range(start, stop + 1):
+    before = min((order[w] for w in late), default=len(nodes))
+    for i in range(start, min(stop, before) + 1):
         if modes[nodes[i]] == want:
-            return nodes[i]
+            return nodes[i], []
+    for i in range(start, stop + 1):
+        if modes[nodes[i]] == want and _writes_can_wait(region, late, nodes[i], order):
+            return nodes[i], late
     raise Rejected("no place after the inputs and before the readers has the outputs' grad mode")
+
+
+def _writes_can_wait(region: Region, writes: list[Node], where: Node, order) -> bool:
+    """Whether ``writes`` may move to ``where``: no node between them and there (other
+    than the region's, which the op replaces) reads or writes the written storage or uses
+    the write's result."""
+    for w in writes:
+        base = _storage_base(w.args[0])
+        if w.users:
+            return False
+        for node in list(region.graph.nodes)[order[w] + 1 : order[where]]:
+            if node in region.nodes:
+                continue
+            if any(_storage_base(i) is base for i in node_inputs(node)):
+                return False
+    return True
 
 
 def _storage_base(node: Any) -> Any:
@@ -224,30 +248,39 @@ def _storage_base(node: Any) -> Any:
     return node
 
 
-def _after_writes(region: Region, inputs: Sequence[Any], order: dict[Node, int]) -> int:
-    """The first position after every in-place write to an input (or to a view of its
-    storage) that comes before the region: the op must read what the region read, such as
-    a KV cache after this step's ``index_copy_`` or slice assignment. A write between the
-    region's own reads of an input leaves no single place to read it: rejected."""
+def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int]) -> tuple[int, list[Node]]:
+    """Where the op may read its inputs, given in-place writes to them (or to views of
+    their storage): after every write that comes before the region (a KV cache after this
+    step's ``index_copy_``), and before every later one (a conv state overwritten once the
+    step has read it; those writes are returned). A write followed by another read of the
+    region leaves no single place to read the input: rejected."""
     bases = {_storage_base(n) for n in inputs if isinstance(n, Node)}
     first = min(order[n] for n in region.nodes)
-    last = max(order[n] for n in region.nodes)
-    start = 0
+    reads = {
+        b: [order[n] for n in region.nodes if any(_storage_base(i) is b for i in node_inputs(n))]
+        for b in bases
+    }  # fmt: skip
+    after, late = 0, []
     for node in region.graph.nodes:
-        if not is_mutating(node) or not node.args or _storage_base(node.args[0]) not in bases:
+        if not is_mutating(node) or not node.args:
+            continue
+        base = _storage_base(node.args[0])
+        if base not in bases:
             continue
         if order[node] < first:
-            start = max(start, order[node] + 1)
-        elif order[node] < last:
+            after = max(after, order[node] + 1)
+            continue
+        if any(r > order[node] for r in reads[base]):
             raise Rejected(f"{node.name} writes an input in place between the region's reads")
-    return start
+        late.append(node)
+    return after, late
 
 
 def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[Node]:
     """Trace ``candidate`` into the graph on ``inputs`` and route every use of the region's
     sinks to its outputs (cast to each sink's dtype). Returns the new output nodes."""
     graph = region.graph
-    where = insertion_point(region, inputs)
+    where, delayed = insertion_point(region, inputs)
     tracer = GraphAppendingTracer(graph)
     before = set(graph.nodes)
     out_dtypes = [value(s).dtype for s in region.sinks]
@@ -256,6 +289,8 @@ def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[No
         outs = candidate(*proxies, out_dtypes=out_dtypes)
         nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
     new = [n for n in graph.nodes if n not in before]
+    for write in delayed:  # after the op, which reads what they overwrite
+        where.prepend(write)
     _propagate_fake(graph, new)
     results = []
     for node, sink in zip(nodes, region.sinks):
