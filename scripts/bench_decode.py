@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 E, D, MAX_NEW = 2048, 128, 8
-LAYERS = {"ccgqa": (8, 2), "uncompressed": (16, 4)}  # (query heads, kv heads)
+LAYERS = {"ccgqa": (8, 2), "uncompressed": (16, 4), "step": (8, 2)}  # (query heads, kv heads)
 PROVIDERS = {"ccgqa": ("ccgqa", "ccgqa"), "inductor": ("ccgqa", "inductor"),
-             "uncompressed": ("uncompressed", "inductor")}  # fmt: skip
+             "uncompressed": ("uncompressed", "inductor"),
+             # the whole CCGQA decode step (conv state, qk-mean, norm, temperature, RoPE)
+             "ccgqa-step": ("step", "ccgqa"), "inductor-step": ("step", "inductor")}  # fmt: skip
 BATCHES, CONTEXTS = (1, 16, 64), (4096, 32768)
 
 
@@ -73,6 +75,45 @@ class DecodeAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, self.h * D))
 
 
+class DecodeCCGQAStep(DecodeAttention):
+    """A whole CCGQA decode step as HF's ZAYA writes it: q/k projections into the
+    compressed space, Zyphra's shared causal convs (kernels 2, 2) over the conv state and
+    the new column, the qk-mean residual, L2 norm to sqrt(d), a per-kv-head temperature,
+    RoPE, the cache write and SDPA over the cache."""
+
+    def __init__(self, heads, kv_heads, batch, max_len, dtype):
+        super().__init__(heads, kv_heads, batch, max_len, dtype)
+        c = (heads + kv_heads) * D
+        self.conv1 = nn.Conv1d(c, c, 2, groups=c)
+        self.conv2 = nn.Conv1d(c, c, 2, groups=heads + kv_heads)
+        self.temp = nn.Parameter(torch.zeros(kv_heads))
+        self.register_buffer("conv_state", torch.randn(batch, c, 2, dtype=dtype))
+
+    def forward(self, x, input_pos):
+        b, t, _ = x.shape
+        g = self.h // self.hkv
+        qp, kp = self.q(x), self.k(x)
+        q_res = (qp.view(b, t, self.h, D) + kp.view(b, t, self.hkv, D).repeat_interleave(g, 2)) * 0.5
+        k_res = q_res.view(b, t, self.hkv, g, D).mean(-2)
+        window = torch.cat([self.conv_state, torch.cat([qp, kp], -1).transpose(1, 2)], -1)
+        self.conv_state.copy_(window[..., -2:])
+        y = self.conv2(self.conv1(window)).transpose(1, 2)
+        q = y[..., : self.h * D].view(b, t, self.h, D) + q_res
+        k = y[..., self.h * D :].view(b, t, self.hkv, D) + k_res
+        q = F.normalize(q, dim=-1) * D**0.5
+        k = F.normalize(k, dim=-1) * D**0.5 * self.temp.exp().view(1, 1, -1, 1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = self.v(x).view(b, t, self.hkv, D).transpose(1, 2)
+        cos, sin = self.cos[input_pos][None, None], self.sin[input_pos][None, None]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        mask = self.causal[None, None, input_pos]
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+                                           enable_gqa=True)  # fmt: skip
+        return self.o(y.transpose(1, 2).reshape(b, t, self.h * D))
+
+
 def one(provider: str, batch: int, context: int) -> dict:
     import triton
 
@@ -83,7 +124,8 @@ def one(provider: str, batch: int, context: int) -> dict:
     layer_kind, backend = PROVIDERS[provider]
     heads, kv_heads = LAYERS[layer_kind]
     dtype = torch.bfloat16
-    model = DecodeAttention(heads, kv_heads, batch, context, dtype).cuda().to(dtype)
+    build = DecodeCCGQAStep if layer_kind == "step" else DecodeAttention
+    model = build(heads, kv_heads, batch, context, dtype).cuda().to(dtype)
     x = torch.randn(batch, 1, E, device="cuda", dtype=dtype)
     pos = torch.tensor([context - MAX_NEW], device="cuda")
     compiler = ccgqa_compile.ccgqa_backend if backend == "ccgqa" else "inductor"
@@ -121,6 +163,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--in-process", action="store_true", help="one process, in order")
     ap.add_argument("--deadline-s", type=float, default=1e9)
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--cases", help="B:context,... (default: every batch and context)")
     ap.add_argument("--record", metavar="JSON", help="append a run's JSON to the results files")
     ap.add_argument("--commit", default="unknown", help="with --record: the commit measured")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="with --record")
@@ -136,7 +180,9 @@ def main() -> None:
         print("RESULT " + json.dumps(one(p, int(b), int(c))))
         return
     order = [(16, 32768), (64, 32768), (1, 4096), (64, 4096), (1, 32768), (16, 4096)]
-    cases = [(p, b, c) for b, c in order for p in PROVIDERS]
+    if args.cases:
+        order = [tuple(int(x) for x in case.split(":")) for case in args.cases.split(",")]
+    cases = [(p, b, c) for b, c in order for p in args.providers.split(",")]
     if args.in_process:  # one process, cases in order until the deadline
         start, results = time.perf_counter(), []
         for case in cases:
@@ -173,18 +219,17 @@ def main() -> None:
 def result_rows(results: list[dict], commit: str, date: str, device: str) -> list[dict]:
     """The run as rows of the results files (docs/benchmarks/results/), ratios against
     Inductor default on the same layer code."""
-    base = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "inductor"}
     rows = []
     for r in results:
         if "error" in r:
             continue
-        b = base.get((r["batch"], r["context"]))
-        ratio = b["ms"] / r["ms"] if b is not None and r["provider"] != "inductor" else None
+        b = _baseline(results, r)
+        ratio = b["ms"] / r["ms"] if b is not None and b is not r else None
         rows.append({
             "date": date, "commit": commit, "device": device, "dtype": "bfloat16", "op": "decode",
             "case": f"B{r['batch']} context {r['context']}", "provider": r["provider"],
             "fwd_ms": f"{r['ms']:.5g}", "rate": f"{r['gb_per_s']:.0f} GB/s",
-            "baseline": "inductor" if ratio else "", "ratio": f"{ratio:.5g}" if ratio else "",
+            "baseline": b["provider"] if ratio else "", "ratio": f"{ratio:.5g}" if ratio else "",
             "first_call_s": f"{r['first_call_cold_s']:.1f}" if r.get("first_call_cold_s") else "",
             "note": f"{100 * r['fraction_of_copy']:.0f}% of the copy bandwidth measured in the run "
                     f"({r['copy_gb_per_s']:.0f} GB/s)",
@@ -193,22 +238,29 @@ def result_rows(results: list[dict], commit: str, date: str, device: str) -> lis
     return rows
 
 
+def _baseline(results: list[dict], r: dict, name: str | None = None) -> dict | None:
+    """Inductor default on the same layer code (``name``: another provider), same case."""
+    name = name or ("inductor-step" if r["provider"].endswith("-step") else "inductor")
+    return next((x for x in results if x.get("provider") == name
+                 and (x["batch"], x["context"]) == (r["batch"], r["context"])), None)  # fmt: skip
+
+
 def _print(results: list[dict], out_dir: str) -> None:
     json.dump(results, open(os.path.join(out_dir, "bench_decode.json"), "w"), indent=1)
-    base = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "inductor"}
-    unc = {(r["batch"], r["context"]): r for r in results if r.get("provider") == "uncompressed"}
-    print("provider      B  context     ms   tok/s    GB/s  %copy  vs inductor  vs uncompressed  compile s")
+    print("provider        B  context     ms   tok/s    GB/s  %copy  vs inductor  vs uncompressed  compile s")
     for r in results:
         if "error" in r:
             print("ERROR", r["case"], r["error"])
             continue
-        key = (r["batch"], r["context"])
-        if key not in base or key not in unc:
-            continue
-        print(f"{r['provider']:<12} {r['batch']:>2} {r['context']:>8} {r['ms']:7.4f} {r['tokens_per_s']:8.0f} "
-              f"{r['gb_per_s']:7.0f} {100 * r['fraction_of_copy']:5.1f}  {base[key]['ms'] / r['ms']:10.2f}x "
-              f"{unc[key]['ms'] / r['ms']:14.2f}x  {r.get('first_call_cold_s') or 0:8.1f}")  # fmt: skip
-    print("counts (ccgqa):", next((r["counts"] for r in results if r.get("provider") == "ccgqa"), None))
+        base, unc = _baseline(results, r), _baseline(results, r, "uncompressed")
+        vs_base = f"{base['ms'] / r['ms']:10.2f}x" if base else "         -"
+        vs_unc = f"{unc['ms'] / r['ms']:14.2f}x" if unc else "             -"
+        print(f"{r['provider']:<14} {r['batch']:>2} {r['context']:>8} {r['ms']:7.4f} {r['tokens_per_s']:8.0f} "
+              f"{r['gb_per_s']:7.0f} {100 * r['fraction_of_copy']:5.1f}  {vs_base} {vs_unc}  "
+              f"{r.get('first_call_cold_s') or 0:8.1f}")  # fmt: skip
+    for r in results:
+        if r.get("counts"):
+            print(f"counts ({r['provider']}):", r["counts"])
 
 
 if __name__ == "__main__":

@@ -150,13 +150,19 @@ def _conv_sources(conv: Node) -> list[Node]:
 
 
 def _split_part(node: Node) -> bool:
-    """``x.split(...)[i]`` / ``torch.chunk(x, ...)[i]``: one part of a tensor."""
+    """``x.split(...)[i]`` / ``torch.chunk(x, ...)[i]`` of a concatenation ``x``: one
+    stream's channels of a decode step's window (conv state and new columns of both
+    streams). A part of anything else (a fused qkv projection) is a source itself."""
     if not is_function(node, operator.getitem) or not isinstance(node.args[0], Node):
         return False
     src = node.args[0]
-    return is_method(src, "split", "chunk", "tensor_split") or is_function(
-        src, torch.split, torch.chunk, torch.tensor_split
-    )
+    if not (is_method(src, "split", "chunk", "tensor_split")
+            or is_function(src, torch.split, torch.chunk, torch.tensor_split)):  # fmt: skip
+        return False
+    whole = src.args[0]
+    while is_layout(whole) or is_cast(whole):
+        whole = whole.args[0]
+    return is_function(whole, torch.cat)
 
 
 def _as_btc(node: Node, b, t) -> str | None:
