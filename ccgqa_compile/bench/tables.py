@@ -421,8 +421,11 @@ def measured(by_device: dict[str, list[dict]]) -> str:
     out = table(header, body)
     decode = [r for r in results.latest(by_device.get(MEASURED_DECODE, [])) if r["op"] == "decode"]
     if decode:
-        out += ["", "Decode step: one attention layer at ZAYA1's widths over a static KV cache, "
-                "forward, CUDA-graph replays (`scripts/bench_decode.py`):", ""]  # fmt: skip
+        out += ["", "Decode step at ZAYA1's widths over a static KV cache, forward, CUDA-graph "
+                "replays (`scripts/bench_decode.py`): one attention layer with K/V repeated for "
+                "SDPA as HF does, and a whole CCGQA step (conv state, qk-mean, norm, "
+                "temperature, RoPE, SDPA with `enable_gqa`, which Inductor already runs near "
+                "the copy bandwidth):", ""]  # fmt: skip
         body = []
         for case in dict.fromkeys(r["case"] for r in decode):
             ours = results.find(decode, "decode", case, "ccgqa")
@@ -433,10 +436,18 @@ def measured(by_device: dict[str, list[dict]]) -> str:
                 other = results.find(decode, "decode", case, provider, run=ours)
                 cells.append(f"{number(other, 'fwd_ms'):.3g} ms ({ratio(speedup(other, ours, 'fwd_ms'))})"
                              if other else "")  # fmt: skip
-            cells.append(f"{MEASURED_DECODE.upper()}, {ours['date'][:10]}, {ours['commit']}")
+            step = results.find(decode, "decode", case, "ccgqa-step")
+            base = step and results.find(decode, "decode", case, "inductor-step", run=step)
+            cells.append(f"{number(step, 'fwd_ms'):.3g} / {number(base, 'fwd_ms'):.3g} ms "
+                         f"({ratio(speedup(base, step, 'fwd_ms'))})" if base else "")  # fmt: skip
+            when = f"{MEASURED_DECODE.upper()}, {ours['date'][:10]}, {ours['commit']}"
+            if step and step["commit"] != ours["commit"]:
+                when += f" (step: {step['commit']})"
+            cells.append(when)
             body.append(cells)
-        out += table(["decode", '`backend="ccgqa"`', "Inductor default",
-                      "uncompressed GQA layer (Inductor)", "measured"], body)  # fmt: skip
+        out += table(["decode", 'attention layer, `backend="ccgqa"`', "Inductor default",
+                      "uncompressed GQA layer (Inductor)", "whole CCGQA step, ours / Inductor",
+                      "measured"], body)  # fmt: skip
     return "\n".join(out)
 
 
