@@ -234,14 +234,19 @@ class HandWrittenCacheStep(StaticCacheAttention):
         return torch.softmax(s.float(), dim=-1).to(q.dtype) @ self.v_cache.repeat_interleave(g, 1)
 
 
-@pytest.mark.parametrize("mask", [True, False], ids=["causal-row", "no-mask"])
-def test_handwritten_step_over_a_written_cache(mask):
+def _compiled_and_eager(module: nn.Module):
+    """A fresh report; the module compiled (no code generation) and an eager twin."""
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
+    eager = copy.deepcopy(module)
+    return torch.compile(module, backend=ccgqa_without_codegen, fullgraph=True), eager
+
+
+@pytest.mark.parametrize("mask", [True, False], ids=["causal-row", "no-mask"])
+def test_handwritten_step_over_a_written_cache(mask):
     torch.manual_seed(0)
     fused = HandWrittenCacheStep(mask)
-    eager = copy.deepcopy(fused)
-    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
+    step, eager = _compiled_and_eager(fused)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for pos in range(4):
@@ -490,12 +495,9 @@ def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first):
     (a near miss only the attention); outputs and every state (conv state, caches) equal
     eager's step after step (the state write is moved after the op that reads the old
     state)."""
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
     torch.manual_seed(0)
     fused = OneTokenCCGQA(state_first)
-    eager = copy.deepcopy(fused)
-    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
+    step, eager = _compiled_and_eager(fused)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for pos in range(4):
