@@ -351,11 +351,11 @@ def test_disabling_the_fusion_keeps_sdpa():
 transformers = pytest.importorskip("transformers")
 
 
-def _greedy(model, ids, new_tokens):
+def _greedy(model, ids, new_tokens, **kwargs):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                              output_logits=True)  # fmt: skip
+                              output_logits=True, **kwargs)  # fmt: skip
 
 
 def _decode_graph_counts(rep):
@@ -363,26 +363,26 @@ def _decode_graph_counts(rep):
     return [g for g in rep.graphs if g.count("gqa_decode_attention")]
 
 
-def _generate_compiled_and_eager(lm, ids, new_tokens, device="cpu", dtype=torch.float32):
+def _generate_compiled_and_eager(lm, ids, new_tokens, device="cpu", dtype=torch.float32, **kwargs):
     """Greedy tokens of ``lm`` compiled with backend="ccgqa" equal eager's; the report.
     In half precision a near tie may flip a later token, so there the tokens are compared
     for the first two steps, and those steps' logits against a float64 copy."""
     lm, ids = lm.to(device), ids.to(device)
     reference = copy.deepcopy(lm).double() if dtype != torch.float32 else None
     lm = lm.to(dtype)
-    want = _greedy(lm, ids, new_tokens)
+    want = _greedy(lm, ids, new_tokens, **kwargs)
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
     compiled = copy.deepcopy(lm)
     compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
-    got = _greedy(compiled, ids, new_tokens)
+    got = _greedy(compiled, ids, new_tokens, **kwargs)
     rep = ccgqa_compile.report()
     if reference is None:
         assert torch.equal(got.sequences, want.sequences), (got.sequences, want.sequences, str(rep))
         return rep
     steps = ids.shape[1] + 2
     assert torch.equal(got.sequences[:, :steps], want.sequences[:, :steps]), str(rep)
-    ref = _greedy(reference, ids, 2)
+    ref = _greedy(reference, ids, 2, **kwargs)
     for i in range(2):
         assert_as_close_as_eager(got.logits[i], want.logits[i], ref.logits[i], dtype, f"step {i}\n{rep}")
     return rep
@@ -395,22 +395,40 @@ DEVICES = [
 ]
 
 
+# HF's attention as SDPA or written out ("eager": matmul, additive mask, softmax), over its
+# dynamic cache (past and new keys concatenated) or its static one (index_copy_ into
+# preallocated tensors, the prefill reading the whole cache)
+LLAMA_CACHES = [
+    pytest.param("sdpa", "dynamic", id="sdpa-dynamic"),
+    pytest.param("eager", "dynamic", id="eager-dynamic"),
+    pytest.param("sdpa", "static", id="sdpa-static"),
+    pytest.param("eager", "static", id="eager-static"),
+]
+
+
+@pytest.mark.parametrize(("attn", "cache"), LLAMA_CACHES)
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
-def test_llama_generate_greedy_tokens_equal_eager(device, dtype):
+def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
+    if device == "cuda" and (attn, cache) != ("sdpa", "dynamic"):
+        pytest.skip("the GPU run checks HF's default")
     cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=44, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="sdpa",
+        attn_implementation=attn,
     )  # fmt: skip
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
-    rep = _generate_compiled_and_eager(lm, ids, 6, device, dtype)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    rep = _generate_compiled_and_eager(lm, ids, 6, device, dtype, **kwargs)
     decode_graphs = _decode_graph_counts(rep)
     assert decode_graphs, str(rep)
     for g in decode_graphs:  # every layer's attention, in every decode graph
         assert g.count("gqa_decode_attention") == 2, str(rep)
-    assert rep.count("gqa_attention") == 2, str(rep)  # the prefill
+        idiom = "handwritten_mask" if attn == "eager" else "sdpa_mask" if cache == "static" else "sdpa"
+        assert g.fused[("gqa_decode_attention", idiom)] == 2, str(rep)
+    if (attn, cache) != ("eager", "static"):  # a written-out prefill over a longer static
+        assert rep.count("gqa_attention") == 2, str(rep)  # cache is left as written
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
