@@ -143,20 +143,34 @@ class StaticCacheAttention(nn.Module):
         )
 
 
-def test_static_cache_steps_match_eager_and_fuse():
+def _compiled_and_eager(module: nn.Module, backend=ccgqa_without_codegen):
+    """A fresh report; the module compiled (no code generation by default) and an eager
+    twin."""
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
-    fused, eager = StaticCacheAttention(), StaticCacheAttention()
-    step = torch.compile(fused, backend=ccgqa_without_codegen, fullgraph=True)
-    gen = torch.Generator().manual_seed(3)
+    eager = copy.deepcopy(module)
+    return torch.compile(module, backend=backend, fullgraph=True), eager
+
+
+def _cache_steps(step, eager, steps: int, seed: int) -> None:
+    """``steps`` decode steps of one token (q of 4 heads, k and v of 2, d 16) at positions
+    0, 1, ...: the compiled step's output is finite and eager's, each step reading the
+    cache the earlier ones wrote."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for pos in range(6):  # the cache fills step by step; each step reads what came before
+        for pos in range(steps):
             q = torch.randn(2, 4, 1, 16, generator=gen)
             k, v = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
             input_pos = torch.tensor([pos])
             got, want = step(q, k, v, input_pos), eager(q, k, v, input_pos)
-            assert torch.isfinite(got).all()
-            assert rel_err(got, want) < 1e-5, pos
+            assert torch.isfinite(got).all(), pos
+            assert rel_err(got, want) < 1e-5, (pos, str(ccgqa_compile.report()))
+
+
+def test_static_cache_steps_match_eager_and_fuse():
+    fused = StaticCacheAttention()
+    step, eager = _compiled_and_eager(fused)
+    _cache_steps(step, eager, 6, seed=3)
     assert torch.equal(fused.k_cache, eager.k_cache) and torch.equal(fused.v_cache, eager.v_cache)
     assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", "sdpa_mask"): 1}
 
@@ -197,17 +211,8 @@ def test_repeated_cache_is_read_unrepeated(monkeypatch, probe_limit):
     def backend(gm, example_inputs):
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=_pass_patches(set()))
 
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
-    fused, eager = StaticCacheRepeatedKV(), StaticCacheRepeatedKV()
-    step = torch.compile(fused, backend=backend, fullgraph=True)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for pos in range(3):
-            q = torch.randn(2, 4, 1, 16, generator=gen)
-            k, v = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
-            got, want = step(q, k, v, torch.tensor([pos])), eager(q, k, v, torch.tensor([pos]))
-            assert rel_err(got, want) < 1e-5, pos
+    step, eager = _compiled_and_eager(StaticCacheRepeatedKV(), backend)
+    _cache_steps(step, eager, 3, seed=4)
     assert ccgqa_compile.report().count("gqa_decode_attention") == 1, str(ccgqa_compile.report())
     assert kv_heads_read == [2], kv_heads_read
 
@@ -234,26 +239,12 @@ class HandWrittenCacheStep(StaticCacheAttention):
         return torch.softmax(s.float(), dim=-1).to(q.dtype) @ self.v_cache.repeat_interleave(g, 1)
 
 
-def _compiled_and_eager(module: nn.Module):
-    """A fresh report; the module compiled (no code generation) and an eager twin."""
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
-    eager = copy.deepcopy(module)
-    return torch.compile(module, backend=ccgqa_without_codegen, fullgraph=True), eager
-
-
 @pytest.mark.parametrize("mask", [True, False], ids=["causal-row", "no-mask"])
 def test_handwritten_step_over_a_written_cache(mask):
     torch.manual_seed(0)
     fused = HandWrittenCacheStep(mask)
     step, eager = _compiled_and_eager(fused)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for pos in range(4):
-            q = torch.randn(2, 4, 1, 16, generator=gen)
-            k, v = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
-            got, want = step(q, k, v, torch.tensor([pos])), eager(q, k, v, torch.tensor([pos]))
-            assert rel_err(got, want) < 1e-5, (pos, str(ccgqa_compile.report()))
+    _cache_steps(step, eager, 4, seed=5)
     assert torch.equal(fused.k_cache, eager.k_cache)
     idiom = "handwritten_mask" if mask else "handwritten"
     assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", idiom): 1}

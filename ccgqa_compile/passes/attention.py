@@ -52,6 +52,7 @@ from .fx_util import (
     requires_grad,
     runtime_inputs_of,
     same_size,
+    storage_base,
     tensor_value,
     topo_order,
     value,
@@ -404,15 +405,11 @@ def _decode_problem(ctx: GraphContext, q: Node, k: Node, args: dict[str, Any]) -
         relation = "!=" if isinstance(t_q, int) and isinstance(t_k, int) else "not known to equal"
         return (f"is_causal with query length {t_q} {relation} key length {t_k}: SDPA aligns "
                 "that mask top-left, not at a cache's end; left to SDPA")  # fmt: skip
-    if not ctx.decode:
-        return "gqa_decode_attention is disabled"
+    problem = _decode_step_problem(ctx, t_q, "SDPA")
+    if problem is not None:
+        return problem
     if not isinstance(d, int):
         return "head dim is symbolic"
-    if is_training_graph(ctx.graph):
-        return "a query length != key length in a training graph: left to SDPA"
-    if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
-        return (f"{t_q} query tokens over a cache: more than config.DECODE_MAX_QUERY_LEN="
-                f"{config.DECODE_MAX_QUERY_LEN}, SDPA's prefill kernels are faster; left to SDPA")  # fmt: skip
     if qv.device.type == "cuda":
         from ..ops.gqa_decode import KERNEL_HEAD_DIMS
 
@@ -467,15 +464,12 @@ def new_keys(k: Node, t_new, reader: Node) -> Node | None:
         parts = [p for p in node.args[0] if isinstance(p, Node) and depends_on_tensor_input(p)]
         fresh = [p for p in parts if p.op != "placeholder" and _shape_is(p, want)]
         return fresh[-1] if len(fresh) == 1 else None
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    order = topo_order(node.graph)
     written = []
     for n in node.graph.nodes:
         if order[n] >= order[reader] or not is_mutating(n) or not n.args:
             continue
-        target = n.args[0]
-        while is_layout(target) or is_basic_index(target):
-            target = target.args[0]
-        if target is not node:
+        if storage_base(n.args[0]) is not node:
             continue
         src = {"index_copy_": 3, "index_put_": 2, "copy_": 1}.get(str(n.target), None)
         if n.target is operator.setitem:
@@ -895,16 +889,14 @@ def _reference_rows(q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=Tr
     g = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = q[:, :, r0:r1] @ kr.transpose(-1, -2) * scale
-    if mask is None and not causal:
-        pass
-    elif mask is None:
+    if mask is None and causal:
         t_k = k.shape[2]
         rows = torch.arange(r0, r1, device=q.device)[:, None]
         cols = torch.arange(t_k, device=q.device)[None, :]
         s = s.masked_fill(cols > rows, float("-inf"))
-    elif mask_mode == "add":
+    elif mask is not None and mask_mode == "add":
         s = s + mask
-    else:
+    elif mask is not None:
         s = s.masked_fill(~_op_mask(mask, mask_mode), float("-inf"))
     return torch.softmax(s, dim=-1) @ vr
 
@@ -935,7 +927,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
     t_q, t_k = sv.shape[-2], sv.shape[-1]
     decode = not same_size(t_q, t_k)
     if decode:  # a few new tokens over a KV cache: the mask alone says what each sees
-        problem = _handwritten_decode_problem(ctx, hw, t_q, sv.shape[-1])
+        problem = _decode_step_problem(ctx, t_q, "the code as written")
         if problem is not None:
             raise Rejected(problem)
         if not fuse:
@@ -1018,16 +1010,16 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
     raise Rejected(reason)
 
 
-def _handwritten_decode_problem(ctx: GraphContext, hw: _Handwritten, t_q, t_k) -> str | None:
-    """Why a hand-written attention of t_q queries over t_k keys is not a decode step we
-    fuse (None: it may be)."""
+def _decode_step_problem(ctx: GraphContext, t_q, kept: str) -> str | None:
+    """Why an attention of ``t_q`` queries over a longer key sequence (SDPA or written out)
+    is not a decode step we fuse (None: it may be); ``kept``: what runs it instead."""
     if not ctx.decode:
         return "gqa_decode_attention is disabled"
     if is_training_graph(ctx.graph):
-        return f"query length {t_q} != key length {t_k} in a training graph: left as written"
+        return f"a query length != key length in a training graph: left to {kept}"
     if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
-        return (f"query length {t_q} and key length {t_k} differ, more than "
-                f"config.DECODE_MAX_QUERY_LEN={config.DECODE_MAX_QUERY_LEN} query tokens")  # fmt: skip
+        return (f"{t_q} query tokens over a cache: more than config.DECODE_MAX_QUERY_LEN="
+                f"{config.DECODE_MAX_QUERY_LEN}, a prefill rather than a decode step; left to {kept}")  # fmt: skip
     return None
 
 

@@ -187,6 +187,14 @@ def is_basic_index(node: Any) -> bool:
     return all(isinstance(i, (slice, int, type(None))) or i is Ellipsis for i in items)
 
 
+def storage_base(node: Any) -> Any:
+    """The tensor whose storage ``node`` views (through layout ops and basic indexing):
+    where an in-place write to it lands."""
+    while isinstance(node, Node) and (is_layout(node) or is_basic_index(node)):
+        node = node.args[0]
+    return node
+
+
 def strip_casts(node: Any) -> Any:
     """Follow casts back to the tensor they convert."""
     while is_cast(node) and node.target != "type_as" and isinstance(node.args[0], Node):

@@ -36,6 +36,7 @@ from .fx_util import (
     is_mutating,
     node_inputs,
     same_shape,
+    storage_base,
     value,
 )
 
@@ -218,34 +219,25 @@ def insertion_point(region: Region, inputs: Sequence[Any]) -> tuple[Node, list[N
         if modes[nodes[i]] == want:
             return nodes[i], []
     for i in range(start, stop + 1):
-        if modes[nodes[i]] == want and _writes_can_wait(region, late, nodes[i], order):
+        if modes[nodes[i]] == want and _writes_can_wait(region, late, i, nodes, order):
             return nodes[i], late
     raise Rejected("no place after the inputs and before the readers has the outputs' grad mode")
 
 
-def _writes_can_wait(region: Region, writes: list[Node], where: Node, order) -> bool:
-    """Whether ``writes`` may move to ``where``: no node between them and there (other
-    than the region's, which the op replaces) reads or writes the written storage or uses
-    the write's result."""
+def _writes_can_wait(region: Region, writes: list[Node], where: int, nodes: list[Node], order) -> bool:
+    """Whether ``writes`` may move to position ``where``: no node between them and there
+    (other than the region's, which the op replaces) reads or writes the written storage
+    or uses the write's result."""
     for w in writes:
-        base = _storage_base(w.args[0])
+        base = storage_base(w.args[0])
         if w.users:
             return False
-        for node in list(region.graph.nodes)[order[w] + 1 : order[where]]:
+        for node in nodes[order[w] + 1 : where]:
             if node in region.nodes:
                 continue
-            if any(_storage_base(i) is base for i in node_inputs(node)):
+            if any(storage_base(i) is base for i in node_inputs(node)):
                 return False
     return True
-
-
-def _storage_base(node: Any) -> Any:
-    """The tensor ``node`` is a view of (through layout ops and basic indexing)."""
-    from .fx_util import is_basic_index, is_layout
-
-    while isinstance(node, Node) and (is_layout(node) or is_basic_index(node)):
-        node = node.args[0]
-    return node
 
 
 def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int]) -> tuple[int, list[Node]]:
@@ -254,17 +246,17 @@ def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int])
     step's ``index_copy_``), and before every later one (a conv state overwritten once the
     step has read it; those writes are returned). A write followed by another read of the
     region leaves no single place to read the input: rejected."""
-    bases = {_storage_base(n) for n in inputs if isinstance(n, Node)}
+    bases = {storage_base(n) for n in inputs if isinstance(n, Node)}
     first = min(order[n] for n in region.nodes)
     reads = {
-        b: [order[n] for n in region.nodes if any(_storage_base(i) is b for i in node_inputs(n))]
+        b: [order[n] for n in region.nodes if any(storage_base(i) is b for i in node_inputs(n))]
         for b in bases
     }  # fmt: skip
     after, late = 0, []
     for node in region.graph.nodes:
         if not is_mutating(node) or not node.args:
             continue
-        base = _storage_base(node.args[0])
+        base = storage_base(node.args[0])
         if base not in bases:
             continue
         if order[node] < first:
