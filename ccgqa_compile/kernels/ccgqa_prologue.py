@@ -29,7 +29,9 @@ Backward, in two steps, nothing of the forward stored:
      CHUNK time blocks) takes the convs' backward from ``draw``: d y1 at the K1 rows each
      output row needs (K1 * K2 small dots, no forward recompute), d x plus the qk-mean
      share, and the weight/bias gradients as one float32 partial row per program, summed
-     by torch afterwards (deterministic, no atomics).
+     by torch afterwards (deterministic, no atomics). For wide heads (D = 128) conv2's
+     D x D weight gradient is a third launch per stream, a matmul-like loop over time
+     with that accumulator alone in registers, in a fixed number of partial rows.
 Why two kernels and not one (all H100, E2048 B16 T2048 bf16):
   * the first design gathered ``draw`` at the (K1 - 1) + (K2 - 1) shifted rows inside one
     kernel, recomputing the whole forward chain for each shift: 2.9 ms against the
@@ -207,15 +209,16 @@ def _conv2_tap(
     IN_BY_OUT: tl.constexpr,
 ):
     """The D x D matrix of conv2's tap K2-1-SHIFT for one head: [in c, out o] when
-    IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product). In the
+    IN_BY_OUT (for y1 @ W), else [out o, in c] (for the transposed product). The weight
+    comes laid out (C, K2, D) (``_tap_major``), so a tap's rows are contiguous: read in
+    conv's own (C, D, K2) layout, every element was its own memory sector. In the
     weight's own dtype: conv2's products take their operands in it (``_product``)."""
     i = tl.arange(0, HEAD_DIM)
     tap = K2 - 1 - SHIFT
+    w = tl.load(w2_ptr + (chan0 + i)[:, None] * (HEAD_DIM * K2) + tap * HEAD_DIM + i[None, :])
     if IN_BY_OUT:
-        offsets = (chan0 + i)[None, :] * (HEAD_DIM * K2) + i[:, None] * K2 + tap
-    else:
-        offsets = (chan0 + i)[:, None] * (HEAD_DIM * K2) + i[None, :] * K2 + tap
-    return tl.load(w2_ptr + offsets)
+        return tl.trans(w)
+    return w
 
 
 @triton.jit
@@ -666,6 +669,7 @@ def _ccgqa_prologue_conv_bwd_kernel(
     MAX_TAPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     CHUNK: tl.constexpr,
+    CONV2_WEIGHT_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Backward step 2, for one stream (q or k). Grid: (batch * chunks of CHUNK time
@@ -749,9 +753,43 @@ def _ccgqa_prologue_conv_bwd_kernel(
         tl.store(db1_part_ptr + pid64 * channels + chan0 + cols, d_b1)
     if HAS_B2:
         tl.store(db2_part_ptr + pid64 * channels + chan0 + cols, d_b2)
-    # conv2 weights: dW[o, c, tap(s2)] = sum_t d raw[t, o] * y1[t - s2, c]; one D x D
-    # accumulator at a time (K2 of them would not fit in registers at D = 128)
-    w2_part_ptr = dw2_part_ptr + pid64 * channels * HEAD_DIM * K2
+    if CONV2_WEIGHT_GRAD:
+        _conv2_weight_grad(
+            x_ptr, w1_ptr, b1_ptr, w2_ptr, draw_ptr, dw2_part_ptr + pid64 * channels * HEAD_DIM * K2,
+            x_row0, x_stride_t, g_row0, channels, row_start, seq_len, chan0,
+            HEAD_DIM, K1, K2, HAS_B1, BLOCK_T, CHUNK, DOT_PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def _conv2_weight_grad(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    draw_ptr,
+    part_ptr,
+    x_row0,
+    x_stride_t,
+    g_row0,
+    channels,
+    row_start,
+    seq_len,
+    chan0,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One head's conv2 weight gradient over CHUNK time blocks from ``row_start`` of one
+    batch, stored (added to nothing) at ``part_ptr`` laid out (C, K2, D):
+    dW[o, c, tap(s2)] = sum_t d raw[t, o] * y1[t - s2, c], y1 recomputed (a depthwise
+    conv). One D x D accumulator at a time (K2 of them would not fit in registers at
+    D = 128)."""
+    cols = tl.arange(0, HEAD_DIM)
     for s2 in tl.static_range(K2):
         d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
         for c in range(CHUNK):
@@ -762,8 +800,60 @@ def _ccgqa_prologue_conv_bwd_kernel(
                 BLOCK_T, HEAD_DIM, K1, HAS_B1,
             )  # fmt: skip
             d_w2 += _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
-        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + cols[None, :] * K2 + (K2 - 1 - s2)
-        tl.store(w2_part_ptr + offsets, d_w2)
+        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + (K2 - 1 - s2) * HEAD_DIM
+        tl.store(part_ptr + offsets + cols[None, :], d_w2)
+
+
+@triton.jit
+def _ccgqa_prologue_conv2_wgrad_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    draw_ptr,
+    dw2_part_ptr,
+    seq_len,
+    batch,
+    x_stride_b,
+    x_stride_t,
+    HEAD_DIM: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """conv2's weight gradient of one stream as its own launch, for wide heads. Grid:
+    (heads, splits); split p sums the time blocks p, p + splits, ... over every batch
+    (CHUNK blocks at a time) into its own partial row. At D >= 64 the conv backward's
+    programs, holding d x and d y1 tiles, could not also keep this D x D accumulator
+    without spilling; here it is the only large tile, as in a matmul's K loop."""
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    channels = tl.num_programs(0) * HEAD_DIM
+    chan0 = head * HEAD_DIM
+    rows_per_step = CHUNK * BLOCK_T
+    steps_per_batch = tl.cdiv(seq_len, rows_per_step)
+    cols = tl.arange(0, HEAD_DIM)
+    part_ptr = dw2_part_ptr + split.to(tl.int64) * channels * HEAD_DIM * K2
+    for s2 in tl.static_range(K2):
+        d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+        for step in range(split, batch * steps_per_batch, splits):
+            b = (step // steps_per_batch).to(tl.int64)
+            row_start = (step % steps_per_batch) * rows_per_step
+            for c in range(CHUNK):
+                rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+                g = _load_rows(draw_ptr, b * seq_len * channels, channels, rows, seq_len, chan0,
+                               HEAD_DIM)  # fmt: skip
+                y1 = _conv1(
+                    x_ptr, b * x_stride_b, x_stride_t, rows - s2, seq_len, chan0, w1_ptr,
+                    b1_ptr, BLOCK_T, HEAD_DIM, K1, HAS_B1,
+                )  # fmt: skip
+                d_w2 += _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
+        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + (K2 - 1 - s2) * HEAD_DIM
+        tl.store(part_ptr + offsets + cols[None, :], d_w2)
 
 
 # ----------------------------------------------------------------------------
@@ -781,18 +871,31 @@ _NUM_STAGES = 1
 # warps). Taller tiles and CHUNK time blocks per program mean fewer partial
 # weight-gradient rows (B * T / (CHUNK * BLOCK_T) of them) while the grid keeps enough
 # programs; a sweep (scripts/sweep_prologue_bwd.py) found CHUNK 4 faster than the
-# forward's tiles at every head dim (figures in docs/benchmarks/). The interpreter takes CHUNK 1: its programs run one after another anyway.
-def _bwd_launch(head_dim, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Comparisons, not a table lookup: under ``dynamic=True`` D may be a SymInt. fp32
-    (IEEE products) keeps the forward's tiles and 4 time blocks: the sweep was bf16, and
-    the taller tiles' fp32 tests did not finish on the H100 within the suite's time."""
+# forward's tiles at every head dim (figures in docs/benchmarks/). The interpreter takes
+# CHUNK 1: its programs run one after another anyway. At D = 128 conv2's weight gradient
+# has its own launch (``_ccgqa_prologue_conv2_wgrad_kernel``) and 64-row tiles measured
+# fastest; at D = 64 the two layouts measured alike (H200 sweep, docs/benchmarks).
+def _bwd_launch(head_dim, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(tile rows, time blocks per program, warps, conv2 weight-gradient splits: 0 keeps
+    it in the conv backward). Comparisons, not a table lookup: under ``dynamic=True`` D
+    may be a SymInt. fp32 (IEEE products) keeps the forward's tiles and 4 time blocks:
+    the sweep was bf16, and the taller tiles' fp32 tests did not finish on the H100
+    within the suite's time."""
+    splits = 0 if head_dim <= 64 else WGRAD_SPLITS
     if dtype == torch.float32:
-        return _block_t(head_dim, None), 4, 4 if head_dim <= 64 else 8
+        return _block_t(head_dim, None), 4, 4 if head_dim <= 64 else 8, splits
     if head_dim <= 16:
-        return 256, 2, 4
+        return 256, 2, 4, splits
     if head_dim <= 32:
-        return 128, 2, 4
-    return 128, 2, 8
+        return 128, 2, 4, splits
+    if head_dim <= 64:
+        return 128, 2, 8, splits
+    return 64, 2, 8, splits
+
+
+# Partial rows of conv2's weight gradient when it has its own launch (wide heads): with
+# up to 8 heads per stream, 32 rows give a few hundred programs.
+WGRAD_SPLITS = 32
 
 
 def _block_t(head_dim: int, block_t: int | None) -> int:
@@ -828,6 +931,11 @@ def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, in
         raise ValueError(f"rotate-half RoPE needs a power-of-two rotary_dim, got {rotary_dim}")
 
 
+def _tap_major(conv2_weight: Tensor) -> Tensor:
+    """conv2's (C, D, K2) weight as (C, K2, D): the layout ``_conv2_tap`` reads."""
+    return conv2_weight.transpose(1, 2).contiguous()
+
+
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -852,8 +960,10 @@ def _common(
     b, t, e_q = q_pre.shape
     d = e_q // heads
     q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
-    weights = [w.contiguous() if w is not None else None for w in (q_w1, q_b1, q_w2, q_b2)]
-    weights += [w.contiguous() if w is not None else None for w in (k_w1, k_b1, k_w2, k_b2)]
+    weights = [w.contiguous() if w is not None else None for w in (q_w1, q_b1)]
+    weights += [_tap_major(q_w2), q_b2.contiguous() if q_b2 is not None else None]
+    weights += [w.contiguous() if w is not None else None for w in (k_w1, k_b1)]
+    weights += [_tap_major(k_w2), k_b2.contiguous() if k_b2 is not None else None]
     cos, sin, table_strides = _tables(cos, sin, b, t, rotary_dim)
     temp_stride = 0
     if temp is not None:
@@ -912,6 +1022,7 @@ def ccgqa_prologue_fwd(
     rotary_dim: int,
     interleaved: bool,
     block_t: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``; computed in
     fp32. ``block_t`` overrides the tile height (tests use it to cross block borders)."""
@@ -937,7 +1048,7 @@ def ccgqa_prologue_fwd(
         *scalars["tail"],
         **constexprs,
         BLOCK_T=rows,
-        num_warps=4 if d <= 64 else 8,
+        num_warps=num_warps or (4 if d <= 64 else 8),
         num_stages=_NUM_STAGES,
     )
     return q, k
@@ -970,10 +1081,14 @@ def ccgqa_prologue_bwd(
     block_t: int | None = None,
     chunk: int | None = None,
     num_warps: int | None = None,
+    wgrad_splits: int | None = None,
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
-    d temp], each in its input's dtype, None for an absent bias or temp."""
+    d temp], each in its input's dtype, None for an absent bias or temp. ``block_t``,
+    ``chunk``, ``num_warps`` and ``wgrad_splits`` (0: conv2's weight gradient inside the
+    conv backward; n: its own launch of n partial rows per stream) override the tuned
+    launch (``_bwd_launch``)."""
     tensors, scalars, constexprs = _common(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
@@ -990,10 +1105,12 @@ def ccgqa_prologue_bwd(
     d_q_pre = torch.empty((b, t, e_q), dtype=q_pre.dtype, device=device)
     d_k_pre = torch.empty((b, t, e_kv), dtype=k_pre.dtype, device=device)
 
-    tuned_rows, tuned_chunk, tuned_warps = _bwd_launch(d, q_pre.dtype)
+    tuned_rows, tuned_chunk, tuned_warps, tuned_splits = _bwd_launch(d, q_pre.dtype)
     rows = block_t or tuned_rows
     if chunk is None:
         chunk = tuned_chunk if device.type == "cuda" else 1
+    if wgrad_splits is None:
+        wgrad_splits = tuned_splits if device.type == "cuda" else min(tuned_splits, 2)
     # step 1: d raw of every head (float32, (B, T, H*D)) and the temperature's partials
     draw_q = torch.empty((b, t, e_q), dtype=torch.float32, device=device)
     draw_k = torch.empty((b, t, e_kv), dtype=torch.float32, device=device)
@@ -1002,18 +1119,21 @@ def ccgqa_prologue_bwd(
     # step 2: the conv chain's backward per stream, weight gradients as partial rows
     programs = b * triton.cdiv(t, rows * chunk)
 
-    def partial(*shape):
+    def partial(*shape, rows=programs):
         # every program writes its whole row (for its head's channels)
-        return torch.empty((programs, *shape), dtype=torch.float32, device=device)
+        return torch.empty((rows, *shape), dtype=torch.float32, device=device)
 
+    # conv2's weight gradient: (C, K2, D) rows, of the conv backward's programs or of its
+    # own launch's splits
+    w2_rows = wgrad_splits or programs
     parts = [
         partial(e_q, k1),
         partial(e_q) if q_conv1_bias is not None else None,
-        partial(e_q, d, k2),
+        partial(e_q, k2, d, rows=w2_rows),
         partial(e_q) if q_conv2_bias is not None else None,
         partial(e_kv, k1),
         partial(e_kv) if k_conv1_bias is not None else None,
-        partial(e_kv, d, k2),
+        partial(e_kv, k2, d, rows=w2_rows),
         partial(e_kv) if k_conv2_bias is not None else None,
     ]
     if d_q_pre.numel():
@@ -1072,18 +1192,29 @@ def ccgqa_prologue_bwd(
                 MAX_TAPS=MAX_CONV_KERNEL,
                 BLOCK_T=rows,
                 CHUNK=chunk,
+                CONV2_WEIGHT_GRAD=not wgrad_splits,
                 DOT_PRECISION=constexprs["DOT_PRECISION"],
                 **launch,
             )
+            if wgrad_splits:
+                traceable(_ccgqa_prologue_conv2_wgrad_kernel)[(n_heads, wgrad_splits)](
+                    x, w1, b1, w2, draw, dw2, t, b, x.stride(0), x.stride(1),
+                    HEAD_DIM=d, K1=k1, K2=k2, HAS_B1=has_b1, BLOCK_T=rows, CHUNK=chunk,
+                    DOT_PRECISION=constexprs["DOT_PRECISION"], **launch,
+                )  # fmt: skip
     weights = (
         q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
     )  # fmt: skip
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
-    for part, weight in zip(parts[:8], weights):
-        grads.append(
-            part.sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
-        )
+    for i, (part, weight) in enumerate(zip(parts[:8], weights)):
+        if weight is None:
+            grads.append(None)
+            continue
+        total = part.sum(0)
+        if i in (2, 6):  # conv2: (C, K2, D) rows
+            total = total.transpose(1, 2)
+        grads.append(total.reshape(weight.shape).to(weight.dtype))
     if temp is None:
         grads.append(None)
     else:

@@ -197,6 +197,14 @@ CASES = {
     "T40-k44-widest-halo-chunks": dict(
         t=40, heads=2, kv_heads=1, k1=4, k2=4, launch=dict(block_t=16, chunk=3)
     ),
+    # conv2's weight gradient as its own launch (as for wide heads): 3 splits striding
+    # over 2 batches x 2 chunk steps, and the widest halo in 2 splits
+    "T40-B2-G2-wgrad-launch": dict(
+        b=2, t=40, heads=4, kv_heads=2, k1=3, k2=2, launch=dict(block_t=16, chunk=2, wgrad_splits=3)
+    ),
+    "T40-k44-wgrad-launch": dict(
+        t=40, heads=2, kv_heads=1, k1=4, k2=4, launch=dict(block_t=16, chunk=1, wgrad_splits=2)
+    ),
     "T5-d32-G4-k31-raw-half": dict(
         t=5, d=32, heads=4, kv_heads=1, k1=3, k2=1, temperature="raw", rotary_dim=16
     ),
