@@ -153,3 +153,13 @@ def test_record_appends_rows_measured_elsewhere_once(tmp_path):
         main(["record", str(measured), "--into", str(into), "--commit", "abc1234"])
     recorded = results.read(into / "h200.csv")
     assert len(recorded) == 1 and recorded[0]["commit"] == "abc1234"
+
+
+def test_rates_show_their_fraction_of_the_device_peak():
+    assert results.with_peak_fraction("395.0 TFLOP/s", "NVIDIA H200") == (
+        "395.0 TFLOP/s (50% of peak)"
+    )
+    assert results.with_peak_fraction("2150 GB/s", "NVIDIA H200") == "2150 GB/s (50% of peak)"
+    # a device without measured ceilings, and rates that are not one number, stay as given
+    assert results.with_peak_fraction("395.0 TFLOP/s", "cpu") == "395.0 TFLOP/s"
+    assert results.with_peak_fraction("", "NVIDIA H200") == ""

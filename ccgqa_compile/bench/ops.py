@@ -395,7 +395,9 @@ def _measure(case, device, fn, name, base, grads, reference, params, row, modes=
             row[f"{key}_tflops"] = work / row[f"{key}_ms"] / 1e9
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], device: str = "") -> str:
+    """The run's rows as a markdown table; rates beside their fraction of ``device``'s
+    ceiling where it is known (``results.DEVICE_PEAKS``)."""
     lines = [
         "| op | case | provider | fwd ms | fwd+bwd ms | rate | peak MiB | vs best(eager, inductor) "
         "| first call s (fwd / fwd+bwd) |",
@@ -421,6 +423,7 @@ def table(rows: list[dict]) -> str:
             if f"{kind}_gbs" in r
             else f"{r.get(f'{kind}_tflops', 0):.1f} TFLOP/s"
         )
+        rate = results.with_peak_fraction(rate, device)
         peak = f"{r[f'{kind}_peak_mib']:.0f}" if f"{kind}_peak_mib" in r else "-"
 
         def ms(name, r=r):
@@ -643,7 +646,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.plot:
         plot(rows, args.save)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['dtype']}")
-    print(table(rows))
+    print(table(rows, meta["device"]))
     summary = block_summary(rows)
     if summary:
         print("\nCCGQA block, fwd+bwd:\n" + summary)

@@ -33,6 +33,21 @@ TIME_KEYS = ("fwd_bwd_ms", "bwd_ms", "fwd_ms")  # what a ratio compares, first f
 HELP = "append results CSVs measured elsewhere (a device machine's $OUT) to this checkout's"
 
 
+# Measured ceilings per device (dense bf16 matmul TFLOP/s, HBM copy GB/s): every rate is
+# shown beside its fraction of them, so a time reads against what the chip can do.
+DEVICE_PEAKS = {"h200": {"TFLOP/s": 790.0, "GB/s": 4300.0}}
+
+
+def with_peak_fraction(rate: str, device: str) -> str:
+    """``"340.9 TFLOP/s"`` -> ``"340.9 TFLOP/s (43% of peak)"`` on a device whose ceiling
+    is known (``DEVICE_PEAKS``); any other rate as it is."""
+    match = re.fullmatch(r"([0-9.]+) (TFLOP/s|GB/s)", rate.strip())
+    peak = DEVICE_PEAKS.get(device_slug(device), {}).get(match.group(2)) if match else None
+    if peak is None:
+        return rate
+    return f"{rate} ({float(match.group(1)) / peak:.0%} of peak)"
+
+
 def checkout_root() -> Path | None:
     """The repository this package runs from, if it runs from a checkout (not a wheel)."""
     root = Path(__file__).resolve().parents[2]

@@ -153,7 +153,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
     ("fwd ms", lambda r: ms(number(r, "fwd_ms"))),
     ("bwd ms", lambda r: ms(number(r, "bwd_ms"))),
     ("fwd+bwd ms", fwd_bwd),
-    ("rate", lambda r: r["rate"] or "-"),
+    ("rate", lambda r: results.with_peak_fraction(r["rate"], r["device"]) or "-"),
     ("peak MiB", lambda r: r["peak_mib"] or "-"),
     ("ratio", lambda r: f"{ratio(number(r, 'ratio'))} vs {r['baseline']}" if r["ratio"] else "-"),
     ("first call s", lambda r: r["first_call_s"] or "-"),
@@ -340,7 +340,9 @@ def docs(by_device: dict[str, list[dict]]) -> str:
         "`ccgqa_compile/bench/results.py`). The tables below are the newest row of each "
         "(case, provider), generated from those files; a ratio is baseline time / this time, "
         "with the baseline measured in the same process. All runs are warm (the compiling "
-        "call is never timed), medians, bf16.",
+        "call is never timed), medians, bf16. A rate's fraction of peak is of the device's "
+        "measured ceilings (`DEVICE_PEAKS` in results.py; H200: 790 TFLOP/s dense bf16, "
+        "4.3 TB/s copy).",
         "",
         "The dated logs, test logs and the analyses written around them (ablations, sweeps, "
         f"superseded designs) are in git history: `git show {HISTORY}:docs/benchmarks/README.md` "
