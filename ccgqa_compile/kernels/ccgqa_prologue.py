@@ -754,54 +754,60 @@ def _ccgqa_prologue_conv_bwd_kernel(
     if HAS_B2:
         tl.store(db2_part_ptr + pid64 * channels + chan0 + cols, d_b2)
     if CONV2_WEIGHT_GRAD:
-        _conv2_weight_grad(
-            x_ptr, w1_ptr, b1_ptr, w2_ptr, draw_ptr, dw2_part_ptr + pid64 * channels * HEAD_DIM * K2,
-            x_row0, x_stride_t, g_row0, channels, row_start, seq_len, chan0,
-            HEAD_DIM, K1, K2, HAS_B1, BLOCK_T, CHUNK, DOT_PRECISION,
-        )  # fmt: skip
+        # one D x D accumulator at a time (K2 of them would not fit in registers at D = 128)
+        w2_part_ptr = dw2_part_ptr + pid64 * channels * HEAD_DIM * K2
+        for s2 in tl.static_range(K2):
+            d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+            for c in range(CHUNK):
+                rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
+                d_w2 += _conv2_tap_grad(
+                    x_ptr, w1_ptr, b1_ptr, w2_ptr, draw_ptr, x_row0, x_stride_t, g_row0,
+                    channels, rows, seq_len, chan0, s2, BLOCK_T, HEAD_DIM, K1, HAS_B1,
+                    DOT_PRECISION,
+                )  # fmt: skip
+            _store_tap_grad(w2_part_ptr, chan0, s2, d_w2, HEAD_DIM, K2)
 
 
 @triton.jit
-def _conv2_weight_grad(
+def _conv2_tap_grad(
     x_ptr,
     w1_ptr,
     b1_ptr,
     w2_ptr,
     draw_ptr,
-    part_ptr,
     x_row0,
     x_stride_t,
     g_row0,
     channels,
-    row_start,
+    rows,
     seq_len,
     chan0,
+    SHIFT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     K1: tl.constexpr,
-    K2: tl.constexpr,
     HAS_B1: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One head's conv2 weight gradient over CHUNK time blocks from ``row_start`` of one
-    batch, stored (added to nothing) at ``part_ptr`` laid out (C, K2, D):
-    dW[o, c, tap(s2)] = sum_t d raw[t, o] * y1[t - s2, c], y1 recomputed (a depthwise
-    conv). One D x D accumulator at a time (K2 of them would not fit in registers at
-    D = 128)."""
+    """One time block's share of one head's conv2 weight gradient at tap K2-1-SHIFT:
+    dW[o, c] = sum over ``rows`` of d raw[t, o] * y1[t - SHIFT, c], y1 recomputed (a
+    depthwise conv)."""
+    g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
+    y1 = _conv1(
+        x_ptr, x_row0, x_stride_t, rows - SHIFT, seq_len, chan0, w1_ptr, b1_ptr,
+        BLOCK_T, HEAD_DIM, K1, HAS_B1,
+    )  # fmt: skip
+    return _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
+
+
+@triton.jit
+def _store_tap_grad(
+    part_ptr, chan0, SHIFT: tl.constexpr, d_w2, HEAD_DIM: tl.constexpr, K2: tl.constexpr
+):
+    """One head's D x D tap gradient into a partial row laid out (C, K2, D)."""
     cols = tl.arange(0, HEAD_DIM)
-    for s2 in tl.static_range(K2):
-        d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-        for c in range(CHUNK):
-            rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
-            g = _load_rows(draw_ptr, g_row0, channels, rows, seq_len, chan0, HEAD_DIM)
-            y1 = _conv1(
-                x_ptr, x_row0, x_stride_t, rows - s2, seq_len, chan0, w1_ptr, b1_ptr,
-                BLOCK_T, HEAD_DIM, K1, HAS_B1,
-            )  # fmt: skip
-            d_w2 += _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
-        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + (K2 - 1 - s2) * HEAD_DIM
-        tl.store(part_ptr + offsets + cols[None, :], d_w2)
+    offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + (K2 - 1 - SHIFT) * HEAD_DIM
+    tl.store(part_ptr + offsets + cols[None, :], d_w2)
 
 
 @triton.jit
@@ -836,7 +842,6 @@ def _ccgqa_prologue_conv2_wgrad_kernel(
     chan0 = head * HEAD_DIM
     rows_per_step = CHUNK * BLOCK_T
     steps_per_batch = tl.cdiv(seq_len, rows_per_step)
-    cols = tl.arange(0, HEAD_DIM)
     part_ptr = dw2_part_ptr + split.to(tl.int64) * channels * HEAD_DIM * K2
     for s2 in tl.static_range(K2):
         d_w2 = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
@@ -845,15 +850,12 @@ def _ccgqa_prologue_conv2_wgrad_kernel(
             row_start = (step % steps_per_batch) * rows_per_step
             for c in range(CHUNK):
                 rows = row_start + c * BLOCK_T + tl.arange(0, BLOCK_T)
-                g = _load_rows(draw_ptr, b * seq_len * channels, channels, rows, seq_len, chan0,
-                               HEAD_DIM)  # fmt: skip
-                y1 = _conv1(
-                    x_ptr, b * x_stride_b, x_stride_t, rows - s2, seq_len, chan0, w1_ptr,
-                    b1_ptr, BLOCK_T, HEAD_DIM, K1, HAS_B1,
+                d_w2 += _conv2_tap_grad(
+                    x_ptr, w1_ptr, b1_ptr, w2_ptr, draw_ptr, b * x_stride_b, x_stride_t,
+                    b * seq_len * channels, channels, rows, seq_len, chan0, s2, BLOCK_T,
+                    HEAD_DIM, K1, HAS_B1, DOT_PRECISION,
                 )  # fmt: skip
-                d_w2 += _product(tl.trans(g), y1, w2_ptr.dtype.element_ty, DOT_PRECISION)
-        offsets = (chan0 + cols)[:, None] * (HEAD_DIM * K2) + (K2 - 1 - s2) * HEAD_DIM
-        tl.store(part_ptr + offsets + cols[None, :], d_w2)
+        _store_tap_grad(part_ptr, chan0, s2, d_w2, HEAD_DIM, K2)
 
 
 # ----------------------------------------------------------------------------
