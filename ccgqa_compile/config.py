@@ -29,8 +29,16 @@ FUSIONS: tuple[str, ...] = (
 
 # Policy: SDPA calls with a head dim above this stay on SDPA, whose own kernels (cuDNN,
 # flash) beat ours there (docs/benchmarks); hand-written attention is fused at every head
-# dim (it would otherwise materialise the T x T scores).
+# dim (it would otherwise materialise the T x T scores), onto SDPA's kernels above it
+# (HANDWRITTEN_ATTENTION_CORE).
 SDPA_MAX_HEAD_DIM = 32
+
+# Policy for causal hand-written attention (no runtime mask, not a decode step): whose
+# kernels run it once recognised. "auto": SDPA's (cuDNN / flash, through
+# F.scaled_dot_product_attention) on CUDA where an SDPA call would be left to SDPA (head
+# dims above SDPA_MAX_HEAD_DIM, or without a Triton kernel), ours elsewhere; "ccgqa" or
+# "sdpa" force one (the tests force "sdpa" on CPU). Either way the T x T scores are gone.
+HANDWRITTEN_ATTENTION_CORE = "auto"
 
 # Policy: attention of at most this many new query tokens over a longer KV cache (a decode
 # step, or a few tokens when speculating) becomes gqa_decode_attention (split-KV kernel);

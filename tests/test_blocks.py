@@ -61,6 +61,23 @@ def test_each_block_of_a_two_layer_model_is_named():
     assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"], str(rep)
 
 
+def test_blocks_on_sdpa_kernels_say_which_core_runs(monkeypatch):
+    """Where SDPA's kernels beat ours (wide heads on CUDA), recognised hand-written attention
+    runs on them: forced here on CPU. Outputs and every gradient match eager, and the
+    report names the core."""
+    from ccgqa_compile import config
+
+    monkeypatch.setattr(config, "HANDWRITTEN_ATTENTION_CORE", "sdpa")
+    rep = _compile_and_check(TwoBlocks(), training=True)
+    assert rep.idioms()[("gqa_attention", "handwritten_sdpa_core")] == 2, str(rep)
+    assert rep.idioms()[("ccgqa_block", "prologue+fused_attention_sdpa_core")] == 2, str(rep)
+    assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"], str(rep)
+    # a near miss of causal attention is still left alone
+    near = CCGQAttention(32, 4, 2, 8, causal=False)
+    rep = _compile_and_check(near, training=False)
+    assert rep.count("gqa_attention") == 0 and rep.count("ccgqa_block") == 0, str(rep)
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(qk_mean=False, temperature="none"), dict(qk_concat=True)],

@@ -67,7 +67,9 @@ DECODE_FUSION = "gqa_decode_attention"
 class Site:
     """An attention a CCGQA prologue may end at: q, k, v as (B, H, T, D) nodes, k and v not
     repeated. ``causal``: the attention is causal GQA (fused, or kept on SDPA by policy);
-    a whole CCGQA block is counted only then."""
+    a whole CCGQA block is counted only then. ``core``: whose kernels run it, ours
+    ("ccgqa") or SDPA's ("sdpa": an SDPA call kept by policy, or hand-written attention
+    fused onto SDPA by ``config.HANDWRITTEN_ATTENTION_CORE``)."""
 
     kind: str
     q: Node
@@ -77,6 +79,7 @@ class Site:
     anchor: Node
     causal: bool = True
     prologue: bool = False
+    core: str = "ccgqa"
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
         return None
     if _is_decode(q, k0):
         return _sdpa_decode(ctx, node, q, k0, v0, args)
-    site = Site("sdpa", q, k0, v0, False, node, causal=False)
+    site = Site("sdpa", q, k0, v0, False, node, causal=False, core="sdpa")
     reason = _sdpa_semantics(ctx, args)
     if reason is not None:
         ctx.rejected(FUSION, "sdpa", node, reason)
@@ -380,6 +383,7 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
     autocast = _autocast_dtype(ctx.graph, node)
     site.anchor = _emit_sdpa(ctx, node, q, k0, v0, mask, scale, autocast)
     site.fused = True
+    site.core = "ccgqa"
     idiom = "sdpa" + ("_runtime_mask" if mask_kind == "runtime" else "_mask" if mask_kind else "")
     ctx.fused(FUSION, idiom)
     return site
@@ -488,6 +492,18 @@ def _shape_is(node: Any, shape) -> bool:
 
 def _divisors_desc(n: int) -> list[int]:
     return [g for g in range(n, 1, -1) if n % g == 0]
+
+
+def _handwritten_core(qv, d: int) -> str:
+    """Whose kernels run a causal hand-written attention without a runtime mask: "sdpa"
+    where an SDPA call would be left to SDPA (``_sdpa_policy``: its cuDNN / flash kernels
+    beat ours there), else ours. ``config.HANDWRITTEN_ATTENTION_CORE`` overrides."""
+    chosen = config.HANDWRITTEN_ATTENTION_CORE
+    if chosen != "auto":
+        return chosen
+    if qv.device.type != "cuda":
+        return "ccgqa"
+    return "sdpa" if _sdpa_policy(qv, d, None) is not None else "ccgqa"
 
 
 def _sdpa_policy(qv, d: int, t) -> str | None:
@@ -995,9 +1011,18 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                     return Site("handwritten", q, k, v, False, hw.softmax)
                 if why is None:
                     autocast = _autocast_dtype(ctx.graph, hw.scores)
-                    cand = _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode, decode)
+                    core = "ccgqa"
+                    if hw.mask is None and not decode:
+                        core = _handwritten_core(tensor_value(q), tensor_value(q).shape[-1])
+                    cand = _candidate(
+                        ql, kl, vl, scale, out_layout, autocast, mask_mode, decode, core
+                    )
                     inputs = [q, k, v] + ([hw.mask] if hw.mask is not None else [])
                     (out,) = emit(region, cand, inputs)
+                    if core == "sdpa":
+                        ctx.fused(FUSION, "handwritten_sdpa_core")
+                        op = _op_above(out, lambda n: is_function(n, *SDPA))
+                        return Site("handwritten", *op.args[:3], True, op, core="sdpa")
                     if decode:
                         ctx.fused(DECODE_FUSION, "handwritten" + ("_mask" if hw.mask else ""))
                         op = _op_above(out)
@@ -1085,13 +1110,13 @@ def layer_ancestors(nodes: list[Node]) -> set[Node]:
     return ancestors(nodes, stop=stop - set(nodes))
 
 
-def _op_above(node: Node) -> Node:
+def _op_above(node: Node, is_op=is_attention_op) -> Node:
     """The attention op nearest above ``node`` (the emitted output reads it through views
     only; an earlier layer's op is further up, past its residual)."""
     frontier, seen = [node], {node}
     while frontier:
         for n in frontier:
-            if is_attention_op(n):
+            if is_op(n):
                 return n
         frontier = [i for n in frontier for i in node_inputs(n) if i not in seen]
         seen.update(frontier)
@@ -1123,12 +1148,14 @@ def _adapt_out(o, layout):
     return o
 
 
-def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False):
+def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False, core="ccgqa"):
     def attention(q, k, v, *mask, out_dtypes):
         ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
         if autocast is not None and out_dtypes[0] is not None:
             ins = [x.to(autocast) for x in ins]
-        if decode:
+        if core == "sdpa":  # causal, no mask (``_handwritten_core``'s callers)
+            o = F.scaled_dot_product_attention(*ins, is_causal=True, scale=scale, enable_gqa=True)
+        elif decode:
             m = None if mask_mode is None else _op_mask(mask[0], mask_mode)
             if mask_mode == "add" and out_dtypes[0] is not None:
                 m = m.to(ins[0].dtype)

@@ -27,6 +27,8 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
             continue
         if site.prologue and site.causal:
             core = "fused_attention" if site.fused else "sdpa_kept"
+            if site.fused and site.core == "sdpa":
+                core = "fused_attention_sdpa_core"
             ctx.fused(FUSION, f"prologue+{core}")
         elif site.prologue:
             ctx.unfused(FUSION, site.anchor, "q/k prologue fused, but its attention is not "
