@@ -420,6 +420,9 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
         assert g.fused[("gqa_decode_attention", idiom)] == 2, str(rep)
     if (attn, cache) != ("eager", "static"):  # a written-out prefill over a longer static
         assert rep.count("gqa_attention") == 2, str(rep)  # cache is left as written
+    else:  # and the report says why: that cache is made and filled inside the graph
+        reasons = [r.reason for r in rep.rejected if r.fusion == "gqa_attention"]
+        assert len(reasons) == 2 and all("in-place writes" in r for r in reasons), str(rep)
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)

@@ -1185,6 +1185,12 @@ def _infer_scale(ctx, hw, rows: _RowEvaluator, region, q, ql, k, kl, mask_mode=N
         upto = hw.softmax if hw.manual else _softmax_input(hw)
         s_in = rows.rows(feeds, sizes, a, bm, vp, 0, r1, upto=upto)
         qq, kk = _to_bhtd(feeds[q], ql), _to_bhtd(feeds[k], kl)
+        if not kk.any():
+            raise Rejected(
+                "the keys are all zero on the probes: zeros built in the graph, filled by "
+                "in-place writes the probes do not follow (a KV cache created inside this "
+                "graph?); left as written"
+            )
         g = qq.shape[1] // kk.shape[1]
         ref = qq[:, :, :r1] @ kk.repeat_interleave(g, dim=1).transpose(-1, -2)
         ref = _match_rows_layout(ref, s_in)
