@@ -305,6 +305,28 @@ def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[No
     return results
 
 
+def emit_first(
+    ctx, fusion: str, sinks: Sequence[Node], attempt: Callable, reason: str
+) -> str | None:
+    """Emit the first sink ``attempt`` proves (it returns why not, or (idiom, region,
+    candidate, inputs)) and record the fusion: None then, else the last reason (``reason``
+    when no sink was tried)."""
+    for sink in sinks:
+        found = attempt(sink)
+        if isinstance(found, str):
+            reason = found
+            continue
+        idiom, region, candidate, inputs = found
+        try:
+            emit(region, candidate, inputs)
+        except Rejected as why:
+            reason = str(why)
+            continue
+        ctx.fused(fusion, idiom)
+        return None
+    return reason
+
+
 def _fake_call(node: Node) -> Any:
     mode = fake_mode_of(node_inputs(node))
     evaluator = Evaluator(node.graph, mode="fake")

@@ -34,7 +34,7 @@ from .fx_util import (
     tensor_value,
     value,
 )
-from .region import Region, Rejected, emit, verify
+from .region import Region, Rejected, emit_first, verify
 
 FUSION = "rope"
 
@@ -240,21 +240,8 @@ def run(ctx: GraphContext) -> None:
                 if tensor_value(n) is not None
                 and same_shape(tuple(value(n).shape), tuple(xv.shape))
             ]
-            for sink in reversed(sinks):
-                if anchor not in ancestors([sink]):
-                    continue
-                found = _try(ctx, x, sink)
-                if isinstance(found, str):
-                    reason = found
-                    continue
-                idiom, region, candidate, inputs = found
-                try:
-                    emit(region, candidate, inputs)
-                except Rejected as why:
-                    reason = str(why)
-                    continue
-                ctx.fused(FUSION, idiom)
-                done = True
-                break
+            sinks = [sink for sink in reversed(sinks) if anchor in ancestors([sink])]
+            reason = emit_first(ctx, FUSION, sinks, lambda sink, x=x: _try(ctx, x, sink), reason)
+            done = reason is None
         if not done and ctx.alive(anchor):
             ctx.rejected(FUSION, "rope", anchor, reason)

@@ -27,7 +27,7 @@ from .fx_util import (
     tensor_value,
     value,
 )
-from .region import Region, Rejected, emit, verify
+from .region import Region, Rejected, emit_first, verify
 
 FUSION = "swiglu"
 
@@ -143,20 +143,10 @@ def run(ctx: GraphContext) -> None:
             and same_shape(tuple(value(n).shape), tuple(gv.shape))
             and n is not anchor
         ]
-        reason = "the activation multiplies no up tensor"
-        for sink in reversed(sinks):
-            found = _try(ctx, gate, sink)
-            if isinstance(found, str):
-                reason = found
-                continue
-            idiom, region, candidate, inputs = found
-            try:
-                emit(region, candidate, inputs)
-            except Rejected as why:
-                reason = str(why)
-                continue
-            ctx.fused(FUSION, idiom)
-            break
-        else:
+        reason = emit_first(
+            ctx, FUSION, sinks[::-1], lambda sink, gate=gate: _try(ctx, gate, sink),
+            "the activation multiplies no up tensor",
+        )  # fmt: skip
+        if reason is not None:
             ctx.rejected(FUSION, "swiglu", anchor, reason)
 
