@@ -1209,12 +1209,12 @@ def ccgqa_prologue_bwd(
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
     )  # fmt: skip
     grads: list[Tensor | None] = [d_q_pre, d_k_pre]
-    for i, (part, weight) in enumerate(zip(parts[:8], weights)):
+    for part, weight in zip(parts[:8], weights):
         if weight is None:
             grads.append(None)
             continue
         total = part.sum(0)
-        if i in (2, 6):  # conv2: (C, K2, D) rows
+        if total.dim() == 3:  # conv2's rows are (C, K2, D), its weight (C, D, K2)
             total = total.transpose(1, 2)
         grads.append(total.reshape(weight.shape).to(weight.dtype))
     if temp is None:

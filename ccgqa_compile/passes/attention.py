@@ -494,7 +494,7 @@ def _divisors_desc(n: int) -> list[int]:
     return [g for g in range(n, 1, -1) if n % g == 0]
 
 
-def _handwritten_core(qv, d: int) -> str:
+def _handwritten_core(qv) -> str:
     """Whose kernels run a causal hand-written attention without a runtime mask: "sdpa"
     where an SDPA call would be left to SDPA (``_sdpa_policy``: its cuDNN / flash kernels
     beat ours there), else ours. ``config.HANDWRITTEN_ATTENTION_CORE`` overrides."""
@@ -503,7 +503,7 @@ def _handwritten_core(qv, d: int) -> str:
         return chosen
     if qv.device.type != "cuda":
         return "ccgqa"
-    return "sdpa" if _sdpa_policy(qv, d, None) is not None else "ccgqa"
+    return "sdpa" if _sdpa_policy(qv, qv.shape[-1], None) is not None else "ccgqa"
 
 
 def _sdpa_policy(qv, d: int, t) -> str | None:
@@ -1013,7 +1013,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                     autocast = _autocast_dtype(ctx.graph, hw.scores)
                     core = "ccgqa"
                     if hw.mask is None and not decode:
-                        core = _handwritten_core(tensor_value(q), tensor_value(q).shape[-1])
+                        core = _handwritten_core(tensor_value(q))
                     cand = _candidate(
                         ql, kl, vl, scale, out_layout, autocast, mask_mode, decode, core
                     )
