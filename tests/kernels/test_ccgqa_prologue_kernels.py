@@ -205,6 +205,8 @@ CASES = {
     "T40-k44-wgrad-launch": dict(
         t=40, heads=2, kv_heads=1, k1=4, k2=4, launch=dict(block_t=16, chunk=1, wgrad_splits=2)
     ),
+    # fewer time steps than conv2's halo: the bias rows and G(s2) of the weight gradients
+    "T2-k24-shorter-than-halo": dict(t=2, heads=2, kv_heads=1, k1=2, k2=4),
     "T5-d32-G4-k31-raw-half": dict(
         t=5, d=32, heads=4, kv_heads=1, k1=3, k2=1, temperature="raw", rotary_dim=16
     ),
