@@ -75,12 +75,16 @@ class LanguageModelStep(torch.nn.Module):
         return self.model(input_ids=ids, use_cache=False).logits
 
 
+ZAYA_ATTENTION_TOKENS = 16384
+
+
 def zaya_attention_cases(device, dtype, quick, seq_lens, case_cls, uncompressed_cls):
-    """ZayaAttention vs the uncompressed SDPA GQA block, B4 T4096 by default."""
+    """ZayaAttention vs the uncompressed SDPA GQA block, 16384 tokens per step (B4 T4096
+    by default, B1 at T16384)."""
     configs = ZAYA_ATTENTION_CONFIGS if not quick else ((64, 4, 2, 16),)
     for dim, hq, hkv, d in configs:
         for t in seq_lens or ((4096,) if not quick else (32,)):
-            b = 4 if not quick else 2
+            b = max(1, ZAYA_ATTENTION_TOKENS // t) if not quick else 2
             cfg = zaya_config(dim, hq, hkv, d, 1)
             module = ZayaAttentionCall(cfg).to(device=device, dtype=dtype)
             make = lambda b=b, t=t, dim=dim: (  # noqa: E731
