@@ -1153,6 +1153,50 @@ class AttnTiledHeads(_QKV):
         return (s.softmax(-1) @ v).transpose(1, 2)
 
 
+class AttnGroupedQueries(_QKV):
+    """K/V never repeated: q viewed (B, Hkv, G, T, D) per kv-head group, 5-D einsum scores
+    against (B, Hkv, T, D) keys, fp32 softmax cast back, ``reshape`` to (B, H, T, D)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        b, h, t, d = q.shape
+        qg = q.reshape(b, self.KV_HEADS, self.groups, t, d)
+        s = torch.einsum("bjgtd,bjsd->bjgts", qg, k) / math.sqrt(d)
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")).float(), dim=-1).to(q.dtype)
+        o = torch.einsum("bjgts,bjsd->bjgtd", p, v)
+        return o.reshape(b, h, t, d).transpose(1, 2)
+
+
+class AttnGroupedBroadcastMatmul(_QKV):
+    """q as (B, Hkv, G, T, D) by ``unflatten``, K/V given a group axis of 1 and broadcast by
+    ``@``, an additive -inf mask from ``triu``."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        t = q.shape[2]
+        qg = q.unflatten(1, (self.KV_HEADS, self.groups))
+        mask = torch.full((t, t), float("-inf"), device=q.device).triu(1)
+        s = qg @ k.unsqueeze(2).transpose(-1, -2) * self.HEAD_DIM**-0.5 + mask
+        o = s.softmax(-1) @ v.unsqueeze(2)
+        return o.flatten(1, 2).transpose(1, 2)
+
+
+class NearAttnGroupedHeadsInterleaved(_QKV):
+    """Grouped scores with the groups the other way round, q viewed (B, G, Hkv, T, D): query
+    head h reads kv head h % Hkv, as ``repeat`` tiles them, not h // G."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        b, h, t, d = q.shape
+        qg = q.reshape(b, self.groups, self.KV_HEADS, t, d)
+        s = torch.einsum("bgjtd,bjsd->bgjts", qg, k) / math.sqrt(d)
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        o = torch.einsum("bgjts,bjsd->bgjtd", p, v)
+        return o.reshape(b, h, t, d).transpose(1, 2)
+
+
 class AttnDropout(_QKV):
     """Hand-written attention with probability dropout (active in training)."""
 
@@ -1780,6 +1824,35 @@ class CCGQATemperatureInNormScale(CCGQAConvPadSlice):
         q = F.normalize(q, dim=-1) * self.D**0.5
         k = F.normalize(k, dim=-1) * (self.D**0.5 * self.log_temp.exp()[:, None])
         return q.transpose(1, 2), k.transpose(1, 2)
+
+
+class CCGQAGroupedScoresComplexRope(CCGQAConvPadSlice):
+    """K/V never repeated (q viewed per kv-head group, 5-D einsum scores, fp32 softmax),
+    ``torch.linalg.vector_norm(...).clamp(min=...)`` for the L2 norm, RoPE as a complex
+    product of adjacent pairs (``view_as_complex`` with ``torch.polar``)."""
+
+    def normalise(self, t):
+        return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp(min=1e-6) * self.D**0.5
+
+    def rotate(self, q, k, t, device):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=device).to(acc) / self.D))
+        angles = torch.outer(torch.arange(t, device=device).to(acc), inv)
+        freqs = torch.polar(torch.ones_like(angles), angles)
+
+        def rope(x):
+            pairs = torch.view_as_complex(x.to(acc).contiguous().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+        return rope(q), rope(k)
+
+    def attend(self, q, k, v):
+        b, h, t, d = q.shape
+        qg = q.view(b, self.HKV, h // self.HKV, t, d)
+        s = torch.einsum("bjgtd,bjsd->bjgts", qg, k) / math.sqrt(d)
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")).float(), dim=-1).to(q.dtype)
+        return torch.einsum("bjgts,bjsd->bjgtd", p, v).reshape(b, h, t, d)
 
 
 # ---- CCGQA block-level near misses (the q/k prologue must not fuse) -----------------------

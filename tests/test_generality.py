@@ -151,6 +151,8 @@ ATTENTION = [
     _must("sdpa_positional_expand_scale", sp.SdpaPositionalExpand, gqa_attention=1),
     _must("sdpa_buffer_mask", sp.SdpaBufferMask, seq=11, gqa_attention=1),
     _must("sdpa_transposed_in_call", sp.SdpaTransposedInCall, seq=5, gqa_attention=1),
+    _must("attn_grouped_queries_5d_einsum", sp.AttnGroupedQueries, seq=9, gqa_attention=1),
+    _must("attn_grouped_broadcast_matmul", sp.AttnGroupedBroadcastMatmul, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
     _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
@@ -162,6 +164,9 @@ ATTENTION = [
     _near("sdpa_near_one_hole_mask", sp.NearSdpaOneHoleMask, seq=13, gqa_attention=0),
     _near("attn_near_mask_after_softmax", sp.NearAttnMaskAfterSoftmax, gqa_attention=0),
     _near("attn_near_softmax_over_queries", sp.NearAttnSoftmaxOverQueries, gqa_attention=0),
+    _near(
+        "attn_near_grouped_heads_interleaved", sp.NearAttnGroupedHeadsInterleaved, gqa_attention=0
+    ),
     _near("attn_near_manual_detached_sum", sp.NearAttnManualDetachedSum, gqa_attention=0),
     _near("attn_near_manual_softmax_plus_one", sp.NearAttnManualSoftmaxPlusOne, gqa_attention=0),
     _near("attn_near_manual_sum_over_queries", sp.NearAttnManualSumOverQueries, gqa_attention=0),
@@ -188,6 +193,7 @@ CCGQA = [
     _must("ccgqa_tables_per_tensor", sp.CCGQATablesPerTensor, **_block()),
     # the leaf is sqrt(d) * exp(t): read as the temperature times the norm scale
     _must("ccgqa_temperature_in_norm_scale", sp.CCGQATemperatureInNormScale, **_block()),
+    _must("ccgqa_grouped_scores_complex_rope", sp.CCGQAGroupedScoresComplexRope, seq=9, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),

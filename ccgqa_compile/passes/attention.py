@@ -1134,17 +1134,20 @@ def _op_inputs(op: Node) -> tuple[Node, Node, Node]:
 
 
 def _output_layouts(product: Node) -> list[str]:
+    """The layouts the attention's output may have: (B*H, T, D), (B, H, T, D), (B, T, H, D),
+    or grouped (B, Hkv, G, T, D) (scores of q viewed per kv-head group against unrepeated k)."""
     nd = tensor_value(product).dim()
-    if nd == 3:
-        return ["flat"]
-    return ["bhtd", "bthd"] if nd == 4 else []
+    return {3: ["flat"], 4: ["bhtd", "bthd"], 5: ["grouped"]}.get(nd, [])
 
 
-def _adapt_out(o, layout):
+def _adapt_out(o, layout, kv_heads: int):
+    """o (B, H, T, D) in the output's layout."""
     if layout == "flat":
         return o.flatten(0, 1)
     if layout == "bthd":
         return o.transpose(1, 2)
+    if layout == "grouped":
+        return o.unflatten(1, (kv_heads, o.shape[1] // kv_heads))
     return o
 
 
@@ -1167,7 +1170,7 @@ def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=F
             if mask_mode == "add" and out_dtypes[0] is not None:
                 m = m.to(ins[0].dtype)
             o = torch.ops.ccgqa.gqa_attention_masked(*ins, m, scale)[0]
-        return (_adapt_out(o, out_layout),)
+        return (_adapt_out(o, out_layout, ins[1].shape[1]),)
 
     return attention
 
@@ -1239,11 +1242,15 @@ def _softmax_input(hw: _Handwritten) -> Node:
 
 
 def _match_rows_layout(ref, s_in):
-    """ref (B, H, R, T) in the layout of the region's scores (B, H, R, T) or (B*H, R, T)."""
+    """ref (B, H, R, T) in the layout of the region's scores: (B, H, R, T), (B*H, R, T), or
+    grouped (B, Hkv, G, R, T) (query head h = j * G + g, the grouped-query convention)."""
     if tuple(ref.shape) == tuple(s_in.shape):
         return ref
     if s_in.dim() == 3 and ref.flatten(0, 1).shape == s_in.shape:
         return ref.flatten(0, 1)
+    if s_in.dim() == 5 and s_in.shape[1] * s_in.shape[2] == ref.shape[1]:
+        grouped = ref.unflatten(1, tuple(s_in.shape[1:3]))
+        return grouped if grouped.shape == s_in.shape else None
     return None
 
 
@@ -1275,7 +1282,7 @@ def _verify_rows(
                         ref = _reference_rows(
                             qq, kk, vv, scale, r0, r1, mask, mask_mode, causal=not decode
                         )
-                        want = _adapt_out(ref, out_layout)
+                        want = _adapt_out(ref, out_layout, kk.shape[1])
                         if not agree(got, want):
                             return f"it computes another function (rows {r0}..{r1 - 1})"
     except Rejected as why:
