@@ -1855,6 +1855,20 @@ class CCGQAGroupedScoresComplexRope(CCGQAConvPadSlice):
         return torch.einsum("bjgts,bjsd->bjgtd", p, v).reshape(b, h, t, d)
 
 
+class CCGQANormPlusEps(CCGQAConvPadSlice):
+    """The L2 norm with eps added to it: ``t / (t.norm(dim=-1, keepdim=True) + 1e-6)``."""
+
+    def normalise(self, t):
+        return t / (t.norm(dim=-1, keepdim=True) + 1e-6) * self.D**0.5
+
+
+class CCGQARsqrtSumPlusEps(CCGQAConvPadSlice):
+    """The L2 norm with eps under the root: ``t * rsqrt(sum(t^2) + 1e-5)``."""
+
+    def normalise(self, t):
+        return t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-5) * self.D**0.5
+
+
 # ---- CCGQA block-level near misses (the q/k prologue must not fuse) -----------------------
 
 

@@ -47,8 +47,11 @@ def make_args(
     dtype=torch.float64,
     device="cpu",
     seed=0,
+    eps=1e-12,
+    eps_mode=None,
 ):
-    """Random op arguments (13 tensors, then the 8 scalars), values away from zero."""
+    """Random op arguments (13 tensors, then the 8 scalars, and ``eps_mode`` when given),
+    values away from zero."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -78,7 +81,9 @@ def make_args(
         sin,
     ]
     scale = math.sqrt(d) if norm_scale is None else norm_scale
-    scalars = [heads, kv_heads, qk_mean, temperature, scale, 1e-12, rotary_dim, interleaved]
+    scalars = [heads, kv_heads, qk_mean, temperature, scale, eps, rotary_dim, interleaved]
+    if eps_mode is not None:
+        scalars.append(eps_mode)
     return tensors, scalars
 
 
@@ -130,6 +135,9 @@ GRAD_CASES = [
     dict(k1=3, k2=1, temperature="raw", rotary_dim=2, interleaved=True),
     dict(k1=1, k2=3, qk_mean=False, temperature="none", bias=False, rotary_dim=0),
     dict(heads=2, kv_heads=2, t=1, scalar_temp=True, norm_scale=1.0),
+    # eps where it decides, added to the norm or under the square root (both smooth)
+    dict(eps=1.0, eps_mode="add"),
+    dict(eps=2.0, eps_mode="sqrt", temperature="raw"),
 ]
 
 

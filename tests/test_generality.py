@@ -194,6 +194,8 @@ CCGQA = [
     # the leaf is sqrt(d) * exp(t): read as the temperature times the norm scale
     _must("ccgqa_temperature_in_norm_scale", sp.CCGQATemperatureInNormScale, **_block()),
     _must("ccgqa_grouped_scores_complex_rope", sp.CCGQAGroupedScoresComplexRope, seq=9, **_block()),
+    _must("ccgqa_norm_plus_eps", sp.CCGQANormPlusEps, **_block()),
+    _must("ccgqa_rsqrt_sum_plus_eps", sp.CCGQARsqrtSumPlusEps, seq=7, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
@@ -400,6 +402,21 @@ def test_attention_spelling_cuda_wide_heads(case, training):
     elif not any("left to SDPA" in r.reason for r in rep.rejected):
         expect = case.expect_inference if not training and case.expect_inference else case.expect
         assert rep.count("gqa_attention") == expect.get("gqa_attention", 0), str(rep)
+
+
+# ---- where the L2 norm's eps sits: fused as that, not as the clamp it nearly equals ---------
+
+
+@pytest.mark.parametrize(
+    "build, idiom",
+    [(sp.CCGQANormPlusEps, "eps_add"), (sp.CCGQARsqrtSumPlusEps, "eps_sqrt")],
+    ids=["plus_eps", "rsqrt_sum_plus_eps"],
+)
+def test_prologue_reports_where_the_norms_eps_sits(build, idiom):
+    case = Case("eps", build, dict.fromkeys(BLOCK, 1), seq=7)
+    rep = _compile_and_compare(case, True, ccgqa_without_codegen)
+    fired_as = [i for (name, i) in rep.idioms() if name == "ccgqa_prologue"]
+    assert fired_as and all(i.endswith(idiom) for i in fired_as), str(rep)
 
 
 # ---- dropout: in training the op would drop the dropout; in eval it must fuse ---------------

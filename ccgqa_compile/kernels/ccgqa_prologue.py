@@ -7,7 +7,7 @@ rotated ``q`` (B, Hq, T, D) and ``k`` (B, Hkv, T, D) that attention consumes
     y1  = conv1(pad(x))        depthwise, kernel K1, causal (left) zero padding
     y2  = conv2(pad(y1))       grouped, one group per head (a D x D map per tap), kernel K2
     raw = y2 + m               m_q[h] = (q_pre[h] + k_pre[h // G]) / 2, m_k[j] = mean_g m_q
-    u   = raw / max(|raw|, eps)
+    u   = raw / max(|raw|, eps)    (or raw / (|raw| + eps), raw / sqrt(|raw|^2 + eps))
     out = u * norm_scale * beta            beta = exp(temp[j]) or temp[j] for k, 1 for q
     out = out * cos + rot(out) * sin       on the first ``rotary_dim`` dims (rotate-half or
                                            interleaved pairs); the other dims pass through
@@ -63,6 +63,7 @@ from . import traceable
 __all__ = ["ccgqa_prologue_bwd", "ccgqa_prologue_fwd", "ccgqa_prologue_reference"]
 
 TEMPERATURE_MODES = {"none": 0, "exp": 1, "raw": 2}
+EPS_MODES = {"clamp": 0, "add": 1, "sqrt": 2}
 MAX_CONV_KERNEL = 4
 
 
@@ -81,6 +82,14 @@ def _rotate_reference(x: Tensor, interleaved: bool) -> Tensor:
         return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _normalize_reference(x: Tensor, eps: float, eps_mode: str) -> Tensor:
+    if eps_mode == "clamp":
+        return F.normalize(x, dim=-1, eps=eps)
+    if eps_mode == "add":
+        return x / (x.norm(dim=-1, keepdim=True) + eps)
+    return x / (x.square().sum(-1, keepdim=True) + eps).sqrt()
 
 
 def ccgqa_prologue_reference(
@@ -105,6 +114,7 @@ def ccgqa_prologue_reference(
     eps: float = 1e-12,
     rotary_dim: int | None = None,
     interleaved: bool = False,
+    eps_mode: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     """Naive PyTorch prologue, written the way patterns/ccgqa.py writes it.
 
@@ -137,8 +147,8 @@ def ccgqa_prologue_reference(
         m_q = (qh + kh) / 2
         m_k = m_q.reshape(b, t, kv_heads, g, d).mean(3)
         q, k = q + m_q, k + m_k
-    q = F.normalize(q, dim=-1, eps=eps) * norm_scale
-    k = F.normalize(k, dim=-1, eps=eps) * norm_scale
+    q = _normalize_reference(q, eps, eps_mode) * norm_scale
+    k = _normalize_reference(k, eps, eps_mode) * norm_scale
     if temperature != "none":
         beta = temp.to(acc).exp() if temperature == "exp" else temp.to(acc)
         k = k * beta.reshape(-1).expand(kv_heads).reshape(1, 1, kv_heads, 1)
@@ -372,6 +382,21 @@ def _rotate(
 
 
 @triton.jit
+def _inverse_norm(raw, eps, EPS_MODE: tl.constexpr):
+    """Per row: (1 / the normalisation's denominator, |raw|); EPS_MODE 0: max(|raw|, eps),
+    1: |raw| + eps, 2: sqrt(|raw|^2 + eps)."""
+    sumsq = tl.sum(raw * raw, axis=1)
+    norm = tl.sqrt(sumsq)
+    if EPS_MODE == 0:
+        inv = 1.0 / tl.maximum(norm, eps)
+    elif EPS_MODE == 1:
+        inv = 1.0 / (norm + eps)
+    else:
+        inv = 1.0 / tl.sqrt(sumsq + eps)
+    return inv, norm
+
+
+@triton.jit
 def _store_rows(ptr, row0, stride_t, rows, seq_len, tile, HEAD_DIM: tl.constexpr):
     """Store a (BLOCK_T, D) tile at rows ``rows < seq_len`` (unit column stride)."""
     cols = tl.arange(0, HEAD_DIM)
@@ -427,6 +452,7 @@ def _ccgqa_prologue_fwd_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EPS_MODE: tl.constexpr,
 ):
     """Grid: (batch * time blocks, kv heads). Query heads of the group first, then k."""
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
@@ -453,8 +479,8 @@ def _ccgqa_prologue_fwd_kernel(
             k_stride_t, q_w1_ptr, q_b1_ptr, q_w2_ptr, q_b2_ptr, GROUP, BLOCK_T, HEAD_DIM,
             K1, K2, HAS_Q_B1, HAS_Q_B2, QK_MEAN, DOT_PRECISION,
         )  # fmt: skip
-        norm = tl.sqrt(tl.sum(raw * raw, axis=1))
-        out = raw * (norm_scale / tl.maximum(norm, eps))[:, None]
+        inv, _norm = _inverse_norm(raw, eps, EPS_MODE)
+        out = raw * (norm_scale * inv)[:, None]
         if ROTARY_DIM > 0:
             out = out * cos + _rotate(out, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED) * sin
         q_head0 = (b * (num_kv_heads * GROUP) + h) * seq_len * HEAD_DIM
@@ -470,8 +496,8 @@ def _ccgqa_prologue_fwd_kernel(
         scale = scale * tl.exp(tl.load(temp_ptr + j * temp_stride).to(tl.float32))
     elif TEMPERATURE == 2:
         scale = scale * tl.load(temp_ptr + j * temp_stride).to(tl.float32)
-    norm = tl.sqrt(tl.sum(raw * raw, axis=1))
-    out = raw * (scale / tl.maximum(norm, eps))[:, None]
+    inv, _norm = _inverse_norm(raw, eps, EPS_MODE)
+    out = raw * (scale * inv)[:, None]
     if ROTARY_DIM > 0:
         out = out * cos + _rotate(out, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED) * sin
     k_head0 = (b * num_kv_heads + j) * seq_len * HEAD_DIM
@@ -503,8 +529,9 @@ def _grad_raw(
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    EPS_MODE: tl.constexpr,
 ):
-    """For out = rope(raw / max(|raw|, eps) * out_scale): d loss / d raw given d out, and
+    """For out = rope(raw / max(|raw|, eps) * out_scale) (or the other EPS_MODEs): d loss / d raw given d out, and
     sum(d(out before rope) * unit) (the temperature's gradient, up to norm_scale).
     Rows past seq_len give exactly 0 (even if raw there is 0 and eps is 0)."""
     cols = tl.arange(0, HEAD_DIM)
@@ -518,12 +545,18 @@ def _grad_raw(
         )  # fmt: skip
         # VJP of x*cos + rot(x)*sin: rot^T = -rot
         grad = grad * cos - _rotate(grad * sin, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
-    norm = tl.sqrt(tl.sum(raw * raw, axis=1))
-    inv = 1.0 / tl.maximum(norm, eps)
+    inv, norm = _inverse_norm(raw, eps, EPS_MODE)
     unit = raw * inv[:, None]
     d_unit = grad * out_scale
-    # below eps the denominator is the constant eps: no radial term
-    radial = tl.where(norm >= eps, tl.sum(unit * d_unit, axis=1), 0.0)
+    # d raw = (d unit - unit * radial) * inv, radial = (unit . d unit) * den' * den / |raw|
+    # (den the denominator, den' its derivative in |raw|): unit . d unit for max(|raw|, eps)
+    # above eps (below it den is the constant eps: no radial term) and for sqrt(|raw|^2 +
+    # eps); times (|raw| + eps) / |raw| for |raw| + eps
+    radial = tl.sum(unit * d_unit, axis=1)
+    if EPS_MODE == 0:
+        radial = tl.where(norm >= eps, radial, 0.0)
+    elif EPS_MODE == 1:
+        radial = tl.where(norm > 0, radial * (1.0 + eps / tl.where(norm > 0, norm, 1.0)), 0.0)
     d_raw = tl.where(valid, (d_unit - unit * radial[:, None]) * inv[:, None], 0.0)
     grad_dot_unit = tl.sum(tl.sum(tl.where(valid, grad * unit, 0.0), axis=1), axis=0)
     return d_raw, grad_dot_unit
@@ -581,6 +614,7 @@ def _ccgqa_prologue_draw_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EPS_MODE: tl.constexpr,
 ):
     """Backward step 1. Grid: (batch * time blocks, kv heads), as the forward's (with the
     backward's tile height). Recomputes raw (conv chain + qk mean) of the group's query
@@ -613,7 +647,7 @@ def _ccgqa_prologue_draw_kernel(
         d_raw, _unused = _grad_raw(
             raw, dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t, rows, seq_len,
             cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale, eps,
-            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED, EPS_MODE,
         )  # fmt: skip
         row0 = b * seq_len * q_channels + h * HEAD_DIM
         _store_rows(draw_q_ptr, row0, q_channels, rows, seq_len, d_raw, HEAD_DIM)
@@ -631,7 +665,7 @@ def _ccgqa_prologue_draw_kernel(
     d_raw, grad_dot_unit = _grad_raw(
         raw, dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t, rows, seq_len,
         cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
-        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED,
+        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED, EPS_MODE,
     )  # fmt: skip
     row0 = b * seq_len * k_channels + j * HEAD_DIM
     _store_rows(draw_k_ptr, row0, k_channels, rows, seq_len, d_raw, HEAD_DIM)
@@ -953,12 +987,14 @@ def _tables(cos: Tensor | None, sin: Tensor | None, b: int, t: int, rotary_dim: 
 
 def _common(
     q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
-    heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+    heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved, eps_mode,
 ):  # fmt: skip
     """Arguments shared by both kernels: tensors, runtime scalars, constexprs."""
     _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved)
     if temperature not in TEMPERATURE_MODES or (temp is None) != (temperature == "none"):
         raise ValueError(f"temperature {temperature!r} does not fit temp")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {list(EPS_MODES)}, got {eps_mode!r}")
     b, t, e_q = q_pre.shape
     d = e_q // heads
     q_pre, k_pre = _unit_last_stride(q_pre), _unit_last_stride(k_pre)
@@ -994,6 +1030,7 @@ def _common(
         TEMPERATURE=TEMPERATURE_MODES[temperature],
         ROTARY_DIM=rotary_dim,
         INTERLEAVED=bool(interleaved),
+        EPS_MODE=EPS_MODES[eps_mode],
         # conv2's products take the weight's dtype (``_product``): fp32 models multiply in
         # IEEE fp32; this precision matters only where fp32 weights meet half inputs (tf32)
         DOT_PRECISION="ieee" if q_pre.dtype == torch.float32 else "tf32",
@@ -1025,6 +1062,7 @@ def ccgqa_prologue_fwd(
     interleaved: bool,
     block_t: int | None = None,
     num_warps: int | None = None,
+    eps_mode: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``; computed in
     fp32. ``block_t`` overrides the tile height (tests use it to cross block borders)."""
@@ -1032,6 +1070,7 @@ def ccgqa_prologue_fwd(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
         heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+        eps_mode,
     )  # fmt: skip
     b, t, e_q = q_pre.shape
     d = e_q // heads
@@ -1084,6 +1123,7 @@ def ccgqa_prologue_bwd(
     chunk: int | None = None,
     num_warps: int | None = None,
     wgrad_splits: int | None = None,
+    eps_mode: str = "clamp",
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
@@ -1095,6 +1135,7 @@ def ccgqa_prologue_bwd(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
         heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
+        eps_mode,
     )  # fmt: skip
     b, t, e_q = q_pre.shape
     e_kv = k_pre.shape[-1]

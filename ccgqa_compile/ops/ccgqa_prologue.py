@@ -4,7 +4,8 @@ q_pre (B, T, Hq*D), k_pre (B, T, Hkv*D) -> q (B, Hq, T, D), k (B, Hkv, T, D), ex
 patterns/ccgqa.py ``CCGQAttention.forward`` computes them (../shared/design/ccgqa.md,
 steps 3 to 6): causal depthwise conv1 (kernel K1) and causal per-head conv2 (kernel K2),
 each zero-padded on the left and with optional biases; the qk-mean coupling from the
-pre-conv projections (``qk_mean``); L2 normalisation ``x / max(|x|, eps)`` times
+pre-conv projections (``qk_mean``); L2 normalisation ``x / max(|x|, eps)`` (``eps_mode``
+"clamp"; "add": ``x / (|x| + eps)``; "sqrt": ``x / sqrt(|x|^2 + eps)``) times
 ``norm_scale``; k times beta = exp(temp) (``"exp"``), temp (``"raw"``) or 1 (``"none"``),
 temp holding one value per kv head or one shared value; RoPE with full-width cos/sin
 tables (``x*cos + rot(x)*sin`` on the first ``rotary_dim`` dims, rotate-half or
@@ -28,6 +29,8 @@ from ._dispatch import composite_op, compute_dtype, use_triton
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_MAX_CONV = 4
 TEMPERATURES = ("exp", "raw", "none")
+# where the L2 normalisation's eps goes: max(|x|, eps), |x| + eps, sqrt(|x|^2 + eps)
+EPS_MODES = ("clamp", "add", "sqrt")
 
 
 def check_args(
@@ -192,9 +195,25 @@ def _raw(q_pre, k_pre, qw1, qb1, qw2, qb2, kw1, kb1, kw2, kb2, heads, kv_heads, 
     return q_raw, k_raw, (xq_pad, y1q_pad, xk_pad, y1k_pad)
 
 
-def _normalize(raw: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True)
-    return raw / norm.clamp_min(eps), norm
+def _inverse_norm(raw: Tensor, eps: float, eps_mode: str) -> tuple[Tensor, Tensor]:
+    """(inv, k): inv = 1 / the normalisation's denominator, so unit = raw * inv, and k
+    the factor of its backward, d raw = d unit * inv - raw * (raw . d unit) * k."""
+    sumsq = raw.square().sum(-1, keepdim=True)
+    norm = sumsq.sqrt()
+    if eps_mode == "clamp":
+        inv = 1 / norm.clamp_min(eps)
+        return inv, inv**3 * (norm >= eps)
+    if eps_mode == "add":
+        inv = 1 / (norm + eps)
+        return inv, torch.where(norm > 0, inv**2 / norm, torch.zeros_like(norm))
+    if eps_mode == "sqrt":
+        inv = torch.rsqrt(sumsq + eps)
+        return inv, inv**3
+    raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+
+
+def _normalize(raw: Tensor, eps: float, eps_mode: str = "clamp") -> Tensor:
+    return raw * _inverse_norm(raw, eps, eps_mode)[0]
 
 
 def _ccgqa_prologue_composite(
@@ -219,6 +238,7 @@ def _ccgqa_prologue_composite(
     eps: float,
     rotary_dim: int,
     interleaved: bool,
+    eps_mode: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype)
     b, t, _ = q_pre.shape
@@ -227,8 +247,8 @@ def _ccgqa_prologue_composite(
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
         heads, kv_heads, qk_mean, acc,
     )  # fmt: skip
-    q = _normalize(q_raw, eps)[0] * norm_scale
-    k = _normalize(k_raw, eps)[0] * norm_scale
+    q = _normalize(q_raw, eps, eps_mode) * norm_scale
+    k = _normalize(k_raw, eps, eps_mode) * norm_scale
     beta = _beta(temp, temperature, kv_heads, acc)
     if beta is not None:
         k = k * beta.view(1, 1, kv_heads, 1)
@@ -269,6 +289,7 @@ def _ccgqa_prologue_bwd_composite(
     eps: float,
     rotary_dim: int,
     interleaved: bool,
+    eps_mode: str = "clamp",
 ) -> list[Tensor]:
     acc = compute_dtype(
         q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype, dq.dtype, dk.dtype
@@ -292,15 +313,14 @@ def _ccgqa_prologue_bwd_composite(
         return dy.transpose(1, 2)
 
     def normalize_bwd(d_unit: Tensor, raw: Tensor) -> Tensor:
-        unit, norm = _normalize(raw, eps)
-        radial = (unit * d_unit).sum(-1, keepdim=True) * (norm >= eps)
-        return (d_unit - unit * radial) / norm.clamp_min(eps)
+        inv, k = _inverse_norm(raw, eps, eps_mode)
+        return d_unit * inv - raw * ((raw * d_unit).sum(-1, keepdim=True) * k)
 
     gq, gk = rope_bwd(dq), rope_bwd(dk)
     d_q_raw = normalize_bwd(gq * norm_scale, q_raw)
     beta = _beta(temp, temperature, kv_heads, acc)
     if beta is not None:
-        k_unit = _normalize(k_raw, eps)[0]
+        k_unit = _normalize(k_raw, eps, eps_mode)
         d_beta = (gk * k_unit).sum((0, 1, 3)) * norm_scale
         d_temp = d_beta * beta if temperature == "exp" else d_beta
         d_temp = d_temp.sum().reshape(temp.shape) if temp.numel() == 1 else d_temp
@@ -394,6 +414,7 @@ def ccgqa_prologue(
     eps: float,
     rotary_dim: int,
     interleaved: bool,
+    eps_mode: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     tensors = (
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
@@ -401,6 +422,8 @@ def ccgqa_prologue(
     )  # fmt: skip
     heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
     problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
+    if problem is None and eps_mode not in EPS_MODES:
+        problem = f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}"
     if problem is not None:
         raise ValueError(f"ccgqa_prologue: {problem}")
     scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
@@ -408,8 +431,8 @@ def ccgqa_prologue(
     if _kernel_ok(tensors, q_pre, heads, k1, k2, rotary_dim, interleaved):
         from ..kernels import ccgqa_prologue as kernels
 
-        return kernels.ccgqa_prologue_fwd(*tensors, *scalars)
-    return ccgqa_prologue_composite(*tensors, *scalars)
+        return kernels.ccgqa_prologue_fwd(*tensors, *scalars, eps_mode=eps_mode)
+    return ccgqa_prologue_composite(*tensors, *scalars, eps_mode)
 
 
 @triton_op("ccgqa::ccgqa_prologue_backward", mutates_args=())
@@ -437,6 +460,7 @@ def ccgqa_prologue_backward(
     eps: float,
     rotary_dim: int,
     interleaved: bool,
+    eps_mode: str = "clamp",
 ) -> list[Tensor]:
     """(d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
     d temp); an absent bias or temp gets an empty tensor."""
@@ -450,9 +474,9 @@ def ccgqa_prologue_backward(
     if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved):
         from ..kernels import ccgqa_prologue as kernels
 
-        grads = kernels.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars)
+        grads = kernels.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, eps_mode=eps_mode)
         return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
-    return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars)
+    return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars, eps_mode)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -467,7 +491,7 @@ def _backward(ctx, grad_q: Tensor, grad_k: Tensor):
     out = [grads[0], grads[1]]
     for grad, tensor in zip(grads[2:], tensors[2:11]):
         out.append(grad if tensor is not None else None)
-    return (*out, None, None, *(None,) * 8)
+    return (*out, None, None, *(None,) * len(ctx.scalars))
 
 
 ccgqa_prologue.register_autograd(_backward, setup_context=_setup_context)

@@ -87,6 +87,7 @@ class Plan:
     temp_scale: float = 1.0
     norm_scale: float = 1.0
     eps: float = 1e-12
+    eps_mode: str = "clamp"  # max(|x|, eps), |x| + eps or sqrt(|x|^2 + eps)
     rope: tuple | None = None  # (name, tables, build, rotary_dim, interleaved)
     # "stock" (ccgqa_prologue) or "seed": the original project's variant (per-head conv1,
     # dense conv2, a mean over all heads, no norm scale, one scalar temperature, full
@@ -399,7 +400,7 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     return [
         q_x, k_x, *q_args, *k_args, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
-        plan.norm_scale, plan.eps, rotary_dim, interleaved,
+        plan.norm_scale, plan.eps, rotary_dim, interleaved, plan.eps_mode,
     ]  # fmt: skip
 
 
@@ -523,7 +524,10 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         tables, same_as = _distinct_constant_tables(region.graph, tables, sizes)
         fixed = _constant_tables(tables, sizes)
         fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
-        probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed)
+        # inputs scaled up, so that no eps (wherever it sits in the normalisation) moves
+        # the norms; phase C decides the eps on inputs scaled down to where it does
+        big = _scaled(base, _STRUCTURE_SCALE)
+        probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
         q_out, k_out = probe_a.expected
         norm_scale = float(q_out.norm(dim=-1).median())
         kn = (k_out.norm(dim=-1) / norm_scale).transpose(0, 1).reshape(kv_heads, -1)
@@ -559,7 +563,7 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         if found is None:
             return "no conv / qk-mean / temperature choice agrees with the region"
         # phase B: RoPE layout and tables, on random tables
-        probe_b = _Probe(ctx, region, sizes, seed=42)
+        probe_b = _Probe(ctx, region, sizes, seed=42, scale=big)
         width = base.d
         options = _prologue_table_options(tables, width) if tables else []
         if base.kind == "seed":
@@ -582,17 +586,21 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         # phase C: eps, where it decides: inputs and biases scaled down to norms near eps
         eps_choices = _eps_choices(region, literals)
         raw_norm = _raw_norm(ctx, region, chosen)
-        for eps in eps_choices:
-            cand = replace(chosen, eps=eps)
-            ok = True
-            for seed, factor in ((43, 10.0), (44, 0.1)):
-                scale = _tiny_scale(raw_norm, cand, eps * factor)
-                probe = _Probe(ctx, region, sizes, seed=seed, scale=scale)
-                if not probe.matches(cand, rtol=1e-6):
-                    ok = False
-                    break
-            if ok:
-                return cand
+        modes = ("clamp", "add", "sqrt") if chosen.kind == "stock" else ("clamp",)
+        for eps_mode in modes:
+            for eps in eps_choices:
+                cand = replace(chosen, eps=eps, eps_mode=eps_mode)
+                # the norm where eps decides: eps itself, or sqrt(eps) under the root
+                deciding = math.sqrt(eps) if eps_mode == "sqrt" else eps
+                ok = True
+                for seed, factor in ((43, 10.0), (44, 0.1)):
+                    scale = _tiny_scale(raw_norm, cand, deciding * factor)
+                    probe = _Probe(ctx, region, sizes, seed=seed, scale=scale)
+                    if not probe.matches(cand, rtol=1e-6):
+                        ok = False
+                        break
+                if ok:
+                    return cand
         return "the normalisation's eps or its placement matches no candidate"
 
 
@@ -692,17 +700,27 @@ def _seed_raw(plan: Plan, values: list[Any]):
     return q, k
 
 
-def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, float]:
-    """Scale q_pre, k_pre and every bias so the pre-norm vectors' norms are near
-    ``target_norm`` (they are linear in those jointly)."""
-    if target_norm <= 0:
-        target_norm = 1e-20
-    s = target_norm / max(raw_norm, 1e-300)
+# phases A and B probe at inputs this many times their unit scale: pre-norm norms ~1e4,
+# where an eps up to ~1e-4 (added to the norm or under its root) is below the tolerance
+_STRUCTURE_SCALE = 1e4
+
+
+def _scaled(plan: Plan, s: float) -> dict[Node, float]:
+    """Scale q_pre, k_pre and every bias by ``s``: the pre-norm vectors scale with them
+    (they are linear in those jointly)."""
     out = {plan.q_pre: s, plan.k_pre: s, **dict.fromkeys(plan.states, s)}
     for conv in (*plan.q_convs, *plan.k_convs):
         if conv.bias is not None:
             out[conv.bias] = s
     return out
+
+
+def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, float]:
+    """The scale (``_scaled``) that brings the pre-norm vectors' norms near
+    ``target_norm``."""
+    if target_norm <= 0:
+        target_norm = 1e-20
+    return _scaled(plan, target_norm / max(raw_norm, 1e-300))
 
 
 def _final_check(ctx: GraphContext, region: Region, plan: Plan) -> str | None:
@@ -781,6 +799,8 @@ def _idiom(plan: Plan) -> str:
     if plan.rope is not None:
         r, inter = plan.rope[3], plan.rope[4]
         parts.append(("interleaved" if inter else "rotate_half") + (f"_r{r}" if r != plan.d else ""))
+    if plan.eps_mode != "clamp":  # the norm's eps added to it, or under its root
+        parts.append(f"eps_{plan.eps_mode}")
     return ",".join(parts)
 
 

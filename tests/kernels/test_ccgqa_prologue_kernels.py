@@ -84,6 +84,7 @@ def make_problem(
     per_batch_tables=False,
     dtype=torch.float32,
     seed=0,
+    eps=1e-12,
 ):
     """(13 tensors, 8 scalars) in the op's argument order, on DEVICE in ``dtype``.
 
@@ -123,7 +124,7 @@ def make_problem(
         sin,
     ]
     scale = math.sqrt(d) if norm_scale is None else norm_scale
-    scalars = [heads, kv_heads, qk_mean, temperature, scale, 1e-12, rotary_dim, interleaved]
+    scalars = [heads, kv_heads, qk_mean, temperature, scale, eps, rotary_dim, interleaved]
     return tensors, scalars
 
 
@@ -133,19 +134,21 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err if math.isfinite(err) else math.inf  # NaN never passes
 
 
-def reference(tensors, scalars, dq, dk):
+def reference(tensors, scalars, dq, dk, eps_mode="clamp"):
     """float64 reference outputs and gradients (None for absent inputs)."""
     leaves = [
         x.detach().double().requires_grad_(i < 11) if x is not None else None
         for i, x in enumerate(tensors)
     ]
-    q, k = ccgqa_prologue_reference(*leaves, *scalars)
+    q, k = ccgqa_prologue_reference(*leaves, *scalars, eps_mode=eps_mode)
     wrt = [x for x in leaves[:11] if x is not None]
     grads = iter(torch.autograd.grad((q, k), wrt, (dq.double(), dk.double())))
     return q, k, [next(grads) if x is not None else None for x in leaves[:11]]
 
 
-def run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=False, **launch):
+def run_and_check(
+    monkeypatch, tensors, scalars, dtype, transposed_grads=False, eps_mode="clamp", **launch
+):
     """Kernels (with NaN-poisoned fresh outputs) vs the float64 reference. With
     ``transposed_grads`` dq/dk are (B, T, H, D) storage viewed as (B, H, T, D)."""
     real_empty = torch.empty
@@ -155,17 +158,17 @@ def run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=False, 
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    q, k = ccgqa_prologue_fwd(*tensors, *scalars, block_t=launch.get("block_t"))
+    q, k = ccgqa_prologue_fwd(*tensors, *scalars, block_t=launch.get("block_t"), eps_mode=eps_mode)
     gen = torch.Generator().manual_seed(123)
     dq = nonzero_uniform(q.shape, gen).to(device=DEVICE, dtype=dtype)
     dk = nonzero_uniform(k.shape, gen).to(device=DEVICE, dtype=dtype)
     if transposed_grads:
         dq, dk = (g.transpose(1, 2).contiguous().transpose(1, 2) for g in (dq, dk))
         assert not dq.is_contiguous()
-    grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, **launch)
+    grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, eps_mode=eps_mode, **launch)
     monkeypatch.undo()
 
-    q_ref, k_ref, grads_ref = reference(tensors, scalars, dq, dk)
+    q_ref, k_ref, grads_ref = reference(tensors, scalars, dq, dk, eps_mode)
     heads, kv_heads = scalars[0], scalars[1]
     b, t, e_q = tensors[0].shape
     assert q.shape == (b, heads, t, e_q // heads) and q.is_contiguous() and q.dtype == dtype
@@ -239,6 +242,14 @@ CASES = {
     "T6-d32-G2-quarter-rope-nobias": dict(
         t=6, d=32, heads=2, kv_heads=1, rotary_dim=8, bias=(False,) * 4, k1=2, k2=3
     ),
+    # eps large enough to decide for some rows: where it goes in the normalisation
+    "T19-eps-clamp-deciding": dict(b=2, t=19, heads=4, kv_heads=2, eps=2.5, launch=dict(block_t=16)),
+    "T19-eps-added-to-norm": dict(
+        b=2, t=19, heads=4, kv_heads=2, eps=1.5, eps_mode="add", launch=dict(block_t=16)
+    ),
+    "T9-eps-inside-sqrt-raw-temp": dict(
+        t=9, heads=2, kv_heads=1, eps=3.0, eps_mode="sqrt", temperature="raw", rotary_dim=8
+    ),
     "T4-B2-per-batch-tables-transposed-grads": dict(
         b=2, t=4, heads=2, kv_heads=1, per_batch_tables=True, transposed_grads=True
     ),
@@ -249,8 +260,9 @@ def _run_case(monkeypatch, name, dtype):
     case = dict(CASES[name])
     launch = case.pop("launch", {})
     transposed_grads = case.pop("transposed_grads", False)
+    eps_mode = case.pop("eps_mode", "clamp")
     tensors, scalars = make_problem(dtype=dtype, **case)
-    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads, **launch)
+    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads, eps_mode, **launch)
 
 
 @pytest.mark.parametrize("name", list(CASES))
