@@ -331,6 +331,10 @@ CUDA_CASES = {
         b=3, t=129, heads=8, kv_heads=1, d=16, k1=4, k2=4, qk_mean=False, temperature="none"
     ),
     "T1-d64": dict(b=2, t=1, heads=4, kv_heads=2, d=64),
+    "d128-eps-added-to-norm": dict(
+        b=2, t=300, heads=8, kv_heads=2, d=128, eps=4.0, eps_mode="add", rotary_dim=64
+    ),
+    "d32-eps-inside-sqrt": dict(b=2, t=300, heads=8, kv_heads=2, d=32, eps=9.0, eps_mode="sqrt"),
 }
 
 
@@ -341,9 +345,12 @@ CUDA_CASES = {
     "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
 )
 def test_cuda_kernels_match_float64_reference(monkeypatch, name, dtype):
-    tensors, scalars = make_problem(dtype=dtype, seed=7, **CUDA_CASES[name])
+    case = dict(CUDA_CASES[name])
+    eps_mode = case.pop("eps_mode", "clamp")
+    tensors, scalars = make_problem(dtype=dtype, seed=7, **case)
     assert tensors[0].is_cuda
-    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads=name == "zaya-like-d128")
+    transposed = name == "zaya-like-d128"
+    run_and_check(monkeypatch, tensors, scalars, dtype, transposed, eps_mode)
 
 
 @pytest.mark.cuda
