@@ -1197,6 +1197,29 @@ class NearAttnGroupedHeadsInterleaved(_QKV):
         return o.reshape(b, h, t, d).transpose(1, 2)
 
 
+class AttnBaddbmmFalcon(_QKV):
+    """Falcon / BLOOM style: scores and the additive mask in one ``torch.baddbmm(mask, q,
+    k^T, beta=1.0, alpha=1/sqrt(d))`` on (B*H, T, D), ``softmax(dtype=torch.float32)``."""
+
+    PEEK = 1  # the mask's first future diagonal: 1 is causal
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k, v = (y.repeat_interleave(self.groups, dim=2) for y in (k, v))
+        q, k, v = (y.permute(0, 2, 1, 3).reshape(b * h, t, d) for y in (q, k, v))
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(self.PEEK)
+        mask = torch.zeros(t, t, dtype=q.dtype, device=q.device).masked_fill(future, -torch.inf)
+        s = torch.baddbmm(mask.expand(b * h, t, t), q, k.transpose(1, 2), beta=1.0, alpha=d**-0.5)
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.bmm(p, v).reshape(b, h, t, d).transpose(1, 2)
+
+
+class NearAttnBaddbmmPeek(AttnBaddbmmFalcon):
+    """The Falcon spelling with the mask one diagonal late: each query sees the next key."""
+
+    PEEK = 2
+
+
 class AttnDropout(_QKV):
     """Hand-written attention with probability dropout (active in training)."""
 

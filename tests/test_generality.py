@@ -153,6 +153,7 @@ ATTENTION = [
     _must("sdpa_transposed_in_call", sp.SdpaTransposedInCall, seq=5, gqa_attention=1),
     _must("attn_grouped_queries_5d_einsum", sp.AttnGroupedQueries, seq=9, gqa_attention=1),
     _must("attn_grouped_broadcast_matmul", sp.AttnGroupedBroadcastMatmul, gqa_attention=1),
+    _must("attn_baddbmm_falcon", sp.AttnBaddbmmFalcon, seq=11, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
     _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
@@ -167,6 +168,7 @@ ATTENTION = [
     _near(
         "attn_near_grouped_heads_interleaved", sp.NearAttnGroupedHeadsInterleaved, gqa_attention=0
     ),
+    _near("attn_near_baddbmm_peek", sp.NearAttnBaddbmmPeek, gqa_attention=0),
     _near("attn_near_manual_detached_sum", sp.NearAttnManualDetachedSum, gqa_attention=0),
     _near("attn_near_manual_softmax_plus_one", sp.NearAttnManualSoftmaxPlusOne, gqa_attention=0),
     _near("attn_near_manual_sum_over_queries", sp.NearAttnManualSumOverQueries, gqa_attention=0),
@@ -402,6 +404,36 @@ def test_attention_spelling_cuda_wide_heads(case, training):
     elif not any("left to SDPA" in r.reason for r in rep.rejected):
         expect = case.expect_inference if not training and case.expect_inference else case.expect
         assert rep.count("gqa_attention") == expect.get("gqa_attention", 0), str(rep)
+
+
+# ---- baddbmm scores: split to be parsed, restored as written where nothing fuses ----------
+
+
+@pytest.mark.parametrize(
+    "build, fused", [(sp.AttnBaddbmmFalcon, True), (sp.NearAttnBaddbmmPeek, False)]
+)
+def test_baddbmm_scores_are_restored_where_nothing_fuses(build, fused):
+    from ccgqa_compile.backend import _pass_patches
+
+    graphs = []
+
+    def pre_grad_only(gm, example_inputs):
+        _pass_patches(set())["pre_grad_custom_pass"](gm.graph)
+        gm.recompile()
+        graphs.append(gm.graph)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    model = build().eval()
+    x = torch.randn(2, 9, model.DIM)
+    with torch.no_grad():
+        out = torch.compile(model, backend=pre_grad_only, fullgraph=True)(x)
+        torch.testing.assert_close(out, model(x))
+    (graph,) = graphs
+    baddbmm = [n for n in graph.nodes if n.target is torch.baddbmm]
+    fused_ops = [n for n in graph.nodes if "ccgqa" in str(n.target)]
+    assert (len(baddbmm), bool(fused_ops)) == ((0, True) if fused else (1, False)), str(graph)
 
 
 # ---- where the L2 norm's eps sits: fused as that, not as the clamp it nearly equals ---------

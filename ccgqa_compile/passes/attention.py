@@ -1321,6 +1321,7 @@ def _is_exp(node: Node) -> bool:
 
 def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
     """Every attention site; replaced by our op where proven (and ``fuse``)."""
+    splits = _split_fused_score_adds(ctx.graph)
     sites = []
     for node in anchors(ctx.graph):
         if not ctx.alive(node):
@@ -1331,4 +1332,67 @@ def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
             site = _handwritten(ctx, node, fuse)
         if site is not None:
             sites.append(site)
+    _undo_unfused_splits(ctx.graph, splits)
     return sites
+
+
+def _is_baddbmm(node: Any) -> bool:
+    return is_function(node, torch.baddbmm) or is_method(node, "baddbmm")
+
+
+def _split_fused_score_adds(graph: torch.fx.Graph) -> list[tuple[tuple, Node]]:
+    """``baddbmm(mask, q, k^T, beta=b, alpha=a)`` (scores and mask in one call, as Falcon and
+    BLOOM write them) read by a softmax, rewritten as ``b * mask + a * (q @ k^T)`` so that the
+    hand-written parse sees the product and the mask apart (the same function). The
+    baddbmm leaves the graph (so that nothing reads q or k beside the rewrite); returns
+    (how it was written, its replacement) for ``_undo_unfused_splits``."""
+    splits = []
+    for node in list(graph.nodes):
+        if not _is_baddbmm(node) or len(node.args) < 3 or node.kwargs.keys() - {"beta", "alpha"}:
+            continue
+        if any(_is_softmax(u) or _is_exp(u) for u in _descendants(node, 4)):
+            splits.append(_split_baddbmm(graph, node))
+    return splits
+
+
+def _split_baddbmm(graph: torch.fx.Graph, node: Node) -> tuple[tuple, Node]:
+    added, batch1, batch2 = node.args[:3]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    new: list[Node] = []
+
+    def call(fn, *args):
+        with graph.inserting_after(new[-1] if new else node):
+            new.append(graph.call_function(fn, args))
+        return new[-1]
+
+    scaled = call(torch.bmm, batch1, batch2)
+    if alpha != 1:
+        scaled = call(operator.mul, scaled, alpha)
+    kept = call(operator.mul, added, beta) if beta != 1 else added
+    total = call(operator.add, kept, scaled)
+    _propagate_fake(graph, new)
+    node.replace_all_uses_with(total)
+    # erasing a node clears its arguments: keep what restoring it needs
+    written = (node.op, node.target, node.args, dict(node.kwargs), node.name, dict(node.meta))
+    graph.erase_node(node)
+    return written, total
+
+
+def _undo_unfused_splits(graph: torch.fx.Graph, splits) -> None:
+    """Where no fusion consumed a split, the baddbmm comes back as written."""
+    for (op, target, args, kwargs, name, meta), total in splits:
+        if total.graph is not graph or total not in graph.nodes or not total.users:
+            continue
+        with graph.inserting_before(total):
+            restored = graph.create_node(op, target, args, kwargs, name)
+        restored.meta = meta
+        total.replace_all_uses_with(restored)
+        erase_unused(graph, [total])
+
+
+def _descendants(node: Node, hops: int) -> list[Node]:
+    out, frontier = [], [node]
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users]
+        out += frontier
+    return out
