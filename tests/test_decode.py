@@ -416,8 +416,11 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
     assert decode_graphs, str(rep)
     for g in decode_graphs:  # every layer's attention, in every decode graph
         assert g.count("gqa_decode_attention") == 2, str(rep)
-        idiom = "handwritten_mask" if attn == "eager" else "sdpa_mask" if cache == "static" else "sdpa"
-        assert g.fused[("gqa_decode_attention", idiom)] == 2, str(rep)
+        idioms = {"handwritten_mask"} if attn == "eager" else {"sdpa_mask"}
+        if (attn, cache) == ("sdpa", "dynamic"):  # HF passes a mask there or not, by version
+            idioms.add("sdpa")  # and device (a mask with transformers 5.24 on CUDA)
+        fired = {i: n for (f, i), n in g.fused.items() if f == "gqa_decode_attention"}
+        assert sum(fired.values()) == 2 and set(fired) <= idioms, str(rep)
     if (attn, cache) != ("eager", "static"):  # a written-out prefill over a longer static
         assert rep.count("gqa_attention") == 2, str(rep)  # cache is left as written
     else:  # and the report says why: that cache is made and filled inside the graph
