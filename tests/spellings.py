@@ -1168,6 +1168,19 @@ class AttnGroupedQueries(_QKV):
         return o.reshape(b, h, t, d).transpose(1, 2)
 
 
+class AttnGroupedTokensFirst(_QKV):
+    """Grouped scores straight from (B, T, H, D): q viewed (B, T, Hkv, G, D), einsum
+    ``bthgd,bshd->bhgts``, the output einsum back to (B, T, Hkv, G, D)."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        qg = q.view(b, t, self.KV_HEADS, self.groups, d)
+        s = torch.einsum("bthgd,bshd->bhgts", qg, k) / math.sqrt(d)
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = s.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhgts,bshd->bthgd", p, v).reshape(b, t, h, d)
+
+
 class AttnGroupedBroadcastMatmul(_QKV):
     """q as (B, Hkv, G, T, D) by ``unflatten``, K/V given a group axis of 1 and broadcast by
     ``@``, an additive -inf mask from ``triu``."""

@@ -153,6 +153,7 @@ ATTENTION = [
     _must("sdpa_transposed_in_call", sp.SdpaTransposedInCall, seq=5, gqa_attention=1),
     _must("attn_grouped_queries_5d_einsum", sp.AttnGroupedQueries, seq=9, gqa_attention=1),
     _must("attn_grouped_broadcast_matmul", sp.AttnGroupedBroadcastMatmul, gqa_attention=1),
+    _must("attn_grouped_tokens_first", sp.AttnGroupedTokensFirst, seq=7, gqa_attention=1),
     _must("attn_baddbmm_falcon", sp.AttnBaddbmmFalcon, seq=11, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window

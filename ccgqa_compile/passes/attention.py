@@ -1135,9 +1135,10 @@ def _op_inputs(op: Node) -> tuple[Node, Node, Node]:
 
 def _output_layouts(product: Node) -> list[str]:
     """The layouts the attention's output may have: (B*H, T, D), (B, H, T, D), (B, T, H, D),
-    or grouped (B, Hkv, G, T, D) (scores of q viewed per kv-head group against unrepeated k)."""
+    or grouped, (B, Hkv, G, T, D) or (B, T, Hkv, G, D) (q viewed per kv-head group against
+    unrepeated k)."""
     nd = tensor_value(product).dim()
-    return {3: ["flat"], 4: ["bhtd", "bthd"], 5: ["grouped"]}.get(nd, [])
+    return {3: ["flat"], 4: ["bhtd", "bthd"], 5: ["grouped", "grouped_tokens_first"]}.get(nd, [])
 
 
 def _adapt_out(o, layout, kv_heads: int):
@@ -1146,8 +1147,9 @@ def _adapt_out(o, layout, kv_heads: int):
         return o.flatten(0, 1)
     if layout == "bthd":
         return o.transpose(1, 2)
-    if layout == "grouped":
-        return o.unflatten(1, (kv_heads, o.shape[1] // kv_heads))
+    if layout.startswith("grouped"):
+        o = o.unflatten(1, (kv_heads, o.shape[1] // kv_heads))
+        return o.permute(0, 3, 1, 2, 4) if layout == "grouped_tokens_first" else o
     return o
 
 
