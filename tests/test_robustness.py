@@ -97,3 +97,68 @@ def test_channels_last_input_trains_like_eager():
     out_e.backward(g)
     assert_close(x_c.grad, x_e.grad, torch.float32, "channels-last dx")
     assert ccgqa_compile.report().count("rms_norm") == 1
+
+
+# ---- part of a region under torch.no_grad() inside a training forward ----------------------
+
+
+def _rms_stats_without_grad(x, w):
+    with torch.no_grad():
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return x * r * w
+
+
+def _gate_without_grad(x, w):
+    a, b = (x * w).chunk(2, -1)
+    with torch.no_grad():
+        g = torch.nn.functional.silu(a)
+    return g * b
+
+
+def _rotation_without_grad(x, w):
+    t, d = x.shape[-2], x.shape[-1]
+    angles = torch.arange(t, dtype=x.dtype)[:, None] * torch.arange(d // 2, dtype=x.dtype)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    x = (x * w).unflatten(-1, (2, d // 2)).transpose(1, 2)  # (B, 2 heads, T, D/2)
+    x = x.reshape(x.shape[0], 2, t, d // 2)
+    x = torch.cat((x, x), -1)
+    with torch.no_grad():
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+def _softmax_without_grad(x, w):
+    q = k = v = (x * w).unflatten(-1, (2, -1)).transpose(1, 2)
+    t = q.shape[-2]
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    with torch.no_grad():
+        p = s.softmax(-1)
+    return p @ v
+
+
+@pytest.mark.parametrize(
+    "fn", [_rms_stats_without_grad, _gate_without_grad, _rotation_without_grad, _softmax_without_grad]
+)
+def test_a_region_partly_under_no_grad_is_left_as_written(fn, monkeypatch):
+    """Eager gives the no_grad part no gradient; a fused op's backward would: not fused,
+    and every gradient equals eager's."""
+    monkeypatch.setenv("CCGQA_FUSE_ON_CPU", "1")
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 16), torch.randn(16)
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    leaves_c = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    out_c = torch.compile(fn, backend="ccgqa")(*leaves_c)
+    grads_c = torch.autograd.grad(out_c, leaves_c, torch.ones_like(out_c), allow_unused=True)
+    rep = ccgqa_compile.report()
+    assert not rep.counts(), str(rep)
+    torch.testing.assert_close(out_c, out)
+    for g, g_c in zip(grads, grads_c):
+        assert (g is None) == (g_c is None), str(rep)
+        if g is not None:
+            torch.testing.assert_close(g_c, g)

@@ -72,6 +72,7 @@ class Region:
                 raise Rejected(f"{node.name} writes a tensor in place")
             if node.op not in ("call_function", "call_method"):
                 raise Rejected(f"{node.name} is a {node.op}")
+        _check_one_grad_mode(graph, on_path)
         leaves = {i for n in on_path for i in node_inputs(n) if i not in on_path}
         return cls(
             graph,
@@ -184,8 +185,15 @@ def _graph_order(graph: torch.fx.Graph) -> dict[Node, int]:
 
 def _grad_modes(graph: torch.fx.Graph) -> dict[Node, Any]:
     """For each node, the grad mode Dynamo's ``_set_grad_enabled`` calls put it in (None:
-    the mode the graph is called in)."""
-    mode, out = None, {}
+    the mode the graph is called in). Dynamo ends every grad-mode block by setting the
+    mode back, so the last switch names the mode the graph is called in: nodes before the
+    first switch get that value too, and one mode has one name."""
+    switches = [
+        bool(n.args[0])
+        for n in graph.nodes
+        if n.op == "call_function" and n.target is torch._C._set_grad_enabled
+    ]
+    mode, out = (switches[-1] if switches else None), {}
     for node in graph.nodes:
         out[node] = mode
         if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
@@ -386,3 +394,18 @@ def stable_sort(graph: torch.fx.Graph) -> None:
 
     graph_changed()
     stable_topological_sort(graph)
+
+
+
+def _check_one_grad_mode(graph: torch.fx.Graph, nodes: set[Node]) -> None:
+    """Every node on the region's paths computed in one grad mode. A
+    ``with torch.no_grad()`` around part of them (the RMS statistics, say) cuts the
+    gradient there in eager, while the fused op's backward would send gradient through
+    all of it. Tables built under ``no_grad`` off those paths (RoPE's cos/sin) are leaves
+    and do not count."""
+    modes = _grad_modes(graph)
+    if len({modes[n] for n in nodes}) > 1:
+        raise Rejected(
+            "the grad mode changes inside the region (torch.no_grad() around part of it): "
+            "its gradient differs from the fused op's"
+        )
