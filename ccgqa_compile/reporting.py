@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("ccgqa_compile")
@@ -158,8 +159,14 @@ def report() -> FusionReport:
     return _REPORT
 
 
+# what else holds report events (the passes' events waiting for their graph's record)
+ON_RESET: list[Callable[[], None]] = []
+
+
 def reset_report() -> None:
     _REPORT.graphs.clear()
+    for clear in ON_RESET:
+        clear()
 
 
 def start_graph(compile_id: str, kind: str) -> GraphRecord:

@@ -147,6 +147,7 @@ def _graph_kind(graph: torch.fx.Graph) -> str:
 
 # pre-grad events wait here until the joint-graph pass opens the graph's report record
 _pending: list[tuple[str, str, tuple[Any, ...]]] = []
+report.ON_RESET.append(_pending.clear)
 
 
 def flush_pending_reports() -> None:
