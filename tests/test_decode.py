@@ -250,6 +250,100 @@ def test_handwritten_step_over_a_written_cache(mask):
     assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", idiom): 1}
 
 
+class ProjectedCacheStep(nn.Module):
+    """A whole attention layer's decode step written out, as one writes it from a paper:
+    q projected from x before this step's K/V go into the static cache by slice
+    assignment, then attention over the cache. ``core``: "repeat" (K/V expanded to every
+    query head, a (1, 1, T, S) bool row mask), "grouped" (q viewed per kv-head group,
+    einsum against the unrepeated cache, a 5-D (1, 1, 1, T, S) mask), or "stale-keys"
+    (the scores read the key cache before this step's write, the values after it: an
+    odd function, but the one the op must then compute)."""
+
+    def __init__(self, core: str, width=32, heads=4, kv_heads=2, d=8, batch=2, max_len=16):
+        super().__init__()
+        self.core, self.heads, self.kv_heads, self.d = core, heads, kv_heads, d
+        self.wq = nn.Linear(width, heads * d, bias=False)
+        self.wk = nn.Linear(width, kv_heads * d, bias=False)
+        self.wv = nn.Linear(width, kv_heads * d, bias=False)
+        self.register_buffer("k_cache", torch.randn(batch, kv_heads, max_len, d))
+        self.register_buffer("v_cache", torch.randn(batch, kv_heads, max_len, d))
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+
+    def forward(self, x, input_pos):
+        b, t, _ = x.shape
+        hkv, g, d = self.kv_heads, self.heads // self.kv_heads, self.d
+        q = self.wq(x).view(b, t, self.heads, d).transpose(1, 2)
+        k = self.wk(x).view(b, t, hkv, d).transpose(1, 2)
+        v = self.wv(x).view(b, t, hkv, d).transpose(1, 2)
+        stale = q @ self.k_cache.repeat_interleave(g, 1).transpose(-1, -2)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        row = self.causal[input_pos]  # (T, S)
+        s_len = self.k_cache.shape[2]
+        if self.core == "grouped":
+            s = torch.einsum("bjgtd,bjsd->bjgts", q.view(b, hkv, g, t, d), self.k_cache) / d**0.5
+            s = s.masked_fill(~row[None, None, None], float("-inf"))
+            o = torch.einsum("bjgts,bjsd->bjgtd", s.softmax(-1), self.v_cache)
+            return o.reshape(b, self.heads, t, d)
+        if self.core == "stale-keys":
+            s = stale / d**0.5
+        else:
+            kk = self.k_cache[:, :, None].expand(b, hkv, g, s_len, d).reshape(b, -1, s_len, d)
+            s = q @ kk.transpose(-1, -2) / d**0.5
+        s = s.masked_fill(~row[None, None], float("-inf"))
+        vv = self.v_cache[:, :, None].expand(b, hkv, g, s_len, d).reshape(b, -1, s_len, d)
+        return torch.softmax(s, dim=-1) @ vv
+
+
+@pytest.mark.parametrize("core", ["repeat", "grouped", "stale-keys"])
+def test_a_decode_step_projecting_q_before_the_cache_write_fuses(core):
+    """The op goes after the cache writes its reads come after, and before those it reads
+    ahead of (the stale keys): the cache, the outputs and every step's state equal
+    eager's."""
+    torch.manual_seed(0)
+    fused = ProjectedCacheStep(core)
+    step, eager = _compiled_and_eager(fused)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for pos in [0, 1, 2, 3, 4]:
+            x = torch.randn(2, 1, 32, generator=gen)
+            input_pos = torch.tensor([pos])
+            got, want = step(x, input_pos), eager(x, input_pos)
+            assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5, pos
+            assert torch.equal(fused.k_cache, eager.k_cache), pos
+    idioms = ccgqa_compile.report().idioms()
+    assert idioms == {("gqa_decode_attention", "handwritten_mask"): 1}, str(ccgqa_compile.report())
+
+
+class CacheReadAcrossItsWrite(ProjectedCacheStep):
+    """Near miss: the scores read the key cache both before and after this step's write
+    (two halves of the head dims, added): no single cache an op could read."""
+
+    def forward(self, x, input_pos):
+        b, t, _ = x.shape
+        g, d = self.heads // self.kv_heads, self.d
+        q = self.wq(x).view(b, t, self.heads, d).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.kv_heads, d).transpose(1, 2)
+        before = q[..., : d // 2] @ self.k_cache[..., : d // 2].repeat_interleave(g, 1).transpose(-1, -2)
+        self.k_cache[:, :, input_pos] = k
+        after = q[..., d // 2 :] @ self.k_cache[..., d // 2 :].repeat_interleave(g, 1).transpose(-1, -2)
+        s = (before + after).masked_fill(~self.causal[input_pos][None, None], float("-inf"))
+        return torch.softmax(s / d**0.5, dim=-1) @ self.v_cache.repeat_interleave(g, 1)
+
+
+def test_a_cache_read_on_both_sides_of_its_write_is_left_alone():
+    torch.manual_seed(0)
+    fused = CacheReadAcrossItsWrite("repeat")
+    step, eager = _compiled_and_eager(fused)
+    with torch.no_grad():
+        for pos in range(3):
+            x = torch.randn(2, 1, 32)
+            input_pos = torch.tensor([pos])
+            assert rel_err(step(x, input_pos), eager(x, input_pos)) < 1e-5, pos
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 0 and rep.count("gqa_attention") == 0, str(rep)
+
+
 def test_handwritten_decode_in_training_is_left_alone():
     q, k, v = (t.requires_grad_() for t in qkv(1))
     torch._dynamo.reset()

@@ -514,3 +514,43 @@ def test_case_names_are_unique_and_every_fusion_has_near_misses():
     for fusion in ("rms_norm", "swiglu", "rope", "gqa_attention", "ccgqa_prologue"):
         near = [c for c in CASES if c.kind == "near" and fusion in c.expect]
         assert len(near) >= 3, fusion
+
+
+def _grouped_attention(q, k, v, mask):
+    """Grouped scores (q viewed (B, Hkv, G, T, D)) masked by a 5-D run-time mask."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    s = torch.einsum("bjgtd,bjsd->bjgts", q.view(b, hkv, h // hkv, t, d), k) / d**0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bjgts,bjsd->bjgtd", s.softmax(-1), v).reshape(b, h, t, d)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["padding", "per-kv-head"])
+def test_grouped_scores_with_a_5d_runtime_mask(per_kv_head):
+    """A padding mask broadcast over (Hkv, G), or a mask per kv head: the op reads it per
+    query head (h = j * G + g), and the output and gradients equal eager's."""
+    torch.manual_seed(0)
+    b, hq, hkv, t, d = 2, 6, 2, 10, 8
+    q, k, v = (torch.randn(b, h, t, d) for h in (hq, hkv, hkv))
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if per_kv_head:  # kv head 1 also hides the first key from the rows after it
+        extra = torch.ones(1, hkv, 1, t, t, dtype=torch.bool)
+        extra[0, 1, 0, 1:, 0] = False
+        mask = causal & extra
+    else:
+        pad = torch.ones(b, t, dtype=torch.bool)
+        pad[1, :3] = False  # left padding: rows 0..2 of batch 1 see nothing but themselves
+        mask = causal[None, None, None] & pad[:, None, None, None, :]
+        mask = mask | torch.eye(t, dtype=torch.bool)
+    got_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    want_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(_grouped_attention, backend=ccgqa_without_codegen, fullgraph=True)
+    got, want = compiled(*got_in, mask), _grouped_attention(*want_in, mask)
+    assert rel_err(got, want) < 1e-5
+    g_out = torch.randn_like(want)
+    for gc, ge in zip(torch.autograd.grad(got, got_in, g_out), torch.autograd.grad(want, want_in, g_out)):
+        assert rel_err(gc, ge) < 1e-5
+    rep = ccgqa_compile.report()
+    assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)

@@ -9,6 +9,8 @@ disabling ``gqa_attention`` disables it; the hook is chained, never clobbered.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from ccgqa_compile.backend import _pass_patches
 from ccgqa_compile.passes import ChainedGraphPass, RecognitionPass
 
 from ._backends import ccgqa_without_codegen
-from ._compare import assert_as_close_as_eager
+from ._compare import assert_as_close_as_eager, rel_err
 
 
 def repeat_kv(x, groups):
@@ -337,3 +339,49 @@ def test_fx_graph_cache_with_the_rewrite_on_and_off(tmp_path, monkeypatch):
                 assert codes, "the fusion-off compile was served the fusion-on cache entry"
             if codes:  # a cache hit generates no code
                 assert ("ccgqa.gqa_attention" in "\n".join(codes)) == (not disable)
+
+
+def sdpa_additive_from_bool_mask(q, k, v, keep):
+    """A (B, 1, T, T) bool mask passed in, made additive with the dtype's lowest value."""
+    bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+def sdpa_additive_from_inverted_mask(q, k, v, keep):
+    """Near miss: the bool mask read the other way (True blocks)."""
+    bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(keep, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_a_4d_bool_mask_passed_in_is_checked_at_run_time(training):
+    """A mask built from a (T, T) user mask is causal when that mask is: it fuses as a
+    run-time mask, our op for a causal mask, SDPA as written for a padded one."""
+    q, k, v = qkv()
+    t = q.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(2, 1, t, t)
+    padded = causal.clone()
+    padded[1, :, :, :2] = False
+    padded[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padding rows see themselves
+    for keep in (causal, padded):
+        rep = compile_and_compare(
+            functools.partial(sdpa_additive_from_bool_mask, keep=keep), (q, k, v),
+            torch.float32, training,
+        )  # fmt: skip
+        assert rep.idioms() == {("gqa_attention", "sdpa_runtime_mask"): 1}, str(rep)
+
+
+def test_a_mask_passed_in_and_read_inverted_is_left_alone():
+    q, k, v = qkv()
+    t = q.shape[2]
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(2, 1, t, t)
+    keep = keep | torch.eye(t, dtype=torch.bool)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    blocked = ~keep  # read inverted, it blocks the future: the values are finite
+    out = torch.compile(sdpa_additive_from_inverted_mask, backend=ccgqa_without_codegen)(q, k, v, blocked)
+    want = sdpa_additive_from_inverted_mask(q, k, v, blocked)
+    assert torch.isfinite(want).all() and rel_err(out, want) < 1e-6
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_attention") == 0, str(rep)
+    assert "all ones, or causal" in str(rep), str(rep)

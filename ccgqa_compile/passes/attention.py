@@ -246,20 +246,36 @@ def _mask_kind(ctx: GraphContext, mask: Node, t_q, t_k) -> str:
     try:
         with real_tensors():
             for sizes in ctx.sizes:
-                feeds = {}
-                for node in runtime:
-                    v = value(node)
-                    shape = Probes(sizes, v.device).shape(node)
-                    feeds[node] = torch.ones(shape, dtype=v.dtype, device=v.device)
-                m = Evaluator(ctx.graph, sizes).run([mask], feeds)[0]
-                problem = causal_mask_problem(m, sizes_of(t_q, sizes), sizes_of(t_k, sizes))
+                tq, tk = sizes_of(t_q, sizes), sizes_of(t_k, sizes)
+                problem = None
+                # user inputs all ones (a padding mask of real tokens), then user inputs
+                # that are (T, T) masks themselves given the causal pattern
+                for fill in ("ones", "causal")[: 2 if runtime else 1]:
+                    feeds = {n: _user_mask_probe(n, sizes, fill, tq, tk) for n in runtime}
+                    m = Evaluator(ctx.graph, sizes).run([mask], feeds)[0]
+                    problem = causal_mask_problem(m, tq, tk)
+                    if problem is None:
+                        break
                 if problem is not None:
-                    raise Rejected(problem + (" (its user inputs all ones)" if runtime else ""))
+                    raise Rejected(problem + (" (its user inputs all ones, or causal)" if runtime else ""))
     except Rejected:
         raise
     except Exception as why:  # noqa: BLE001 - any failure means: not provably causal
         raise Rejected(f"the mask could not be evaluated ({type(why).__name__})") from None
     return "runtime" if runtime else "causal"
+
+
+def _user_mask_probe(node: Node, sizes, fill: str, t_q: int, t_k: int):
+    """A value for a user input a mask is built from: all ones, or, for ``fill`` "causal"
+    and an input whose last two dims are (T, T), the causal pattern in its dtype (True /
+    1 where a query sees a key)."""
+    v = value(node)
+    shape = Probes(sizes, v.device).shape(node)
+    ones = torch.ones(shape, dtype=v.dtype, device=v.device)
+    if fill == "ones" or len(shape) < 2 or tuple(shape[-2:]) != (t_q, t_k):
+        return ones
+    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=v.device).tril()
+    return ones * keep.to(v.dtype) if v.dtype != torch.bool else ones & keep
 
 
 def sizes_of(x, sizes):
@@ -899,10 +915,13 @@ def _slice_rows(t: Any, scores_val, r0: int, r1: int) -> Any:
     return t.narrow(-2, r0, r1 - r0)
 
 
-def _reference_rows(q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=True):
+def _reference_rows(
+    q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=True, mask_layout=None
+):  # fmt: skip
     """GQA attention of rows [r0, r1), float64, (B, Hq, R, D): causal, or with ``mask``
     (rows already cut) instead when one is given, or over every key (``causal`` False)."""
     g = q.shape[1] // k.shape[1]
+    mask = _mask_for_layout(mask, mask_layout)
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = q[:, :, r0:r1] @ kr.transpose(-1, -2) * scale
     if mask is None and causal:
@@ -982,7 +1001,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
     del d
     out_layouts = _output_layouts(hw.product)
     reason = "no q, k, v on the operand paths compute this attention"
-    for q, ql, k, kl, v, vl, _h_q, _d in choices[:16]:
+    for q, ql, k, kl, v, vl, h_q, _d in choices[:16]:
         try:
             region = Region.between([q, k, v], [hw.product])
         except Rejected as why:
@@ -995,6 +1014,11 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
         if extra:
             reason = f"the scores depend on another runtime tensor ({extra[0].name})"
             continue
+        try:
+            mask_layout = _mask_layout(hw.mask, hw.scores, h_q)
+        except Rejected as why:
+            reason = str(why)
+            continue
         for mask_mode in _mask_modes(hw.mask):
             try:
                 rows = _RowEvaluator(ctx, hw, [q, k, v])
@@ -1005,7 +1029,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
             for out_layout in out_layouts:
                 why = _verify_rows(
                     ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout,
-                    mask_mode, decode,
+                    mask_mode, decode, mask_layout,
                 )  # fmt: skip
                 if why is None and not fuse:
                     return Site("handwritten", q, k, v, False, hw.softmax)
@@ -1015,7 +1039,8 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                     if hw.mask is None and not decode:
                         core = _handwritten_core(tensor_value(q))
                     cand = _candidate(
-                        ql, kl, vl, scale, out_layout, autocast, mask_mode, decode, core
+                        ql, kl, vl, scale, out_layout, autocast, mask_mode, decode, core,
+                        mask_layout,
                     )
                     inputs = [q, k, v] + ([hw.mask] if hw.mask is not None else [])
                     (out,) = emit(region, cand, inputs)
@@ -1060,6 +1085,42 @@ def _decode_mask_table(hw: _Handwritten) -> Node | str | None:
     if len(tables) > 1:
         return "a decode step masked by several tables"
     return next(iter(tables), None)
+
+
+MaskLayout = tuple  # ("grouped", Hkv, G, shared by every head) or ("flat", Hq)
+
+
+def _mask_layout(mask: Node | None, scores: Node, heads: int) -> MaskLayout | None:
+    """How a run-time mask written in the scores' layout maps to the op's (B, Hq, R, S):
+    None when it already broadcasts so; ("grouped", Hkv, G, shared) for a 5-D mask on
+    grouped scores; ("flat", Hq) for a 3-D mask over (B*Hq, R, S) rows (bmm scores)."""
+    mv = None if mask is None else tensor_value(mask)
+    if mv is None:
+        return None
+    if mv.dim() == 5:
+        sv = tensor_value(scores)
+        if sv.dim() != 5:
+            raise Rejected("a 5-D mask on scores that are not grouped (B, Hkv, G, T, T)")
+        if not all(isinstance(n, int) for n in (*sv.shape[1:3], *mv.shape[1:3])):
+            raise Rejected("grouped scores with a symbolic head count")
+        return ("grouped", int(sv.shape[1]), int(sv.shape[2]), mv.shape[1] == mv.shape[2] == 1)
+    if mv.dim() == 3 and not same_size(mv.shape[0], 1):
+        return ("flat", heads)
+    return None
+
+
+def _mask_for_layout(mask, layout: MaskLayout | None):
+    """The mask as the op reads it, (B, Hq, R, S) up to broadcasting: query head
+    h = j * G + g of grouped scores; rows b * Hq + h of flattened ones. Kept a view
+    where every head shares it."""
+    if mask is None or layout is None:
+        return mask
+    if layout[0] == "flat":
+        return mask.unflatten(0, (-1, layout[1]))
+    _, kv_heads, group, shared = layout
+    if shared:
+        return mask.squeeze(2)
+    return mask.expand(-1, kv_heads, group, -1, -1).flatten(1, 2)
 
 
 def _mask_modes(mask: Node | None) -> list[str | None]:
@@ -1153,9 +1214,15 @@ def _adapt_out(o, layout, kv_heads: int):
     return o
 
 
-def _candidate(ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False, core="ccgqa"):
+def _candidate(
+    ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False, core="ccgqa",
+    mask_layout=None,
+):  # fmt: skip
+    """``mask_layout``: how the run-time mask maps to the op's (``_mask_layout``)."""
+
     def attention(q, k, v, *mask, out_dtypes):
         ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
+        mask = tuple(_mask_for_layout(m, mask_layout) for m in mask)
         if autocast is not None and out_dtypes[0] is not None:
             ins = [x.to(autocast) for x in ins]
         if core == "sdpa":  # causal, no mask (``_handwritten_core``'s callers)
@@ -1258,7 +1325,7 @@ def _match_rows_layout(ref, s_in):
 
 def _verify_rows(
     ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout, mask_mode=None,
-    decode=False,
+    decode=False, mask_layout=None,
 ) -> str | None:
     (q, ql), (k, kl), (v, vl) = qs, ks, vs
     try:
@@ -1282,7 +1349,7 @@ def _verify_rows(
                         if mask_mode is not None:
                             mask = _slice_rows(feeds[hw.mask], None, r0, r1)
                         ref = _reference_rows(
-                            qq, kk, vv, scale, r0, r1, mask, mask_mode, causal=not decode
+                            qq, kk, vv, scale, r0, r1, mask, mask_mode, not decode, mask_layout
                         )
                         want = _adapt_out(ref, out_layout, kk.shape[1])
                         if not agree(got, want):

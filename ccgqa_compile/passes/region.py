@@ -250,8 +250,9 @@ def _writes_can_wait(region: Region, writes: list[Node], where: int, nodes: list
 
 def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int]) -> tuple[int, list[Node]]:
     """Where the op may read its inputs, given in-place writes to them (or to views of
-    their storage): after every write that comes before the region (a KV cache after this
-    step's ``index_copy_``), and before every later one (a conv state overwritten once the
+    their storage): after every write that comes before the region's reads of that storage
+    (a KV cache after this step's ``index_copy_``, even where the query was projected
+    before it), and before every later one (a conv state overwritten once the
     step has read it; those writes are returned). A write followed by another read of the
     region leaves no single place to read the input: rejected."""
     bases = {storage_base(n) for n in inputs if isinstance(n, Node)}
@@ -267,10 +268,12 @@ def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int])
         base = storage_base(node.args[0])
         if base not in bases:
             continue
-        if order[node] < first:
+        read_before = any(r < order[node] for r in reads[base])
+        read_after = any(r > order[node] for r in reads[base])
+        if order[node] < first or (read_after and not read_before):
             after = max(after, order[node] + 1)
             continue
-        if any(r > order[node] for r in reads[base]):
+        if read_after:
             raise Rejected(f"{node.name} writes an input in place between the region's reads")
         late.append(node)
     return after, late
