@@ -554,3 +554,41 @@ def test_grouped_scores_with_a_5d_runtime_mask(per_kv_head):
         assert rel_err(gc, ge) < 1e-5
     rep = ccgqa_compile.report()
     assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
+
+
+class BaddbmmBufferMask(torch.nn.Module):
+    """Scores as bmm rows (B*H, T, T): ``baddbmm`` of an additive mask made from a bool
+    buffer and expanded to every row, K/V repeated, ``bmm`` output."""
+
+    def __init__(self, heads=4, kv_heads=2, max_len=16):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.register_buffer("keep", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v):
+        b, h, t, d = q.shape
+        g = h // k.shape[1]
+        k, v = (x.repeat_interleave(g, 1).reshape(b * h, t, d) for x in (k, v))
+        bias = torch.zeros(t, t, dtype=q.dtype).masked_fill(~self.keep[:t, :t], float("-inf"))
+        s = torch.baddbmm(bias.expand(b * h, t, t), q.reshape(b * h, t, d), k.transpose(1, 2), alpha=d**-0.5)
+        return torch.bmm(s.softmax(-1), v).view(b, h, t, d)
+
+
+def test_bmm_rows_masked_by_a_buffer_fuse():
+    """The mask comes in as a buffer, laid out like the (B*H, T, T) scores: the op reads it
+    as (B, H, T, T); outputs and gradients equal eager's."""
+    torch.manual_seed(0)
+    model = BaddbmmBufferMask()
+    q, k, v = (torch.randn(2, h, 9, 8) for h in (4, 2, 2))
+    got_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    want_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(*got_in)
+    want = model(*want_in)
+    assert rel_err(got, want) < 1e-5
+    g_out = torch.randn_like(want)
+    for gc, ge in zip(torch.autograd.grad(got, got_in, g_out), torch.autograd.grad(want, want_in, g_out)):
+        assert rel_err(gc, ge) < 1e-5
+    rep = ccgqa_compile.report()
+    assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
