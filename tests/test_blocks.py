@@ -72,6 +72,15 @@ def test_blocks_on_sdpa_kernels_say_which_core_runs(monkeypatch):
     assert rep.idioms()[("gqa_attention", "handwritten_sdpa_core")] == 2, str(rep)
     assert rep.idioms()[("ccgqa_block", "prologue+fused_attention_sdpa_core")] == 2, str(rep)
     assert not [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"], str(rep)
+    # the core's gradient reaches SDPA contiguous, whatever layout the code around it uses
+    from ccgqa_compile.ops.gqa_attention import contiguous_grad
+
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(TwoBlocks(), backend=lambda gm, ex: graphs.append(gm) or ccgqa_without_codegen(gm, ex))(
+        torch.randn(2, 6, 32, requires_grad=True)
+    )
+    assert sum(n.target is contiguous_grad for n in graphs[0].graph.nodes) == 2
     # a near miss of causal attention is still left alone
     near = CCGQAttention(32, 4, 2, 8, causal=False)
     rep = _compile_and_check(near, training=False)

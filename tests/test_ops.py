@@ -237,3 +237,18 @@ def test_gqa_attention_masked_gradcheck_and_matches_sdpa(mask_kind, heads):
     torch.testing.assert_close(fn(q, k, v), ref)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_contiguous_grad_is_the_identity_with_a_contiguous_gradient():
+    """What the SDPA cores we emit are wrapped in: cuDNN's SDPA backward has given wrong
+    gradients for a gradient laid out unlike an earlier call's of the same shapes."""
+    from ccgqa_compile.ops.gqa_attention import contiguous_grad
+
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    seen = []
+    x.register_hook(lambda g: seen.append(g.is_contiguous()))
+    y = contiguous_grad(x)
+    assert torch.equal(y, x)
+    grad = torch.randn(2, 5, 3, 4).transpose(1, 2)  # a transposed, non-contiguous gradient
+    (got,) = torch.autograd.grad(y, x, grad)
+    assert torch.equal(got, grad) and got.is_contiguous()

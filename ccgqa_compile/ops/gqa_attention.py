@@ -145,6 +145,26 @@ gqa_attention.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x``, with the gradient reaching it made contiguous. Put after an SDPA call we emit:
+    cuDNN's SDPA backward, given a gradient laid out unlike earlier calls of the same shapes,
+    has returned wrong dq/dk/dv (torch 2.11, H200: a cached execution plan reused), so the
+    SDPA cores we emit always receive one layout."""
+    return _ContiguousGrad.apply(x)
+
+
 def causal_mask_problem(mask: Tensor, t_q: int, t_k: int) -> str | None:
     """None when ``mask`` (bool: True attends; float: added to the scores) is causal
     for every batch and head, else what differs."""

@@ -1214,6 +1214,14 @@ def _adapt_out(o, layout, kv_heads: int):
     return o
 
 
+def _opaque_call(fn, x):
+    """``fn(x)`` as one graph node when tracing (``fn`` is an autograd.Function's wrapper,
+    whose backward would be lost by tracing through its forward)."""
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", fn, (x,), {})
+    return fn(x)
+
+
 def _candidate(
     ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False, core="ccgqa",
     mask_layout=None,
@@ -1227,6 +1235,9 @@ def _candidate(
             ins = [x.to(autocast) for x in ins]
         if core == "sdpa":  # causal, no mask (``_handwritten_core``'s callers)
             o = F.scaled_dot_product_attention(*ins, is_causal=True, scale=scale, enable_gqa=True)
+            from ..ops.gqa_attention import contiguous_grad
+
+            o = _opaque_call(contiguous_grad, o)
         elif decode:
             m = None if mask_mode is None else _op_mask(mask[0], mask_mode)
             if mask_mode == "add" and out_dtypes[0] is not None:
