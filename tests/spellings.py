@@ -1168,6 +1168,32 @@ class AttnGroupedQueries(_QKV):
         return o.reshape(b, h, t, d).transpose(1, 2)
 
 
+class AttnWhereFullLike(_QKV):
+    """The mask as ``torch.where(keep, s, torch.full_like(s, -inf))`` (a fill tensor that
+    reads the scores only for their shape), scale applied after the masking."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = (y.repeat_interleave(self.groups, dim=1) for y in (k, v))
+        s = q @ k.transpose(-2, -1)
+        t = s.shape[-1]
+        keep = torch.arange(t, device=s.device)[:, None] >= torch.arange(t, device=s.device)
+        s = torch.where(keep, s, torch.full_like(s, float("-inf"))) / math.sqrt(self.HEAD_DIM)
+        return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+class NearAttnWhereZeroFill(AttnWhereFullLike):
+    """Near miss: the future filled with zeros, not -inf (it still gets weight)."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = (y.repeat_interleave(self.groups, dim=1) for y in (k, v))
+        s = q @ k.transpose(-2, -1) / math.sqrt(self.HEAD_DIM)
+        keep = torch.ones_like(s, dtype=torch.bool).tril()
+        s = torch.where(keep, s, torch.full_like(s, 0.0))
+        return (s.softmax(-1) @ v).transpose(1, 2)
+
+
 class AttnGroupedTokensFirst(_QKV):
     """Grouped scores straight from (B, T, H, D): q viewed (B, T, Hkv, G, D), einsum
     ``bthgd,bshd->bhgts``, the output einsum back to (B, T, Hkv, G, D)."""
@@ -1851,6 +1877,39 @@ class CCGQATablesPerTensor(CCGQAConvPadSlice):
 
     def rotate(self, q, k, t, device):
         return self.apply_rotary(q, t, device), self.apply_rotary(k, t, device)
+
+
+class CCGQABufferTablesPerCall(CCGQAConvPadSlice):
+    """torchtitan style: cos/sin precomputed for a maximum length into buffers, and the
+    RoPE helper slices and reshapes them itself, once for q and once for k (the tables
+    reach the prologue as four graph values read from two buffers)."""
+
+    MAX_LEN = 32
+
+    def __init__(self):
+        super().__init__()
+        cos, sin = self.tables(self.MAX_LEN, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def table_rows(self, t):
+        return self.rope_cos[:t].view(1, 1, t, self.D), self.rope_sin[:t].view(1, 1, t, self.D)
+
+    def apply_rotary(self, x, t):
+        cos, sin = self.table_rows(t)
+        return x * cos + _rotate_half(x) * sin
+
+    def rotate(self, q, k, t, device):
+        return self.apply_rotary(q, t), self.apply_rotary(k, t)
+
+
+class NearCCGQABufferTablesKeyOffByOne(CCGQABufferTablesPerCall):
+    """Near miss: k's rows of the tables start one position late (k at t rotated by the
+    angle of t + 1): q and k no longer share one RoPE."""
+
+    def rotate(self, q, k, t, device):
+        cos, sin = self.rope_cos[1 : t + 1], self.rope_sin[1 : t + 1]
+        return self.apply_rotary(q, t), k * cos + _rotate_half(k) * sin
 
 
 class CCGQATemperatureInNormScale(CCGQAConvPadSlice):

@@ -155,6 +155,7 @@ ATTENTION = [
     _must("attn_grouped_broadcast_matmul", sp.AttnGroupedBroadcastMatmul, gqa_attention=1),
     _must("attn_grouped_tokens_first", sp.AttnGroupedTokensFirst, seq=7, gqa_attention=1),
     _must("attn_baddbmm_falcon", sp.AttnBaddbmmFalcon, seq=11, gqa_attention=1),
+    _must("attn_where_full_like", sp.AttnWhereFullLike, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
     _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
@@ -170,6 +171,7 @@ ATTENTION = [
         "attn_near_grouped_heads_interleaved", sp.NearAttnGroupedHeadsInterleaved, gqa_attention=0
     ),
     _near("attn_near_baddbmm_peek", sp.NearAttnBaddbmmPeek, gqa_attention=0),
+    _near("attn_near_where_zero_fill", sp.NearAttnWhereZeroFill, gqa_attention=0),
     _near("attn_near_manual_detached_sum", sp.NearAttnManualDetachedSum, gqa_attention=0),
     _near("attn_near_manual_softmax_plus_one", sp.NearAttnManualSoftmaxPlusOne, gqa_attention=0),
     _near("attn_near_manual_sum_over_queries", sp.NearAttnManualSumOverQueries, gqa_attention=0),
@@ -194,6 +196,8 @@ CCGQA = [
     ),
     # cos/sin computed once for q and once for k: four table leaves of two values
     _must("ccgqa_tables_per_tensor", sp.CCGQATablesPerTensor, **_block()),
+    # the same, each call slicing buffers: four runtime table leaves of two computations
+    _must("ccgqa_buffer_tables_per_call", sp.CCGQABufferTablesPerCall, **_block()),
     # the leaf is sqrt(d) * exp(t): read as the temperature times the norm scale
     _must("ccgqa_temperature_in_norm_scale", sp.CCGQATemperatureInNormScale, **_block()),
     _must("ccgqa_grouped_scores_complex_rope", sp.CCGQAGroupedScoresComplexRope, seq=9, **_block()),
@@ -203,6 +207,13 @@ CCGQA = [
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_buffer_tables_key_off_by_one",
+        sp.NearCCGQABufferTablesKeyOffByOne,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+
     _near(
         "ccgqa_near_symmetric_padding",
         sp.NearCCGQASymmetricPadding,

@@ -243,3 +243,49 @@ def static_int(x: Any) -> int | None:
 
 def topo_order(graph: torch.fx.Graph) -> dict[Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
+
+
+# op names that draw random numbers: two calls never compute the same value
+_RANDOM_OPS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "poisson",
+               "exponential", "cauchy", "geometric")  # fmt: skip
+
+
+def written_storages(graph: torch.fx.Graph) -> set[Any]:
+    """The tensors whose storage some node of ``graph`` writes in place."""
+    return {storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args}
+
+
+def same_computation(a: Node, b: Node, written: set[Any] | None = None) -> bool:
+    """Whether ``a`` and ``b`` compute equal values: the same ops, in the same order, on
+    the same arguments, ending at the same graph inputs, none of whose storage the graph
+    writes in place (a RoPE table sliced from a buffer once for q and once for k; never two
+    reads of a KV cache around its write), and no random draws. ``written``:
+    ``written_storages`` of the graph, where many pairs are compared."""
+    if not (isinstance(a, Node) and isinstance(b, Node)) or a.op != b.op or a.target != b.target:
+        return False
+    if written is None:
+        written = written_storages(a.graph)
+
+    def equal(x: Any, y: Any) -> bool:
+        if isinstance(x, Node) or isinstance(y, Node):
+            if not (isinstance(x, Node) and isinstance(y, Node)):
+                return False
+            if x is y:
+                return x.op not in ("placeholder", "get_attr") or x not in written
+            if x.op != y.op or x.op not in ("call_function", "call_method") or x.target != y.target:
+                return False
+            name = call_name(x).lower()
+            if is_mutating(x) or any(r in name for r in _RANDOM_OPS):
+                return False
+            return equal(x.args, y.args) and equal(x.kwargs, y.kwargs)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(map(equal, x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        if isinstance(x, slice) and isinstance(y, slice):
+            return equal((x.start, x.stop, x.step), (y.start, y.stop, y.step))
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return x is y
+        return type(x) is type(y) and x == y
+
+    return a is not b and equal(a, b)

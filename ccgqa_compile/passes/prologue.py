@@ -47,8 +47,10 @@ from .fx_util import (
     is_layout,
     is_method,
     requires_grad,
+    same_computation,
     same_size,
     tensor_value,
+    written_storages,
 )
 from .region import Region, Rejected, emit
 from .rope import _table_options
@@ -479,14 +481,20 @@ def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
 
 def _distinct_constant_tables(graph, tables: list[Node], sizes):
     """Tables computed apart with equal values (cos/sin built once for q, once for k) are
-    one table: (the distinct ones, {duplicate: the one it equals}). Only constants (built
-    from sizes), whose values are known here."""
+    one table: (the distinct ones, {duplicate: the one it equals}). Constants (built from
+    sizes) by value; tables read from the program's inputs (buffers sliced once per call
+    of a RoPE helper) by the computation that reads them."""
     distinct: list[Node] = []
     values: dict[Node, torch.Tensor] = {}
     same_as: dict[Node, Node] = {}
+    written = written_storages(graph)
     for node in tables:
         if _runtime(node):
-            distinct.append(node)
+            rep = next((r for r in distinct if same_computation(node, r, written)), None)
+            if rep is None:
+                distinct.append(node)
+            else:
+                same_as[node] = rep
             continue
         v = constant_value(graph, node, sizes)
         rep = next(

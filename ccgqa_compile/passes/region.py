@@ -35,9 +35,11 @@ from .fx_util import (
     descendants,
     is_mutating,
     node_inputs,
+    same_computation,
     same_shape,
     storage_base,
     value,
+    written_storages,
 )
 
 # a candidate: (*input values, out_dtypes=[...]) -> one value per sink
@@ -120,9 +122,14 @@ class Region:
         probes = Probes(sizes, self.device(), seed)
         evaluator = Evaluator(self.graph, sizes)
         out: dict[Node, Any] = {}
+        written = written_storages(self.graph)
         for leaf in self.leaves:
             if leaf in given:
                 out[leaf] = given[leaf]
+                continue
+            twin = next((e for e in out if same_computation(leaf, e, written)), None)
+            if twin is not None:  # computed apart, equal when the program runs
+                out[leaf] = out[twin]
                 continue
             v = value(leaf)
             if not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
