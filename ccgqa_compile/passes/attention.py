@@ -1402,6 +1402,7 @@ def _is_exp(node: Node) -> bool:
 def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
     """Every attention site; replaced by our op where proven (and ``fuse``)."""
     splits = _split_fused_score_adds(ctx.graph)
+    _scalar_fills_in_where(ctx.graph)
     sites = []
     for node in anchors(ctx.graph):
         if not ctx.alive(node):
@@ -1414,6 +1415,32 @@ def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
             sites.append(site)
     _undo_unfused_splits(ctx.graph, splits)
     return sites
+
+
+def _scalar_fills_in_where(graph: torch.fx.Graph) -> None:
+    """``torch.where(c, s, torch.full_like(s, v))`` (either branch) becomes
+    ``torch.where(c, s, v)``: the same values and dtype for a float ``s``, without an input
+    that reads the scores (which the hand-written parse would take for a mask computed from
+    them). The full_like stays only for another reader."""
+    for node in list(graph.nodes):
+        if not is_function(node, torch.where) or len(node.args) != 3 or node.kwargs:
+            continue
+        args = list(node.args)
+        for i, j in ((1, 2), (2, 1)):
+            fill, other = args[i], args[j]
+            if not (is_function(fill, torch.full_like) and isinstance(fill, Node)):
+                continue
+            if fill.args[0] is not other or set(fill.kwargs) - {"fill_value"}:
+                continue
+            v = fill.args[1] if len(fill.args) > 1 else fill.kwargs.get("fill_value")
+            ov = tensor_value(other)
+            if not isinstance(v, (int, float)) or ov is None or not ov.dtype.is_floating_point:
+                continue
+            args[i] = float(v)
+            node.args = tuple(args)
+            if not fill.users:
+                graph.erase_node(fill)
+            break
 
 
 def _is_baddbmm(node: Any) -> bool:
