@@ -175,6 +175,38 @@ def test_static_cache_steps_match_eager_and_fuse():
     assert ccgqa_compile.report().idioms() == {("gqa_decode_attention", "sdpa_mask"): 1}
 
 
+@pytest.mark.parametrize("start", [0, 4], ids=["prefill-at-0", "chunk-at-4"])
+def test_a_prefill_longer_than_a_decode_step_over_a_static_cache(start, monkeypatch):
+    """gpt-fast's prefill: more query tokens than config.DECODE_MAX_QUERY_LEN over the
+    whole static cache, masked by the causal table's rows. Fused as a run-time masked op:
+    at position 0 our causal kernel on the prompt's keys, elsewhere SDPA as written; the
+    output and the cache equal eager's."""
+    from ccgqa_compile.ops import gqa_attention as attention_ops
+
+    causal_runs = []
+    real = attention_ops.causal_over_prefix
+    monkeypatch.setattr(
+        attention_ops, "causal_over_prefix", lambda *a: causal_runs.append(real(*a)) or real(*a)
+    )
+    torch.manual_seed(0)
+    fused = StaticCacheAttention()
+    torch.nn.init.normal_(fused.k_cache)  # stale slots hold data: reading them would show
+    torch.nn.init.normal_(fused.v_cache)
+    step, eager = _compiled_and_eager(fused)
+    t = config.DECODE_MAX_QUERY_LEN + 4
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, t, 16, generator=gen)
+    k, v = torch.randn(2, 2, t, 16, generator=gen), torch.randn(2, 2, t, 16, generator=gen)
+    input_pos = torch.arange(start, start + t)
+    with torch.no_grad():
+        got, want = step(q, k, v, input_pos), eager(q, k, v, input_pos)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+    assert torch.equal(fused.k_cache, eager.k_cache)
+    rep = ccgqa_compile.report()
+    assert rep.idioms() == {("gqa_attention", "sdpa_prefill_over_cache"): 1}, str(rep)
+    assert causal_runs == [start == 0]
+
+
 class StaticCacheRepeatedKV(StaticCacheAttention):
     """The same step with K/V repeated for SDPA as HF's ``repeat_kv`` does."""
 

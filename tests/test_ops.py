@@ -252,3 +252,50 @@ def test_contiguous_grad_is_the_identity_with_a_contiguous_gradient():
     grad = torch.randn(2, 5, 3, 4).transpose(1, 2)  # a transposed, non-contiguous gradient
     (got,) = torch.autograd.grad(y, x, grad)
     assert torch.equal(got, grad) and got.is_contiguous()
+
+
+@pytest.mark.parametrize("start", [0, 3], ids=["prefill-at-0", "chunk-at-3"])
+def test_gqa_attention_masked_over_a_longer_cache(start):
+    """A prefill of T tokens over a static cache of S > T keys, masked by the causal table's
+    rows at the tokens' positions: at position 0 the op runs its causal kernel on the first
+    T keys (the later keys get no gradient); elsewhere the SDPA call as written. Forward and
+    backward against float64 SDPA with the mask."""
+    from ccgqa_compile.ops.gqa_attention import causal_over_prefix
+
+    t, s = 5, 9
+    q = _away_from_zero(2, 4, t, 8).requires_grad_()
+    k = _away_from_zero(2, 2, s, 8).requires_grad_()
+    v = _away_from_zero(2, 2, s, 8).requires_grad_()
+    mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None, start : start + t]
+    assert causal_over_prefix(mask, t, s) == (start == 0)
+
+    def fn(q, k, v):
+        return ops.gqa_attention_masked(q, k, v, mask, 0.3)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(fn(q, k, v), ref)
+    for g, w in zip(torch.autograd.grad(fn(q, k, v), (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w)
+
+
+def test_causal_over_prefix_rejects_near_misses():
+    from ccgqa_compile.ops.gqa_attention import causal_over_prefix
+
+    t, s = 4, 7
+    rows = torch.ones(s, s, dtype=torch.bool).tril()[:t]
+    assert causal_over_prefix(rows, t, s)
+    leak = rows.clone()
+    leak[0, t] = True  # the first query sees a key past the prompt
+    peek = rows.clone()
+    peek[1, 2] = True  # a future key inside the prompt
+    hole = rows.clone()
+    hole[3, 0] = False
+    for near in (leak, peek, hole):
+        assert not causal_over_prefix(near, t, s)
+    additive = torch.zeros(t, s).masked_fill(~rows, float("-inf"))
+    assert causal_over_prefix(additive, t, s)
+    assert not causal_over_prefix(additive.masked_fill(~rows, -1.0), t, s)

@@ -185,6 +185,24 @@ def causal_mask_problem(mask: Tensor, t_q: int, t_k: int) -> str | None:
     return None
 
 
+def causal_over_prefix(mask: Tensor, t_q: int, t_k: int) -> bool:
+    """Whether ``mask`` lets query i see exactly keys 0..i: causal over the first ``t_q``
+    keys, every later one blocked (a prefill at position 0 over a static cache longer than
+    the prompt, as gpt-fast writes it)."""
+    if t_k < t_q or mask.dim() < 2 or tuple(mask.shape[-2:]) != (t_q, t_k):
+        return False
+    if causal_mask_problem(mask[..., :t_q], t_q, t_q) is not None:
+        return False
+    rest = mask[..., t_q:]
+    if rest.numel() == 0:
+        return True
+    return not bool(rest.any()) if rest.dtype == torch.bool else bool((rest <= -1e30).all())
+
+
+def _prefix(x: Tensor, t: int) -> Tensor:
+    return x if x.shape[-2] == t else x[:, :, :t].contiguous()
+
+
 def _sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """What the user wrote: SDPA with the mask (query heads grouped over k/v's heads)."""
     import torch.nn.functional as F
@@ -200,12 +218,14 @@ def _sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float)
 def gqa_attention_masked(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """SDPA with a bool or additive ``mask`` known only at run time (HF's padding mask):
-    our causal op when the mask is causal (checked on the device: one host sync), else
-    the SDPA call the user wrote. Second output: the causal op's logsumexp (zeros on the
-    SDPA path, which the backward recomputes)."""
-    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
-        o, lse = torch.ops.ccgqa.gqa_attention(q, k, v, scale)
+    """SDPA with a bool or additive ``mask`` known only at run time (HF's padding mask; a
+    prefill's rows of a causal table over a longer static cache): our causal op, over the
+    first T keys, when the mask is causal there and blocks every later key (checked on
+    the device: one host sync), else the SDPA call the user wrote. Second output: the
+    causal op's logsumexp (zeros on the SDPA path, which the backward recomputes)."""
+    t = q.shape[-2]
+    if causal_over_prefix(mask, t, k.shape[-2]):
+        o, lse = torch.ops.ccgqa.gqa_attention(q, _prefix(k, t), _prefix(v, t), scale)
         return o.contiguous(), lse.contiguous()
     out = _sdpa_with_mask(q, k, v, mask, scale)
     return out.contiguous(), q.new_zeros(q.shape[:-1], dtype=torch.float32)
@@ -233,8 +253,13 @@ def gqa_attention_masked_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of ``gqa_attention_masked``, deciding again on the mask (an opaque op:
     the decision reads the mask's values)."""
-    if causal_mask_problem(mask, q.shape[-2], k.shape[-2]) is None:
-        grads = torch.ops.ccgqa.gqa_attention_backward(grad_o, q, k, v, o, lse, scale)
+    t, t_k = q.shape[-2], k.shape[-2]
+    if causal_over_prefix(mask, t, t_k):
+        dq, dk, dv = torch.ops.ccgqa.gqa_attention_backward(
+            grad_o, q, _prefix(k, t), _prefix(v, t), o, lse, scale
+        )
+        pad = (0, 0, 0, t_k - t)  # the keys after the prefix get no gradient
+        grads = (dq, torch.nn.functional.pad(dk, pad), torch.nn.functional.pad(dv, pad))
     else:
         grads = _sdpa_with_mask_backward(grad_o, q, k, v, mask, scale)
     return tuple(g.contiguous() for g in grads)

@@ -452,6 +452,8 @@ def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args)
     which computes the same function without repeating K/V. The site: the step's new q and
     k, where a CCGQA prologue of one step may end."""
     reason = _decode_problem(ctx, q, k, args)
+    if reason is not None and _prefill_over_cache(ctx, q, args):
+        return _sdpa_prefill_over_cache(ctx, node, q, k, v, args)
     if reason is not None:
         ctx.rejected(DECODE_FUSION, "sdpa", node, reason)
         return None
@@ -461,6 +463,42 @@ def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args)
     k_new = new_keys(k, tensor_value(q).shape[2], node)
     op = _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
     ctx.fused(DECODE_FUSION, "sdpa" + ("_mask" if mask is not None else ""))
+    return _decode_site(op, q, k_new)
+
+
+def _prefill_over_cache(ctx: GraphContext, q: Node, args) -> bool:
+    """A prefill over a static cache longer than the prompt (gpt-fast): more query tokens
+    than a decode step, a mask passed in (rows of a causal table at the tokens'
+    positions), inference, nothing else that keeps SDPA."""
+    t_q = tensor_value(q).shape[2]
+    mask = args["attn_mask"]
+    if not ctx.decode or is_training_graph(ctx.graph) or not isinstance(mask, Node):
+        return False
+    if isinstance(t_q, int) and t_q <= config.DECODE_MAX_QUERY_LEN:
+        return False
+    mv = tensor_value(mask)
+    if mv is None or mv.dim() > 4 or requires_grad(mask) or args["is_causal"] is True:
+        return False
+    if _dropout_or_scale_problem(args) is not None or not isinstance(tensor_value(q).shape[3], int):
+        return False
+    d = tensor_value(q).shape[3]
+    if tensor_value(q).device.type == "cuda":
+        from ..ops.gqa_attention import KERNEL_HEAD_DIMS
+
+        return d in KERNEL_HEAD_DIMS
+    return True
+
+
+def _sdpa_prefill_over_cache(ctx: GraphContext, node: Node, q, k, v, args) -> Site | None:
+    """-> gqa_attention_masked, which runs our causal op over the first T keys when the mask
+    turns out causal there and blocks the rest (a prefill at position 0), else the SDPA
+    call as written."""
+    d, scale = tensor_value(q).shape[3], args["scale"]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    k_new = new_keys(k, tensor_value(q).shape[2], node)
+    autocast = _autocast_dtype(ctx.graph, node)
+    op = _emit_sdpa(ctx, node, q, k, v, args["attn_mask"], scale, autocast)
+    ctx.fused(FUSION, "sdpa_prefill_over_cache")
     return _decode_site(op, q, k_new)
 
 
