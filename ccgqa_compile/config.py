@@ -45,6 +45,14 @@ HANDWRITTEN_ATTENTION_CORE = "auto"
 # longer query chunks over a cache stay on SDPA, whose prefill kernels suit them.
 DECODE_MAX_QUERY_LEN = 16
 
+# Policy: a longer query chunk over a static cache with a mask passed in (gpt-fast's
+# prefill: the causal table's rows at the tokens' positions over the whole cache) may
+# become gqa_attention_masked, which checks the mask when it runs and uses our causal
+# kernel on the prompt's keys at position 0. Off: on the GPU the run-time check and its
+# host syncs cost more than SDPA's masked kernel (docs/recognition.md); recognised
+# and tested, for when the check moves onto the device.
+PREFILL_OVER_CACHE = False
+
 # Probes are drawn in float64; a region whose tensors hold more elements than this (a
 # KV cache of a large batch and context) is checked in a cheaper exact way where one
 # exists (a repeat of K/V heads: one-byte codes), so recognition never needs tens of GB.

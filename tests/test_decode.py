@@ -178,11 +178,13 @@ def test_static_cache_steps_match_eager_and_fuse():
 @pytest.mark.parametrize("start", [0, 4], ids=["prefill-at-0", "chunk-at-4"])
 def test_a_prefill_longer_than_a_decode_step_over_a_static_cache(start, monkeypatch):
     """gpt-fast's prefill: more query tokens than config.DECODE_MAX_QUERY_LEN over the
-    whole static cache, masked by the causal table's rows. Fused as a run-time masked op:
+    whole static cache, masked by the causal table's rows. With config.PREFILL_OVER_CACHE,
+    fused as a run-time masked op:
     at position 0 our causal kernel on the prompt's keys, elsewhere SDPA as written; the
     output and the cache equal eager's."""
     from ccgqa_compile.ops import gqa_attention as attention_ops
 
+    monkeypatch.setattr(config, "PREFILL_OVER_CACHE", True)  # off by default (config.py)
     causal_runs = []
     real = attention_ops.causal_over_prefix
     monkeypatch.setattr(

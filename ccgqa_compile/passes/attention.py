@@ -452,7 +452,7 @@ def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args)
     which computes the same function without repeating K/V. The site: the step's new q and
     k, where a CCGQA prologue of one step may end."""
     reason = _decode_problem(ctx, q, k, args)
-    if reason is not None and _prefill_over_cache(ctx, q, args):
+    if reason is not None and config.PREFILL_OVER_CACHE and _prefill_over_cache(ctx, q, args):
         return _sdpa_prefill_over_cache(ctx, node, q, k, v, args)
     if reason is not None:
         ctx.rejected(DECODE_FUSION, "sdpa", node, reason)
