@@ -9,6 +9,8 @@ dK/dV over a group's query heads happens in the kernel; nothing repeats K/V.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.library import triton_op
@@ -191,12 +193,18 @@ def causal_over_prefix(mask: Tensor, t_q: int, t_k: int) -> bool:
     the prompt, as gpt-fast writes it)."""
     if t_k < t_q or mask.dim() < 2 or tuple(mask.shape[-2:]) != (t_q, t_k):
         return False
-    if causal_mask_problem(mask[..., :t_q], t_q, t_q) is not None:
-        return False
-    rest = mask[..., t_q:]
-    if rest.numel() == 0:
-        return True
-    return not bool(rest.any()) if rest.dtype == torch.bool else bool((rest <= -1e30).all())
+    # one comparison against the causal pattern over all t_k keys and one host sync: the
+    # check runs on every call of the op
+    keep = _causal_rows(t_q, t_k, str(mask.device))
+    if mask.dtype == torch.bool:
+        return not bool((mask != keep).any())
+    return bool(torch.where(keep, mask == 0, mask <= -1e30).all())
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_rows(t_q: int, t_k: int, device: str) -> Tensor:
+    """True where query i may see key j (j <= i), over t_k >= t_q keys."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril()
 
 
 def _prefix(x: Tensor, t: int) -> Tensor:
