@@ -553,18 +553,24 @@ def test_grouped_scores_with_a_5d_runtime_mask(per_kv_head):
         pad[1, :3] = False  # left padding: rows 0..2 of batch 1 see nothing but themselves
         mask = causal[None, None, None] & pad[:, None, None, None, :]
         mask = mask | torch.eye(t, dtype=torch.bool)
+    rep = _qkv_compiled_vs_eager(lambda q, k, v: _grouped_attention(q, k, v, mask), q, k, v)
+    assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
+
+
+def _qkv_compiled_vs_eager(fn, q, k, v):
+    """``fn(q, k, v)`` compiled (no code generation) against eager: the output and the
+    gradients of q, k and v. Returns the report."""
     got_in = [x.clone().requires_grad_() for x in (q, k, v)]
     want_in = [x.clone().requires_grad_() for x in (q, k, v)]
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
-    compiled = torch.compile(_grouped_attention, backend=ccgqa_without_codegen, fullgraph=True)
-    got, want = compiled(*got_in, mask), _grouped_attention(*want_in, mask)
+    got = torch.compile(fn, backend=ccgqa_without_codegen, fullgraph=True)(*got_in)
+    want = fn(*want_in)
     assert rel_err(got, want) < 1e-5
     g_out = torch.randn_like(want)
     for gc, ge in zip(torch.autograd.grad(got, got_in, g_out), torch.autograd.grad(want, want_in, g_out)):
         assert rel_err(gc, ge) < 1e-5
-    rep = ccgqa_compile.report()
-    assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
+    return ccgqa_compile.report()
 
 
 class BaddbmmBufferMask(torch.nn.Module):
@@ -591,15 +597,5 @@ def test_bmm_rows_masked_by_a_buffer_fuse():
     torch.manual_seed(0)
     model = BaddbmmBufferMask()
     q, k, v = (torch.randn(2, h, 9, 8) for h in (4, 2, 2))
-    got_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    want_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    torch._dynamo.reset()
-    ccgqa_compile.reset_report()
-    got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(*got_in)
-    want = model(*want_in)
-    assert rel_err(got, want) < 1e-5
-    g_out = torch.randn_like(want)
-    for gc, ge in zip(torch.autograd.grad(got, got_in, g_out), torch.autograd.grad(want, want_in, g_out)):
-        assert rel_err(gc, ge) < 1e-5
-    rep = ccgqa_compile.report()
+    rep = _qkv_compiled_vs_eager(model, q, k, v)
     assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
