@@ -162,3 +162,43 @@ def test_a_region_partly_under_no_grad_is_left_as_written(fn, monkeypatch):
         assert (g is None) == (g_c is None), str(rep)
         if g is not None:
             torch.testing.assert_close(g_c, g)
+
+
+def test_same_computation_means_equal_values():
+    """Region inputs computed twice by the same ops get one probe value (a RoPE table sliced
+    once for q, once for k); never two draws, two uninitialised buffers, two reads of a
+    tensor the graph writes in place, or one computed under autocast and one not."""
+    from ccgqa_compile.passes.fx_util import same_computation
+
+    def f(table, cache, x):
+        a, b = table[:4].view(2, 2), table[:4].view(2, 2)
+        c = table[:4].view(2, 2) * 1.0
+        e1, e2 = torch.empty_like(x), torch.empty_like(x)
+        r1, r2 = torch.rand_like(x), torch.rand_like(x)
+        k1 = cache[:2] + 0
+        cache.add_(1)
+        k2 = cache[:2] + 0
+        return a, b, c, e1, e2, r1, r2, k1, k2
+
+    graph = torch.fx.symbolic_trace(f).graph
+    a, b, c, e1, e2, r1, r2, k1, k2 = next(n for n in graph.nodes if n.op == "output").args[0]
+    assert same_computation(a, b) and not same_computation(a, a)
+    for x, y in ((a, c), (e1, e2), (r1, r2), (k1, k2)):
+        assert not same_computation(x, y), (x.name, y.name)
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    def g(table):
+        plain = table[:4] * 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = table[:4] * 2
+        return plain, autocast, table[:4] * 2
+
+    torch._dynamo.reset()
+    torch.compile(g, backend=capture, fullgraph=True)(torch.randn(8))
+    plain, autocast, again = next(n for n in graphs[0].nodes if n.op == "output").args[0]
+    assert same_computation(plain, again) and not same_computation(plain, autocast)

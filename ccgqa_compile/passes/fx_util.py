@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -245,37 +246,58 @@ def topo_order(graph: torch.fx.Graph) -> dict[Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-# op names that draw random numbers: two calls never compute the same value
-_RANDOM_OPS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "poisson",
-               "exponential", "cauchy", "geometric")  # fmt: skip
+# op names whose two calls never compute the same value: random draws, uninitialised memory
+_UNREPEATABLE_OPS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform",
+                     "poisson", "exponential", "cauchy", "geometric", "empty")  # fmt: skip
 
 
-def written_storages(graph: torch.fx.Graph) -> set[Any]:
-    """The tensors whose storage some node of ``graph`` writes in place."""
-    return {storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args}
+@dataclass(frozen=True)
+class ComputationContext:
+    """What decides whether two equal-looking computations of one graph give equal values:
+    the tensors the graph writes in place, and each node's autocast state."""
+
+    written: frozenset
+    autocast: dict
 
 
-def same_computation(a: Node, b: Node, written: set[Any] | None = None) -> bool:
-    """Whether ``a`` and ``b`` compute equal values: the same ops, in the same order, on
-    the same arguments, ending at the same graph inputs, none of whose storage the graph
-    writes in place (a RoPE table sliced from a buffer once for q and once for k; never two
-    reads of a KV cache around its write), and no random draws. ``written``:
-    ``written_storages`` of the graph, where many pairs are compared."""
+def computation_context(graph: torch.fx.Graph) -> ComputationContext:
+    written = {storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args}
+    stack: list[Node] = []
+    autocast: dict[Node, tuple] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast:
+            stack.append(n)
+        elif n.op == "call_function" and n.target is torch.amp.autocast_mode._exit_autocast:
+            if stack:
+                stack.pop()
+        autocast[n] = tuple(stack)
+    return ComputationContext(frozenset(written), autocast)
+
+
+def same_computation(a: Node, b: Node, context: ComputationContext | None = None) -> bool:
+    """Whether ``a`` and ``b`` compute equal values: the same ops, in the same order and
+    autocast state, on the same arguments, ending at the same graph inputs, none of whose
+    storage the graph writes in place (a RoPE table sliced from a buffer once for q and once
+    for k; never two reads of a KV cache around its write), and nothing random or
+    uninitialised. ``context``: ``computation_context`` of the graph, where many pairs are
+    compared."""
     if not (isinstance(a, Node) and isinstance(b, Node)) or a.op != b.op or a.target != b.target:
         return False
-    if written is None:
-        written = written_storages(a.graph)
+    if context is None:
+        context = computation_context(a.graph)
 
     def equal(x: Any, y: Any) -> bool:
         if isinstance(x, Node) or isinstance(y, Node):
             if not (isinstance(x, Node) and isinstance(y, Node)):
                 return False
             if x is y:
-                return x.op not in ("placeholder", "get_attr") or x not in written
+                return x.op not in ("placeholder", "get_attr") or x not in context.written
             if x.op != y.op or x.op not in ("call_function", "call_method") or x.target != y.target:
                 return False
             name = call_name(x).lower()
-            if is_mutating(x) or any(r in name for r in _RANDOM_OPS):
+            if is_mutating(x) or any(r in name for r in _UNREPEATABLE_OPS):
+                return False
+            if context.autocast.get(x) != context.autocast.get(y):
                 return False
             return equal(x.args, y.args) and equal(x.kwargs, y.kwargs)
         if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):

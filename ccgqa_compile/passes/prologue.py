@@ -41,6 +41,7 @@ from .fx_util import (
     PAD,
     ancestors,
     arg,
+    computation_context,
     is_basic_index,
     is_cast,
     is_function,
@@ -50,7 +51,6 @@ from .fx_util import (
     same_computation,
     same_size,
     tensor_value,
-    written_storages,
 )
 from .region import Region, Rejected, emit
 from .rope import _table_options
@@ -487,10 +487,10 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
     distinct: list[Node] = []
     values: dict[Node, torch.Tensor] = {}
     same_as: dict[Node, Node] = {}
-    written = written_storages(graph)
+    context = computation_context(graph)
     for node in tables:
         if _runtime(node):
-            rep = next((r for r in distinct if same_computation(node, r, written)), None)
+            rep = next((r for r in distinct if same_computation(node, r, context)), None)
             if rep is None:
                 distinct.append(node)
             else:

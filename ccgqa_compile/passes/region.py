@@ -31,6 +31,7 @@ from .evaluate import (
 )
 from .fx_util import (
     ancestors,
+    computation_context,
     depends_on_tensor_input,
     descendants,
     is_mutating,
@@ -39,7 +40,6 @@ from .fx_util import (
     same_shape,
     storage_base,
     value,
-    written_storages,
 )
 
 # a candidate: (*input values, out_dtypes=[...]) -> one value per sink
@@ -122,12 +122,12 @@ class Region:
         probes = Probes(sizes, self.device(), seed)
         evaluator = Evaluator(self.graph, sizes)
         out: dict[Node, Any] = {}
-        written = written_storages(self.graph)
+        context = computation_context(self.graph)
         for leaf in self.leaves:
             if leaf in given:
                 out[leaf] = given[leaf]
                 continue
-            twin = next((e for e in out if same_computation(leaf, e, written)), None)
+            twin = next((e for e in out if same_computation(leaf, e, context)), None)
             if twin is not None:  # computed apart, equal when the program runs
                 out[leaf] = out[twin]
                 continue
