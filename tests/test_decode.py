@@ -549,11 +549,13 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
             idioms.add("sdpa")  # and device (a mask with transformers 5.24 on CUDA)
         fired = {i: n for (f, i), n in g.fused.items() if f == "gqa_decode_attention"}
         assert sum(fired.values()) == 2 and set(fired) <= idioms, str(rep)
-    if (attn, cache) != ("eager", "static"):  # a written-out prefill over a longer static
-        assert rep.count("gqa_attention") == 2, str(rep)  # cache is left as written
-    else:  # and the report says why: that cache is made and filled inside the graph
-        reasons = [r.reason for r in rep.rejected if r.fusion == "gqa_attention"]
-        assert len(reasons) == 2 and all("in-place writes" in r for r in reasons), str(rep)
+    if (attn, cache) != ("eager", "static"):
+        assert rep.count("gqa_attention") == 2, str(rep)
+    else:  # a written-out prefill of 7 tokens over the 64 slots of a cache made and filled
+        # inside the graph: a few tokens over a cache, fused as such (the cache's value
+        # when read is a run-time value, not the zeros it was made as)
+        assert len(decode_graphs) == len(rep.graphs), str(rep)
+        assert not [r for r in rep.rejected if r.fusion == "gqa_attention"], str(rep)
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ccgqa_compile
 from patterns import BY_NAME, Shape
 
-from ._compare import assert_close
+from ._backends import ccgqa_without_codegen
+from ._compare import assert_close, rel_err
 
 
 def _compile_pair(name):
@@ -202,3 +204,39 @@ def test_same_computation_means_equal_values():
     torch.compile(g, backend=capture, fullgraph=True)(torch.randn(8))
     plain, autocast, again = next(n for n in graphs[0].nodes if n.op == "output").args[0]
     assert same_computation(plain, again) and not same_computation(plain, autocast)
+
+
+def _mask_set_after_building(q, k, v):
+    """A causal table built from sizes, then one future entry set in place: not causal."""
+    t = q.shape[2]
+    keep = torch.ones(t, t, dtype=torch.bool).tril()
+    keep[0, 1] = True
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+
+def _mask_set_after_building_handwritten(q, k, v):
+    t = q.shape[2]
+    bias = torch.full((t, t), float("-inf")).triu(1)
+    bias[2, 5] = 0.0  # query 2 sees key 5
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    return s.softmax(-1) @ vv
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("fn", [_mask_set_after_building, _mask_set_after_building_handwritten])
+def test_a_mask_written_in_place_after_it_is_built_is_not_proven_causal(fn, training):
+    """Evaluating a table from its definition misses writes made to it later: such a table
+    is a value known only when the program runs (the hand-written attention may fuse with
+    it as a run-time mask, checked when it runs), never a causal mask proven here."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    ins = [x.clone().requires_grad_(training) for x in (q, k, v)]
+    with torch.set_grad_enabled(training):
+        got = torch.compile(fn, backend=ccgqa_without_codegen, fullgraph=True)(*ins)
+    want = fn(q, k, v)
+    assert torch.isfinite(want).all() and rel_err(got, want) < 1e-5, str(ccgqa_compile.report())
+    idioms = {idiom for (_, idiom) in ccgqa_compile.report().idioms()}
+    assert idioms <= {"handwritten_runtime_mask", "sdpa_runtime_mask"}, idioms

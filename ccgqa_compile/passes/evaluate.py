@@ -26,7 +26,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from .fx_util import ancestors, value
+from .fx_util import ancestors, storage_base, value, written_storages
 
 _WIDE = {
     torch.float16: torch.float64,
@@ -182,9 +182,18 @@ class Evaluator:
 
     def run(self, outputs: Sequence[Node], feeds: dict[Node, Any]) -> list[Any]:
         needed = ancestors(outputs, stop=set(feeds))
+        written = written_storages(self.graph)
         env: dict[Node, Any] = {}
         for node in sorted(needed, key=self._order.__getitem__):
-            env[node] = feeds[node] if node in feeds else self._execute(node, env)
+            if node in feeds:
+                env[node] = feeds[node]
+                continue
+            base = storage_base(node)
+            if base in written and base not in feeds:
+                # built here (from sizes), then written in place: what readers see is not
+                # what evaluating its definition gives (a causal mask with one entry set)
+                raise NotEvaluable(f"{node.name} is written in place after it is built")
+            env[node] = self._execute(node, env)
         return [env[node] for node in outputs]
 
     def _execute(self, node: Node, env: dict[Node, Any]) -> Any:

@@ -103,16 +103,20 @@ _RUNTIME: dict[int, tuple[torch.fx.Graph, int, set[Node]]] = {}
 
 
 def _runtime_nodes(graph: torch.fx.Graph) -> set[Node]:
-    """Every node that reads a graph input tensor, directly or not (one pass per version of
-    the graph: the recognizers ask this of many leaves)."""
+    """Every node that reads a graph input tensor, directly or not, or a tensor the graph
+    writes in place (its value when read is not what its definition gives): one pass per
+    version of the graph, as the recognizers ask this of many leaves."""
     count = len(graph.nodes)
     cached = _RUNTIME.get(id(graph))
     if cached is not None and cached[0] is graph and cached[1] == count:
         return cached[2]
     found: set[Node] = set()
+    written = written_storages(graph)
     for n in graph.nodes:
-        if (n.op == "placeholder" and isinstance(value(n), torch.Tensor)) or any(
-            i in found for i in node_inputs(n)
+        if (
+            (n.op == "placeholder" and isinstance(value(n), torch.Tensor))
+            or any(i in found for i in node_inputs(n))
+            or (written and storage_base(n) in written)  # built here, then written in place
         ):
             found.add(n)
     _RUNTIME.clear()  # one graph at a time
@@ -123,6 +127,7 @@ def _runtime_nodes(graph: torch.fx.Graph) -> set[Node]:
 def graph_changed() -> None:
     """Forget what was computed of a graph before a rewrite changed it."""
     _RUNTIME.clear()
+    _WRITTEN.clear()
 
 
 def depends_on_tensor_input(node: Node) -> bool:
@@ -203,6 +208,13 @@ def strip_casts(node: Any) -> Any:
     return node
 
 
+# the operator module's in-place forms (``x[i] = y``, ``x += y``, ``x &= m``...)
+_OPERATOR_WRITES = (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+                    operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                    operator.irshift, operator.imatmul)  # fmt: skip
+
+
 def is_mutating(node: Node) -> bool:
     """In-place tensor methods and operators (``x.mul_(2)``, ``x += y``, ``x[i] = y``)."""
     if node.op == "call_method":
@@ -210,9 +222,10 @@ def is_mutating(node: Node) -> bool:
         return name.endswith("_") and not name.startswith("__")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul,
-                           operator.itruediv):  # fmt: skip
+        if node.target in _OPERATOR_WRITES:
             return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False  # operator.and_ / or_ / not_ compute new values
         return name.endswith("_") and not name.startswith("_")
     return False
 
@@ -260,8 +273,24 @@ class ComputationContext:
     autocast: dict
 
 
+_WRITTEN: dict[int, tuple[torch.fx.Graph, int, frozenset]] = {}
+
+
+def written_storages(graph: torch.fx.Graph) -> frozenset:
+    """The tensors whose storage some node of ``graph`` writes in place (one pass per
+    version of the graph)."""
+    count = len(graph.nodes)
+    cached = _WRITTEN.get(id(graph))
+    if cached is not None and cached[0] is graph and cached[1] == count:
+        return cached[2]
+    found = frozenset(storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args)
+    _WRITTEN.clear()  # one graph at a time
+    _WRITTEN[id(graph)] = (graph, count, found)
+    return found
+
+
 def computation_context(graph: torch.fx.Graph) -> ComputationContext:
-    written = {storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args}
+    written = written_storages(graph)
     stack: list[Node] = []
     autocast: dict[Node, tuple] = {}
     for n in graph.nodes:
@@ -271,7 +300,7 @@ def computation_context(graph: torch.fx.Graph) -> ComputationContext:
             if stack:
                 stack.pop()
         autocast[n] = tuple(stack)
-    return ComputationContext(frozenset(written), autocast)
+    return ComputationContext(written, autocast)
 
 
 def same_computation(a: Node, b: Node, context: ComputationContext | None = None) -> bool:

@@ -132,7 +132,10 @@ class Region:
                 out[leaf] = out[twin]
                 continue
             v = value(leaf)
-            if not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
+            built_here = not depends_on_tensor_input(leaf)
+            if isinstance(v, torch.Tensor) and storage_base(leaf) in context.written:
+                built_here = False  # written in place: unknown when compiling, like an input
+            if not isinstance(v, torch.Tensor) or built_here:
                 out[leaf] = evaluator.run([leaf], {})[0]
             elif v.dtype.is_floating_point or v.dtype.is_complex:
                 out[leaf] = probes.like(leaf, scale.get(leaf, 1.0))
