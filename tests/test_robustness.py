@@ -223,8 +223,34 @@ def _mask_set_after_building_handwritten(q, k, v):
     return s.softmax(-1) @ vv
 
 
+def _mask_widened_through_out(q, k, v):
+    """``out=`` writes the table too: causal or'ed with the next key."""
+    t = q.shape[2]
+    keep = torch.ones(t, t, dtype=torch.bool).tril()
+    next_key = torch.arange(t)[:, None] + 1 == torch.arange(t)[None, :]
+    torch.logical_or(keep, next_key, out=keep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+
+def _bias_filled_in_place(q, k, v):
+    """Zeros, then ``masked_fill_`` above the first superdiagonal only."""
+    t = q.shape[2]
+    bias = torch.zeros(t, t)
+    bias.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(2), float("-inf"))
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    return ((q @ kk.transpose(-1, -2)) * 0.25 + bias).softmax(-1) @ vv
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
-@pytest.mark.parametrize("fn", [_mask_set_after_building, _mask_set_after_building_handwritten])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _mask_set_after_building,
+        _mask_set_after_building_handwritten,
+        _mask_widened_through_out,
+        _bias_filled_in_place,
+    ],
+)
 def test_a_mask_written_in_place_after_it_is_built_is_not_proven_causal(fn, training):
     """Evaluating a table from its definition misses writes made to it later: such a table
     is a value known only when the program runs (the hand-written attention may fuse with

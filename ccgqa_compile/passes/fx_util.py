@@ -216,7 +216,10 @@ _OPERATOR_WRITES = (operator.setitem, operator.iadd, operator.isub, operator.imu
 
 
 def is_mutating(node: Node) -> bool:
-    """In-place tensor methods and operators (``x.mul_(2)``, ``x += y``, ``x[i] = y``)."""
+    """In-place tensor methods and operators (``x.mul_(2)``, ``x += y``, ``x[i] = y``), and
+    calls writing an ``out=`` tensor."""
+    if node.op in ("call_function", "call_method") and node.kwargs.get("out") is not None:
+        return True
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.startswith("__")
@@ -228,6 +231,14 @@ def is_mutating(node: Node) -> bool:
             return False  # operator.and_ / or_ / not_ compute new values
         return name.endswith("_") and not name.startswith("_")
     return False
+
+
+def written_tensors(node: Node) -> list[Any]:
+    """What a mutating node writes: its ``out=`` tensors, else its first argument."""
+    out = node.kwargs.get("out")
+    if out is not None:
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+    return [node.args[0]] if node.args else []
 
 
 def shape_of(node: Any) -> tuple[Any, ...] | None:
@@ -283,7 +294,9 @@ def written_storages(graph: torch.fx.Graph) -> frozenset:
     cached = _WRITTEN.get(id(graph))
     if cached is not None and cached[0] is graph and cached[1] == count:
         return cached[2]
-    found = frozenset(storage_base(n.args[0]) for n in graph.nodes if is_mutating(n) and n.args)
+    found = frozenset(
+        storage_base(t) for n in graph.nodes if is_mutating(n) for t in written_tensors(n)
+    )
     _WRITTEN.clear()  # one graph at a time
     _WRITTEN[id(graph)] = (graph, count, found)
     return found

@@ -40,6 +40,7 @@ from .fx_util import (
     same_shape,
     storage_base,
     value,
+    written_tensors,
 )
 
 # a candidate: (*input values, out_dtypes=[...]) -> one value per sink
@@ -273,11 +274,12 @@ def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int])
     }  # fmt: skip
     after, late = 0, []
     for node in region.graph.nodes:
-        if not is_mutating(node) or not node.args:
+        if not is_mutating(node):
             continue
-        base = storage_base(node.args[0])
-        if base not in bases:
+        hit = [storage_base(t) for t in written_tensors(node) if storage_base(t) in bases]
+        if not hit:
             continue
+        base = hit[0]
         read_before = any(r < order[node] for r in reads[base])
         read_after = any(r > order[node] for r in reads[base])
         if order[node] < first or (read_after and not read_before):
