@@ -266,3 +266,63 @@ def test_a_mask_written_in_place_after_it_is_built_is_not_proven_causal(fn, trai
     assert torch.isfinite(want).all() and rel_err(got, want) < 1e-5, str(ccgqa_compile.report())
     idioms = {idiom for (_, idiom) in ccgqa_compile.report().idioms()}
     assert idioms <= {"handwritten_runtime_mask", "sdpa_runtime_mask"}, idioms
+
+
+class _ScoresClamped(torch.nn.Module):
+    """Attention whose scores are clamped to [-30, 30] before the mask."""
+
+    def forward(self, q, k, v):
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = ((q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5).clamp(-30.0, 30.0)
+        t = q.shape[2]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ vv
+
+
+class _ScoresCappedByMinimum(_ScoresClamped):
+    """The same cap as ``torch.minimum`` against a constant tensor."""
+
+    def forward(self, q, k, v):
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = torch.minimum((q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5, torch.tensor(30.0))
+        t = q.shape[2]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ vv
+
+
+class _NormCapped(torch.nn.Module):
+    """RMSNorm whose normalised values are capped at 4 before the weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(1 + 0.1 * torch.randn(64))
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return y.clamp_max(4.0) * self.w
+
+
+def test_a_clamp_the_probes_never_reach_is_left_as_written():
+    """On unit-scale probes these clamps never bind, so every probe agrees with the plain
+    function; on real data they do (a dominant score, a spike in one channel). Left as
+    written: the outputs equal eager's where the clamps bind."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 16) * 40, torch.randn(2, 2, 8, 16) * 40, torch.randn(2, 2, 8, 16)
+    x = torch.randn(2, 5, 64)
+    x[..., 3] = 50.0  # one channel dominates: its normalised value is near sqrt(64)
+    # the norm's unweighted core, before the clamp, may fuse; never through the clamp
+    allowed = {
+        _ScoresClamped: set(), _ScoresCappedByMinimum: set(),
+        _NormCapped: {("rms_norm", "unweighted")},
+    }  # fmt: skip
+    cases = ((_ScoresClamped(), (q, k, v)), (_ScoresCappedByMinimum(), (q, k, v)), (_NormCapped(), (x,)))
+    for model, inputs in cases:
+        torch._dynamo.reset()
+        ccgqa_compile.reset_report()
+        with torch.no_grad():
+            got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(*inputs)
+            want = model(*inputs)
+        assert rel_err(got, want) < 1e-6, str(ccgqa_compile.report())
+        rep = ccgqa_compile.report()
+        assert set(rep.idioms()) <= allowed[type(model)], str(rep)
+        assert any("clamps at" in r.reason for r in rep.rejected), str(rep)

@@ -76,6 +76,7 @@ class Region:
             if node.op not in ("call_function", "call_method"):
                 raise Rejected(f"{node.name} is a {node.op}")
         _check_one_grad_mode(graph, on_path)
+        _check_clamps(on_path)
         leaves = {i for n in on_path for i in node_inputs(n) if i not in on_path}
         return cls(
             graph,
@@ -424,3 +425,63 @@ def _check_one_grad_mode(graph: torch.fx.Graph, nodes: set[Node]) -> None:
             "the grad mode changes inside the region (torch.no_grad() around part of it): "
             "its gradient differs from the fused op's"
         )
+
+
+# a lower bound this small binds only near zero, where the passes that meet clamps (the
+# norms' eps: ``x / max(|x|, eps)``) probe on purpose
+_EPS_LIKE = 1e-2
+
+
+def _check_clamps(nodes: set[Node]) -> None:
+    """A clamp that can bind on finite values (``scores.clamp(-30, 30)``, a cap on an
+    activation) is a function the probes cannot tell from the unclamped one wherever their
+    values stay inside the bounds: left as written. Bounds past the dtype's finite range
+    (HF's ``clamp(min=finfo.min)``) and eps-like lower bounds are kept."""
+    for node in nodes:
+        bounds = _clamp_bounds(node)
+        if bounds is None:
+            continue
+        v = value(node)
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+            continue
+        big = torch.finfo(v.dtype).max
+        lo, hi = (None if isinstance(b, Node) and depends_on_tensor_input(b) else b for b in bounds)
+        if hi is not None and not (isinstance(hi, (int, float)) and hi >= big):
+            raise Rejected(f"{node.name} clamps at most {hi}: where it binds, the probes do not reach")
+        if lo is not None and not (
+            isinstance(lo, (int, float)) and (lo <= -big or 0 <= lo <= _EPS_LIKE)
+        ):
+            raise Rejected(f"{node.name} clamps at least {lo}: where it binds, the probes do not reach")
+
+
+def _clamp_bounds(node: Node) -> tuple[Any, Any] | None:
+    """(lower, upper) bounds of a clamp-like call (None: that side is open), else None."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_function", "call_method"):
+        return None
+    args, kwargs = node.args[1:], node.kwargs
+    if name in ("clamp", "clip"):
+        lo = args[0] if len(args) > 0 else kwargs.get("min")
+        hi = args[1] if len(args) > 1 else kwargs.get("max")
+        return lo, hi
+    if name == "clamp_min":
+        return (args[0] if args else kwargs.get("min")), None
+    if name == "clamp_max":
+        return None, (args[0] if args else kwargs.get("max"))
+    # an element-wise min / max against a number or a tensor: a clamp when that tensor is
+    # a constant (one computed from the data varies on the probes, which then show it)
+    other = args[0] if args else None
+    is_bound = isinstance(other, (int, float)) or (
+        isinstance(other, Node) and isinstance(value(other), torch.Tensor)
+    )
+    # torch.max(x, -1) is a reduction over a dim: only a tensor second operand is a bound
+    tensor_other = isinstance(other, Node) and isinstance(value(other), torch.Tensor)
+    if name in ("minimum", "fmin") or (name == "min" and len(args) == 1 and tensor_other):
+        return (None, other) if is_bound else None
+    if name in ("maximum", "fmax") or (name == "max" and len(args) == 1 and tensor_other):
+        return (other, None) if is_bound else None
+    if name == "hardtanh":
+        lo = args[0] if len(args) > 0 else kwargs.get("min_val", -1.0)
+        hi = args[1] if len(args) > 1 else kwargs.get("max_val", 1.0)
+        return lo, hi
+    return None
