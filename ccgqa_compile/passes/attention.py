@@ -40,6 +40,7 @@ from .fx_util import (
     SOFTMAXES,
     ancestors,
     arg,
+    autocast_stacks,
     call_name,
     depends_on_tensor_input,
     is_basic_index,
@@ -285,20 +286,12 @@ def sizes_of(x, sizes):
 
 
 def _autocast_dtype(graph: torch.fx.Graph, node: Node) -> torch.dtype | None:
-    """The autocast dtype in force at ``node`` (Dynamo keeps autocast as enter/exit calls)."""
-    stack: list[Any] = []
-    for n in graph.nodes:
-        if n is node:
-            break
-        if is_function(n, torch.amp.autocast_mode._enter_autocast):
-            enabled = arg(n, 2, "enabled", True)
-            dtype = arg(n, 1, "dtype", None)
-            stack.append(dtype if enabled else None)
-        elif is_function(n, torch.amp.autocast_mode._exit_autocast) and stack:
-            stack.pop()
-    for dtype in reversed(stack):
-        if dtype is not None:
-            return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    """The autocast dtype in force at ``node``: the innermost enabled region's."""
+    for enter in reversed(autocast_stacks(graph)[node]):
+        if arg(enter, 2, "enabled", True):
+            dtype = arg(enter, 1, "dtype", None)
+            if dtype is not None:
+                return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
     return None
 
 

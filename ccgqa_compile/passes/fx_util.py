@@ -8,7 +8,7 @@ placeholders. Nothing here rewrites a graph.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,35 +99,43 @@ def descendants(nodes: Iterable[Node]) -> set[Node]:
     return seen
 
 
-_RUNTIME: dict[int, tuple[torch.fx.Graph, int, set[Node]]] = {}
+# facts of one graph that the recognizers ask of many nodes, computed once per version of
+# the graph: {name: (graph, its node count, the fact)}; one graph at a time
+_PER_GRAPH: dict[str, tuple[torch.fx.Graph, int, Any]] = {}
+
+
+def _per_graph(name: str, graph: torch.fx.Graph, build: Callable[[torch.fx.Graph], Any]) -> Any:
+    count = len(graph.nodes)
+    cached = _PER_GRAPH.get(name)
+    if cached is not None and cached[0] is graph and cached[1] == count:
+        return cached[2]
+    fact = build(graph)
+    _PER_GRAPH[name] = (graph, count, fact)
+    return fact
 
 
 def _runtime_nodes(graph: torch.fx.Graph) -> set[Node]:
     """Every node that reads a graph input tensor, directly or not, or a tensor the graph
-    writes in place (its value when read is not what its definition gives): one pass per
-    version of the graph, as the recognizers ask this of many leaves."""
-    count = len(graph.nodes)
-    cached = _RUNTIME.get(id(graph))
-    if cached is not None and cached[0] is graph and cached[1] == count:
-        return cached[2]
-    found: set[Node] = set()
-    written = written_storages(graph)
-    for n in graph.nodes:
-        if (
-            (n.op == "placeholder" and isinstance(value(n), torch.Tensor))
-            or any(i in found for i in node_inputs(n))
-            or (written and storage_base(n) in written)  # built here, then written in place
-        ):
-            found.add(n)
-    _RUNTIME.clear()  # one graph at a time
-    _RUNTIME[id(graph)] = (graph, count, found)
-    return found
+    writes in place (its value when read is not what its definition gives)."""
+
+    def build(graph: torch.fx.Graph) -> set[Node]:
+        found: set[Node] = set()
+        written = written_storages(graph)
+        for n in graph.nodes:
+            if (
+                (n.op == "placeholder" and isinstance(value(n), torch.Tensor))
+                or any(i in found for i in node_inputs(n))
+                or (written and storage_base(n) in written)  # built here, then written
+            ):
+                found.add(n)
+        return found
+
+    return _per_graph("runtime", graph, build)
 
 
 def graph_changed() -> None:
     """Forget what was computed of a graph before a rewrite changed it."""
-    _RUNTIME.clear()
-    _WRITTEN.clear()
+    _PER_GRAPH.clear()
 
 
 def depends_on_tensor_input(node: Node) -> bool:
@@ -284,36 +292,34 @@ class ComputationContext:
     autocast: dict
 
 
-_WRITTEN: dict[int, tuple[torch.fx.Graph, int, frozenset]] = {}
-
-
 def written_storages(graph: torch.fx.Graph) -> frozenset:
-    """The tensors whose storage some node of ``graph`` writes in place (one pass per
-    version of the graph)."""
-    count = len(graph.nodes)
-    cached = _WRITTEN.get(id(graph))
-    if cached is not None and cached[0] is graph and cached[1] == count:
-        return cached[2]
-    found = frozenset(
-        storage_base(t) for n in graph.nodes if is_mutating(n) for t in written_tensors(n)
-    )
-    _WRITTEN.clear()  # one graph at a time
-    _WRITTEN[id(graph)] = (graph, count, found)
-    return found
+    """The tensors whose storage some node of ``graph`` writes in place."""
+
+    def build(graph: torch.fx.Graph) -> frozenset:
+        return frozenset(
+            storage_base(t) for n in graph.nodes if is_mutating(n) for t in written_tensors(n)
+        )
+
+    return _per_graph("written", graph, build)
 
 
-def computation_context(graph: torch.fx.Graph) -> ComputationContext:
-    written = written_storages(graph)
+def autocast_stacks(graph: torch.fx.Graph) -> dict[Node, tuple[Node, ...]]:
+    """For each node, the autocast regions in force where it runs: the ``_enter_autocast``
+    calls (Dynamo keeps autocast as enter/exit calls) open before it, innermost last."""
     stack: list[Node] = []
-    autocast: dict[Node, tuple] = {}
+    out: dict[Node, tuple[Node, ...]] = {}
     for n in graph.nodes:
+        out[n] = tuple(stack)
         if n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast:
             stack.append(n)
         elif n.op == "call_function" and n.target is torch.amp.autocast_mode._exit_autocast:
             if stack:
                 stack.pop()
-        autocast[n] = tuple(stack)
-    return ComputationContext(written, autocast)
+    return out
+
+
+def computation_context(graph: torch.fx.Graph) -> ComputationContext:
+    return ComputationContext(written_storages(graph), autocast_stacks(graph))
 
 
 def same_computation(a: Node, b: Node, context: ComputationContext | None = None) -> bool:

@@ -134,10 +134,8 @@ class Region:
                 out[leaf] = out[twin]
                 continue
             v = value(leaf)
-            built_here = not depends_on_tensor_input(leaf)
-            if isinstance(v, torch.Tensor) and storage_base(leaf) in context.written:
-                built_here = False  # written in place: unknown when compiling, like an input
-            if not isinstance(v, torch.Tensor) or built_here:
+            # a tensor written in place after it is built counts as a run-time input too
+            if not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
                 out[leaf] = evaluator.run([leaf], {})[0]
             elif v.dtype.is_floating_point or v.dtype.is_complex:
                 out[leaf] = probes.like(leaf, scale.get(leaf, 1.0))
@@ -412,7 +410,6 @@ def stable_sort(graph: torch.fx.Graph) -> None:
     stable_topological_sort(graph)
 
 
-
 def _check_one_grad_mode(graph: torch.fx.Graph, nodes: set[Node]) -> None:
     """Every node on the region's paths computed in one grad mode. A
     ``with torch.no_grad()`` around part of them (the RMS statistics, say) cuts the
@@ -469,17 +466,15 @@ def _clamp_bounds(node: Node) -> tuple[Any, Any] | None:
     if name == "clamp_max":
         return None, (args[0] if args else kwargs.get("max"))
     # an element-wise min / max against a number or a tensor: a clamp when that tensor is
-    # a constant (one computed from the data varies on the probes, which then show it)
-    other = args[0] if args else None
-    is_bound = isinstance(other, (int, float)) or (
-        isinstance(other, Node) and isinstance(value(other), torch.Tensor)
-    )
-    # torch.max(x, -1) is a reduction over a dim: only a tensor second operand is a bound
+    # a constant (one computed from the data varies on the probes, which then show it);
+    # torch.max(x, -1) is a reduction over a dim: for min / max only a tensor is a bound
+    other = args[0] if len(args) == 1 else None
     tensor_other = isinstance(other, Node) and isinstance(value(other), torch.Tensor)
-    if name in ("minimum", "fmin") or (name == "min" and len(args) == 1 and tensor_other):
-        return (None, other) if is_bound else None
-    if name in ("maximum", "fmax") or (name == "max" and len(args) == 1 and tensor_other):
-        return (other, None) if is_bound else None
+    is_bound = tensor_other or isinstance(other, (int, float))
+    if (name in ("minimum", "fmin") and is_bound) or (name == "min" and tensor_other):
+        return None, other
+    if (name in ("maximum", "fmax") and is_bound) or (name == "max" and tensor_other):
+        return other, None
     if name == "hardtanh":
         lo = args[0] if len(args) > 0 else kwargs.get("min_val", -1.0)
         hi = args[1] if len(args) > 1 else kwargs.get("max_val", 1.0)
