@@ -191,3 +191,132 @@ def test_ccgqa_block_maybe_dynamic_sequence():
         assert graph.count("gqa_attention") == 1, str(rep)
         assert _qk_fusions(graph, entry) == _expected_qk_fusions(entry), str(rep)
         assert not graph.forward_only, str(rep)
+
+
+class _AttributeEpsNorm(torch.nn.Module):
+    """gpt-fast's RMSNorm: eps a float attribute, which ``dynamic=True`` lifts to an input
+    read with ``.item()`` (its value is not known when compiling). ``form`` spells a norm
+    (``mean``, ``F.rms_norm``, eps doubled before use) or a near miss (eps outside the sqrt,
+    eps added after the norm)."""
+
+    def __init__(self, dim, form, eps=1e-5):
+        super().__init__()
+        self.eps, self.form = eps, form
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
+
+    def forward(self, x):
+        if self.form == "rms_norm":
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        ms = torch.mean(x * x, dim=-1, keepdim=True)
+        if self.form == "mean":
+            return x * torch.rsqrt(ms + self.eps) * self.weight
+        if self.form == "doubled":
+            return x * torch.rsqrt(ms + 2 * self.eps) * self.weight
+        if self.form == "near_eps_outside_sqrt":
+            return x / (torch.sqrt(ms) + self.eps) * self.weight
+        assert self.form == "near_eps_after"
+        return x * torch.rsqrt(ms) * self.weight + self.eps
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    "form", ["mean", "rms_norm", "doubled", "near_eps_outside_sqrt", "near_eps_after"]
+)
+def test_rms_norm_eps_lifted_to_an_input(form, training):
+    """Under ``dynamic=True`` a float eps attribute reaches the graph as a run-time scalar:
+    the norm fuses with eps read when it runs (changing the attribute afterwards changes
+    the result, as in eager, without a recompile); a run-time scalar anywhere but inside
+    the sqrt is not an eps and the region is not fused there. Outputs and gradients as
+    eager, at rows small enough for eps to matter. ``F.rms_norm`` takes eps as a Python
+    float, so Dynamo fixes it and compiles again when it changes; every graph is checked."""
+    torch.manual_seed(0)
+    model = _AttributeEpsNorm(48, form)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    for step, (shape, eps) in enumerate((((2, 5, 48), 1e-5), ((3, 7, 48), 1e-2))):
+        model.eps = eager.eps = eps
+        x = torch.randn(shape) * (1.0 if step == 0 else 0.05)
+        x_c, x_e = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out_c, out_e = compiled(x_c), eager(x_e)
+        assert_close(out_c, out_e, torch.float32, f"{form} eps={eps}")
+        if training:
+            g = torch.randn_like(out_e)
+            out_c.backward(g)
+            out_e.backward(g)
+            assert_close(x_c.grad, x_e.grad, torch.float32, f"{form} dx")
+            assert_close(model.weight.grad, eager.weight.grad, torch.float32, f"{form} dw")
+            model.weight.grad = eager.weight.grad = None
+    rep = ccgqa_compile.report()
+    if form in ("mean", "doubled"):
+        assert len(rep.graphs) == 1, f"eps was fixed, not read when the program runs\n{rep}"
+    for graph in rep.graphs:
+        if form.startswith("near"):
+            assert graph.count("rms_norm") == 0 or "not beyond" in str(rep), str(rep)
+        else:
+            assert graph.count("rms_norm") == 1, str(rep)
+
+
+class _GptFastRope(torch.nn.Module):
+    """gpt-fast's rotary embedding: q and k from projections, (T, D/2, 2) cos/sin pairs
+    indexed by the positions, x reshaped to pairs with its own sizes (under
+    ``dynamic=True`` the region reads the uncast projection's sizes, not its values). The
+    table is a plain attribute, as gpt-fast keeps it: Dynamo makes its sizes symbols, then
+    fixes them to numbers when the view needs them."""
+
+    def __init__(self, dim=64, heads=4, kv_heads=2, head_dim=16, max_len=64):
+        super().__init__()
+        self.shape = (heads, kv_heads, head_dim)
+        self.wq = torch.nn.Linear(dim, heads * head_dim, bias=False)
+        self.wk = torch.nn.Linear(dim, kv_heads * head_dim, bias=False)
+        freqs = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(max_len).float(), freqs)
+        self.freqs_cis = torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+    @staticmethod
+    def _rotate(x, freqs_cis):
+        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+        freqs_cis = freqs_cis.view(1, xshaped.size(1), 1, xshaped.size(3), 2)
+        out = torch.stack(
+            [
+                xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
+                xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1],
+            ],
+            -1,
+        )
+        return out.flatten(3).type_as(x)
+
+    def forward(self, x, input_pos):
+        b, t, _ = x.shape
+        heads, kv_heads, head_dim = self.shape
+        q = self.wq(x).view(b, t, heads, head_dim)
+        k = self.wk(x).view(b, t, kv_heads, head_dim)
+        freqs_cis = self.freqs_cis[input_pos]
+        return self._rotate(q, freqs_cis), self._rotate(k, freqs_cis)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_gpt_fast_rope_dynamic_true(training):
+    """gpt-fast compiles its prefill with ``dynamic=True``: both rotations fuse, outputs
+    and gradients as eager at every length."""
+    torch.manual_seed(0)
+    model = _GptFastRope()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    for b, t in _DYNAMIC_SIZES:
+        x = torch.randn(b, t, 64)
+        pos = torch.arange(3, 3 + t)
+        x_c, x_e = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out_c, out_e = compiled(x_c, pos), eager(x_e, pos)
+        for name, a, e in zip("qk", out_c, out_e):
+            assert_close(a, e, torch.float32, f"{name} T={t}")
+        if training:
+            g = [torch.randn_like(o) for o in out_e]
+            torch.autograd.backward(out_c, g)
+            torch.autograd.backward(out_e, g)
+            assert_close(x_c.grad, x_e.grad, torch.float32, f"dx T={t}")
+    rep = ccgqa_compile.report()  # Dynamo fixes B in the first graph (Inductor alone too)
+    assert 1 <= len(rep.graphs) <= 2, str(rep)
+    for graph in rep.graphs:
+        assert graph.count("rope") == 2, str(rep)

@@ -51,13 +51,17 @@ def _rms_norm_fwd_kernel(
     x_row_stride,
     y_row_stride,
     eps,
+    eps_ptr,
     weight_offset,
     HAS_WEIGHT: tl.constexpr,
+    HAS_EPS_TENSOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     eps = tl.cast(eps, tl.float32)
+    if HAS_EPS_TENSOR:  # eps known only when the program runs (a float lifted to an input)
+        eps += tl.load(eps_ptr).to(tl.float32)
     weight_offset = tl.cast(weight_offset, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -223,8 +227,10 @@ def rms_norm_fwd(
     eps: float,
     weight_offset: float,
     out_dtype: torch.dtype,
+    eps_tensor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """RMSNorm over the last dim of a 2-D `x` (unit column stride, any row stride).
+    """RMSNorm over the last dim of a 2-D `x` (unit column stride, any row stride), with
+    eps + ``eps_tensor`` (one fp32 value on x's device) when that is given.
 
     Returns `y` (M, N) contiguous in `out_dtype` and `rstd` (M,) float32, the
     latter saved for `rms_norm_bwd`.
@@ -251,8 +257,10 @@ def rms_norm_fwd(
         x.stride(0),
         y.stride(0),
         float(eps),
+        eps_tensor if eps_tensor is not None else rstd,  # dummy pointer, never read
         float(weight_offset),
         HAS_WEIGHT=weight is not None,
+        HAS_EPS_TENSOR=eps_tensor is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,

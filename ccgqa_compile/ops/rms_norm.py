@@ -2,6 +2,8 @@
 
 y = x * rsqrt(mean(x^2, -1) + eps) * (weight_offset + weight), computed in fp32 (fp64 for
 fp64 inputs), returned in ``out_dtype``. ``weight_offset`` is 0 for Llama and 1 for Gemma.
+``eps_tensor`` (one value, any device) is added to eps when the program runs: Dynamo lifts
+a float module attribute to such an input under ``dynamic=True`` (gpt-fast's prefill).
 The forward also returns rstd (one value per row) so the backward does not recompute it.
 """
 
@@ -17,11 +19,19 @@ MAX_KERNEL_ROW = 65536  # one row must fit in one program's registers
 
 
 def _rms_norm_fwd_composite(
-    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, out_dtype: torch.dtype
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    out_dtype: torch.dtype,
+    eps_tensor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    mean_square = xf.pow(2).mean(-1, keepdim=True)
+    if eps_tensor is not None:
+        mean_square = mean_square + eps_tensor.to(device=x.device, dtype=acc)
+    rstd = torch.rsqrt(mean_square + eps)
     y = xf * rstd
     if weight is not None:
         y = y * (weight.to(acc) + weight_offset)
@@ -52,17 +62,34 @@ def _kernel_ok(x: Tensor, weight: Tensor | None) -> bool:
     return use_triton(x, weight) and 0 < x.shape[-1] <= MAX_KERNEL_ROW
 
 
+def _check_eps_tensor(eps_tensor: Tensor | None) -> None:
+    if eps_tensor is not None and (eps_tensor.numel() != 1 or not eps_tensor.is_floating_point()):
+        raise ValueError(
+            f"eps_tensor must hold one float, got {eps_tensor.dtype} {tuple(eps_tensor.shape)}"
+        )
+
+
 @triton_op("ccgqa::rms_norm", mutates_args=())
 def rms_norm(
-    x: Tensor, weight: Tensor | None, eps: float, weight_offset: float, out_dtype: torch.dtype
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    weight_offset: float,
+    out_dtype: torch.dtype,
+    eps_tensor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    _check_eps_tensor(eps_tensor)
     if _kernel_ok(x, weight):
         from ..kernels import rms_norm as kernels
 
         n = x.shape[-1]
-        y, rstd = kernels.rms_norm_fwd(x.reshape(-1, n), weight, eps, weight_offset, out_dtype)
+        if eps_tensor is not None:  # a one-element copy: the kernel reads it on x's device
+            eps_tensor = eps_tensor.to(device=x.device, dtype=torch.float32).reshape(1)
+        y, rstd = kernels.rms_norm_fwd(
+            x.reshape(-1, n), weight, eps, weight_offset, out_dtype, eps_tensor
+        )
         return y.view(x.shape), rstd.view(x.shape[:-1])
-    return rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype)
+    return rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype, eps_tensor)
 
 
 @triton_op("ccgqa::rms_norm_backward", mutates_args=())
@@ -82,7 +109,7 @@ def rms_norm_backward(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _eps, weight_offset, _out_dtype = inputs
+    x, weight, _eps, weight_offset, _out_dtype, _eps_tensor = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.weight_offset = weight_offset
@@ -92,7 +119,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y: Tensor, _grad_rstd: Tensor | None):
     x, weight, rstd = ctx.saved_tensors
     dx, dw = torch.ops.ccgqa.rms_norm_backward(grad_y, x, weight, rstd, ctx.weight_offset)
-    return dx, (dw if weight is not None else None), None, None, None
+    return dx, (dw if weight is not None else None), None, None, None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,7 @@ from torch.fx import Node
 
 from .. import reporting as report
 from .._inductor_compat import current_compile_id
-from .fx_util import descendants, is_cast, node_inputs, value
+from .fx_util import descendants, is_cast, is_size_value, node_inputs, value
 
 # elementwise tensor ops (functions and methods) that may appear inside a fused region
 ELEMENTWISE_FUNCTIONS = {
@@ -71,7 +71,9 @@ def forward_closure(
 ) -> list[Node]:
     """Nodes reached from ``source`` through ``allowed`` ops whose every other input does
     not depend on ``source`` (a weight, a table, a constant) or is already reached; in graph
-    order. A residual add (whose other input comes from later layers) is never reached."""
+    order. A residual add (whose other input comes from later layers) is never reached.
+    Sizes read off a reached tensor count as independent of it (``F.rms_norm(x,
+    (x.size(-1),))`` under dynamic shapes)."""
     depends = descendants([source])
     reached: set[Node] = {source}
     order = {n: i for i, n in enumerate(source.graph.nodes)}
@@ -82,7 +84,7 @@ def forward_closure(
             if user in reached or not allowed(user):
                 continue
             inputs = node_inputs(user)
-            if all(i in reached or i not in depends for i in inputs):
+            if all(i in reached or i not in depends or is_size_value(i) for i in inputs):
                 reached.add(user)
                 frontier.append(user)
     reached.discard(source)

@@ -29,6 +29,25 @@ def tensor_value(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def is_size_value(node: Any) -> bool:
+    """A size or shape (``x.size(-1)``, ``x.shape``): it depends on a tensor's metadata,
+    never on its values."""
+    v = value(node)
+    if isinstance(v, (torch.Size, tuple, list)):
+        return len(v) > 0 and all(isinstance(s, (int, torch.SymInt)) for s in v)
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def static_int(size: Any) -> Any:
+    """An int for a size known when compiling (a SymInt Dynamo fixed to a number is
+    one), else the size as given."""
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
+        return int(expr) if expr.is_number else size
+    return size
+
+
 def requires_grad(node: Any) -> bool:
     v = tensor_value(node)
     return bool(v is not None and v.requires_grad)
@@ -268,10 +287,6 @@ def same_size(a: Any, b: Any) -> bool:
 
 def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
-
-
-def static_int(x: Any) -> int | None:
-    return x if isinstance(x, int) else None
 
 
 def topo_order(graph: torch.fx.Graph) -> dict[Node, int]:

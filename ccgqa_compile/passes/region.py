@@ -26,6 +26,7 @@ from .evaluate import (
     NotEvaluable,
     Probes,
     agree,
+    concrete,
     fake_mode_of,
     real_tensors,
 )
@@ -35,6 +36,7 @@ from .fx_util import (
     depends_on_tensor_input,
     descendants,
     is_mutating,
+    is_size_value,
     node_inputs,
     same_computation,
     same_shape,
@@ -87,18 +89,26 @@ class Region:
         )
 
     def escapes(self) -> list[Node]:
-        """Region nodes other than the sinks that something outside the region reads."""
+        """Region nodes other than the sinks that something outside the region reads (a
+        size read off a source may be: it stays, and the op does not change it)."""
         inside = self.nodes
         return [
-            n for n in inside if n not in self.sinks and any(u not in inside for u in n.users)
+            n
+            for n in inside
+            if n not in self.sinks
+            and not is_size_value(n)
+            and any(u not in inside for u in n.users)
         ]
 
     def float_leaves(self) -> list[Node]:
+        """Float tensors the region reads values of (not those it reads only the size of:
+        ``x.float().reshape(*x.shape[:-1], -1, 2)`` under dynamic shapes)."""
         return [
             n
             for n in self.leaves
             if isinstance(value(n), torch.Tensor)
             and (value(n).dtype.is_floating_point or value(n).dtype.is_complex)
+            and not all(is_size_value(u) for u in n.users if u in self.nodes)
         ]
 
     def device(self) -> torch.device:
@@ -134,8 +144,10 @@ class Region:
                 out[leaf] = out[twin]
                 continue
             v = value(leaf)
+            if is_size_value(leaf):  # x.size(1) of an input: its symbols at these sizes
+                out[leaf] = concrete(v, sizes)
             # a tensor written in place after it is built counts as a run-time input too
-            if not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
+            elif not isinstance(v, torch.Tensor) or not depends_on_tensor_input(leaf):
                 out[leaf] = evaluator.run([leaf], {})[0]
             elif v.dtype.is_floating_point or v.dtype.is_complex:
                 out[leaf] = probes.like(leaf, scale.get(leaf, 1.0))

@@ -20,7 +20,7 @@ import torch
 from torch.fx import Node
 
 from .common import GraphContext, float_literals, forward_closure, is_elementwise, snap
-from .evaluate import Evaluator, real_tensors
+from .evaluate import Evaluator, NotEvaluable, real_tensors
 from .fx_util import (
     arg,
     is_cast,
@@ -134,8 +134,17 @@ def _per_channel(node: Node, width) -> bool:
     return all(s == 1 for s in dims[:-1]) and (dims[-1] == 1 or same_shape((dims[-1],), (width,)))
 
 
-def _candidate(n_weights: int, eps: float, width):
-    def rms(x, *weights, out_dtypes):
+def _candidate(n_weights: int, eps: float, width, runtime_eps: bool = False):
+    """With ``runtime_eps``, the last input is a float known when the program runs (a
+    SymFloat): the op adds it to eps as a one-value tensor on x's device, made by adding
+    the float to a zero: AOTAutograd turns that add (and no other use of a lifted float)
+    back into tensor math; else Dynamo recompiles with the float fixed."""
+
+    def rms(x, *inputs, out_dtypes):
+        weights, eps_tensor = inputs, None
+        if runtime_eps:
+            *weights, eps_scalar = inputs
+            eps_tensor = x.new_zeros((), dtype=torch.float64) + eps_scalar
         weight = None
         for w in weights:
             w = w.reshape(-1)
@@ -143,15 +152,17 @@ def _candidate(n_weights: int, eps: float, width):
         if weight is not None and n_weights:
             weight = weight.expand(width) if isinstance(width, int) else weight
         out_dtype = out_dtypes[0] or torch.float64
-        return (torch.ops.ccgqa.rms_norm(x, weight, eps, 0.0, out_dtype)[0],)
+        return (torch.ops.ccgqa.rms_norm(x, weight, eps, 0.0, out_dtype, eps_tensor)[0],)
 
     return rms
 
 
-def _estimate_eps(region: Region, x: Node, weights: list[Node], sizes) -> float:
+def _estimate_eps(
+    region: Region, x: Node, weights: list[Node], sizes, given: dict[Node, float] | None = None
+) -> float:
     """eps from one probe: with unit weights, (x / y)^2 - mean(x^2) per row."""
     with real_tensors():
-        feeds = region.feeds(sizes, seed=11)
+        feeds = region.feeds(sizes, seed=11, given=given)
         for w in weights:
             feeds[w] = torch.ones_like(feeds[w])
         (y,) = Evaluator(region.graph, sizes).run(region.sinks, feeds)
@@ -162,8 +173,39 @@ def _estimate_eps(region: Region, x: Node, weights: list[Node], sizes) -> float:
         return float(est.median()) if est.numel() else float("nan")
 
 
-def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], float] | str:
-    """(idiom, weights, eps) when ``sink`` is an RMSNorm of ``x``, else the reason."""
+def _runtime_scalars(region: Region) -> list[Node]:
+    """Leaves holding a float known only when the program runs: Dynamo lifts a float
+    attribute to a 0-d tensor input and reads it with ``.item()`` under ``dynamic=True``."""
+    return [n for n in region.leaves if isinstance(value(n), torch.SymFloat)]
+
+
+# run-time eps values the candidate must agree at (each with rows around its sqrt too)
+_PROBE_EPS = (1e-6, 1e-5, 0.25)
+
+
+def _try_runtime_eps(ctx: GraphContext, region: Region, x: Node, weights: list[Node], leaf: Node):
+    """RMSNorm whose eps is the run-time scalar ``leaf``: the probes draw eps as well."""
+    try:
+        est = _estimate_eps(region, x, weights, ctx.sizes[0], given={leaf: _PROBE_EPS[1]})
+    except NotEvaluable as why:
+        return f"cannot be evaluated: {why}"
+    if not math.isclose(est, _PROBE_EPS[1], rel_tol=1e-3):
+        return f"the run-time scalar {leaf.name} is not the norm's eps"
+    candidate = _candidate(len(weights), 0.0, tensor_value(x).shape[-1], runtime_eps=True)
+    trials = []
+    for i, eps in enumerate(_PROBE_EPS):
+        trials.append({"seed": 1 + i, "given": {leaf: eps}})
+        trials.append({"seed": 5 + i, "given": {leaf: eps}, "scale": {x: math.sqrt(eps)}})
+    trials.append({"seed": 9, "given": {leaf: _PROBE_EPS[0]}, "scale": {x: 1e3}})
+    reason = verify(region, candidate, [x, *weights, leaf], ctx.sizes, trials)
+    if reason is not None:
+        return reason
+    return ("weighted" if weights else "unweighted", [x, *weights, leaf], 0.0, True)
+
+
+def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], float, bool] | str:
+    """(idiom, op inputs, eps, whether eps is the last input, a float known only when the
+    program runs) when ``sink`` is an RMSNorm of ``x``, else the reason."""
     try:
         region = Region.between([x], [sink])
     except Rejected as why:
@@ -175,8 +217,15 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
     for w in weights:
         if not _per_channel(w, width):
             return f"{w.name} {tuple(tensor_value(w).shape)} is not a per-channel weight"
-    sizes = ctx.sizes[0]
-    eps = _estimate_eps(region, x, weights, sizes)
+    scalars = _runtime_scalars(region)
+    if len(scalars) > 1:
+        return f"{len(scalars)} run-time scalars ({scalars[0].name}, ...): at most one eps is known"
+    if scalars:
+        return _try_runtime_eps(ctx, region, x, weights, scalars[0])
+    try:
+        eps = _estimate_eps(region, x, weights, ctx.sizes[0])
+    except NotEvaluable as why:
+        return f"cannot be evaluated: {why}"
     if not math.isfinite(eps) or eps < -1e-12:
         return "not an RMS normalisation (no eps fits the probes)"
     eps = snap(max(eps, 0.0), float_literals(region.nodes))
@@ -194,7 +243,7 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
         ]
         reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
         if reason is None:
-            return ("weighted" if weights else "unweighted", [x, *weights], eps)
+            return ("weighted" if weights else "unweighted", [x, *weights], eps, False)
     return reason
 
 
@@ -214,10 +263,11 @@ def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
             last_reason = found
             widest_reason = widest_reason or f"{sink.name}: {found}"
             continue
-        idiom, inputs, eps = found
+        idiom, inputs, eps, runtime_eps = found
+        n_weights = len(inputs) - 1 - runtime_eps
         region = Region.between([x], [sink])
         try:
-            emit(region, _candidate(len(inputs) - 1, eps, xv.shape[-1]), inputs)
+            emit(region, _candidate(n_weights, eps, xv.shape[-1], runtime_eps), inputs)
         except Rejected as why:
             last_reason = str(why)
             continue

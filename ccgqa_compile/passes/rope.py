@@ -31,6 +31,7 @@ from .fx_util import (
     node_inputs,
     requires_grad,
     same_shape,
+    static_int,
     tensor_value,
     value,
 )
@@ -123,12 +124,13 @@ def _dup(table, how):
 def _table_options(tables: list[Node], width):
     """(name, inputs, build(tables...) -> (cos, sin), rotary width, interleaved) candidates."""
     options = []
+    width = static_int(width)
     if len(tables) == 2:
         a, b = tables
         va, vb = tensor_value(a), tensor_value(b)
         if va.dtype.is_complex or vb.dtype.is_complex:
             return options
-        last = va.shape[-1]
+        last = static_int(va.shape[-1])
         if not same_shape((vb.shape[-1],), (last,)) or not isinstance(last, int):
             return options
         for first, second in ((a, b), (b, a)):
@@ -146,16 +148,16 @@ def _table_options(tables: list[Node], width):
     elif len(tables) == 1:
         (t,) = tables
         v = tensor_value(t)
-        if v.dtype.is_complex and isinstance(v.shape[-1], int):
-            last = v.shape[-1]
+        if v.dtype.is_complex and isinstance(static_int(v.shape[-1]), int):
+            last = static_int(v.shape[-1])
             for how, inter in (("interleave", True), ("cat", False)):
 
                 def build(z, how=how):
                     return _dup(z.real, how), _dup(z.imag, how)
 
                 options.append((f"complex_{how}", [t], build, 2 * last, inter))
-        elif v.dim() >= 1 and v.shape[-1] == 2 and isinstance(v.shape[-2], int):
-            last = v.shape[-2]
+        elif v.dim() >= 2 and static_int(v.shape[-1]) == 2 and isinstance(static_int(v.shape[-2]), int):
+            last = static_int(v.shape[-2])
             for how, inter in (("interleave", True), ("cat", False)):
 
                 def build(p, how=how):
@@ -207,7 +209,7 @@ def _try(ctx: GraphContext, x: Node, sink: Node):
     learned = [n for n in tables if requires_grad(n)]
     if learned:
         return f"the table {learned[0].name} requires grad (the op gives tables no gradient)"
-    width = tensor_value(x).shape[-1]
+    width = static_int(tensor_value(x).shape[-1])
     options = _table_options(tables, width)
     if not options:
         return f"no cos/sin tables among the region's inputs ({len(tables)} float inputs)"

@@ -208,6 +208,23 @@ def test_rms_norm_dtype_combinations(
     )
 
 
+@pytest.mark.parametrize("eps", [1e-6, 0.3])
+def test_rms_norm_eps_tensor(eps):
+    """eps given as a one-value tensor (read by the kernel when it runs) adds to the eps
+    argument; rows of scale sqrt(eps), where eps decides the result."""
+    device = small_test_device()
+    gen = torch.Generator().manual_seed(7)
+    x = make_rows(13, 40, torch.float32, device, row_padding=3, gen=gen) * eps**0.5
+    weight = torch.randn(40, generator=gen).to(device)
+    eps_tensor = torch.tensor([eps - 1e-7], device=device)
+    y, rstd = rms_norm_fwd(x, weight, 1e-7, 0.0, torch.float32, eps_tensor)
+    expected = rms_norm_reference(x.double(), weight.double(), eps, 0.0, torch.float64)
+    assert torch.isfinite(y).all()
+    assert relative_error(y, expected) < INTERPRETER_TOLERANCE[torch.float32]
+    expected_rstd = torch.rsqrt(x.double().pow(2).mean(-1) + eps)
+    assert relative_error(rstd, expected_rstd) < INTERPRETER_TOLERANCE[torch.float32]
+
+
 def test_rms_norm_without_rows():
     device = small_test_device()
     x = torch.empty(0, 17, device=device)
