@@ -685,6 +685,16 @@ class RopeEinopsInterleaved(_QK):
 # ---- RoPE near misses --------------------------------------------------------------------
 
 
+class RopeNegativeAngles(RopeHFChunkNoGrad):
+    """rotate_half written the other way, cat(x2, -x1): every pair turns by -angle, a
+    rotation still (scores depend on the positions' difference, mirrored)."""
+
+    @staticmethod
+    def rotate_half(v):
+        v1, v2 = v.chunk(2, dim=-1)
+        return torch.cat((v2, -v1), dim=-1)
+
+
 class NearRopeGptFastSign(RopeGptFast):
     """gpt-fast with one sign flipped: [[c, -s], [-s, c]] is no rotation."""
 
@@ -1807,6 +1817,14 @@ class CCGQASharedConvBmm(nn.Module):
         s = s + torch.full((t, t), float("-inf"), device=x.device).triu(1)
         o = torch.bmm(torch.softmax(s, -1), v).view(b, hq, t, d)
         return self.out(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
+    """Keys and queries both rotated by -angle (``q * cos - rotate_half(q) * sin``)."""
+
+    def rotate(self, q, k, t, device):
+        cos, sin = self.tables(t, device)
+        return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
 
 
 class CCGQARopeBeforeNorm(CCGQAConvPadSlice):

@@ -123,6 +123,7 @@ ROPE = [
     _must("rope_partial_split_repeat", sp.RopePartialSplit, rope=2),
     _must("rope_half_tables_explicit", sp.RopeHalfTablesExplicit, seq=13, rope=2),
     _must("rope_einops_interleaved", sp.RopeEinopsInterleaved, rope=2),
+    _must("rope_negative_angles", sp.RopeNegativeAngles, seq=11, rope=2),
     _near("rope_near_gpt_fast_one_sign", sp.NearRopeGptFastSign, rope=0),
     _near("rope_near_mixed_layouts", sp.NearRopeMixedLayouts, rope=0),
     _near("rope_near_complex_wrong_flatten", sp.NearRopeComplexWrongFlatten, rope=0),
@@ -187,6 +188,7 @@ CCGQA = [
     _must("ccgqa_hf_eager_no_grad_tables", sp.CCGQAHFEager, **_block()),
     _must("ccgqa_shared_conv_bmm_buffers", sp.CCGQASharedConvBmm, seq=13, **_block()),
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
+    _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
         sp.CCGQATokensFirstSdpaMask,

@@ -807,6 +807,8 @@ def _idiom(plan: Plan) -> str:
     if plan.rope is not None:
         r, inter = plan.rope[3], plan.rope[4]
         parts.append(("interleaved" if inter else "rotate_half") + (f"_r{r}" if r != plan.d else ""))
+        if plan.rope[0].endswith("_negative"):
+            parts.append("negative_angles")
     if plan.eps_mode != "clamp":  # the norm's eps added to it, or under its root
         parts.append(f"eps_{plan.eps_mode}")
     return ",".join(parts)

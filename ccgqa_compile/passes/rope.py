@@ -164,7 +164,18 @@ def _table_options(tables: list[Node], width):
                     return _dup(p[..., 0], how), _dup(p[..., 1], how)
 
                 options.append((f"pairs_{how}", [t], build, 2 * last, inter))
+    # the same tables rotating the other way (x*cos - rot(x)*sin: rotate_half written as
+    # cat(x2, -x1)), tried after every forward reading
+    options += [(f"{name}_negative", ins, _negated(build), r, i) for name, ins, build, r, i in options]
     return [o for o in options if isinstance(width, int) and 0 < o[3] <= width and o[3] % 2 == 0]
+
+
+def _negated(build):
+    def negative(*tables):
+        cos, sin = build(*tables)
+        return cos, -sin
+
+    return negative
 
 
 def _candidate(build, rotary_dim: int, interleaved: bool):
@@ -215,13 +226,14 @@ def _try(ctx: GraphContext, x: Node, sink: Node):
         return f"no cos/sin tables among the region's inputs ({len(tables)} float inputs)"
     trials = [{"seed": 1}, {"seed": 2, "scale": {x: 1e2}}]
     reason = "no rotation fits"
-    for _name, inputs, build, r, inter in options:
+    for name, inputs, build, r, inter in options:
         candidate = _candidate(build, r, inter)
         why = verify(region, candidate, [x, *inputs], ctx.sizes, trials)
         if why is None:
             layout = "interleaved" if inter else "rotate_half"
             partial = "" if r == width else f" r={r}"
-            return f"{layout}{partial}", region, candidate, [x, *inputs]
+            negative = " negative_angles" if name.endswith("_negative") else ""
+            return f"{layout}{partial}{negative}", region, candidate, [x, *inputs]
         reason = why
     return reason
 
