@@ -656,3 +656,59 @@ def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first):
     assert rep.count("ccgqa_prologue") == rep.count("ccgqa_block") == int(state_first), str(rep)
     if state_first:
         assert rep.idioms()[("ccgqa_block", "decode_step")] == 1, str(rep)
+
+
+def _attention_with_fill(q, k, v, keep, fill):
+    """Hand-written GQA attention over k/v with ``keep`` (True: visible) applied by
+    ``masked_fill`` with ``fill``."""
+    g = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~keep, fill)
+    return torch.softmax(s, dim=-1) @ v.repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("fill", ["-inf", "finfo.min"])
+@pytest.mark.parametrize("t_q", [1, 6], ids=["decode", "prefill"])
+def test_rows_that_see_no_key_compute_what_eager_does(t_q, fill):
+    """A run-time mask may block every key of a row (a finished sequence, a padding
+    query): filled with -inf, eager's row is NaN; with the dtype's minimum, the mean of
+    every value. The fused op's rows there are zeros, so the emitted code writes eager's
+    value: NaN where eager has NaN, equal numbers elsewhere (the probes include such a
+    row; without it the fusion was proven only where some key is seen). A 1-D key mask
+    (broadcast by masked_fill) is read as (1, 1, 1, S)."""
+    torch.manual_seed(0)
+    value = float("-inf") if fill == "-inf" else torch.finfo(torch.float32).min
+    b, hq, hkv, d = 2, 4, 2, 8
+    s_len = 12 if t_q == 1 else t_q  # a prefill: as many keys as queries
+
+    def step(q, k, v, keep):
+        return _attention_with_fill(q, k, v, keep, value)
+
+    q = torch.randn(b, hq, t_q, d)
+    k, v = torch.randn(b, hkv, s_len, d), torch.randn(b, hkv, s_len, d)
+    keep = torch.rand(b, 1, t_q, s_len) > 0.3
+    keep[1] = False  # the second sequence sees nothing
+    keep[0, :, 0] = False  # nor does the first sequence's first query
+    compiled = torch.compile(step, backend=ccgqa_without_codegen)
+    with torch.no_grad():
+        out, ref = compiled(q, k, v, keep), step(q, k, v, keep)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert (ref.isnan().any()) == (fill == "-inf")
+    seen = ~ref.isnan()
+    assert rel_err(out[seen], ref[seen]) < 1e-5
+    fusion = "gqa_decode_attention" if t_q == 1 else "gqa_attention"
+    assert ccgqa_compile.report().count(fusion) == 1, str(ccgqa_compile.report())
+
+    def key_mask_step(q, k, v, pos):  # a 1-D key mask over the cache
+        return _attention_with_fill(q, k, v, torch.arange(s_len) <= pos, value)
+
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(key_mask_step, backend=ccgqa_without_codegen)
+    q1 = q[:, :, :1]
+    with torch.no_grad():
+        for pos in (torch.tensor(5), torch.tensor(-1)):  # -1: no key visible
+            out, ref = compiled(q1, k, v, pos), key_mask_step(q1, k, v, pos)
+            assert torch.equal(out.isnan(), ref.isnan())
+            assert rel_err(out.nan_to_num(), ref.nan_to_num()) < 1e-5
+    assert ccgqa_compile.report().count("gqa_decode_attention") == 1, str(ccgqa_compile.report())

@@ -23,6 +23,7 @@ its q and k.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass, replace
@@ -947,10 +948,12 @@ def _slice_rows(t: Any, scores_val, r0: int, r1: int) -> Any:
 
 
 def _reference_rows(
-    q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=True, mask_layout=None
+    q, k, v, scale, r0, r1, mask=None, mask_mode=None, causal=True, mask_layout=None,
+    empty="nan",
 ):  # fmt: skip
     """GQA attention of rows [r0, r1), float64, (B, Hq, R, D): causal, or with ``mask``
-    (rows already cut) instead when one is given, or over every key (``causal`` False)."""
+    (rows already cut) instead when one is given, or over every key (``causal`` False).
+    A row whose mask blocks every key is ``empty`` (``_EMPTY_ROWS``)."""
     g = q.shape[1] // k.shape[1]
     mask = _mask_for_layout(mask, mask_layout)
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
@@ -964,7 +967,32 @@ def _reference_rows(
         s = s + mask
     elif mask is not None:
         s = s.masked_fill(~_op_mask(mask, mask_mode), float("-inf"))
-    return torch.softmax(s, dim=-1) @ vr
+    out = torch.softmax(s, dim=-1) @ vr
+    if mask is None or empty == "nan":
+        return out
+    blocked = torch.isneginf(s).all(-1, keepdim=True)
+    fill = vr.mean(-2, keepdim=True) if empty == "uniform" else torch.zeros_like(out)
+    return torch.where(blocked, fill, out)
+
+
+# What attention computes on a row whose mask blocks every key: NaN (a softmax over -inf
+# scores, as written by hand), the mean of every value (the blocked scores filled with a
+# finite minimum: all equal), or zeros (SDPA's). Tried in this order on a probe with such
+# a row; the op's rows are zeros, the emitted code writes the other two.
+_EMPTY_ROWS = ("nan", "uniform", "zero")
+
+
+def _empty_rows_as(o, v, keep, mask_mode: str, empty: str | None):
+    """``o`` (B, Hq, R, D) with the rows ``keep`` (the op's mask: bool, True where seen;
+    or additive, ``mask_mode`` "add") lets see no key set as ``empty`` says."""
+    if empty is None or empty == "zero":
+        return o
+    seen = (keep > float("-inf") if mask_mode == "add" else keep).any(-1, keepdim=True)
+    if empty == "nan":
+        return o.masked_fill(seen.logical_not(), float("nan"))
+    groups = o.shape[1] // v.shape[1]
+    mean = v.mean(-2, keepdim=True).repeat_interleave(groups, dim=1).to(o.dtype)
+    return torch.where(seen, o, mean)
 
 
 def _block_rows(numel_per_row: int) -> int:
@@ -1057,10 +1085,14 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
             except Rejected as why:
                 reason = str(why)
                 continue
-            for out_layout in out_layouts:
+            except NotEvaluable as why:  # a value only the running program has
+                reason = f"cannot be evaluated: {why}"
+                continue
+            empties = _EMPTY_ROWS if mask_mode is not None else (None,)
+            for out_layout, empty in itertools.product(out_layouts, empties):
                 why = _verify_rows(
                     ctx, hw, rows, region, (q, ql), (k, kl), (v, vl), scale, out_layout,
-                    mask_mode, decode, mask_layout,
+                    mask_mode, decode, mask_layout, empty,
                 )  # fmt: skip
                 if why is None and not fuse:
                     return Site("handwritten", q, k, v, False, hw.softmax)
@@ -1069,9 +1101,10 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                     core = "ccgqa"
                     if hw.mask is None and not decode:
                         core = _handwritten_core(tensor_value(q))
+                    mask_dim = tensor_value(hw.mask).dim() if hw.mask is not None else 4
                     cand = _candidate(
                         ql, kl, vl, scale, out_layout, autocast, mask_mode, decode, core,
-                        mask_layout,
+                        mask_layout, empty, mask_dim,
                     )
                     inputs = [q, k, v] + ([hw.mask] if hw.mask is not None else [])
                     (out,) = emit(region, cand, inputs)
@@ -1163,13 +1196,18 @@ def _mask_modes(mask: Node | None) -> list[str | None]:
     return ["add"] if v.dtype.is_floating_point else ["keep", "drop"]
 
 
-def _random_mask(node: Node, mode: str, sizes, seed: int, neutral: bool = False):
+def _random_mask(
+    node: Node, mode: str, sizes, seed: int, neutral: bool = False, empty_row: bool = False
+):
     """A mask for the probes: random (a quarter of the positions blocked), or one that
-    blocks nothing (``neutral``)."""
+    blocks nothing (``neutral``). ``empty_row``: the first row blocks every key (what
+    such a row computes differs between spellings: ``_EMPTY_ROWS``)."""
     v = tensor_value(node)
     shape = Probes(sizes, v.device).shape(node)
     gen = torch.Generator(device=v.device).manual_seed(seed)
     blocked = torch.rand(shape, generator=gen, device=v.device) < (0.0 if neutral else 0.25)
+    if empty_row:
+        blocked[(0,) * (blocked.dim() - 1)] = True
     if mode == "add":
         values = torch.randn(shape, generator=gen, dtype=torch.float64, device=v.device)
         values = values * (0 if neutral else 2)
@@ -1255,13 +1293,17 @@ def _opaque_call(fn, x):
 
 def _candidate(
     ql, kl, vl, scale, out_layout, autocast, mask_mode=None, decode=False, core="ccgqa",
-    mask_layout=None,
+    mask_layout=None, empty=None, mask_dim=4,
 ):  # fmt: skip
-    """``mask_layout``: how the run-time mask maps to the op's (``_mask_layout``)."""
+    """``mask_layout``: how the run-time mask maps to the op's (``_mask_layout``);
+    ``empty``: what a row whose mask blocks every key computes (``_EMPTY_ROWS``);
+    ``mask_dim``: the mask's dims as written (fewer than 4: leading unit dims added)."""
 
     def attention(q, k, v, *mask, out_dtypes):
         ins = [_to_bhtd(q, ql), _to_bhtd(k, kl), _to_bhtd(v, vl)]
         mask = tuple(_mask_for_layout(m, mask_layout) for m in mask)
+        if mask_layout is None and mask_dim < 4:  # SDPA and the ops read (B, H, R, S)
+            mask = tuple(m[(None,) * (4 - mask_dim)] for m in mask)
         if autocast is not None and out_dtypes[0] is not None:
             ins = [x.to(autocast) for x in ins]
         if core == "sdpa":  # causal, no mask (``_handwritten_core``'s callers)
@@ -1274,6 +1316,8 @@ def _candidate(
             if mask_mode == "add" and out_dtypes[0] is not None:
                 m = m.to(ins[0].dtype)
             o = torch.ops.ccgqa.gqa_decode_attention(*ins, m, scale)
+            if m is not None:
+                o = _empty_rows_as(o, ins[2], m, mask_mode, empty)
         elif mask_mode is None:
             o = torch.ops.ccgqa.gqa_attention(*ins, scale)[0]
         else:
@@ -1281,6 +1325,7 @@ def _candidate(
             if mask_mode == "add" and out_dtypes[0] is not None:
                 m = m.to(ins[0].dtype)
             o = torch.ops.ccgqa.gqa_attention_masked(*ins, m, scale)[0]
+            o = _empty_rows_as(o, ins[2], m, mask_mode, empty)
         return (_adapt_out(o, out_layout, ins[1].shape[1]),)
 
     return attention
@@ -1367,7 +1412,7 @@ def _match_rows_layout(ref, s_in):
 
 def _verify_rows(
     ctx, hw, rows: _RowEvaluator, region, qs, ks, vs, scale, out_layout, mask_mode=None,
-    decode=False, mask_layout=None,
+    decode=False, mask_layout=None, empty="nan",
 ) -> str | None:
     (q, ql), (k, kl), (v, vl) = qs, ks, vs
     try:
@@ -1376,7 +1421,9 @@ def _verify_rows(
                 for seed, q_scale in ((31, 1.0), (32, 8.0)):
                     given = {}
                     if mask_mode is not None:
-                        given[hw.mask] = _random_mask(hw.mask, mask_mode, sizes, seed)
+                        given[hw.mask] = _random_mask(
+                            hw.mask, mask_mode, sizes, seed, empty_row=seed == 32
+                        )
                     feeds = region.feeds(sizes, seed=seed, scale={q: q_scale}, given=given)
                     a, bm, vp = rows.operands(feeds, sizes)
                     qq, kk, vv = (_to_bhtd(feeds[x], lay) for x, lay in ((q, ql), (k, kl), (v, vl)))
@@ -1391,8 +1438,9 @@ def _verify_rows(
                         if mask_mode is not None:
                             mask = _slice_rows(feeds[hw.mask], None, r0, r1)
                         ref = _reference_rows(
-                            qq, kk, vv, scale, r0, r1, mask, mask_mode, not decode, mask_layout
-                        )
+                            qq, kk, vv, scale, r0, r1, mask, mask_mode, not decode, mask_layout,
+                            empty,
+                        )  # fmt: skip
                         want = _adapt_out(ref, out_layout, kk.shape[1])
                         if not agree(got, want):
                             return f"it computes another function (rows {r0}..{r1 - 1})"

@@ -310,14 +310,21 @@ def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[No
     tracer = GraphAppendingTracer(graph)
     before = set(graph.nodes)
     out_dtypes = [value(s).dtype for s in region.sinks]
-    with graph.inserting_before(where):
-        proxies = [Proxy(n, tracer) if isinstance(n, Node) else n for n in inputs]
-        outs = candidate(*proxies, out_dtypes=out_dtypes)
-        nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
-    new = [n for n in graph.nodes if n not in before]
+    try:
+        with graph.inserting_before(where):
+            proxies = [Proxy(n, tracer) if isinstance(n, Node) else n for n in inputs]
+            outs = candidate(*proxies, out_dtypes=out_dtypes)
+            nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
+        new = [n for n in graph.nodes if n not in before]
+        _propagate_fake(graph, new)
+    except Exception as why:  # the graph is as it was: the op does not trace here
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        raise Rejected(
+            f"the op cannot be traced here: {type(why).__name__}: {str(why).splitlines()[0][:160]}"
+        ) from why
     for write in delayed:  # after the op, which reads what they overwrite
         where.prepend(write)
-    _propagate_fake(graph, new)
     results = []
     for node, sink in zip(nodes, region.sinks):
         v, want = value(node), value(sink)
