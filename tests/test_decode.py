@@ -712,3 +712,37 @@ def test_rows_that_see_no_key_compute_what_eager_does(t_q, fill):
             assert torch.equal(out.isnan(), ref.isnan())
             assert rel_err(out.nan_to_num(), ref.nan_to_num()) < 1e-5
     assert ccgqa_compile.report().count("gqa_decode_attention") == 1, str(ccgqa_compile.report())
+
+
+def test_speculated_tokens_with_a_symbolic_query_length():
+    """One step function for the prompt (8 tokens) and then speculated chunks (3, then 20)
+    over a static cache: Dynamo's automatic dynamic shapes compile the second call for any
+    query length. Judged by the length compiled for (3), it is a decode step and fuses;
+    the op runs SDPA on the 20-token chunk. Outputs and the cache as eager."""
+    torch.manual_seed(0)
+    b, hq, hkv, s_len, d = 1, 4, 2, 40, 16
+
+    def make_step(kc, vc):
+        def step(q, k, v, pos):
+            kc[:, :, pos] = k
+            vc[:, :, pos] = v
+            mask = torch.arange(s_len)[None, :] <= pos[:, None]
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+
+        return step
+
+    caches = [torch.zeros(b, hkv, s_len, d) for _ in range(4)]
+    step_c, step_e = make_step(*caches[:2]), make_step(*caches[2:])
+    compiled = torch.compile(step_c, backend=ccgqa_without_codegen)
+    start = 0
+    with torch.no_grad():
+        for t in (8, 3, 20):
+            q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+            pos = torch.arange(start, start + t)
+            out, ref = compiled(q, k, v, pos), step_e(q, k, v, pos)
+            assert rel_err(out, ref) < 1e-6, t
+            start += t
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    rep = ccgqa_compile.report()
+    assert len(rep.graphs) == 2, str(rep)
+    assert all(g.count("gqa_decode_attention") == 1 for g in rep.graphs), str(rep)

@@ -44,8 +44,12 @@ gqa_decode_attention_composite = composite_op("gqa_decode_attention_composite", 
 
 
 def _kernel_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    from .. import config
+
     return (
         use_triton(q, k, v)
+        # a longer chunk (a graph compiled for any query length) runs SDPA's kernels
+        and q.shape[-2] <= config.DECODE_MAX_QUERY_LEN
         and q.dtype == k.dtype == v.dtype
         and q.shape[-1] in KERNEL_HEAD_DIMS
         and k.shape[-1] == q.shape[-1] == v.shape[-1]

@@ -1131,7 +1131,11 @@ def _decode_step_problem(ctx: GraphContext, t_q, kept: str) -> str | None:
         return "gqa_decode_attention is disabled"
     if is_training_graph(ctx.graph):
         return f"a query length != key length in a training graph: left to {kept}"
-    if not isinstance(t_q, int) or t_q > config.DECODE_MAX_QUERY_LEN:
+    # a symbolic length (Dynamo's automatic dynamic shapes after a prompt, then a few
+    # speculated tokens) is judged by the length being compiled for: the op itself runs
+    # SDPA on longer chunks
+    hint = t_q if isinstance(t_q, int) else concrete(t_q, ctx.sizes[0])
+    if hint > config.DECODE_MAX_QUERY_LEN:
         return (f"{t_q} query tokens over a cache: more than config.DECODE_MAX_QUERY_LEN="
                 f"{config.DECODE_MAX_QUERY_LEN}, a prefill rather than a decode step; left to {kept}")  # fmt: skip
     return None
