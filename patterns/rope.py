@@ -146,13 +146,16 @@ class InlinePairs(GPTJInterleaved):
         return (x * cos) + (rot * sin)
 
 
-# ---- near misses ----
-class WrongSignRotation(HFRotateHalf):
+class NegativeAnglesRotateHalf(HFRotateHalf):
+    """rotate_half written cat(x2, -x1): every pair turns by -angle (x*cos - rot(x)*sin),
+    a rotation still."""
+
     def rotate(self, x, cos, sin):
         h = x.shape[-1] // 2
         return (x * cos) + (torch.cat((x[..., h:], -x[..., :h]), dim=-1) * sin)
 
 
+# ---- near misses ----
 class QuarterSplitRotation(HFRotateHalf):
     """Splits at a quarter instead of the half."""
 
@@ -161,7 +164,9 @@ class QuarterSplitRotation(HFRotateHalf):
         return (x * cos) + (torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin)
 
 
-class SwappedPairOrder(GPTJInterleaved):
+class NegativeAnglesPairs(GPTJInterleaved):
+    """GPT-J pairs rotated by -angle: stack(x_odd, -x_even)."""
+
     def rotate(self, x, cos, sin):
         x1, x2 = x[..., ::2], x[..., 1::2]
         rot = torch.stack((x2, -x1), dim=-1).flatten(-2)
@@ -189,7 +194,7 @@ ENTRIES = [
     _e("rope_gqa_kv_cache", GQAKVCacheRope, note="HF GQA shapes, k also an output"),
     _e("rope_inline_halves", InlineHalves, note="cat((-x[..., h:], x[..., :h]))"),
     _e("rope_inline_pairs", InlinePairs, note="stack((-x[..., 1::2], x[..., ::2]))"),
-    _near("rope_near_wrong_sign", WrongSignRotation, "cat(x2, -x1)"),
+    _e("rope_negative_angles_rotate_half", NegativeAnglesRotateHalf, note="cat(x2, -x1)"),
+    _e("rope_negative_angles_pairs", NegativeAnglesPairs, note="stack(x_odd, -x_even)"),
     _near("rope_near_quarter_split", QuarterSplitRotation, "split at D/4"),
-    _near("rope_near_swapped_pairs", SwappedPairOrder, "stack(x_odd, -x_even)"),
 ]

@@ -549,7 +549,14 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
             idioms.add("sdpa")  # and device (a mask with transformers 5.24 on CUDA)
         fired = {i: n for (f, i), n in g.fused.items() if f == "gqa_decode_attention"}
         assert sum(fired.values()) == 2 and set(fired) <= idioms, str(rep)
-    if (attn, cache) != ("eager", "static"):
+    if (attn, cache) == ("sdpa", "static"):
+        # the prompt's attention fuses either way HF writes it, by torch version: SDPA over
+        # the prompt's keys (gqa_attention), or its 7 tokens over the cache's 64 slots with
+        # a mask (a few tokens over a cache: gqa_decode_attention; torch 2.11)
+        for g in rep.graphs:
+            assert g.count("gqa_attention") + g.count("gqa_decode_attention") == 2, str(rep)
+        assert rep.count("gqa_attention") in (0, 2), str(rep)
+    elif (attn, cache) != ("eager", "static"):
         assert rep.count("gqa_attention") == 2, str(rep)
     else:  # a written-out prefill of 7 tokens over the 64 slots of a cache made and filled
         # inside the graph: a few tokens over a cache, fused as such (the cache's value
