@@ -753,3 +753,36 @@ def test_speculated_tokens_with_a_symbolic_query_length():
     rep = ccgqa_compile.report()
     assert len(rep.graphs) == 2, str(rep)
     assert all(g.count("gqa_decode_attention") == 1 for g in rep.graphs), str(rep)
+
+
+def test_a_decode_step_whose_new_keys_are_not_found_says_so():
+    """Each sequence's key written at its own position (``cache[rows, :, pos] = k``: (B, Hkv,
+    D) values, not a (B, Hkv, T, D) block): the decode attention fuses, and the report says
+    why the convolved q/k prologue was not tried, instead of nothing."""
+    torch.manual_seed(0)
+    b, hq, hkv, s_len, d = 2, 4, 2, 16, 8
+    conv_w = torch.randn(hq * d, 1, 2)
+    k_cache, v_cache = torch.randn(b, hkv, s_len, d), torch.randn(b, hkv, s_len, d)
+
+    def step(x_q, k, v, pos):  # x_q (B, 2, Hq*D): the conv state and the new column
+        q = F.conv1d(x_q.transpose(1, 2), conv_w, groups=hq * d)  # (B, Hq*D, 1)
+        q = q.view(b, hq, d, 1).transpose(-1, -2)
+        rows = torch.arange(b)
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
+        mask = (torch.arange(s_len)[None, :] <= pos[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+
+    x_q, k, v = torch.randn(b, 2, hq * d), torch.randn(b, hkv, d), torch.randn(b, hkv, d)
+    pos = torch.tensor([3, 7])
+    saved = (k_cache.clone(), v_cache.clone())
+    compiled = torch.compile(step, backend=ccgqa_without_codegen)
+    with torch.no_grad():
+        out = compiled(x_q, k, v, pos)
+        k_cache.copy_(saved[0])
+        v_cache.copy_(saved[1])
+        ref = step(x_q, k, v, pos)
+    assert rel_err(out, ref) < 1e-6
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 1, str(rep)
+    assert "new keys were not found" in str(rep), str(rep)

@@ -37,6 +37,7 @@ from .. import config
 from .common import GraphContext, float_literals, is_elementwise, is_training_graph, snap
 from .evaluate import Evaluator, NotEvaluable, Probes, agree, concrete, real_tensors
 from .fx_util import (
+    CONV1D,
     SDPA,
     SOFTMAXES,
     ancestors,
@@ -457,7 +458,7 @@ def _sdpa_decode(ctx: GraphContext, node: Node, q: Node, k: Node, v: Node, args)
     k_new = new_keys(k, tensor_value(q).shape[2], node)
     op = _emit_sdpa(ctx, node, q, k, v, mask, scale, _autocast_dtype(ctx.graph, node), decode=True)
     ctx.fused(DECODE_FUSION, "sdpa" + ("_mask" if mask is not None else ""))
-    return _decode_site(op, q, k_new)
+    return _decode_site(ctx, op, q, k_new)
 
 
 def _prefill_over_cache(ctx: GraphContext, q: Node, args) -> bool:
@@ -493,11 +494,18 @@ def _sdpa_prefill_over_cache(ctx: GraphContext, node: Node, q, k, v, args) -> Si
     autocast = _autocast_dtype(ctx.graph, node)
     op = _emit_sdpa(ctx, node, q, k, v, args["attn_mask"], scale, autocast)
     ctx.fused(FUSION, "sdpa_prefill_over_cache")
-    return _decode_site(op, q, k_new)
+    return _decode_site(ctx, op, q, k_new)
 
 
-def _decode_site(op: Node, q: Node, k_new: Node | None) -> Site | None:
-    if k_new is None or not isinstance(q, Node):
+def _decode_site(ctx: GraphContext, op: Node, q: Node, k_new: Node | None) -> Site | None:
+    if not isinstance(q, Node):
+        return None
+    if k_new is None:
+        if any(is_function(n, *CONV1D) for n in layer_ancestors([q])):
+            ctx.unfused("ccgqa_block", op, "decode attention fused, but the step's new keys "
+                        "were not found behind the cache it reads (written by index_copy_, "
+                        "slice assignment, index_put_ or copy_ as (B, Hkv, T, D) keys, or "
+                        "joined by cat): its q/k prologue is not tried")  # fmt: skip
         return None
     return Site("decode", q, k_new, op.args[2], True, op, causal=False)
 
@@ -1116,7 +1124,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
                         ctx.fused(DECODE_FUSION, "handwritten" + ("_mask" if hw.mask else ""))
                         op = _op_above(out)
                         q_op, k_op, _ = _op_inputs(op)
-                        return _decode_site(op, q_op, new_keys(k, t_q, op))
+                        return _decode_site(ctx, op, q_op, new_keys(k, t_q, op))
                     ctx.fused(FUSION, "handwritten" + ("_runtime_mask" if hw.mask else ""))
                     op = _op_above(out)
                     return Site("handwritten", *_op_inputs(op), True, op)
