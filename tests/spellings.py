@@ -1819,6 +1819,45 @@ class CCGQASharedConvBmm(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, t, hq * d))
 
 
+class CCGQAFusedQKVOneConv(CCGQAConvPadSlice):
+    """One qkv projection (gpt-fast's ``wqkv``); one depthwise and one per-head conv over
+    its q|k channels together (each head's channels are its own group either way); q_pre
+    and k_pre for the qk-mean sliced from the same projection."""
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        c = (hq + hkv) * d
+        self.wqkv = nn.Linear(self.DIM, c + hkv * d, bias=False)
+        self.qk_dw = nn.Conv1d(c, c, self.K1, padding=self.K1 - 1, groups=c)
+        self.qk_hc = nn.Conv1d(c, c, self.K2, padding=self.K2 - 1, groups=hq + hkv)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        cq, c = hq * d, (hq + hkv) * d
+        qkv = self.wqkv(x)
+        qk = qkv[..., :c]
+        h = self.qk_hc(self.qk_dw(qk.transpose(1, 2))[..., :t])[..., :t].transpose(1, 2)
+        q = h[..., :cq].unflatten(-1, (hq, d))
+        k = h[..., cq:].unflatten(-1, (hkv, d))
+        m_q, m_k = self.qk_mean(qkv[..., :cq], qkv[..., cq:c])
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        q, k = self.rotate(q, k, t, x.device)
+        v = qkv[..., c:].view(b, t, hkv, d).transpose(1, 2)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class NearCCGQAFusedQKVConvMixesHeads(CCGQAFusedQKVOneConv):
+    """The q|k channels' second conv grouped by two heads: each output mixes two heads."""
+
+    def __init__(self):
+        super().__init__()
+        c = (self.HQ + self.HKV) * self.D
+        self.qk_hc = nn.Conv1d(c, c, self.K2, padding=self.K2 - 1, groups=(self.HQ + self.HKV) // 2)
+
+
 class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
     """Keys and queries both rotated by -angle (``q * cos - rotate_half(q) * sin``)."""
 

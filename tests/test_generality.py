@@ -189,6 +189,7 @@ CCGQA = [
     _must("ccgqa_shared_conv_bmm_buffers", sp.CCGQASharedConvBmm, seq=13, **_block()),
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
+    _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
         sp.CCGQATokensFirstSdpaMask,
@@ -208,6 +209,10 @@ CCGQA = [
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_fused_qkv_conv_mixes_heads", sp.NearCCGQAFusedQKVConvMixesHeads,
+        ccgqa_prologue=0, ccgqa_block=0,
+    ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
     _near(
         "ccgqa_near_buffer_tables_key_off_by_one",

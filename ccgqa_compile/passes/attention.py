@@ -60,7 +60,7 @@ from .fx_util import (
     topo_order,
     value,
 )
-from .region import Region, Rejected, _propagate_fake, emit, erase_unused, stable_sort, verify
+from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort, verify
 
 FUSION = "gqa_attention"
 DECODE_FUSION = "gqa_decode_attention"
@@ -604,7 +604,7 @@ def _emit_sdpa(ctx, node, q, k, v, mask, scale, autocast, decode: bool = False) 
                 )
             out = graph.call_function(operator.getitem, (op, 0))
             new.extend([op, out])
-    _propagate_fake(graph, new)
+    propagate_fake(graph, new)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     erase_unused(graph, [n for n in (old_k, old_v) if isinstance(n, Node)])
@@ -1568,7 +1568,7 @@ def _split_baddbmm(graph: torch.fx.Graph, node: Node) -> tuple[tuple, Node]:
         scaled = call(operator.mul, scaled, alpha)
     kept = call(operator.mul, added, beta) if beta != 1 else added
     total = call(operator.add, kept, scaled)
-    _propagate_fake(graph, new)
+    propagate_fake(graph, new)
     node.replace_all_uses_with(total)
     # erasing a node clears its arguments: keep what restoring it needs
     written = (node.op, node.target, node.args, dict(node.kwargs), node.name, dict(node.meta))

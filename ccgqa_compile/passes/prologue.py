@@ -35,13 +35,14 @@ from torch.fx import Node
 from .. import config
 from .attention import Site, layer_ancestors
 from .common import GraphContext, float_literals, is_training_graph
-from .evaluate import Evaluator, agree, constant_value, real_tensors
+from .evaluate import Evaluator, NotEvaluable, agree, constant_value, real_tensors
 from .fx_util import (
     CONV1D,
     PAD,
     ancestors,
     arg,
     computation_context,
+    descendants,
     is_basic_index,
     is_cast,
     is_function,
@@ -51,8 +52,9 @@ from .fx_util import (
     same_computation,
     same_size,
     tensor_value,
+    topo_order,
 )
-from .region import Region, Rejected, emit
+from .region import Region, Rejected, emit, propagate_fake, stable_sort
 from .rope import _table_options
 
 FUSION = "ccgqa_prologue"
@@ -743,20 +745,124 @@ def _final_check(ctx: GraphContext, region: Region, plan: Plan) -> str | None:
 
 def recognise(ctx: GraphContext, site: Site) -> None:
     plans = _plans(site)
+    undo = None
+    if isinstance(plans, str) and "not q_pre" in plans:
+        undo = _split_joint_source(site)
+        plans = _plans(site) if undo is not None else plans
+    if not _recognise(ctx, site, plans) and undo is not None:
+        undo()
+
+
+def _split_joint_source(site: Site):
+    """One convolution chain reading one (B, T, Hq*D + Hkv*D) tensor (a fused q|k
+    projection): its read is rewritten as ``cat(x[..., :Hq*D], x[..., Hq*D:])``, the same
+    tensor, whose two parts are then the prologue's q_pre and k_pre (a qk-mean's own
+    slices of x are the same computations: one probe value each). Returns what undoes
+    the rewrite, or None where there is no such tensor."""
+    qv, kv = tensor_value(site.q), tensor_value(site.k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+        return None
+    b, hq, t, d = qv.shape
+    hkv = kv.shape[1]
+    if not all(isinstance(x, int) for x in (hq, hkv, d)):
+        return None
+    cq, ckv = hq * d, hkv * d
+    convs = [n for n in layer_ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
+    firsts = [c for c in convs if not any(o in ancestors([c.args[0]]) for o in convs if o is not c)]
+    if len(firsts) != 1:
+        return None
+    joint = [
+        x for x in _conv_sources(firsts[0])
+        if _as_btc(x, b, t) == "btc" and _width(x) == cq + ckv
+    ]  # fmt: skip
+    if len(joint) != 1:
+        return None
+    x = joint[0]
+    readers = [u for u in x.users if u is firsts[0] or firsts[0] in descendants([u])]
+    if len(readers) != 1:
+        return None
+    # x may itself be the q|k channels of a wider projection (qkv[..., :Cq + Ckv]): the
+    # parts are then cut from that, where the code's own slices (a qk-mean's) may be them
+    root, start = x, 0
+    cut = _last_dim_slice(x)
+    if cut is not None:
+        root, start = cut[0], cut[1]
+    graph = x.graph
+    new = []
+    parts = []
+    for lo, hi in ((start, start + cq), (start + cq, start + cq + ckv)):
+        part = _find_last_dim_slice(root, lo, hi)
+        if part is None:
+            with graph.inserting_after(root):
+                part = graph.call_function(operator.getitem, (root, (Ellipsis, slice(lo, hi))))
+            new.append(part)
+        parts.append(part)
+    anchor = max(parts + [x], key=topo_order(graph).__getitem__)
+    with graph.inserting_after(anchor):
+        joined = graph.call_function(torch.cat, (parts,), {"dim": -1})
+    new.append(joined)
+    propagate_fake(graph, new)
+    readers[0].replace_input_with(x, joined)
+    stable_sort(graph)
+
+    def undo():
+        for user in list(joined.users):
+            user.replace_input_with(joined, x)
+        for node in reversed(new):
+            if not node.users:
+                graph.erase_node(node)
+        stable_sort(graph)
+
+    return undo
+
+
+def _last_dim_slice(node: Node) -> tuple[Node, int, int] | None:
+    """(x, lo, hi) for ``x[..., lo:hi]`` (a unit step, constant bounds), else None."""
+    if not is_function(node, operator.getitem) or not isinstance(node.args[0], Node):
+        return None
+    index = node.args[1]
+    if not isinstance(index, tuple) or len(index) != 2 or index[0] is not Ellipsis:
+        return None
+    cut = index[1]
+    if not isinstance(cut, slice) or cut.step not in (None, 1):
+        return None
+    v = tensor_value(node.args[0])
+    width = v.shape[-1] if v is not None else None
+    if not isinstance(width, int):
+        return None
+    lo, hi, _ = cut.indices(width) if all(
+        isinstance(b, (int, type(None))) for b in (cut.start, cut.stop)
+    ) else (None, None, None)
+    if lo is None:
+        return None
+    return node.args[0], lo, hi
+
+
+def _find_last_dim_slice(root: Node, lo: int, hi: int) -> Node | None:
+    for user in root.users:
+        found = _last_dim_slice(user)
+        if found is not None and found[1:] == (lo, hi):
+            return user
+    return None
+
+
+def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
+    """Fuse the site's prologue by the first plan the probes prove; False (reported)
+    where none is."""
     if isinstance(plans, str):
         if "no convolution" not in plans:
             ctx.rejected(FUSION, "prologue", site.anchor, plans)
-        return
+        return False
     base = plans[0]
     try:
         region = Region.between([base.q_pre, base.k_pre, *base.states], [site.q, site.k])
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
-        return
+        return False
     escapes = [n for n in region.escapes() if not _moves_data_only(region, n)]
     if escapes:
         ctx.rejected(FUSION, "prologue", site.anchor, f"{escapes[0].name} is also read outside the prologue")
-        return
+        return False
     try:
         chosen = _decide(ctx, region, plans)
         if isinstance(chosen, Plan):
@@ -764,24 +870,25 @@ def recognise(ctx: GraphContext, site: Site) -> None:
             chosen = problem if problem is not None else chosen
     except Rejected as why:
         chosen = str(why)
-    except (RuntimeError, ValueError, IndexError, TypeError) as why:
+    except (RuntimeError, ValueError, IndexError, TypeError, NotEvaluable) as why:
         chosen = f"probe evaluation failed: {type(why).__name__}: {str(why).splitlines()[0][:160]}"
     if isinstance(chosen, str):
         ctx.rejected(FUSION, "prologue", site.anchor, chosen)
-        return
+        return False
     if chosen.kind == "seed" and is_training_graph(ctx.graph) and not config.SEED_PROLOGUE_IN_TRAINING:
         ctx.rejected(FUSION, "seed", site.anchor, "the original project's variant in a training "
                      "graph: left to Inductor (policy config.SEED_PROLOGUE_IN_TRAINING: its "
                      "backward kernels are slower than Inductor's)")  # fmt: skip
-        return
+        return False
     try:
         q_new, k_new = emit(region, candidate(chosen), chosen.inputs())
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
-        return
+        return False
     ctx.fused(FUSION, _idiom(chosen))
     site.q, site.k = q_new, k_new
     site.prologue = True
+    return True
 
 
 def _moves_data_only(region: Region, node: Node) -> bool:

@@ -316,7 +316,7 @@ def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[No
             outs = candidate(*proxies, out_dtypes=out_dtypes)
             nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
         new = [n for n in graph.nodes if n not in before]
-        _propagate_fake(graph, new)
+        propagate_fake(graph, new)
     except Exception as why:  # the graph is as it was: the op does not trace here
         for n in reversed([n for n in graph.nodes if n not in before]):
             graph.erase_node(n)
@@ -376,7 +376,7 @@ def _fake_call(node: Node) -> Any:
         return evaluator.run([node], feeds)[0]
 
 
-def _propagate_fake(graph: torch.fx.Graph, new: list[Node]) -> None:
+def propagate_fake(graph: torch.fx.Graph, new: list[Node]) -> None:
     new_set = set(new)
     outside = {i for n in new for i in node_inputs(n) if i not in new_set}
     mode = fake_mode_of(outside)
