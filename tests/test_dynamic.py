@@ -11,6 +11,7 @@ import ccgqa_compile
 from patterns import BY_NAME, Shape
 
 from ._compare import assert_as_close_as_eager, assert_close
+from .spellings import RopeGptFast
 
 
 def _run_lengths(entry, compiled, eager, training, mark, lengths, **shape):
@@ -273,26 +274,14 @@ class _GptFastRope(torch.nn.Module):
         angles = torch.outer(torch.arange(max_len).float(), freqs)
         self.freqs_cis = torch.stack([angles.cos(), angles.sin()], dim=-1)
 
-    @staticmethod
-    def _rotate(x, freqs_cis):
-        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
-        freqs_cis = freqs_cis.view(1, xshaped.size(1), 1, xshaped.size(3), 2)
-        out = torch.stack(
-            [
-                xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
-                xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1],
-            ],
-            -1,
-        )
-        return out.flatten(3).type_as(x)
-
     def forward(self, x, input_pos):
         b, t, _ = x.shape
         heads, kv_heads, head_dim = self.shape
         q = self.wq(x).view(b, t, heads, head_dim)
         k = self.wk(x).view(b, t, kv_heads, head_dim)
         freqs_cis = self.freqs_cis[input_pos]
-        return self._rotate(q, freqs_cis), self._rotate(k, freqs_cis)
+        rotate = RopeGptFast.apply_rotary_emb
+        return rotate(q, freqs_cis), rotate(k, freqs_cis)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
