@@ -786,3 +786,36 @@ def test_a_decode_step_whose_new_keys_are_not_found_says_so():
     rep = ccgqa_compile.report()
     assert rep.count("gqa_decode_attention") == 1, str(rep)
     assert "new keys were not found" in str(rep), str(rep)
+
+
+def test_a_prompt_written_into_a_cache_then_read_back_repeated_fuses():
+    """torchtitan's inference attention: the prompt's K/V slice-assigned into a static
+    cache, then the cache's first T positions read back and repeated per query head. A
+    repeat copies (it reads the cache when it runs, after the write), so the repeated keys
+    are a value of the program like any other, not a view of the written cache: causal
+    attention over them fuses. Output and cache as eager."""
+    torch.manual_seed(0)
+    b, hq, hkv, s_len, d, t = 2, 4, 2, 32, 16, 8
+
+    def make(cache_k, cache_v):
+        def attn(q, k, v):
+            cache_k[:b, :, :t] = k
+            cache_v[:b, :, :t] = v
+            keys = torch.repeat_interleave(cache_k[:b, :, :t], hq // hkv, dim=1)
+            values = torch.repeat_interleave(cache_v[:b, :, :t], hq // hkv, dim=1)
+            scores = torch.matmul(q, keys.transpose(2, 3)) / d**0.5
+            allowed = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), values)
+
+        return attn
+
+    caches = [torch.zeros(b, hkv, s_len, d) for _ in range(4)]
+    compiled = torch.compile(make(*caches[:2]), backend=ccgqa_without_codegen)
+    q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    with torch.no_grad():
+        out, ref = compiled(q, k, v), make(*caches[2:])(q, k, v)
+    assert rel_err(out, ref) < 1e-6
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_attention") == 1, str(rep)

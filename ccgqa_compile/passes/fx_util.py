@@ -220,10 +220,17 @@ def is_basic_index(node: Any) -> bool:
     return all(isinstance(i, (slice, int, type(None))) or i is Ellipsis for i in items)
 
 
+# layout ops that always copy: a write to their result does not land in their input, and
+# they read their input when they run
+_COPIES = {"clone", "repeat", "repeat_interleave", torch.clone, torch.repeat_interleave}
+
+
 def storage_base(node: Any) -> Any:
     """The tensor whose storage ``node`` views (through layout ops and basic indexing):
     where an in-place write to it lands."""
     while isinstance(node, Node) and (is_layout(node) or is_basic_index(node)):
+        if node.target in _COPIES:
+            break
         node = node.args[0]
     return node
 
