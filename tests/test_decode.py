@@ -601,11 +601,17 @@ class OneTokenCCGQA(nn.Module):
     (k1-1)+(k2-1) pre-conv columns) and the new column, the state is overwritten with the
     window's tail, then L2 norm, temperature, RoPE at the token's position, the cache
     write, SDPA over the cache. ``state_first=False``: the state after the new column (a
-    near miss: the convs then see the past as the future)."""
+    near miss: the convs then see the past as the future). ``sliced_read``: the attention
+    reads the caches' first B rows (torchtitan's ``cache_k[:bsz]``), a view of what the
+    step wrote."""
 
-    def __init__(self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16):
+    def __init__(
+        self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16,
+        sliced_read=False,
+    ):  # fmt: skip
         super().__init__()
         self.hq, self.hkv, self.d, self.state_first = hq, hkv, d, state_first
+        self.sliced_read = sliced_read
         c = (hq + hkv) * d
         self.q_proj, self.k_proj = nn.Linear(32, hq * d), nn.Linear(32, hkv * d)
         self.v_proj = nn.Linear(32, hkv * d)
@@ -637,18 +643,25 @@ class OneTokenCCGQA(nn.Module):
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2))
         mask = self.causal[pos][None, None]
-        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if self.sliced_read:
+            k_cache, v_cache = k_cache[:b], v_cache[:b]
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
                                               enable_gqa=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("state_first", [True, False], ids=["state-first", "near-state-after"])
-def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first):
+@pytest.mark.parametrize(
+    ("state_first", "sliced_read"),
+    [(True, False), (True, True), (False, False)],
+    ids=["state-first", "state-first-sliced-read", "near-state-after"],
+)
+def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, sliced_read):
     """The step's prologue over the conv state fuses with the attention over the cache
     (a near miss only the attention); outputs and every state (conv state, caches) equal
     eager's step after step (the state write is moved after the op that reads the old
-    state)."""
+    state). The step's new keys are found behind a slice of the cache too."""
     torch.manual_seed(0)
-    fused = OneTokenCCGQA(state_first)
+    fused = OneTokenCCGQA(state_first, sliced_read=sliced_read)
     step, eager = _compiled_and_eager(fused)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():

@@ -525,11 +525,12 @@ def new_keys(k: Node, t_new, reader: Node) -> Node | None:
         fresh = [p for p in parts if p.op != "placeholder" and _shape_is(p, want)]
         return fresh[-1] if len(fresh) == 1 else None
     order = topo_order(node.graph)
+    base = storage_base(node)  # the cache, where the read is a slice of it (cache[:, :, :n])
     written = []
     for n in node.graph.nodes:
         if order[n] >= order[reader] or not is_mutating(n) or not n.args:
             continue
-        if storage_base(n.args[0]) is not node:
+        if storage_base(n.args[0]) is not base:
             continue
         src = {"index_copy_": 3, "index_put_": 2, "copy_": 1}.get(str(n.target), None)
         if n.target is operator.setitem:
