@@ -501,7 +501,7 @@ def _decode_site(ctx: GraphContext, op: Node, q: Node, k_new: Node | None) -> Si
     if not isinstance(q, Node):
         return None
     if k_new is None:
-        if any(is_function(n, *CONV1D) for n in layer_ancestors([q])):
+        if layer_convolutions([q]):
             ctx.unfused("ccgqa_block", op, "decode attention fused, but the step's new keys "
                         "were not found behind the cache it reads (written by index_copy_, "
                         "slice assignment, index_put_ or copy_ as (B, Hkv, T, D) keys, or "
@@ -1251,6 +1251,11 @@ def layer_ancestors(nodes: list[Node]) -> set[Node]:
     graph = nodes[0].graph
     stop = set(anchors(graph)) | {n for n in graph.nodes if is_attention_op(n)}
     return ancestors(nodes, stop=stop - set(nodes))
+
+
+def layer_convolutions(nodes: list[Node]) -> list[Node]:
+    """The 1-D convolutions ``nodes`` depend on within their layer (a CCGQA prologue's)."""
+    return [n for n in layer_ancestors(nodes) if is_function(n, *CONV1D)]
 
 
 def _op_above(node: Node, is_op=is_attention_op) -> Node:

@@ -9,9 +9,8 @@ half is missing.
 
 from __future__ import annotations
 
-from .attention import Site, layer_ancestors
+from .attention import Site, layer_convolutions
 from .common import GraphContext
-from .fx_util import CONV1D, is_function
 
 FUSION = "ccgqa_block"
 
@@ -41,5 +40,5 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
 def _has_conv(site: Site) -> bool:
     if site.q.graph is not site.anchor.graph:
         return False
-    return any(is_function(n, *CONV1D) for n in layer_ancestors([site.q, site.k]))
+    return bool(layer_convolutions([site.q, site.k]))
 

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
-from .attention import Site, layer_ancestors
+from .attention import Site, layer_convolutions
 from .common import GraphContext, float_literals, is_training_graph
 from .evaluate import Evaluator, NotEvaluable, agree, constant_value, real_tensors
 from .fx_util import (
-    CONV1D,
     PAD,
     ancestors,
     arg,
@@ -135,6 +134,11 @@ def _ints(x) -> tuple:
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
 
 
+def _chain_heads(convs: list[Node]) -> list[Node]:
+    """The convolutions of ``convs`` no other one feeds: each chain's first."""
+    return [c for c in convs if not any(o in ancestors([c.args[0]]) for o in convs if o is not c)]
+
+
 def _conv_sources(conv: Node) -> list[Node]:
     """The tensors a conv reads through pads, concatenations, casts and layout ops."""
     out, todo, seen = [], [conv.args[0]], set()
@@ -195,13 +199,14 @@ def _plans(site: Site) -> list[Plan] | str:
     hkv = kv.shape[1]
     if not all(isinstance(x, int) for x in (hq, hkv, d)):
         return "head counts or head dim are symbolic"
-    convs = [n for n in layer_ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
+    convs = layer_convolutions([site.q, site.k])
     parsed = [_conv_of(n) for n in convs]
     if not convs:
         return "no convolution feeds q and k"
     if any(c is None for c in parsed):
         return "a convolution with stride, dilation or string padding"
-    firsts = [c for c in parsed if not any(o.node in ancestors([c.node.args[0]]) for o in parsed if o is not c)]
+    heads = _chain_heads(convs)
+    firsts = [c for c in parsed if c.node in heads]
     chains = []
     for c1 in firsts:
         seconds = [c for c in parsed if c is not c1 and c1.node in ancestors([c.node.args[0]])]
@@ -767,8 +772,7 @@ def _split_joint_source(site: Site):
     if not all(isinstance(x, int) for x in (hq, hkv, d)):
         return None
     cq, ckv = hq * d, hkv * d
-    convs = [n for n in layer_ancestors([site.q, site.k]) if is_function(n, *CONV1D)]
-    firsts = [c for c in convs if not any(o in ancestors([c.args[0]]) for o in convs if o is not c)]
+    firsts = _chain_heads(layer_convolutions([site.q, site.k]))
     if len(firsts) != 1:
         return None
     joint = [
@@ -828,13 +832,10 @@ def _last_dim_slice(node: Node) -> tuple[Node, int, int] | None:
         return None
     v = tensor_value(node.args[0])
     width = v.shape[-1] if v is not None else None
-    if not isinstance(width, int):
+    bounds_known = all(isinstance(b, (int, type(None))) for b in (cut.start, cut.stop))
+    if not isinstance(width, int) or not bounds_known:
         return None
-    lo, hi, _ = cut.indices(width) if all(
-        isinstance(b, (int, type(None))) for b in (cut.start, cut.stop)
-    ) else (None, None, None)
-    if lo is None:
-        return None
+    lo, hi, _ = cut.indices(width)
     return node.args[0], lo, hi
 
 

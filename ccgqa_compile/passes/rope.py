@@ -148,16 +148,17 @@ def _table_options(tables: list[Node], width):
     elif len(tables) == 1:
         (t,) = tables
         v = tensor_value(t)
-        if v.dtype.is_complex and isinstance(static_int(v.shape[-1]), int):
-            last = static_int(v.shape[-1])
+        dims = [static_int(s) for s in v.shape]
+        if v.dtype.is_complex and isinstance(dims[-1], int):
+            last = dims[-1]
             for how, inter in (("interleave", True), ("cat", False)):
 
                 def build(z, how=how):
                     return _dup(z.real, how), _dup(z.imag, how)
 
                 options.append((f"complex_{how}", [t], build, 2 * last, inter))
-        elif v.dim() >= 2 and static_int(v.shape[-1]) == 2 and isinstance(static_int(v.shape[-2]), int):
-            last = static_int(v.shape[-2])
+        elif v.dim() >= 2 and dims[-1] == 2 and isinstance(dims[-2], int):
+            last = dims[-2]
             for how, inter in (("interleave", True), ("cat", False)):
 
                 def build(p, how=how):
