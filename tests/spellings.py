@@ -1576,7 +1576,7 @@ class CCGQAConvPadSlice(nn.Module):
         return torch.einsum("bhqk,bhkd->bhqd", p, v)
 
     def rotate(self, q, k, t, device):
-        cos, sin = self.tables(t, device)
+        cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def forward(self, x):
@@ -1630,8 +1630,8 @@ class CCGQAFunctionalInterleaved(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
         ang = torch.arange(t, device=x.device).float()[:, None] * inv
-        cos = ang.cos().repeat_interleave(2, dim=-1)  # (T, D)
-        sin = ang.sin().repeat_interleave(2, dim=-1)
+        cos = ang.cos().repeat_interleave(2, dim=-1).to(q.dtype)  # (T, D)
+        sin = ang.sin().repeat_interleave(2, dim=-1).to(q.dtype)
 
         def pairs(z):
             z1, z2 = z[..., 0::2], z[..., 1::2]
@@ -1688,7 +1688,7 @@ class CCGQAEinops(nn.Module):
         t = x.shape[1]
         inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=x.device).float() / self.D))
         f = einops.repeat(torch.arange(t, device=x.device).float()[:, None] * inv, "t f -> t (2 f)")
-        cos, sin = f.cos(), f.sin()
+        cos, sin = f.cos().to(q.dtype), f.sin().to(q.dtype)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         v = einops.repeat(self.to_v(x), "b t (h d) -> b (h g) t d", d=self.D, g=g)
         k = einops.repeat(k, "b h t d -> b (h g) t d", g=g)
@@ -1814,7 +1814,7 @@ class CCGQASharedConvBmm(nn.Module):
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         q, k, v = (z.reshape(b * hq, t, d) for z in (q, k, v))
         s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(d)
-        s = s + torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        s = s + torch.full((t, t), float("-inf"), device=x.device, dtype=s.dtype).triu(1)
         o = torch.bmm(torch.softmax(s, -1), v).view(b, hq, t, d)
         return self.out(o.transpose(1, 2).reshape(b, t, hq * d))
 
@@ -1862,7 +1862,7 @@ class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
     """Keys and queries both rotated by -angle (``q * cos - rotate_half(q) * sin``)."""
 
     def rotate(self, q, k, t, device):
-        cos, sin = self.tables(t, device)
+        cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
         return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
 
 
@@ -1909,7 +1909,7 @@ class CCGQATokensFirstSdpaMask(CCGQAFunctionalInterleaved):
         inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
         ang = torch.arange(t, device=x.device).float()[:, None] * inv
         ang = torch.cat((ang, ang), -1).unsqueeze(-2)  # (T, 1, D)
-        cos, sin = ang.cos(), ang.sin()
+        cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         v = self.wv(x).view(b, t, hkv, d)
@@ -1929,7 +1929,7 @@ class CCGQATablesPerTensor(CCGQAConvPadSlice):
     """``apply_rotary(x, t)`` builds cos/sin inside, once for q and once for k."""
 
     def apply_rotary(self, x, t, device):
-        cos, sin = self.tables(t, device)
+        cos, sin = (table.to(x.dtype) for table in self.tables(t, device))
         return x * cos + _rotate_half(x) * sin
 
     def rotate(self, q, k, t, device):

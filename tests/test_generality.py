@@ -425,6 +425,28 @@ def test_attention_spelling_cuda_wide_heads(case, training):
         assert rep.count("gqa_attention") == expect.get("gqa_attention", 0), str(rep)
 
 
+# every other spelling (norms, SwiGLU, RoPE, whole CCGQA blocks) in bf16 on the GPU, where
+# the ops run their Triton kernels; CCGQA blocks at head dim 16, the smallest the prologue
+# and attention kernels take
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("case", _params(RMS_NORM + SWIGLU + ROPE + CCGQA))
+def test_spelling_cuda_bf16(case, training):
+    build = case.build
+    if hasattr(build, "D"):
+        build = type(build.__name__, (build,), {"D": 16})
+        case = dataclasses.replace(case, build=build)
+    with torch.no_grad():
+        try:
+            build().to("cuda", torch.bfloat16)(
+                torch.randn(2, case.seq, build.DIM, device="cuda", dtype=torch.bfloat16)
+            )
+        except RuntimeError as why:  # a float32 table promotes the values: not our concern
+            pytest.skip(f"the spelling itself fails in bf16: {str(why)[:80]}")
+    rep = _compile_and_compare(case, training, ccgqa_without_codegen, "cuda", torch.bfloat16)
+    _check_counts(case, rep, training)
+
+
 # ---- baddbmm scores: split to be parsed, restored as written where nothing fuses ----------
 
 

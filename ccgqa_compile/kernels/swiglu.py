@@ -5,9 +5,10 @@ Autograd lives elsewhere; the wrappers are meant to be called from inside
 `torch.library.triton_op` bodies, so every launch goes through
 `torch.library.wrap_triton` to stay traceable by Inductor.
 
-Inputs and outputs are 2-D with unit column stride and an arbitrary row stride,
-so `gate, up = h.chunk(2, dim=-1)` of a fused gate-up projection `h` (M, 2N) is
-read in place, and the backward can write `dgate`/`dup` straight into the two
+Inputs and outputs are 2-D with any row and column strides (Triton specialises a
+column stride of 1; contiguous operands take a flat, unmasked tiling), so `gate, up =
+h.chunk(2, dim=-1)` of a fused gate-up projection `h` (M, 2N), or the interleaved
+columns `h[:, 0::2]`, `h[:, 1::2]`, are read in place, and the backward can write `dgate`/`dup` straight into the two
 halves of one (M, 2N) gradient buffer (no cat).  Arithmetic is float32:
 
     out   = silu(gate) * up,                  silu(g) = g * sigmoid(g)
@@ -43,6 +44,9 @@ def _swiglu_fwd_kernel(
     gate_row_stride,
     up_row_stride,
     out_row_stride,
+    gate_col_stride,
+    up_col_stride,
+    out_col_stride,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -53,12 +57,14 @@ def _swiglu_fwd_kernel(
     rows_i64 = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
 
-    gate = tl.load(gate_ptr + rows_i64 * gate_row_stride + cols, mask=mask, other=0.0)
-    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols, mask=mask, other=0.0)
+    gate = tl.load(
+        gate_ptr + rows_i64 * gate_row_stride + cols * gate_col_stride, mask=mask, other=0.0
+    )
+    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols * up_col_stride, mask=mask, other=0.0)
     gate = gate.to(tl.float32)
     out = gate * tl.sigmoid(gate) * up.to(tl.float32)
     tl.store(
-        out_ptr + rows_i64 * out_row_stride + cols,
+        out_ptr + rows_i64 * out_row_stride + cols * out_col_stride,
         out.to(out_ptr.dtype.element_ty),
         mask=mask,
     )
@@ -78,6 +84,11 @@ def _swiglu_bwd_kernel(
     up_row_stride,
     dgate_row_stride,
     dup_row_stride,
+    dout_col_stride,
+    gate_col_stride,
+    up_col_stride,
+    dgate_col_stride,
+    dup_col_stride,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -87,9 +98,13 @@ def _swiglu_bwd_kernel(
     rows_i64 = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
 
-    dout = tl.load(dout_ptr + rows_i64 * dout_row_stride + cols, mask=mask, other=0.0)
-    gate = tl.load(gate_ptr + rows_i64 * gate_row_stride + cols, mask=mask, other=0.0)
-    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols, mask=mask, other=0.0)
+    dout = tl.load(
+        dout_ptr + rows_i64 * dout_row_stride + cols * dout_col_stride, mask=mask, other=0.0
+    )
+    gate = tl.load(
+        gate_ptr + rows_i64 * gate_row_stride + cols * gate_col_stride, mask=mask, other=0.0
+    )
+    up = tl.load(up_ptr + rows_i64 * up_row_stride + cols * up_col_stride, mask=mask, other=0.0)
     dout = dout.to(tl.float32)
     gate = gate.to(tl.float32)
     up = up.to(tl.float32)
@@ -100,12 +115,12 @@ def _swiglu_bwd_kernel(
     dup = dout * silu
     dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(
-        dgate_ptr + rows_i64 * dgate_row_stride + cols,
+        dgate_ptr + rows_i64 * dgate_row_stride + cols * dgate_col_stride,
         dgate.to(dgate_ptr.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        dup_ptr + rows_i64 * dup_row_stride + cols,
+        dup_ptr + rows_i64 * dup_row_stride + cols * dup_col_stride,
         dup.to(dup_ptr.dtype.element_ty),
         mask=mask,
     )
@@ -156,16 +171,12 @@ def _tile_settings(n_cols: int) -> tuple[int, int, int]:
 def _check_operand(name: str, t: Tensor, shape: tuple[int, int]) -> None:
     if t.dim() != 2 or tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    # A single column has no meaningful column stride.
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit column stride, got strides {t.stride()}")
 
 
 def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
-    """silu(gate) * up for 2-D `gate`, `up` (unit column stride, any row stride).
+    """silu(gate) * up for 2-D `gate`, `up` (any strides).
 
-    Writes into `out` when given (2-D, unit column stride, any row stride, any
-    float dtype); otherwise returns a new contiguous tensor of `gate.dtype`.
+    Writes into `out` when given (2-D, any strides, any float dtype); otherwise returns a new contiguous tensor of `gate.dtype`.
     """
     if gate.dim() != 2:
         raise ValueError(f"gate must be 2-D (M, N), got shape {tuple(gate.shape)}")
@@ -183,7 +194,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
     if flat is not None:
         rows = flat[0].shape[0]
         _flat_launch(_swiglu_fwd_flat, _swiglu_fwd_kernel, rows)(
-            *flat, rows, _FLAT_WIDTH, _FLAT_WIDTH, _FLAT_WIDTH, _FLAT_WIDTH
+            *flat, rows, _FLAT_WIDTH, _FLAT_WIDTH, _FLAT_WIDTH, _FLAT_WIDTH, 1, 1, 1
         )
         return out
 
@@ -200,6 +211,9 @@ def swiglu_fwd(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
         gate.stride(0),
         up.stride(0),
         out.stride(0),
+        gate.stride(1),
+        up.stride(1),
+        out.stride(1),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -216,7 +230,7 @@ def swiglu_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of `swiglu_fwd` with respect to `gate` and `up`.
 
-    All tensors are 2-D (M, N) with unit column stride and any row stride.
+    All tensors are 2-D (M, N) with any strides.
     `dgate`/`dup` may be given as views to write into (e.g. the two halves of
     one (M, 2N) buffer); those not given are allocated contiguous in
     `gate.dtype` / `up.dtype`.
@@ -242,7 +256,7 @@ def swiglu_bwd(
     if flat is not None:
         rows = flat[0].shape[0]
         _flat_launch(_swiglu_bwd_flat, _swiglu_bwd_kernel, rows)(
-            *flat, rows, _FLAT_WIDTH, *([_FLAT_WIDTH] * 5)
+            *flat, rows, _FLAT_WIDTH, *([_FLAT_WIDTH] * 5), *([1] * 5)
         )
         return dgate, dup
 
@@ -261,6 +275,11 @@ def swiglu_bwd(
         up.stride(0),
         dgate.stride(0),
         dup.stride(0),
+        dout.stride(1),
+        gate.stride(1),
+        up.stride(1),
+        dgate.stride(1),
+        dup.stride(1),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,

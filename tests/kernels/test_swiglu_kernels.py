@@ -75,15 +75,23 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 def make_operands(
     n_rows: int, n_cols: int, dtype: torch.dtype, device: str, layout: str, gen
 ) -> tuple[Tensor, Tensor]:
-    """Random gate and up of shape (n_rows, n_cols) in one of three layouts:
+    """Random gate and up of shape (n_rows, n_cols) in one of five layouts:
     separate contiguous tensors, the two halves of one (n_rows, 2 n_cols) tensor,
-    or views with padded rows."""
+    its interleaved columns (column stride 2), transposed storage (column stride
+    n_rows), or views with padded rows."""
     # Spread wide enough that sigmoid saturates on both sides for some elements.
     scale = 3.0
     if layout == "halves":
         fused = scale * torch.randn(n_rows, 2 * n_cols, generator=gen)
         gate, up = fused.to(device=device, dtype=dtype).chunk(2, dim=-1)
         return gate, up
+    if layout == "interleaved":
+        fused = scale * torch.randn(n_rows, 2 * n_cols, generator=gen).to(device=device, dtype=dtype)
+        return fused[:, 0::2], fused[:, 1::2]
+    if layout == "transposed":
+        gate = scale * torch.randn(n_cols, n_rows, generator=gen)
+        up = torch.randn(n_cols, n_rows, generator=gen)
+        return gate.to(device=device, dtype=dtype).t(), up.to(device=device, dtype=dtype).t()
     padding = 7 if layout == "padded" else 0
     gate = scale * torch.randn(n_rows, n_cols + padding, generator=gen)
     up = torch.randn(n_rows, n_cols + 2 * padding, generator=gen)
@@ -117,7 +125,7 @@ def reference_forward_and_grads(
     n_rows=st.sampled_from([1, 3, 37]),
     n_cols=st.sampled_from([1, 17, 64, 130]),
     dtype_name=st.sampled_from(sorted(FLOAT_DTYPES)),
-    layout=st.sampled_from(["contiguous", "halves", "padded"]),
+    layout=st.sampled_from(["contiguous", "halves", "interleaved", "transposed", "padded"]),
     given_outputs=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -152,6 +160,22 @@ def test_swiglu_random_shapes_match_float64_reference(
     assert relative_error(out, out64) < tolerance
     assert relative_error(dgate, dgate64) < tolerance
     assert relative_error(dup, dup64) < tolerance
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "transposed"])
+def test_swiglu_reads_strided_columns_in_place(layout):
+    """Columns of stride 2 (a gate-up projection split into even and odd columns) or of
+    the row count (transposed storage) are read where they lie, fwd and bwd."""
+    device = small_test_device()
+    gen = torch.Generator().manual_seed(5)
+    gate, up = make_operands(5, 33, torch.float32, device, layout, gen)
+    assert gate.stride(1) != 1
+    dout = torch.randn(5, 33, generator=gen).to(device)
+    out64, dgate64, dup64 = reference_forward_and_grads(gate, up, dout)
+    out = swiglu_fwd(gate, up)
+    dgate, dup = swiglu_bwd(dout, gate, up)
+    for result, expected in ((out, out64), (dgate, dgate64), (dup, dup64)):
+        assert relative_error(result, expected) < INTERPRETER_TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize(("n_rows", "n_cols"), [(2, 1024), (4, 768), (3, 2048)])
@@ -231,8 +255,6 @@ def test_swiglu_rejects_mismatched_operands():
     gate = torch.randn(4, 8, device=device)
     with pytest.raises(ValueError, match="up must have shape"):
         swiglu_fwd(gate, torch.randn(4, 9, device=device))
-    with pytest.raises(ValueError, match="unit column stride"):
-        swiglu_fwd(gate, torch.randn(8, 4, device=device).t())
     with pytest.raises(ValueError, match="dgate must have shape"):
         swiglu_bwd(gate, gate, gate, dgate=torch.empty(4, 4, device=device))
 
@@ -241,7 +263,7 @@ def test_swiglu_rejects_mismatched_operands():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("n_rows", "n_cols"), [(4096, 4096), (1000, 11008), (5, 1000)])
-@pytest.mark.parametrize("layout", ["contiguous", "halves"])
+@pytest.mark.parametrize("layout", ["contiguous", "halves", "interleaved"])
 def test_swiglu_gpu_large_shapes(dtype, n_rows, n_cols, layout):
     gen = torch.Generator().manual_seed(n_rows + n_cols)
     gate, up = make_operands(n_rows, n_cols, dtype, "cuda", layout, gen)
