@@ -326,3 +326,100 @@ def test_a_clamp_the_probes_never_reach_is_left_as_written():
         rep = ccgqa_compile.report()
         assert set(rep.idioms()) <= allowed[type(model)], str(rep)
         assert any("clamps at" in r.reason for r in rep.rejected), str(rep)
+
+
+def _rotate_half(x):  # HF's: slices of x, views of the storage the clamp writes
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _ClippedQKV(torch.nn.Module):
+    """OLMo's ``clip_qkv``: q, k, v clamped in place after the projections, then RoPE and
+    causal GQA (SDPA or written out)."""
+
+    H, KV, D, CLIP = 4, 2, 16, 0.05
+
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        self.sdpa = sdpa
+        self.q = torch.nn.Linear(32, self.H * self.D, bias=False)
+        self.k = torch.nn.Linear(32, self.KV * self.D, bias=False)
+        self.v = torch.nn.Linear(32, self.KV * self.D, bias=False)
+
+    def heads(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.H, self.D).transpose(1, 2)
+        k = self.k(x).view(b, t, self.KV, self.D).transpose(1, 2)
+        v = self.v(x).view(b, t, self.KV, self.D).transpose(1, 2)
+        return q, k, v
+
+    def rotate(self, q, k, cos, sin):
+        for z in (q, k):
+            z.clamp_(min=-self.CLIP, max=self.CLIP)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def forward(self, x, cos, sin):
+        q, k, v = self.heads(x)
+        v.clamp_(min=-self.CLIP, max=self.CLIP)
+        q, k = self.rotate(q, k, cos, sin)
+        g = self.H // self.KV
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        if self.sdpa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t = x.shape[1]
+        s = q @ k.transpose(-1, -2) * self.D**-0.5 + torch.full((t, t), float("-inf")).triu(1)
+        return torch.softmax(s, dim=-1) @ v
+
+
+class _ClampedMidRotation(_ClippedQKV):
+    """Near miss: q clamped in place between its two products, so ``q * cos`` reads q
+    before the clamp and ``rotate_half(q)`` after it: no single rotation of one q."""
+
+    def rotate(self, q, k, cos, sin):
+        q_cos = q * cos
+        q.clamp_(min=-self.CLIP, max=self.CLIP)
+        return q_cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rope_tables(t, d):
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    f = torch.outer(torch.arange(t).float(), inv)
+    f = torch.cat((f, f), dim=-1)
+    return f.cos(), f.sin()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize(
+    ("build", "rope"),
+    [
+        (lambda: _ClippedQKV(sdpa=True), 2),
+        (lambda: _ClippedQKV(sdpa=False), 2),
+        (lambda: _ClampedMidRotation(sdpa=True), 1),
+    ],
+    ids=["sdpa", "handwritten", "near_clamp_mid_rotation"],
+)
+def test_projections_clamped_in_place_before_rope(build, rope, training):
+    """A write to q/k/v before every read of the regions (RoPE, attention) leaves the
+    regions reading the written values: they fuse, the op placed after the write. A write
+    between two reads of one region leaves that region as written. The clamp binds here
+    (weights of scale 0.3 against a bound of 0.05)."""
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 12, 32)
+    cos, sin = _rope_tables(12, model.D)
+    ins = [x.clone().requires_grad_(training) for _ in range(2)]
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.set_grad_enabled(training):
+        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(ins[0], cos, sin)
+        want = model(ins[1], cos, sin)
+    rep = ccgqa_compile.report()
+    assert rel_err(got, want) < 1e-5, str(rep)
+    if training:
+        (g_got,) = torch.autograd.grad(got, ins[0], torch.ones_like(got))
+        (g_want,) = torch.autograd.grad(want, ins[1], torch.ones_like(want))
+        assert rel_err(g_got, g_want) < 1e-5, str(rep)
+    assert rep.count("rope") == rope and rep.count("gqa_attention") == 1, str(rep)

@@ -168,6 +168,13 @@ def agree(actual: Any, expected: Any, rtol: float = 1e-8) -> bool:
 # ---- evaluation ---------------------------------------------------------------------
 
 
+def _views_a_feed(node: Node, feeds: dict[Node, Any]) -> bool:
+    """Whether ``node`` is a view (through layout ops and basic indexing) of a fed tensor."""
+    while isinstance(node, Node) and node not in feeds and storage_base(node) is not node:
+        node = node.args[0]
+    return node in feeds
+
+
 class Evaluator:
     def __init__(
         self,
@@ -188,10 +195,11 @@ class Evaluator:
             if node in feeds:
                 env[node] = feeds[node]
                 continue
-            base = storage_base(node)
-            if base in written and base not in feeds:
+            if storage_base(node) in written and not _views_a_feed(node, feeds):
                 # built here (from sizes), then written in place: what readers see is not
-                # what evaluating its definition gives (a causal mask with one entry set)
+                # what evaluating its definition gives (a causal mask with one entry set).
+                # A view of a fed tensor (a slice of q after q.clamp_()) is computed from
+                # the value fed, which is what the region reads.
                 raise NotEvaluable(f"{node.name} is written in place after it is built")
             env[node] = self._execute(node, env)
         return [env[node] for node in outputs]

@@ -279,8 +279,11 @@ def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int])
     region leaves no single place to read the input: rejected."""
     bases = {storage_base(n) for n in inputs if isinstance(n, Node)}
     first = min(order[n] for n in region.nodes)
+    # a view reads nothing when it runs: its readers do (``v.transpose(1, 2)`` taken before
+    # ``v.clamp_()``, repeated after it, reads v once, after the write)
+    readers = [n for n in region.nodes if storage_base(n) is n]
     reads = {
-        b: [order[n] for n in region.nodes if any(storage_base(i) is b for i in node_inputs(n))]
+        b: [order[n] for n in readers if any(storage_base(i) is b for i in node_inputs(n))]
         for b in bases
     }  # fmt: skip
     after, late = 0, []
