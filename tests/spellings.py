@@ -1866,6 +1866,39 @@ class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
         return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
 
 
+class CCGQARopeWrittenIntoBuffer(CCGQAConvPadSlice):
+    """RoPE written by slice assignment into ``torch.empty_like`` (interleaved pairs, as
+    HYDRA writes it)."""
+
+    def rotate(self, q, k, t, device):
+        cos, sin = (table.to(q.dtype)[:, : self.D // 2] for table in self.tables(t, device))
+
+        def pairs(z):
+            z1, z2 = z[..., 0::2], z[..., 1::2]
+            out = torch.empty_like(z.unflatten(-1, (-1, 2)))
+            out[..., 0] = z1 * cos - z2 * sin
+            out[..., 1] = z1 * sin + z2 * cos
+            return out.flatten(-2)
+
+        return pairs(q), pairs(k)
+
+
+class NearCCGQARopeBufferHalfWritten(CCGQARopeWrittenIntoBuffer):
+    """Near miss: the rotated pairs' second members are never written (a zeroed buffer):
+    half of every q and k row is zero."""
+
+    def rotate(self, q, k, t, device):
+        cos, sin = (table.to(q.dtype)[:, : self.D // 2] for table in self.tables(t, device))
+
+        def pairs(z):
+            z1, z2 = z[..., 0::2], z[..., 1::2]
+            out = torch.zeros_like(z.unflatten(-1, (-1, 2)))
+            out[..., 0] = z1 * cos - z2 * sin
+            return out.flatten(-2)
+
+        return pairs(q), pairs(k)
+
+
 class CCGQARopeBeforeNorm(CCGQAConvPadSlice):
     """RoPE applied BEFORE the L2 norm and temperature: a rotation keeps the norm, so this
     is the same function as the canonical order."""
