@@ -47,6 +47,18 @@ def _graph_device_type(graph: torch.fx.Graph) -> str:
     return "cpu"
 
 
+def _functorch_transform(graph: torch.fx.Graph) -> str | None:
+    """The first functorch transform call in ``graph`` (``torch.func.grad``, ``vmap``...
+    compiled whole): the transform's own calls order what its body computes (the
+    differentiated inputs are marked as requiring grad partway through the graph), and the
+    ops' autograd does not implement functorch's levels, so such graphs are left alone."""
+    for node in graph.nodes:
+        module = getattr(node.target, "__module__", None) or ""
+        if node.op == "call_function" and module.startswith(("torch._functorch", "torch._C._functorch")):
+            return getattr(node.target, "__name__", str(node.target))
+    return None
+
+
 def _is_joint(graph: torch.fx.Graph) -> bool:
     return any(n.op == "placeholder" and "tangent" in str(n.target) for n in graph.nodes)
 
@@ -111,9 +123,14 @@ class RecognitionPass(CustomGraphPass):
         _runs[0] += 1
         device_type = _graph_device_type(graph)
         ctx = GraphContext(graph, size_assignments(graph), self.fuse_on_cpu)
+        transform = _functorch_transform(graph)
         if device_type != "cuda" and not self.fuse_on_cpu:
             ctx.events.append(
                 ("note", (f"{device_type} graph left to Inductor (CCGQA_FUSE_ON_CPU=1 fuses it)",))
+            )
+        elif transform is not None:
+            ctx.events.append(
+                ("note", (f"graph left to Inductor: it runs a functorch transform ({transform})",))
             )
         else:
             recognise(ctx, self.fusions)
