@@ -12,7 +12,7 @@ import ccgqa_compile
 from patterns import BY_NAME, Shape
 
 from ._backends import ccgqa_without_codegen
-from ._compare import assert_close, rel_err
+from ._compare import assert_as_close_as_eager, assert_close, rel_err
 
 
 def _compile_pair(name):
@@ -456,3 +456,71 @@ def test_functorch_transforms_compiled_whole_are_left_alone():
         assert want.norm() > 0 and rel_err(got, want) < 1e-5, str(rep)
         assert not rep.counts(), str(rep)
         assert "functorch transform" in str(rep), str(rep)
+
+
+class _RopeSdpaUnderAutocast(torch.nn.Module):
+    """Projections, RoPE with float32 tables, SDPA causal GQA: under a bf16 autocast q and
+    k come out float32 (bf16 projections times float32 tables), v bfloat16; SDPA casts the
+    three to bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(32, 4 * 16, bias=False)
+        self.k = torch.nn.Linear(32, 2 * 16, bias=False)
+        self.v = torch.nn.Linear(32, 2 * 16, bias=False)
+        self.DIM = 32
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 16).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 16).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 16).transpose(1, 2)
+        cos, sin = _rope_tables(t, 16)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("name", ["rope_sdpa", "ccgqa_zaya_style", "ccgqa_conv_pad_slice"])
+def test_attention_and_blocks_fuse_under_an_autocast_around_the_call(name, training):
+    """``with torch.autocast(...): model(x)``: Dynamo keeps no autocast region in the graph
+    for an autocast around the call, it compiles under it. The attention's q, k, v dtypes
+    then differ as written (fp32 RoPE tables) and agree once SDPA's autocast casts them;
+    the op we emit casts them the same way. Outputs and gradients are as close to float64
+    as eager's under the same autocast."""
+    from . import spellings as sp
+
+    build = {
+        "rope_sdpa": _RopeSdpaUnderAutocast,
+        "ccgqa_zaya_style": sp.CCGQAZayaStyle,
+        "ccgqa_conv_pad_slice": sp.CCGQAConvPadSlice,
+    }[name]
+    torch.manual_seed(0)
+    model = build().train(training)
+    eager, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(2, 9, model.DIM)
+    x_c, x_e = (x.clone().requires_grad_(training) for _ in range(2))
+    x_r = x.double().requires_grad_(training)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)
+    with torch.set_grad_enabled(training):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_c, out_e = compiled(x_c), eager(x_e)
+        out_r = reference(x_r)
+    rep = ccgqa_compile.report()
+    assert out_c.dtype == out_e.dtype, str(rep)
+    assert_as_close_as_eager(out_c, out_e, out_r, torch.bfloat16, f"{name} output\n{rep}")
+    expect = {"gqa_attention": 1} if name == "rope_sdpa" else {"ccgqa_block": 1}
+    for fusion, count in expect.items():
+        assert rep.count(fusion) == count, str(rep)
+    if training:
+        g = torch.randn_like(out_r)
+        params = [x_c, *model.parameters()], [x_e, *eager.parameters()], [x_r, *reference.parameters()]
+        grads = [
+            torch.autograd.grad(o, p, g.to(o.dtype), allow_unused=True)
+            for o, p in zip((out_c, out_e, out_r), params)
+        ]
+        for gc, ge, gr in zip(*grads):
+            if gr is not None:
+                assert_as_close_as_eager(gc, ge, gr, torch.bfloat16, f"{name} gradient\n{rep}", True)

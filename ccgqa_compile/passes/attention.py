@@ -288,16 +288,29 @@ def sizes_of(x, sizes):
 
 
 def _autocast_dtype(graph: torch.fx.Graph, node: Node) -> torch.dtype | None:
-    """The autocast dtype in force at ``node``: the innermost enabled region's."""
+    """The autocast dtype in force at ``node`` for its tensors' device: the innermost
+    region of that device type opened in the graph (a CPU autocast leaves CUDA tensors
+    alone), else the state the graph is compiled under (an autocast around the compiled
+    call: Dynamo keeps no enter/exit for it, and guards the graph on it)."""
+    device = next(
+        (v.device.type for v in map(tensor_value, node_inputs(node)) if v is not None), "cpu"
+    )
     for enter in reversed(autocast_stacks(graph)[node]):
-        if arg(enter, 2, "enabled", True):
-            dtype = arg(enter, 1, "dtype", None)
-            if dtype is not None:
-                return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        device_type = arg(enter, 0, "device_type", None)
+        if device_type not in (None, device):
+            continue
+        if not arg(enter, 2, "enabled", True):
+            return None
+        dtype = arg(enter, 1, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.get_autocast_dtype(device)
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return None
 
 
-def _sdpa_operands(ctx: GraphContext, args: dict[str, Any]) -> tuple[Node, Node, Node]:
+def _sdpa_operands(
+    ctx: GraphContext, args: dict[str, Any], node: Node
+) -> tuple[Node, Node, Node]:
     """q, and k and v before any GQA repeat; raises Rejected when they are not (B, H, T, D)."""
     q, k, v = args["query"], args["key"], args["value"]
     qv, kv, vv = (tensor_value(x) for x in (q, k, v))
@@ -305,7 +318,11 @@ def _sdpa_operands(ctx: GraphContext, args: dict[str, Any]) -> tuple[Node, Node,
         raise Rejected("q, k, v have no example values")
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
         raise Rejected("q, k, v must be 4-D (B, H, T, D)")
-    if not qv.dtype == kv.dtype == vv.dtype:
+    dtypes = {qv.dtype, kv.dtype, vv.dtype}
+    # under autocast SDPA casts q, k and v to the autocast dtype (float64 excepted), as the
+    # op we emit there does: fp32 q/k from fp32 RoPE tables beside a bf16 v are no mismatch
+    cast = _autocast_dtype(ctx.graph, node) is not None and torch.float64 not in dtypes
+    if len(dtypes) > 1 and not cast:
         raise Rejected("q, k, v dtypes differ")
     h_q, h_k = qv.shape[1], kv.shape[1]
     if not (isinstance(h_q, int) and isinstance(h_k, int)):
@@ -368,7 +385,7 @@ def _sdpa(ctx: GraphContext, node: Node, fuse: bool = True) -> Site | None:
         ctx.rejected(FUSION, "sdpa", node, "unrecognised SDPA arguments")
         return None
     try:
-        q, k0, v0 = _sdpa_operands(ctx, args)
+        q, k0, v0 = _sdpa_operands(ctx, args, node)
     except Rejected as why:
         ctx.rejected(FUSION, "sdpa", node, str(why))
         return None
