@@ -1866,6 +1866,64 @@ class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
         return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
 
 
+class CCGQASequenceFirst(nn.Module):
+    """Megatron / vLLM / SGLang layout: hidden states (T, B, E) throughout; q|k projected
+    there, concatenated and convolved as ``qk.permute(1, 2, 0)``, heads viewed as
+    (T, B, H, D), ``F.normalize``, raw per-kv-head temperature, rotate-half RoPE after a
+    permute to (B, H, T, D), SDPA enable_gqa."""
+
+    DIM, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 3
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.q_proj = nn.Linear(self.DIM, hq * d, bias=False)
+        self.k_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.v_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
+        c = (hq + hkv) * d
+        self.conv1 = nn.Conv1d(c, c, self.K1, groups=c)
+        self.conv2 = nn.Conv1d(c, c, self.K2, groups=hq + hkv)
+        self.temp = nn.Parameter(0.8 + 0.3 * torch.rand(hkv))
+
+    def conv(self, qk):
+        """(T, B, C) -> (T, B, C), causal along T."""
+        y = qk.permute(1, 2, 0)
+        y = self.conv2(F.pad(self.conv1(F.pad(y, (self.K1 - 1, 0))), (self.K2 - 1, 0)))
+        return y.permute(2, 0, 1)
+
+    def forward(self, x):
+        hs = x.transpose(0, 1)
+        t, b, _ = hs.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q_pre, k_pre = self.q_proj(hs), self.k_proj(hs)
+        q_c, k_c = self.conv(torch.cat((q_pre, k_pre), dim=-1)).split((hq * d, hkv * d), dim=-1)
+        m = (q_pre.view(t, b, hq, d) + k_pre.view(t, b, hkv, d).repeat_interleave(g, dim=2)) * 0.5
+        q = q_c.reshape(t, b, hq, d) + m
+        k = k_c.reshape(t, b, hkv, d) + m.view(t, b, hkv, g, d).mean(3)
+        q = F.normalize(q, dim=-1) * math.sqrt(d)
+        k = F.normalize(k, dim=-1) * math.sqrt(d) * self.temp[:, None]
+        q, k = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+        f = torch.outer(torch.arange(t, device=x.device).float(), inv)
+        cos, sin = torch.cat((f, f), -1).cos().to(q.dtype), torch.cat((f, f), -1).sin().to(q.dtype)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = self.v_proj(hs).view(t, b, hkv, d).permute(1, 2, 0, 3)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(o.permute(0, 2, 1, 3).reshape(b, t, hq * d))
+
+
+class NearCCGQASequenceFirstConvOverBatch(CCGQASequenceFirst):
+    """Near miss: the (T, B, C) states permuted to (T, C, B): the convolutions run along
+    the batch, not the tokens."""
+
+    def conv(self, qk):
+        y = qk.permute(0, 2, 1)
+        y = self.conv2(F.pad(self.conv1(F.pad(y, (self.K1 - 1, 0))), (self.K2 - 1, 0)))
+        return y.permute(0, 2, 1)
+
+
 class CCGQARopeWrittenIntoBuffer(CCGQAConvPadSlice):
     """RoPE written by slice assignment into ``torch.empty_like`` (interleaved pairs, as
     HYDRA writes it)."""

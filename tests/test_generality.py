@@ -190,6 +190,7 @@ CCGQA = [
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
+    _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
     _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
@@ -215,6 +216,12 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_sequence_first_conv_over_batch",
+        sp.NearCCGQASequenceFirstConvOverBatch,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_rope_buffer_half_written",
         sp.NearCCGQARopeBufferHalfWritten,

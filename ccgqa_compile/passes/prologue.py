@@ -103,6 +103,9 @@ class Plan:
     state_btc: bool = False  # the states laid out (B, S, C); else (B, C, S)
     state_len: int = 0
     state_q_first: bool = True  # one state of both streams: q's channels first
+    # q_pre and k_pre laid out tokens first, (T, B, C) or (T, B, H, D): sequence-first code
+    # (vLLM's and SGLang's token-flat hidden states unsqueezed to (T, 1, E))
+    tokens_first: bool = False
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -175,15 +178,23 @@ def _split_part(node: Node) -> bool:
 
 
 def _as_btc(node: Node, b, t) -> str | None:
-    """How a source is (B, T, C): "btc" as is, "bthd" flattened."""
+    """How a source is (B, T, C): "btc" as is, "bthd" flattened, "tbc" / "tbhd" tokens
+    first (transposed, then flattened)."""
     v = tensor_value(node)
-    if v is None or not same_size(v.shape[0], b) or not same_size(v.shape[1], t):
+    if v is None or v.dim() not in (3, 4):
         return None
-    if v.dim() == 3:
-        return "btc"
-    if v.dim() == 4:
-        return "bthd"
+    if same_size(v.shape[0], b) and same_size(v.shape[1], t):
+        return "btc" if v.dim() == 3 else "bthd"
+    if same_size(v.shape[0], t) and same_size(v.shape[1], b):
+        return "tbc" if v.dim() == 3 else "tbhd"
     return None
+
+
+def _tokens_first(sources: list[Node], b, t) -> bool | None:
+    """Whether the sources are all tokens first, all batch first (False), or mixed (None).
+    A (T, T, C) source (B == T) reads batch first; the probes reject the wrong reading."""
+    layouts = {_as_btc(x, b, t) in ("tbc", "tbhd") for x in sources}
+    return layouts.pop() if len(layouts) == 1 else None
 
 
 def _width(node: Node) -> int:
@@ -229,11 +240,13 @@ def _plans(site: Site) -> list[Plan] | str:
                 continue
             rest = [x for x in sources if x is not first and x is not second]
             state = _state_form(rest, b, cq + ckv)
-            if state is None:
+            tokens_first = _tokens_first([first, second], b, t)
+            if state is None or tokens_first is None or (tokens_first and state):
                 continue
             q_first = sources.index(first) < sources.index(second)
             plans.append(Plan(first, second, hq, hkv, d, (c1, c2), (c1, c2), shared=True,
-                              q_first=q_first, state_q_first=q_first, **state))  # fmt: skip
+                              q_first=q_first, state_q_first=q_first,
+                              tokens_first=tokens_first, **state))  # fmt: skip
     elif len(chains) == 2:
         for qc, kc in (chains, chains[::-1]):
             if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
@@ -246,7 +259,10 @@ def _plans(site: Site) -> list[Plan] | str:
             pres = (q_pre[0], k_pre[0])
             q_rest = [x for x in qs if x not in pres]
             k_rest = [x for x in ks if x not in pres]
-            base = Plan(q_pre[0], k_pre[0], hq, hkv, d, qc, kc)
+            tokens_first = _tokens_first(list(pres), b, t)
+            if tokens_first is None or (tokens_first and (q_rest or k_rest)):
+                continue  # mixed layouts; a tokens-first decode step's states: not taken
+            base = Plan(q_pre[0], k_pre[0], hq, hkv, d, qc, kc, tokens_first=tokens_first)
             if q_rest and q_rest == k_rest:  # one state of both streams, split by channels
                 state = _state_form(q_rest, b, cq + ckv)
                 if state is not None:
@@ -354,8 +370,10 @@ def _conv_shapes_problem(plan: Plan) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _flat(x, source: Node):
-    """A (B, T, H, D) source as (B, T, H*D); decided on the graph node (x may be a proxy)."""
+def _flat(x, source: Node, tokens_first: bool = False):
+    """A (B, T, H, D) source as (B, T, H*D), a tokens-first one transposed first; decided
+    on the graph node (x may be a proxy)."""
+    x = x.transpose(0, 1) if tokens_first else x
     return x.flatten(2) if tensor_value(source).dim() == 4 else x
 
 
@@ -379,7 +397,7 @@ def _half(x, plan: Plan, stream: str):
 def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
     q_pre, k_pre, *rest = values
-    q_x, k_x = _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre)
+    q_x, k_x = _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
     if plan.states:
         q_x, k_x = _extended(plan, rest[: len(plan.states)], q_x, k_x)
         rest = rest[len(plan.states) :]
@@ -419,7 +437,8 @@ def seed_op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     if temp is not None:
         temp = temp.reshape(())
     return [
-        _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre), qw1, qw2, kw1, kw2, temp, cos, sin,
+        _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first),
+        qw1, qw2, kw1, kw2, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.eps, plan.rope[4],
     ]  # fmt: skip
 
@@ -700,7 +719,7 @@ def _raw_norm(ctx, region: Region, plan: Plan) -> float:
 def _seed_raw(plan: Plan, values: list[Any]):
     """The seed variant's vectors before the normalisation, (B, T, H, D) per stream."""
     q_pre, k_pre, qw1, _, qw2, _, kw1, _, kw2, _ = values[:10]
-    q_pre, k_pre = _flat(q_pre, plan.q_pre), _flat(k_pre, plan.k_pre)
+    q_pre, k_pre = _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
 
     def convs(x, w1, w2, heads):
         y = F.pad(x.transpose(1, 2), (w1.shape[-1] - 1, 0))
