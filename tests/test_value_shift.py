@@ -257,7 +257,8 @@ class SpelledV(nn.Module):
             s = self.shift
             prev = F.pad(hs[:-s], (0, 0, 0, 0, s, 0))  # SGLang's CCA
             return torch.cat([self.now(hs), self.prev(prev)], -1).transpose(0, 1) * 2
-        return torch.cat([self.now(x), self.prev(_shifted(x, self.spelling, self.shift, self.state))], -1)
+        shifted = _shifted(x, self.spelling, self.shift, self.state)
+        return torch.cat([self.now(x), self.prev(shifted)], -1)
 
 
 def _compare_modes(model, x, training: bool):
@@ -336,3 +337,37 @@ def test_dynamic_lengths_with_a_spelling_that_reads_no_length():
     for seq in (5, 8, 11):
         rep = _compare(model, torch.randn(2, seq, 16, dtype=torch.float64), dynamic=True)
         assert len(rep.graphs) == 1 and rep.count("value_shift") == 1, str(rep)
+
+
+class ShiftReadTwice(nn.Module):
+    """The shifted tensor also read outside the linear (``escapes``: still rewritten, the
+    other reader keeps its value), or the tensor it shifts written in place after the shift
+    copied it (``written_after``: the linear would read the new rows; left as written)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.now = nn.Linear(16, 8, bias=False)
+        self.prev = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        h = x * 1.5
+        if self.variant == "escapes":
+            x_prev = torch.roll(h, 1, dims=1)
+            x_prev[:, 0] = 0
+            out = torch.cat([self.now(h), self.prev(x_prev)], -1)
+            return out.sum(-1, keepdim=True) + x_prev
+        x_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
+        h.mul_(2)  # after the pad copied h: x_prev keeps the old rows
+        return torch.cat([self.now(h), self.prev(x_prev)], -1)
+
+
+@pytest.mark.usefixtures("_value_shift_only")
+@pytest.mark.parametrize("variant, fused", [("escapes", True), ("written_after", False)])
+def test_a_shift_read_elsewhere_or_a_source_written_later(variant, fused):
+    torch.manual_seed(0)
+    rep = _compare(ShiftReadTwice(variant).double(), torch.randn(2, 6, 16, dtype=torch.float64))
+    assert rep.count("value_shift") == int(fused), str(rep)
+    if not fused:
+        assert "writes h in place before the linear reads it" in str(rep), str(rep)
+        assert "at linear:" not in str(rep), str(rep)  # now(h) is no shift: not considered

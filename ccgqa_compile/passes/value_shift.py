@@ -11,34 +11,38 @@ any dim but the one it contracts
     linear(shift(x, s, dim), W) == shift(linear(x, W), s, dim)
 
 and the rewritten graph shifts the (B, T, E_kv / 2) projection instead (one
-``pad(y, (..., s, 0))[..., :-s, :]``: s zero rows in front, s rows dropped at the end); Inductor fuses
-that shift into the copy that concatenates V, and the backward needs no padded input
-gradient. Measured: the shift's kernels 0.306 -> 0.018 ms, the E2048 block 3.22 -> 3.12 ms
-(what remains of the gap to a block without shift is V's two half-width projections). This
-is our form of "folding the shift into the V load": the attention kernel still reads one V
-tensor, which Inductor builds already shifted.
+``pad(y, (..., s, 0))[..., :-s, :]``: s zero rows in front, s rows dropped at the end);
+Inductor fuses that shift into the copy that concatenates V, and the backward needs no
+padded input gradient. Measured: the shift's kernels 0.306 -> 0.018 ms, the E2048 block
+3.22 -> 3.12 ms (what remains of the gap to a block without shift is V's two half-width projections). This is our
+form of "folding the shift into the V load": the attention kernel still reads one V tensor,
+which Inductor builds already shifted.
 
 Recognised by what the linear's input computes, not by its spelling: people write
 ``pad(x, (0, 0, s, 0))[:, :T]``, ``pad(x[:, :-s], (0, 0, s, 0))``, ``pad(x, (0, 0, s, -s))``,
 ``cat((zeros, x[:, :-s]), 1)``, ``roll(x, s, 1)`` with the first rows zeroed (in place,
 ``where`` or ``masked_fill``), ``empty_like(x)`` filled by slice assignments, or the same
-along dim 0 of a sequence-first (T, 1, E) tensor. A linear is considered when the ops
-between its input and the tensors feeding it (walked back through data-movement ops: pads,
-slices, rolls, cats, selections, constructors, in-place writes) include one that can move
-rows. Each tensor of the input's shape and dtype met there is a candidate x; the ops from x
-to the input, in-place writes before the linear included, are replayed in float64 on
-random x (at every size assignment, two draws), and the rewrite happens only when the
-result is x shifted by some s >= 1 along some dim but the last, zero rows entering. The dim
-and s are searched on a per-row fingerprint (literals of the graph's pads and rolls tried
-first: at a length <= s the shifted input is all zero, and the graph's own s is reported).
+along dim 0 of a sequence-first (T, 1, E) tensor. The walk back from a linear's input
+through data-movement ops (pads, slices, rolls, cats, selections and masks, constructors,
+in-place writes and their functional scatter forms) proposes; a linear is considered when
+that walk meets an op that can move rows and a tensor of the input's shape and dtype (a
+candidate x, nearest first). The ops from x to the input, in-place writes before the linear
+included, are replayed in float64 on random x (at every size assignment, two draws), and the
+rewrite happens only when the result is x shifted by some s >= 1 along some dim but the
+last, zero rows entering. The dim and s are searched on a per-row fingerprint (literals of
+the graph's pads and rolls tried first: at a length <= s the shifted input is all zero, and
+the graph's own s is reported).
 
 Left as written, each with a report line saying why: a bias (the entering rows would become
 the bias, not zero); entering rows that are not zero (a roll without zeroing wraps around,
 a pad with a value, a replicate pad); a shift along the contracted (feature) dim; different
 shifts per batch; a slice dropping the wrong end; a region that reads another runtime
 tensor (a decode state's previous row) or cuts the gradient; x written in place before the
-linear. A linear whose input no data-movement op touches (q_proj(x), out_proj(o)) is not
-considered and not reported.
+linear. Not considered, and not reported: a linear whose input no row-moving op touches
+(q_proj(x), out_proj(o)), or that has no tensor of its input's shape behind it (a pad or
+cat that changes the length: no shift). vLLM's ``cat((linear(zeros), linear(x)[:-1]))``
+shifts after the projection already: nothing to move (its one-row projection of zeros is
+left as written).
 
 Then V's two halves, ``cat((linear(x, W_now), shift(linear(x, W_prev))), -1)``, project
 the same x, and become one matmul with ``cat((W_now, W_prev))`` split in two
@@ -101,6 +105,10 @@ _MOVE_METHODS = {
     "select_scatter", "index_put", "scatter", "index_fill",
 }  # fmt: skip
 _CONSTRUCTOR_NAMES = ("zeros", "empty", "full")
+_ROW_WRITE_METHODS = {
+    "fill_", "zero_", "masked_fill_", "index_fill_", "copy_", "index_put_", "scatter_",
+    "index_copy_", "masked_scatter_",
+}  # fmt: skip
 # a node whose walk found none of these only selects, masks or casts: not a shift
 _SHIFT_HINT_FUNCTIONS = {*_PAD, *_SCATTERS, torch.roll, torch.where, torch.masked_fill}
 _MAX_WALK = 48
@@ -136,13 +144,19 @@ def _hints_a_shift(node: Node) -> bool:
         "scatter", "index_fill",
     ):  # fmt: skip
         return True
-    if _is_constructor(node) or is_mutating(node):
+    if _is_constructor(node) or _writes_rows(node):
         return True
     if is_function(node, *_CAT):
         v = tensor_value(node)
         dim = arg(node, 1, "dim", 0)
         return v is not None and isinstance(dim, int) and dim % v.dim() != v.dim() - 1
     return False
+
+
+def _writes_rows(node: Node) -> bool:
+    """An in-place write that can set rows (``buf[i] = v``, ``fill_``, ``copy_``...), not an
+    in-place arithmetic op (``h.mul_(2)``)."""
+    return is_function(node, operator.setitem) or is_method(node, *_ROW_WRITE_METHODS)
 
 
 def _writes_before(graph: torch.fx.Graph, stop: Node) -> list[Node]:
@@ -160,8 +174,10 @@ def _writes_into(writes: list[Node], nodes: set[Node], skip: Any = None) -> list
     """The writes landing in the storage of one of ``nodes`` (except ``skip``'s)."""
     bases = {storage_base(n) for n in nodes} - {skip}
     return [
-        w for w in writes if w not in nodes and any(storage_base(t) in bases for t in written_tensors(w))
-    ]  # fmt: skip
+        w
+        for w in writes
+        if w not in nodes and any(storage_base(t) in bases for t in written_tensors(w))
+    ]
 
 
 def _walk(u: Node, linear: Node) -> tuple[list[Node], bool]:
@@ -183,7 +199,7 @@ def _walk(u: Node, linear: Node) -> tuple[list[Node], bool]:
         hint = hint or _hints_a_shift(node)
         todo.extend(i for i in node_inputs(node) if tensor_value(i) is not None)
         for w in _writes_into(writes, {node}):
-            hint = True
+            hint = hint or _writes_rows(w)
             todo.append(w)
     return seen, hint
 
@@ -343,8 +359,6 @@ def _prove(
     """(x, dim, s, the ops from x to u) for the nearest candidate x whose shift the linear
     reads, else why not."""
     candidates = _candidates(u, walked)
-    if not candidates:
-        return "no tensor of its input's shape and dtype feeds it through data-movement ops"
     literals = _literals(walked)
     reasons = []
     for x in candidates:
@@ -369,7 +383,9 @@ def _prove_candidate(
     literals: list[int],
 ) -> tuple[int, int] | str:
     if tensor_value(x).requires_grad and not tensor_value(u).requires_grad:
-        return "the gradient does not flow through it (detach or no_grad): it would after the rewrite"
+        return (
+            "the gradient does not flow through it (detach or no_grad): it would after the rewrite"
+        )
     found: tuple[int, int] | None = None
     try:
         with real_tensors():
@@ -406,8 +422,8 @@ def run(ctx: GraphContext) -> int:
         if not isinstance(u, Node) or tensor_value(u) is None or tensor_value(u).dim() < 2:
             continue
         walked, hint = _walk(u, node)
-        if not hint:
-            continue
+        if not hint or not _candidates(u, walked):
+            continue  # no row moved, or no tensor of its shape to be a shift of
         proven = _prove(ctx, node, u, walked)
         if isinstance(proven, str):
             ctx.rejected(FUSION, IDIOM, node, f"the linear's input {u.name}: {proven}")
@@ -415,7 +431,8 @@ def run(ctx: GraphContext) -> int:
         if bias is not None:
             ctx.rejected(
                 FUSION, IDIOM, node,
-                "the linear has a bias: the rows entering the shift would become the bias, not zero",
+                "the linear has a bias: the rows entering the shift would become the bias, "
+                "not zero",
             )  # fmt: skip
             continue
         x, dim, shift, region = proven
