@@ -642,3 +642,42 @@ def test_bmm_rows_masked_by_a_buffer_fuse():
     q, k, v = (torch.randn(2, h, 9, 8) for h in (4, 2, 2))
     rep = _qkv_compiled_vs_eager(model, q, k, v)
     assert rep.idioms() == {("gqa_attention", "handwritten_runtime_mask"): 1}, str(rep)
+
+
+# ---- einops calls Dynamo keeps whole ------------------------------------------------------
+
+_EINOPS_OPAQUE = """
+import sys, einops, torch
+for f in (einops.rearrange, einops.repeat, einops.reduce, einops.einsum):
+    torch._dynamo.allow_in_graph(f)  # what Dynamo does for einops 0.8 before torch 2.12
+from tests import test_generality as tg
+from tests._backends import ccgqa_without_codegen
+for name in sys.argv[1:]:
+    case = tg.BY_NAME[name]
+    for training in (False, True):
+        rep = tg._compile_and_compare(case, training, ccgqa_without_codegen)
+        tg._check_counts(case, rep, training)
+        print(name, training, dict(rep.counts()))
+"""
+
+
+def test_einops_calls_kept_whole_by_dynamo_are_written_out():
+    """Where Dynamo keeps einops calls as single opaque nodes (torch 2.11 with einops 0.8:
+    allow_in_graph), the conv layouts and head views inside them are written out as the
+    torch ops einops runs, and the einops spellings fuse as when Dynamo traces einops (the
+    CCGQA block's prologue and the RoPE did not). In a subprocess: allow_in_graph is global."""
+    import os
+    import subprocess
+    import sys
+
+    names = [c.name for c in CASES if "einops" in c.name]
+    assert "ccgqa_einops" in names and "rope_einops_interleaved" in names
+    env = {**os.environ, "CCGQA_FUSE_ON_CPU": "1", "CCGQA_STRICT": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", _EINOPS_OPAQUE, *names],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("\n") == 2 * len(names), done.stdout

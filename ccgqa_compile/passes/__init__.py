@@ -66,10 +66,21 @@ def _is_joint(graph: torch.fx.Graph) -> bool:
 def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
     """Every recognizer, in order: attention sites, the prologues ending at them (and the
     whole blocks they make), then RoPE, RMSNorm and SwiGLU wherever they remain."""
-    from . import attention, blocks, fresh_buffers, prologue, rms_norm, rope, swiglu, value_shift
+    from . import (
+        attention,
+        blocks,
+        einops_calls,
+        fresh_buffers,
+        prologue,
+        rms_norm,
+        rope,
+        swiglu,
+        value_shift,
+    )
 
     ctx.decode = "gqa_decode_attention" in fusions
-    if fusions:
+    if fusions:  # forms the recognizers read: einops calls written out, buffer writes as scatters
+        _guarded(ctx, "einops_calls", lambda: einops_calls.run(ctx))
         _guarded(ctx, "fresh_buffers", lambda: fresh_buffers.run(ctx))
     if "value_shift" in fusions:
         _guarded(ctx, "value_shift", lambda: value_shift.run(ctx))
