@@ -681,3 +681,27 @@ def test_einops_calls_kept_whole_by_dynamo_are_written_out():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("\n") == 2 * len(names), done.stdout
+
+
+class _CCGQASoftmaxOverQueries(sp.CCGQAConvPadSlice):
+    """A CCGQA block whose written-out attention normalises over the queries: not causal
+    GQA, so no site stands for it."""
+
+    def attend(self, q, k, v):
+        g = self.HQ // self.HKV
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-2)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+def test_a_block_whose_attention_is_not_recognised_says_so():
+    """q/k convolutions feeding an attention the attention pass rejected: the report says
+    why no prologue or block was tried, instead of nothing."""
+    case = Case("ccgqa_softmax_over_queries", _CCGQASoftmaxOverQueries, dict.fromkeys(BLOCK, 0), "near")
+    rep = _compile_and_compare(case, False, ccgqa_without_codegen)
+    _check_counts(case, rep, False)
+    lines = [u for u in rep.unfused_candidates if u.fusion == "ccgqa_block"]
+    assert any("not recognised as causal grouped-query attention" in u.reason for u in lines), str(rep)

@@ -878,7 +878,7 @@ def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
             if (
                 any(_is_exp(n) for n in chain)
                 and any(_row_reduction(n) for n in chain)
-                and not any(_is_softmax(n) for n in chain)
+                and not any(is_softmax(n) for n in chain)
             ):  # fmt: skip
                 found.append(p)
     return found
@@ -1025,12 +1025,12 @@ def _block_rows(numel_per_row: int) -> int:
     return max(1, min(4096, (1 << 22) // max(numel_per_row, 1)))
 
 
-def _is_softmax(node: Node) -> bool:
+def is_softmax(node: Node) -> bool:
     return is_function(node, *SOFTMAXES) or is_method(node, "softmax")
 
 
 def _handwritten(ctx: GraphContext, anchor: Node, fuse: bool = True) -> Site | None:
-    hw = _parse(anchor) if _is_softmax(anchor) else _parse_manual(anchor)
+    hw = _parse(anchor) if is_softmax(anchor) else _parse_manual(anchor)
     if isinstance(hw, str):
         ctx.rejected(FUSION, "handwritten", anchor, hw)
         return None
@@ -1494,7 +1494,7 @@ def anchors(graph: torch.fx.Graph) -> list[Node]:
     for node in graph.nodes:
         if is_function(node, *SDPA):
             out.append(node)
-        elif _is_softmax(node):
+        elif is_softmax(node):
             if tensor_value(node) is not None and tensor_value(node).dim() >= 2:
                 out.append(node)
     if not any(_is_exp(n) for n in graph.nodes):
@@ -1571,7 +1571,7 @@ def _split_fused_score_adds(graph: torch.fx.Graph) -> list[tuple[tuple, Node]]:
     for node in list(graph.nodes):
         if not _is_baddbmm(node) or len(node.args) < 3 or node.kwargs.keys() - {"beta", "alpha"}:
             continue
-        if any(_is_softmax(u) or _is_exp(u) for u in _descendants(node, 4)):
+        if any(is_softmax(u) or _is_exp(u) for u in _descendants(node, 4)):
             splits.append(_split_baddbmm(graph, node))
     return splits
 

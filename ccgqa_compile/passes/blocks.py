@@ -9,8 +9,9 @@ half is missing.
 
 from __future__ import annotations
 
-from .attention import Site, layer_convolutions
+from .attention import Site, is_softmax, layer_convolutions, sdpa_arguments
 from .common import GraphContext
+from .fx_util import SDPA, is_function
 
 FUSION = "ccgqa_block"
 
@@ -35,6 +36,22 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
         elif site.causal and _has_conv(site):
             ctx.unfused(FUSION, site.anchor, "attention found, but its q/k prologue did not "
                         "fuse (see the ccgqa_prologue lines)")  # fmt: skip
+    anchors = {site.anchor for site in sites}
+    for node in ctx.graph.nodes:  # attentions no site stands for: rejected before a site
+        if node in anchors or not _convolved_attention(node):
+            continue
+        ctx.unfused(FUSION, node, "q/k convolutions feed this attention, which was not "
+                    "recognised as causal grouped-query attention (see the gqa_attention "
+                    "lines): its prologue is not tried")  # fmt: skip
+
+
+def _convolved_attention(node) -> bool:
+    """An SDPA call whose q and k, or a softmax whose scores, depend on 1-D convolutions
+    within their layer."""
+    if is_function(node, *SDPA):
+        args = sdpa_arguments(node)
+        return args is not None and bool(layer_convolutions([args["query"], args["key"]]))
+    return is_softmax(node) and bool(layer_convolutions([node]))
 
 
 def _has_conv(site: Site) -> bool:
