@@ -1866,6 +1866,60 @@ class CCGQARopeNegativeAngles(CCGQAConvPadSlice):
         return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
 
 
+class CCGQARepeatBeforeNorm(CCGQAConvPadSlice):
+    """k repeated to the query heads right after the convs and qk-mean, BEFORE the L2 norm,
+    one scalar temperature and RoPE (an independent implementation's order); V repeated at
+    its projection; hand-written MHA-shaped core on the repeats."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(0.3 * torch.randn(1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        g = self.HQ // self.HKV
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
+        k = k.repeat_interleave(g, dim=1)
+        q, k = self.normalise(q), self.normalise(k) * self.log_scale.exp()
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2).repeat_interleave(g, dim=1)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+        o = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s.masked_fill(~keep, float("-inf")), -1), v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class NearCCGQARepeatBeforeNormPerQueryHeadTemperature(CCGQARepeatBeforeNorm):
+    """Near miss: after the repeat each query head's copy of k gets its own temperature:
+    the copies of one kv head differ, no per-kv-head k computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_temp = nn.Parameter(0.3 * torch.randn(self.HQ))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        g = self.HQ // self.HKV
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
+        k = k.repeat_interleave(g, dim=1)
+        q, k = self.normalise(q), self.normalise(k)
+        k = k * self.log_temp.exp().view(1, self.HQ, 1, 1)
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2).repeat_interleave(g, dim=1)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+        o = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s.masked_fill(~keep, float("-inf")), -1), v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
 class CCGQASequenceFirst(nn.Module):
     """Megatron / vLLM / SGLang layout: hidden states (T, B, E) throughout; q|k projected
     there, concatenated and convolved as ``qk.permute(1, 2, 0)``, heads viewed as

@@ -191,6 +191,7 @@ CCGQA = [
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
+    _must("ccgqa_k_repeated_before_norm", sp.CCGQARepeatBeforeNorm, **_block()),
     _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
@@ -216,6 +217,12 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_repeated_k_per_query_head_temperature",
+        sp.NearCCGQARepeatBeforeNormPerQueryHeadTemperature,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_sequence_first_conv_over_batch",
         sp.NearCCGQASequenceFirstConvOverBatch,

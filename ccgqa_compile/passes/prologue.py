@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
-from .attention import Site, layer_convolutions
+from .attention import Site, layer_convolutions, unrepeated
 from .common import GraphContext, float_literals, is_training_graph
 from .evaluate import Evaluator, NotEvaluable, agree, constant_value, real_tensors
 from .fx_util import (
@@ -53,7 +53,7 @@ from .fx_util import (
     tensor_value,
     topo_order,
 )
-from .region import Region, Rejected, emit, propagate_fake, stable_sort
+from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort
 from .rope import _table_options
 
 FUSION = "ccgqa_prologue"
@@ -106,6 +106,9 @@ class Plan:
     # q_pre and k_pre laid out tokens first, (T, B, C) or (T, B, H, D): sequence-first code
     # (vLLM's and SGLang's token-flat hidden states unsqueezed to (T, 1, E))
     tokens_first: bool = False
+    # k repeated to more heads before the norm (figliola's CCGQA repeats each kv head to
+    # its G query heads first): the op's k, repeat_interleave'd this many times per head
+    k_repeat: int = 1
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -203,13 +206,27 @@ def _width(node: Node) -> int:
 
 
 def _plans(site: Site) -> list[Plan] | str:
+    """The plans for the site's k heads; failing those, for fewer kv heads whose k the
+    code repeats to the site's heads before the norm (then the attention reads repeats)."""
     qv, kv = tensor_value(site.q), tensor_value(site.k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
         return "the attention's q and k are not 4-D"
-    b, hq, t, d = qv.shape
-    hkv = kv.shape[1]
-    if not all(isinstance(x, int) for x in (hq, hkv, d)):
+    hq, hkv = qv.shape[1], kv.shape[1]
+    if not all(isinstance(x, int) for x in (hq, hkv, qv.shape[3])):
         return "head counts or head dim are symbolic"
+    plans = _plans_for(site, hkv)
+    if isinstance(plans, list):
+        return plans
+    for real in (h for h in range(hkv - 1, 0, -1) if hkv % h == 0 and hq % h == 0):
+        fewer = _plans_for(site, real)
+        if isinstance(fewer, list):
+            return [replace(p, k_repeat=hkv // real) for p in fewer]
+    return plans
+
+
+def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
+    qv = tensor_value(site.q)
+    b, hq, t, d = qv.shape
     convs = layer_convolutions([site.q, site.k])
     parsed = [_conv_of(n) for n in convs]
     if not convs:
@@ -451,6 +468,8 @@ def candidate(plan: Plan):
         q, k = torch.ops.ccgqa.ccgqa_prologue(*op_arguments(plan, list(values)))
         if plan.states:  # the step's own positions
             q, k = q[:, :, plan.state_len :], k[:, :, plan.state_len :]
+        if plan.k_repeat > 1:
+            k = k.repeat_interleave(plan.k_repeat, dim=1)
         return q, k
 
     return prologue
@@ -790,17 +809,20 @@ def _split_joint_source(site: Site):
     hkv = kv.shape[1]
     if not all(isinstance(x, int) for x in (hq, hkv, d)):
         return None
-    cq, ckv = hq * d, hkv * d
+    cq = hq * d
+    # k's width: the site's heads, or fewer the code repeats to them before the norm
+    kv_widths = {cq + h * d: h * d for h in range(hkv, 0, -1) if hkv % h == 0 and hq % h == 0}
     firsts = _chain_heads(layer_convolutions([site.q, site.k]))
     if len(firsts) != 1:
         return None
     joint = [
         x for x in _conv_sources(firsts[0])
-        if _as_btc(x, b, t) == "btc" and _width(x) == cq + ckv
+        if _as_btc(x, b, t) == "btc" and _width(x) in kv_widths
     ]  # fmt: skip
     if len(joint) != 1:
         return None
     x = joint[0]
+    ckv = kv_widths[_width(x)]
     readers = [u for u in x.users if u is firsts[0] or firsts[0] in descendants([u])]
     if len(readers) != 1:
         return None
@@ -908,7 +930,28 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
     ctx.fused(FUSION, _idiom(chosen))
     site.q, site.k = q_new, k_new
     site.prologue = True
+    if chosen.k_repeat > 1 and site.fused:
+        _attend_unrepeated(ctx, site, chosen.k_repeat)
     return True
+
+
+def _attend_unrepeated(ctx: GraphContext, site: Site, groups: int) -> None:
+    """Our attention op over K and V the code repeated to every query head reads them
+    unrepeated (the op is grouped-query attention): K now comes out of the prologue op
+    repeated, and V is repeated as written."""
+    op = site.anchor
+    if not is_function(op, torch.ops.ccgqa.gqa_attention, torch.ops.ccgqa.gqa_attention.default):
+        return
+    k, v = op.args[1], op.args[2]
+    if is_cast(k) or is_cast(v):
+        return
+    k1, v1 = unrepeated(ctx, k, groups), unrepeated(ctx, v, groups)
+    if k1 is None or v1 is None or tensor_value(k1).dtype != tensor_value(v1).dtype:
+        return
+    op.update_arg(1, k1)
+    op.update_arg(2, v1)
+    site.k, site.v = k1, v1
+    erase_unused(ctx.graph, [k, v])
 
 
 def _moves_data_only(region: Region, node: Node) -> bool:
@@ -938,6 +981,8 @@ def _idiom(plan: Plan) -> str:
             parts.append("negative_angles")
     if plan.eps_mode != "clamp":  # the norm's eps added to it, or under its root
         parts.append(f"eps_{plan.eps_mode}")
+    if plan.k_repeat > 1:
+        parts.append(f"k_repeated_{plan.k_repeat}")
     return ",".join(parts)
 
 
