@@ -832,3 +832,40 @@ def test_a_prompt_written_into_a_cache_then_read_back_repeated_fuses():
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     rep = ccgqa_compile.report()
     assert rep.count("gqa_attention") == 1, str(rep)
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["causal", "near_sees_next_key"])
+def test_a_decode_step_over_a_slice_assigned_cache_fuses(near):
+    """torchtitan's decode step: the new token's K/V slice-assigned at its position, the
+    cache read back up to it and repeated, a mask built from sizes (``arange(end) <=
+    arange(start, end)``), the softmax in float32 cast back with ``type_as(q)``. The
+    ``type_as`` reads only q's dtype: it is not a second mask table ('a decode step masked
+    by several tables' before). The mask is the op's argument, so a mask letting the query
+    see the next (unwritten) key computes what eager does too."""
+    torch.manual_seed(0)
+    b, hq, hkv, s_len, d, start = 2, 4, 2, 32, 16, 9
+
+    def make(cache_k, cache_v):
+        def attn(q, k, v):
+            end = start + q.shape[2]
+            cache_k[:b, :, start:end] = k
+            cache_v[:b, :, start:end] = v
+            keys = torch.repeat_interleave(cache_k[:b, :, : end + near], hq // hkv, dim=1)
+            values = torch.repeat_interleave(cache_v[:b, :, : end + near], hq // hkv, dim=1)
+            scores = torch.matmul(q, keys.transpose(2, 3)) / d**0.5
+            allowed = torch.arange(end + near)[None, :] <= torch.arange(start, end)[:, None] + near
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), values)
+
+        return attn
+
+    caches = [torch.randn(b, hkv, s_len, d) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    compiled = torch.compile(make(*caches[:2]), backend=ccgqa_without_codegen)
+    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    with torch.no_grad():
+        out, ref = compiled(q, k, v), make(*caches[2:])(q, k, v)
+    assert rel_err(out, ref) < 1e-6
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    rep = ccgqa_compile.report()
+    assert rep.count("gqa_decode_attention") == 1, str(rep)

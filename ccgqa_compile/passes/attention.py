@@ -1175,10 +1175,17 @@ def _decode_mask_table(hw: _Handwritten) -> Node | str | None:
         leaf for node in hw.chain for leaf in node_inputs(node)
         if leaf not in hw.chain and leaf is not hw.scores
         and tensor_value(leaf) is not None and tensor_value(leaf).dim() >= 2
+        and not _dtype_only(node, leaf)
     }  # fmt: skip
     if len(tables) > 1:
         return "a decode step masked by several tables"
     return next(iter(tables), None)
+
+
+def _dtype_only(node: Node, leaf: Node) -> bool:
+    """Whether ``node`` reads only ``leaf``'s dtype (``p.type_as(q)``, ``p.to(q)``)."""
+    return (is_method(node, "type_as", "to") and node.args[0] is not leaf
+            and leaf in node.args[1:])  # fmt: skip
 
 
 MaskLayout = tuple  # ("grouped", Hkv, G, shared by every head) or ("flat", Hq)
