@@ -869,3 +869,30 @@ def test_a_decode_step_over_a_slice_assigned_cache_fuses(near):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     rep = ccgqa_compile.report()
     assert rep.count("gqa_decode_attention") == 1, str(rep)
+
+
+def test_a_one_row_step_with_a_shared_mask_fuses():
+    """Batch 1, one query token, an additive (1, 1, 1, S) mask: the probe that blocks a
+    whole row blocks every row there is, so its output is NaN everywhere (as eager's). That
+    probe checks what a blocked row computes; the other one shows the values."""
+    b, hq, hkv, d, s_len = 1, 4, 2, 32, 13
+
+    def step(q, k_cache, v_cache, k_new, v_new, mask):
+        k = torch.cat([k_cache, k_new], 2).repeat_interleave(hq // hkv, 1)
+        v = torch.cat([v_cache, v_new], 2).repeat_interleave(hq // hkv, 1)
+        s = (q @ k.transpose(-1, -2)) * d**-0.5 + mask
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+    torch.manual_seed(0)
+    args = (
+        torch.randn(b, hq, 1, d), torch.randn(b, hkv, s_len - 1, d), torch.randn(b, hkv, s_len - 1, d),
+        torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d), torch.zeros(b, 1, 1, s_len),
+    )  # fmt: skip
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.no_grad():
+        got = torch.compile(step, backend=ccgqa_without_codegen)(*args)
+        want = step(*args)
+    rep = ccgqa_compile.report()
+    assert rel_err(got, want) < 1e-6, str(rep)
+    assert rep.count("gqa_decode_attention") == 1, str(rep)

@@ -524,3 +524,42 @@ def test_attention_and_blocks_fuse_under_an_autocast_around_the_call(name, train
         for gc, ge, gr in zip(*grads):
             if gr is not None:
                 assert_as_close_as_eager(gc, ge, gr, torch.bfloat16, f"{name} gradient\n{rep}", True)
+
+
+class _ScoresTimesTensorScale(torch.nn.Module):
+    """Causal GQA whose scores are multiplied by a 0-d tensor (a buffer here; Swin-v2's
+    ``logit_scale.exp()``, a CLIP-style learned temperature): a scale known only when the
+    program runs. It was taken for a run-time additive mask, and the probes drew that
+    one-element 'mask' fully blocked, where region and op both give NaN: 'proven', fused,
+    84% wrong."""
+
+    def __init__(self, learned: bool):
+        super().__init__()
+        scale = torch.tensor(0.25)
+        if learned:
+            self.scale = torch.nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+
+    def forward(self, q, k, v):
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = (q @ k.transpose(-1, -2)) * self.scale
+        t = q.shape[2]
+        s = s.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["buffer", "parameter"])
+def test_scores_scaled_by_a_run_time_tensor_are_left_alone(learned):
+    torch.manual_seed(0)
+    model = _ScoresTimesTensorScale(learned)
+    q, k, v = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.no_grad():
+        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(q, k, v)
+        want = model(q, k, v)
+    rep = ccgqa_compile.report()
+    assert rel_err(got, want) < 1e-6, str(rep)
+    assert rep.count("gqa_attention") == 0, str(rep)
+

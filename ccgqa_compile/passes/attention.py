@@ -698,6 +698,19 @@ def _score_input(node: Node) -> tuple[Node | None, list[Node]]:
     return scores[0], [i for i in live if i is not scores[0]]
 
 
+# how a run-time mask may enter the scores: added (an additive bias, -inf where blocked),
+# or selecting where the scores are replaced (masked_fill, where). A tensor multiplying or
+# dividing them is a scale known only when the program runs, which the ops do not take.
+_MASKING_CALLS = {"add", "sub", "masked_fill", "where", "__add__", "__sub__", "__radd__", "__rsub__"}
+
+
+def _masks_scores(node: Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _MASKING_CALLS
+    return is_function(node, operator.add, operator.sub, torch.add, torch.sub, torch.where,
+                       torch.masked_fill)  # fmt: skip
+
+
 @dataclass
 class _Handwritten:
     softmax: Node
@@ -725,6 +738,9 @@ def _parse(anchor: Node) -> _Handwritten | str:
         nxt, others = _score_input(node)
         if nxt is None:
             return f"{node.name} combines two runtime tensors"
+        if others and not _masks_scores(node):
+            return (f"{others[0].name}, a run-time tensor, enters the scores at {node.name} "
+                    f"({call_name(node)}), not as a mask (added, filled or selected)")  # fmt: skip
         masks += others
         node = nxt
     else:
@@ -1245,6 +1261,8 @@ def _random_mask(
     blocked = torch.rand(shape, generator=gen, device=v.device) < (0.0 if neutral else 0.25)
     if empty_row:
         blocked[(0,) * (blocked.dim() - 1)] = True
+    elif blocked.numel() and blocked.all():  # a one-element mask: one probe shows values
+        blocked.view(-1)[0] = False
     if mode == "add":
         values = torch.randn(shape, generator=gen, dtype=torch.float64, device=v.device)
         values = values * (0 if neutral else 2)
@@ -1486,6 +1504,10 @@ def _verify_rows(
                         want = _adapt_out(ref, out_layout, kk.shape[1])
                         if not agree(got, want):
                             return f"it computes another function (rows {r0}..{r1 - 1})"
+                        if seed == 31 and not torch.isfinite(got).any():
+                            # NaN or infinite everywhere on the probe meant to show values
+                            # (a one-element 'mask' drawn blocked) proves nothing
+                            return f"the probe shows no finite output (rows {r0}..{r1 - 1})"
     except Rejected as why:
         return str(why)
     except Exception as why:  # noqa: BLE001
