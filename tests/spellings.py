@@ -455,6 +455,19 @@ class SwiGLUExpSpelling(_TwoProj):
         return self.w2(a / (1 + torch.exp(-a)) * b)
 
 
+class SwiGLUInPlace(_TwoProj):
+    """``nn.SiLU(inplace=True)`` on the gate projection, then ``gate.mul_(up)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        gate = self.act(self.w1(x))
+        gate.mul_(self.w3(x))
+        return self.w2(gate)
+
+
 # ---- SwiGLU near misses ------------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ SWIGLU = [
     _must("swiglu_einsum_projections", sp.SwiGLUEinsum, swiglu=1),
     _must("swiglu_nn_SiLU_fp32_upcast", sp.SwiGLUModuleFp32, swiglu=1),
     _must("swiglu_exp_spelling", sp.SwiGLUExpSpelling, swiglu=1),
+    _must("swiglu_in_place_silu_and_mul", sp.SwiGLUInPlace, swiglu=1),
     _near("swiglu_near_quick_gelu", sp.NearSwiGLUQuickGelu, swiglu=0),
     _near("swiglu_near_swish_beta", sp.NearSwiGLUSwishBeta, swiglu=0),
     _near("swiglu_near_detached_sigmoid", sp.NearSwiGLUDetachedSigmoid, swiglu=0),

@@ -1,4 +1,4 @@
-"""Writes into a freshly made tensor, rewritten as the functional ops they are.
+"""Writes into freshly made tensors, rewritten as the functional ops they are.
 
 Code fills a buffer by slice assignment where others stack or concatenate: HYDRA's RoPE
 (``out = torch.empty_like(pairs); out[..., 0] = x1 * cos - x2 * sin; out[..., 1] = ...``),
@@ -12,6 +12,11 @@ with a basic index (ints, slices, Ellipsis), and read only after its last write,
 write becomes ``select_scatter`` / ``slice_scatter`` of the previous version and the
 readers read the last version: exactly what AOTAutograd's functionalization makes of it
 later, so the graph computes the same whether or not anything fuses.
+
+In-place ops on a tensor the graph computed into new memory (``nn.SiLU(inplace=True)`` on a
+projection, ``gate.mul_(up)``, ``x += y``) likewise become their out-of-place ops, later
+readers reading the new value, where nothing views that tensor and it aliases no input (the
+example values show ``x.float()`` of a float tensor is x).
 """
 
 from __future__ import annotations
@@ -99,8 +104,93 @@ def _writes(buf: Node, order: dict[Node, int]) -> list[Node] | None:
     return sorted(writes, key=order.__getitem__)
 
 
+# in-place forms whose out-of-place twin computes the same values into a new tensor
+_INPLACE_METHODS = {
+    "add_", "sub_", "mul_", "div_", "neg_", "exp_", "sigmoid_", "tanh_", "pow_", "abs_",
+    "sqrt_", "rsqrt_", "clamp_", "clamp_min_", "clamp_max_", "masked_fill_", "addcmul_",
+    "addcdiv_", "lerp_", "relu_", "reciprocal_", "square_",
+}  # fmt: skip
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub,
+    operator.imul: operator.mul, operator.itruediv: operator.truediv,
+}  # fmt: skip
+
+
+def _inplace_form(node: Node) -> tuple[Any, str] | None:
+    """(the out-of-place target, its kind) of an in-place op writing its first argument."""
+    if node.op == "call_method" and node.target in _INPLACE_METHODS:
+        return node.target[:-1], "call_method"
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return _INPLACE_OPERATORS[node.target], "call_function"
+    if node.op == "call_function" and node.kwargs.get("inplace") is True:  # F.silu(x, inplace=True)
+        return node.target, "call_function"
+    return None
+
+
+def _same_storage(a: torch.Tensor, b: Any) -> bool:
+    if not isinstance(b, torch.Tensor):
+        return False
+    try:
+        return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001  (no storage to compare: assume shared)
+        return True
+
+
+def _is_fresh(node: Any) -> bool:
+    """A tensor the graph computes into new memory (no input, view or write shares it:
+    ``x.contiguous()``, ``x.float()`` or ``x.to(x.dtype)`` return x itself, which the
+    example values show)."""
+    if not (isinstance(node, Node) and node.op in ("call_function", "call_method")):
+        return False
+    v = value(node)
+    return (
+        isinstance(v, torch.Tensor) and storage_base(node) is node
+        and not is_mutating(node) and _inplace_form(node) is None
+        and not any(_same_storage(v, value(i)) for i in node.all_input_nodes)
+    )  # fmt: skip
+
+
+def _inplace_on_fresh(graph: torch.fx.Graph) -> bool:
+    """``g = silu(h, inplace=True)``, ``g.mul_(up)``, ``x += y`` on tensors the graph made:
+    each write becomes its out-of-place op, and later readers read the new value. Only
+    where nothing views the written tensor (a view would see the write)."""
+    changed = False
+    for node in list(graph.nodes):
+        form = _inplace_form(node)
+        if form is None or not node.args or not _is_fresh(node.args[0]):
+            continue
+        base = node.args[0]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if any(storage_base(u) is base and u is not base for u in base.users if u is not node):
+            continue  # a view of it: left as written
+        target, kind = form
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+        with graph.inserting_before(node):
+            if kind == "call_method":
+                new = graph.call_method(target, node.args, kwargs)
+            else:
+                new = graph.call_function(target, node.args, kwargs)
+        try:
+            propagate_fake(graph, [new])
+        except Exception:
+            graph.erase_node(new)
+            continue
+        if value(new).shape != value(base).shape or value(new).dtype != value(base).dtype:
+            graph.erase_node(new)  # the write would have broadcast or cast into base
+            continue
+        later = [u for u in base.users if u not in (node, new) and order[u] > order[node]]
+        for u in later:
+            u.replace_input_with(base, new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    return changed
+
+
 def run(ctx: GraphContext) -> None:
     graph = ctx.graph
+    if _inplace_on_fresh(graph):
+        graph_changed()
     order = {n: i for i, n in enumerate(graph.nodes)}
     buffers = [n for n in graph.nodes if _is_factory(n) and isinstance(value(n), torch.Tensor)]
     changed = False
