@@ -1888,6 +1888,9 @@ class CCGQARepeatBeforeNorm(CCGQAConvPadSlice):
         super().__init__()
         self.log_scale = nn.Parameter(0.3 * torch.randn(1))
 
+    def scale_repeated_k(self, k):
+        return k * self.log_scale.exp()
+
     def forward(self, x):
         b, t, _ = x.shape
         g = self.HQ // self.HKV
@@ -1897,7 +1900,7 @@ class CCGQARepeatBeforeNorm(CCGQAConvPadSlice):
         m_q, m_k = self.qk_mean(q_pre, k_pre)
         q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
         k = k.repeat_interleave(g, dim=1)
-        q, k = self.normalise(q), self.normalise(k) * self.log_scale.exp()
+        q, k = self.normalise(q), self.scale_repeated_k(self.normalise(k))
         q, k = self.rotate(q, k, t, x.device)
         v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2).repeat_interleave(g, dim=1)
         s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
@@ -1914,23 +1917,8 @@ class NearCCGQARepeatBeforeNormPerQueryHeadTemperature(CCGQARepeatBeforeNorm):
         super().__init__()
         self.log_temp = nn.Parameter(0.3 * torch.randn(self.HQ))
 
-    def forward(self, x):
-        b, t, _ = x.shape
-        g = self.HQ // self.HKV
-        q_pre, k_pre = self.wq(x), self.wk(x)
-        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
-        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
-        m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
-        k = k.repeat_interleave(g, dim=1)
-        q, k = self.normalise(q), self.normalise(k)
-        k = k * self.log_temp.exp().view(1, self.HQ, 1, 1)
-        q, k = self.rotate(q, k, t, x.device)
-        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2).repeat_interleave(g, dim=1)
-        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.D**-0.5
-        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
-        o = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s.masked_fill(~keep, float("-inf")), -1), v)
-        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+    def scale_repeated_k(self, k):
+        return k * self.log_temp.exp().view(1, self.HQ, 1, 1)
 
 
 class CCGQASequenceFirst(nn.Module):

@@ -77,6 +77,35 @@ def _setitems(gm) -> int:
     return sum(n.op == "call_function" and n.target is operator.setitem for n in gm.graph.nodes)
 
 
+def _check_rewrite(fn, rewritten: bool, training: bool, writes_of, reference_dtype):
+    """Capture ``fn``'s graph, run the pass, check which writes are left, and compare the
+    rewritten graph's output and gradients with ``fn`` run eagerly on x in
+    ``reference_dtype``."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 8), torch.randn(16, dtype=torch.float64)
+    x_r, y_r = x.to(reference_dtype).requires_grad_(training), y.clone().requires_grad_(training)
+    want = fn(x_r, y_r)
+    ins = [x.clone().requires_grad_(training), y.clone().requires_grad_(training)]
+    gm = _capture(fn, *ins)
+    writes = writes_of(gm)
+    assert writes, "the function writes in place"
+    fresh_buffers.run(GraphContext(gm.graph, size_assignments(gm.graph), True))
+    gm.graph.lint()
+    gm.recompile()
+    assert writes_of(gm) == (0 if rewritten else writes), gm.code
+    with torch.set_grad_enabled(training):
+        out = gm(*ins)
+    got = out[0] if isinstance(out, (tuple, list)) else out
+    assert rel_err(got, want) < 1e-6
+    if training:
+        grads = torch.autograd.grad(got.sum(), ins, allow_unused=True)
+        grads_r = torch.autograd.grad(want.sum(), (x_r, y_r), allow_unused=True)
+        for g, g_r in zip(grads, grads_r):
+            assert (g is None) == (g_r is None)
+            if g is not None:
+                assert rel_err(g, g_r) < 1e-6
+
+
 @pytest.mark.parametrize(
     ("fn", "rewritten"),
     [
@@ -90,29 +119,7 @@ def _setitems(gm) -> int:
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_writes_into_a_fresh_buffer_become_scatters(fn, rewritten, training):
-    torch.manual_seed(0)
-    x, y = torch.randn(3, 5, 8), torch.randn(16, dtype=torch.float64)
-    x_r, y_r = x.double().requires_grad_(training), y.clone().requires_grad_(training)
-    want = fn(x_r, y_r)
-    ins = [x.clone().requires_grad_(training), y.clone().requires_grad_(training)]
-    gm = _capture(fn, *ins)
-    writes = _setitems(gm)
-    assert writes, "the function writes in place"
-    fresh_buffers.run(GraphContext(gm.graph, size_assignments(gm.graph), True))
-    gm.graph.lint()
-    gm.recompile()
-    assert _setitems(gm) == (0 if rewritten else writes), gm.code
-    with torch.set_grad_enabled(training):
-        out = gm(*ins)
-    got = out[0] if isinstance(out, (tuple, list)) else out
-    assert rel_err(got, want) < 1e-6
-    if training:
-        grads = torch.autograd.grad(got.sum(), ins, allow_unused=True)
-        grads_r = torch.autograd.grad(want.sum(), (x_r, y_r), allow_unused=True)
-        for g, g_r in zip(grads, grads_r):
-            assert (g is None) == (g_r is None)
-            if g is not None:
-                assert rel_err(g, g_r) < 1e-6
+    _check_rewrite(fn, rewritten, training, _setitems, torch.float64)
 
 
 def _inplace_chain(x, y):
@@ -155,26 +162,4 @@ def _mutations(gm) -> int:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_inplace_ops_on_tensors_the_graph_made_become_functional(fn, rewritten, training):
     """Compared with eager in the same dtypes (``a.float()`` aliases only in float32)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(3, 5, 8), torch.randn(16, dtype=torch.float64)
-    x_r, y_r = x.clone().requires_grad_(training), y.clone().requires_grad_(training)
-    want = fn(x_r, y_r)
-    ins = [x.clone().requires_grad_(training), y.clone().requires_grad_(training)]
-    gm = _capture(fn, *ins)
-    writes = _mutations(gm)
-    assert writes, "the function writes in place"
-    fresh_buffers.run(GraphContext(gm.graph, size_assignments(gm.graph), True))
-    gm.graph.lint()
-    gm.recompile()
-    assert _mutations(gm) == (0 if rewritten else writes), gm.code
-    with torch.set_grad_enabled(training):
-        out = gm(*ins)
-    got = out[0] if isinstance(out, (tuple, list)) else out
-    assert rel_err(got, want) < 1e-6
-    if training:
-        grads = torch.autograd.grad(got.sum(), ins, allow_unused=True)
-        grads_r = torch.autograd.grad(want.sum(), (x_r, y_r), allow_unused=True)
-        for g, g_r in zip(grads, grads_r):
-            assert (g is None) == (g_r is None)
-            if g is not None:
-                assert rel_err(g, g_r) < 1e-6
+    _check_rewrite(fn, rewritten, training, _mutations, torch.float32)
