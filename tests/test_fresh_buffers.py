@@ -61,6 +61,16 @@ def _view_written(x, y):
     return b
 
 
+def _written_under_no_grad(x, y):
+    """Left as written: the second write, under no_grad, changes values but keeps the
+    gradient path the first one made."""
+    b = torch.zeros(3, 5, 8)
+    b[0] = x[0] * y[:8].to(x.dtype)
+    with torch.no_grad():
+        b[1] = x[1].round()
+    return b * 2
+
+
 def _capture(fn, *args):
     graphs = []
 
@@ -114,6 +124,7 @@ def _check_rewrite(fn, rewritten: bool, training: bool, writes_of, reference_dty
         (_rope_pairs_written, True),
         (_read_between_writes, False),
         (_view_written, False),
+        (_written_under_no_grad, False),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
@@ -148,6 +159,15 @@ def _inplace_seen_by_a_view(x, y):
     return row + 1
 
 
+def _straight_through(x, y):
+    """Left as written: a write under no_grad into a tensor that requires grad changes its
+    values but not its gradient path (a straight-through estimator)."""
+    q = x * 3
+    with torch.no_grad():
+        q.add_(q.round() - q)
+    return q * y[:8].to(q.dtype)
+
+
 def _mutations(gm) -> int:
     from ccgqa_compile.passes.fx_util import is_mutating
 
@@ -156,10 +176,16 @@ def _mutations(gm) -> int:
 
 @pytest.mark.parametrize(
     ("fn", "rewritten"),
-    [(_inplace_chain, True), (_inplace_on_an_alias, False), (_inplace_seen_by_a_view, False)],
+    [
+        (_inplace_chain, True),
+        (_inplace_on_an_alias, False),
+        (_inplace_seen_by_a_view, False),
+        (_straight_through, None),
+    ],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_inplace_ops_on_tensors_the_graph_made_become_functional(fn, rewritten, training):
-    """Compared with eager in the same dtypes (``a.float()`` aliases only in float32)."""
-    _check_rewrite(fn, rewritten, training, _mutations, torch.float32)
+    """Compared with eager in the same dtypes (``a.float()`` aliases only in float32).
+    ``rewritten`` None: only where nothing requires grad (inference)."""
+    _check_rewrite(fn, not training if rewritten is None else rewritten, training, _mutations, torch.float32)

@@ -29,8 +29,16 @@ from torch.fx import Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from .common import GraphContext
-from .fx_util import graph_changed, is_mutating, is_size_value, storage_base, value, written_tensors
-from .region import propagate_fake
+from .fx_util import (
+    graph_changed,
+    is_mutating,
+    is_size_value,
+    requires_grad,
+    storage_base,
+    value,
+    written_tensors,
+)
+from .region import _grad_modes, propagate_fake
 
 _FACTORIES = {
     torch.empty, torch.zeros, torch.ones, torch.full,
@@ -81,14 +89,15 @@ def _scatter(base: Proxy, items: tuple[Any, ...], src: Any, dtype: torch.dtype) 
     return torch.slice_scatter(base, new_inner, d, item.start, item.stop, step)
 
 
-def _writes(buf: Node, order: dict[Node, int]) -> list[Node] | None:
+def _writes(buf: Node, order: dict[Node, int], modes: dict[Node, Any]) -> list[Node] | None:
     """The ``buf[index] = value`` writes, if they are all that writes ``buf``'s storage and
-    every read of it comes after the last one; else None."""
+    every read of it comes after the last one; else None. Writes under no_grad are left:
+    they change values without cutting a gradient path an earlier write made."""
     writes = [
         u for u in buf.users
         if u.op == "call_function" and u.target is operator.setitem and u.args[0] is buf
     ]  # fmt: skip
-    if not writes:
+    if not writes or any(modes.get(w) is False for w in writes):
         return None
     ndim = value(buf).dim()
     for w in writes:
@@ -155,11 +164,14 @@ def _inplace_on_fresh(graph: torch.fx.Graph) -> bool:
     each write becomes its out-of-place op, and later readers read the new value. Only
     where nothing views the written tensor (a view would see the write)."""
     changed = False
+    modes = _grad_modes(graph)
     for node in list(graph.nodes):
         form = _inplace_form(node)
         if form is None or not node.args or not _is_fresh(node.args[0]):
             continue
         base = node.args[0]
+        if modes.get(node) is False and requires_grad(base):
+            continue  # a write under no_grad keeps base's gradient path (straight-through)
         order = {n: i for i, n in enumerate(graph.nodes)}
         if any(storage_base(u) is base and u is not base for u in base.users if u is not node):
             continue  # a view of it: left as written
@@ -192,10 +204,11 @@ def run(ctx: GraphContext) -> None:
     if _inplace_on_fresh(graph):
         graph_changed()
     order = {n: i for i, n in enumerate(graph.nodes)}
+    modes = _grad_modes(graph)
     buffers = [n for n in graph.nodes if _is_factory(n) and isinstance(value(n), torch.Tensor)]
     changed = False
     for buf in buffers:
-        writes = _writes(buf, order)
+        writes = _writes(buf, order, modes)
         if writes is None:
             continue
         readers = [u for u in buf.users if u not in writes]
