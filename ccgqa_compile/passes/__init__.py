@@ -134,12 +134,11 @@ class RecognitionPass(CustomGraphPass):
         _runs[0] += 1
         device_type = _graph_device_type(graph)
         ctx = GraphContext(graph, size_assignments(graph), self.fuse_on_cpu)
-        transform = _functorch_transform(graph)
         if device_type != "cuda" and not self.fuse_on_cpu:
             ctx.events.append(
                 ("note", (f"{device_type} graph left to Inductor (CCGQA_FUSE_ON_CPU=1 fuses it)",))
             )
-        elif transform is not None:
+        elif (transform := _functorch_transform(graph)) is not None:
             ctx.events.append(
                 ("note", (f"graph left to Inductor: it runs a functorch transform ({transform})",))
             )

@@ -26,7 +26,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from .fx_util import ancestors, storage_base, value, written_storages
+from .fx_util import ancestors, value, view_chain, written_storages
 
 _WIDE = {
     torch.float16: torch.float64,
@@ -168,13 +168,6 @@ def agree(actual: Any, expected: Any, rtol: float = 1e-8) -> bool:
 # ---- evaluation ---------------------------------------------------------------------
 
 
-def _views_a_feed(node: Node, feeds: dict[Node, Any]) -> bool:
-    """Whether ``node`` is a view (through layout ops and basic indexing) of a fed tensor."""
-    while isinstance(node, Node) and node not in feeds and storage_base(node) is not node:
-        node = node.args[0]
-    return node in feeds
-
-
 class Evaluator:
     def __init__(
         self,
@@ -195,7 +188,8 @@ class Evaluator:
             if node in feeds:
                 env[node] = feeds[node]
                 continue
-            if storage_base(node) in written and not _views_a_feed(node, feeds):
+            chain = view_chain(node)
+            if chain[-1] in written and not any(n in feeds for n in chain):
                 # built here (from sizes), then written in place: what readers see is not
                 # what evaluating its definition gives (a causal mask with one entry set).
                 # A view of a fed tensor (a slice of q after q.clamp_()) is computed from

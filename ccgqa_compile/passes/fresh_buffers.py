@@ -38,7 +38,7 @@ from .fx_util import (
     value,
     written_tensors,
 )
-from .region import _grad_modes, propagate_fake
+from .region import grad_modes, propagate_fake
 
 _FACTORIES = {
     torch.empty, torch.zeros, torch.ones, torch.full,
@@ -159,12 +159,11 @@ def _is_fresh(node: Any) -> bool:
     )  # fmt: skip
 
 
-def _inplace_on_fresh(graph: torch.fx.Graph) -> bool:
+def _inplace_on_fresh(graph: torch.fx.Graph, modes: dict[Node, Any]) -> bool:
     """``g = silu(h, inplace=True)``, ``g.mul_(up)``, ``x += y`` on tensors the graph made:
     each write becomes its out-of-place op, and later readers read the new value. Only
     where nothing views the written tensor (a view would see the write)."""
     changed = False
-    modes = _grad_modes(graph)
     for node in list(graph.nodes):
         form = _inplace_form(node)
         if form is None or not node.args or not _is_fresh(node.args[0]):
@@ -172,9 +171,9 @@ def _inplace_on_fresh(graph: torch.fx.Graph) -> bool:
         base = node.args[0]
         if modes.get(node) is False and requires_grad(base):
             continue  # a write under no_grad keeps base's gradient path (straight-through)
-        order = {n: i for i, n in enumerate(graph.nodes)}
         if any(storage_base(u) is base and u is not base for u in base.users if u is not node):
             continue  # a view of it: left as written
+        order = {n: i for i, n in enumerate(graph.nodes)}
         target, kind = form
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
         with graph.inserting_before(node):
@@ -201,10 +200,10 @@ def _inplace_on_fresh(graph: torch.fx.Graph) -> bool:
 
 def run(ctx: GraphContext) -> None:
     graph = ctx.graph
-    if _inplace_on_fresh(graph):
+    modes = grad_modes(graph)  # the writes' own modes: the rewrites below keep their nodes
+    if _inplace_on_fresh(graph, modes):
         graph_changed()
     order = {n: i for i, n in enumerate(graph.nodes)}
-    modes = _grad_modes(graph)
     buffers = [n for n in graph.nodes if _is_factory(n) and isinstance(value(n), torch.Tensor)]
     changed = False
     for buf in buffers:

@@ -225,14 +225,21 @@ def is_basic_index(node: Any) -> bool:
 _COPIES = {"clone", "repeat", "repeat_interleave", torch.clone, torch.repeat_interleave}
 
 
-def storage_base(node: Any) -> Any:
-    """The tensor whose storage ``node`` views (through layout ops and basic indexing):
-    where an in-place write to it lands."""
+def view_chain(node: Any) -> list[Any]:
+    """``node`` and the tensors it is a view of (through layout ops and basic indexing),
+    nearest first, ending at the one owning the storage."""
+    chain = [node]
     while isinstance(node, Node) and (is_layout(node) or is_basic_index(node)):
         if node.target in _COPIES:
             break
         node = node.args[0]
-    return node
+        chain.append(node)
+    return chain
+
+
+def storage_base(node: Any) -> Any:
+    """The tensor whose storage ``node`` views: where an in-place write to it lands."""
+    return view_chain(node)[-1]
 
 
 def strip_casts(node: Any) -> Any:

@@ -205,23 +205,37 @@ def _width(node: Node) -> int:
     return math.prod(v.shape[2:])
 
 
-def _plans(site: Site) -> list[Plan] | str:
-    """The plans for the site's k heads; failing those, for fewer kv heads whose k the
-    code repeats to the site's heads before the norm (then the attention reads repeats)."""
+def _site_heads(site: Site) -> tuple[int, int, int] | str:
+    """(Hq, Hkv, D) of the site's q and k, or why they are not 4-D with static heads."""
     qv, kv = tensor_value(site.q), tensor_value(site.k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
         return "the attention's q and k are not 4-D"
-    hq, hkv = qv.shape[1], kv.shape[1]
-    if not all(isinstance(x, int) for x in (hq, hkv, qv.shape[3])):
+    hq, hkv, d = qv.shape[1], kv.shape[1], qv.shape[3]
+    if not all(isinstance(x, int) for x in (hq, hkv, d)):
         return "head counts or head dim are symbolic"
-    plans = _plans_for(site, hkv)
-    if isinstance(plans, list):
-        return plans
-    for real in (h for h in range(hkv - 1, 0, -1) if hkv % h == 0 and hq % h == 0):
-        fewer = _plans_for(site, real)
-        if isinstance(fewer, list):
-            return [replace(p, k_repeat=hkv // real) for p in fewer]
-    return plans
+    return hq, hkv, d
+
+
+def _kv_head_counts(hq: int, hkv: int) -> list[int]:
+    """The site's k heads, then fewer whose heads the code may repeat to them before the
+    norm (dividing both head counts), most first."""
+    return [h for h in range(hkv, 0, -1) if hkv % h == 0 and hq % h == 0]
+
+
+def _plans(site: Site) -> list[Plan] | str:
+    """The plans for the site's k heads; failing those, for fewer kv heads whose k the
+    code repeats to the site's heads before the norm (then the attention reads repeats)."""
+    heads = _site_heads(site)
+    if isinstance(heads, str):
+        return heads
+    hq, hkv, _ = heads
+    first = None
+    for real in _kv_head_counts(hq, hkv):
+        plans = _plans_for(site, real)
+        if isinstance(plans, list):
+            return [replace(p, k_repeat=hkv // real) for p in plans]
+        first = first or plans
+    return first
 
 
 def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
@@ -387,11 +401,16 @@ def _conv_shapes_problem(plan: Plan) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _flat(x, source: Node, tokens_first: bool = False):
+def _flat(x, source: Node, tokens_first: bool):
     """A (B, T, H, D) source as (B, T, H*D), a tokens-first one transposed first; decided
     on the graph node (x may be a proxy)."""
     x = x.transpose(0, 1) if tokens_first else x
     return x.flatten(2) if tensor_value(source).dim() == 4 else x
+
+
+def _flat_streams(plan: Plan, q_pre, k_pre):
+    """The plan's q_pre and k_pre values as the op reads them, (B, T, C) each."""
+    return _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
 
 
 def _fold(w2, b1, d):
@@ -414,7 +433,7 @@ def _half(x, plan: Plan, stream: str):
 def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
     q_pre, k_pre, *rest = values
-    q_x, k_x = _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
+    q_x, k_x = _flat_streams(plan, q_pre, k_pre)
     if plan.states:
         q_x, k_x = _extended(plan, rest[: len(plan.states)], q_x, k_x)
         rest = rest[len(plan.states) :]
@@ -454,7 +473,7 @@ def seed_op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     if temp is not None:
         temp = temp.reshape(())
     return [
-        _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first),
+        *_flat_streams(plan, q_pre, k_pre),
         qw1, qw2, kw1, kw2, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.eps, plan.rope[4],
     ]  # fmt: skip
@@ -738,7 +757,7 @@ def _raw_norm(ctx, region: Region, plan: Plan) -> float:
 def _seed_raw(plan: Plan, values: list[Any]):
     """The seed variant's vectors before the normalisation, (B, T, H, D) per stream."""
     q_pre, k_pre, qw1, _, qw2, _, kw1, _, kw2, _ = values[:10]
-    q_pre, k_pre = _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
+    q_pre, k_pre = _flat_streams(plan, q_pre, k_pre)
 
     def convs(x, w1, w2, heads):
         y = F.pad(x.transpose(1, 2), (w1.shape[-1] - 1, 0))
@@ -802,16 +821,14 @@ def _split_joint_source(site: Site):
     tensor, whose two parts are then the prologue's q_pre and k_pre (a qk-mean's own
     slices of x are the same computations: one probe value each). Returns what undoes
     the rewrite, or None where there is no such tensor."""
-    qv, kv = tensor_value(site.q), tensor_value(site.k)
-    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
+    heads = _site_heads(site)
+    if isinstance(heads, str):
         return None
-    b, hq, t, d = qv.shape
-    hkv = kv.shape[1]
-    if not all(isinstance(x, int) for x in (hq, hkv, d)):
-        return None
+    hq, hkv, d = heads
+    b, t = tensor_value(site.q).shape[0], tensor_value(site.q).shape[2]
     cq = hq * d
     # k's width: the site's heads, or fewer the code repeats to them before the norm
-    kv_widths = {cq + h * d: h * d for h in range(hkv, 0, -1) if hkv % h == 0 and hq % h == 0}
+    kv_widths = {cq + h * d: h * d for h in _kv_head_counts(hq, hkv)}
     firsts = _chain_heads(layer_convolutions([site.q, site.k]))
     if len(firsts) != 1:
         return None

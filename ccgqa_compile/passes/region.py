@@ -205,7 +205,7 @@ def _graph_order(graph: torch.fx.Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _grad_modes(graph: torch.fx.Graph) -> dict[Node, Any]:
+def grad_modes(graph: torch.fx.Graph) -> dict[Node, Any]:
     """For each node, the grad mode Dynamo's ``_set_grad_enabled`` calls put it in (None:
     the mode the graph is called in). Dynamo ends every grad-mode block by setting the
     mode back, so the last switch names the mode the graph is called in: nodes before the
@@ -234,7 +234,7 @@ def insertion_point(region: Region, inputs: Sequence[Any]) -> tuple[Node, list[N
     graph = region.graph
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    modes = _grad_modes(graph)
+    modes = grad_modes(graph)
     sink_modes = {modes[s] for s in region.sinks}
     if len(sink_modes) != 1:
         raise Rejected("the outputs are computed in different grad modes")
@@ -438,7 +438,7 @@ def _check_one_grad_mode(graph: torch.fx.Graph, nodes: set[Node]) -> None:
     gradient there in eager, while the fused op's backward would send gradient through
     all of it. Tables built under ``no_grad`` off those paths (RoPE's cos/sin) are leaves
     and do not count."""
-    modes = _grad_modes(graph)
+    modes = grad_modes(graph)
     if len({modes[n] for n in nodes}) > 1:
         raise Rejected(
             "the grad mode changes inside the region (torch.no_grad() around part of it): "
