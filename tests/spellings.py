@@ -1909,6 +1909,56 @@ class CCGQARepeatBeforeNorm(CCGQAConvPadSlice):
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
 
 
+class CCGQATemperatureOnQuery(CCGQAConvPadSlice):
+    """The per-kv-head temperature multiplies q, each query head by its kv head's
+    (``repeat_interleave``), not k: the same scores q @ k^T."""
+
+    def norm_and_temperature(self, q, k):
+        q, k = self.normalise(q), self.normalise(k)
+        t = self.log_temp.exp().repeat_interleave(self.HQ // self.HKV)
+        return q.transpose(1, 2) * t.view(1, self.HQ, 1, 1), k.transpose(1, 2)
+
+
+class CCGQANormScaleOnKeyOnly(CCGQAConvPadSlice):
+    """Both streams' sqrt(D) put on k (k normalised times D and its temperature), q only
+    normalised: the same scores."""
+
+    def norm_and_temperature(self, q, k):
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1) * self.D
+        return q.transpose(1, 2), self.temperature(k.transpose(1, 2))
+
+
+class NearCCGQATemperaturePerQueryHead(CCGQAConvPadSlice):
+    """Near miss: a temperature of its own for every query head, on q: the heads of one
+    group differ, which no per-kv-head temperature computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_log_temp = nn.Parameter(0.3 * torch.randn(self.HQ))
+
+    def norm_and_temperature(self, q, k):
+        q, k = self.normalise(q), self.normalise(k)
+        return q.transpose(1, 2) * self.q_log_temp.exp().view(1, self.HQ, 1, 1), k.transpose(1, 2)
+
+
+class NearCCGQATemperatureOnQueryKeysReadElsewhere(CCGQATemperatureOnQuery):
+    """Near miss of the op's k: temperature on q, and the rotated k also read outside the
+    attention (its mean added to the output, as a kept cache would be read): a k carrying
+    the temperature instead computes another output."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1)) + k.mean(dim=(1, 3)).unsqueeze(-1)
+
+
 class NearCCGQARepeatBeforeNormPerQueryHeadTemperature(CCGQARepeatBeforeNorm):
     """Near miss: after the repeat each query head's copy of k gets its own temperature:
     the copies of one kv head differ, no per-kv-head k computes it."""

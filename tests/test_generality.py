@@ -193,6 +193,8 @@ CCGQA = [
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
     _must("ccgqa_k_repeated_before_norm", sp.CCGQARepeatBeforeNorm, **_block()),
+    _must("ccgqa_temperature_on_query", sp.CCGQATemperatureOnQuery, **_block()),
+    _must("ccgqa_norm_scale_on_key_only", sp.CCGQANormScaleOnKeyOnly, **_block()),
     _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
@@ -218,6 +220,18 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_temperature_per_query_head",
+        sp.NearCCGQATemperaturePerQueryHead,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_temperature_on_query_keys_read_elsewhere",
+        sp.NearCCGQATemperatureOnQueryKeysReadElsewhere,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_repeated_k_per_query_head_temperature",
         sp.NearCCGQARepeatBeforeNormPerQueryHeadTemperature,

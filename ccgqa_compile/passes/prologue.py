@@ -47,6 +47,8 @@ from .fx_util import (
     is_function,
     is_layout,
     is_method,
+    is_size_value,
+    node_inputs,
     requires_grad,
     same_computation,
     same_size,
@@ -109,6 +111,10 @@ class Plan:
     # k repeated to more heads before the norm (figliola's CCGQA repeats each kv head to
     # its G query heads first): the op's k, repeat_interleave'd this many times per head
     k_repeat: int = 1
+    # the region scales q and k apart by factors whose product per kv-head group is the
+    # op's (a temperature on q, a norm scale on one stream only): only the attention reads
+    # q and k, through q @ k^T, so the op's q and k are proven by their products instead
+    scores_only: bool = False
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -512,7 +518,44 @@ class _Probe:
             actual = candidate(plan)(*values, out_dtypes=[None, None])
         except (RuntimeError, ValueError, IndexError):
             return False
+        if plan.scores_only:
+            return agree(_scores(*actual), _scores(*self.expected), rtol)
         return all(agree(a, e, rtol) for a, e in zip(actual, self.expected))
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ k^T per query head, (B, Hq, T, S), k's heads each serving a group of q's."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return q @ k.transpose(-2, -1)
+
+
+def _per_head_norms(x: torch.Tensor) -> torch.Tensor:
+    """The median vector norm of each head of a (B, H, T, D) tensor."""
+    return x.norm(dim=-1).transpose(0, 1).reshape(x.shape[1], -1).median(dim=1).values
+
+
+def _norm_scale_choices(plan: Plan, q_out, k_out, bilinear: bool, literals) -> list[tuple]:
+    """(norm scale, per-kv-head temperature beta, scores_only) readings of the probe's
+    output norms: q's norm is the norm scale and k's over it beta; where only the
+    attention reads q and k, also any split of each group's product of q's and k's norms
+    into norm scale squared times beta."""
+    kv_heads = plan.kv_heads
+    norm_scale = float(q_out.norm(dim=-1).median())
+    kn = (k_out.norm(dim=-1) / norm_scale).transpose(0, 1).reshape(kv_heads, -1)
+    choices = [(_snap_scale(norm_scale, plan.d, literals), kn.median(dim=1).values, False)]
+    if not bilinear:
+        return choices
+    q_heads, k_heads = _per_head_norms(q_out), _per_head_norms(k_out)
+    groups = q_heads.numel() // k_heads.numel()
+    product = (q_heads * k_heads.repeat_interleave(groups)).view(kv_heads, -1)
+    if not torch.allclose(product, product[:, :1].expand_as(product), rtol=1e-6, atol=0):
+        return choices  # q's scale differs within a kv head's group: no op's
+    product = product[:, 0]
+    observed = (float(q_heads.median()), float(k_heads.median()), math.sqrt(float(product.median())))
+    scales = [math.sqrt(plan.d), 1.0, *(_snap_scale(x, plan.d, literals) for x in observed)]
+    for scale in dict.fromkeys(x for x in scales if x > 0):
+        choices.append((scale, product / scale**2, True))
+    return choices
 
 
 def _table_leaves(region: Region, plan: Plan) -> list[Node]:
@@ -573,7 +616,9 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
     return distinct, same_as
 
 
-def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
+def _decide(ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool) -> Plan | str:
+    """The first plan whose choices the probes prove; ``bilinear``: only the attention
+    reads q and k (then their products may prove it, ``Plan.scores_only``)."""
     sizes = ctx.sizes[0]
     base = plans[0]
     tables_and_temps = _table_leaves(region, base)
@@ -600,30 +645,27 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan]) -> Plan | str:
         # the norms; phase C decides the eps on inputs scaled down to where it does
         big = _scaled(base, _STRUCTURE_SCALE)
         probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
-        q_out, k_out = probe_a.expected
-        norm_scale = float(q_out.norm(dim=-1).median())
-        kn = (k_out.norm(dim=-1) / norm_scale).transpose(0, 1).reshape(kv_heads, -1)
-        beta = kn.median(dim=1).values
         literals = float_literals(region.nodes)
-        norm_scale = _snap_scale(norm_scale, base.d, literals)
-        temp_choices: list[tuple[Node | None, float]] = []
-        for n in temps:
-            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
-            for scale in dict.fromkeys((1.0, norm_scale)):
-                if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
-                    temp_choices.append((n, scale))
-        if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
-            temp_choices.append((None, 1.0))
+        temp_choices: list[tuple[Node | None, float, float, bool]] = []
+        for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, bilinear, literals):
+            for n in temps:
+                t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
+                for scale in dict.fromkeys((1.0, norm_scale)):
+                    if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
+                        temp_choices.append((n, scale, norm_scale, scores_only))
+            if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
+                temp_choices.append((None, 1.0, norm_scale, scores_only))
         if not temp_choices:
             return "k's scale matches no per-kv-head input (temperature)"
         found = None
         for plan in plans:
-            for temp, temp_scale in temp_choices:
-                if plan.kind == "seed" and temp_scale != 1.0:
+            for temp, temp_scale, norm_scale, scores_only in temp_choices:
+                if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
                     continue  # the seed op reads its temperature as it is
                 cand = replace(
-                    plan, temp=temp, temp_scale=temp_scale, norm_scale=norm_scale, eps=1e-12
-                )
+                    plan, temp=temp, temp_scale=temp_scale, norm_scale=norm_scale, eps=1e-12,
+                    scores_only=scores_only,
+                )  # fmt: skip
                 for with_rope in _with_identity_rope(cand, tables):
                     if probe_a.matches(with_rope, rtol=1e-7):
                         found = with_rope
@@ -915,6 +957,9 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
     base = plans[0]
     try:
         region = Region.between([base.q_pre, base.k_pre, *base.states], [site.q, site.k])
+        repeated = _repeated_temperatures(region, base)
+        if repeated:
+            region = Region.between([base.q_pre, base.k_pre, *base.states, *repeated], [site.q, site.k])
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return False
@@ -923,7 +968,7 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
         ctx.rejected(FUSION, "prologue", site.anchor, f"{escapes[0].name} is also read outside the prologue")
         return False
     try:
-        chosen = _decide(ctx, region, plans)
+        chosen = _decide(ctx, region, plans, _attended_only(site))
         if isinstance(chosen, Plan):
             problem = _final_check(ctx, region, chosen)
             chosen = problem if problem is not None else chosen
@@ -949,6 +994,53 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
     site.prologue = True
     if chosen.k_repeat > 1 and site.fused:
         _attend_unrepeated(ctx, site, chosen.k_repeat)
+    return True
+
+
+def _repeated_temperatures(region: Region, plan: Plan) -> list[Node]:
+    """Per-kv-head (or shared) tensors the region reads repeated to more heads (a
+    temperature on q, ``beta.repeat_interleave(G)``, or on a k repeated before the norm):
+    made region sources, the probes then draw the per-kv-head values and the repeat is
+    computed as written, so an input that only looks repeated (a per-query-head
+    parameter) stays the region's own input and proves nothing."""
+    found = []
+    for leaf in region.float_leaves():
+        if leaf in region.sources or not _runtime(leaf) or _has_time_dim(leaf, region):
+            continue
+        node = leaf
+        for _ in range(8):  # a short chain of views, repeats, casts and pointwise ops
+            if tensor_value(node).numel() in (1, plan.kv_heads):
+                break
+            inputs = [n for n in node_inputs(node) if isinstance(tensor_value(n), torch.Tensor)]
+            if node.op not in ("call_function", "call_method") or len(inputs) != 1:
+                node = None
+                break
+            node = inputs[0]
+        else:
+            node = None
+        if node is not None and node is not leaf:
+            found.append(node)
+    return list(dict.fromkeys(found))
+
+
+def _attended_only(site: Site) -> bool:
+    """Whether the site's q and k are read only by its attention (through views, casts and
+    repeats), never kept, cached or returned: the attention then sees them only through
+    their products q @ k^T."""
+    if site.kind == "handwritten" and not site.fused:
+        return False  # the anchor is the softmax: the scores' other readers are unchecked
+    todo, seen = [site.q, site.k], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user is site.anchor or is_size_value(user):
+                continue
+            if not (is_layout(user) or is_cast(user)):
+                return False
+            todo.append(user)
     return True
 
 
@@ -1000,6 +1092,8 @@ def _idiom(plan: Plan) -> str:
         parts.append(f"eps_{plan.eps_mode}")
     if plan.k_repeat > 1:
         parts.append(f"k_repeated_{plan.k_repeat}")
+    if plan.scores_only:  # the region's scales of q and k differ from the op's, not q @ k^T
+        parts.append("scales_moved_between_q_and_k")
     return ",".join(parts)
 
 
