@@ -1928,6 +1928,43 @@ class CCGQANormScaleOnKeyOnly(CCGQAConvPadSlice):
         return q.transpose(1, 2), self.temperature(k.transpose(1, 2))
 
 
+class CCGQATemperatureOnScores(CCGQAConvPadSlice):
+    """No temperature on q or k: the per-kv-head temperature multiplies the scores, each
+    query head's by its kv head's, after q @ k^T (the same scores)."""
+
+    def norm_and_temperature(self, q, k):
+        return self.normalise(q).transpose(1, 2), self.normalise(k).transpose(1, 2)
+
+    def attend(self, q, k, v):
+        g = self.HQ // self.HKV
+        k, v = _expand_heads(k, g), _expand_heads(v, g)
+        temp = self.log_temp.exp().repeat_interleave(g).view(1, self.HQ, 1, 1)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * temp * self.D**-0.5
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+class NearCCGQATemperaturePerQueryHeadOnScores(CCGQATemperatureOnScores):
+    """Near miss of the prologue: a temperature of its own for every query head, on the
+    scores (the attention over q times it still fuses; no per-kv-head temperature
+    computes the prologue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_temp = nn.Parameter(0.3 * torch.randn(self.HQ))
+
+    def attend(self, q, k, v):
+        g = self.HQ // self.HKV
+        k, v = _expand_heads(k, g), _expand_heads(v, g)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.log_temp.exp().view(1, self.HQ, 1, 1)
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
 class NearCCGQATemperaturePerQueryHead(CCGQAConvPadSlice):
     """Near miss: a temperature of its own for every query head, on q: the heads of one
     group differ, which no per-kv-head temperature computes."""

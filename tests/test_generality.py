@@ -195,6 +195,7 @@ CCGQA = [
     _must("ccgqa_k_repeated_before_norm", sp.CCGQARepeatBeforeNorm, **_block()),
     _must("ccgqa_temperature_on_query", sp.CCGQATemperatureOnQuery, **_block()),
     _must("ccgqa_norm_scale_on_key_only", sp.CCGQANormScaleOnKeyOnly, **_block()),
+    _must("ccgqa_temperature_on_scores", sp.CCGQATemperatureOnScores, **_block()),
     _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",
@@ -223,6 +224,13 @@ CCGQA = [
     _near(
         "ccgqa_near_temperature_per_query_head",
         sp.NearCCGQATemperaturePerQueryHead,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_temperature_per_query_head_on_scores",
+        sp.NearCCGQATemperaturePerQueryHeadOnScores,
+        gqa_attention=1,
         ccgqa_prologue=0,
         ccgqa_block=0,
     ),

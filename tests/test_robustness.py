@@ -526,17 +526,18 @@ def test_attention_and_blocks_fuse_under_an_autocast_around_the_call(name, train
                 assert_as_close_as_eager(gc, ge, gr, torch.bfloat16, f"{name} gradient\n{rep}", True)
 
 
-class _ScoresTimesTensorScale(torch.nn.Module):
-    """Causal GQA whose scores are multiplied by a 0-d tensor (a buffer here; Swin-v2's
-    ``logit_scale.exp()``, a CLIP-style learned temperature): a scale known only when the
-    program runs. It was taken for a run-time additive mask, and the probes drew that
-    one-element 'mask' fully blocked, where region and op both give NaN: 'proven', fused,
-    84% wrong."""
+class _ScoresTimesTensor(torch.nn.Module):
+    """Causal GQA whose scores are multiplied by a tensor known only when the program runs:
+    a 0-d one (a buffer, or Swin-v2's / CLIP's learned ``logit_scale``), the same for
+    every key of a row, is q's scale (moved onto q, ``passes/score_factors.py``); a
+    (T, T) one is not. The 0-d one was once taken for a run-time additive mask, and the
+    probes drew that one-element 'mask' fully blocked, where region and op both give NaN:
+    'proven', fused, 84% wrong."""
 
-    def __init__(self, learned: bool):
+    def __init__(self, kind: str):
         super().__init__()
-        scale = torch.tensor(0.25)
-        if learned:
+        scale = torch.tensor(0.25) if kind != "per_key_pair" else 0.25 + torch.rand(12, 12)
+        if kind == "parameter":
             self.scale = torch.nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
@@ -549,17 +550,29 @@ class _ScoresTimesTensorScale(torch.nn.Module):
         return s.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("learned", [False, True], ids=["buffer", "parameter"])
-def test_scores_scaled_by_a_run_time_tensor_are_left_alone(learned):
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("kind", ["buffer", "parameter", "per_key_pair"])
+def test_scores_scaled_by_a_run_time_tensor(kind, training):
     torch.manual_seed(0)
-    model = _ScoresTimesTensorScale(learned)
-    q, k, v = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    model = _ScoresTimesTensor(kind)
+    reference = copy.deepcopy(model).double()
+    inputs = [torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)]
+    inputs = [x.requires_grad_(training) for x in inputs]
+    inputs64 = [x.detach().double().requires_grad_(training) for x in inputs]
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
-    with torch.no_grad():
-        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(q, k, v)
-        want = model(q, k, v)
+    with torch.set_grad_enabled(training):
+        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(*inputs)
+        want = model(*[x.detach().requires_grad_(training) for x in inputs])
+        ref = reference(*inputs64)
     rep = ccgqa_compile.report()
-    assert rel_err(got, want) < 1e-6, str(rep)
-    assert rep.count("gqa_attention") == 0, str(rep)
+    assert_as_close_as_eager(got, want, ref, torch.float32, f"output\n{rep}")
+    assert rep.count("gqa_attention") == (0 if kind == "per_key_pair" else 1), str(rep)
+    if training:
+        upstream = torch.randn_like(ref)
+        params = [p for p in model.parameters()]
+        grads = torch.autograd.grad(got, [*inputs, *params], upstream.float())
+        grads64 = torch.autograd.grad(ref, [*inputs64, *reference.parameters()], upstream)
+        for g, g64 in zip(grads, grads64):
+            assert rel_err(g, g64) < 1e-5, str(rep)
 

@@ -74,6 +74,7 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
         prologue,
         rms_norm,
         rope,
+        score_factors,
         swiglu,
         value_shift,
     )
@@ -84,9 +85,13 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
         _guarded(ctx, "fresh_buffers", lambda: fresh_buffers.run(ctx))
     if "value_shift" in fusions:
         _guarded(ctx, "value_shift", lambda: value_shift.run(ctx))
+    # run-time factors on the scores moved onto q; put back where nothing fused them
+    moved = _guarded(ctx, "gqa_attention", lambda: score_factors.run(ctx)) if "gqa_attention" in fusions else None
     sites = _guarded(ctx, "gqa_attention", lambda: attention.run(ctx, "gqa_attention" in fusions))
     if "ccgqa_prologue" in fusions and sites:
         _guarded(ctx, "ccgqa_prologue", lambda: prologue.run(ctx, sites))
+    if moved:
+        _guarded(ctx, "gqa_attention", lambda: score_factors.undo_unused(ctx, moved))
     blocks.report(ctx, sites or [])
     for name, run in (("rope", rope.run), ("rms_norm", rms_norm.run), ("swiglu", swiglu.run)):
         if name in fusions:

@@ -61,6 +61,7 @@ from .fx_util import (
     value,
 )
 from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort, verify
+from .score_factors import SCALED_QUERY
 
 FUSION = "gqa_attention"
 DECODE_FUSION = "gqa_decode_attention"
@@ -884,6 +885,8 @@ def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
             while is_cast(p) or is_function(p, *_DROPOUT):
                 p = p.args[0]
             if not isinstance(p, Node) or p in found or _is_product(p) or not _row_op(p):
+                continue
+            if p.meta.get(SCALED_QUERY):
                 continue
             hw = _parse_manual(p)
             if not isinstance(hw, _Handwritten):

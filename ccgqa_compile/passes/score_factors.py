@@ -1,0 +1,201 @@
+"""Normal form: a run-time factor on attention scores moved onto the query operand.
+
+``(q @ k^T) * t`` with ``t`` the same for every key of a row (a learned per-head
+temperature ``t.view(1, H, 1, 1)``, a 0-d logit scale) is ``(q * t) @ k^T``: the attention
+recognizer then sees q * t as the query, and a CCGQA prologue ending there may take the
+factor as its temperature (``prologue.Plan.scores_only``). Only a factor that multiplies
+or divides the product itself (through constant scalings, which commute with it) is moved,
+only where its dtype is the scores', and only on products that reach a softmax.
+
+A rewrite no fusion consumed is undone (``undo_unused``): the graph a user gets back is
+the one they wrote wherever nothing fused.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from .common import GraphContext
+from .fx_util import (
+    ancestors,
+    depends_on_tensor_input,
+    descendants,
+    is_function,
+    is_method,
+    tensor_value,
+)
+from .region import propagate_fake, stable_sort
+
+_MULS = (operator.mul, torch.mul)
+# marks the query operand times a moved factor: not a softmax written out, however near an
+# exponential (a temperature exp'd from its log) it is
+SCALED_QUERY = "ccgqa_scaled_query"
+_DIVS = (operator.truediv, torch.div)
+
+
+@dataclass
+class Moved:
+    product: Node
+    operand: Node  # the product's query operand as written
+    scaled: list[Node]  # the nodes computing the operand times the factor
+    scores: Node  # what the removed scaling read (the product, or it scaled by constants)
+    removed: tuple  # the removed node's (op, target, args, kwargs, meta), to put back
+
+
+def _is_product(node: Node) -> bool:
+    return is_function(node, torch.matmul, operator.matmul, torch.bmm, torch.einsum) or is_method(
+        node, "matmul", "bmm", "__matmul__"
+    )
+
+
+def _reaches_softmax(node: Node) -> bool:
+    from .attention import is_softmax
+
+    return any(is_softmax(n) or is_function(n, torch.exp) or is_method(n, "exp") for n in descendants([node]))
+
+
+def _scaling(node: Node, scores: Node) -> tuple[str, Node | float] | None:
+    """("mul" | "div", the other operand) where ``node`` multiplies or divides ``scores``
+    (divides: scores on the left) by one thing, else None."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if is_function(node, *_MULS) or is_method(node, "mul", "__mul__"):
+        other = b if a is scores else a if b is scores else None
+        return None if other is None else ("mul", other)
+    if (is_function(node, *_DIVS) or is_method(node, "div", "__truediv__")) and a is scores:
+        return ("div", b)
+    return None
+
+
+def _row_constant_factor(scores: Node, factor: Node) -> bool:
+    """A tensor, not computed from the scores, of the scores' dtype, the same along the
+    key axis (its last dim 1, or a 0-d tensor)."""
+    fv, sv = tensor_value(factor), tensor_value(scores)
+    if fv is None or sv is None or fv.dtype != sv.dtype or fv.dim() > sv.dim():
+        return False
+    if fv.dim() > 0 and fv.shape[-1] != 1:
+        return False
+    return scores not in ancestors([factor]) and depends_on_tensor_input(factor)
+
+
+def _einsum_letters(node: Node) -> tuple[str, str] | None:
+    """(the first operand's letters, the output's) of a two-operand einsum without
+    ellipsis, else None."""
+    eq = node.args[0]
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    parts = ins.split(",")
+    return (parts[0], out) if len(parts) == 2 else None
+
+
+def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
+    """The shape that lays the factor (right-aligned to the product's output) out along
+    the query operand's axes, or None where it has a size on an axis the operand lacks."""
+    fv = tensor_value(factor)
+    if not is_function(product, torch.einsum):
+        return list(fv.shape)  # (..., rows, 1) broadcasts on (..., rows, D) as it is
+    letters = _einsum_letters(product)
+    if letters is None:
+        return None
+    op_letters, out_letters = letters
+    sized = {}
+    for axis, size in enumerate(fv.shape):
+        letter = out_letters[len(out_letters) - fv.dim() + axis]
+        if size != 1:
+            sized[letter] = size
+    if any(letter not in op_letters for letter in sized):
+        return None
+    order = [c for c in out_letters if c in sized]
+    if order != [c for c in op_letters if c in sized]:
+        return None  # a permuted layout: not a reshape
+    return [sized.get(c, 1) for c in op_letters]
+
+
+def _query_operand(product: Node) -> tuple[Node, int] | None:
+    if is_function(product, torch.einsum):
+        if _einsum_letters(product) is None or len(product.args) != 3:
+            return None
+        return product.args[1], 1
+    return product.args[0], 0
+
+
+def _move(product: Node, scaling: Node, scores: Node, kind: str, factor: Node) -> Moved | None:
+    found = _query_operand(product)
+    shape = _factor_shape_for_operand(product, factor)
+    if found is None or shape is None:
+        return None
+    operand, index = found
+    ov = tensor_value(operand)
+    if ov is None or ov.dtype != tensor_value(factor).dtype or ov.dim() < 2:
+        return None
+    graph = product.graph
+    new = []
+    with graph.inserting_before(product):
+        laid = factor
+        if shape != list(tensor_value(factor).shape):
+            laid = graph.call_method("reshape", (factor, tuple(shape)))
+            new.append(laid)
+        target = operator.mul if kind == "mul" else operator.truediv
+        new.append(graph.call_function(target, (operand, laid)))
+    new[-1].meta[SCALED_QUERY] = True
+    removed = (scaling.op, scaling.target, scaling.args, dict(scaling.kwargs), dict(scaling.meta))
+    scaling.replace_all_uses_with(scores)
+    graph.erase_node(scaling)
+    product.update_arg(index, new[-1])
+    stable_sort(graph)  # the factor may be computed after the product
+    propagate_fake(graph, new)
+    return Moved(product, operand, new, scores, removed)
+
+
+def run(ctx: GraphContext) -> list[Moved]:
+    """Move every such factor; returns what ``undo_unused`` may put back."""
+    moved: list[Moved] = []
+    for product in [n for n in ctx.graph.nodes if _is_product(n)]:
+        if not _reaches_softmax(product):
+            continue
+        scores = product
+        for _ in range(8):
+            if len(scores.users) != 1:
+                break
+            (user,) = scores.users
+            scaling = _scaling(user, scores)
+            if scaling is None:
+                break
+            kind, other = scaling
+            if isinstance(other, (int, float)) and not isinstance(other, bool):
+                scores = user  # a constant scaling commutes with the factor
+                continue
+            if not isinstance(other, Node) or not _row_constant_factor(product, other):
+                break
+            done = _move(product, user, scores, kind, other)
+            if done is None:
+                break
+            moved.append(done)
+    return moved
+
+
+def undo_unused(ctx: GraphContext, moved: list[Moved]) -> None:
+    """Put back each factor whose product still reads the scaled operand: no attention or
+    prologue fusion took them."""
+    graph = ctx.graph
+    for m in reversed(moved):
+        scaled = m.scaled[-1]
+        if not (ctx.alive(m.product) and ctx.alive(scaled) and scaled in m.product.args):
+            continue
+        op, target, args, kwargs, meta = m.removed
+        with graph.inserting_after(m.scores):
+            back = graph.create_node(op, target, args, kwargs)
+        back.meta.update(meta)
+        m.scores.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
+        m.product.replace_input_with(scaled, m.operand)
+        for node in reversed(m.scaled):
+            if not node.users:
+                graph.erase_node(node)
+    if moved:
+        stable_sort(graph)
