@@ -708,6 +708,78 @@ class RopeNegativeAngles(RopeHFChunkNoGrad):
         return torch.cat((v2, -v1), dim=-1)
 
 
+class RopeSignBakedInSin(_QK):
+    """The rotation a plain swap, ``cat((x2, x1))``, and the quarter turn's sign baked into
+    the sin buffer, ``cat((-sin, sin))`` (no negation on the activations); (T, 1, D)
+    buffers sliced per call, applied on (B, T, H, D)."""
+
+    MAX_T = 16
+
+    def __init__(self):
+        super().__init__()
+        f = torch.outer(torch.arange(self.MAX_T).float(), _inv_freq(self.HEAD_DIM))
+        self.register_buffer("cos", torch.cat((f.cos(), f.cos()), -1)[:, None], persistent=False)
+        self.register_buffer("sin_signed", torch.cat((-f.sin(), f.sin()), -1)[:, None], persistent=False)
+
+    @staticmethod
+    def swap(v):
+        v1, v2 = v.chunk(2, dim=-1)
+        return torch.cat((v2, v1), dim=-1)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k = self.qk(x)
+        cos, sin = self.cos[:t].to(x.dtype), self.sin_signed[:t].to(x.dtype)
+        return self.join(q * cos + self.swap(q) * sin, k * cos + self.swap(k) * sin)
+
+
+class RopePairsSignBakedInSin(RopeSignBakedInSin):
+    """Interleaved pairs swapped, ``stack((x1, x0))``, the sign in the sin table's even
+    entries."""
+
+    def __init__(self):
+        super().__init__()
+        f = torch.outer(torch.arange(self.MAX_T).float(), _inv_freq(self.HEAD_DIM))
+        self.cos = f.cos().repeat_interleave(2, -1)[:, None]
+        self.sin_signed = torch.stack((-f.sin(), f.sin()), -1).flatten(-2)[:, None]
+
+    @staticmethod
+    def swap(v):
+        return torch.stack((v[..., 1::2], v[..., 0::2]), dim=-1).flatten(-2)
+
+
+class RopeRollSignTable(RopeSignBakedInSin):
+    """``roll(x, D/2) * sign * sin`` with the sign a buffer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        f = torch.outer(torch.arange(self.MAX_T).float(), _inv_freq(self.HEAD_DIM))
+        self.register_buffer("sin", torch.cat((f.sin(), f.sin()), -1)[:, None], persistent=False)
+        half = self.HEAD_DIM // 2
+        self.register_buffer("sign", torch.cat((-torch.ones(half), torch.ones(half))), persistent=False)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k = self.qk(x)
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        half = self.HEAD_DIM // 2
+
+        def rotary(v):
+            return v * cos + torch.roll(v, shifts=half, dims=-1) * self.sign * sin
+
+        return self.join(rotary(q), rotary(k))
+
+
+class NearRopeSignBakedNoSwap(RopeSignBakedInSin):
+    """Near miss: the halves joined in their own order (no swap): x * (cos + sin), a
+    scaling, no rotation."""
+
+    @staticmethod
+    def swap(v):
+        v1, v2 = v.chunk(2, dim=-1)
+        return torch.cat((v1, v2), dim=-1)
+
+
 class NearRopeGptFastSign(RopeGptFast):
     """gpt-fast with one sign flipped: [[c, -s], [-s, c]] is no rotation."""
 

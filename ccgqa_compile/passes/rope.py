@@ -15,6 +15,7 @@ random tables.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -50,21 +51,44 @@ def _rotation_op(node: Node) -> bool:
         or is_cast(node)
         or is_layout(node)
         or is_basic_index(node)
-        or is_function(node, operator.getitem, *_COMPLEX, *_STRUCTURE_FUNCTIONS)
-        or is_method(node, *_STRUCTURE_METHODS)
+        or is_function(node, operator.getitem, torch.roll, *_COMPLEX, *_STRUCTURE_FUNCTIONS)
+        or is_method(node, "roll", *_STRUCTURE_METHODS)
     )
 
 
 def anchors(graph: torch.fx.Graph) -> list[Node]:
     found = []
     for node in graph.nodes:
-        if is_function(node, torch.view_as_complex):
+        if is_function(node, torch.view_as_complex, torch.roll) or is_method(node, "roll"):
             found.append(node)
         elif is_function(node, torch.cat, torch.stack):
             parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
-            if any(_has_neg_or_sub(p) for p in parts if isinstance(p, Node)):
+            parts = [p for p in parts if isinstance(p, Node)]
+            if any(_has_neg_or_sub(p) for p in parts) or _two_parts_of_one_tensor(parts):
                 found.append(node)
     return found
+
+
+def _two_parts_of_one_tensor(parts: list[Node]) -> bool:
+    """Two parts of one tensor joined (``cat((x2, x1))``, pairs stacked swapped): a
+    rotation whose sign the tables may carry."""
+    if len(parts) != 2:
+        return False
+    bases = []
+    for part in parts:
+        while is_layout(part) or is_cast(part):
+            part = part.args[0]
+        if not (is_basic_index(part) or is_function(part, operator.getitem)):
+            return False
+        bases.append(_part_base(part.args[0]))
+    return bases[0] is bases[1]
+
+
+def _part_base(node):
+    """What a chunk / split / unbind result, or a slice, was cut from."""
+    if is_function(node, torch.chunk, torch.split, torch.unbind) or is_method(node, "chunk", "split", "unbind"):
+        return node.args[0]
+    return node
 
 
 def _has_neg_or_sub(node: Node) -> bool:
@@ -91,8 +115,8 @@ def _sources(anchor: Node) -> list[Node]:
         if (
             is_basic_index(node)
             or is_layout(node)
-            or is_function(node, torch.view_as_complex, torch.unbind, torch.chunk, torch.split)
-            or is_method(node, "unbind", "chunk", "split")
+            or is_function(node, torch.view_as_complex, torch.unbind, torch.chunk, torch.split, torch.roll)
+            or is_method(node, "unbind", "chunk", "split", "roll")
         ):
             base = node.args[0]
             if isinstance(base, Node) and tensor_value(base) is not None:
@@ -145,6 +169,18 @@ def _table_options(tables: list[Node], width):
                     return _dup(c, how), _dup(s, how)
 
                 options.append((f"{how}", [first, second], build, r, inter))
+            for inter in (False, True):  # the quarter turn's sign baked into sin
+                options.append(("full_signed", [first, second], _signed(inter, last), last, inter))
+    elif len(tables) == 3:  # sin times a sign table (``roll(x) * sign * sin``)
+        lasts = {static_int(tensor_value(t).shape[-1]) for t in tables}
+        if any(tensor_value(t).dtype.is_complex for t in tables) or len(lasts) != 1:
+            return options
+        (last,) = lasts
+        if not isinstance(last, int):
+            return options
+        for order in itertools.permutations(tables):
+            for inter in (False, True):
+                options.append(("full_sign_table", list(order), _times_sign(_signed(inter, last)), last, inter))
     elif len(tables) == 1:
         (t,) = tables
         v = tensor_value(t)
@@ -169,6 +205,29 @@ def _table_options(tables: list[Node], width):
     # cat(x2, -x1)), tried after every forward reading
     options += [(f"{name}_negative", ins, _negated(build), r, i) for name, ins, build, r, i in options]
     return [o for o in options if isinstance(width, int) and 0 < o[3] <= width and o[3] % 2 == 0]
+
+
+def _signed(interleaved: bool, width: int):
+    """Full-width tables where the rotation is a plain swap (``cat(x2, x1)``, pairs
+    swapped, ``roll``) and the sin table carries the quarter turn's sign (``cat(-sin,
+    sin)``): the op's sin is that table with the sign taken back out, whatever it holds."""
+
+    def build(c, s):
+        if interleaved:
+            return c, torch.stack((-s[..., 0::2], s[..., 1::2]), dim=-1).flatten(-2)
+        half = width // 2  # traced with proxies too: the width as a number
+        return c, torch.cat((-s[..., :half], s[..., half:]), dim=-1)
+
+    return build
+
+
+def _times_sign(signed):
+    """Three tables: cos, sin and a sign table multiplying sin."""
+
+    def build(c, s, sign):
+        return signed(c, s * sign)
+
+    return build
 
 
 def _negated(build):
