@@ -73,6 +73,14 @@ class RMSReciprocalOfSqrt(nn.Module):
         return self.weight * (x * inv)
 
 
+class RMSExpOfLog(RMSReciprocalOfSqrt):
+    """The inverse root as ``exp(-0.5 * log(ms + eps))`` (log-domain code)."""
+
+    def forward(self, x):
+        ms = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.exp(-0.5 * torch.log(ms + 1e-6)) * self.weight
+
+
 class RMSSumOverWidth(nn.Module):
     """The mean spelled as a sum divided by the width, weight folded into the factor."""
 

@@ -70,6 +70,7 @@ RMS_NORM = [
     _must("rms_mean_of_product", sp.RMSMeanOfProduct, rms_norm=1),
     _must("rms_pow_operator_div_sqrt_dim2", sp.RMSPowOperatorDivSqrt, seq=11, rms_norm=1),
     _must("rms_reciprocal_of_sqrt_weight_first", sp.RMSReciprocalOfSqrt, rms_norm=1),
+    _must("rms_exp_of_log", sp.RMSExpOfLog, rms_norm=1),
     _must("rms_sum_over_width_weight_in_factor", sp.RMSSumOverWidth, seq=5, rms_norm=1),
     # eps = 0: the eps read off the probes is float64 noise (~1e-16); 0 is tried too
     _must("rms_norm_times_rsqrt_width_no_eps", sp.RMSNormTimesRsqrtWidth, rms_norm=1),

@@ -23,13 +23,15 @@ ELEMENTWISE_FUNCTIONS = {
     torch.reciprocal, torch.square, torch.abs, torch.exp, torch.clamp, torch.clamp_min,
     torch.maximum, torch.minimum, torch.where, torch.sigmoid, torch.nn.functional.silu,
     torch.tanh, torch.cos, torch.sin, torch.multiply, torch.true_divide, torch.negative,
-    torch.masked_fill,
+    torch.masked_fill, torch.log, torch.log2, torch.exp2, torch.log1p, torch.expm1,
+    torch.special.expit,
 }  # fmt: skip
 ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "reciprocal", "square", "abs",
     "exp", "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "sigmoid", "tanh",
     "multiply", "true_divide", "negative", "masked_fill", "__mul__", "__add__", "__truediv__",
-    "__rtruediv__", "__rmul__", "__radd__", "__sub__", "__rsub__", "__neg__",
+    "__rtruediv__", "__rmul__", "__radd__", "__sub__", "__rsub__", "__neg__", "log", "log2",
+    "exp2", "log1p", "expm1",
 }  # fmt: skip
 
 
