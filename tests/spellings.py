@@ -2045,6 +2045,17 @@ class NearCCGQATemperaturePerQueryHeadOnScores(CCGQATemperatureOnScores):
         return torch.einsum("bhqk,bhkd->bhqd", p, v)
 
 
+class CCGQATemperatureSqrtOnBoth(CCGQAConvPadSlice):
+    """The temperature's square root on q (repeated to its heads) and on k: their product
+    is the temperature."""
+
+    def norm_and_temperature(self, q, k):
+        q, k = self.normalise(q), self.normalise(k)
+        root = self.log_temp.exp().sqrt()
+        q = q.transpose(1, 2) * root.repeat_interleave(self.HQ // self.HKV).view(1, self.HQ, 1, 1)
+        return q, k.transpose(1, 2) * root.view(1, self.HKV, 1, 1)
+
+
 class NearCCGQATemperaturePerQueryHead(CCGQAConvPadSlice):
     """Near miss: a temperature of its own for every query head, on q: the heads of one
     group differ, which no per-kv-head temperature computes."""

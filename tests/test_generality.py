@@ -201,6 +201,7 @@ CCGQA = [
     _must("ccgqa_temperature_on_query", sp.CCGQATemperatureOnQuery, **_block()),
     _must("ccgqa_norm_scale_on_key_only", sp.CCGQANormScaleOnKeyOnly, **_block()),
     _must("ccgqa_temperature_on_scores", sp.CCGQATemperatureOnScores, **_block()),
+    _must("ccgqa_temperature_sqrt_on_both", sp.CCGQATemperatureSqrtOnBoth, **_block()),
     _must("ccgqa_fused_qkv_one_conv", sp.CCGQAFusedQKVOneConv, **_block()),
     _must(
         "ccgqa_tokens_first_sdpa_mask",

@@ -115,6 +115,9 @@ class Plan:
     # op's (a temperature on q, a norm scale on one stream only): only the attention reads
     # q and k, through q @ k^T, so the op's q and k are proven by their products instead
     scores_only: bool = False
+    # the op's temperature is ``temp`` to this power: a per-kv-head factor on both q and k
+    # (sqrt(beta) on each) gives the scores its square
+    temp_power: int = 1
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -464,6 +467,8 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
         rotary_dim, interleaved = plan.rope[3], plan.rope[4]
     if temp is not None:
         temp = temp.reshape(-1)
+        if plan.temp_power == 2:
+            temp = temp * temp
         if plan.temp_scale != 1.0:
             temp = temp / plan.temp_scale
     return [
@@ -646,25 +651,26 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool
         big = _scaled(base, _STRUCTURE_SCALE)
         probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
         literals = float_literals(region.nodes)
-        temp_choices: list[tuple[Node | None, float, float, bool]] = []
+        temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
         for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, bilinear, literals):
             for n in temps:
                 t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
-                for scale in dict.fromkeys((1.0, norm_scale)):
-                    if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
-                        temp_choices.append((n, scale, norm_scale, scores_only))
+                for power in (1, 2) if scores_only else (1,):
+                    for scale in dict.fromkeys((1.0, norm_scale)):
+                        if torch.allclose(t**power / scale, beta, rtol=1e-6, atol=0):
+                            temp_choices.append((n, scale, power, norm_scale, scores_only))
             if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
-                temp_choices.append((None, 1.0, norm_scale, scores_only))
+                temp_choices.append((None, 1.0, 1, norm_scale, scores_only))
         if not temp_choices:
             return "k's scale matches no per-kv-head input (temperature)"
         found = None
         for plan in plans:
-            for temp, temp_scale, norm_scale, scores_only in temp_choices:
+            for temp, temp_scale, power, norm_scale, scores_only in temp_choices:
                 if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
                     continue  # the seed op reads its temperature as it is
                 cand = replace(
-                    plan, temp=temp, temp_scale=temp_scale, norm_scale=norm_scale, eps=1e-12,
-                    scores_only=scores_only,
+                    plan, temp=temp, temp_scale=temp_scale, temp_power=power,
+                    norm_scale=norm_scale, eps=1e-12, scores_only=scores_only,
                 )  # fmt: skip
                 for with_rope in _with_identity_rope(cand, tables):
                     if probe_a.matches(with_rope, rtol=1e-7):
