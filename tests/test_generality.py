@@ -194,6 +194,7 @@ CCGQA = [
     _must("ccgqa_hf_eager_no_grad_tables", sp.CCGQAHFEager, **_block()),
     _must("ccgqa_shared_conv_bmm_buffers", sp.CCGQASharedConvBmm, seq=13, **_block()),
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
+    _must("ccgqa_rope_before_norm_buffer_tables", sp.CCGQARopeBeforeNormBufferTables, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
@@ -227,6 +228,12 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_rope_before_norm_sin_off_by_one",
+        sp.NearCCGQARopeBeforeNormSinOffByOne,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_temperature_per_query_head",
         sp.NearCCGQATemperaturePerQueryHead,

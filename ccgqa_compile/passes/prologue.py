@@ -35,7 +35,7 @@ from torch.fx import Node
 from .. import config
 from .attention import Site, layer_convolutions, unrepeated
 from .common import GraphContext, float_literals, is_training_graph
-from .evaluate import Evaluator, NotEvaluable, agree, constant_value, real_tensors
+from .evaluate import Evaluator, NotEvaluable, Probes, agree, constant_value, real_tensors
 from .fx_util import (
     PAD,
     ancestors,
@@ -50,6 +50,7 @@ from .fx_util import (
     is_size_value,
     node_inputs,
     requires_grad,
+    runtime_inputs_of,
     same_computation,
     same_size,
     tensor_value,
@@ -513,7 +514,10 @@ def candidate(plan: Plan):
 class _Probe:
     """The region's outputs on one set of inputs, cached for every candidate."""
 
-    def __init__(self, ctx, region: Region, sizes, seed: int, given=None, scale=None):
+    def __init__(self, ctx, region: Region, sizes, seed: int, given=None, scale=None, tables=None):
+        """``tables``: draws the RoPE tables (a seed -> {table: value}), else they are
+        random like every other input."""
+        given = {**(tables(sizes, seed) if tables is not None else {}), **(given or {})}
         self.feeds = region.feeds(sizes, seed=seed, given=given, scale=scale)
         self.expected = region.evaluate(self.feeds, sizes)
 
@@ -621,9 +625,13 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
     return distinct, same_as
 
 
-def _decide(ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool) -> Plan | str:
+def _decide(
+    ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool, draw_tables=None
+) -> Plan | str:
     """The first plan whose choices the probes prove; ``bilinear``: only the attention
-    reads q and k (then their products may prove it, ``Plan.scores_only``)."""
+    reads q and k (then their products may prove it, ``Plan.scores_only``);
+    ``draw_tables``: how the probes draw the RoPE tables (``_rotation_tables``), else at
+    random."""
     sizes = ctx.sizes[0]
     base = plans[0]
     tables_and_temps = _table_leaves(region, base)
@@ -683,7 +691,7 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool
         if found is None:
             return "no conv / qk-mean / temperature choice agrees with the region"
         # phase B: RoPE layout and tables, on random tables
-        probe_b = _Probe(ctx, region, sizes, seed=42, scale=big)
+        probe_b = _Probe(ctx, region, sizes, seed=42, scale=big, tables=draw_tables)
         width = base.d
         options = _prologue_table_options(tables, width) if tables else []
         if base.kind == "seed":
@@ -715,7 +723,7 @@ def _decide(ctx: GraphContext, region: Region, plans: list[Plan], bilinear: bool
                 ok = True
                 for seed, factor in ((43, 10.0), (44, 0.1)):
                     scale = _tiny_scale(raw_norm, cand, deciding * factor)
-                    probe = _Probe(ctx, region, sizes, seed=seed, scale=scale)
+                    probe = _Probe(ctx, region, sizes, seed=seed, scale=scale, tables=draw_tables)
                     if not probe.matches(cand, rtol=1e-6):
                         ok = False
                         break
@@ -843,11 +851,12 @@ def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, f
     return _scaled(plan, target_norm / max(raw_norm, 1e-300))
 
 
-def _final_check(ctx: GraphContext, region: Region, plan: Plan) -> str | None:
+def _final_check(ctx: GraphContext, region: Region, plan: Plan, tables=None) -> str | None:
     with real_tensors():
         for sizes in ctx.sizes:
             for seed in (51, 52):
-                probe = _Probe(ctx, region, sizes, seed=seed, scale={plan.q_pre: 3.0} if seed == 52 else None)
+                scale = {plan.q_pre: 3.0} if seed == 52 else None
+                probe = _Probe(ctx, region, sizes, seed=seed, scale=scale, tables=tables)
                 if not probe.matches(plan):
                     return "the chosen candidate disagrees on a second probe"
     return None
@@ -974,9 +983,16 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
         ctx.rejected(FUSION, "prologue", site.anchor, f"{escapes[0].name} is also read outside the prologue")
         return False
     try:
-        chosen = _decide(ctx, region, plans, _attended_only(site))
+        bilinear = _attended_only(site)
+        chosen = _decide(ctx, region, plans, bilinear)
+        rotations = _rotation_tables(region, base) if isinstance(chosen, str) else None
+        if rotations is not None:  # the order of RoPE and the norm holds for rotations only
+            tables = rotations
+            chosen = _decide(ctx, region, plans, bilinear, tables)
+        else:
+            tables = None
         if isinstance(chosen, Plan):
-            problem = _final_check(ctx, region, chosen)
+            problem = _final_check(ctx, region, chosen, tables)
             chosen = problem if problem is not None else chosen
     except Rejected as why:
         chosen = str(why)
@@ -1001,6 +1017,55 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
     if chosen.k_repeat > 1 and site.fused:
         _attend_unrepeated(ctx, site, chosen.k_repeat)
     return True
+
+
+def _rotation_tables(region: Region, plan: Plan):
+    """Where the region's two RoPE tables are the cosine and sine the graph computes of
+    one angle tensor (through casts, views and slices), what draws them as such (a random
+    angle, the tables computed from it as written), else None. RoPE then rotates: it keeps
+    norms, so code applying it before the L2 norm computes what the op does, which random
+    tables would not show."""
+    tables = [
+        n for n in _table_leaves(region, plan)
+        if _runtime(n) and _has_time_dim(n, region) and tensor_value(n).dtype.is_floating_point
+    ]  # fmt: skip
+    if len(tables) != 2:
+        return None
+    angles = {}
+    for table in tables:
+        node = table
+        while is_layout(node) or is_cast(node) or is_basic_index(node):
+            node = node.args[0]
+        kind = "cos" if _calls(node, "cos") else "sin" if _calls(node, "sin") else None
+        if kind is None or kind in angles or not isinstance(node.args[0], Node):
+            return None
+        angles[kind] = node.args[0]
+    if len(angles) != 2 or angles["cos"] is not angles["sin"]:
+        return None
+    # the angle as the graph computes it, from random values of what it reads (an angle
+    # drawn itself would not hold the structure rotate-half needs: both halves' equal)
+    inputs = runtime_inputs_of(angles["cos"])
+    try:
+        source = Region.between(inputs, tables) if inputs else None
+    except Rejected:
+        return None
+    if source is None:
+        return None
+
+    def draw(sizes, seed):
+        probes = Probes(sizes, source.device(), seed + 1000)
+        given = {
+            n: torch.randint(0, 64, probes.shape(n), generator=probes.gen, device=probes.device)
+            for n in inputs if not tensor_value(n).dtype.is_floating_point
+        }  # fmt: skip
+        values = source.evaluate(source.feeds(sizes, seed=seed + 1000, given=given), sizes)
+        return dict(zip(tables, values))
+
+    return draw
+
+
+def _calls(node: Node, name: str) -> bool:
+    return is_function(node, getattr(torch, name)) or is_method(node, name)
 
 
 def _repeated_temperatures(region: Region, plan: Plan) -> list[Node]:
