@@ -2092,6 +2092,54 @@ class NearCCGQARopeBeforeNormSinOffByOne(CCGQARopeBeforeNormBufferTables):
     SIN_OFFSET = 1
 
 
+class CCGQAConvBiasesAddedApart(CCGQAConvPadSlice):
+    """Convolutions without biases, each stage's bias a parameter of its own added to the
+    output after the layout ops, shaped (H, D) or (C, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        for conv in (self.q_dw, self.q_hc, self.k_dw, self.k_hc):
+            conv.bias = None
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.q_b1 = nn.Parameter(0.3 * torch.randn(hq * d, 1))
+        self.q_b2 = nn.Parameter(0.3 * torch.randn(hq, d))
+        self.k_b1 = nn.Parameter(0.3 * torch.randn(hkv * d, 1))
+        self.k_b2 = nn.Parameter(0.3 * torch.randn(hkv, d))
+
+    def biased_conv(self, x, dw, hc, b1, b2):
+        t = x.shape[1]
+        y = dw(x.transpose(1, 2))[..., :t] + b1
+        return (hc(y)[..., :t].transpose(1, 2).unflatten(-1, b2.shape) + b2).flatten(2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.biased_conv(q_pre, self.q_dw, self.q_hc, self.q_b1, self.q_b2).unflatten(-1, (self.HQ, self.D))
+        k = self.biased_conv(k_pre, self.k_dw, self.k_hc, self.k_b1, self.k_b2).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
+        return self.wo(self.attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+class NearCCGQAConvBiasPerPosition(CCGQAConvBiasesAddedApart):
+    """Near miss: q's second 'bias' varies along the sequence, (T, 1) broadcast over the
+    channels: no convolution's bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_b2 = nn.Parameter(0.3 * torch.randn(9, 1, 1))
+
+    def biased_conv(self, x, dw, hc, b1, b2):
+        t = x.shape[1]
+        y = dw(x.transpose(1, 2))[..., :t] + b1
+        y = hc(y)[..., :t].transpose(1, 2)
+        if b2.dim() == 3:  # q: the per-position term
+            return (y.unflatten(-1, (self.HQ, self.D)) + b2[:t]).flatten(2)
+        return (y.unflatten(-1, b2.shape) + b2).flatten(2)
+
+
 class NearCCGQATemperaturePerQueryHead(CCGQAConvPadSlice):
     """Near miss: a temperature of its own for every query head, on q: the heads of one
     group differ, which no per-kv-head temperature computes."""

@@ -195,6 +195,7 @@ CCGQA = [
     _must("ccgqa_shared_conv_bmm_buffers", sp.CCGQASharedConvBmm, seq=13, **_block()),
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
     _must("ccgqa_rope_before_norm_buffer_tables", sp.CCGQARopeBeforeNormBufferTables, **_block()),
+    _must("ccgqa_conv_biases_added_apart", sp.CCGQAConvBiasesAddedApart, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
@@ -228,6 +229,12 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_conv_bias_per_position",
+        sp.NearCCGQAConvBiasPerPosition,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_rope_before_norm_sin_off_by_one",
         sp.NearCCGQARopeBeforeNormSinOffByOne,

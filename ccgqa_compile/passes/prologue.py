@@ -440,6 +440,11 @@ def _half(x, plan: Plan, stream: str):
     return x[cq:] if plan.q_first else x[:ckv]
 
 
+# where the conv biases sit in the plan's inputs after q_pre, k_pre and the states (a bias
+# added apart may be laid out (H, D) or (C, 1): the op reads it flat)
+_BIAS_POSITIONS = {True: (1, 3), False: (1, 3, 5, 7)}
+
+
 def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
     q_pre, k_pre, *rest = values
@@ -447,6 +452,7 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     if plan.states:
         q_x, k_x = _extended(plan, rest[: len(plan.states)], q_x, k_x)
         rest = rest[len(plan.states) :]
+    rest = [x.reshape(-1) if i in _BIAS_POSITIONS[plan.shared] and x is not None else x for i, x in enumerate(rest)]
     if plan.shared:
         w1, b1, w2, b2 = rest[:4]
         rest = rest[4:]
@@ -647,7 +653,9 @@ def _decide(
         tables = [n for n in tables_and_temps if n not in temps and _has_time_dim(n, region)]
         others = [n for n in tables_and_temps if n not in temps + tables and _runtime(n)]
         if others:
-            return f"{others[0].name} is neither a temperature nor a RoPE table"
+            plans = _with_added_biases(region, plans, others)
+            if isinstance(plans, str):
+                return plans
         learned = [n for n in tables if requires_grad(n)]
         if learned:
             return f"the RoPE table {learned[0].name} requires grad (the op gives tables none)"
@@ -730,6 +738,57 @@ def _decide(
                 if ok:
                     return cand
         return "the normalisation's eps or its placement matches no candidate"
+
+
+def _with_added_biases(region: Region, plans: list[Plan], leaves: list[Node]) -> list[Plan] | str:
+    """The plans with each of ``leaves`` as the bias of the convolution whose output it is
+    added to (``conv1d(x, w) + b``, or after the output's layout ops: a bias written
+    apart), where that convolution has none; else why a leaf is none of the op's
+    inputs. The probes decide whether it is added as a bias is."""
+    out = []
+    for plan in plans:
+        convs = []  # a shared conv appears in both chains: once here
+        for conv in (*plan.q_convs, *plan.k_convs):
+            if not any(c is conv for c in convs):
+                convs.append(conv)
+        biases: dict[int, Node] = {}
+        for leaf in leaves:
+            slot = _biased_conv(region, leaf, convs)
+            if slot is None or slot in biases:
+                return f"{leaf.name} is neither a temperature, a RoPE table nor a convolution's bias"
+            biases[slot] = leaf
+        with_bias = [replace(c, bias=biases[i]) if i in biases else c for i, c in enumerate(convs)]
+
+        def chain(pair, with_bias=with_bias, convs=convs):
+            return tuple(with_bias[next(i for i, c in enumerate(convs) if c is conv)] for conv in pair)
+
+        out.append(replace(plan, q_convs=chain(plan.q_convs), k_convs=chain(plan.k_convs)))
+    return out
+
+
+def _biased_conv(region: Region, leaf: Node, convs: list[Conv]) -> int | None:
+    """Which of ``convs`` (without a bias, with as many output channels as ``leaf`` has
+    elements) the region adds ``leaf`` to: the last one before the add."""
+    node = leaf
+    while len(node.users) == 1 and (is_layout(next(iter(node.users))) or is_cast(next(iter(node.users)))):
+        node = next(iter(node.users))
+    adds = [u for u in node.users if u in region.nodes and is_elementwise_add(u)]
+    if len(adds) != 1:
+        return None
+    before = ancestors([adds[0]])
+    found = [i for i, c in enumerate(convs) if c.node in before]
+    if not found:
+        return None
+    last = max(found, key=lambda i: len(ancestors([convs[i].node])))
+    conv = convs[last]
+    channels = tensor_value(conv.weight).shape[0]
+    if conv.bias is not None or tensor_value(leaf).numel() != channels:
+        return None
+    return last
+
+
+def is_elementwise_add(node: Node) -> bool:
+    return is_function(node, operator.add, torch.add) or is_method(node, "add", "__add__", "__radd__")
 
 
 def _has_time_dim(node: Node, region: Region) -> bool:
