@@ -2140,6 +2140,29 @@ class NearCCGQAConvBiasPerPosition(CCGQAConvBiasesAddedApart):
         return (y.unflatten(-1, b2.shape) + b2).flatten(2)
 
 
+class CCGQARopeTablesReadInHalves(CCGQAConvPadSlice):
+    """RoPE written per half, each half reading its own slices of cos and sin buffers
+    (``a * cos[..., :h] - b * sin[..., :h]``, ...): four table slices per call."""
+
+    MAX_T = 16
+
+    def __init__(self):
+        super().__init__()
+        cos, sin = self.tables(self.MAX_T, "cpu")
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def rotate(self, q, k, t, device):
+        cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
+        h = self.D // 2
+
+        def rotary(x):
+            a, b = x[..., :h], x[..., h:]
+            return torch.cat((a * cos[..., :h] - b * sin[..., :h], b * cos[..., h:] + a * sin[..., h:]), -1)
+
+        return rotary(q), rotary(k)
+
+
 class NearCCGQATemperaturePerQueryHead(CCGQAConvPadSlice):
     """Near miss: a temperature of its own for every query head, on q: the heads of one
     group differ, which no per-kv-head temperature computes."""

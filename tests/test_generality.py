@@ -196,6 +196,9 @@ CCGQA = [
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
     _must("ccgqa_rope_before_norm_buffer_tables", sp.CCGQARopeBeforeNormBufferTables, **_block()),
     _must("ccgqa_conv_biases_added_apart", sp.CCGQAConvBiasesAddedApart, **_block()),
+    _must("ccgqa_rope_tables_read_in_halves", sp.CCGQARopeTablesReadInHalves, **_block()),
+    # as many tokens as kv heads: the temperature (1, Hkv, 1, 1) is no RoPE table
+    _must("ccgqa_as_many_tokens_as_kv_heads", sp.CCGQAConvPadSlice, seq=2, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),
     _must("ccgqa_rope_written_into_buffer", sp.CCGQARopeWrittenIntoBuffer, **_block()),
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),

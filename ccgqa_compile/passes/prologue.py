@@ -57,7 +57,7 @@ from .fx_util import (
     topo_order,
 )
 from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort
-from .rope import _table_options
+from .rope import _table_options, lift_table_slices
 
 FUSION = "ccgqa_prologue"
 
@@ -589,8 +589,6 @@ def _runtime(node: Node) -> bool:
 def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
     """Tables that make any RoPE layout a rotation by 0 or 90 degrees (norm-preserving)."""
     out = {}
-    from .evaluate import Probes
-
     for i, node in enumerate(tables):
         shape = Probes(sizes, tensor_value(node).device).shape(node)
         v = tensor_value(node)
@@ -660,11 +658,11 @@ def _decide(
         if learned:
             return f"the RoPE table {learned[0].name} requires grad (the op gives tables none)"
         tables, same_as = _distinct_constant_tables(region.graph, tables, sizes)
-        fixed = _constant_tables(tables, sizes)
-        fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
         # inputs scaled up, so that no eps (wherever it sits in the normalisation) moves
         # the norms; phase C decides the eps on inputs scaled down to where it does
         big = _scaled(base, _STRUCTURE_SCALE)
+        fixed = _constant_tables(tables, sizes)
+        fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
         probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
         literals = float_literals(region.nodes)
         temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
@@ -796,7 +794,11 @@ def _has_time_dim(node: Node, region: Region) -> bool:
     v = tensor_value(node)
     if isinstance(t, int) and t == 1:  # one token (a decode step): a table's rows are 1 wide
         return v.dim() >= 2 and isinstance(v.shape[-1], int) and v.shape[-1] > 1
-    return any(same_size(s, t) for s in v.shape)
+    # rows of positions, each of the rotary width: (..., T, r); a temperature viewed
+    # (1, Hkv, 1, 1) with as many kv heads as tokens is none
+    if v.dim() < 2 or same_size(v.shape[-1], 1):
+        return False
+    return any(same_size(s, t) for s in v.shape[:-1])
 
 
 def _prologue_table_options(tables: list[Node], width):
@@ -1034,6 +1036,7 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
         repeated = _repeated_temperatures(region, base)
         if repeated:
             region = Region.between([base.q_pre, base.k_pre, *base.states, *repeated], [site.q, site.k])
+        region = lift_table_slices(region, base.q_pre)  # RoPE reading each table in halves
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return False

@@ -247,7 +247,7 @@ def _candidate(build, rotary_dim: int, interleaved: bool):
     return rope
 
 
-def _lift_table_slices(region: Region, x: Node) -> Region:
+def lift_table_slices(region: Region, x: Node) -> Region:
     """Slices of one table read only inside the region (gpt-fast indexes its (..., 2)
     cos/sin pairs once per product: four leaves of one table) join the region; their
     table becomes the leaf."""
@@ -271,7 +271,7 @@ def _lift_table_slices(region: Region, x: Node) -> Region:
 
 def _try(ctx: GraphContext, x: Node, sink: Node):
     try:
-        region = _lift_table_slices(Region.between([x], [sink]), x)
+        region = lift_table_slices(Region.between([x], [sink]), x)
     except Rejected as why:
         return str(why)
     if region.escapes():
