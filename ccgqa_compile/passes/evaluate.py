@@ -195,10 +195,13 @@ class Evaluator:
                 # A view of a fed tensor (a slice of q after q.clamp_()) is computed from
                 # the value fed, which is what the region reads.
                 raise NotEvaluable(f"{node.name} is written in place after it is built")
-            env[node] = self._execute(node, env)
+            env[node] = self.execute(node, env)
         return [env[node] for node in outputs]
 
-    def _execute(self, node: Node, env: dict[Node, Any]) -> Any:
+    def execute(self, node: Node, env: dict[Node, Any]) -> Any:
+        """One node on the values ``env`` holds for its inputs (casts widened to float64
+        when real); ``run`` orders the nodes, callers replaying in-place writes in graph
+        order call this one by one."""
         if node.op == "placeholder":
             v = value(node)
             if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):

@@ -302,7 +302,7 @@ def _replay(
         env[node] = concrete(v, sizes) if is_size_value(node) else v
     evaluator = Evaluator(graph, sizes)
     for node in nodes:
-        out = evaluator._execute(node, env)
+        out = evaluator.execute(node, env)
         if isinstance(out, torch.Tensor) and "empty" in call_name(node) and out.is_floating_point():
             out.fill_(math.nan)
         env[node] = out
