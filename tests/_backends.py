@@ -23,3 +23,19 @@ def ccgqa_without_codegen(gm, example_inputs, **kwargs):
     return compile_fx(
         gm, example_inputs, inner_compile=_run_eagerly, config_patches=_pass_patches(set())
     )
+
+
+def dynamo_graph(fn, *args):
+    """The graph Dynamo captures of ``fn`` on ``args``, before any pass: what the
+    pre-grad passes receive."""
+    import torch
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]

@@ -2181,17 +2181,8 @@ class NearCCGQATemperatureOnQueryKeysReadElsewhere(CCGQATemperatureOnQuery):
     attention (its mean added to the output, as a kept cache would be read): a k carrying
     the temperature instead computes another output."""
 
-    def forward(self, x):
-        b, t, _ = x.shape
-        q_pre, k_pre = self.wq(x), self.wk(x)
-        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
-        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
-        m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = self.norm_and_temperature(q + m_q, k + m_k)
-        q, k = self.rotate(q, k, t, x.device)
-        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
-        o = self.attend(q, k, v)
-        return self.wo(o.transpose(1, 2).reshape(b, t, -1)) + k.mean(dim=(1, 3)).unsqueeze(-1)
+    def attend(self, q, k, v):
+        return super().attend(q, k, v) + k.mean(dim=(1, 3), keepdim=True)
 
 
 class NearCCGQARepeatBeforeNormPerQueryHeadTemperature(CCGQARepeatBeforeNorm):

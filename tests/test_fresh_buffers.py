@@ -13,6 +13,7 @@ from ccgqa_compile.passes import fresh_buffers
 from ccgqa_compile.passes.common import GraphContext
 from ccgqa_compile.passes.evaluate import size_assignments
 
+from ._backends import dynamo_graph
 from ._compare import rel_err
 
 
@@ -71,18 +72,6 @@ def _written_under_no_grad(x, y):
     return b * 2
 
 
-def _capture(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
-
-
 def _setitems(gm) -> int:
     return sum(n.op == "call_function" and n.target is operator.setitem for n in gm.graph.nodes)
 
@@ -96,7 +85,7 @@ def _check_rewrite(fn, rewritten: bool, training: bool, writes_of, reference_dty
     x_r, y_r = x.to(reference_dtype).requires_grad_(training), y.clone().requires_grad_(training)
     want = fn(x_r, y_r)
     ins = [x.clone().requires_grad_(training), y.clone().requires_grad_(training)]
-    gm = _capture(fn, *ins)
+    gm = dynamo_graph(fn, *ins)
     writes = writes_of(gm)
     assert writes, "the function writes in place"
     fresh_buffers.run(GraphContext(gm.graph, size_assignments(gm.graph), True))

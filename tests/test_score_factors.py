@@ -12,6 +12,7 @@ from ccgqa_compile.passes import score_factors
 from ccgqa_compile.passes.common import GraphContext
 from ccgqa_compile.passes.evaluate import size_assignments
 
+from ._backends import dynamo_graph
 from ._compare import rel_err
 
 
@@ -55,18 +56,6 @@ def _scores_read_twice(q, k, t):
     return (s * t.view(1, -1, 1, 1)).softmax(-1) @ k + s.mean()
 
 
-def _capture(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
-
-
 def _in_graph_order(gm, ins):
     """(q, k, t) in the order of the graph's placeholders (Dynamo's, not the call's)."""
     position = {"L_q_": 0, "L_k_": 1, "L_t_": 2}
@@ -108,7 +97,7 @@ def test_factor_moved_onto_the_query(fn, moved, training):
     ins = [x.clone().requires_grad_(training) for x in (q, k, t)]
     ref = [x.double().requires_grad_(training) for x in (q, k, t)]
     want = fn(*ref)
-    gm = _capture(fn, *ins)
+    gm = dynamo_graph(fn, *ins)
     written = _ops(gm)
     ctx = GraphContext(gm.graph, size_assignments(gm.graph), True)
     done = score_factors.run(ctx)
