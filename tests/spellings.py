@@ -1999,6 +1999,16 @@ class CCGQATemperatureOnQuery(CCGQAConvPadSlice):
         return q.transpose(1, 2) * t.view(1, self.HQ, 1, 1), k.transpose(1, 2)
 
 
+class CCGQATemperatureGatheredOntoQuery(CCGQAConvPadSlice):
+    """The per-kv-head temperature gathered per query head by an index,
+    ``beta[arange(Hq) // G]``, onto q."""
+
+    def norm_and_temperature(self, q, k):
+        q, k = self.normalise(q), self.normalise(k)
+        heads = torch.arange(self.HQ, device=q.device) // (self.HQ // self.HKV)
+        return q.transpose(1, 2) * self.log_temp.exp()[heads].view(1, self.HQ, 1, 1), k.transpose(1, 2)
+
+
 class CCGQANormScaleOnKeyOnly(CCGQAConvPadSlice):
     """Both streams' sqrt(D) put on k (k normalised times D and its temperature), q only
     normalised: the same scores."""

@@ -204,6 +204,7 @@ CCGQA = [
     _must("ccgqa_sequence_first", sp.CCGQASequenceFirst, **_block()),
     _must("ccgqa_k_repeated_before_norm", sp.CCGQARepeatBeforeNorm, **_block()),
     _must("ccgqa_temperature_on_query", sp.CCGQATemperatureOnQuery, **_block()),
+    _must("ccgqa_temperature_gathered_onto_query", sp.CCGQATemperatureGatheredOntoQuery, **_block()),
     _must("ccgqa_norm_scale_on_key_only", sp.CCGQANormScaleOnKeyOnly, **_block()),
     _must("ccgqa_temperature_on_scores", sp.CCGQATemperatureOnScores, **_block()),
     _must("ccgqa_temperature_sqrt_on_both", sp.CCGQATemperatureSqrtOnBoth, **_block()),

@@ -1141,10 +1141,12 @@ def _repeated_temperatures(region: Region, plan: Plan) -> list[Node]:
         if leaf in region.sources or not _runtime(leaf) or _has_time_dim(leaf, region):
             continue
         node = leaf
-        for _ in range(8):  # a short chain of views, repeats, casts and pointwise ops
+        for _ in range(8):  # a short chain of views, repeats, gathers, casts, pointwise ops
             if tensor_value(node).numel() in (1, plan.kv_heads):
                 break
-            inputs = [n for n in node_inputs(node) if isinstance(tensor_value(n), torch.Tensor)]
+            # one run-time tensor read (an index built from sizes, ``beta[arange(Hq) // G]``,
+            # is computed as written)
+            inputs = [n for n in node_inputs(node) if isinstance(tensor_value(n), torch.Tensor) and _runtime(n)]
             if node.op not in ("call_function", "call_method") or len(inputs) != 1:
                 node = None
                 break
