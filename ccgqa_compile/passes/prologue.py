@@ -1137,7 +1137,7 @@ def _repeated_temperatures(region: Region, plan: Plan) -> list[Node]:
     computed as written, so an input that only looks repeated (a per-query-head
     parameter) stays the region's own input and proves nothing."""
     found = []
-    for leaf in region.float_leaves():
+    for leaf in _table_leaves(region, plan):  # not the streams, states or conv weights
         if leaf in region.sources or not _runtime(leaf) or _has_time_dim(leaf, region):
             continue
         node = leaf
