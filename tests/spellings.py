@@ -2392,6 +2392,15 @@ class CCGQABufferTablesPerCall(CCGQAConvPadSlice):
         return self.apply_rotary(q, t), self.apply_rotary(k, t)
 
 
+class CCGQABufferRowsSlicedPerStream(CCGQABufferTablesPerCall):
+    """The buffers' rows sliced once for q and once for k and used as sliced (HYDRA): the
+    region reads two slices of each buffer, the T rows being the tables (not the
+    buffer)."""
+
+    def table_rows(self, t):
+        return self.rope_cos[:t], self.rope_sin[:t]
+
+
 class NearCCGQABufferTablesKeyOffByOne(CCGQABufferTablesPerCall):
     """Near miss: k's rows of the tables start one position late (k at t rotated by the
     angle of t + 1): q and k no longer share one RoPE."""

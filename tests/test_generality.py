@@ -197,6 +197,7 @@ CCGQA = [
     _must("ccgqa_rope_before_norm_buffer_tables", sp.CCGQARopeBeforeNormBufferTables, **_block()),
     _must("ccgqa_conv_biases_added_apart", sp.CCGQAConvBiasesAddedApart, **_block()),
     _must("ccgqa_rope_tables_read_in_halves", sp.CCGQARopeTablesReadInHalves, **_block()),
+    _must("ccgqa_buffer_rows_sliced_per_stream", sp.CCGQABufferRowsSlicedPerStream, **_block()),
     # as many tokens as kv heads: the temperature (1, Hkv, 1, 1) is no RoPE table
     _must("ccgqa_as_many_tokens_as_kv_heads", sp.CCGQAConvPadSlice, seq=2, **_block()),
     _must("ccgqa_rope_negative_angles", sp.CCGQARopeNegativeAngles, **_block()),

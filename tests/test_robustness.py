@@ -576,3 +576,22 @@ def test_scores_scaled_by_a_run_time_tensor(kind, training):
         for g, g64 in zip(grads, grads64):
             assert rel_err(g, g64) < 1e-5, str(rep)
 
+
+
+def test_halves_swapped_outside_rope_fuse_nothing_and_report_nothing():
+    """cat((x2, x1)) and roll are RoPE's rotation only with a signed sin table: a swap of
+    halves anywhere else (a mixing layer) is tried quietly, left as written, and says
+    nothing in the report."""
+
+    def swap_mix(x, w):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x2, x1), dim=-1) @ w + torch.roll(x, 3, dims=-1)
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 8), torch.randn(8, 8)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    got = torch.compile(swap_mix, backend=ccgqa_without_codegen, fullgraph=True)(x, w)
+    rep = ccgqa_compile.report()
+    assert rel_err(got, swap_mix(x, w)) < 1e-6
+    assert rep.count("rope") == 0 and not any(r.fusion == "rope" for r in rep.rejected), str(rep)

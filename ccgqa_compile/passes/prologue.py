@@ -1036,7 +1036,9 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
         repeated = _repeated_temperatures(region, base)
         if repeated:
             region = Region.between([base.q_pre, base.k_pre, *base.states, *repeated], [site.q, site.k])
-        region = lift_table_slices(region, base.q_pre)  # RoPE reading each table in halves
+        # RoPE reading each table in halves: the table (T positions, not a whole buffer
+        # of them, whose rows the region slices) is the input
+        region = lift_table_slices(region, base.q_pre, keep=lambda table: _has_time_dim(table, region))
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return False

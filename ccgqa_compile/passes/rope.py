@@ -56,16 +56,23 @@ def _rotation_op(node: Node) -> bool:
     )
 
 
-def anchors(graph: torch.fx.Graph) -> list[Node]:
+def anchors(graph: torch.fx.Graph) -> list[tuple[Node, bool]]:
+    """(anchor, whether a miss there is reported): a rotation with a negation, or a
+    complex product, is reported; a plain swap of two parts or a roll (a rotation only
+    where a table carries the sign) is common outside RoPE, and left unreported."""
     found = []
     for node in graph.nodes:
-        if is_function(node, torch.view_as_complex, torch.roll) or is_method(node, "roll"):
-            found.append(node)
+        if is_function(node, torch.view_as_complex):
+            found.append((node, True))
+        elif is_function(node, torch.roll) or is_method(node, "roll"):
+            found.append((node, False))
         elif is_function(node, torch.cat, torch.stack):
             parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
             parts = [p for p in parts if isinstance(p, Node)]
-            if any(_has_neg_or_sub(p) for p in parts) or _two_parts_of_one_tensor(parts):
-                found.append(node)
+            if any(_has_neg_or_sub(p) for p in parts):
+                found.append((node, True))
+            elif _two_parts_of_one_tensor(parts):
+                found.append((node, False))
     return found
 
 
@@ -247,10 +254,10 @@ def _candidate(build, rotary_dim: int, interleaved: bool):
     return rope
 
 
-def lift_table_slices(region: Region, x: Node) -> Region:
+def lift_table_slices(region: Region, x: Node, keep=None) -> Region:
     """Slices of one table read only inside the region (gpt-fast indexes its (..., 2)
     cos/sin pairs once per product: four leaves of one table) join the region; their
-    table becomes the leaf."""
+    table becomes the leaf (where ``keep(table)`` holds, when given)."""
     by_source: dict[Node, list[Node]] = {}
     for leaf in region.float_leaves():
         if leaf is x or not is_function(leaf, operator.getitem):
@@ -258,7 +265,10 @@ def lift_table_slices(region: Region, x: Node) -> Region:
         source = leaf.args[0]
         if isinstance(source, Node) and all(u in region.nodes for u in leaf.users):
             by_source.setdefault(source, []).append(leaf)
-    lifted = {n for slices in by_source.values() if len(slices) >= 2 for n in slices}
+    lifted = {
+        n for source, slices in by_source.items()
+        if len(slices) >= 2 and (keep is None or keep(source)) for n in slices
+    }  # fmt: skip
     if not lifted:
         return region
     order = {n: i for i, n in enumerate(region.graph.nodes)}
@@ -299,7 +309,7 @@ def _try(ctx: GraphContext, x: Node, sink: Node):
 
 
 def run(ctx: GraphContext) -> None:
-    for anchor in anchors(ctx.graph):
+    for anchor, reported in anchors(ctx.graph):
         if not ctx.alive(anchor):
             continue
         reason = "no rotated tensor found"
@@ -317,5 +327,5 @@ def run(ctx: GraphContext) -> None:
             sinks = [sink for sink in reversed(sinks) if anchor in ancestors([sink])]
             reason = emit_first(ctx, FUSION, sinks, lambda sink, x=x: _try(ctx, x, sink), reason)
             done = reason is None
-        if not done and ctx.alive(anchor):
+        if not done and ctx.alive(anchor) and reported:
             ctx.rejected(FUSION, "rope", anchor, reason)
