@@ -1566,6 +1566,9 @@ class CCGQAZayaStyle(nn.Module):
         self.temp = nn.Parameter(0.8 + 0.3 * torch.rand(hkv))
         self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
 
+    def convs(self, qk):
+        return self.conv_qk_grouped(self.conv_qk_depthwise(qk))
+
     def rotary(self, t, device, dtype):
         rd = self.D // 2
         inv = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, device=device).float() / rd))
@@ -1580,7 +1583,7 @@ class CCGQAZayaStyle(nn.Module):
         q_pre, k_pre = self.q_proj(x), self.k_proj(x)
         qk = torch.cat((q_pre, k_pre), dim=-1).transpose(1, 2)
         qk = F.pad(qk, ((self.K1 - 1) + (self.K2 - 1), 0))
-        qk = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)
+        qk = self.convs(qk).transpose(1, 2)
         q_c, k_c = qk.split((hq * d, hkv * d), dim=-1)
         qh, kh = q_pre.view(b, t, hq, d), k_pre.view(b, t, hkv, d)
         m = (qh + _repeat_heads_bthd(kh, g)) * 0.5
@@ -1605,6 +1608,21 @@ class CCGQAZayaStyle(nn.Module):
         ).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class CCGQAZayaStyleBiasesAddedApart(CCGQAZayaStyle):
+    """The shared convs without biases, each stage's bias a parameter added to its output:
+    padded once, conv1's bias reaches conv2's padded positions, as Zyphra's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Parameter(self.conv_qk_depthwise.bias.detach()[:, None].clone())
+        self.b2 = nn.Parameter(self.conv_qk_grouped.bias.detach()[:, None].clone())
+        self.conv_qk_depthwise.bias = None
+        self.conv_qk_grouped.bias = None
+
+    def convs(self, qk):
+        return self.conv_qk_grouped(self.conv_qk_depthwise(qk) + self.b1) + self.b2
 
 
 class CCGQAConvPadSlice(nn.Module):

@@ -196,6 +196,7 @@ CCGQA = [
     _must("ccgqa_rope_before_norm", sp.CCGQARopeBeforeNorm, **_block()),
     _must("ccgqa_rope_before_norm_buffer_tables", sp.CCGQARopeBeforeNormBufferTables, **_block()),
     _must("ccgqa_conv_biases_added_apart", sp.CCGQAConvBiasesAddedApart, **_block()),
+    _must("ccgqa_zaya_style_biases_added_apart", sp.CCGQAZayaStyleBiasesAddedApart, **_block()),
     _must("ccgqa_rope_tables_read_in_halves", sp.CCGQARopeTablesReadInHalves, **_block()),
     _must("ccgqa_buffer_rows_sliced_per_stream", sp.CCGQABufferRowsSlicedPerStream, **_block()),
     # as many tokens as kv heads: the temperature (1, Hkv, 1, 1) is no RoPE table

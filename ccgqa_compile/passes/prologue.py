@@ -760,7 +760,11 @@ def _with_added_biases(region: Region, plans: list[Plan], leaves: list[Node]) ->
         def chain(pair, with_bias=with_bias, convs=convs):
             return tuple(with_bias[next(i for i, c in enumerate(convs) if c is conv)] for conv in pair)
 
-        out.append(replace(plan, q_convs=chain(plan.q_convs), k_convs=chain(plan.k_convs)))
+        biased = replace(plan, q_convs=chain(plan.q_convs), k_convs=chain(plan.k_convs))
+        out.append(biased)
+        if plan.shared and plan.q_convs[0].bias is None and biased.q_convs[0].bias is not None:
+            # padded once for both stages (Zyphra): conv1's bias reaches conv2's padding
+            out.append(replace(biased, fold_bias=True))
     return out
 
 

@@ -431,8 +431,8 @@ def run(ctx: GraphContext) -> int:
         if bias is not None:
             ctx.rejected(
                 FUSION, IDIOM, node,
-                "the linear has a bias: the rows entering the shift would become the bias, "
-                "not zero",
+                "the linear has a bias: its rows for the shifted-in zeros are the bias, "
+                "where the shift moved after it would give zeros",
             )  # fmt: skip
             continue
         x, dim, shift, region = proven
