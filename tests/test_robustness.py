@@ -595,3 +595,33 @@ def test_halves_swapped_outside_rope_fuse_nothing_and_report_nothing():
     rep = ccgqa_compile.report()
     assert rel_err(got, swap_mix(x, w)) < 1e-6
     assert rep.count("rope") == 0 and not any(r.fusion == "rope" for r in rep.rejected), str(rep)
+
+
+def test_the_code_a_fusion_writes_is_no_later_anchor():
+    """A prologue whose rotation swaps halves without a sign (x * cos + cat(x2, x1) * sin)
+    fuses with the op's sin written as cat(-sin[:h], sin[h:]); that concatenation with a
+    negation, our own code, is no RoPE for the RoPE pass to try and report."""
+    from .spellings import CCGQAConvPadSlice
+
+    class SwapRotation(CCGQAConvPadSlice):
+        def rotate(self, q, k, t, device):
+            cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
+
+            def swap(x):
+                x1, x2 = x.chunk(2, dim=-1)
+                return torch.cat((x2, x1), dim=-1)
+
+            return q * cos + swap(q) * sin, k * cos + swap(k) * sin
+
+    torch.manual_seed(0)
+    model = SwapRotation()
+    x = torch.randn(2, 9, model.DIM)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.no_grad():
+        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(x)
+        want = copy.deepcopy(model).double()(x.double())
+    rep = ccgqa_compile.report()
+    assert rel_err(got, want) < 1e-5, str(rep)
+    assert rep.count("ccgqa_block") == 1, str(rep)
+    assert not any(r.fusion == "rope" for r in rep.rejected), str(rep)

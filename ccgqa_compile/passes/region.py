@@ -305,6 +305,14 @@ def _write_bounds(region: Region, inputs: Sequence[Any], order: dict[Node, int])
     return after, late
 
 
+EMITTED = "ccgqa_emitted"
+
+
+def emitted(node: Node) -> bool:
+    """Whether ``node`` is part of an op call a fusion wrote (its table builds, casts)."""
+    return bool(node.meta.get(EMITTED))
+
+
 def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[Node]:
     """Trace ``candidate`` into the graph on ``inputs`` and route every use of the region's
     sinks to its outputs (cast to each sink's dtype). Returns the new output nodes."""
@@ -320,6 +328,8 @@ def emit(region: Region, candidate: Candidate, inputs: Sequence[Any]) -> list[No
             nodes = [out.node if isinstance(out, Proxy) else out for out in outs]
         new = [n for n in graph.nodes if n not in before]
         propagate_fake(graph, new)
+        for n in new:  # our own code: never a later recognizer's anchor
+            n.meta[EMITTED] = True
     except Exception as why:  # the graph is as it was: the op does not trace here
         for n in reversed([n for n in graph.nodes if n not in before]):
             graph.erase_node(n)

@@ -36,7 +36,7 @@ from .fx_util import (
     tensor_value,
     value,
 )
-from .region import Region, Rejected, emit_first, verify
+from .region import Region, Rejected, emit_first, emitted, verify
 
 FUSION = "rope"
 
@@ -62,6 +62,8 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, bool]]:
     where a table carries the sign) is common outside RoPE, and left unreported."""
     found = []
     for node in graph.nodes:
+        if emitted(node):
+            continue
         if is_function(node, torch.view_as_complex):
             found.append((node, True))
         elif is_function(node, torch.roll) or is_method(node, "roll"):
