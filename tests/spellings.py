@@ -2084,42 +2084,6 @@ class CCGQATemperatureSqrtOnBoth(CCGQAConvPadSlice):
         return q, k.transpose(1, 2) * root.view(1, self.HKV, 1, 1)
 
 
-class CCGQARopeBeforeNormBufferTables(CCGQAConvPadSlice):
-    """RoPE right after the convs and qk-mean, before the L2 norm (a rotation keeps
-    norms: the same function); Hugging Face-style tables computed from an ``inv_freq``
-    buffer, with a key offset the near miss below changes."""
-
-    MAX_T = 16
-    SIN_OFFSET = 0
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("inv_freq", _inv_freq(self.D), persistent=False)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q_pre, k_pre = self.wq(x), self.wk(x)
-        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
-        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
-        m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = (q + m_q).transpose(1, 2), (k + m_k).transpose(1, 2)
-        f = torch.outer(torch.arange(self.MAX_T, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)
-        emb = torch.cat((f, f), dim=-1)
-        o = self.SIN_OFFSET
-        cos, sin = emb.cos()[:t].to(q.dtype), emb.sin()[o : o + t].to(q.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        q, k = self.normalise(q), self.temperature(self.normalise(k))
-        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
-        return self.wo(self.attend(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
-
-class NearCCGQARopeBeforeNormSinOffByOne(CCGQARopeBeforeNormBufferTables):
-    """Near miss: the sin table one position ahead of the cos table (cos and sin of one
-    angle tensor, sliced apart): no rotation, so the norm after it is not the norm before."""
-
-    SIN_OFFSET = 1
-
-
 class CCGQAConvBiasesAddedApart(CCGQAConvPadSlice):
     """Convolutions without biases, each stage's bias a parameter of its own added to the
     output after the layout ops, shaped (H, D) or (C, 1)."""
@@ -2332,6 +2296,33 @@ class CCGQARopeBeforeNorm(CCGQAConvPadSlice):
         v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
         o = self.attend(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class CCGQARopeBeforeNormBufferTables(CCGQARopeBeforeNorm):
+    """RoPE before the L2 norm with Hugging Face-style tables computed from an
+    ``inv_freq`` buffer (run-time tables, no constants), with a key offset the near miss
+    below changes."""
+
+    MAX_T = 16
+    SIN_OFFSET = 0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", _inv_freq(self.D), persistent=False)
+
+    def rotate(self, q, k, t, device):
+        f = torch.outer(torch.arange(self.MAX_T, device=device, dtype=self.inv_freq.dtype), self.inv_freq)
+        emb = torch.cat((f, f), dim=-1)
+        o = self.SIN_OFFSET
+        cos, sin = emb.cos()[:t].to(q.dtype), emb.sin()[o : o + t].to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class NearCCGQARopeBeforeNormSinOffByOne(CCGQARopeBeforeNormBufferTables):
+    """Near miss: the sin table one position ahead of the cos table (cos and sin of one
+    angle tensor, sliced apart): no rotation, so the norm after it is not the norm before."""
+
+    SIN_OFFSET = 1
 
 
 class CCGQATokensFirstSdpaMask(CCGQAFunctionalInterleaved):

@@ -34,7 +34,7 @@ from torch.fx import Node
 
 from .. import config
 from .attention import Site, layer_convolutions, unrepeated
-from .common import GraphContext, float_literals, is_training_graph
+from .common import GraphContext, float_literals, forward_closure, is_training_graph
 from .evaluate import Evaluator, NotEvaluable, Probes, agree, constant_value, real_tensors
 from .fx_util import (
     PAD,
@@ -1170,18 +1170,11 @@ def _attended_only(site: Site) -> bool:
     their products q @ k^T."""
     if site.kind == "handwritten" and not site.fused:
         return False  # the anchor is the softmax: the scores' other readers are unchecked
-    todo, seen = [site.q, site.k], set()
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for user in node.users:
-            if user is site.anchor or is_size_value(user):
-                continue
-            if not (is_layout(user) or is_cast(user)):
+    for stream in (site.q, site.k):
+        reached = [stream, *forward_closure(stream, lambda n: is_layout(n) or is_cast(n))]
+        for node in reached:
+            if any(u is not site.anchor and u not in reached and not is_size_value(u) for u in node.users):
                 return False
-            todo.append(user)
     return True
 
 
