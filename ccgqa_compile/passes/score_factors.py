@@ -23,7 +23,6 @@ from .common import GraphContext
 from .fx_util import (
     ancestors,
     depends_on_tensor_input,
-    descendants,
     is_function,
     is_method,
     tensor_value,
@@ -52,10 +51,19 @@ def _is_product(node: Node) -> bool:
     )
 
 
-def _reaches_softmax(node: Node) -> bool:
+def _reaches_softmax(node: Node, hops: int = 8) -> bool:
+    """A softmax (or the exponential of one written out) within a few ops of the scores:
+    a walk of the users, not of everything after them (a product early in a deep model
+    has the whole model after it)."""
     from .attention import is_softmax
 
-    return any(is_softmax(n) or is_function(n, torch.exp) or is_method(n, "exp") for n in descendants([node]))
+    frontier, seen = [node], {node}
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+        if any(is_softmax(n) or is_function(n, torch.exp) or is_method(n, "exp") for n in frontier):
+            return True
+    return False
 
 
 def _scaling(node: Node, scores: Node) -> tuple[str, Node | float] | None:
