@@ -45,12 +45,16 @@ from .fx_util import (
     autocast_stacks,
     call_name,
     depends_on_tensor_input,
+    einsum_letters,
     is_basic_index,
     is_cast,
+    is_exp,
     is_function,
     is_layout,
     is_method,
     is_mutating,
+    is_product,
+    is_softmax,
     node_inputs,
     requires_grad,
     runtime_inputs_of,
@@ -642,12 +646,6 @@ def _softmax_dim_ok(node: Node) -> bool:
     return dim == -1 or dim == nd - 1
 
 
-def _is_product(node: Any) -> bool:
-    return is_function(node, torch.matmul, operator.matmul, torch.bmm, torch.einsum) or is_method(
-        node, "matmul", "bmm", "__matmul__"
-    )
-
-
 def _product_operands(node: Node) -> list[Node]:
     if is_function(node, torch.einsum):
         ops = node.args[1:]
@@ -675,7 +673,7 @@ def _chain_op(node: Node) -> bool:
 def _reaches_product(node: Node, hops: int = 16) -> bool:
     """Whether the scores' product lies behind ``node`` through chain ops."""
     for _ in range(hops):
-        if _is_product(node):
+        if is_product(node):
             return True
         if not _chain_op(node):
             return False
@@ -731,7 +729,7 @@ def _parse(anchor: Node) -> _Handwritten | str:
     for _ in range(16):
         if not isinstance(node, Node):
             return "the softmax input is not a tensor"
-        if _is_product(node):
+        if is_product(node):
             break
         if not _chain_op(node):
             return f"{node.name} ({node.target}) between the scores and the softmax"
@@ -760,7 +758,7 @@ def _with_product(anchor: Node, scores: Node, chain: list[Node], mask: Node | No
     attention weights, keep their own copy)."""
     node = anchor
     for _ in range(6):
-        nexts = [u for u in node.users if _is_product(u) and _product_operands(u)[0] is node]
+        nexts = [u for u in node.users if is_product(u) and _product_operands(u)[0] is node]
         nexts += [u for u in node.users if is_function(u, torch.einsum) and node in _product_operands(u)]
         if nexts:
             return _Handwritten(anchor, scores, nexts[0], chain, mask, manual)
@@ -826,7 +824,7 @@ def _row_reaches_product(node: Node, memo: dict[Node, bool], hops: int = 24) -> 
     if node in memo:
         return memo[node]
     memo[node] = False  # no cycles in a graph; this bounds revisits
-    if _is_product(node):
+    if is_product(node):
         memo[node] = True
     elif hops > 0 and _row_op(node):
         live = [i for i in node_inputs(node) if depends_on_tensor_input(i)]
@@ -845,7 +843,7 @@ def _parse_manual(anchor: Node) -> _Handwritten | str:
         node = stack.pop()
         if node in region or node in scores:
             continue
-        if _is_product(node):
+        if is_product(node):
             scores.add(node)
             continue
         if not _row_op(node):
@@ -878,13 +876,13 @@ def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
     call (those are anchors of their own)."""
     found = []
     for node in graph.nodes:
-        if not _is_product(node):
+        if not is_product(node):
             continue
         ops = _product_operands(node)
         for p in ops if is_function(node, torch.einsum) else ops[:1]:
             while is_cast(p) or is_function(p, *_DROPOUT):
                 p = p.args[0]
-            if not isinstance(p, Node) or p in found or _is_product(p) or not _row_op(p):
+            if not isinstance(p, Node) or p in found or is_product(p) or not _row_op(p):
                 continue
             if p.meta.get(SCALED_QUERY):
                 continue
@@ -895,7 +893,7 @@ def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
                 continue
             chain = hw.chain
             if (
-                any(_is_exp(n) for n in chain)
+                any(is_exp(n) for n in chain)
                 and any(_row_reduction(n) for n in chain)
                 and not any(is_softmax(n) for n in chain)
             ):  # fmt: skip
@@ -903,16 +901,10 @@ def _manual_anchors(graph: torch.fx.Graph) -> list[Node]:
     return found
 
 
-def _einsum_letters(spec: str) -> tuple[list[str], str]:
-    spec = spec.replace(" ", "")
-    lhs, out = spec.split("->")
-    return lhs.split(","), out
-
-
 def _row_dims(product: Node, prob_or_q: Node) -> tuple[int, int] | None:
     """(row dim in the operand ``prob_or_q``, row dim in the product's output)."""
     if is_function(product, torch.einsum):
-        ins, out = _einsum_letters(product.args[0])
+        ins, out = einsum_letters(product.args[0])
         if "." in product.args[0]:
             return None
         ops = _product_operands(product)
@@ -1042,10 +1034,6 @@ def _empty_rows_as(o, v, keep, mask_mode: str, empty: str | None):
 
 def _block_rows(numel_per_row: int) -> int:
     return max(1, min(4096, (1 << 22) // max(numel_per_row, 1)))
-
-
-def is_softmax(node: Node) -> bool:
-    return is_function(node, *SOFTMAXES) or is_method(node, "softmax")
 
 
 def _handwritten(ctx: GraphContext, anchor: Node, fuse: bool = True) -> Site | None:
@@ -1529,20 +1517,16 @@ def anchors(graph: torch.fx.Graph) -> list[Node]:
         elif is_softmax(node):
             if tensor_value(node) is not None and tensor_value(node).dim() >= 2:
                 out.append(node)
-    if not any(_is_exp(n) for n in graph.nodes):
+    if not any(is_exp(n) for n in graph.nodes):
         return out
     order = topo_order(graph)
     return sorted(out + _manual_anchors(graph), key=order.__getitem__)
 
 
 def _exp_within(node: Node, hops: int) -> bool:
-    if _is_exp(node):
+    if is_exp(node):
         return True
     return hops > 0 and any(_exp_within(i, hops - 1) for i in node_inputs(node))
-
-
-def _is_exp(node: Node) -> bool:
-    return is_function(node, torch.exp, torch.exp2) or is_method(node, "exp", "exp2")
 
 
 def run(ctx: GraphContext, fuse: bool = True) -> list[Site]:
@@ -1603,7 +1587,7 @@ def _split_fused_score_adds(graph: torch.fx.Graph) -> list[tuple[tuple, Node]]:
     for node in list(graph.nodes):
         if not _is_baddbmm(node) or len(node.args) < 3 or node.kwargs.keys() - {"beta", "alpha"}:
             continue
-        if any(is_softmax(u) or _is_exp(u) for u in _descendants(node, 4)):
+        if any(is_softmax(u) or is_exp(u) for u in _descendants(node, 4)):
             splits.append(_split_baddbmm(graph, node))
     return splits
 

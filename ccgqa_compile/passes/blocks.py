@@ -9,9 +9,9 @@ half is missing.
 
 from __future__ import annotations
 
-from .attention import Site, is_softmax, layer_convolutions, sdpa_arguments
+from .attention import Site, layer_convolutions, sdpa_arguments
 from .common import GraphContext
-from .fx_util import SDPA, is_function
+from .fx_util import SDPA, is_function, is_softmax
 
 FUSION = "ccgqa_block"
 

@@ -193,6 +193,31 @@ PAD = {F.pad, torch._C._nn.pad, torch.constant_pad_nd}
 SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
+def is_product(node: Any) -> bool:
+    """A matrix product (``@``, ``matmul``, ``bmm``, ``einsum``): attention's scores and
+    its probabilities times values."""
+    return is_function(node, *MATMULS) or is_method(node, "matmul", "bmm", "__matmul__")
+
+
+def is_add(node: Any) -> bool:
+    return is_function(node, operator.add, torch.add) or is_method(node, "add", "__add__", "__radd__")
+
+
+def is_softmax(node: Any) -> bool:
+    return is_function(node, *SOFTMAXES) or is_method(node, "softmax")
+
+
+def is_exp(node: Any) -> bool:
+    return is_function(node, torch.exp, torch.exp2) or is_method(node, "exp", "exp2")
+
+
+def einsum_letters(spec: str) -> tuple[list[str], str]:
+    """(each operand's letters, the output's) of an explicit einsum equation."""
+    spec = spec.replace(" ", "")
+    lhs, out = spec.split("->")
+    return lhs.split(","), out
+
+
 def is_cast(node: Any) -> bool:
     if not isinstance(node, Node):
         return False

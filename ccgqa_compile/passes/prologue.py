@@ -42,6 +42,7 @@ from .fx_util import (
     arg,
     computation_context,
     descendants,
+    is_add,
     is_basic_index,
     is_cast,
     is_function,
@@ -745,22 +746,20 @@ def _with_added_biases(region: Region, plans: list[Plan], leaves: list[Node]) ->
     inputs. The probes decide whether it is added as a bias is."""
     out = []
     for plan in plans:
-        convs = []  # a shared conv appears in both chains: once here
-        for conv in (*plan.q_convs, *plan.k_convs):
-            if not any(c is conv for c in convs):
-                convs.append(conv)
+        # a shared conv appears in both chains: once here
+        convs = list({id(c): c for c in (*plan.q_convs, *plan.k_convs)}.values())
         biases: dict[int, Node] = {}
         for leaf in leaves:
             slot = _biased_conv(region, leaf, convs)
             if slot is None or slot in biases:
                 return f"{leaf.name} is neither a temperature, a RoPE table nor a convolution's bias"
             biases[slot] = leaf
-        with_bias = [replace(c, bias=biases[i]) if i in biases else c for i, c in enumerate(convs)]
-
-        def chain(pair, with_bias=with_bias, convs=convs):
-            return tuple(with_bias[next(i for i, c in enumerate(convs) if c is conv)] for conv in pair)
-
-        biased = replace(plan, q_convs=chain(plan.q_convs), k_convs=chain(plan.k_convs))
+        with_bias = {id(c): replace(c, bias=biases[i]) if i in biases else c for i, c in enumerate(convs)}
+        biased = replace(
+            plan,
+            q_convs=tuple(with_bias[id(c)] for c in plan.q_convs),
+            k_convs=tuple(with_bias[id(c)] for c in plan.k_convs),
+        )
         out.append(biased)
         if plan.shared and plan.q_convs[0].bias is None and biased.q_convs[0].bias is not None:
             # padded once for both stages (Zyphra): conv1's bias reaches conv2's padding
@@ -774,7 +773,7 @@ def _biased_conv(region: Region, leaf: Node, convs: list[Conv]) -> int | None:
     node = leaf
     while len(node.users) == 1 and (is_layout(next(iter(node.users))) or is_cast(next(iter(node.users)))):
         node = next(iter(node.users))
-    adds = [u for u in node.users if u in region.nodes and is_elementwise_add(u)]
+    adds = [u for u in node.users if u in region.nodes and is_add(u)]
     if len(adds) != 1:
         return None
     before = ancestors([adds[0]])
@@ -787,10 +786,6 @@ def _biased_conv(region: Region, leaf: Node, convs: list[Conv]) -> int | None:
     if conv.bias is not None or tensor_value(leaf).numel() != channels:
         return None
     return last
-
-
-def is_elementwise_add(node: Node) -> bool:
-    return is_function(node, operator.add, torch.add) or is_method(node, "add", "__add__", "__radd__")
 
 
 def _has_time_dim(node: Node, region: Region) -> bool:
@@ -916,12 +911,12 @@ def _tiny_scale(raw_norm: float, plan: Plan, target_norm: float) -> dict[Node, f
     return _scaled(plan, target_norm / max(raw_norm, 1e-300))
 
 
-def _final_check(ctx: GraphContext, region: Region, plan: Plan, tables=None) -> str | None:
+def _final_check(ctx: GraphContext, region: Region, plan: Plan, draw_tables=None) -> str | None:
     with real_tensors():
         for sizes in ctx.sizes:
             for seed in (51, 52):
                 scale = {plan.q_pre: 3.0} if seed == 52 else None
-                probe = _Probe(ctx, region, sizes, seed=seed, scale=scale, tables=tables)
+                probe = _Probe(ctx, region, sizes, seed=seed, scale=scale, tables=draw_tables)
                 if not probe.matches(plan):
                     return "the chosen candidate disagrees on a second probe"
     return None
@@ -1053,14 +1048,11 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
     try:
         bilinear = _attended_only(site)
         chosen = _decide(ctx, region, plans, bilinear)
-        rotations = _rotation_tables(region, base) if isinstance(chosen, str) else None
-        if rotations is not None:  # the order of RoPE and the norm holds for rotations only
-            tables = rotations
-            chosen = _decide(ctx, region, plans, bilinear, tables)
-        else:
-            tables = None
+        draw_tables = _rotation_tables(region, base) if isinstance(chosen, str) else None
+        if draw_tables is not None:  # the order of RoPE and the norm holds for rotations only
+            chosen = _decide(ctx, region, plans, bilinear, draw_tables)
         if isinstance(chosen, Plan):
-            problem = _final_check(ctx, region, chosen, tables)
+            problem = _final_check(ctx, region, chosen, draw_tables)
             chosen = problem if problem is not None else chosen
     except Rejected as why:
         chosen = str(why)
@@ -1113,11 +1105,11 @@ def _rotation_tables(region: Region, plan: Plan):
     # the angle as the graph computes it, from random values of what it reads (an angle
     # drawn itself would not hold the structure rotate-half needs: both halves' equal)
     inputs = runtime_inputs_of(angles["cos"])
-    try:
-        source = Region.between(inputs, tables) if inputs else None
-    except Rejected:
+    if not inputs:
         return None
-    if source is None:
+    try:
+        source = Region.between(inputs, tables)
+    except Rejected:
         return None
 
     def draw(sizes, seed):

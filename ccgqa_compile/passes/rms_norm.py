@@ -23,6 +23,7 @@ from .common import GraphContext, float_literals, forward_closure, is_elementwis
 from .evaluate import Evaluator, NotEvaluable, real_tensors
 from .fx_util import (
     arg,
+    is_add,
     is_cast,
     is_function,
     is_method,
@@ -58,7 +59,7 @@ def _squared(node: Node) -> Node | None:
 
 def _squared_plus_constant(node: Node) -> Node | None:
     """x for ``x*x + c`` (eps inside the mean: the mean of it is mean(x^2) + c)."""
-    if not (is_function(node, operator.add, torch.add) or is_method(node, "add")):
+    if not is_add(node):
         return None
     a, b = node.args[0], node.args[1]
     for square, other in ((a, b), (b, a)):

@@ -23,16 +23,20 @@ from .common import GraphContext
 from .fx_util import (
     ancestors,
     depends_on_tensor_input,
+    einsum_letters,
+    is_exp,
     is_function,
     is_method,
+    is_product,
+    is_softmax,
     tensor_value,
 )
 from .region import propagate_fake, stable_sort
 
-_MULS = (operator.mul, torch.mul)
 # marks the query operand times a moved factor: not a softmax written out, however near an
 # exponential (a temperature exp'd from its log) it is
 SCALED_QUERY = "ccgqa_scaled_query"
+_MULS = (operator.mul, torch.mul)
 _DIVS = (operator.truediv, torch.div)
 
 
@@ -45,23 +49,15 @@ class Moved:
     removed: tuple  # the removed node's (op, target, args, kwargs, meta), to put back
 
 
-def _is_product(node: Node) -> bool:
-    return is_function(node, torch.matmul, operator.matmul, torch.bmm, torch.einsum) or is_method(
-        node, "matmul", "bmm", "__matmul__"
-    )
-
-
 def _reaches_softmax(node: Node, hops: int = 8) -> bool:
     """A softmax (or the exponential of one written out) within a few ops of the scores:
     a walk of the users, not of everything after them (a product early in a deep model
     has the whole model after it)."""
-    from .attention import is_softmax
-
     frontier, seen = [node], {node}
     for _ in range(hops):
         frontier = [u for n in frontier for u in n.users if u not in seen]
         seen.update(frontier)
-        if any(is_softmax(n) or is_function(n, torch.exp) or is_method(n, "exp") for n in frontier):
+        if any(is_softmax(n) or is_exp(n) for n in frontier):
             return True
     return False
 
@@ -97,9 +93,8 @@ def _einsum_letters(node: Node) -> tuple[str, str] | None:
     eq = node.args[0]
     if not isinstance(eq, str) or "..." in eq or "->" not in eq:
         return None
-    ins, out = eq.replace(" ", "").split("->")
-    parts = ins.split(",")
-    return (parts[0], out) if len(parts) == 2 else None
+    ins, out = einsum_letters(eq)
+    return (ins[0], out) if len(ins) == 2 else None
 
 
 def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
@@ -164,7 +159,7 @@ def _move(product: Node, scaling: Node, scores: Node, kind: str, factor: Node) -
 def run(ctx: GraphContext) -> list[Moved]:
     """Move every such factor; returns what ``undo_unused`` may put back."""
     moved: list[Moved] = []
-    for product in [n for n in ctx.graph.nodes if _is_product(n)]:
+    for product in [n for n in ctx.graph.nodes if is_product(n)]:
         if not _reaches_softmax(product):
             continue
         scores = product
