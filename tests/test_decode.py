@@ -823,15 +823,22 @@ def test_a_prompt_written_into_a_cache_then_read_back_repeated_fuses():
 
         return attn
 
-    caches = [torch.zeros(b, hkv, s_len, d) for _ in range(4)]
+    caches = [torch.zeros(b, hkv, s_len, d) for _ in range(2)]
+    qkv = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    _check_cache_step(make, caches, qkv, "gqa_attention")
+
+
+def _check_cache_step(make, caches, qkv, fusion):
+    """``make(cache_k, cache_v)`` compiled on copies of ``caches`` and run eagerly on
+    others: output and written caches as eager's, ``fusion`` fired once."""
+    caches = [c.clone() for c in caches] + [c.clone() for c in caches]
     compiled = torch.compile(make(*caches[:2]), backend=ccgqa_without_codegen)
-    q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
     with torch.no_grad():
-        out, ref = compiled(q, k, v), make(*caches[2:])(q, k, v)
+        out, ref = compiled(*qkv), make(*caches[2:])(*qkv)
     assert rel_err(out, ref) < 1e-6
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     rep = ccgqa_compile.report()
-    assert rep.count("gqa_attention") == 1, str(rep)
+    assert rep.count(fusion) == 1, str(rep)
 
 
 @pytest.mark.parametrize("near", [False, True], ids=["causal", "near_sees_next_key"])
@@ -860,15 +867,8 @@ def test_a_decode_step_over_a_slice_assigned_cache_fuses(near):
         return attn
 
     caches = [torch.randn(b, hkv, s_len, d) for _ in range(2)]
-    caches += [c.clone() for c in caches]
-    compiled = torch.compile(make(*caches[:2]), backend=ccgqa_without_codegen)
-    q, k, v = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
-    with torch.no_grad():
-        out, ref = compiled(q, k, v), make(*caches[2:])(q, k, v)
-    assert rel_err(out, ref) < 1e-6
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    rep = ccgqa_compile.report()
-    assert rep.count("gqa_decode_attention") == 1, str(rep)
+    qkv = torch.randn(b, hq, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    _check_cache_step(make, caches, qkv, "gqa_decode_attention")
 
 
 def test_a_one_row_step_with_a_shared_mask_fuses():
