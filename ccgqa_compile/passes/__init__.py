@@ -67,8 +67,10 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
     """Every recognizer, in order: attention sites, the prologues ending at them (and the
     whole blocks they make), then RoPE, RMSNorm and SwiGLU wherever they remain."""
     from . import (
+        aliases,
         attention,
         blocks,
+        conv_forms,
         einops_calls,
         fresh_buffers,
         prologue,
@@ -81,8 +83,11 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
 
     ctx.decode = "gqa_decode_attention" in fusions
     if fusions:  # forms the recognizers read: einops calls written out, buffer writes as scatters
+        _guarded(ctx, "aliases", lambda: aliases.run(ctx))
         _guarded(ctx, "einops_calls", lambda: einops_calls.run(ctx))
         _guarded(ctx, "fresh_buffers", lambda: fresh_buffers.run(ctx))
+    # convolutions written without conv1d, as conv1d; put back where no prologue took them
+    convs = _guarded(ctx, "ccgqa_prologue", lambda: conv_forms.run(ctx)) if "ccgqa_prologue" in fusions else None
     if "value_shift" in fusions:
         _guarded(ctx, "value_shift", lambda: value_shift.run(ctx))
     # run-time factors on the scores moved onto q; put back where nothing fused them
@@ -93,6 +98,8 @@ def recognise(ctx: GraphContext, fusions: tuple[str, ...]) -> None:
     if moved:
         _guarded(ctx, "gqa_attention", lambda: score_factors.undo_unused(ctx, moved))
     blocks.report(ctx, sites or [])
+    if convs:
+        _guarded(ctx, "ccgqa_prologue", lambda: conv_forms.undo_unused(ctx, convs))
     for name, run in (("rope", rope.run), ("rms_norm", rms_norm.run), ("swiglu", swiglu.run)):
         if name in fusions:
             _guarded(ctx, name, lambda run=run: run(ctx))

@@ -1,0 +1,654 @@
+"""Normal form: convolutions along time written without ``conv1d`` become ``conv1d``.
+
+The CCGQA prologue's anchors are 1-D convolutions. Code that computes one without calling
+``conv1d`` is rewritten to the call it computes:
+
+- ``conv2d`` over a unit spatial axis (``(B, C, 1, T)`` against a ``(1, k)`` kernel) is
+  ``conv1d`` of the squeezed tensors;
+- taps written out, ``sum_j w_j * x[t + o_j]``: each term a time slice of one tensor (or it
+  shifted by pads, zeros entering), times a factor constant along time (one filter per
+  channel) or contracted with a weight by ``einsum`` (channels mixed, per group where the
+  weight and x share a letter);
+- windows, ``x.unfold(t, k, 1)`` times taps summed over the window axis, or contracted
+  with them by ``einsum``.
+
+What is read off the code (which tensor, which axis, each tap's offset and weight) only
+proposes the rewrite: the original and the ``conv1d`` computation are both evaluated on
+float64 probes (random inputs and weights, at every size assignment) and must agree.
+The original nodes stay in the graph until recognition ends: a convolution no fusion took
+is put back (``undo_unused``), so the graph a user gets back is the one they wrote
+wherever nothing fused.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from .common import GraphContext
+from .evaluate import Evaluator, NotEvaluable, Probes, agree, concrete, real_tensors
+from .fx_util import (
+    PAD,
+    ancestors,
+    arg,
+    einsum_letters,
+    is_add,
+    is_function,
+    is_method,
+    is_mutating,
+    tensor_value,
+    value,
+)
+from .region import propagate_fake, stable_sort
+
+CONV2D = {torch.conv2d, F.conv2d}
+_MULS = (operator.mul, torch.mul)
+MAX_TAPS = 16  # a longer "kernel" is some other sum of slices
+
+
+@dataclass
+class Taps:
+    """``out`` = sum over taps j of ``weights[j]`` applied to ``x`` shifted by ``offsets[j]``
+    along ``time`` (zeros outside x), ``length`` positions long.
+
+    The weights' roles are x's axes: ``batch`` axes the weights do not see, ``group`` axes
+    they are indexed by (one filter per channel: every channel axis is a group), ``contr``
+    axes they contract; ``outc`` are the weights' own output axes. ``weights[j]`` is laid
+    out (group..., outc..., contr...) as a node, or as (node, axis, index): that select.
+    ``out_axes`` orders (batch..., group..., outc..., time) as ``out`` lays them out."""
+
+    out: Node
+    x: Node
+    time: int
+    offsets: list[int]
+    weights: list[Any]
+    length: int
+    batch: list[int]
+    group: list[int]
+    contr: list[int]
+    outc_sizes: list[int]
+    out_axes: list[int]
+
+
+@dataclass
+class Rewrite:
+    old: Node  # the output as written
+    new: Node
+    conv: Node
+    made: list[Node]  # the conv1d computation's nodes
+    # the code as written, taken out of the graph while the conv stands in for it (a dead
+    # reader would count as a reader outside a fused region): each node's name, op,
+    # target, args, kwargs and meta, in graph order
+    removed: list[tuple]
+
+
+# ---- reading shifts -------------------------------------------------------------------
+
+
+def _int(x: Any, sizes: dict) -> Any:
+    return concrete(value(x), sizes) if isinstance(x, Node) else concrete(x, sizes)
+
+
+def _shift_chain(node: Node) -> tuple[Node, list[Node]]:
+    """The tensor ``node`` is sliced or zero-padded from, and those ops in order."""
+    chain = []
+    while True:
+        if is_function(node, operator.getitem) and _slices_only(node.args[1]):
+            chain.append(node)
+            node = node.args[0]
+        elif (is_function(node, *PAD) and _zero_pad(node)) or _is_narrow(node):
+            chain.append(node)
+            node = node.args[0]
+        else:
+            return node, chain[::-1]
+
+
+def _is_narrow(node: Node) -> bool:
+    return (is_method(node, "narrow") or is_function(node, torch.narrow)) and len(node.args) == 4
+
+
+def _slices_only(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, slice) or i is Ellipsis for i in items)
+
+
+def _zero_pad(node: Node) -> bool:
+    mode = arg(node, 2, "mode", "constant")
+    fill = (
+        arg(node, 3, "value", None)
+        if not is_function(node, torch.constant_pad_nd)
+        else arg(node, 2, "value", 0)
+    )
+    return mode == "constant" and fill in (None, 0, 0.0)
+
+
+def _positions(base: Node, chain: list[Node], sizes: dict) -> list[list[int]] | None:
+    """Per axis, the base position each element of the chain's result reads (-1: a zero)."""
+    shape = concrete(tuple(tensor_value(base).shape), sizes)
+    pos = [list(range(n)) for n in shape]
+    for op in chain:
+        if is_function(op, operator.getitem):
+            items = op.args[1] if isinstance(op.args[1], tuple) else (op.args[1],)
+            if sum(i is Ellipsis for i in items) > 1:
+                return None
+            if Ellipsis in items:
+                at = items.index(Ellipsis)
+                items = items[:at] + (slice(None),) * (len(pos) - len(items) + 1) + items[at + 1 :]
+            for axis, s in enumerate(items):
+                bounds = slice(_int(s.start, sizes), _int(s.stop, sizes), _int(s.step, sizes))
+                pos[axis] = pos[axis][bounds]
+        elif _is_narrow(op):
+            axis, start, length = (_int(a, sizes) for a in op.args[1:])
+            axis %= len(pos)
+            start %= max(len(pos[axis]), 1)
+            pos[axis] = pos[axis][start : start + length]
+        else:
+            pads = [_int(p, sizes) for p in arg(op, 1, "pad")]
+            for i in range(len(pads) // 2):
+                axis, lo, hi = len(pos) - 1 - i, pads[2 * i], pads[2 * i + 1]
+                p = pos[axis]
+                p = [-1] * lo + p if lo >= 0 else p[-lo:]
+                p = p + [-1] * hi if hi >= 0 else p[: len(p) + hi]
+                pos[axis] = p
+    return pos
+
+
+def _shift(operand: Node, sizes: dict) -> tuple[Node, int | None, int, int] | None:
+    """(base, time axis or None where unshifted, offset, length): ``operand`` is ``base``
+    shifted along one axis (zeros entering), every other axis whole."""
+    base, chain = _shift_chain(operand)
+    bv = tensor_value(base)
+    if bv is None or tensor_value(operand) is None or bv.dim() != tensor_value(operand).dim():
+        return None
+    pos = _positions(base, chain, sizes)
+    if pos is None:
+        return None
+    n = concrete(tuple(bv.shape), sizes)
+    moved = [a for a, p in enumerate(pos) if p != list(range(n[a]))]
+    if not moved:
+        return base, None, 0, None
+    if len(moved) != 1:
+        return None
+    axis = moved[0]
+    p = pos[axis]
+    read = [(i, q) for i, q in enumerate(p) if q >= 0]
+    if not read:
+        return None
+    offset = read[0][1] - read[0][0]
+    want = [i + offset if 0 <= i + offset < n[axis] else -1 for i in range(len(p))]
+    return (base, axis, offset, len(p)) if p == want else None
+
+
+# ---- reading taps ---------------------------------------------------------------------
+
+
+def _add_leaves(node: Node) -> list[Any]:
+    leaves = []
+    for a in node.args:
+        if _plain_add(a) and len(a.users) == 1:
+            leaves += _add_leaves(a)
+        else:
+            leaves.append(a)
+    return leaves
+
+
+def _plain_add(node: Any) -> bool:
+    return is_add(node) and len(node.args) == 2 and not node.kwargs
+
+
+def _is_mul(node: Any) -> bool:
+    return (
+        (is_function(node, *_MULS) or is_method(node, "mul", "__mul__"))
+        and len(node.args) == 2
+        and not node.kwargs
+    )
+
+
+def _term(leaf: Any, sizes: dict) -> list[tuple]:
+    """Readings of one addend as a tap: (base, time, offset, length, kind, weight, letters)
+    with kind "mul" (weight: the factor) or "einsum" (letters: x's, the weight's, out's)."""
+    if _is_mul(leaf):
+        found = []
+        for i in (0, 1):
+            operand, factor = leaf.args[i], leaf.args[1 - i]
+            if not isinstance(operand, Node) or not isinstance(factor, Node):
+                continue
+            shift = _shift(operand, sizes)
+            if shift is not None:
+                found.append((*shift, "mul", factor, None))
+        return found
+    if is_function(leaf, torch.einsum) and len(leaf.args) == 3 and isinstance(leaf.args[0], str):
+        spec = leaf.args[0]
+        if "..." in spec or "->" not in spec:
+            return []
+        (la, lb), out = einsum_letters(spec)
+        found = []
+        for operand, weight, xl, wl in (
+            (leaf.args[1], leaf.args[2], la, lb),
+            (leaf.args[2], leaf.args[1], lb, la),
+        ):
+            if isinstance(operand, Node) and isinstance(weight, Node):
+                shift = _shift(operand, sizes)
+                if shift is not None:
+                    found.append((*shift, "einsum", weight, (xl, wl, out)))
+        return found
+    return []
+
+
+def _roles_mul(xv: torch.Tensor, time: int, factors: list[tuple], ov: Any) -> dict | None:
+    """Axes of x a tap's factor varies along are its groups (one filter per channel);
+    ``factors``: each tap's (shape, dtype)."""
+    rank = xv.dim()
+    group: set[int] = set()
+    for shape, dtype in factors:
+        if len(shape) > rank or dtype != xv.dtype:
+            return None
+        shape = (1,) * (rank - len(shape)) + tuple(shape)
+        if shape[time] != 1:
+            return None  # a factor varying along time is no filter
+        for axis, size in enumerate(shape):
+            if size != 1:
+                if size != xv.shape[axis]:
+                    return None
+                group.add(axis)
+    if not isinstance(ov, torch.Tensor) or ov.dim() != rank or ov.dtype != xv.dtype:
+        return None
+    group_axes = sorted(group)
+    batch = [a for a in range(rank) if a != time and a not in group]
+    produced = batch + group_axes + [time]
+    return {"batch": batch, "group": group_axes, "contr": [], "outc_sizes": [],
+            "out_axes": [produced.index(a) for a in range(rank)]}  # fmt: skip
+
+
+def _roles_einsum(
+    xv: torch.Tensor, wshape: tuple, time: int, letters: tuple[str, str, str]
+) -> dict | None:
+    xl, wl, ol = letters
+    if any(len(set(s)) != len(s) for s in letters) or len(xl) != xv.dim() or len(wl) != len(wshape):
+        return None
+    tl = xl[time]
+    if tl in wl or tl not in ol or set(ol) - set(xl) - set(wl):
+        return None
+    batch = [a for a, c in enumerate(xl) if c in ol and c not in wl and c != tl]
+    group = [a for a, c in enumerate(xl) if c in ol and c in wl]
+    contr = [a for a, c in enumerate(xl) if c in wl and c not in ol]
+    if len(batch) + len(group) + len(contr) + 1 != len(xl):
+        return None  # x summed over an axis the weight does not see
+    outc = [c for c in wl if c not in xl]
+    if any(c not in ol for c in outc):
+        return None
+    w_order = (
+        [wl.index(xl[a]) for a in group]
+        + [wl.index(c) for c in outc]
+        + [wl.index(xl[a]) for a in contr]
+    )
+    produced = [xl[a] for a in batch] + [xl[a] for a in group] + outc + [tl]
+    return {"batch": batch, "group": group, "contr": contr,
+            "outc_sizes": [int(wshape[wl.index(c)]) for c in outc],
+            "out_axes": [produced.index(c) for c in ol], "w_order": w_order}  # fmt: skip
+
+
+def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
+    """The taps among a sum's addends (and the addends that are not taps)."""
+    leaves = _add_leaves(root)
+    readings = [_term(leaf, sizes) if isinstance(leaf, Node) else [] for leaf in leaves]
+    bases = {r[0] for rs in readings for r in rs if r[1] is not None}
+    for base in bases:
+        for kind in ("mul", "einsum"):
+            picked, rest = [], []
+            for leaf, rs in zip(leaves, readings):
+                match = [r for r in rs if r[0] is base and r[4] == kind]
+                (picked if match else rest).append(match[0] if match else leaf)
+            shifted = [r for r in picked if r[1] is not None]
+            times = {r[1] for r in shifted}
+            lengths = {r[3] for r in shifted}
+            if len(picked) < 2 or not shifted or len(times) != 1 or len(lengths) != 1:
+                continue
+            time, length = times.pop(), lengths.pop()
+            bv = tensor_value(base)
+            n = concrete(tuple(bv.shape), sizes)[time]
+            if any(r[1] is None and length != n for r in picked):
+                continue  # an unshifted addend is as long as x; the taps are not
+            offsets = [r[2] for r in picked]
+            if len(set(offsets)) != len(offsets) or max(offsets) - min(offsets) >= MAX_TAPS:
+                continue
+            weights = [r[5] for r in picked]
+            if kind == "mul":
+                shapes = [(tuple(tensor_value(w).shape), tensor_value(w).dtype) for w in weights]
+                roles = _roles_mul(bv, time, shapes, tensor_value(root))
+                if roles is None:
+                    continue
+                weights = [("mul", w, shape) for w, (shape, _) in zip(weights, shapes)]
+            else:
+                letter_sets = {r[6] for r in picked}
+                wshapes = {tuple(tensor_value(w).shape) for w in weights}
+                if len(letter_sets) != 1 or len(wshapes) != 1:
+                    continue
+                letters = letter_sets.pop()
+                roles = _roles_einsum(bv, wshapes.pop(), time, letters)
+                if roles is None:
+                    continue
+                order = roles.pop("w_order")
+                weights = [("einsum", w, order) for w in weights]
+            taps = Taps(root, base, time, offsets, weights, length, **roles)
+            return taps, rest
+    return None
+
+
+def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
+    """``(x.unfold(t, k, 1) * w).sum(-1)`` or ``einsum(.., x.unfold(t, k, 1), w)``."""
+    if is_method(node, "sum") or is_function(node, torch.sum):
+        dim = arg(node, 1, "dim")
+        if arg(node, 2, "keepdim", False) or not _is_mul(node.args[0]) or dim is None:
+            return None
+        prod = node.args[0]
+        window = next((a for a in prod.args if _is_window(a)), None)
+        factor = next((a for a in prod.args if a is not window), None)
+        if window is None or not isinstance(factor, Node) or len(prod.users) != 1:
+            return None
+        wv = tensor_value(window)
+        dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
+        if len(dims) != 1 or dims[0] not in (-1, wv.dim() - 1):
+            return None
+        x, time, k = _window_args(window)
+        fv = tensor_value(factor)
+        if fv is None or fv.dim() < 1 or fv.shape[-1] != k or fv.dim() > wv.dim():
+            return None
+        shape = tuple(fv.shape[:-1])
+        roles = _roles_mul(tensor_value(x), time, [(shape, fv.dtype)], tensor_value(node))
+        if roles is None:
+            return None
+        weights = [("mul", ("select", factor, fv.dim() - 1, j), shape) for j in range(k)]
+    elif is_function(node, torch.einsum) and len(node.args) == 3 and isinstance(node.args[0], str):
+        spec = node.args[0]
+        if "..." in spec or "->" not in spec:
+            return None
+        (la, lb), out = einsum_letters(spec)
+        if _is_window(node.args[1]):
+            window, weight, ul, wl = node.args[1], node.args[2], la, lb
+        elif _is_window(node.args[2]):
+            window, weight, ul, wl = node.args[2], node.args[1], lb, la
+        else:
+            return None
+        if not isinstance(weight, Node) or len(set(ul)) != len(ul):
+            return None
+        x, time, k = _window_args(window)
+        kl = ul[-1]
+        if kl not in wl or kl in out or len(wl) != tensor_value(weight).dim():
+            return None
+        at = wl.index(kl)
+        wshape = tuple(tensor_value(weight).shape)
+        roles = _roles_einsum(
+            tensor_value(x),
+            wshape[:at] + wshape[at + 1 :],
+            time,
+            (ul[:-1], wl.replace(kl, ""), out),
+        )
+        if roles is None:
+            return None
+        order = roles.pop("w_order")
+        weights = [("einsum", ("select", weight, at, j), order) for j in range(k)]
+    else:
+        return None
+    n = concrete(tuple(tensor_value(x).shape), sizes)[time]
+    return Taps(node, x, time, list(range(k)), weights, n - k + 1, **roles)
+
+
+def _is_window(node: Any) -> bool:
+    if not is_method(node, "unfold") or len(node.args) != 4 or node.kwargs:
+        return False
+    x, dim, size, step = node.args
+    return (
+        isinstance(dim, int) and isinstance(size, int) and step == 1 and tensor_value(x) is not None
+    )
+
+
+def _window_args(window: Node) -> tuple[Node, int, int]:
+    x, dim, size, _ = window.args
+    return x, dim % tensor_value(x).dim(), size
+
+
+# ---- writing the conv1d ----------------------------------------------------------------
+
+
+def _tap_weight(spec: tuple, taps: Taps, rank: int, proxy) -> Proxy:
+    """One tap's weight as (groups * out channels, in channels per group) for conv1d."""
+    kind, source, layout = spec
+    w = (
+        proxy(source[1]).select(source[2], source[3])
+        if isinstance(source, tuple)
+        else proxy(source)
+    )
+    if kind == "mul":  # right-aligned to x, sized along the group axes only
+        w = w.reshape(*((1,) * (rank - len(layout))), *layout)
+        order = taps.group + [a for a in range(rank) if a not in taps.group]
+        return w.permute(*order).reshape(-1, 1)
+    xv = tensor_value(taps.x)
+    inner = 1
+    for a in taps.contr:
+        inner *= int(xv.shape[a])
+    return w.permute(*layout).reshape(-1, inner)
+
+
+def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node, Node, list[Node]]:
+    tracer = GraphAppendingTracer(graph)
+    before = set(graph.nodes)
+
+    def proxy(n):
+        return Proxy(n, tracer) if isinstance(n, Node) else n
+
+    xv = tensor_value(taps.x)
+    rank, time = xv.dim(), taps.time
+    lo_off, hi_off = min(taps.offsets), max(taps.offsets)
+    kernel = hi_off - lo_off + 1
+    with graph.inserting_before(taps.out):
+        x = proxy(taps.x)
+        n = xv.shape[time]
+        # x shifted so that tap j reads position t + offsets[j] - lo_off
+        lo, hi = -lo_off, taps.length + kernel - 1 - n + lo_off
+        if lo or hi:
+            x = F.pad(x, [0, 0] * (rank - 1 - time) + [lo, hi])
+        axes = taps.batch + taps.group + taps.contr + [time]
+        x = x.permute(*axes)
+        nb = len(taps.batch)
+        x = x.flatten(0, nb - 1) if nb else x.unsqueeze(0)
+        channels = len(taps.group) + len(taps.contr)
+        x = x.flatten(1, channels) if channels else x.unsqueeze(1)
+        groups = 1
+        for a in taps.group:
+            groups *= int(xv.shape[a])
+        per_tap = [_tap_weight(w, taps, rank, proxy) for w in taps.weights]
+        by_offset = dict(zip(taps.offsets, per_tap))
+        zero = torch.zeros_like(per_tap[0]) if len(by_offset) < kernel else None
+        w = torch.stack([by_offset.get(lo_off + j, zero) for j in range(kernel)], -1)
+        conv = F.conv1d(x, w, None, 1, 0, 1, groups)
+        y = conv
+        out_channels = [int(xv.shape[a]) for a in taps.group] + list(taps.outc_sizes)
+        if out_channels:
+            y = y.unflatten(1, out_channels)
+        else:
+            y = y.squeeze(1)
+        if nb:
+            y = y.unflatten(0, [proxy(taps.x).size(a) if not isinstance(xv.shape[a], int) else xv.shape[a]
+                                for a in taps.batch])  # fmt: skip
+        else:
+            y = y.squeeze(0)
+        y = y.permute(*taps.out_axes)
+        for other in rest:
+            y = y + proxy(other)
+    new = [n for n in graph.nodes if n not in before]
+    propagate_fake(graph, new)
+    return y.node, conv.node, new
+
+
+def _emit_conv2d(graph: torch.fx.Graph, node: Node, unit: int) -> tuple[Node, Node, list[Node]]:
+    other = 5 - unit  # the spatial axis that is time
+    tracer = GraphAppendingTracer(graph)
+    before = set(graph.nodes)
+
+    def pick(x, default):
+        return (
+            x if isinstance(x, int) else x[other - 2] if isinstance(x, (list, tuple)) else default
+        )
+
+    with graph.inserting_before(node):
+        x = Proxy(arg(node, 0, "input"), tracer).squeeze(unit)
+        w = Proxy(arg(node, 1, "weight"), tracer).squeeze(unit)
+        bias = arg(node, 2, "bias")
+        bias = Proxy(bias, tracer) if isinstance(bias, Node) else None
+        stride, padding, dilation = (pick(arg(node, i, name, d), d) for i, name, d in
+                                     ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))  # fmt: skip
+        conv = F.conv1d(x, w, bias, stride, padding, dilation, arg(node, 6, "groups", 1))
+        y = conv.unsqueeze(unit)
+    new = [n for n in graph.nodes if n not in before]
+    propagate_fake(graph, new)
+    return y.node, conv.node, new
+
+
+def _unit_conv2d(node: Node) -> int | None:
+    """The spatial axis (2 or 3) along which a conv2d's input and kernel are one wide and
+    unpadded: the conv2d is a conv1d along the other."""
+    if not is_function(node, *CONV2D):
+        return None
+    xv, wv = tensor_value(arg(node, 0, "input")), tensor_value(arg(node, 1, "weight"))
+    padding = arg(node, 4, "padding", 0)
+    if xv is None or wv is None or xv.dim() != 4 or wv.dim() != 4 or isinstance(padding, str):
+        return None
+    for unit in (2, 3):
+        pad = padding if isinstance(padding, int) else padding[unit - 2]
+        if xv.shape[unit] == 1 and wv.shape[unit] == 1 and pad == 0:
+            return unit
+    return None
+
+
+# ---- proof and bookkeeping ---------------------------------------------------------------
+
+
+def _same_function(ctx: GraphContext, old: Node, new: Node, x: Node) -> bool:
+    """``old`` and ``new`` agree on float64 probes of x and of every tensor input they read."""
+    feeds_from = [n for n in ancestors([old, new], stop={x}) if n.op == "placeholder" or n is x]
+    for seed, sizes in enumerate(ctx.sizes):
+        probes = Probes(sizes, tensor_value(x).device, seed=7 + seed)
+        feeds = {n: probes.like(n) for n in feeds_from if isinstance(tensor_value(n), torch.Tensor)
+                 and tensor_value(n).dtype.is_floating_point}  # fmt: skip
+        try:
+            with real_tensors():
+                a, b = Evaluator(ctx.graph, sizes).run([old, new], feeds)
+        except (NotEvaluable, RuntimeError, TypeError, ValueError, IndexError):
+            return False
+        if not agree(b, a):
+            return False
+    return True
+
+
+def _replace(ctx: GraphContext, old: Node, x: Node, emit) -> Rewrite | None:
+    """Emit the conv1d computation and, where it is proven, route old's readers to it
+    and take out the code it replaces."""
+    graph = ctx.graph
+    before = set(graph.nodes)
+    try:
+        new, conv, made = emit()
+        proven = _same_function(ctx, old, new, x)
+    except Exception:  # the rewrite does not trace or run here: the code stays as written
+        proven = False
+    if not proven:
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        return None
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in made)
+    return Rewrite(old, new, conv, made, _take_out(graph, old, x))
+
+
+def _take_out(graph: torch.fx.Graph, old: Node, x: Node) -> list[tuple]:
+    """Erase ``old`` and the nodes only it reads (side-effect free), recording them."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    dead: set[Node] = set()
+    for node in sorted(ancestors([old], stop={x}), key=order.__getitem__, reverse=True):
+        if node.op not in ("call_function", "call_method") or is_mutating(node):
+            continue
+        if node is old or (node.users and all(u in dead for u in node.users)):
+            dead.add(node)
+    kept = sorted(dead, key=order.__getitem__)
+    removed = [(n, n.name, n.op, n.target, n.args, dict(n.kwargs), dict(n.meta)) for n in kept]
+    for n in reversed(kept):
+        graph.erase_node(n)
+    return removed
+
+
+def _put_back(graph: torch.fx.Graph, rw: Rewrite) -> bool:
+    """Re-create the code as written before ``rw.new`` and route its readers back."""
+    if not rw.removed:
+        rw.new.replace_all_uses_with(rw.old)
+        return True
+    made: dict[Node, Node] = {}
+    removed = {rec[0] for rec in rw.removed}
+    outside = [i for rec in rw.removed for i in _inputs(rec) if i not in removed]
+    if any(i.graph is not graph or i not in graph.nodes for i in outside):
+        return False  # an input of the original is gone (fused away): the conv stays
+    with graph.inserting_before(rw.new):
+        for node, name, op, target, args, kwargs, meta in rw.removed:
+            args, kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: made.get(n, n))
+            back = graph.create_node(op, target, args, kwargs, name=name)
+            back.meta.update(meta)
+            made[node] = back
+    rw.new.replace_all_uses_with(made[rw.old])
+    return True
+
+
+def _inputs(rec: tuple) -> list[Node]:
+    found: list[Node] = []
+    torch.fx.node.map_arg((rec[4], rec[5]), found.append)
+    return found
+
+
+def _proposal(node: Node, sizes: dict) -> tuple[Node, Any] | None:
+    """(the tensor convolved, how to emit the conv1d) where ``node`` computes one."""
+    unit = _unit_conv2d(node)
+    if unit is not None:
+        return arg(node, 0, "input"), partial(_emit_conv2d, node.graph, node, unit)
+    if _plain_add(node) and not (len(node.users) == 1 and _plain_add(next(iter(node.users)))):
+        found = _taps_of_sum(node, sizes)
+        if found is not None:
+            return found[0].x, partial(_emit_taps, node.graph, *found)
+        return None
+    try:
+        taps = _taps_of_window(node, sizes)
+    except (IndexError, ValueError, TypeError):
+        return None
+    return None if taps is None else (taps.x, partial(_emit_taps, node.graph, taps, []))
+
+
+def run(ctx: GraphContext) -> list[Rewrite]:
+    """Rewrite every convolution written otherwise to ``conv1d``; returns what
+    ``undo_unused`` may put back."""
+    done: list[Rewrite] = []
+    gone: set[Node] = set()  # taken out by an earlier rewrite
+    for node in list(ctx.graph.nodes):
+        if node in gone:
+            continue
+        proposal = _proposal(node, ctx.sizes[0])
+        if proposal is not None and (rw := _replace(ctx, node, *proposal)) is not None:
+            done.append(rw)
+            gone.update(rec[0] for rec in rw.removed)
+    if done:
+        stable_sort(ctx.graph)
+    return done
+
+
+def undo_unused(ctx: GraphContext, rewrites: list[Rewrite]) -> None:
+    """Put back each convolution as written where no fusion took its conv1d."""
+    graph = ctx.graph
+    for rw in reversed(rewrites):
+        if ctx.alive(rw.conv) and ctx.alive(rw.new) and _put_back(graph, rw):
+            for node in reversed(rw.made):
+                if ctx.alive(node) and not node.users:
+                    graph.erase_node(node)
+    if rewrites:
+        stable_sort(graph)
