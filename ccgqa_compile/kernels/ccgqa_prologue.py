@@ -115,6 +115,7 @@ def ccgqa_prologue_reference(
     rotary_dim: int | None = None,
     interleaved: bool = False,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Naive PyTorch prologue, written the way patterns/ccgqa.py writes it.
 
@@ -159,9 +160,10 @@ def ccgqa_prologue_reference(
         sin_t = sin.to(acc).reshape(-1, 1, t, rotary_dim)
 
         def rope(x):
-            x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+            end = rotary_start + rotary_dim
+            x_before, x_rot, x_after = x[..., :rotary_start], x[..., rotary_start:end], x[..., end:]
             x_rot = x_rot * cos_t + _rotate_reference(x_rot, interleaved) * sin_t
-            return torch.cat((x_rot, x_pass), dim=-1)
+            return torch.cat((x_before, x_rot, x_after), dim=-1)
 
         q, k = rope(q), rope(k)
     return q.to(q_pre.dtype), k.to(k_pre.dtype)
@@ -351,13 +353,17 @@ def _load_tables(
     seq_len,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
+    ROTARY_START: tl.constexpr,
 ):
-    """cos/sin as (BLOCK_T, D) tiles; past ROTARY_DIM cos = 1 and sin = 0 (passthrough)."""
+    """cos/sin as (BLOCK_T, D) tiles: the tables on the ROTARY_DIM columns from
+    ROTARY_START, elsewhere cos = 1 and sin = 0 (passthrough)."""
     cols = tl.arange(0, HEAD_DIM)
-    mask = ((rows >= 0) & (rows < seq_len))[:, None] & (cols < ROTARY_DIM)[None, :]
+    rotated = (cols >= ROTARY_START) & (cols < ROTARY_START + ROTARY_DIM)
+    mask = ((rows >= 0) & (rows < seq_len))[:, None] & rotated[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    cos = tl.load(cos_ptr + cos_row0 + rows64 * cos_stride_t + cols[None, :], mask=mask, other=1.0)
-    sin = tl.load(sin_ptr + sin_row0 + rows64 * sin_stride_t + cols[None, :], mask=mask, other=0.0)
+    at = tl.where(rotated, cols - ROTARY_START, 0)[None, :]
+    cos = tl.load(cos_ptr + cos_row0 + rows64 * cos_stride_t + at, mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + sin_row0 + rows64 * sin_stride_t + at, mask=mask, other=0.0)
     return cos.to(tl.float32), sin.to(tl.float32)
 
 
@@ -449,6 +455,7 @@ def _ccgqa_prologue_fwd_kernel(
     QK_MEAN: tl.constexpr,
     TEMPERATURE: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
+    ROTARY_START: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -469,7 +476,7 @@ def _ccgqa_prologue_fwd_kernel(
     if ROTARY_DIM > 0:
         cos, sin = _load_tables(
             cos_ptr, sin_ptr, b * cos_stride_b, cos_stride_t, b * sin_stride_b, sin_stride_t,
-            rows, seq_len, HEAD_DIM, ROTARY_DIM,
+            rows, seq_len, HEAD_DIM, ROTARY_DIM, ROTARY_START,
         )  # fmt: skip
 
     for g in range(GROUP):
@@ -528,6 +535,7 @@ def _grad_raw(
     BLOCK_T: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
+    ROTARY_START: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     EPS_MODE: tl.constexpr,
 ):
@@ -541,7 +549,7 @@ def _grad_raw(
     if ROTARY_DIM > 0:
         cos, sin = _load_tables(
             cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t,
-            rows, seq_len, HEAD_DIM, ROTARY_DIM,
+            rows, seq_len, HEAD_DIM, ROTARY_DIM, ROTARY_START,
         )  # fmt: skip
         # VJP of x*cos + rot(x)*sin: rot^T = -rot
         grad = grad * cos - _rotate(grad * sin, BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
@@ -611,6 +619,7 @@ def _ccgqa_prologue_draw_kernel(
     QK_MEAN: tl.constexpr,
     TEMPERATURE: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
+    ROTARY_START: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -647,7 +656,7 @@ def _ccgqa_prologue_draw_kernel(
         d_raw, _unused = _grad_raw(
             raw, dq_ptr, b * dq_stride_b + h * dq_stride_h, dq_stride_t, rows, seq_len,
             cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, norm_scale, eps,
-            BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED, EPS_MODE,
+            BLOCK_T, HEAD_DIM, ROTARY_DIM, ROTARY_START, INTERLEAVED, EPS_MODE,
         )  # fmt: skip
         row0 = b * seq_len * q_channels + h * HEAD_DIM
         _store_rows(draw_q_ptr, row0, q_channels, rows, seq_len, d_raw, HEAD_DIM)
@@ -665,7 +674,7 @@ def _ccgqa_prologue_draw_kernel(
     d_raw, grad_dot_unit = _grad_raw(
         raw, dk_ptr, b * dk_stride_b + j * dk_stride_h, dk_stride_t, rows, seq_len,
         cos_ptr, sin_ptr, cos_row0, cos_stride_t, sin_row0, sin_stride_t, k_scale, eps,
-        BLOCK_T, HEAD_DIM, ROTARY_DIM, INTERLEAVED, EPS_MODE,
+        BLOCK_T, HEAD_DIM, ROTARY_DIM, ROTARY_START, INTERLEAVED, EPS_MODE,
     )  # fmt: skip
     row0 = b * seq_len * k_channels + j * HEAD_DIM
     _store_rows(draw_k_ptr, row0, k_channels, rows, seq_len, d_raw, HEAD_DIM)
@@ -941,7 +950,9 @@ def _block_t(head_dim: int, block_t: int | None) -> int:
     return 64 if head_dim <= 64 else 32
 
 
-def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved):
+def _check(
+    q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved, rotary_start=0
+):
     if q_pre.dim() != 3 or k_pre.dim() != 3 or q_pre.shape[:2] != k_pre.shape[:2]:
         raise ValueError("q_pre and k_pre must be (B, T, H*D) with the same B and T")
     if heads % kv_heads or q_pre.shape[-1] % heads:
@@ -965,6 +976,16 @@ def _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, in
         raise ValueError(f"rotary_dim must be even and in [0, {d}], got {rotary_dim}")
     if rotary_dim and not interleaved and rotary_dim & (rotary_dim - 1):
         raise ValueError(f"rotate-half RoPE needs a power-of-two rotary_dim, got {rotary_dim}")
+    # rotate-half turns every ROTARY_DIM-wide chunk of the head (``_rotate``): the rotated
+    # dims must be one of those chunks
+    if (
+        rotary_start < 0
+        or rotary_start + rotary_dim > d
+        or rotary_start % (2 if interleaved else max(rotary_dim, 1))
+    ):
+        raise ValueError(
+            f"RoPE on dims {rotary_start}..{rotary_start + rotary_dim} does not fit the kernels"
+        )
 
 
 def _tap_major(conv2_weight: Tensor) -> Tensor:
@@ -988,9 +1009,12 @@ def _tables(cos: Tensor | None, sin: Tensor | None, b: int, t: int, rotary_dim: 
 def _common(
     q_pre, k_pre, q_w1, q_b1, q_w2, q_b2, k_w1, k_b1, k_w2, k_b2, temp, cos, sin,
     heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved, eps_mode,
+    rotary_start,
 ):  # fmt: skip
     """Arguments shared by both kernels: tensors, runtime scalars, constexprs."""
-    _check(q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved)
+    _check(
+        q_pre, k_pre, q_w1, q_w2, k_w1, k_w2, heads, kv_heads, rotary_dim, interleaved, rotary_start
+    )
     if temperature not in TEMPERATURE_MODES or (temp is None) != (temperature == "none"):
         raise ValueError(f"temperature {temperature!r} does not fit temp")
     if eps_mode not in EPS_MODES:
@@ -1029,6 +1053,7 @@ def _common(
         QK_MEAN=bool(qk_mean),
         TEMPERATURE=TEMPERATURE_MODES[temperature],
         ROTARY_DIM=rotary_dim,
+        ROTARY_START=rotary_start,
         INTERLEAVED=bool(interleaved),
         EPS_MODE=EPS_MODES[eps_mode],
         # conv2's products take the weight's dtype (``_product``): fp32 models multiply in
@@ -1063,6 +1088,7 @@ def ccgqa_prologue_fwd(
     block_t: int | None = None,
     num_warps: int | None = None,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D) and k (B, Hkv, T, D), contiguous, in ``q_pre.dtype``; computed in
     fp32. ``block_t`` overrides the tile height (tests use it to cross block borders)."""
@@ -1070,7 +1096,7 @@ def ccgqa_prologue_fwd(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
         heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
-        eps_mode,
+        eps_mode, rotary_start,
     )  # fmt: skip
     b, t, e_q = q_pre.shape
     d = e_q // heads
@@ -1124,6 +1150,7 @@ def ccgqa_prologue_bwd(
     num_warps: int | None = None,
     wgrad_splits: int | None = None,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> list[Tensor | None]:
     """Gradients of ``ccgqa_prologue_fwd`` given dq (B, Hq, T, D) and dk (B, Hkv, T, D):
     [d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
@@ -1135,7 +1162,7 @@ def ccgqa_prologue_bwd(
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
         heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved,
-        eps_mode,
+        eps_mode, rotary_start,
     )  # fmt: skip
     b, t, e_q = q_pre.shape
     e_kv = k_pre.shape[-1]

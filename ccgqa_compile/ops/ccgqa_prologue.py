@@ -51,6 +51,7 @@ def check_args(
     kv_heads: int,
     temperature: str,
     rotary_dim: int,
+    rotary_start: int = 0,
 ) -> str | None:
     """None when the op computes what was asked, else why not (the op raises it)."""
     problem = projections_problem(q_pre, k_pre)
@@ -95,6 +96,13 @@ def check_args(
         return f"temp must hold 1 or {kv_heads} values, got shape {tuple(temp.shape)}"
     if rotary_dim < 0 or rotary_dim % 2 or rotary_dim > d:
         return f"rotary_dim must be even and in [0, head_dim={d}], got {rotary_dim}"
+    if (
+        rotary_start < 0
+        or rotary_start % 2
+        or rotary_start + rotary_dim > d
+        or (rotary_start and not rotary_dim)
+    ):
+        return f"RoPE on dims {rotary_start}..{rotary_start + rotary_dim} does not fit head_dim={d}"
     if (cos is None or sin is None) != (rotary_dim == 0):
         return "cos and sin are needed exactly when rotary_dim > 0"
     if rotary_dim:
@@ -239,6 +247,7 @@ def _ccgqa_prologue_composite(
     rotary_dim: int,
     interleaved: bool,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype)
     b, t, _ = q_pre.shape
@@ -255,11 +264,11 @@ def _ccgqa_prologue_composite(
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if rotary_dim:
         c, s = _tables(cos, sin, b, t, rotary_dim, acc)
-        r = rotary_dim
+        lo, hi = rotary_start, rotary_start + rotary_dim
 
         def rope(x):
-            x_rot = x[..., :r] * c + _rotate(x[..., :r], interleaved) * s
-            return torch.cat((x_rot, x[..., r:]), dim=-1)
+            x_rot = x[..., lo:hi] * c + _rotate(x[..., lo:hi], interleaved) * s
+            return torch.cat((x[..., :lo], x_rot, x[..., hi:]), dim=-1)
 
         q, k = rope(q), rope(k)
     return q.contiguous().to(q_pre.dtype), k.contiguous().to(k_pre.dtype)
@@ -290,6 +299,7 @@ def _ccgqa_prologue_bwd_composite(
     rotary_dim: int,
     interleaved: bool,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> list[Tensor]:
     acc = compute_dtype(
         q_pre.dtype, k_pre.dtype, q_conv2_weight.dtype, k_conv2_weight.dtype, dq.dtype, dk.dtype
@@ -306,10 +316,10 @@ def _ccgqa_prologue_bwd_composite(
         dy = dy.to(acc)
         if rotary_dim:
             c, s = _tables(cos, sin, b, t, rotary_dim, acc)
-            r = rotary_dim
+            lo, hi = rotary_start, rotary_start + rotary_dim
             # rot^T = -rot: a quarter turn back
-            d_rot = dy[..., :r] * c - _rotate(dy[..., :r] * s, interleaved)
-            dy = torch.cat((d_rot, dy[..., r:]), dim=-1)
+            d_rot = dy[..., lo:hi] * c - _rotate(dy[..., lo:hi] * s, interleaved)
+            dy = torch.cat((dy[..., :lo], d_rot, dy[..., hi:]), dim=-1)
         return dy.transpose(1, 2)
 
     def normalize_bwd(d_unit: Tensor, raw: Tensor) -> Tensor:
@@ -380,14 +390,16 @@ def _structural(heads, kv_heads, rotary_dim) -> tuple[int, int, int]:
     return int(heads), int(kv_heads), int(rotary_dim)
 
 
-def _kernel_ok(tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter):
+def _kernel_ok(
+    tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter, start=0
+):
     d = q_pre.shape[-1] // heads
     return (
         use_triton(*tensors)
         and d in KERNEL_HEAD_DIMS
         and k1 <= KERNEL_MAX_CONV
         and k2 <= KERNEL_MAX_CONV
-        and (rotary_dim == 0 or inter or _is_power_of_two(rotary_dim))
+        and (rotary_dim == 0 or inter or (_is_power_of_two(rotary_dim) and start % rotary_dim == 0))
     )
 
 
@@ -415,24 +427,27 @@ def ccgqa_prologue(
     rotary_dim: int,
     interleaved: bool,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     tensors = (
         q_pre, k_pre, q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
     )  # fmt: skip
     heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
-    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim)
+    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim, rotary_start)
     if problem is None and eps_mode not in EPS_MODES:
         problem = f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}"
     if problem is not None:
         raise ValueError(f"ccgqa_prologue: {problem}")
     scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
     k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
-    if _kernel_ok(tensors, q_pre, heads, k1, k2, rotary_dim, interleaved):
+    if _kernel_ok(tensors, q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start):
         from ..kernels import ccgqa_prologue as kernels
 
-        return kernels.ccgqa_prologue_fwd(*tensors, *scalars, eps_mode=eps_mode)
-    return ccgqa_prologue_composite(*tensors, *scalars, eps_mode)
+        return kernels.ccgqa_prologue_fwd(
+            *tensors, *scalars, eps_mode=eps_mode, rotary_start=rotary_start
+        )
+    return ccgqa_prologue_composite(*tensors, *scalars, eps_mode, rotary_start)
 
 
 @triton_op("ccgqa::ccgqa_prologue_backward", mutates_args=())
@@ -461,6 +476,7 @@ def ccgqa_prologue_backward(
     rotary_dim: int,
     interleaved: bool,
     eps_mode: str = "clamp",
+    rotary_start: int = 0,
 ) -> list[Tensor]:
     """(d q_pre, d k_pre, d q_conv1 w, b, d q_conv2 w, b, d k_conv1 w, b, d k_conv2 w, b,
     d temp); an absent bias or temp gets an empty tensor."""
@@ -471,12 +487,14 @@ def ccgqa_prologue_backward(
     heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
     scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
     k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
-    if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved):
+    if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start):
         from ..kernels import ccgqa_prologue as kernels
 
-        grads = kernels.ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, eps_mode=eps_mode)
+        grads = kernels.ccgqa_prologue_bwd(
+            dq, dk, *tensors, *scalars, eps_mode=eps_mode, rotary_start=rotary_start
+        )
         return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
-    return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars, eps_mode)
+    return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars, eps_mode, rotary_start)
 
 
 def _setup_context(ctx, inputs, output) -> None:

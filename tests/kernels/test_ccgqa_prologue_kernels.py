@@ -134,20 +134,27 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err if math.isfinite(err) else math.inf  # NaN never passes
 
 
-def reference(tensors, scalars, dq, dk, eps_mode="clamp"):
+def reference(tensors, scalars, dq, dk, eps_mode="clamp", rotary_start=0):
     """float64 reference outputs and gradients (None for absent inputs)."""
     leaves = [
         x.detach().double().requires_grad_(i < 11) if x is not None else None
         for i, x in enumerate(tensors)
     ]
-    q, k = ccgqa_prologue_reference(*leaves, *scalars, eps_mode=eps_mode)
+    q, k = ccgqa_prologue_reference(*leaves, *scalars, eps_mode=eps_mode, rotary_start=rotary_start)
     wrt = [x for x in leaves[:11] if x is not None]
     grads = iter(torch.autograd.grad((q, k), wrt, (dq.double(), dk.double())))
     return q, k, [next(grads) if x is not None else None for x in leaves[:11]]
 
 
 def run_and_check(
-    monkeypatch, tensors, scalars, dtype, transposed_grads=False, eps_mode="clamp", **launch
+    monkeypatch,
+    tensors,
+    scalars,
+    dtype,
+    transposed_grads=False,
+    eps_mode="clamp",
+    rotary_start=0,
+    **launch,
 ):
     """Kernels (with NaN-poisoned fresh outputs) vs the float64 reference. With
     ``transposed_grads`` dq/dk are (B, T, H, D) storage viewed as (B, H, T, D)."""
@@ -158,17 +165,25 @@ def run_and_check(
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
-    q, k = ccgqa_prologue_fwd(*tensors, *scalars, block_t=launch.get("block_t"), eps_mode=eps_mode)
+    q, k = ccgqa_prologue_fwd(
+        *tensors,
+        *scalars,
+        block_t=launch.get("block_t"),
+        eps_mode=eps_mode,
+        rotary_start=rotary_start,
+    )
     gen = torch.Generator().manual_seed(123)
     dq = nonzero_uniform(q.shape, gen).to(device=DEVICE, dtype=dtype)
     dk = nonzero_uniform(k.shape, gen).to(device=DEVICE, dtype=dtype)
     if transposed_grads:
         dq, dk = (g.transpose(1, 2).contiguous().transpose(1, 2) for g in (dq, dk))
         assert not dq.is_contiguous()
-    grads = ccgqa_prologue_bwd(dq, dk, *tensors, *scalars, eps_mode=eps_mode, **launch)
+    grads = ccgqa_prologue_bwd(
+        dq, dk, *tensors, *scalars, eps_mode=eps_mode, rotary_start=rotary_start, **launch
+    )
     monkeypatch.undo()
 
-    q_ref, k_ref, grads_ref = reference(tensors, scalars, dq, dk, eps_mode)
+    q_ref, k_ref, grads_ref = reference(tensors, scalars, dq, dk, eps_mode, rotary_start)
     heads, kv_heads = scalars[0], scalars[1]
     b, t, e_q = tensors[0].shape
     assert q.shape == (b, heads, t, e_q // heads) and q.is_contiguous() and q.dtype == dtype
@@ -253,6 +268,14 @@ CASES = {
     "T4-B2-per-batch-tables-transposed-grads": dict(
         b=2, t=4, heads=2, kv_heads=1, per_batch_tables=True, transposed_grads=True
     ),
+    # partial RoPE on a head's last dims: the last rotate-half chunk; interleaved pairs
+    # from an even dim that is no chunk border
+    "T9-d32-rope-on-last-quarter": dict(
+        t=9, d=32, heads=2, kv_heads=1, rotary_dim=8, rotary_start=24
+    ),
+    "T9-d32-interleaved-rope-from-dim-20": dict(
+        t=9, d=32, heads=2, kv_heads=1, rotary_dim=12, interleaved=True, rotary_start=20
+    ),
 }
 
 
@@ -261,8 +284,9 @@ def _run_case(monkeypatch, name, dtype):
     launch = case.pop("launch", {})
     transposed_grads = case.pop("transposed_grads", False)
     eps_mode = case.pop("eps_mode", "clamp")
+    start = case.pop("rotary_start", 0)
     tensors, scalars = make_problem(dtype=dtype, **case)
-    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads, eps_mode, **launch)
+    run_and_check(monkeypatch, tensors, scalars, dtype, transposed_grads, eps_mode, start, **launch)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -335,6 +359,9 @@ CUDA_CASES = {
         b=2, t=300, heads=8, kv_heads=2, d=128, eps=4.0, eps_mode="add", rotary_dim=64
     ),
     "d32-eps-inside-sqrt": dict(b=2, t=300, heads=8, kv_heads=2, d=32, eps=9.0, eps_mode="sqrt"),
+    "d128-rope-on-last-half": dict(
+        b=2, t=300, heads=8, kv_heads=2, d=128, rotary_dim=64, rotary_start=64
+    ),
 }
 
 
@@ -347,10 +374,11 @@ CUDA_CASES = {
 def test_cuda_kernels_match_float64_reference(monkeypatch, name, dtype):
     case = dict(CUDA_CASES[name])
     eps_mode = case.pop("eps_mode", "clamp")
+    start = case.pop("rotary_start", 0)
     tensors, scalars = make_problem(dtype=dtype, seed=7, **case)
     assert tensors[0].is_cuda
     transposed = name == "zaya-like-d128"
-    run_and_check(monkeypatch, tensors, scalars, dtype, transposed, eps_mode)
+    run_and_check(monkeypatch, tensors, scalars, dtype, transposed, eps_mode, start)
 
 
 @pytest.mark.cuda
