@@ -1356,6 +1356,33 @@ class AttnBaddbmmFalcon(_QKV):
         return torch.bmm(p, v).reshape(b, h, t, d).transpose(1, 2)
 
 
+class AttnMegatronCore(_QKV):
+    """Megatron's CoreAttention: tokens first (T, B, H, D), ``baddbmm`` into an empty
+    buffer with ``beta=0``, the scores viewed (B, H, T, T), ``masked_fill(triu, -10000)``,
+    an fp32 softmax ``type_as`` the values, the probabilities viewed back for ``bmm``."""
+
+    PEEK = 1
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        q, k, v = (y.transpose(0, 1) for y in (q, k, v))  # (T, B, H, D)
+        k, v = (y.repeat_interleave(self.groups, dim=2) for y in (k, v))
+        q2, k2 = q.reshape(t, b * h, d), k.reshape(t, b * h, d)
+        buf = torch.empty(b * h, t, t, dtype=q.dtype, device=q.device)
+        s = torch.baddbmm(buf, q2.transpose(0, 1), k2.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=d**-0.5)
+        s = s.view(b, h, t, t)
+        future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=self.PEEK)
+        p = F.softmax(s.masked_fill(future, -10000.0).float(), dim=-1).type_as(v)
+        o = torch.bmm(p.view(b * h, t, t), v.reshape(t, b * h, d).transpose(0, 1))
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class NearAttnMegatronCorePeek(AttnMegatronCore):
+    """Megatron's core with the mask one diagonal late."""
+
+    PEEK = 2
+
+
 class NearAttnBaddbmmPeek(AttnBaddbmmFalcon):
     """The Falcon spelling with the mask one diagonal late: each query sees the next key."""
 
@@ -2568,3 +2595,148 @@ class CCGQANonCausalSdpa(CCGQAFunctionalInterleaved):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
         )
         return self.wo(o.transpose(1, 2).flatten(2))
+
+
+class CCGQAConvTapsWrittenOut(CCGQAConvPadSlice):
+    """Both convolutions without a conv call: the depthwise one as the tokens shifted by
+    ``F.pad`` of ``x[:, :-j]`` times per-channel taps, the per-head one as einsums of
+    slices of the padded (B, T, H, D) sequence with each tap's matrix; biases added."""
+
+    @staticmethod
+    def shifted(x, j):
+        """x delayed by j tokens, zeros entering."""
+        return x if j == 0 else F.pad(x[:, :-j], (0, 0) * (x.dim() - 2) + (j, 0))
+
+    def conv(self, x, dw, hc):
+        b, t, c = x.shape
+        k1 = dw.weight.shape[-1]
+        y = sum(self.shifted(x, j) * dw.weight[:, 0, k1 - 1 - j] for j in range(k1)) + dw.bias
+        heads, k2 = hc.groups, hc.weight.shape[-1]
+        w2 = hc.weight.view(heads, c // heads, c // heads, k2)  # (H, out, in, k)
+        yp = F.pad(y, (0, 0, k2 - 1, 0)).view(b, t + k2 - 1, heads, c // heads)
+        out = sum(torch.einsum("bthi,hoi->btho", yp[:, j : j + t], w2[..., j]) for j in range(k2))
+        return out.reshape(b, t, c) + hc.bias
+
+
+class CCGQAConvUnfoldWindows(CCGQAConvPadSlice):
+    """Both convolutions over ``unfold`` windows of the left-padded sequence: the
+    depthwise one times its taps summed over the window, the per-head one an einsum over
+    the window and the head's channels; biases added."""
+
+    def conv(self, x, dw, hc):
+        b, t, c = x.shape
+        k1 = dw.weight.shape[-1]
+        win = F.pad(x, (0, 0, k1 - 1, 0)).unfold(1, k1, 1)  # (B, T, C, k1)
+        y = (win * dw.weight[:, 0]).sum(-1) + dw.bias
+        heads, k2 = hc.groups, hc.weight.shape[-1]
+        w2 = hc.weight.view(heads, c // heads, c // heads, k2)
+        win = F.pad(y, (0, 0, k2 - 1, 0)).view(b, t + k2 - 1, heads, c // heads).unfold(1, k2, 1)
+        return torch.einsum("bthik,hoik->btho", win, w2).reshape(b, t, c) + hc.bias
+
+
+class CCGQAConv2dUnitHeight(CCGQAConvPadSlice):
+    """Both convolutions as ``F.conv2d`` of (B, C, 1, T) with (1, k) kernels."""
+
+    def conv(self, x, dw, hc):
+        t = x.shape[1]
+        y = x.transpose(1, 2).unsqueeze(2)
+        for conv in (dw, hc):
+            k = conv.kernel_size[0]
+            y = F.conv2d(
+                y, conv.weight.unsqueeze(2), conv.bias, padding=(0, k - 1), groups=conv.groups
+            )
+            y = y[..., :t]
+        return y.squeeze(2).transpose(1, 2)
+
+
+class NearCCGQAConvTapsSeeNextToken(CCGQAConvTapsWrittenOut):
+    """Near miss: the depthwise taps read x_{t+1}, x_t and x_{t-1} (a centred filter)."""
+
+    @staticmethod
+    def shifted(x, j):
+        if j == 0:
+            return F.pad(x[:, 1:], (0, 0, 0, 1))
+        return CCGQAConvTapsWrittenOut.shifted(x, j - 1)
+
+
+class CCGQARopeOnLastDims(CCGQAConvPadSlice):
+    """Partial RoPE on each head's last half: ``cat(x_nope, rope(x_pe))`` (DeepSeek's
+    layout), tables as wide as the rotated part."""
+
+    def tables(self, t, device):
+        r = self.D // 2
+        inv = 1.0 / (10000.0 ** (torch.arange(0, r, 2, device=device).float() / r))
+        f = torch.outer(torch.arange(t, device=device).float(), inv)
+        f = torch.cat((f, f), dim=-1)
+        return f.cos(), f.sin()
+
+    def rotate_part(self, x, cos, sin, last=True):
+        r = self.D // 2
+        keep, pe = x.split([self.D - r, r], dim=-1) if last else x.split([r, self.D - r], dim=-1)[::-1]
+        pe = pe * cos + _rotate_half(pe) * sin
+        return torch.cat((keep, pe), dim=-1) if last else torch.cat((pe, keep), dim=-1)
+
+    def rotate(self, q, k, t, device):
+        cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
+        return self.rotate_part(q, cos, sin), self.rotate_part(k, cos, sin)
+
+
+class NearCCGQARopeLastDimsOnQFirstDimsOnK(CCGQARopeOnLastDims):
+    """Near miss: q rotates its last half, k its first half."""
+
+    def rotate(self, q, k, t, device):
+        cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
+        return self.rotate_part(q, cos, sin), self.rotate_part(k, cos, sin, last=False)
+
+
+class CCGQARmsNormOnHeads(CCGQAConvPadSlice):
+    """q/k normalised by ``F.rms_norm`` over each head, no weight: the L2 norm times
+    sqrt(d) with eps added to the mean square."""
+
+    def normalise(self, t):
+        return F.rms_norm(t, (self.D,), eps=1e-6)
+
+
+class NearCCGQARmsNormOverAllHeads(CCGQAConvPadSlice):
+    """Near miss: ``F.rms_norm`` over all heads of a token at once."""
+
+    def normalise(self, t):
+        return F.rms_norm(t.flatten(2), (t.shape[2] * self.D,), eps=1e-6).view_as(t)
+
+
+class CCGQAMegatronTokensFirst(CCGQAConvPadSlice):
+    """The block tokens first, as Megatron runs it: (T, B, C) projections, ``Conv1d(padding=
+    k-1)`` on ``x.permute(1, 2, 0)`` with the tail cut, RoPE tables (T, 1, 1, D), and
+    Megatron's core attention (``baddbmm``, scores viewed (B, H, T, T), ``bmm``)."""
+
+    def conv(self, x, dw, hc):  # x (T, B, C)
+        t = x.shape[0]
+        y = dw(x.permute(1, 2, 0))[..., :t]
+        return hc(y)[..., :t].permute(2, 0, 1)
+
+    def forward(self, x):
+        x = x.transpose(0, 1)  # (T, B, E)
+        t, b, _ = x.shape
+        hq, hkv, d, g = self.HQ, self.HKV, self.D, self.HQ // self.HKV
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        qc = self.conv(q_pre, self.q_dw, self.q_hc).view(t, b, hq, d)
+        kc = self.conv(k_pre, self.k_dw, self.k_hc).view(t, b, hkv, d)
+        qh, kh = q_pre.view(t, b, hq, d), k_pre.view(t, b, hkv, d)
+        m_q = (qh + kh.unsqueeze(3).expand(t, b, hkv, g, d).reshape(t, b, hq, d)) / 2
+        m_k = m_q.view(t, b, hkv, g, d).mean(dim=3)
+        q = self.normalise(qc + m_q)
+        k = self.normalise(kc + m_k) * self.log_temp.exp().view(1, 1, hkv, 1)
+        cos, sin = (f[:, None, None, :].to(q.dtype) for f in self.tables(t, x.device))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = self.wv(x).view(t, b, hkv, d)
+        k, v = (y.repeat_interleave(g, dim=2) for y in (k, v))
+        buf = torch.empty(b * hq, t, t, dtype=q.dtype, device=q.device)
+        s = torch.baddbmm(
+            buf, q.reshape(t, b * hq, d).transpose(0, 1),
+            k.reshape(t, b * hq, d).transpose(0, 1).transpose(1, 2), beta=0.0, alpha=d**-0.5,
+        )  # fmt: skip
+        future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
+        p = F.softmax(s.view(b, hq, t, t).masked_fill(future, -10000.0).float(), dim=-1).type_as(v)
+        o = torch.bmm(p.view(b * hq, t, t), v.reshape(t, b * hq, d).transpose(0, 1))
+        o = o.view(b, hq, t, d).permute(2, 0, 1, 3).reshape(t, b, hq * d)
+        return self.wo(o).transpose(0, 1)

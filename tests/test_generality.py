@@ -162,6 +162,8 @@ ATTENTION = [
     _must("attn_grouped_broadcast_matmul", sp.AttnGroupedBroadcastMatmul, gqa_attention=1),
     _must("attn_grouped_tokens_first", sp.AttnGroupedTokensFirst, seq=7, gqa_attention=1),
     _must("attn_baddbmm_falcon", sp.AttnBaddbmmFalcon, seq=11, gqa_attention=1),
+    _must("attn_megatron_core", sp.AttnMegatronCore, seq=11, gqa_attention=1),
+    _near("attn_near_megatron_core_peek", sp.NearAttnMegatronCorePeek, gqa_attention=0),
     _must("attn_where_full_like", sp.AttnWhereFullLike, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
@@ -227,6 +229,12 @@ CCGQA = [
     _must("ccgqa_grouped_scores_complex_rope", sp.CCGQAGroupedScoresComplexRope, seq=9, **_block()),
     _must("ccgqa_norm_plus_eps", sp.CCGQANormPlusEps, **_block()),
     _must("ccgqa_rsqrt_sum_plus_eps", sp.CCGQARsqrtSumPlusEps, seq=7, **_block()),
+    _must("ccgqa_conv_taps_written_out", sp.CCGQAConvTapsWrittenOut, **_block()),
+    _must("ccgqa_conv_unfold_windows", sp.CCGQAConvUnfoldWindows, seq=7, **_block()),
+    _must("ccgqa_conv2d_unit_height", sp.CCGQAConv2dUnitHeight, **_block()),
+    _must("ccgqa_rope_on_last_dims", sp.CCGQARopeOnLastDims, **_block()),
+    _must("ccgqa_rms_norm_on_heads", sp.CCGQARmsNormOnHeads, **_block()),
+    _must("ccgqa_megatron_tokens_first", sp.CCGQAMegatronTokensFirst, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
@@ -235,6 +243,24 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near(
+        "ccgqa_near_rms_norm_over_all_heads",
+        sp.NearCCGQARmsNormOverAllHeads,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_rope_last_dims_on_q_first_dims_on_k",
+        sp.NearCCGQARopeLastDimsOnQFirstDimsOnK,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_conv_taps_see_next_token",
+        sp.NearCCGQAConvTapsSeeNextToken,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
     _near(
         "ccgqa_near_conv_bias_per_position",
         sp.NearCCGQAConvBiasPerPosition,

@@ -95,7 +95,8 @@ class Plan:
     norm_scale: float = 1.0
     eps: float = 1e-12
     eps_mode: str = "clamp"  # max(|x|, eps), |x| + eps or sqrt(|x|^2 + eps)
-    rope: tuple | None = None  # (name, tables, build, rotary_dim, interleaved)
+    # (name, tables, build, rotary_dim, interleaved[, first rotated dim])
+    rope: tuple | None = None
     # "stock" (ccgqa_prologue) or "seed": the original project's variant (per-head conv1,
     # dense conv2, a mean over all heads, no norm scale, one scalar temperature, full
     # RoPE), which its own op ccgqa_seed_prologue computes
@@ -164,7 +165,7 @@ def _conv_sources(conv: Node) -> list[Node]:
         if not isinstance(node, Node) or node in seen:
             continue
         seen.add(node)
-        if is_function(node, *PAD) or is_layout(node) or is_cast(node):
+        if is_function(node, *PAD) or is_layout(node) or is_cast(node) or _adds_axes(node):
             todo.append(node.args[0])
         elif _split_part(node):  # a stream's channels of a window of both (decode steps)
             todo.append(node.args[0].args[0])
@@ -173,6 +174,14 @@ def _conv_sources(conv: Node) -> list[Node]:
         else:
             out.append(node)
     return out
+
+
+def _adds_axes(node: Node) -> bool:
+    """``x[:, :, None]``: a view of all of x with unit axes inserted (a conv2d's input)."""
+    if not is_basic_index(node):
+        return False
+    items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
 def _split_part(node: Node) -> bool:
@@ -331,8 +340,8 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
         problem = _conv_shapes_problem(plan)
         if problem is not None:
             return problem
-        biased = plan.q_convs[0].bias is not None
-        for fold in ((False, True) if plan.shared and biased else (False,)):
+        biased = plan.q_convs[0].bias is not None or plan.k_convs[0].bias is not None
+        for fold in ((False, True) if biased else (False,)):
             for qk_mean in (True, False):
                 out.append(replace(plan, fold_bias=fold, qk_mean=qk_mean))
     return out
@@ -424,6 +433,17 @@ def _flat_streams(plan: Plan, q_pre, k_pre):
     return _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
 
 
+def _bias_folded(plan: Plan, chain: list[Any]) -> list[Any]:
+    """A conv chain's (w1, b1, w2, b2) with conv1's bias folded into conv2's where the
+    plan says the sequence is padded once, in front of conv1 (its bias then reaches
+    conv2's padding too)."""
+    w1, b1, w2, b2 = chain
+    if not plan.fold_bias or b1 is None:
+        return chain
+    folded = _fold(w2, b1, plan.d)
+    return [w1, None, w2, folded if b2 is None else b2 + folded]
+
+
 def _fold(w2, b1, d):
     """conv2's response to conv1's bias held constant: what Zyphra's single padding adds."""
     channels = w2.shape[0]
@@ -455,24 +475,20 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
         rest = rest[len(plan.states) :]
     rest = [x.reshape(-1) if i in _BIAS_POSITIONS[plan.shared] and x is not None else x for i, x in enumerate(rest)]
     if plan.shared:
-        w1, b1, w2, b2 = rest[:4]
+        chain = _bias_folded(plan, rest[:4])
         rest = rest[4:]
-        if plan.fold_bias and b1 is not None:
-            folded = _fold(w2, b1, plan.d)
-            b2 = folded if b2 is None else b2 + folded
-            b1 = None
-        q_args = [_half(x, plan, "q") for x in (w1, b1, w2, b2)]
-        k_args = [_half(x, plan, "k") for x in (w1, b1, w2, b2)]
+        q_args = [_half(x, plan, "q") for x in chain]
+        k_args = [_half(x, plan, "k") for x in chain]
     else:
-        q_args, k_args = rest[:4], rest[4:8]
+        q_args, k_args = _bias_folded(plan, rest[:4]), _bias_folded(plan, rest[4:8])
         rest = rest[8:]
     temp, tables = rest[0], rest[1:]
     cos = sin = None
-    rotary_dim, interleaved = 0, False
+    rotary_dim, interleaved, rotary_start = 0, False, 0
     if plan.rope is not None:
         cos, sin = plan.rope[2](*tables)
         cos, sin = _rows_in_front(cos, plan.state_len), _rows_in_front(sin, plan.state_len)
-        rotary_dim, interleaved = plan.rope[3], plan.rope[4]
+        rotary_dim, interleaved, rotary_start = plan.rope[3], plan.rope[4], _rotary_start(plan)
     if temp is not None:
         temp = temp.reshape(-1)
         if plan.temp_power == 2:
@@ -482,8 +498,12 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     return [
         q_x, k_x, *q_args, *k_args, temp, cos, sin,
         plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
-        plan.norm_scale, plan.eps, rotary_dim, interleaved, plan.eps_mode,
+        plan.norm_scale, plan.eps, rotary_dim, interleaved, plan.eps_mode, rotary_start,
     ]  # fmt: skip
+
+
+def _rotary_start(plan: Plan) -> int:
+    return plan.rope[5] if plan.rope is not None and len(plan.rope) > 5 else 0
 
 
 def seed_op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
@@ -723,7 +743,10 @@ def _decide(
         raw_norm = _raw_norm(ctx, region, chosen)
         modes = ("clamp", "add", "sqrt") if chosen.kind == "stock" else ("clamp",)
         for eps_mode in modes:
-            for eps in eps_choices:
+            # under the root, an eps added to the MEAN square (``F.rms_norm`` over a head,
+            # ``rsqrt(mean(x * x) + eps)``) is d times that eps added to the sum
+            widened = [chosen.d * e for e in eps_choices if e > 0] if eps_mode == "sqrt" else []
+            for eps in [*eps_choices, *widened]:
                 cand = replace(chosen, eps=eps, eps_mode=eps_mode)
                 # the norm where eps decides: eps itself, or sqrt(eps) under the root
                 deciding = math.sqrt(eps) if eps_mode == "sqrt" else eps
@@ -802,7 +825,8 @@ def _has_time_dim(node: Node, region: Region) -> bool:
 
 def _prologue_table_options(tables: list[Node], width):
     """RoPE's table options, the tables as the op reads them: (..., T, r). Tables shaped
-    for q and k in (B, T, H, D) ((T, 1, r): a unit head axis) lose that axis."""
+    for q and k in (B, T, H, D) ((T, 1, r): a unit head axis) lose that axis, tables
+    shaped for (T, B, H, D) ((T, 1, 1, r)) both unit axes."""
 
     def drop_head_axis(build):
         def built(*ts):  # traced with proxies too: no shape tests (squeeze keeps a non-1 axis)
@@ -810,8 +834,22 @@ def _prologue_table_options(tables: list[Node], width):
 
         return built
 
+    def drop_batch_and_head_axes(build):
+        def built(*ts):
+            return tuple(t.squeeze(-2).squeeze(-2) for t in build(*ts))
+
+        return built
+
     options = _table_options(tables, width)
-    return options + [(f"{n}_heads_axis", ins, drop_head_axis(b), r, i) for n, ins, b, r, i in options]
+    # (T, 1, r) for (B, T, H, D); (T, 1, 1, r) for tokens-first (T, B, H, D) (Megatron)
+    options = [
+        *options,
+        *[(f"{n}_heads_axis", ins, drop_head_axis(b), r, i) for n, ins, b, r, i in options],
+        *[(f"{n}_tokens_first_axes", ins, drop_batch_and_head_axes(b), r, i) for n, ins, b, r, i in options],
+    ]
+    # partial RoPE on a head's last dims (DeepSeek's q = cat(q_nope, rope(q_pe)) layout)
+    tails = [(f"{n}_tail", ins, b, r, i, width - r) for n, ins, b, r, i in options if r < width]
+    return options + tails
 
 
 def _with_identity_rope(plan: Plan, tables: list[Node]) -> list[Plan]:
@@ -824,8 +862,9 @@ def _with_identity_rope(plan: Plan, tables: list[Node]) -> list[Plan]:
         options = [o for o in options if o[3] == plan.d]
     seen, out = set(), []
     for option in options:  # one per table form: the rotation itself does not matter here
-        if option[0].endswith("_heads_axis") not in seen:
-            seen.add(option[0].endswith("_heads_axis"))
+        form = next((f for f in ("_heads_axis", "_tokens_first_axes") if f in option[0]), "")
+        if form not in seen:
+            seen.add(form)
             out.append(replace(plan, rope=option))
     return out
 
@@ -1212,6 +1251,8 @@ def _idiom(plan: Plan) -> str:
     if plan.rope is not None:
         r, inter = plan.rope[3], plan.rope[4]
         parts.append(("interleaved" if inter else "rotate_half") + (f"_r{r}" if r != plan.d else ""))
+        if _rotary_start(plan):
+            parts.append("rope_on_last_dims")
         if plan.rope[0].endswith("_negative"):
             parts.append("negative_angles")
     if plan.eps_mode != "clamp":  # the norm's eps added to it, or under its root
