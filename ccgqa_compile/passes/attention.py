@@ -58,6 +58,7 @@ from .fx_util import (
     node_inputs,
     requires_grad,
     runtime_inputs_of,
+    same_shape,
     same_size,
     storage_base,
     tensor_value,
@@ -131,7 +132,8 @@ def path_nodes(node: Node, limit: int = 16) -> list[Node]:
 
 
 def _heads_layouts(node: Node, b, t, d) -> list[tuple[str, int]]:
-    """How a 4-D node is (B, H, T, D): ("bhtd", H) or ("bthd", H)."""
+    """How a 4-D node is (B, H, T, D): ("bhtd", H), ("bthd", H) or, tokens first
+    (Megatron's (T, B, H, D)), ("tbhd", H)."""
     v = tensor_value(node)
     if v is None or v.dim() != 4 or not v.dtype.is_floating_point:
         return []
@@ -141,10 +143,14 @@ def _heads_layouts(node: Node, b, t, d) -> list[tuple[str, int]]:
         out.append(("bhtd", s[1]))
     if same_size(s[0], b) and same_size(s[1], t) and same_size(s[3], d) and isinstance(s[2], int):
         out.append(("bthd", s[2]))
+    if same_size(s[0], t) and same_size(s[1], b) and same_size(s[3], d) and isinstance(s[2], int):
+        out.append(("tbhd", s[2]))
     return out
 
 
 def _to_bhtd(x, layout: str):
+    if layout == "tbhd":
+        return x.permute(1, 2, 0, 3)
     return x if layout == "bhtd" else x.transpose(1, 2)
 
 
@@ -660,14 +666,40 @@ _DROPOUT = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 def _chain_op(node: Node) -> bool:
     """Ops that act on every score the same way wherever it is (so rows can be evaluated
-    apart): element-wise arithmetic, masking with a leaf mask, casts, row softmax."""
+    apart): element-wise arithmetic, masking with a leaf mask, casts, row softmax, and
+    views of the leading dims (Megatron's and BLOOM's ``bmm`` scores viewed (B, H, T, T))."""
     return (
         is_elementwise(node)
         or is_cast(node)
         or is_function(node, torch.where, torch.masked_fill, *_DROPOUT)
         or is_method(node, "masked_fill", "softmax")
         or is_function(node, *SOFTMAXES)
+        or _leading_view(node)
     )
+
+
+def _leading_view(node: Any) -> bool:
+    """A view or reshape that regroups the leading dims and keeps the last two (query rows
+    and keys) as they are: ``(B*H, T, T) -> (B, H, T, T)`` and back."""
+    if not (is_method(node, "view", "reshape") or is_function(node, torch.reshape)):
+        return False
+    x, y = tensor_value(node.args[0]), tensor_value(node)
+    return (
+        x is not None and y is not None and x.dim() >= 3 and y.dim() >= 3
+        and same_shape(tuple(x.shape[-2:]), tuple(y.shape[-2:]))
+    )  # fmt: skip
+
+
+class _RowsEvaluator(Evaluator):
+    """Runs a chain on a block of query rows: a leading view regroups the leading dims of
+    what it gets (its own sizes name all the rows)."""
+
+    def execute(self, node: Node, env: dict[Node, Any]) -> Any:
+        if _leading_view(node):
+            x = env[node.args[0]]
+            lead = concrete(tuple(tensor_value(node).shape[:-2]), self.sizes)
+            return x.reshape(*lead, *x.shape[-2:])
+        return super().execute(node, env)
 
 
 def _reaches_product(node: Node, hops: int = 16) -> bool:
@@ -749,6 +781,8 @@ def _parse(anchor: Node) -> _Handwritten | str:
     mask = masks[0] if masks else None
     if mask is not None and node in ancestors([mask]):
         return f"{mask.name} is computed from the scores by an op that is not row-wise"
+    if mask is not None and any(_leading_view(n) for n in chain):
+        return f"{mask.name}, a run-time mask, meets scores whose leading dims are viewed"
     return _with_product(anchor, node, list(reversed(chain)) + [anchor], mask)
 
 
@@ -762,7 +796,7 @@ def _with_product(anchor: Node, scores: Node, chain: list[Node], mask: Node | No
         nexts += [u for u in node.users if is_function(u, torch.einsum) and node in _product_operands(u)]
         if nexts:
             return _Handwritten(anchor, scores, nexts[0], chain, mask, manual)
-        steps = [u for u in node.users if is_cast(u) or is_function(u, *_DROPOUT)]
+        steps = [u for u in node.users if is_cast(u) or is_function(u, *_DROPOUT) or _leading_view(u)]
         if len(steps) != 1:
             return "no product with v after the softmax"
         chain.append(steps[0])
@@ -949,13 +983,16 @@ class _RowEvaluator:
         s_args = [a_rows if x is self.a else bm for x in _product_operands(hw.scores)]
         s_rows = _call_product(hw.scores, s_args)
         chain_feeds = {hw.scores: s_rows}
-        evaluator = Evaluator(self.ctx.graph, sizes)
+        evaluator = _RowsEvaluator(self.ctx.graph, sizes)
         chain_set = set(hw.chain)
         for node in hw.chain:
             for leaf in node_inputs(node):
                 if leaf in chain_set or leaf is hw.scores or leaf in chain_feeds:
                     continue
                 full = feeds[leaf] if leaf in feeds else evaluator.run([leaf], feeds)[0]
+                if _dtype_only(node, leaf):  # (``p.type_as(v)``: v is no mask)
+                    chain_feeds[leaf] = full
+                    continue
                 chain_feeds[leaf] = _slice_rows(full, tensor_value(hw.scores), r0, r1)
         target = upto or self.p_operand
         if target is hw.scores:
@@ -1075,9 +1112,11 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
         qv = tensor_value(q)
         if qv is None or qv.dim() != 4:
             continue
-        b = qv.shape[0]
         dq = qv.shape[-1]
-        for q_layout, h_q in _heads_layouts(q, b, t_q, dq):
+        # the batch leads, or follows the tokens
+        batches = [qv.shape[0]] + ([qv.shape[1]] if same_size(qv.shape[0], t_q) else [])
+        q_layouts = [(lay, h, b) for b in batches for lay, h in _heads_layouts(q, b, t_q, dq)]
+        for q_layout, h_q, b in q_layouts:
             for k in reversed(path_nodes(bm)):
                 for k_layout, h_k in _heads_layouts(k, b, t_k, dq):
                     if h_q % h_k:
