@@ -2740,3 +2740,20 @@ class CCGQAMegatronTokensFirst(CCGQAConvPadSlice):
         o = torch.bmm(p.view(b * hq, t, t), v.reshape(t, b * hq, d).transpose(0, 1))
         o = o.view(b, hq, t, d).permute(2, 0, 1, 3).reshape(t, b, hq * d)
         return self.wo(o).transpose(0, 1)
+
+
+class CCGQAConvZeroStateBuffer(CCGQAConvPadSlice):
+    """Causal padding kept as a conv state, as streaming code does: a zero buffer (1, C,
+    K1 + K2 - 2) per stream concatenated in front of conv1's input, both convs unpadded."""
+
+    def __init__(self):
+        super().__init__()
+        width = self.K1 + self.K2 - 2
+        self.register_buffer("q_state", torch.zeros(1, self.HQ * self.D, width), persistent=False)
+        self.register_buffer("k_state", torch.zeros(1, self.HKV * self.D, width), persistent=False)
+
+    def conv(self, x, dw, hc):
+        state = self.q_state if x.shape[-1] == self.HQ * self.D else self.k_state
+        y = torch.cat([state.expand(x.shape[0], -1, -1).to(x.dtype), x.transpose(1, 2)], dim=-1)
+        y = F.conv1d(y, dw.weight, dw.bias, groups=dw.groups)
+        return F.conv1d(y, hc.weight, hc.bias, groups=hc.groups).transpose(1, 2)

@@ -356,7 +356,9 @@ def _state_form(rest: list[Node], b, channels: int) -> dict | None:
     if len(rest) != 1:
         return None
     v = tensor_value(rest[0])
-    if v is None or v.dim() != 3 or not same_size(v.shape[0], b):
+    # one state for every sequence (a zero buffer (1, C, S) expanded: causal padding kept
+    # as a state) broadcasts over the batch
+    if v is None or v.dim() != 3 or not (same_size(v.shape[0], b) or same_size(v.shape[0], 1)):
         return None
     if v.shape[1] == channels and isinstance(v.shape[2], int):
         return {"states": (rest[0],), "state_btc": False, "state_len": v.shape[2]}
@@ -367,7 +369,8 @@ def _state_form(rest: list[Node], b, channels: int) -> dict | None:
 
 def _extended(plan: Plan, states: list[Any], q_pre, k_pre):
     """q_pre and k_pre (B, T, C) with each stream's cached columns in front (B, S + T, C)."""
-    cols = [x if plan.state_btc else x.transpose(1, 2) for x in states]
+    batch = q_pre.shape[0]
+    cols = [(x if plan.state_btc else x.transpose(1, 2)).expand(batch, -1, -1) for x in states]
     if len(cols) == 1:  # both streams' channels
         cq, ckv = plan.heads * plan.d, plan.kv_heads * plan.d
         (both,) = cols
