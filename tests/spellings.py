@@ -2757,3 +2757,25 @@ class CCGQAConvZeroStateBuffer(CCGQAConvPadSlice):
         y = torch.cat([state.expand(x.shape[0], -1, -1).to(x.dtype), x.transpose(1, 2)], dim=-1)
         y = F.conv1d(y, dw.weight, dw.bias, groups=dw.groups)
         return F.conv1d(y, hc.weight, hc.bias, groups=hc.groups).transpose(1, 2)
+
+
+class CCGQASineFirstKeysReadTwice(CCGQAConvPadSlice):
+    """RoPE's sine computed before its cosine (``sin, cos = f.sin(), f.cos()``), and the
+    keys read outside the attention too (as a returned cache would read them): q and k
+    must be matched apart, not only through their products."""
+
+    def rotate(self, q, k, t, device):
+        """Half-width tables, each half of a head turned by hand (a JAX port's)."""
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2, device=device).float() / self.D))
+        f = torch.outer(torch.arange(t, device=device).float(), inv)
+        sin = f.sin().to(q.dtype)
+        cos = f.cos().to(q.dtype)
+
+        def turn(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+        return turn(q), turn(k)
+
+    def attend(self, q, k, v):
+        return super().attend(q, k, v) + 1e-2 * k.mean()

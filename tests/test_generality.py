@@ -236,6 +236,7 @@ CCGQA = [
     _must("ccgqa_rms_norm_on_heads", sp.CCGQARmsNormOnHeads, **_block()),
     _must("ccgqa_megatron_tokens_first", sp.CCGQAMegatronTokensFirst, **_block()),
     _must("ccgqa_conv_zero_state_buffer", sp.CCGQAConvZeroStateBuffer, **_block()),
+    _must("ccgqa_sine_first_keys_read_twice", sp.CCGQASineFirstKeysReadTwice, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),

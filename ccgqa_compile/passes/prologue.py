@@ -610,8 +610,9 @@ def _runtime(node: Node) -> bool:
     return depends_on_tensor_input(node)
 
 
-def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
-    """Tables that make any RoPE layout a rotation by 0 or 90 degrees (norm-preserving)."""
+def _constant_tables(tables: list[Node], sizes, one: int = 0) -> dict[Node, torch.Tensor]:
+    """Tables that make any RoPE layout a rotation by 0 or 90 degrees (norm-preserving):
+    table ``one`` all ones, the others zeros."""
     out = {}
     for i, node in enumerate(tables):
         shape = Probes(sizes, tensor_value(node).device).shape(node)
@@ -619,7 +620,7 @@ def _constant_tables(tables: list[Node], sizes) -> dict[Node, torch.Tensor]:
         if v.dtype.is_complex:
             out[node] = torch.ones(shape, dtype=torch.complex128, device=v.device)
         else:
-            out[node] = torch.full(shape, 1.0 if i == 0 else 0.0, dtype=torch.float64, device=v.device)
+            out[node] = torch.full(shape, 1.0 if i == one else 0.0, dtype=torch.float64, device=v.device)
     return out
 
 
@@ -651,6 +652,39 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
         else:
             same_as[node] = rep
     return distinct, same_as
+
+
+def _phase_a(base: Plan, plans: list[Plan], probe_a, temps, tables, literals, products: bool) -> Plan | str:
+    """Phase A of ``_decide`` on one assignment of constant tables: the norm scale and
+    temperature from the output norms (``products``: from q's and k's products only),
+    then the first plan, temperature and table form the probe agrees with; else why not."""
+    kv_heads = base.kv_heads
+    temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
+    for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, products, literals):
+        if scores_only != products:
+            continue
+        for n in temps:
+            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
+            for power in (1, 2) if scores_only else (1,):
+                for scale in dict.fromkeys((1.0, norm_scale)):
+                    if torch.allclose(t**power / scale, beta, rtol=1e-6, atol=0):
+                        temp_choices.append((n, scale, power, norm_scale, scores_only))
+        if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
+            temp_choices.append((None, 1.0, 1, norm_scale, scores_only))
+    if not temp_choices:
+        return "k's scale matches no per-kv-head input (temperature)"
+    for plan in plans:
+        for temp, temp_scale, power, norm_scale, scores_only in temp_choices:
+            if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
+                continue  # the seed op reads its temperature as it is
+            cand = replace(
+                plan, temp=temp, temp_scale=temp_scale, temp_power=power,
+                norm_scale=norm_scale, eps=1e-12, scores_only=scores_only,
+            )  # fmt: skip
+            for with_rope in _with_identity_rope(cand, tables):
+                if probe_a.matches(with_rope, rtol=1e-7):
+                    return with_rope
+    return "no conv / qk-mean / temperature choice agrees with the region"
 
 
 def _decide(
@@ -685,41 +719,25 @@ def _decide(
         # inputs scaled up, so that no eps (wherever it sits in the normalisation) moves
         # the norms; phase C decides the eps on inputs scaled down to where it does
         big = _scaled(base, _STRUCTURE_SCALE)
-        fixed = _constant_tables(tables, sizes)
-        fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
-        probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
         literals = float_literals(region.nodes)
-        temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
-        for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, bilinear, literals):
-            for n in temps:
-                t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
-                for power in (1, 2) if scores_only else (1,):
-                    for scale in dict.fromkeys((1.0, norm_scale)):
-                        if torch.allclose(t**power / scale, beta, rtol=1e-6, atol=0):
-                            temp_choices.append((n, scale, power, norm_scale, scores_only))
-            if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
-                temp_choices.append((None, 1.0, 1, norm_scale, scores_only))
-        if not temp_choices:
-            return "k's scale matches no per-kv-head input (temperature)"
-        found = None
-        for plan in plans:
-            for temp, temp_scale, power, norm_scale, scores_only in temp_choices:
-                if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
-                    continue  # the seed op reads its temperature as it is
-                cand = replace(
-                    plan, temp=temp, temp_scale=temp_scale, temp_power=power,
-                    norm_scale=norm_scale, eps=1e-12, scores_only=scores_only,
-                )  # fmt: skip
-                for with_rope in _with_identity_rope(cand, tables):
-                    if probe_a.matches(with_rope, rtol=1e-7):
-                        found = with_rope
-                        break
-                if found:
+        found, reason = None, ""
+        # the table holding ones is the cosine (no turn) in one assignment: read q and k
+        # apart in every assignment first, their products (scores_only) only then
+        for products in (False, True) if bilinear else (False,):
+            for one in range(max(len(tables), 1)):
+                fixed = _constant_tables(tables, sizes, one)
+                fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
+                probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
+                attempt = _phase_a(base, plans, probe_a, temps, tables, literals, products)
+                if not isinstance(attempt, str):
+                    found = attempt
                     break
-            if found:
+                if not reason or "temperature" in reason:  # the furthest a reading got
+                    reason = attempt
+            if found is not None:
                 break
         if found is None:
-            return "no conv / qk-mean / temperature choice agrees with the region"
+            return reason
         # phase B: RoPE layout and tables, on random tables
         probe_b = _Probe(ctx, region, sizes, seed=42, scale=big, tables=draw_tables)
         width = base.d
@@ -864,10 +882,13 @@ def _with_identity_rope(plan: Plan, tables: list[Node]) -> list[Plan]:
     if plan.kind == "seed":
         options = [o for o in options if o[3] == plan.d]
     seen, out = set(), []
-    for option in options:  # one per table form: the rotation itself does not matter here
+    for option in options:  # one per table form and order: the table of ones read as the
+        # cosine makes every layout the identity (the sine's turns it by 90 degrees, which
+        # changes q and k apart but not their products)
         form = next((f for f in ("_heads_axis", "_tokens_first_axes") if f in option[0]), "")
-        if form not in seen:
-            seen.add(form)
+        key = (form, tuple(option[1]))
+        if key not in seen:
+            seen.add(key)
             out.append(replace(plan, rope=option))
     return out
 
