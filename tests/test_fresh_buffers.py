@@ -148,6 +148,14 @@ def _inplace_seen_by_a_view(x, y):
     return row + 1
 
 
+def _written_then_viewed(x, y):
+    """A view taken after the write reads the written value (OLMo's additive causal mask:
+    ``m.masked_fill_(m == 1, min)`` then ``m.view(1, 1, T, T)``)."""
+    a = x * 2
+    a.masked_fill_(a > 1, -3.0)
+    return a.view(-1, 8) * y[:8].to(a.dtype)
+
+
 def _straight_through(x, y):
     """Left as written: a write under no_grad into a tensor that requires grad changes its
     values but not its gradient path (a straight-through estimator)."""
@@ -169,6 +177,7 @@ def _mutations(gm) -> int:
         (_inplace_chain, True),
         (_inplace_on_an_alias, False),
         (_inplace_seen_by_a_view, False),
+        (_written_then_viewed, True),
         (_straight_through, None),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),

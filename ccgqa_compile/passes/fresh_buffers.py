@@ -162,7 +162,7 @@ def _is_fresh(node: Any) -> bool:
 def _inplace_on_fresh(graph: torch.fx.Graph, modes: dict[Node, Any]) -> bool:
     """``g = silu(h, inplace=True)``, ``g.mul_(up)``, ``x += y`` on tensors the graph made:
     each write becomes its out-of-place op, and later readers read the new value. Only
-    where nothing views the written tensor (a view would see the write)."""
+    where no view of the written tensor is taken before the write (it would see it)."""
     changed = False
     for node in list(graph.nodes):
         form = _inplace_form(node)
@@ -171,9 +171,13 @@ def _inplace_on_fresh(graph: torch.fx.Graph, modes: dict[Node, Any]) -> bool:
         base = node.args[0]
         if modes.get(node) is False and requires_grad(base):
             continue  # a write under no_grad keeps base's gradient path (straight-through)
-        if any(storage_base(u) is base and u is not base for u in base.users if u is not node):
-            continue  # a view of it: left as written
         order = {n: i for i, n in enumerate(graph.nodes)}
+        if any(
+            storage_base(u) is base and u is not base and order[u] < order[node]
+            for u in base.users if u is not node
+        ):  # fmt: skip
+            continue  # a view taken before the write sees it: left as written
+        # (a view taken after it reads the written value, as it reads the new one)
         target, kind = form
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
         with graph.inserting_before(node):
