@@ -815,7 +815,8 @@ class NearRopeMixedLayouts(RopeHFChunkNoGrad):
 
 
 class NearRopeComplexWrongFlatten(RopeComplexHeadsFirst):
-    """Meta's complex product, flattened (imag, real)-major: a permuted output."""
+    """Meta's complex product, flattened (imag, real)-major: the pairs turned, laid out as
+    halves (real parts first), which is DeepSeek-V3's RoPE."""
 
     def forward(self, x):
         q, k = self.qk(x)
@@ -2779,3 +2780,122 @@ class CCGQASineFirstKeysReadTwice(CCGQAConvPadSlice):
 
     def attend(self, q, k, v):
         return super().attend(q, k, v) + 1e-2 * k.mean()
+
+
+class RopeGemmaTransposedInside(_QK):
+    """gemma_pytorch's ``apply_rotary_emb``: q of (B, T, H, D) transposed to (B, H, T, D)
+    inside, halves stacked into complex numbers times (T, D/2) ``polar`` tables, the halves
+    put back by ``cat(chunk(...), dim=-2)`` and transposed back."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        t = x.shape[1]
+        freqs = torch.outer(torch.arange(t, device=x.device).float(), _inv_freq(self.HEAD_DIM))
+        freqs_cis = torch.polar(torch.ones_like(freqs), freqs)
+
+        def apply(v):
+            vc = torch.view_as_complex(torch.stack(torch.chunk(v.transpose(1, 2).float(), 2, dim=-1), dim=-1))
+            out = torch.view_as_real(vc * freqs_cis).type_as(v)
+            out = torch.cat(torch.chunk(out, 2, dim=-1), dim=-2)
+            return out.reshape(out.shape[0], out.shape[1], out.shape[2], -1).transpose(1, 2)
+
+        return self.join(apply(q), apply(k))
+
+
+class RopeDeepSeekPairsSplit(_QK):
+    """transformers' DeepSeek-V3 ``apply_rotary_pos_emb_interleave`` written with strided
+    slices: each pair (x[2i], x[2i+1]) turned, the results laid out as halves (even dims'
+    results first)."""
+
+    SWAP_SECOND = False
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        t = x.shape[1]
+        freqs = torch.outer(torch.arange(t, device=x.device).float(), _inv_freq(self.HEAD_DIM))
+        c, s = freqs.cos(), freqs.sin()
+
+        def apply(v):
+            a, b = v[..., 0::2], v[..., 1::2]
+            second = a * c + b * s if self.SWAP_SECOND else b * c + a * s
+            return torch.cat([a * c - b * s, second], dim=-1)
+
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return self.join(apply(q).transpose(1, 2), apply(k).transpose(1, 2))
+
+
+class NearRopeDeepSeekPairsSplitNoTurn(RopeDeepSeekPairsSplit):
+    """Near miss: the second half is ``a * c + b * s`` (no rotation)."""
+
+    SWAP_SECOND = True
+
+
+class RopeOlmoTablesTypeAsQuery(_QK):
+    """OLMo's rotary embedding: tables built in forward by einsum, cast ``type_as(q)``
+    (read for its dtype: the tables are still tables), rotate_half by ``view`` and
+    ``unbind``, q and k rotated in float32 and cast back."""
+
+    def forward(self, x):
+        q, k = self.qk(x)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q_, k_ = q.float(), k.float()
+        t = q_.shape[-2]
+        seq = torch.arange(t, device=x.device, dtype=torch.float)
+        freqs = torch.einsum("i , j -> i j", seq, _inv_freq(self.HEAD_DIM).to(x.device))
+        positions = torch.cat((freqs, freqs), dim=-1)
+        pos_sin, pos_cos = positions.sin()[None, None].type_as(q_), positions.cos()[None, None].type_as(q_)
+
+        def rotate_half(v):
+            b, h, n, d = v.size()
+            v1, v2 = v.view(b, h, n, 2, d // 2).unbind(dim=-2)
+            return torch.cat((-v2, v1), dim=-1)
+
+        q_ = (q_ * pos_cos + rotate_half(q_) * pos_sin).to(q_.dtype)
+        k_ = (k_ * pos_cos + rotate_half(k_) * pos_sin).to(k_.dtype)
+        return self.join(q_.type_as(q).transpose(1, 2), k_.type_as(k).transpose(1, 2))
+
+
+class CCGQATorchtuneRopeCache(CCGQAConvPadSlice):
+    """torchtune's RotaryPositionalEmbeddings: a (max_seq, D/2, 2) cos|sin cache buffer,
+    viewed (-1, T, 1, D/2, 2) against x reshaped to pairs, ``stack(...).flatten(3)``."""
+
+    MAX_SEQ = 32
+
+    def __init__(self):
+        super().__init__()
+        theta = 1.0 / (10000.0 ** (torch.arange(0, self.D, 2).float() / self.D))
+        idx_theta = torch.outer(torch.arange(self.MAX_SEQ).float(), theta)
+        self.register_buffer("cache", torch.stack([idx_theta.cos(), idx_theta.sin()], dim=-1), persistent=False)
+
+    def rotate(self, q, k, t, device):
+        def apply(x):  # (B, H, T, D) -> torchtune's (B, T, H, D) and back
+            x = x.transpose(1, 2)
+            xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+            rope_cache = self.cache[:t].view(-1, xshaped.size(1), 1, xshaped.size(3), 2)
+            x_out = torch.stack(
+                [
+                    xshaped[..., 0] * rope_cache[..., 0] - xshaped[..., 1] * rope_cache[..., 1],
+                    xshaped[..., 1] * rope_cache[..., 0] + xshaped[..., 0] * rope_cache[..., 1],
+                ],
+                -1,
+            )
+            return x_out.flatten(3).type_as(x).transpose(1, 2)
+
+        return apply(q), apply(k)
+
+
+class CCGQALogitScaleBuffer(CCGQAConvPadSlice):
+    """The attention's 1/sqrt(d) held in a 0-d buffer, ``(q @ k^T) * self.scale``: a
+    run-time factor on the scores besides the per-kv-head temperature on k."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(self.D**-0.5), persistent=False)
+
+    def attend(self, q, k, v):
+        g = self.HQ // self.HKV
+        k, v = _expand_heads(k, g), _expand_heads(v, g)
+        s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        t = q.shape[2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v

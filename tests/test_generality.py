@@ -120,6 +120,10 @@ ROPE = [
     # freqs_cis[..., 0] and [..., 1] are each indexed twice (four getitem nodes of one table)
     _must("rope_gpt_fast_freqs_cis_pairs", sp.RopeGptFast, rope=2),
     _must("rope_complex_heads_first", sp.RopeComplexHeadsFirst, seq=7, rope=2),
+    _must("rope_gemma_transposed_inside", sp.RopeGemmaTransposedInside, seq=7, rope=2),
+    _must("rope_deepseek_pairs_split", sp.RopeDeepSeekPairsSplit, seq=7, rope=2),
+    _must("rope_olmo_tables_type_as_query", sp.RopeOlmoTablesTypeAsQuery, seq=7, rope=2),
+    _near("rope_near_deepseek_pairs_split_no_turn", sp.NearRopeDeepSeekPairsSplitNoTurn, rope=0),
     _must("rope_meta_complex_tokens_first", sp.RopeMetaTokensFirst, seq=11, rope=2),
     _must("rope_hf_chunk_no_grad_tables", sp.RopeHFChunkNoGrad, seq=11, rope=2),
     _must("rope_partial_split_repeat", sp.RopePartialSplit, rope=2),
@@ -132,7 +136,9 @@ ROPE = [
     _near("rope_near_gpt_fast_one_sign", sp.NearRopeGptFastSign, rope=0),
     _near("rope_near_sign_baked_no_swap", sp.NearRopeSignBakedNoSwap, rope=0),
     _near("rope_near_mixed_layouts", sp.NearRopeMixedLayouts, rope=0),
-    _near("rope_near_complex_wrong_flatten", sp.NearRopeComplexWrongFlatten, rope=0),
+    # the pairs turned, the output laid out as halves: DeepSeek-V3's layout, which the op
+    # computes on x's pairs split into halves (no longer a near miss)
+    _must("rope_complex_flattened_as_halves", sp.NearRopeComplexWrongFlatten, seq=7, rope=2),
     _near("rope_near_rotates_the_other_tensor", sp.NearRopeRotatesTheOtherTensor, rope=0),
 ]
 
@@ -237,6 +243,8 @@ CCGQA = [
     _must("ccgqa_megatron_tokens_first", sp.CCGQAMegatronTokensFirst, **_block()),
     _must("ccgqa_conv_zero_state_buffer", sp.CCGQAConvZeroStateBuffer, **_block()),
     _must("ccgqa_sine_first_keys_read_twice", sp.CCGQASineFirstKeysReadTwice, **_block()),
+    _must("ccgqa_torchtune_rope_cache", sp.CCGQATorchtuneRopeCache, **_block()),
+    _must("ccgqa_logit_scale_buffer", sp.CCGQALogitScaleBuffer, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),

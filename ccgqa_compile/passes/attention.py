@@ -65,7 +65,16 @@ from .fx_util import (
     topo_order,
     value,
 )
-from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort, verify
+from .region import (
+    Region,
+    Rejected,
+    emit,
+    erase_unused,
+    propagate_fake,
+    reads_dtype_only,
+    stable_sort,
+    verify,
+)
 from .score_factors import SCALED_QUERY
 
 FUSION = "gqa_attention"
@@ -990,7 +999,7 @@ class _RowEvaluator:
                 if leaf in chain_set or leaf is hw.scores or leaf in chain_feeds:
                     continue
                 full = feeds[leaf] if leaf in feeds else evaluator.run([leaf], feeds)[0]
-                if _dtype_only(node, leaf):  # (``p.type_as(v)``: v is no mask)
+                if reads_dtype_only(node, leaf):  # (``p.type_as(v)``: v is no mask)
                     chain_feeds[leaf] = full
                     continue
                 chain_feeds[leaf] = _slice_rows(full, tensor_value(hw.scores), r0, r1)
@@ -1221,17 +1230,11 @@ def _decode_mask_table(hw: _Handwritten) -> Node | str | None:
         leaf for node in hw.chain for leaf in node_inputs(node)
         if leaf not in hw.chain and leaf is not hw.scores
         and tensor_value(leaf) is not None and tensor_value(leaf).dim() >= 2
-        and not _dtype_only(node, leaf)
+        and not reads_dtype_only(node, leaf)
     }  # fmt: skip
     if len(tables) > 1:
         return "a decode step masked by several tables"
     return next(iter(tables), None)
-
-
-def _dtype_only(node: Node, leaf: Node) -> bool:
-    """Whether ``node`` reads only ``leaf``'s dtype (``p.type_as(q)``, ``p.to(q)``)."""
-    return (is_method(node, "type_as", "to") and node.args[0] is not leaf
-            and leaf in node.args[1:])  # fmt: skip
 
 
 MaskLayout = tuple  # ("grouped", Hkv, G, shared by every head) or ("flat", Hq)

@@ -34,7 +34,6 @@ from .fx_util import (
     ancestors,
     computation_context,
     depends_on_tensor_input,
-    descendants,
     is_mutating,
     is_size_value,
     node_inputs,
@@ -47,6 +46,29 @@ from .fx_util import (
 
 # a candidate: (*input values, out_dtypes=[...]) -> one value per sink
 Candidate = Callable[..., Sequence[Any]]
+
+
+def reads_dtype_only(node: Node, of: Node) -> bool:
+    """Whether ``node`` reads ``of`` for its dtype alone (``x.type_as(of)``, ``x.to(of)``)."""
+    return (
+        node.op == "call_method" and node.target in ("type_as", "to")
+        and bool(node.args) and node.args[0] is not of and of in node.args[1:]
+        and of not in node.kwargs.values()
+    )  # fmt: skip
+
+
+def _value_descendants(sources: Sequence[Node]) -> set[Node]:
+    """The nodes whose values depend on ``sources``: not through a read of a dtype (OLMo's
+    RoPE tables ``type_as(q)`` stay the tables, not values computed from q)."""
+    seen: set[Node] = set()
+    todo = list(sources)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend(u for u in node.users if not reads_dtype_only(u, node))
+    return seen
 
 
 class Rejected(Exception):
@@ -68,7 +90,7 @@ class Region:
         graph = sinks[0].graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         sources = list(dict.fromkeys(sources))
-        on_path = (descendants(sources) & ancestors(sinks)) - set(sources)
+        on_path = (_value_descendants(sources) & ancestors(sinks)) - set(sources)
         for sink in sinks:
             if sink not in on_path:
                 raise Rejected(f"{sink.name} does not depend on the sources")
@@ -126,9 +148,11 @@ class Region:
         seed: int,
         given: dict[Node, Any] | None = None,
         scale: dict[Node, float] | None = None,
+        zero_rows: Sequence[Node] = (),
     ) -> dict[Node, Any]:
         """A value for every leaf: ``given`` ones, constants computed, tensors of the
-        compiled program's inputs drawn at random (float64), scaled by ``scale``."""
+        compiled program's inputs drawn at random (float64), scaled by ``scale``; every
+        other row (last dim) of ``zero_rows`` leaves exactly zero (padding positions)."""
         given = dict(given or {})
         scale = scale or {}
         probes = Probes(sizes, self.device(), seed)
@@ -156,6 +180,10 @@ class Region:
                     f"{leaf.name} ({v.dtype}) is a runtime input of the region: its value "
                     "is not known when compiling"
                 )
+        for leaf in zero_rows:
+            rows = out[leaf].clone()
+            rows.reshape(-1, rows.shape[-1])[::2] = 0
+            out[leaf] = rows
         return out
 
     def evaluate(self, feeds: dict[Node, Any], sizes: dict[sympy.Symbol, int]) -> list[Any]:

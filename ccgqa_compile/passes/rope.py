@@ -158,6 +158,8 @@ def _table_options(tables: list[Node], width):
     """(name, inputs, build(tables...) -> (cos, sin), rotary width, interleaved) candidates."""
     options = []
     width = static_int(width)
+    if any(tensor_value(t) is None or tensor_value(t).dim() == 0 for t in tables):
+        return options  # a 0-d factor (a logit scale held in a buffer) is no table
     if len(tables) == 2:
         a, b = tables
         va, vb = tensor_value(a), tensor_value(b)
@@ -247,10 +249,23 @@ def _negated(build):
     return negative
 
 
-def _candidate(build, rotary_dim: int, interleaved: bool):
+def _with_heads_axis(build):
+    def built(*tables):
+        return tuple(t.unsqueeze(-2) for t in build(*tables))
+
+    return built
+
+
+def _candidate(build, rotary_dim: int, interleaved: bool, pairs_split: bool = False):
+    """The op on x; ``pairs_split``: on x's pairs split into halves first (even dims, then
+    odd), as DeepSeek-V3's ``cat(a * c - b * s, b * c + a * s)`` of ``a, b = x[..., 0::2],
+    x[..., 1::2]`` reads them."""
+
     def rope(x, *tables, out_dtypes):
         cos, sin = build(*tables)
         out_dtype = out_dtypes[0] or torch.float64
+        if pairs_split:
+            x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         return (torch.ops.ccgqa.rope(x, cos, sin, rotary_dim, interleaved, out_dtype),)
 
     return rope
@@ -296,16 +311,21 @@ def _try(ctx: GraphContext, x: Node, sink: Node):
     options = _table_options(tables, width)
     if not options:
         return f"no cos/sin tables among the region's inputs ({len(tables)} float inputs)"
+    if tensor_value(x).dim() == 4:  # (T, r) rows for x laid out (B, T, H, D), the code
+        # transposing to (B, H, T, D) inside (gemma_pytorch): a unit heads axis
+        options += [(f"{n}_heads_axis", ins, _with_heads_axis(b), r, i) for n, ins, b, r, i in options]
     trials = [{"seed": 1}, {"seed": 2, "scale": {x: 1e2}}]
     reason = "no rotation fits"
-    for name, inputs, build, r, inter in options:
-        candidate = _candidate(build, r, inter)
+    split = [(f"{n}_pairs_split", ins, b, r, i) for n, ins, b, r, i in options if r == width and not i]
+    for name, inputs, build, r, inter in options + split:
+        candidate = _candidate(build, r, inter, name.endswith("_pairs_split"))
         why = verify(region, candidate, [x, *inputs], ctx.sizes, trials)
         if why is None:
             layout = "interleaved" if inter else "rotate_half"
             partial = "" if r == width else f" r={r}"
-            negative = " negative_angles" if name.endswith("_negative") else ""
-            return f"{layout}{partial}{negative}", region, candidate, [x, *inputs]
+            negative = " negative_angles" if "_negative" in name else ""
+            split_pairs = " pairs_split_into_halves" if name.endswith("_pairs_split") else ""
+            return f"{layout}{partial}{negative}{split_pairs}", region, candidate, [x, *inputs]
         reason = why
     return reason
 
