@@ -23,6 +23,7 @@ other heads, another normalisation) agree with no candidate and stay as written.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass, replace
@@ -121,6 +122,9 @@ class Plan:
     # the op's temperature is ``temp`` to this power: a per-kv-head factor on both q and k
     # (sqrt(beta) on each) gives the scores its square
     temp_power: int = 1
+    # a second factor of the temperature, where only q @ k^T is read: a 0-d logit scale
+    # held in a buffer (moved from the scores onto q) times the per-kv-head temperature
+    temp2: Node | None = None
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -128,6 +132,8 @@ class Plan:
         for conv in convs:
             leaves += [conv.weight, conv.bias]
         leaves.append(self.temp)
+        if self.temp2 is not None:
+            leaves.append(self.temp2)
         if self.rope is not None:
             leaves += list(self.rope[1])
         return leaves
@@ -486,6 +492,8 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
         q_args, k_args = _bias_folded(plan, rest[:4]), _bias_folded(plan, rest[4:8])
         rest = rest[8:]
     temp, tables = rest[0], rest[1:]
+    if plan.temp2 is not None:
+        temp, tables = temp.reshape(-1) * tables[0].reshape(-1), tables[1:]
     cos = sin = None
     rotary_dim, interleaved, rotary_start = 0, False, 0
     if plan.rope is not None:
@@ -612,16 +620,32 @@ def _runtime(node: Node) -> bool:
 
 def _constant_tables(tables: list[Node], sizes, one: int = 0) -> dict[Node, torch.Tensor]:
     """Tables that make any RoPE layout a rotation by 0 or 90 degrees (norm-preserving):
-    table ``one`` all ones, the others zeros."""
+    table ``one`` (slot ``one`` of a pairs table) all ones, the others zeros."""
     out = {}
     for i, node in enumerate(tables):
         shape = Probes(sizes, tensor_value(node).device).shape(node)
         v = tensor_value(node)
         if v.dtype.is_complex:
             out[node] = torch.ones(shape, dtype=torch.complex128, device=v.device)
+        elif _pairs_table(tables):  # (..., 2): cos and sin side by side
+            out[node] = torch.zeros(shape, dtype=torch.float64, device=v.device)
+            out[node][..., one] = 1.0
         else:
             out[node] = torch.full(shape, 1.0 if i == one else 0.0, dtype=torch.float64, device=v.device)
     return out
+
+
+def _pairs_table(tables: list[Node]) -> bool:
+    """One real table holding cos and sin along its last axis (gpt-fast, torchtune)."""
+    if len(tables) != 1:
+        return False
+    v = tensor_value(tables[0])
+    return not v.dtype.is_complex and v.dim() >= 2 and v.shape[-1] == 2
+
+
+def _constant_assignments(tables: list[Node]) -> int:
+    """How many ways the ones may be placed: in each table, or in each slot of a pairs table."""
+    return 2 if _pairs_table(tables) else max(len(tables), 1)
 
 
 def _distinct_constant_tables(graph, tables: list[Node], sizes):
@@ -671,14 +695,21 @@ def _phase_a(base: Plan, plans: list[Plan], probe_a, temps, tables, literals, pr
                         temp_choices.append((n, scale, power, norm_scale, scores_only))
         if torch.allclose(beta, torch.ones_like(beta), rtol=1e-6, atol=0):
             temp_choices.append((None, 1.0, 1, norm_scale, scores_only))
+        if scores_only:  # two factors, one on each side (a logit scale buffer and beta)
+            for a, b in itertools.combinations(temps, 2):
+                t = probe_a.feeds[a].reshape(-1).abs().expand(kv_heads) * probe_a.feeds[b].reshape(-1).abs().expand(kv_heads)
+                for scale in dict.fromkeys((1.0, norm_scale)):
+                    if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
+                        temp_choices.append(((a, b), scale, 1, norm_scale, scores_only))
     if not temp_choices:
         return "k's scale matches no per-kv-head input (temperature)"
     for plan in plans:
         for temp, temp_scale, power, norm_scale, scores_only in temp_choices:
             if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
                 continue  # the seed op reads its temperature as it is
+            temp, temp2 = temp if isinstance(temp, tuple) else (temp, None)
             cand = replace(
-                plan, temp=temp, temp_scale=temp_scale, temp_power=power,
+                plan, temp=temp, temp2=temp2, temp_scale=temp_scale, temp_power=power,
                 norm_scale=norm_scale, eps=1e-12, scores_only=scores_only,
             )  # fmt: skip
             for with_rope in _with_identity_rope(cand, tables):
@@ -716,6 +747,9 @@ def _decide(
         if learned:
             return f"the RoPE table {learned[0].name} requires grad (the op gives tables none)"
         tables, same_as = _distinct_constant_tables(region.graph, tables, sizes)
+        if len(tables) > 3:  # the op reads one RoPE for both streams: 1 to 3 table inputs
+            names = ", ".join(n.name for n in tables)
+            return f"q and k are rotated by different tables ({names}): the op takes one set"
         # inputs scaled up, so that no eps (wherever it sits in the normalisation) moves
         # the norms; phase C decides the eps on inputs scaled down to where it does
         big = _scaled(base, _STRUCTURE_SCALE)
@@ -724,7 +758,7 @@ def _decide(
         # the table holding ones is the cosine (no turn) in one assignment: read q and k
         # apart in every assignment first, their products (scores_only) only then
         for products in (False, True) if bilinear else (False,):
-            for one in range(max(len(tables), 1)):
+            for one in range(_constant_assignments(tables)):
                 fixed = _constant_tables(tables, sizes, one)
                 fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
                 probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
@@ -835,6 +869,8 @@ def _biased_conv(region: Region, leaf: Node, convs: list[Conv]) -> int | None:
 def _has_time_dim(node: Node, region: Region) -> bool:
     t = tensor_value(region.sinks[0]).shape[2]
     v = tensor_value(node)
+    if v is None:  # (an unbind's tuple: its parts are the tables)
+        return False
     if isinstance(t, int) and t == 1:  # one token (a decode step): a table's rows are 1 wide
         return v.dim() >= 2 and isinstance(v.shape[-1], int) and v.shape[-1] > 1
     # rows of positions, each of the rotary width: (..., T, r); a temperature viewed
