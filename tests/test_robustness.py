@@ -625,3 +625,34 @@ def test_the_code_a_fusion_writes_is_no_later_anchor():
     assert rel_err(got, want) < 1e-5, str(rep)
     assert rep.count("ccgqa_block") == 1, str(rep)
     assert not any(r.fusion == "rope" for r in rep.rejected), str(rep)
+
+
+class _NormClampedBelow(torch.nn.Module):
+    """An RMS written with the norm clamped from below (``F.normalize``-style eps): a row
+    of zeros (a padding position) gives zeros, where eps under the root at 0 gives NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.nn.Parameter(1 + 0.1 * torch.randn(16))
+
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) * 16**0.5 * self.g
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_rows_of_zeros_normalise_as_written(training):
+    torch.manual_seed(0)
+    model = _NormClampedBelow()
+    x = torch.randn(2, 5, 16)
+    x[0, 1] = 0.0
+    xs = [x.clone().requires_grad_(training) for _ in range(2)]
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    with torch.set_grad_enabled(training):
+        got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(xs[0])
+        want = model(xs[1])
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-6, str(ccgqa_compile.report())
+    if training:
+        (g_got,) = torch.autograd.grad(got.sum(), xs[0])
+        (g_want,) = torch.autograd.grad(want.sum(), xs[1])
+        assert torch.isfinite(g_got).all() and rel_err(g_got, g_want) < 1e-6, str(ccgqa_compile.report())

@@ -241,6 +241,8 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
             {"seed": 2, "scale": {x: 1e3}},
             {"seed": 3, "scale": {x: small}},
             {"seed": 4, "scale": {x: small * 1e-2}},
+            # rows of zeros (padding): 0 / 0 is NaN where the code clamps the norm to 0
+            {"seed": 10, "zero_rows": [x]},
         ]
         reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
         if reason is None:
