@@ -302,7 +302,8 @@ class NearRMSPerTokenGain(nn.Module):
 
 
 class NearRMSClampInsteadOfEps(nn.Module):
-    """``x / max(rms, eps)``: a clamp, not eps inside the root (they differ at small rms)."""
+    """``x / max(rms, eps)``: a clamp, not eps inside the root (they differ at small rms);
+    the op's clamped form."""
 
     DIM = 24
 
@@ -2899,3 +2900,31 @@ class CCGQALogitScaleBuffer(CCGQAConvPadSlice):
         t = q.shape[2]
         keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
         return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+class RMSXTransformers(nn.Module):
+    """lucidrains' x-transformers RMSNorm: ``F.normalize(x, dim=-1) * dim ** 0.5 * g`` (the
+    norm clamped from below at 1e-12, not eps under the root)."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.scale = self.DIM**0.5
+        self.g = _near_one(self.DIM)
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * self.g
+
+
+class RMSNormClampedMin(nn.Module):
+    """``x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * sqrt(d) * w``."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.w = _near_one(self.DIM)
+
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * self.DIM**0.5 * self.w

@@ -85,7 +85,10 @@ RMS_NORM = [
     _near("rms_near_eps_outside_norm", sp.NearRMSEpsOutsideNorm, rms_norm=0),
     _near("rms_near_no_root", sp.NearRMSNoRoot, rms_norm=0),
     _near("rms_near_mean_over_heads", sp.NearRMSMeanOverHeads, rms_norm=0),
-    _near("rms_near_clamp_instead_of_eps", sp.NearRMSClampInsteadOfEps, rms_norm=0),
+    # the norm clamped from below: the op's clamped form (zero rows give zeros)
+    _must("rms_clamped_rms", sp.NearRMSClampInsteadOfEps, rms_norm=1),
+    _must("rms_x_transformers_normalize", sp.RMSXTransformers, rms_norm=1),
+    _must("rms_norm_clamped_min", sp.RMSNormClampedMin, rms_norm=1),
     _near("rms_near_stats_of_scaled_input", sp.NearRMSStatsOfScaledInput, rms_norm=0),
     # the genuine unweighted core may fuse; the per-token gain never as a weight
     _near(

@@ -629,7 +629,8 @@ def test_the_code_a_fusion_writes_is_no_later_anchor():
 
 class _NormClampedBelow(torch.nn.Module):
     """An RMS written with the norm clamped from below (``F.normalize``-style eps): a row
-    of zeros (a padding position) gives zeros, where eps under the root at 0 gives NaN."""
+    of zeros (a padding position) gives zeros, where eps under the root at 0 gives NaN
+    (it fused so once); the op's clamped form gives zeros."""
 
     def __init__(self):
         super().__init__()
@@ -652,6 +653,7 @@ def test_rows_of_zeros_normalise_as_written(training):
         got = torch.compile(model, backend=ccgqa_without_codegen, fullgraph=True)(xs[0])
         want = model(xs[1])
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-6, str(ccgqa_compile.report())
+    assert ccgqa_compile.report().counts().get("rms_norm") == 1, str(ccgqa_compile.report())
     if training:
         (g_got,) = torch.autograd.grad(got.sum(), xs[0])
         (g_want,) = torch.autograd.grad(want.sum(), xs[1])

@@ -12,6 +12,11 @@ All arithmetic is done in float32 whatever the storage dtypes are:
     dx   = rstd * (g - x_hat * mean(g * x_hat, -1))
     dw   = sum over rows of dy * x_hat
     with x_hat = x * rstd and g = dy * (weight_offset + weight).
+
+With ``clamp`` the norm is clamped from below instead (``F.normalize(x) * sqrt(N)``,
+``x / max(rms, eps)``): rstd = 1 / max(sqrt(mean(x^2)), eps), and where the clamp binds
+rstd is a constant, dx = rstd * g. The forward stores such a row's rstd negated, which
+tells the backward (and the magnitude is the rstd).
 """
 
 import functools
@@ -57,6 +62,7 @@ def _rms_norm_fwd_kernel(
     HAS_EPS_TENSOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CLAMP: tl.constexpr = False,
 ):
     # Inductor passes Python floats to inlined kernels as fp64: keep the math fp32
     eps = tl.cast(eps, tl.float32)
@@ -76,7 +82,13 @@ def _rms_norm_fwd_kernel(
     )
     # Masked columns load as 0, so they add nothing to the sum of squares.
     mean_square = tl.sum(x * x, axis=1) / n_cols
-    rstd = tl.rsqrt(mean_square + eps)
+    if CLAMP:
+        rms = tl.sqrt(mean_square)
+        rstd = 1.0 / tl.maximum(rms, eps)
+        stored = tl.where(rms < eps, -rstd, rstd)
+    else:
+        rstd = tl.rsqrt(mean_square + eps)
+        stored = rstd
     y = x * rstd[:, None]
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -87,7 +99,7 @@ def _rms_norm_fwd_kernel(
         y.to(y_ptr.dtype.element_ty),
         mask=mask,
     )
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    tl.store(rstd_ptr + rows, stored, mask=row_mask)
 
 
 @triton.jit
@@ -142,6 +154,8 @@ def _rms_norm_bwd_kernel(
             other=0.0,
         ).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        clamped = rstd < 0  # a norm clamped from below: rstd does not depend on x there
+        rstd = tl.abs(rstd)
 
         x_hat = x * rstd[:, None]
         if HAS_WEIGHT:
@@ -149,7 +163,7 @@ def _rms_norm_bwd_kernel(
             dw_accumulator += dy * x_hat
         else:
             grad_x_hat = dy
-        mean_grad_dot_x_hat = tl.sum(grad_x_hat * x_hat, axis=1) / n_cols
+        mean_grad_dot_x_hat = tl.where(clamped, 0.0, tl.sum(grad_x_hat * x_hat, axis=1) / n_cols)
         dx = (grad_x_hat - x_hat * mean_grad_dot_x_hat[:, None]) * rstd[:, None]
         tl.store(
             dx_ptr + rows_i64[:, None] * dx_row_stride + cols[None, :],
@@ -228,9 +242,11 @@ def rms_norm_fwd(
     weight_offset: float,
     out_dtype: torch.dtype,
     eps_tensor: Tensor | None = None,
+    clamp: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """RMSNorm over the last dim of a 2-D `x` (unit column stride, any row stride), with
-    eps + ``eps_tensor`` (one fp32 value on x's device) when that is given.
+    eps + ``eps_tensor`` (one fp32 value on x's device) when that is given; ``clamp``:
+    the norm clamped from below by eps instead (the rstd of a clamped row negated).
 
     Returns `y` (M, N) contiguous in `out_dtype` and `rstd` (M,) float32, the
     latter saved for `rms_norm_bwd`.
@@ -263,6 +279,7 @@ def rms_norm_fwd(
         HAS_EPS_TENSOR=eps_tensor is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        CLAMP=bool(clamp),
         num_warps=num_warps,
     )
     return y, rstd
@@ -341,6 +358,7 @@ def rms_norm_reference(
     eps: float,
     weight_offset: float,
     out_dtype: torch.dtype,
+    clamp: bool = False,
 ) -> Tensor:
     """Naive, differentiable RMSNorm with the kernels' semantics.
 
@@ -349,7 +367,11 @@ def rms_norm_reference(
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     x_compute = x.to(compute_dtype)
-    rstd = torch.rsqrt(x_compute.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if clamp:  # (the norm's gradient at a row of zeros is 0, sqrt's is not defined)
+        rms = torch.linalg.vector_norm(x_compute, dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+        rstd = 1 / rms.clamp_min(eps)
+    else:
+        rstd = torch.rsqrt(x_compute.pow(2).mean(dim=-1, keepdim=True) + eps)
     y = x_compute * rstd
     if weight is not None:
         y = y * (weight_offset + weight.to(compute_dtype))

@@ -5,6 +5,9 @@ fp64 inputs), returned in ``out_dtype``. ``weight_offset`` is 0 for Llama and 1 
 ``eps_tensor`` (one value, any device) is added to eps when the program runs: Dynamo lifts
 a float module attribute to such an input under ``dynamic=True`` (gpt-fast's prefill).
 The forward also returns rstd (one value per row) so the backward does not recompute it.
+``clamp``: the norm clamped from below instead, y = x / max(sqrt(mean(x^2)), eps) * w
+(``F.normalize(x) * sqrt(N) * w`` with eps / sqrt(N)); a clamped row's rstd is stored
+negated, which tells the backward that rstd is constant there.
 """
 
 from __future__ import annotations
@@ -25,17 +28,24 @@ def _rms_norm_fwd_composite(
     weight_offset: float,
     out_dtype: torch.dtype,
     eps_tensor: Tensor | None = None,
+    clamp: bool = False,
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
     mean_square = xf.pow(2).mean(-1, keepdim=True)
     if eps_tensor is not None:
-        mean_square = mean_square + eps_tensor.to(device=x.device, dtype=acc)
-    rstd = torch.rsqrt(mean_square + eps)
+        eps = eps_tensor.to(device=x.device, dtype=acc) + eps
+    if clamp:
+        rms = mean_square.sqrt()
+        rstd = 1 / torch.maximum(rms, torch.as_tensor(eps, dtype=acc, device=x.device))
+        stored = torch.where(rms < eps, -rstd, rstd)
+    else:
+        rstd = torch.rsqrt(mean_square + eps)
+        stored = rstd
     y = xf * rstd
     if weight is not None:
         y = y * (weight.to(acc) + weight_offset)
-    return y.to(out_dtype), rstd.squeeze(-1)
+    return y.to(out_dtype), stored.squeeze(-1)
 
 
 def _rms_norm_bwd_composite(
@@ -43,6 +53,7 @@ def _rms_norm_bwd_composite(
 ) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(x.dtype, dy.dtype)
     xf, dyf, r = x.to(acc), dy.to(acc), rstd.to(acc).unsqueeze(-1)
+    clamped, r = r < 0, r.abs()  # a clamped row's rstd is stored negated
     x_hat = xf * r
     if weight is not None:
         g = dyf * (weight.to(acc) + weight_offset)
@@ -50,7 +61,7 @@ def _rms_norm_bwd_composite(
     else:
         g = dyf
         dw = x.new_empty((0,))
-    dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    dx = r * (g - x_hat * torch.where(clamped, 0.0, (g * x_hat).mean(-1, keepdim=True)))
     return dx.to(x.dtype), dw
 
 
@@ -77,6 +88,7 @@ def rms_norm(
     weight_offset: float,
     out_dtype: torch.dtype,
     eps_tensor: Tensor | None = None,
+    clamp: bool = False,
 ) -> tuple[Tensor, Tensor]:
     _check_eps_tensor(eps_tensor)
     if _kernel_ok(x, weight):
@@ -86,10 +98,10 @@ def rms_norm(
         if eps_tensor is not None:  # a one-element copy: the kernel reads it on x's device
             eps_tensor = eps_tensor.to(device=x.device, dtype=torch.float32).reshape(1)
         y, rstd = kernels.rms_norm_fwd(
-            x.reshape(-1, n), weight, eps, weight_offset, out_dtype, eps_tensor
+            x.reshape(-1, n), weight, eps, weight_offset, out_dtype, eps_tensor, clamp
         )
         return y.view(x.shape), rstd.view(x.shape[:-1])
-    return rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype, eps_tensor)
+    return rms_norm_fwd_composite(x, weight, eps, weight_offset, out_dtype, eps_tensor, clamp)
 
 
 @triton_op("ccgqa::rms_norm_backward", mutates_args=())
@@ -109,7 +121,7 @@ def rms_norm_backward(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _eps, weight_offset, _out_dtype, _eps_tensor = inputs
+    x, weight, _eps, weight_offset, _out_dtype, _eps_tensor, _clamp = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.weight_offset = weight_offset
@@ -119,7 +131,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y: Tensor, _grad_rstd: Tensor | None):
     x, weight, rstd = ctx.saved_tensors
     dx, dw = torch.ops.ccgqa.rms_norm_backward(grad_y, x, weight, rstd, ctx.weight_offset)
-    return dx, (dw if weight is not None else None), None, None, None, None
+    return dx, (dw if weight is not None else None), None, None, None, None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)

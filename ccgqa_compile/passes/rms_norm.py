@@ -100,15 +100,25 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
                 x = node.args[0]
         elif is_function(node, torch.rms_norm, torch.nn.functional.rms_norm):
             x = node.args[0]
+        elif is_function(node, torch.nn.functional.normalize) and _normalises_last_dim(node):
+            x = node.args[0]  # x / max(|x|, eps): times sqrt(N), an RMS clamped from below
         if isinstance(x, Node) and tensor_value(x) is not None:
             found.append((node, _cast_chain(x)))
     return found
+
+
+def _normalises_last_dim(node: Node) -> bool:
+    """``F.normalize(x, p=2, dim=-1)`` (its default dim is 1)."""
+    x = tensor_value(node.args[0]) if node.args else None
+    dim, p = arg(node, 2, "dim", 1), arg(node, 1, "p", 2.0)
+    return x is not None and p == 2 and isinstance(dim, int) and dim % x.dim() == x.dim() - 1
 
 
 def _allowed(node: Node) -> bool:
     return (
         is_elementwise(node)
         or is_cast(node)
+        or (is_function(node, torch.nn.functional.normalize) and _normalises_last_dim(node))
         or is_method(node, *_REDUCE_METHODS, "norm", "expand_as", "expand", "unsqueeze")
         or is_function(node, torch.unsqueeze)
         or _adds_unit_dim(node)
@@ -135,7 +145,7 @@ def _per_channel(node: Node, width) -> bool:
     return all(s == 1 for s in dims[:-1]) and (dims[-1] == 1 or same_shape((dims[-1],), (width,)))
 
 
-def _candidate(n_weights: int, eps: float, width, runtime_eps: bool = False):
+def _candidate(n_weights: int, eps: float, width, runtime_eps: bool = False, clamp: bool = False):
     """With ``runtime_eps``, the last input is a float known when the program runs (a
     SymFloat): the op adds it to eps as a one-value tensor on x's device, made by adding
     the float to a zero: AOTAutograd turns that add (and no other use of a lifted float)
@@ -153,7 +163,7 @@ def _candidate(n_weights: int, eps: float, width, runtime_eps: bool = False):
         if weight is not None and n_weights:
             weight = weight.expand(width) if isinstance(width, int) else weight
         out_dtype = out_dtypes[0] or torch.float64
-        return (torch.ops.ccgqa.rms_norm(x, weight, eps, 0.0, out_dtype, eps_tensor)[0],)
+        return (torch.ops.ccgqa.rms_norm(x, weight, eps, 0.0, out_dtype, eps_tensor, clamp)[0],)
 
     return rms
 
@@ -201,12 +211,13 @@ def _try_runtime_eps(ctx: GraphContext, region: Region, x: Node, weights: list[N
     reason = verify(region, candidate, [x, *weights, leaf], ctx.sizes, trials)
     if reason is not None:
         return reason
-    return ("weighted" if weights else "unweighted", [x, *weights, leaf], 0.0, True)
+    return ("weighted" if weights else "unweighted", [x, *weights, leaf], 0.0, True, False)
 
 
-def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], float, bool] | str:
+def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], float, bool, bool] | str:
     """(idiom, op inputs, eps, whether eps is the last input, a float known only when the
-    program runs) when ``sink`` is an RMSNorm of ``x``, else the reason."""
+    program runs, whether the norm is clamped from below by eps) when ``sink`` is an
+    RMSNorm of ``x``, else the reason."""
     try:
         region = Region.between([x], [sink])
     except Rejected as why:
@@ -246,8 +257,32 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
         ]
         reason = verify(region, candidate, [x, *weights], ctx.sizes, trials)
         if reason is None:
-            return ("weighted" if weights else "unweighted", [x, *weights], eps, False)
-    return reason
+            return ("weighted" if weights else "unweighted", [x, *weights], eps, False, False)
+    clamped = _try_clamped(ctx, region, x, weights, width)
+    return clamped if clamped is not None else reason
+
+
+def _try_clamped(ctx: GraphContext, region: Region, x: Node, weights: list[Node], width):
+    """The norm clamped from below instead of eps under the root (``F.normalize(x) *
+    sqrt(N)``, ``x / x.norm(...).clamp_min(eps)``): the bound on the rms is a literal over
+    sqrt(N) (a bound on the norm), the literal itself or its root (on the mean square);
+    proven where the clamp binds and on rows of zeros. None where no bound fits."""
+    if not isinstance(width, int):
+        return None
+    literals = sorted(x for x in float_literals(region.nodes) if 0 < x < 1e-2) + [1e-12]
+    bounds = dict.fromkeys(b for lit in literals for b in (lit / math.sqrt(width), lit, math.sqrt(lit)))
+    for bound in bounds:
+        trials = [
+            {"seed": 1},
+            {"seed": 2, "scale": {x: 1e3}},
+            {"seed": 3, "scale": {x: bound * 0.1}},  # rms below the bound: the clamp binds
+            {"seed": 4, "scale": {x: bound * 3.0}},
+            {"seed": 10, "zero_rows": [x]},
+        ]
+        candidate = _candidate(len(weights), bound, width, clamp=True)
+        if verify(region, candidate, [x, *weights], ctx.sizes, trials) is None:
+            return ("weighted_clamped" if weights else "unweighted_clamped", [x, *weights], bound, False, True)
+    return None
 
 
 def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
@@ -266,11 +301,11 @@ def _fuse_from(ctx: GraphContext, x: Node) -> tuple[bool, str, str | None]:
             last_reason = found
             widest_reason = widest_reason or f"{sink.name}: {found}"
             continue
-        idiom, inputs, eps, runtime_eps = found
+        idiom, inputs, eps, runtime_eps, clamp = found
         n_weights = len(inputs) - 1 - runtime_eps
         region = Region.between([x], [sink])
         try:
-            emit(region, _candidate(n_weights, eps, xv.shape[-1], runtime_eps), inputs)
+            emit(region, _candidate(n_weights, eps, xv.shape[-1], runtime_eps, clamp), inputs)
         except Rejected as why:
             last_reason = str(why)
             continue

@@ -225,6 +225,34 @@ def test_rms_norm_eps_tensor(eps):
     assert relative_error(rstd, expected_rstd) < INTERPRETER_TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rms_norm_clamped_from_below(weighted):
+    """``clamp``: x / max(rms, eps) * w (``F.normalize(x) * sqrt(N) * w``). Rows of zeros
+    give zeros, rows whose rms is under eps are scaled by 1 / eps (a constant: their
+    gradient is dy * w / eps), the rest normalise; values and gradients against the
+    float64 reference."""
+    device = small_test_device()
+    gen = torch.Generator().manual_seed(11)
+    eps = 1e-3
+    x = make_rows(12, 40, torch.float32, device, row_padding=2, gen=gen)
+    x[0] = 0.0
+    x[1:5] *= 1e-5  # rms under eps: the clamp binds
+    weight = torch.randn(40, generator=gen).to(device) if weighted else None
+    y, rstd = rms_norm_fwd(x, weight, eps, 0.0, torch.float32, None, clamp=True)
+    assert bool((rstd[:5] < 0).all()) and bool((rstd[5:] > 0).all())
+    dy = torch.randn(12, 40, generator=gen).to(device)
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, 0.0)
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_() if weighted else None
+    y64 = rms_norm_reference(x64, w64, eps, 0.0, torch.float64, clamp=True)
+    grads = torch.autograd.grad(y64, [t for t in (x64, w64) if t is not None], dy.double())
+    tol = INTERPRETER_TOLERANCE[torch.float32]
+    assert torch.isfinite(y).all() and relative_error(y, y64) < tol
+    assert torch.isfinite(dx).all() and relative_error(dx, grads[0]) < tol
+    if weighted:
+        assert relative_error(dw, grads[1]) < tol
+
+
 def test_rms_norm_without_rows():
     device = small_test_device()
     x = torch.empty(0, 17, device=device)
