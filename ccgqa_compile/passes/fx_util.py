@@ -106,7 +106,9 @@ def ancestors(nodes: Iterable[Node], stop: set[Node] | None = None) -> set[Node]
     return seen
 
 
-def descendants(nodes: Iterable[Node]) -> set[Node]:
+def descendants(nodes: Iterable[Node], skip: Callable[[Node, Node], bool] | None = None) -> set[Node]:
+    """Every node reading the given ones (themselves included), not through a read
+    ``skip(reader, node)`` holds for."""
     seen: set[Node] = set()
     todo = list(nodes)
     while todo:
@@ -114,7 +116,7 @@ def descendants(nodes: Iterable[Node]) -> set[Node]:
         if node in seen:
             continue
         seen.add(node)
-        todo.extend(node.users)
+        todo.extend(u for u in node.users if skip is None or not skip(u, node))
     return seen
 
 

@@ -34,6 +34,7 @@ from .fx_util import (
     ancestors,
     computation_context,
     depends_on_tensor_input,
+    descendants,
     is_mutating,
     is_size_value,
     node_inputs,
@@ -57,20 +58,6 @@ def reads_dtype_only(node: Node, of: Node) -> bool:
     )  # fmt: skip
 
 
-def _value_descendants(sources: Sequence[Node]) -> set[Node]:
-    """The nodes whose values depend on ``sources``: not through a read of a dtype (OLMo's
-    RoPE tables ``type_as(q)`` stay the tables, not values computed from q)."""
-    seen: set[Node] = set()
-    todo = list(sources)
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        todo.extend(u for u in node.users if not reads_dtype_only(u, node))
-    return seen
-
-
 class Rejected(Exception):
     """A candidate region that must not be replaced; the message says why."""
 
@@ -90,7 +77,9 @@ class Region:
         graph = sinks[0].graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         sources = list(dict.fromkeys(sources))
-        on_path = (_value_descendants(sources) & ancestors(sinks)) - set(sources)
+        # values computed from the sources: not through a read of a dtype (OLMo's RoPE
+        # tables ``type_as(q)`` stay tables, not values computed from q)
+        on_path = (descendants(sources, skip=reads_dtype_only) & ancestors(sinks)) - set(sources)
         for sink in sinks:
             if sink not in on_path:
                 raise Rejected(f"{sink.name} does not depend on the sources")
