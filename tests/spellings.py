@@ -2928,3 +2928,67 @@ class RMSNormClampedMin(nn.Module):
 
     def forward(self, x):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * self.DIM**0.5 * self.w
+
+
+class CCGQANumericsCareful(nn.Module):
+    """A numerics-careful author's block (dev/blocks_probe6 N_base): functional conv
+    weights, fp32 qk-mean, ``linalg.vector_norm(...).clamp(min=eps)``, a temperature
+    clamped below its range then exp'd, half-width RoPE buffers from float64 angles, a 0-d
+    logit scale buffer and a bool mask buffer sliced [:T, :T]. Read off one probe, the
+    scale buffer's drawn value passed for a norm scale; a second draw rejects that."""
+
+    DIM, HQ, HKV, D, K = 64, 4, 2, 16, 2
+
+    def __init__(self, max_seq=32):
+        super().__init__()
+        hq, hkv, d, k = self.HQ, self.HKV, self.D, self.K
+        self.q_proj = nn.Linear(self.DIM, hq * d, bias=False)
+        self.k_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.v_proj = nn.Linear(self.DIM, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
+        self.q_w1 = nn.Parameter(0.5 * torch.randn(hq * d, 1, k))
+        self.q_w2 = nn.Parameter(torch.randn(hq * d, d, k) / d**0.5)
+        self.k_w1 = nn.Parameter(0.5 * torch.randn(hkv * d, 1, k))
+        self.k_w2 = nn.Parameter(torch.randn(hkv * d, d, k) / d**0.5)
+        self.log_temp = nn.Parameter(0.2 * torch.randn(hkv))
+        self.register_buffer("scale", torch.tensor(d**-0.5))
+        self.register_buffer("causal_mask", torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool)), persistent=False)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        ang = torch.arange(max_seq, dtype=torch.float64)[:, None] * inv[None, :]
+        self.register_buffer("rope_cos", ang.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", ang.sin().float(), persistent=False)
+
+    @staticmethod
+    def conv(h, w, groups):
+        return F.conv1d(F.pad(h, (w.shape[-1] - 1, 0)), w, groups=groups)
+
+    @staticmethod
+    def rope(t, cos, sin):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d, g = self.HQ, self.HKV, self.D, self.HQ // self.HKV
+        q_pre, k_pre = self.q_proj(x), self.k_proj(x)
+        qc = self.conv(self.conv(q_pre.transpose(1, 2), self.q_w1, hq * d), self.q_w2, hq).transpose(1, 2)
+        kc = self.conv(self.conv(k_pre.transpose(1, 2), self.k_w1, hkv * d), self.k_w2, hkv).transpose(1, 2)
+        qp, kp = q_pre.float().view(b, t, hq, d), k_pre.float().view(b, t, hkv, d)
+        m_q = 0.5 * (qp + kp[:, :, :, None, :].expand(b, t, hkv, g, d).reshape(b, t, hq, d))
+        m_k = m_q.view(b, t, hkv, g, d).sum(dim=3) / g
+        q = (qc.float().view(b, t, hq, d) + m_q).transpose(1, 2)
+        k = (kc.float().view(b, t, hkv, d) + m_k).transpose(1, 2)
+        q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp(min=1e-6)
+        k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp(min=1e-6)
+        beta = self.log_temp.float().clamp(max=math.log(100.0)).exp()
+        q = q * math.sqrt(d)
+        k = k * (math.sqrt(d) * beta[None, :, None, None])
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        q, k = self.rope(q, cos, sin).to(x.dtype), self.rope(k, cos, sin).to(x.dtype)
+        v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
+        k_r, v_r = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        logits = torch.matmul(q.float(), k_r.float().transpose(-2, -1)) * self.scale
+        logits = logits.masked_fill(~self.causal_mask[:t, :t], torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        o = torch.matmul(probs, v_r).transpose(1, 2).reshape(b, t, hq * d)
+        return self.o_proj(o)

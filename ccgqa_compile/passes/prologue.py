@@ -678,10 +678,11 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
     return distinct, same_as
 
 
-def _phase_a(base: Plan, plans: list[Plan], probe_a, temps, tables, literals, products: bool) -> Plan | str:
+def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, products: bool) -> Plan | str:
     """Phase A of ``_decide`` on one assignment of constant tables: the norm scale and
     temperature from the output norms (``products``: from q's and k's products only),
-    then the first plan, temperature and table form the probe agrees with; else why not."""
+    then the first plan, temperature and table form both probes agree with; else why not."""
+    probe_a, again = probes
     kv_heads = base.kv_heads
     temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
     for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, products, literals):
@@ -713,7 +714,7 @@ def _phase_a(base: Plan, plans: list[Plan], probe_a, temps, tables, literals, pr
                 norm_scale=norm_scale, eps=1e-12, scores_only=scores_only,
             )  # fmt: skip
             for with_rope in _with_identity_rope(cand, tables):
-                if probe_a.matches(with_rope, rtol=1e-7):
+                if probe_a.matches(with_rope, rtol=1e-7) and again.matches(with_rope, rtol=1e-7):
                     return with_rope
     return "no conv / qk-mean / temperature choice agrees with the region"
 
@@ -762,7 +763,10 @@ def _decide(
                 fixed = _constant_tables(tables, sizes, one)
                 fixed.update({dup: fixed[rep] for dup, rep in same_as.items()})
                 probe_a = _Probe(ctx, region, sizes, seed=41, given=fixed, scale=big)
-                attempt = _phase_a(base, plans, probe_a, temps, tables, literals, products)
+                # a second draw: a constant read off one draw of a run-time input (the
+                # norm scale times a logit scale buffer's probe value) fails it
+                again = _Probe(ctx, region, sizes, seed=46, given=fixed, scale=big)
+                attempt = _phase_a(base, plans, (probe_a, again), temps, tables, literals, products)
                 if not isinstance(attempt, str):
                     found = attempt
                     break
