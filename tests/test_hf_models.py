@@ -353,8 +353,10 @@ def test_zaya_attention_eager_with_hf_causal_mask():
 def test_zaya_attention_eager_without_mask_is_not_causal():
     """HF's eager attention with attention_mask=None attends to every key: not causal, so
     neither our attention nor the CCGQA block (a prologue feeding a causal attention) may
-    fuse; the RoPE of q and k still does."""
-    check_zaya_attention(16, False, torch.float32, "cpu", attn="eager", expected={"rope": 2})
+    fuse; the RoPE of q and k still does, and so do q's and k's norms, ZAYA's
+    ``x * (sqrt(d) / x.norm().clamp_min(eps))``: an RMS clamped from below, unweighted."""
+    expected = {"rope": 2, "rms_norm": 2}
+    check_zaya_attention(16, False, torch.float32, "cpu", attn="eager", expected=expected)
 
 
 @pytest.mark.cuda
