@@ -15,9 +15,10 @@ The CCGQA prologue's anchors are 1-D convolutions. Code that computes one withou
 What is read off the code (which tensor, which axis, each tap's offset and weight) only
 proposes the rewrite: the original and the ``conv1d`` computation are both evaluated on
 float64 probes (random inputs and weights, at every size assignment) and must agree.
-The original nodes stay in the graph until recognition ends: a convolution no fusion took
-is put back (``undo_unused``), so the graph a user gets back is the one they wrote
-wherever nothing fused.
+The original nodes are taken out of the graph (a dead reader would count as a reader
+outside a fused region) and recorded: a convolution no fusion took is put back as written
+(``undo_unused``), so the graph a user gets back is the one they wrote wherever nothing
+fused.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .fx_util import (
     PAD,
     ancestors,
     arg,
-    einsum_letters,
+    einsum_pair,
     is_add,
     is_function,
     is_method,
@@ -83,9 +84,9 @@ class Rewrite:
     new: Node
     conv: Node
     made: list[Node]  # the conv1d computation's nodes
-    # the code as written, taken out of the graph while the conv stands in for it (a dead
-    # reader would count as a reader outside a fused region): each node's name, op,
-    # target, args, kwargs and meta, in graph order
+    # the code as written, taken out of the graph while the conv stands in for it (its
+    # output always among them): each node, its name, op, target, args, kwargs and meta,
+    # in graph order
     removed: list[tuple]
 
 
@@ -93,7 +94,7 @@ class Rewrite:
 
 
 def _int(x: Any, sizes: dict) -> Any:
-    return concrete(value(x), sizes) if isinstance(x, Node) else concrete(x, sizes)
+    return concrete(value(x), sizes)
 
 
 def _shift_chain(node: Node) -> tuple[Node, list[Node]]:
@@ -224,11 +225,9 @@ def _term(leaf: Any, sizes: dict) -> list[tuple]:
             if shift is not None:
                 found.append((*shift, "mul", factor, None))
         return found
-    if is_function(leaf, torch.einsum) and len(leaf.args) == 3 and isinstance(leaf.args[0], str):
-        spec = leaf.args[0]
-        if "..." in spec or "->" not in spec:
-            return []
-        (la, lb), out = einsum_letters(spec)
+    letters = einsum_pair(leaf)
+    if letters is not None:
+        la, lb, out = letters
         found = []
         for operand, weight, xl, wl in (
             (leaf.args[1], leaf.args[2], la, lb),
@@ -366,11 +365,8 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         if roles is None:
             return None
         weights = [("mul", ("select", factor, fv.dim() - 1, j), shape) for j in range(k)]
-    elif is_function(node, torch.einsum) and len(node.args) == 3 and isinstance(node.args[0], str):
-        spec = node.args[0]
-        if "..." in spec or "->" not in spec:
-            return None
-        (la, lb), out = einsum_letters(spec)
+    elif (letters := einsum_pair(node)) is not None:
+        la, lb, out = letters
         if _is_window(node.args[1]):
             window, weight, ul, wl = node.args[1], node.args[2], la, lb
         elif _is_window(node.args[2]):
@@ -437,9 +433,9 @@ def _tap_weight(spec: tuple, taps: Taps, rank: int, proxy) -> Proxy:
     return w.permute(*layout).reshape(-1, inner)
 
 
-def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node, Node, list[Node]]:
+def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node, Node]:
+    """(the conv1d computation's output, its conv1d), traced before ``taps.out``."""
     tracer = GraphAppendingTracer(graph)
-    before = set(graph.nodes)
 
     def proxy(n):
         return Proxy(n, tracer) if isinstance(n, Node) else n
@@ -483,15 +479,12 @@ def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node
         y = y.permute(*taps.out_axes)
         for other in rest:
             y = y + proxy(other)
-    new = [n for n in graph.nodes if n not in before]
-    propagate_fake(graph, new)
-    return y.node, conv.node, new
+    return y.node, conv.node
 
 
-def _emit_conv2d(graph: torch.fx.Graph, node: Node, unit: int) -> tuple[Node, Node, list[Node]]:
+def _emit_conv2d(graph: torch.fx.Graph, node: Node, unit: int) -> tuple[Node, Node]:
     other = 5 - unit  # the spatial axis that is time
     tracer = GraphAppendingTracer(graph)
-    before = set(graph.nodes)
 
     def pick(x, default):
         return (
@@ -507,9 +500,7 @@ def _emit_conv2d(graph: torch.fx.Graph, node: Node, unit: int) -> tuple[Node, No
                                      ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))  # fmt: skip
         conv = F.conv1d(x, w, bias, stride, padding, dilation, arg(node, 6, "groups", 1))
         y = conv.unsqueeze(unit)
-    new = [n for n in graph.nodes if n not in before]
-    propagate_fake(graph, new)
-    return y.node, conv.node, new
+    return y.node, conv.node
 
 
 def _unit_conv2d(node: Node) -> int | None:
@@ -554,7 +545,9 @@ def _replace(ctx: GraphContext, old: Node, x: Node, emit) -> Rewrite | None:
     graph = ctx.graph
     before = set(graph.nodes)
     try:
-        new, conv, made = emit()
+        new, conv = emit()
+        made = [n for n in graph.nodes if n not in before]
+        propagate_fake(graph, made)
         proven = _same_function(ctx, old, new, x)
     except Exception:  # the rewrite does not trace or run here: the code stays as written
         proven = False
@@ -582,15 +575,13 @@ def _take_out(graph: torch.fx.Graph, old: Node, x: Node) -> list[tuple]:
     return removed
 
 
-def _put_back(graph: torch.fx.Graph, rw: Rewrite) -> bool:
+def _put_back(ctx: GraphContext, rw: Rewrite) -> bool:
     """Re-create the code as written before ``rw.new`` and route its readers back."""
-    if not rw.removed:
-        rw.new.replace_all_uses_with(rw.old)
-        return True
+    graph = ctx.graph
     made: dict[Node, Node] = {}
     removed = {rec[0] for rec in rw.removed}
     outside = [i for rec in rw.removed for i in _inputs(rec) if i not in removed]
-    if any(i.graph is not graph or i not in graph.nodes for i in outside):
+    if not all(ctx.alive(i) for i in outside):
         return False  # an input of the original is gone (fused away): the conv stays
     with graph.inserting_before(rw.new):
         for node, name, op, target, args, kwargs, meta in rw.removed:
@@ -646,7 +637,7 @@ def undo_unused(ctx: GraphContext, rewrites: list[Rewrite]) -> None:
     """Put back each convolution as written where no fusion took its conv1d."""
     graph = ctx.graph
     for rw in reversed(rewrites):
-        if ctx.alive(rw.conv) and ctx.alive(rw.new) and _put_back(graph, rw):
+        if ctx.alive(rw.conv) and ctx.alive(rw.new) and _put_back(ctx, rw):
             for node in reversed(rw.made):
                 if ctx.alive(node) and not node.users:
                     graph.erase_node(node)

@@ -220,6 +220,18 @@ def einsum_letters(spec: str) -> tuple[list[str], str]:
     return lhs.split(","), out
 
 
+def einsum_pair(node: Any) -> tuple[str, str, str] | None:
+    """(the first operand's letters, the second's, the output's) of ``torch.einsum(spec,
+    a, b)`` with an explicit output and no ellipsis, else None."""
+    if not is_function(node, torch.einsum) or len(node.args) != 3:
+        return None
+    spec = node.args[0]
+    if not isinstance(spec, str) or "..." in spec or "->" not in spec:
+        return None
+    ins, out = einsum_letters(spec)
+    return (ins[0], ins[1], out) if len(ins) == 2 else None
+
+
 def is_cast(node: Any) -> bool:
     if not isinstance(node, Node):
         return False

@@ -684,12 +684,13 @@ def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, pro
     then the first plan, temperature and table form both probes agree with; else why not."""
     probe_a, again = probes
     kv_heads = base.kv_heads
+    size = {n: probe_a.feeds[n].reshape(-1).abs().expand(kv_heads) for n in temps}
     temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
     for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, products, literals):
         if scores_only != products:
             continue
         for n in temps:
-            t = probe_a.feeds[n].reshape(-1).abs().expand(kv_heads)
+            t = size[n]
             for power in (1, 2) if scores_only else (1,):
                 for scale in dict.fromkeys((1.0, norm_scale)):
                     if torch.allclose(t**power / scale, beta, rtol=1e-6, atol=0):
@@ -698,7 +699,7 @@ def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, pro
             temp_choices.append((None, 1.0, 1, norm_scale, scores_only))
         if scores_only:  # two factors, one on each side (a logit scale buffer and beta)
             for a, b in itertools.combinations(temps, 2):
-                t = probe_a.feeds[a].reshape(-1).abs().expand(kv_heads) * probe_a.feeds[b].reshape(-1).abs().expand(kv_heads)
+                t = size[a] * size[b]
                 for scale in dict.fromkeys((1.0, norm_scale)):
                     if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
                         temp_choices.append(((a, b), scale, 1, norm_scale, scores_only))
@@ -889,15 +890,12 @@ def _prologue_table_options(tables: list[Node], width):
     for q and k in (B, T, H, D) ((T, 1, r): a unit head axis) lose that axis, tables
     shaped for (T, B, H, D) ((T, 1, 1, r)) both unit axes."""
 
-    def drop_head_axis(build):
+    def dropping_unit_axes(build, count):
         def built(*ts):  # traced with proxies too: no shape tests (squeeze keeps a non-1 axis)
-            return tuple(t.squeeze(-2) for t in build(*ts))
-
-        return built
-
-    def drop_batch_and_head_axes(build):
-        def built(*ts):
-            return tuple(t.squeeze(-2).squeeze(-2) for t in build(*ts))
+            out = build(*ts)
+            for _ in range(count):
+                out = tuple(t.squeeze(-2) for t in out)
+            return out
 
         return built
 
@@ -905,9 +903,10 @@ def _prologue_table_options(tables: list[Node], width):
     # (T, 1, r) for (B, T, H, D); (T, 1, 1, r) for tokens-first (T, B, H, D) (Megatron)
     options = [
         *options,
-        *[(f"{n}_heads_axis", ins, drop_head_axis(b), r, i) for n, ins, b, r, i in options],
-        *[(f"{n}_tokens_first_axes", ins, drop_batch_and_head_axes(b), r, i) for n, ins, b, r, i in options],
-    ]
+        *[(f"{n}{form}", ins, dropping_unit_axes(b, count), r, i)
+          for form, count in (("_heads_axis", 1), ("_tokens_first_axes", 2))
+          for n, ins, b, r, i in options],
+    ]  # fmt: skip
     # partial RoPE on a head's last dims (DeepSeek's q = cat(q_nope, rope(q_pe)) layout)
     tails = [(f"{n}_tail", ins, b, r, i, width - r) for n, ins, b, r, i in options if r < width]
     return options + tails

@@ -269,7 +269,7 @@ def _try_clamped(ctx: GraphContext, region: Region, x: Node, weights: list[Node]
     proven where the clamp binds and on rows of zeros. None where no bound fits."""
     if not isinstance(width, int):
         return None
-    literals = sorted(x for x in float_literals(region.nodes) if 0 < x < 1e-2) + [1e-12]
+    literals = sorted(lit for lit in float_literals(region.nodes) if 0 < lit < 1e-2) + [1e-12]
     bounds = dict.fromkeys(b for lit in literals for b in (lit / math.sqrt(width), lit, math.sqrt(lit)))
     for bound in bounds:
         trials = [

@@ -23,7 +23,7 @@ from .common import GraphContext
 from .fx_util import (
     ancestors,
     depends_on_tensor_input,
-    einsum_letters,
+    einsum_pair,
     is_exp,
     is_function,
     is_method,
@@ -87,26 +87,16 @@ def _row_constant_factor(scores: Node, factor: Node) -> bool:
     return scores not in ancestors([factor]) and depends_on_tensor_input(factor)
 
 
-def _einsum_letters(node: Node) -> tuple[str, str] | None:
-    """(the first operand's letters, the output's) of a two-operand einsum without
-    ellipsis, else None."""
-    eq = node.args[0]
-    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
-        return None
-    ins, out = einsum_letters(eq)
-    return (ins[0], out) if len(ins) == 2 else None
-
-
 def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
     """The shape that lays the factor (right-aligned to the product's output) out along
     the query operand's axes, or None where it has a size on an axis the operand lacks."""
     fv = tensor_value(factor)
     if not is_function(product, torch.einsum):
         return list(fv.shape)  # (..., rows, 1) broadcasts on (..., rows, D) as it is
-    letters = _einsum_letters(product)
+    letters = einsum_pair(product)
     if letters is None:
         return None
-    op_letters, out_letters = letters
+    op_letters, _, out_letters = letters
     sized = {}
     for axis, size in enumerate(fv.shape):
         letter = out_letters[len(out_letters) - fv.dim() + axis]
@@ -122,7 +112,7 @@ def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
 
 def _query_operand(product: Node) -> tuple[Node, int] | None:
     if is_function(product, torch.einsum):
-        if _einsum_letters(product) is None or len(product.args) != 3:
+        if einsum_pair(product) is None:
             return None
         return product.args[1], 1
     return product.args[0], 0
