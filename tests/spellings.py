@@ -2711,6 +2711,8 @@ class CCGQAMegatronTokensFirst(CCGQAConvPadSlice):
     k-1)`` on ``x.permute(1, 2, 0)`` with the tail cut, RoPE tables (T, 1, 1, D), and
     Megatron's core attention (``baddbmm``, scores viewed (B, H, T, T), ``bmm``)."""
 
+    turn = staticmethod(_rotate_half)
+
     def conv(self, x, dw, hc):  # x (T, B, C)
         t = x.shape[0]
         y = dw(x.permute(1, 2, 0))[..., :t]
@@ -2729,7 +2731,7 @@ class CCGQAMegatronTokensFirst(CCGQAConvPadSlice):
         q = self.normalise(qc + m_q)
         k = self.normalise(kc + m_k) * self.log_temp.exp().view(1, 1, hkv, 1)
         cos, sin = (f[:, None, None, :].to(q.dtype) for f in self.tables(t, x.device))
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + self.turn(q) * sin, k * cos + self.turn(k) * sin
         v = self.wv(x).view(t, b, hkv, d)
         k, v = (y.repeat_interleave(g, dim=2) for y in (k, v))
         buf = torch.empty(b * hq, t, t, dtype=q.dtype, device=q.device)
@@ -2992,3 +2994,13 @@ class CCGQANumericsCareful(nn.Module):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
         o = torch.matmul(probs, v_r).transpose(1, 2).reshape(b, t, hq * d)
         return self.o_proj(o)
+
+
+class CCGQAMegatronNegativeAngles(CCGQAMegatronTokensFirst):
+    """Megatron's block with rotate_half written ``cat(x2, -x1)`` (negative angles), its
+    tables (T, 1, 1, r)."""
+
+    @staticmethod
+    def turn(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x2, -x1), dim=-1)

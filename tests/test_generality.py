@@ -602,6 +602,15 @@ def test_prologue_reports_where_the_norms_eps_sits(build, idiom):
     assert fired_as and all(i.endswith(idiom) for i in fired_as), str(rep)
 
 
+def test_prologue_reports_negative_angles_of_tokens_first_tables():
+    """Tables read (T, 1, 1, r) (a form named after the turn's direction) still report
+    the negative angles."""
+    case = Case("negative", sp.CCGQAMegatronNegativeAngles, dict.fromkeys(BLOCK, 1), seq=7)
+    rep = _compile_and_compare(case, True, ccgqa_without_codegen)
+    fired_as = [i for (name, i) in rep.idioms() if name == "ccgqa_prologue"]
+    assert fired_as and all("negative_angles" in i for i in fired_as), str(rep)
+
+
 # ---- dropout: in training the op would drop the dropout; in eval it must fuse ---------------
 
 

@@ -1316,7 +1316,7 @@ def _idiom(plan: Plan) -> str:
         parts.append(("interleaved" if inter else "rotate_half") + (f"_r{r}" if r != plan.d else ""))
         if _rotary_start(plan):
             parts.append("rope_on_last_dims")
-        if plan.rope[0].endswith("_negative"):
+        if "_negative" in plan.rope[0]:  # (before a table-form suffix)
             parts.append("negative_angles")
     if plan.eps_mode != "clamp":  # the norm's eps added to it, or under its root
         parts.append(f"eps_{plan.eps_mode}")
