@@ -273,10 +273,8 @@ def _bench_block() -> list[dict]:
     proj = 2 * b * t * dim * ((hq + 2 * hkv) * d + hq * d)
     flops = (attn + proj, 3.5 * attn + 3 * proj)
     rows = []
-    from ccgqa_compile.passes import ccgqa_seed_prologue as seed_pass
-
-    # (name, backend, LEAVE_TRAINING_TO_INDUCTOR, prologue fusions expected over the
-    # inference and the training graph)
+    # (name, backend, leave training graphs to Inductor (not SEED_PROLOGUE_IN_TRAINING),
+    # prologue fusions expected over the inference and the training graph)
     providers = (
         ("eager", None, None, None),
         ("inductor", "inductor", None, None),
@@ -290,7 +288,7 @@ def _bench_block() -> list[dict]:
         torch._dynamo.reset()
         ccgqa_compile.reset_report()
         if leave_training is not None:
-            seed_pass.LEAVE_TRAINING_TO_INDUCTOR = leave_training
+            ccgqa_compile.config.SEED_PROLOGUE_IN_TRAINING = not leave_training
         fn = module if backend is None else torch.compile(module, backend=backend)
 
         def fwd(fn=fn):
@@ -308,7 +306,7 @@ def _bench_block() -> list[dict]:
             fused = report.count("ccgqa_prologue")
             if fused != expected:
                 raise SystemExit(f"{name}: the seed prologue fused {fused}x, expected {expected}")
-    seed_pass.LEAVE_TRAINING_TO_INDUCTOR = True
+    ccgqa_compile.config.SEED_PROLOGUE_IN_TRAINING = False
     return rows
 
 

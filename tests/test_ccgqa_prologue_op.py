@@ -12,7 +12,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ccgqa_compile  # noqa: F401
-from ccgqa_compile.kernels.ccgqa_prologue import ccgqa_prologue_reference
+from ccgqa_compile.kernels import ccgqa_prologue as prologue_kernels
 from ccgqa_compile.ops import _dispatch
 from patterns.ccgqa import CCGQAttention
 from patterns.rope import rotary_tables
@@ -81,10 +81,19 @@ def make_args(
         sin,
     ]
     scale = math.sqrt(d) if norm_scale is None else norm_scale
-    scalars = [heads, kv_heads, qk_mean, temperature, scale, eps, rotary_dim, interleaved]
+    mean = "group" if qk_mean else "none"
+    scalars = [heads, kv_heads, mean, temperature, scale, eps, rotary_dim, interleaved]
     if eps_mode is not None:
         scalars.append(eps_mode)
     return tensors, scalars
+
+
+def reference(*args):
+    """The kernels' naive reference on the op's arguments (it takes the group mean as a
+    flag: the op's qk_mean "group" or "none")."""
+    args = list(args)
+    args[15] = args[15] == "group"
+    return prologue_kernels.ccgqa_prologue_reference(*args)
 
 
 def _module_q_k(module: CCGQAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,7 +133,7 @@ def test_composite_equals_the_reference_module(options):
         m.q_conv1.weight, m.q_conv1.bias, m.q_conv2.weight, m.q_conv2.bias,
         m.k_conv1.weight, m.k_conv1.bias, m.k_conv2.weight, m.k_conv2.bias,
         m.temp, cos, sin,
-        m.h_q, m.h_kv, m.qk_mean, m.temperature, math.sqrt(m.d), 1e-12, m.rotary_dim, False,
+        m.h_q, m.h_kv, "group" if m.qk_mean else "none", m.temperature, math.sqrt(m.d), 1e-12, m.rotary_dim, False,
     )  # fmt: skip
     torch.testing.assert_close(q, captured["q"], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(k, captured["k"], rtol=1e-13, atol=1e-13)
@@ -158,7 +167,7 @@ def test_composite_matches_reference_and_its_autograd(case):
     tensors, scalars = make_args(**case)
     leaves = [x.requires_grad_() if x is not None and i < 11 else x for i, x in enumerate(tensors)]
     q, k = ops.ccgqa_prologue(*leaves, *scalars)
-    q_ref, k_ref = ccgqa_prologue_reference(*leaves, *scalars)
+    q_ref, k_ref = reference(*leaves, *scalars)
     torch.testing.assert_close(q, q_ref)
     torch.testing.assert_close(k, k_ref)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
@@ -206,7 +215,7 @@ def test_per_batch_tables():
     tensors[11] = _signed(2, 1, 4, 8, generator=gen)
     tensors[12] = _signed(2, 1, 4, 8, generator=gen)
     q, k = ops.ccgqa_prologue(*tensors, *scalars)
-    q_ref, k_ref = ccgqa_prologue_reference(*tensors, *scalars)
+    q_ref, k_ref = reference(*tensors, *scalars)
     torch.testing.assert_close(q, q_ref)
     torch.testing.assert_close(k, k_ref)
 
@@ -221,8 +230,10 @@ def _variant(index, value):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (_variant(2, lambda t: torch.randn(32, 8, 2, dtype=f64)), "depthwise"),
-        (_variant(4, lambda t: torch.randn(32, 32, 2, dtype=f64)), "grouped per head"),
+        # two channels per conv1 group, two heads per conv2 group: neither form
+        (_variant(2, lambda t: torch.randn(32, 2, 2, dtype=f64)), "depthwise"),
+        (_variant(4, lambda t: torch.randn(32, 16, 2, dtype=f64)), "grouped per head"),
+        (lambda t, s: s.__setitem__(2, "heads"), "qk_mean"),
         (_variant(8, lambda t: torch.randn(16, 8, 3, dtype=f64)), "conv2"),
         (_variant(3, lambda t: torch.randn(8, dtype=f64)), "bias"),
         (_variant(10, lambda t: torch.randn(3, dtype=f64)), "temp"),
@@ -456,7 +467,7 @@ def test_zyphra_concat_conv_equals_the_op_with_conv1_bias_folded():
     q_pre, k_pre = m.q_proj(x), m.k_proj(x)
     cos, sin = rotary_tables(5, m.rotary_dim, x.device, x.dtype)
     conv1, conv2 = m.qk_conv1, m.qk_conv2
-    scalars = (4, 2, True, "raw", math.sqrt(8), 1e-12, m.rotary_dim, False)
+    scalars = (4, 2, "group", "raw", math.sqrt(8), 1e-12, m.rotary_dim, False)
     e_q = q_pre.shape[-1]
     sliced = (
         conv1.weight[:e_q], conv1.bias[:e_q], conv2.weight[:e_q], conv2.bias[:e_q],

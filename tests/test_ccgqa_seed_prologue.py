@@ -1,5 +1,6 @@
-"""The seed variant's prologue: the op (``torch.ops.ccgqa.ccgqa_seed_prologue``), its
-composite and kernel paths, and its patterns (passes/ccgqa_seed_prologue.py).
+"""The seed variant's prologue: ``torch.ops.ccgqa.ccgqa_prologue`` with the original
+project's convs (per-head conv1, dense conv2) and ``qk_mean="all"``, its composite and
+kernel paths (kernels/ccgqa_seed_prologue.py), and its recognition (passes/prologue.py).
 
 By default the pass fuses inference graphs and leaves training graphs to Inductor (the
 policy: our backward kernels measured slower on the H100) with the reason in the report;
@@ -18,13 +19,15 @@ import torch
 import ccgqa_compile
 from ccgqa_compile import config
 from ccgqa_compile.kernels.ccgqa_seed_prologue import ccgqa_seed_prologue_reference
-from ccgqa_compile.ops import ccgqa_seed_prologue as seed_op
+from ccgqa_compile.ops import ccgqa_prologue as prologue_op
 from patterns import CORPUS, Shape
 from patterns.ccgqa import CCGQAAttentionSeed, _block_counts
 
 from ._backends import ccgqa_without_codegen
 from ._compare import rel_err
 from .test_corpus_equivalence import run_entry
+
+f64 = torch.float64
 
 
 def _op_inputs(dtype, device="cpu", heads=4, kv_heads=2, d=8, t=7, k=3, temp=True, seed=0):
@@ -50,6 +53,16 @@ def _op_inputs(dtype, device="cpu", heads=4, kv_heads=2, d=8, t=7, k=3, temp=Tru
     return tensors, (heads, kv_heads, 1e-12, True)
 
 
+def _seed_op(q_pre, k_pre, qw1, qw2, kw1, kw2, temp, cos, sin, heads, kv_heads, eps, inter):
+    """The seed's prologue as the unified op computes it: no biases, a raw scalar
+    temperature, no norm scale, full-width RoPE."""
+    return torch.ops.ccgqa.ccgqa_prologue(
+        q_pre, k_pre, qw1, None, qw2, None, kw1, None, kw2, None, temp, cos, sin,
+        heads, kv_heads, "all", "raw" if temp is not None else "none", 1.0, eps,
+        cos.shape[-1], inter,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("temp", [True, False], ids=["temperature", "no-temperature"])
 def test_composite_gradients_pass_gradcheck(temp):
     """float64 through the op (the composite path): every input's gradient, against finite
@@ -61,7 +74,7 @@ def test_composite_gradients_pass_gradcheck(temp):
     def fn(*grad_inputs):
         it = iter(grad_inputs)
         args = [next(it) if (i < 7 and x is not None) else x for i, x in enumerate(leaves)]
-        return torch.ops.ccgqa.ccgqa_seed_prologue(*args, *scalars)
+        return _seed_op(*args, *scalars)
 
     assert torch.autograd.gradcheck(fn, [x for x in leaves[:7] if x is not None])
 
@@ -72,7 +85,7 @@ def test_kernel_path_through_the_op_matches_the_reference(device):
     tensors, scalars = _op_inputs(torch.float32, device=device, t=37)
     leaves = [x.detach().clone().requires_grad_(i < 7) if x is not None else None
               for i, x in enumerate(tensors)]  # fmt: skip
-    q, k = torch.ops.ccgqa.ccgqa_seed_prologue(*leaves, *scalars)
+    q, k = _seed_op(*leaves, *scalars)
     ref_leaves = [x.detach().double().requires_grad_(i < 7) for i, x in enumerate(tensors)]
     q_ref, k_ref = ccgqa_seed_prologue_reference(*ref_leaves, *scalars)
     gen = torch.Generator().manual_seed(3)
@@ -88,18 +101,47 @@ def test_kernel_path_through_the_op_matches_the_reference(device):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda t: t.__setitem__(2, t[2][:, :1]), "conv1 must be grouped per head"),
-        (lambda t: t.__setitem__(3, t[3][:, :8]), "conv2 must be dense"),
-        (lambda t: t.__setitem__(6, torch.ones(2)), "temp must be one value"),
+        (lambda t: t.__setitem__(2, t[2][:, :2]), "conv1 must be depthwise"),
+        (lambda t: t.__setitem__(3, t[3][:, :4]), "conv2 must be grouped per head"),
+        (lambda t: t.__setitem__(6, torch.ones(3)), "temp must hold 1 or 2 values"),
         (lambda t: t.__setitem__(7, torch.ones(7, 6)), "is not a"),
     ],
-    ids=["depthwise-conv1", "grouped-conv2", "temperature-per-head", "narrow-table"],
+    ids=["conv1-two-channels-per-group", "conv2-four-inputs", "three-temperatures", "narrow-table"],
 )
 def test_bad_arguments_raise_a_clear_error(change, match):
     tensors, scalars = _op_inputs(torch.float32)
     change(tensors)
     with pytest.raises(ValueError, match=match):
-        torch.ops.ccgqa.ccgqa_seed_prologue(*tensors, *scalars)
+        _seed_op(*tensors, *scalars)
+
+
+def test_seed_and_stock_convs_mixed_take_the_composite():
+    """q's convs in the seed's form, k's in ZAYA's: no kernel family computes that, the
+    composite does (it is the same function as two separate chains)."""
+    tensors, scalars = _op_inputs(torch.float64)
+    q_pre, k_pre, qw1, qw2, kw1, kw2, temp, cos, sin = tensors
+    heads, kv_heads, eps, inter = scalars
+    e_kv, d = k_pre.shape[-1], q_pre.shape[-1] // heads
+    kw1_dw, kw2_ph = torch.randn(e_kv, 1, kw1.shape[-1], dtype=f64), kw2[:, :d]
+    tensors13 = (q_pre, k_pre, qw1, None, qw2, None, kw1_dw, None, kw2_ph, None, temp, cos, sin)
+    assert prologue_op._form(tensors13, heads, kv_heads, "all") is None
+    q, k = torch.ops.ccgqa.ccgqa_prologue(
+        *tensors13, heads, kv_heads, "all", "raw", 1.0, eps, d, inter
+    )
+    # k's chain by hand: depthwise conv1, per-head conv2, plus half the mean of q_pre
+    pad = torch.nn.functional.pad
+    x = pad(k_pre.transpose(1, 2), (kw1.shape[-1] - 1, 0))
+    y = torch.nn.functional.conv1d(x, kw1_dw, groups=e_kv)
+    y = torch.nn.functional.conv1d(pad(y, (kw2.shape[-1] - 1, 0)), kw2_ph, groups=kv_heads)
+    b, t = q_pre.shape[:2]
+    raw = y.transpose(1, 2).reshape(b, t, kv_heads, d)
+    raw = raw + q_pre.reshape(b, t, heads, d).mean(2, keepdim=True) / 2
+    unit = torch.nn.functional.normalize(raw, dim=-1, eps=eps) * temp
+    unit = unit.transpose(1, 2)
+    rot = torch.stack((-unit[..., 1::2], unit[..., 0::2]), -1).flatten(-2)
+    torch.testing.assert_close(k, unit * cos + rot * sin, rtol=1e-12, atol=1e-12)
+    q_ref, _ = ccgqa_seed_prologue_reference(*tensors, *scalars)
+    torch.testing.assert_close(q, q_ref, rtol=1e-12, atol=1e-12)
 
 
 def _compile_and_compare(module: torch.nn.Module, training: bool, width: int):
@@ -161,10 +203,26 @@ def test_another_mean_coefficient_is_a_near_miss(monkeypatch, mean_scale):
 
 def test_kernel_support_limits():
     """What the pass may hand the kernels (the rest is the composite or Inductor)."""
-    assert seed_op.kernel_supports(128, 32, 16, 3, 3)
-    assert not seed_op.kernel_supports(256, 64, 32, 3, 3)  # wider than one program holds
-    assert not seed_op.kernel_supports(96, 24, 12, 3, 3)  # head dim not a power of two
-    assert not seed_op.kernel_supports(128, 32, 16, 5, 3)
+    def seed_kernels(e_q, e_kv, d, k1, k2, **change):
+        options = dict(temp=torch.ones(()), temperature="raw", norm_scale=1.0,
+                       eps_mode="clamp", rotary_dim=d, rotary_start=0)  # fmt: skip
+        options.update(change)
+        q_pre, k_pre = torch.empty(1, 2, e_q), torch.empty(1, 2, e_kv)
+        tensors = (q_pre, k_pre, *([None] * 8))
+        return prologue_op._seed_kernel_ok(
+            tensors, q_pre, k_pre, e_q // d, k1, k2, tuple(options.values())
+        )
+
+    with pytest.MonkeyPatch.context() as mp:  # as if on a GPU
+        mp.setattr(prologue_op, "use_triton", lambda *tensors: True)
+        assert seed_kernels(128, 32, 16, 3, 3)
+        assert not seed_kernels(256, 64, 32, 3, 3)  # wider than one program holds
+        assert not seed_kernels(96, 24, 12, 3, 3)  # head dim not a power of two
+        assert not seed_kernels(128, 32, 16, 5, 3)
+        assert not seed_kernels(128, 32, 16, 3, 3, temperature="exp")
+        assert not seed_kernels(128, 32, 16, 3, 3, norm_scale=4.0)
+        assert not seed_kernels(128, 32, 16, 3, 3, rotary_dim=8)
+        assert not seed_kernels(128, 32, 16, 3, 3, temp=torch.ones(2))
 
 
 @pytest.mark.cuda

@@ -40,12 +40,12 @@ streams in one program faulted on the H100), one program per (batch, BLOCK_T tim
          per chunk; the launcher adds the chunks' partials (float32 atomics per tile
          were 1.7 ms on the H100).
 
-Which of these runs by default is passes/ccgqa_seed_prologue.py's policy (measured on the
-H100, docs/benchmarks/README.md).
+Whether training graphs use them is a policy (``config.SEED_PROLOGUE_IN_TRAINING``,
+measured on the H100: docs/benchmarks/).
 
 Kernel limits: D a power of two, C <= ``MAX_KERNEL_WIDTH`` per stream, K1, K2 in 1..4, tables
-that differ at most per batch and time. Everything else goes to the composite in
-ops/ccgqa_seed_prologue.py.
+that differ at most per batch and time. Everything else goes to the composite of the one
+prologue op (ops/ccgqa_prologue.py, ``qk_mean="all"`` with these convs).
 """
 
 from __future__ import annotations

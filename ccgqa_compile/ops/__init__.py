@@ -2,7 +2,6 @@
 
 from . import (  # noqa: F401
     ccgqa_prologue,
-    ccgqa_seed_prologue,
     gqa_attention,
     gqa_decode,
     rms_norm,

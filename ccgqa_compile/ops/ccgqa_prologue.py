@@ -1,20 +1,30 @@
 """``torch.ops.ccgqa.ccgqa_prologue``: the CCGQA q/k prologue, fused fwd and bwd.
 
-q_pre (B, T, Hq*D), k_pre (B, T, Hkv*D) -> q (B, Hq, T, D), k (B, Hkv, T, D), exactly as
-patterns/ccgqa.py ``CCGQAttention.forward`` computes them (../shared/design/ccgqa.md,
-steps 3 to 6): causal depthwise conv1 (kernel K1) and causal per-head conv2 (kernel K2),
-each zero-padded on the left and with optional biases; the qk-mean coupling from the
-pre-conv projections (``qk_mean``); L2 normalisation ``x / max(|x|, eps)`` (``eps_mode``
-"clamp"; "add": ``x / (|x| + eps)``; "sqrt": ``x / sqrt(|x|^2 + eps)``) times
-``norm_scale``; k times beta = exp(temp) (``"exp"``), temp (``"raw"``) or 1 (``"none"``),
-temp holding one value per kv head or one shared value; RoPE with full-width cos/sin
-tables (``x*cos + rot(x)*sin`` on the first ``rotary_dim`` dims, rotate-half or
-``interleaved`` pairs; tables broadcast to (B, 1, T, rotary_dim), no gradient).
+q_pre (B, T, Hq*D), k_pre (B, T, Hkv*D) -> q (B, Hq, T, D), k (B, Hkv, T, D), as
+../shared/design/ccgqa.md steps 3 to 6 describe them, in both of its forms:
 
-Of the original project's variant the op takes ``norm_scale=1``, a scalar temperature and
-interleaved RoPE; a per-head conv1, a dense conv2 or a mean over all heads do not fit the
-weight shapes it accepts and are rejected with a ValueError (``check_args``).
-Gradients flow to q_pre, k_pre, every conv weight and bias, and temp.
+- two causal convolutions per stream, each zero-padded on the left, with optional biases.
+  conv1 (kernel K1) is depthwise (weight (C, 1, K1): ZAYA's, patterns/ccgqa.py
+  ``CCGQAttention``) or grouped per head ((C, D, K1): the original project's variant,
+  ``CCGQAAttentionSeed``); conv2 (K2) grouped per head ((C, D, K2)) or dense across the
+  stream's heads ((C, C, K2), the original project's);
+- the qk-mean coupling from the pre-conv projections (``qk_mean``): "group" adds
+  m_q[h] = (q_pre[h] + k_pre[h // G]) / 2 to q and the mean of m_q over group j to k;
+  "all" (the original project's) adds half the mean over all kv heads of k_pre to q and
+  half the mean over all query heads of q_pre to k; "none" adds nothing;
+- L2 normalisation ``x / max(|x|, eps)`` (``eps_mode`` "clamp"; "add": ``x / (|x| + eps)``;
+  "sqrt": ``x / sqrt(|x|^2 + eps)``) times ``norm_scale``; k times beta = exp(temp)
+  (``"exp"``), temp (``"raw"``) or 1 (``"none"``), temp holding one value per kv head or one
+  shared value;
+- RoPE with cos/sin tables (``x*cos + rot(x)*sin`` on ``rotary_dim`` dims from
+  ``rotary_start``, rotate-half or ``interleaved`` pairs; tables broadcast to
+  (B, 1, T, rotary_dim), no gradient).
+
+Two kernel families compute it (kernels/ccgqa_prologue.py for depthwise conv1, per-head
+conv2 and a group mean; kernels/ccgqa_seed_prologue.py for the original project's form,
+whose dense conv2 couples a whole stream); every other combination, device or dtype takes
+the exact composite below. Gradients flow to q_pre, k_pre, every conv weight and bias, and
+temp.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ from ._dispatch import composite_op, compute_dtype, use_triton
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_MAX_CONV = 4
 TEMPERATURES = ("exp", "raw", "none")
+# the qk-mean coupling: per kv-head group (ZAYA's), over all heads (the original
+# project's), or none
+QK_MEANS = ("group", "all", "none")
 # where the L2 normalisation's eps goes: max(|x|, eps), |x| + eps, sqrt(|x|^2 + eps)
 EPS_MODES = ("clamp", "add", "sqrt")
 
@@ -49,6 +62,7 @@ def check_args(
     sin: Tensor | None,
     heads: int,
     kv_heads: int,
+    qk_mean: str,
     temperature: str,
     rotary_dim: int,
     rotary_start: int = 0,
@@ -70,15 +84,15 @@ def check_args(
         ("q", e_q, q_conv1_weight, q_conv2_weight),
         ("k", e_kv, k_conv1_weight, k_conv2_weight),
     ):
-        if tuple(w1.shape) != (width, 1, k1):
+        if tuple(w1.shape) not in ((width, 1, k1), (width, d, k1)):
             return (
-                f"{name} conv1 must be depthwise with weight ({width}, 1, {k1}), got "
-                f"{tuple(w1.shape)} (a conv1 grouped per head is not supported)"
+                f"{name} conv1 must be depthwise ({width}, 1, {k1}) or grouped per head "
+                f"({width}, {d}, {k1}), got {tuple(w1.shape)}"
             )
-        if tuple(w2.shape) != (width, d, k2):
+        if tuple(w2.shape) not in ((width, d, k2), (width, width, k2)):
             return (
-                f"{name} conv2 must be grouped per head with weight ({width}, {d}, {k2}), got "
-                f"{tuple(w2.shape)} (a dense conv2 is not supported)"
+                f"{name} conv2 must be grouped per head ({width}, {d}, {k2}) or dense "
+                f"({width}, {width}, {k2}), got {tuple(w2.shape)}"
             )
     for name, width, bias in (
         ("q conv1", e_q, q_conv1_bias),
@@ -88,6 +102,8 @@ def check_args(
     ):
         if bias is not None and tuple(bias.shape) != (width,):
             return f"{name} bias must have shape ({width},), got {tuple(bias.shape)}"
+    if qk_mean not in QK_MEANS:
+        return f"qk_mean must be one of {QK_MEANS}, got {qk_mean!r}"
     if temperature not in TEMPERATURES:
         return f"temperature must be one of {TEMPERATURES}, got {temperature!r}"
     if (temp is None) != (temperature == "none"):
@@ -141,27 +157,32 @@ def tables_problem(cos: Tensor, sin: Tensor, b: int, t: int, width: int) -> str 
 # ----------------------------------------------------------------------------
 
 
-def _conv_chain(x: Tensor, w1: Tensor, b1, w2: Tensor, b2, heads: int, acc):
+def _groups(weight: Tensor) -> int:
+    """A conv's groups from its (C, C / groups, K) weight: depthwise, per head or dense."""
+    return weight.shape[0] // weight.shape[1]
+
+
+def _conv_chain(x: Tensor, w1: Tensor, b1, w2: Tensor, b2, acc):
     """(B, T, C) -> conv2(pad(conv1(pad(x)))) as (B, C, T), with both padded inputs."""
     x_pad = F.pad(x.to(acc).transpose(1, 2), (w1.shape[-1] - 1, 0))
-    y1 = F.conv1d(x_pad, w1.to(acc), b1.to(acc) if b1 is not None else None, groups=x_pad.shape[1])
+    y1 = F.conv1d(x_pad, w1.to(acc), b1.to(acc) if b1 is not None else None, groups=_groups(w1))
     y1_pad = F.pad(y1, (w2.shape[-1] - 1, 0))
-    y2 = F.conv1d(y1_pad, w2.to(acc), b2.to(acc) if b2 is not None else None, groups=heads)
+    y2 = F.conv1d(y1_pad, w2.to(acc), b2.to(acc) if b2 is not None else None, groups=_groups(w2))
     return y2, x_pad, y1_pad
 
 
-def _conv_chain_backward(dy2: Tensor, x_pad, y1_pad, w1, b1, w2, b2, heads: int):
+def _conv_chain_backward(dy2: Tensor, x_pad, y1_pad, w1, b1, w2, b2):
     """Gradients of ``_conv_chain`` w.r.t. x (B, T, C) and the weights and biases."""
     acc = dy2.dtype
     channels = dy2.shape[1]
     k1, k2 = w1.shape[-1], w2.shape[-1]
     d_y1_pad, dw2, db2 = torch.ops.aten.convolution_backward(
         dy2, y1_pad, w2.to(acc), [channels] if b2 is not None else None,
-        [1], [0], [1], False, [0], heads, [True, True, b2 is not None],
+        [1], [0], [1], False, [0], _groups(w2), [True, True, b2 is not None],
     )  # fmt: skip
     d_x_pad, dw1, db1 = torch.ops.aten.convolution_backward(
         d_y1_pad[..., k2 - 1 :], x_pad, w1.to(acc), [channels] if b1 is not None else None,
-        [1], [0], [1], False, [0], channels, [True, True, b1 is not None],
+        [1], [0], [1], False, [0], _groups(w1), [True, True, b1 is not None],
     )  # fmt: skip
     return d_x_pad[..., k1 - 1 :].transpose(1, 2), dw1, db1, dw2, db2
 
@@ -190,16 +211,19 @@ def _raw(q_pre, k_pre, qw1, qb1, qw2, qb2, kw1, kb1, kw2, kb2, heads, kv_heads, 
     """conv output plus qk mean, as (B, T, H, D), and the conv chains' padded inputs."""
     b, t, e_q = q_pre.shape
     d, g = e_q // heads, heads // kv_heads
-    yq, xq_pad, y1q_pad = _conv_chain(q_pre, qw1, qb1, qw2, qb2, heads, acc)
-    yk, xk_pad, y1k_pad = _conv_chain(k_pre, kw1, kb1, kw2, kb2, kv_heads, acc)
+    yq, xq_pad, y1q_pad = _conv_chain(q_pre, qw1, qb1, qw2, qb2, acc)
+    yk, xk_pad, y1k_pad = _conv_chain(k_pre, kw1, kb1, kw2, kb2, acc)
     q_raw = yq.transpose(1, 2).reshape(b, t, heads, d)
     k_raw = yk.transpose(1, 2).reshape(b, t, kv_heads, d)
-    if qk_mean:
-        qh = q_pre.to(acc).reshape(b, t, heads, d)
-        kh = k_pre.to(acc).reshape(b, t, kv_heads, d)
+    qh = q_pre.to(acc).reshape(b, t, heads, d)
+    kh = k_pre.to(acc).reshape(b, t, kv_heads, d)
+    if qk_mean == "group":
         m_q = (qh + kh.repeat_interleave(g, dim=2)) / 2
         q_raw = q_raw + m_q
         k_raw = k_raw + m_q.reshape(b, t, kv_heads, g, d).mean(3)
+    elif qk_mean == "all":
+        q_raw = q_raw + kh.mean(2, keepdim=True) / 2
+        k_raw = k_raw + qh.mean(2, keepdim=True) / 2
     return q_raw, k_raw, (xq_pad, y1q_pad, xk_pad, y1k_pad)
 
 
@@ -240,7 +264,7 @@ def _ccgqa_prologue_composite(
     sin: Tensor | None,
     heads: int,
     kv_heads: int,
-    qk_mean: bool,
+    qk_mean: str,
     temperature: str,
     norm_scale: float,
     eps: float,
@@ -292,7 +316,7 @@ def _ccgqa_prologue_bwd_composite(
     sin: Tensor | None,
     heads: int,
     kv_heads: int,
-    qk_mean: bool,
+    qk_mean: str,
     temperature: str,
     norm_scale: float,
     eps: float,
@@ -342,17 +366,21 @@ def _ccgqa_prologue_bwd_composite(
 
     dxq, dqw1, dqb1, dqw2, dqb2 = _conv_chain_backward(
         d_q_raw.reshape(b, t, e_q).transpose(1, 2), xq_pad, y1q_pad,
-        q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias, heads,
+        q_conv1_weight, q_conv1_bias, q_conv2_weight, q_conv2_bias,
     )  # fmt: skip
     dxk, dkw1, dkb1, dkw2, dkb2 = _conv_chain_backward(
         d_k_raw.reshape(b, t, kv_heads * d).transpose(1, 2), xk_pad, y1k_pad,
-        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, kv_heads,
+        k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias,
     )  # fmt: skip
-    if qk_mean:
+    if qk_mean == "group":
         # m_q[h] = (q_pre[h] + k_pre[h//G]) / 2, m_k[j] = mean of m_q over group j
         d_m_q = d_q_raw + d_k_raw.repeat_interleave(g, dim=2) / g
         dxq = dxq + (d_m_q / 2).reshape(b, t, e_q)
         dxk = dxk + (d_m_q.reshape(b, t, kv_heads, g, d).sum(3) / 2).reshape(b, t, -1)
+    elif qk_mean == "all":
+        # q_raw[h] += mean_j k_pre[j] / 2 and k_raw[j] += mean_h q_pre[h] / 2
+        dxq = dxq + (d_k_raw.sum(2, keepdim=True) / (2 * heads)).expand(-1, -1, heads, -1).reshape(b, t, e_q)
+        dxk = dxk + (d_q_raw.sum(2, keepdim=True) / (2 * kv_heads)).expand(-1, -1, kv_heads, -1).reshape(b, t, -1)
 
     def cast(grad: Tensor | None, like: Tensor | None) -> Tensor:
         return grad.to(like.dtype) if like is not None else q_pre.new_empty((0,))
@@ -390,9 +418,26 @@ def _structural(heads, kv_heads, rotary_dim) -> tuple[int, int, int]:
     return int(heads), int(kv_heads), int(rotary_dim)
 
 
-def _kernel_ok(
+def _form(tensors, heads: int, kv_heads: int, qk_mean: str) -> str | None:
+    """Which kernel family computes this form: "stock" (depthwise conv1, per-head conv2, a
+    group mean or none), "seed" (per-head conv1, dense conv2, the mean over all heads),
+    None for the other combinations (the composite). Both streams have the same form."""
+    d = tensors[0].shape[-1] // heads
+    forms = set()
+    for (w1, w2), width in zip(((tensors[2], tensors[4]), (tensors[6], tensors[8])),
+                               (heads * d, kv_heads * d)):  # fmt: skip
+        if w1.shape[1] == 1 and w2.shape[1] == d and qk_mean != "all":
+            forms.add("stock")
+        elif w1.shape[1] == d and w2.shape[1] == width and qk_mean == "all":
+            forms.add("seed")
+        else:
+            forms.add(None)
+    return forms.pop() if len(forms) == 1 else None
+
+
+def _stock_kernel_ok(
     tensors, q_pre: Tensor, heads: int, k1: int, k2: int, rotary_dim: int, inter, start=0
-):
+) -> bool:
     d = q_pre.shape[-1] // heads
     return (
         use_triton(*tensors)
@@ -401,6 +446,54 @@ def _kernel_ok(
         and k2 <= KERNEL_MAX_CONV
         and (rotary_dim == 0 or inter or (_is_power_of_two(rotary_dim) and start % rotary_dim == 0))
     )
+
+
+def _seed_kernel_ok(tensors, q_pre, k_pre, heads, k1, k2, options) -> bool:
+    """The original project's form as its kernels take it: no biases, one raw temperature
+    value or none, no norm scale, the clamped norm, full-width RoPE."""
+    temp, temperature, norm_scale, eps_mode, rotary_dim, rotary_start = options
+    d = q_pre.shape[-1] // heads
+    if any(tensors[i] is not None for i in (3, 5, 7, 9)):
+        return False
+    if temperature == "exp" or (temp is not None and temp.numel() != 1):
+        return False
+    if norm_scale != 1.0 or eps_mode != "clamp" or rotary_dim != d or rotary_start:
+        return False
+    from ..kernels.ccgqa_seed_prologue import MAX_CONV_KERNEL, MAX_KERNEL_WIDTH
+
+    return (
+        use_triton(*tensors)
+        and _is_power_of_two(d)
+        and max(q_pre.shape[-1], k_pre.shape[-1]) <= MAX_KERNEL_WIDTH
+        and max(k1, k2) <= MAX_CONV_KERNEL
+    )
+
+
+def _seed_arguments(tensors) -> tuple:
+    """The seed kernels' tensors: q_pre, k_pre, the four weights, temp (0-d), cos, sin.
+    q_pre and k_pre as contiguous tensors: in a traced ``triton_op`` the row strides the
+    kernels get are read from the fake tensors, and the seed's q_pre and k_pre are column
+    slices of one fused qkv output; a copy of the two projections makes the strides true
+    whatever layout Inductor hands the op."""
+    q_pre, k_pre, qw1, _, qw2, _, kw1, _, kw2, _, temp, cos, sin = tensors
+    temp = temp.reshape(()) if temp is not None else None
+    return (q_pre.contiguous(), k_pre.contiguous(), qw1, qw2, kw1, kw2, temp, cos, sin)
+
+
+def _kernels_for(tensors, heads, kv_heads, qk_mean, options, interleaved, checked=()):
+    """"stock", "seed" or None (the composite) for these arguments."""
+    q_pre, k_pre = tensors[0], tensors[1]
+    k1, k2 = tensors[2].shape[-1], tensors[4].shape[-1]
+    form = _form(tensors, heads, kv_heads, qk_mean)
+    rotary_dim, rotary_start = options[4], options[5]
+    everything = (*checked, *tensors)
+    if form == "stock" and _stock_kernel_ok(
+        everything, q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start
+    ):
+        return "stock"
+    if form == "seed" and _seed_kernel_ok(everything, q_pre, k_pre, heads, k1, k2, options):
+        return "seed"
+    return None
 
 
 @triton_op("ccgqa::ccgqa_prologue", mutates_args=())
@@ -420,7 +513,7 @@ def ccgqa_prologue(
     sin: Tensor | None,
     heads: int,
     kv_heads: int,
-    qk_mean: bool,
+    qk_mean: str,
     temperature: str,
     norm_scale: float,
     eps: float,
@@ -434,19 +527,28 @@ def ccgqa_prologue(
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
     )  # fmt: skip
     heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
-    problem = check_args(*tensors, heads, kv_heads, temperature, rotary_dim, rotary_start)
+    problem = check_args(*tensors, heads, kv_heads, qk_mean, temperature, rotary_dim, rotary_start)
     if problem is None and eps_mode not in EPS_MODES:
         problem = f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}"
     if problem is not None:
         raise ValueError(f"ccgqa_prologue: {problem}")
-    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
-    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
-    if _kernel_ok(tensors, q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start):
+    options = (temp, temperature, norm_scale, eps_mode, rotary_dim, rotary_start)
+    kernels_for = _kernels_for(tensors, heads, kv_heads, qk_mean, options, interleaved)
+    if kernels_for == "stock":
         from ..kernels import ccgqa_prologue as kernels
 
+        scalars = (heads, kv_heads, qk_mean == "group", temperature, norm_scale, eps)
         return kernels.ccgqa_prologue_fwd(
-            *tensors, *scalars, eps_mode=eps_mode, rotary_start=rotary_start
+            *tensors, *scalars, rotary_dim, interleaved, eps_mode=eps_mode,
+            rotary_start=rotary_start,
+        )  # fmt: skip
+    if kernels_for == "seed":
+        from ..kernels import ccgqa_seed_prologue as seed_kernels
+
+        return seed_kernels.ccgqa_seed_prologue_fwd(
+            *_seed_arguments(tensors), heads, kv_heads, eps, interleaved
         )
+    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
     return ccgqa_prologue_composite(*tensors, *scalars, eps_mode, rotary_start)
 
 
@@ -469,7 +571,7 @@ def ccgqa_prologue_backward(
     sin: Tensor | None,
     heads: int,
     kv_heads: int,
-    qk_mean: bool,
+    qk_mean: str,
     temperature: str,
     norm_scale: float,
     eps: float,
@@ -485,15 +587,30 @@ def ccgqa_prologue_backward(
         k_conv1_weight, k_conv1_bias, k_conv2_weight, k_conv2_bias, temp, cos, sin,
     )  # fmt: skip
     heads, kv_heads, rotary_dim = _structural(heads, kv_heads, rotary_dim)
-    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
-    k1, k2 = q_conv1_weight.shape[-1], q_conv2_weight.shape[-1]
-    if _kernel_ok((dq, dk, *tensors), q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start):
+    options = (temp, temperature, norm_scale, eps_mode, rotary_dim, rotary_start)
+    kernels_for = _kernels_for(tensors, heads, kv_heads, qk_mean, options, interleaved, (dq, dk))
+    def present(grads):  # an absent bias or temp: an empty tensor of its own
+        return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
+
+    if kernels_for == "stock":
         from ..kernels import ccgqa_prologue as kernels
 
+        scalars = (heads, kv_heads, qk_mean == "group", temperature, norm_scale, eps)
         grads = kernels.ccgqa_prologue_bwd(
-            dq, dk, *tensors, *scalars, eps_mode=eps_mode, rotary_start=rotary_start
+            dq, dk, *tensors, *scalars, rotary_dim, interleaved, eps_mode=eps_mode,
+            rotary_start=rotary_start,
+        )  # fmt: skip
+        return present(grads)
+    if kernels_for == "seed":
+        from ..kernels import ccgqa_seed_prologue as seed_kernels
+
+        d_q_pre, d_k_pre, dqw1, dqw2, dkw1, dkw2, d_temp = seed_kernels.ccgqa_seed_prologue_bwd(
+            dq, dk, *_seed_arguments(tensors), heads, kv_heads, eps, interleaved
         )
-        return [g if g is not None else q_pre.new_empty((0,)) for g in grads]
+        if d_temp is not None:
+            d_temp = d_temp.reshape(temp.shape)
+        return present([d_q_pre, d_k_pre, dqw1, None, dqw2, None, dkw1, None, dkw2, None, d_temp])
+    scalars = (heads, kv_heads, qk_mean, temperature, norm_scale, eps, rotary_dim, interleaved)
     return ccgqa_prologue_bwd_composite(dq, dk, *tensors, *scalars, eps_mode, rotary_start)
 
 

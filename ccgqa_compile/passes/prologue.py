@@ -98,9 +98,9 @@ class Plan:
     eps_mode: str = "clamp"  # max(|x|, eps), |x| + eps or sqrt(|x|^2 + eps)
     # (name, tables, build, rotary_dim, interleaved[, first rotated dim])
     rope: tuple | None = None
-    # "stock" (ccgqa_prologue) or "seed": the original project's variant (per-head conv1,
-    # dense conv2, a mean over all heads, no norm scale, one scalar temperature, full
-    # RoPE), which its own op ccgqa_seed_prologue computes
+    # "stock" or "seed": the original project's variant (per-head conv1, dense conv2, a
+    # mean over all heads, no norm scale, one scalar temperature, full RoPE); the op
+    # computes both, the seed's with qk_mean="all"
     kind: str = "stock"
     # a decode step: the convs run over each stream's cached columns (the conv state, for a
     # shared conv one tensor of both streams' channels) followed by the new ones, and the
@@ -508,7 +508,7 @@ def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
             temp = temp / plan.temp_scale
     return [
         q_x, k_x, *q_args, *k_args, temp, cos, sin,
-        plan.heads, plan.kv_heads, plan.qk_mean, "raw" if temp is not None else "none",
+        plan.heads, plan.kv_heads, _qk_mean(plan), "raw" if temp is not None else "none",
         plan.norm_scale, plan.eps, rotary_dim, interleaved, plan.eps_mode, rotary_start,
     ]  # fmt: skip
 
@@ -517,23 +517,15 @@ def _rotary_start(plan: Plan) -> int:
     return plan.rope[5] if plan.rope is not None and len(plan.rope) > 5 else 0
 
 
-def seed_op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
-    q_pre, k_pre, qw1, _qb1, qw2, _qb2, kw1, _kb1, kw2, _kb2, temp, *tables = values
-    cos, sin = plan.rope[2](*tables)
-    if temp is not None:
-        temp = temp.reshape(())
-    return [
-        *_flat_streams(plan, q_pre, k_pre),
-        qw1, qw2, kw1, kw2, temp, cos, sin,
-        plan.heads, plan.kv_heads, plan.eps, plan.rope[4],
-    ]  # fmt: skip
+def _qk_mean(plan: Plan) -> str:
+    """The op's qk_mean for the plan: the seed's is over all heads."""
+    if plan.kind == "seed":
+        return "all"
+    return "group" if plan.qk_mean else "none"
 
 
 def candidate(plan: Plan):
     def prologue(*values, out_dtypes):
-        if plan.kind == "seed":
-            q, k = torch.ops.ccgqa.ccgqa_seed_prologue(*seed_op_arguments(plan, list(values)))
-            return q, k
         q, k = torch.ops.ccgqa.ccgqa_prologue(*op_arguments(plan, list(values)))
         if plan.states:  # the step's own positions
             q, k = q[:, :, plan.state_len :], k[:, :, plan.state_len :]
@@ -964,30 +956,9 @@ def _raw_norm(ctx, region: Region, plan: Plan) -> float:
     sizes = ctx.sizes[0]
     feeds = region.feeds(sizes, seed=45)
     values = [feeds[n] if isinstance(n, Node) else n for n in plan.inputs()]
-    if plan.kind == "seed":
-        q_raw, k_raw = _seed_raw(plan, values)
-    else:
-        args = op_arguments(plan, values)
-        q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, plan.qk_mean, torch.float64)
+    args = op_arguments(plan, values)
+    q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, _qk_mean(plan), torch.float64)
     return float(torch.cat([q_raw.norm(dim=-1).flatten(), k_raw.norm(dim=-1).flatten()]).median())
-
-
-def _seed_raw(plan: Plan, values: list[Any]):
-    """The seed variant's vectors before the normalisation, (B, T, H, D) per stream."""
-    q_pre, k_pre, qw1, _, qw2, _, kw1, _, kw2, _ = values[:10]
-    q_pre, k_pre = _flat_streams(plan, q_pre, k_pre)
-
-    def convs(x, w1, w2, heads):
-        y = F.pad(x.transpose(1, 2), (w1.shape[-1] - 1, 0))
-        y = F.conv1d(y, w1, groups=heads)
-        y = F.conv1d(F.pad(y, (w2.shape[-1] - 1, 0)), w2)
-        return y.transpose(1, 2).unflatten(-1, (heads, plan.d))
-
-    b, t = q_pre.shape[:2]
-    qh, kh = q_pre.view(b, t, plan.heads, plan.d), k_pre.view(b, t, plan.kv_heads, plan.d)
-    q = convs(q_pre, qw1, qw2, plan.heads) + 0.5 * kh.mean(2, keepdim=True)
-    k = convs(k_pre, kw1, kw2, plan.kv_heads) + 0.5 * qh.mean(2, keepdim=True)
-    return q, k
 
 
 # phases A and B probe at inputs this many times their unit scale: pre-norm norms ~1e4,
