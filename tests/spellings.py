@@ -3004,3 +3004,75 @@ class CCGQAMegatronNegativeAngles(CCGQAMegatronTokensFirst):
     def turn(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x2, -x1), dim=-1)
+
+
+class AttnFairseqPrescaledQuery(_QKV):
+    """fairseq's core: heads flattened to (B*H, T, D), q times a Python float before the
+    bmm (``q = q * self.scaling``), a mask built in forward and cast like the scores
+    (``mask.to(scores)``), fp32 softmax ``type_as`` the scores."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        q, k, v = (y.transpose(1, 2).reshape(b * h, t, d) for y in (q, k, v))
+        q = q * d**-0.5
+        s = torch.bmm(q, k.transpose(1, 2))
+        mask = torch.triu(torch.zeros(t, t, device=q.device).fill_(float("-inf")), 1)
+        s = s + mask.to(s).unsqueeze(0)
+        o = torch.bmm(F.softmax(s, dim=-1, dtype=torch.float32).type_as(s), v)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class AttnQueryDividedKeyScaled(_QKV):
+    """The scale split as ``q / d**0.25`` and ``k * d**-0.25`` on (B, H, T, D), ``@`` with
+    a bool ``tril`` mask through ``torch.where``."""
+
+    def core(self, q, k, v):
+        d = q.shape[-1]
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        k, v = _expand_heads(k, self.groups), _expand_heads(v, self.groups)
+        s = (q / d**0.25) @ (k * d**-0.25).transpose(-1, -2)
+        t = s.shape[-1]
+        keep = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        p = torch.softmax(torch.where(keep, s, float("-inf")), dim=-1)
+        return (p @ v).transpose(1, 2)
+
+
+class AttnFairseqScaledValues(AttnFairseqPrescaledQuery):
+    """v times a constant before its heads are flattened: attention over those values
+    (fusing it must not drop the factor)."""
+
+    def core(self, q, k, v):
+        return super().core(q, k, v * 0.5)
+
+
+class AttnFairseqValuesScaledFlat(_QKV):
+    """The flattened (B*H, T, D) v times a Python float right before the product: the
+    factor is no part of the scores' scale (a fusion must keep it, or not fuse)."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        q, k, v = (y.transpose(1, 2).reshape(b * h, t, d) for y in (q, k, v))
+        s = torch.bmm(q * d**-0.5, k.transpose(1, 2))
+        s = s + torch.triu(torch.full((t, t), float("-inf"), device=q.device), 1)
+        o = torch.bmm(F.softmax(s, dim=-1), v * 0.5)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class CCGQAFairseqCore(CCGQAConvPadSlice):
+    """The block's attention written as fairseq does: (B*H, T, D) heads, q scaled by a
+    Python float before the bmm, an inline causal mask cast with ``.to(scores)``."""
+
+    def attend(self, q, k, v):
+        b, hq, t, d = q.shape
+        g = self.HQ // self.HKV
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        q, k, v = (y.reshape(b * hq, t, d) for y in (q, k, v))
+        q = q * self.D**-0.5
+        s = torch.bmm(q, k.transpose(1, 2))
+        s = s + torch.triu(torch.zeros(t, t, device=q.device).fill_(float("-inf")), 1).to(s)
+        o = torch.bmm(F.softmax(s, dim=-1, dtype=torch.float32).type_as(s), v)
+        return o.view(b, hq, t, d)

@@ -149,6 +149,9 @@ ATTENTION = [
     _must("attn_einsum_bhtd_expand", sp.AttnEinsumExpand, gqa_attention=1),
     _must("attn_einsum_tokens_first", sp.AttnEinsumTokensFirst, seq=13, gqa_attention=1),
     _must("attn_bmm_flat_additive_mask", sp.AttnBmmFlat, seq=7, gqa_attention=1),
+    _must("attn_fairseq_prescaled_query_mask_cast_like_scores", sp.AttnFairseqPrescaledQuery,
+          seq=7, gqa_attention=1),  # fmt: skip
+    _must("attn_query_divided_key_scaled", sp.AttnQueryDividedKeyScaled, gqa_attention=1),
     _must("attn_scale_split_where_einops", sp.AttnScaleSplitWhere, gqa_attention=1),
     _must("attn_scaled_query_arange_mask", sp.AttnScaledQueryArangeMask, seq=11, gqa_attention=1),
     _must("attn_mup_scale_after_mask", sp.AttnMuPScale, gqa_attention=1),
@@ -177,6 +180,9 @@ ATTENTION = [
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
     _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
+    _either("attn_fairseq_values_scaled", sp.AttnFairseqScaledValues, seq=7, gqa_attention=1),
+    _either("attn_fairseq_values_scaled_flat", sp.AttnFairseqValuesScaledFlat, seq=7,
+            gqa_attention=1),  # fmt: skip
     _either("sdpa_window_buffer_mask", sp.SdpaWindowBufferMask, seq=11, gqa_attention=1),
     _near("attn_near_sliding_window", sp.NearAttnSlidingWindow, gqa_attention=0),
     _near("attn_near_peek_additive_triu2", sp.NearAttnPeekAdditive, gqa_attention=0),
@@ -247,6 +253,7 @@ CCGQA = [
     _must("ccgqa_conv_zero_state_buffer", sp.CCGQAConvZeroStateBuffer, **_block()),
     _must("ccgqa_sine_first_keys_read_twice", sp.CCGQASineFirstKeysReadTwice, **_block()),
     _must("ccgqa_torchtune_rope_cache", sp.CCGQATorchtuneRopeCache, **_block()),
+    _must("ccgqa_fairseq_core", sp.CCGQAFairseqCore, **_block()),
     _must("ccgqa_logit_scale_buffer", sp.CCGQALogitScaleBuffer, **_block()),
     _must("ccgqa_numerics_careful", sp.CCGQANumericsCareful, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and

@@ -108,10 +108,14 @@ _EMPTY = object()
 
 
 def _path_step(node: Node) -> Node | None:
-    """The tensor a single-input view/copy/cast/repeat reads, or None."""
+    """The tensor a single-input view/copy/cast/repeat reads, or a constant factor
+    multiplies, or None."""
     if is_layout(node) or is_cast(node) or is_basic_index(node):
         src = node.args[0]
         return src if isinstance(src, Node) else None
+    scaled = _scaled_by_number(node)
+    if scaled is not None:
+        return scaled
     if is_function(node, torch.cat):
         # HF's DynamicCache: cat([empty, k]) is k
         parts = [p for p in node.args[0] if isinstance(p, Node)]
@@ -121,6 +125,24 @@ def _path_step(node: Node) -> Node | None:
     if node.op == "call_function" and "einops" in getattr(node.target, "__module__", ""):
         src = node.args[0]
         return src if isinstance(src, Node) else None
+    return None
+
+
+def _scaled_by_number(node: Node) -> Node | None:
+    """x for ``x * c``, ``c * x`` or ``x / c`` with c a Python number (fairseq scales q by
+    1/sqrt(d) before the product, after viewing the heads (B*H, T, D)). Stepping over it
+    is safe: the scale is inferred on probes from the whole region between the operands
+    found and the output, so the factor is part of it, and an operand it does not belong
+    to (v) fails verification."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    x, c = node.args
+    mul = is_function(node, operator.mul, torch.mul) or is_method(node, "mul", "__mul__")
+    if mul and isinstance(x, (int, float)) and isinstance(c, Node):
+        x, c = c, x
+    div = is_function(node, operator.truediv, torch.div) or is_method(node, "div", "__truediv__")
+    if (mul or div) and isinstance(x, Node) and isinstance(c, (int, float)) and c != 0:
+        return x if not isinstance(c, bool) else None
     return None
 
 
