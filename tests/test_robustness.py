@@ -658,3 +658,30 @@ def test_rows_of_zeros_normalise_as_written(training):
         (g_got,) = torch.autograd.grad(got.sum(), xs[0])
         (g_want,) = torch.autograd.grad(want.sum(), xs[1])
         assert torch.isfinite(g_got).all() and rel_err(g_got, g_want) < 1e-6, str(ccgqa_compile.report())
+
+
+def test_activation_checkpointed_block_fuses():
+    """A CCGQA block under ``torch.utils.checkpoint`` (non-reentrant): Dynamo traces it
+    into a higher-order op's body graph, which Inductor hands the pre-grad passes on its
+    own; the whole block fuses there, and output and every gradient match eager."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .spellings import CCGQAConvPadSlice
+
+    torch.manual_seed(0)
+    block = CCGQAConvPadSlice()
+
+    def step(x):
+        return checkpoint(block, x, use_reentrant=False)
+
+    x = torch.randn(2, 9, block.DIM, requires_grad=True)
+    ccgqa_compile.reset_report()
+    out_c = torch.compile(step, backend=ccgqa_without_codegen)(x)
+    out_e = step(x)
+    rep = ccgqa_compile.report()
+    assert rep.count("ccgqa_block") == 1, str(rep)
+    wrt = [x, *block.parameters()]
+    grad = torch.randn_like(out_e)
+    for got, want in zip(torch.autograd.grad(out_c, wrt, grad), torch.autograd.grad(out_e, wrt, grad)):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 2e-5
+    assert rel_err(out_c, out_e) < 2e-5
