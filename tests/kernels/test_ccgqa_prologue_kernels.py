@@ -28,6 +28,8 @@ from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_reference,
 )
 
+from .._compare import rel_err  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -126,12 +128,6 @@ def make_problem(
     scale = math.sqrt(d) if norm_scale is None else norm_scale
     scalars = [heads, kv_heads, qk_mean, temperature, scale, eps, rotary_dim, interleaved]
     return tensors, scalars
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    err = ((actual.double() - expected).norm() / expected.norm()).item()
-    return err if math.isfinite(err) else math.inf  # NaN never passes
 
 
 def reference(tensors, scalars, dq, dk, eps_mode="clamp", rotary_start=0):

@@ -28,6 +28,8 @@ from ccgqa_compile.kernels.ccgqa_seed_prologue import (  # noqa: E402
     ccgqa_seed_prologue_reference,
 )
 
+from .._compare import rel_err  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -86,12 +88,6 @@ def make_problem(
         r(*table),
     ]
     return tensors, [heads, kv_heads, 1e-12, interleaved]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    err = ((actual.double() - expected).norm() / expected.norm()).item()
-    return err if math.isfinite(err) else math.inf  # NaN never passes
 
 
 def check_against_reference(tensors, scalars, dtype, **launch):

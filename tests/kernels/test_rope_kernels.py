@@ -25,6 +25,8 @@ import torch  # noqa: E402
 
 from ccgqa_compile.kernels.rope import rope_bwd, rope_fwd, rope_reference  # noqa: E402
 
+from .._compare import rel_err  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -109,11 +111,6 @@ def make_table(
     else:
         raise ValueError(style)
     return table.to(device=DEVICE, dtype=dtype).expand(full_shape)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def reference_grad(
