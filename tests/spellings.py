@@ -3076,3 +3076,88 @@ class CCGQAFairseqCore(CCGQAConvPadSlice):
         s = s + torch.triu(torch.zeros(t, t, device=q.device).fill_(float("-inf")), 1).to(s)
         o = torch.bmm(F.softmax(s, dim=-1, dtype=torch.float32).type_as(s), v)
         return o.view(b, hq, t, d)
+
+
+class CCGQATokenFlatNoBatch(nn.Module):
+    """Serving code's layout: one sequence of token-flat hidden states, ``(num_tokens, E)``
+    with no batch dim anywhere (the batch's tokens flattened into one stream here); a merged
+    qkv projection split by sizes; q|k convolved once as ``x.t().unsqueeze(0)``; qk-mean,
+    L2 norm and temperature on ``(num_tokens, H, D)``; RoPE from a ``cos_sin_cache`` buffer
+    ``index_select``-ed at the positions and chunked in halves; SDPA on ``unsqueeze(0)``."""
+
+    DIM, HQ, HKV, D, K1, K2, MAX_T = 32, 4, 2, 8, 2, 3, 64
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.qkv_proj = nn.Linear(self.DIM, (hq + 2 * hkv) * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, self.DIM, bias=False)
+        c = (hq + hkv) * d
+        self.dw = nn.Conv1d(c, c, self.K1, groups=c)
+        self.hc = nn.Conv1d(c, c, self.K2, groups=hq + hkv)
+        self.k_temp = nn.Parameter(1 + 0.2 * torch.randn(hkv))
+        inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+        f = torch.outer(torch.arange(self.MAX_T).float(), inv)
+        self.register_buffer("cos_sin_cache", torch.cat((f.cos(), f.sin()), -1), persistent=False)
+
+    def forward(self, x):
+        return self.block(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+    def block(self, h):
+        n = h.shape[0]
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q, k, v = self.qkv_proj(h).split([hq * d, hkv * d, hkv * d], -1)
+        qk = F.pad(torch.cat([q, k], -1).t().unsqueeze(0), (self.K1 + self.K2 - 2, 0))
+        qc, kc = self.hc(self.dw(qk)).squeeze(0).t().split([hq * d, hkv * d], -1)
+        q3, k3 = q.view(n, hq, d), k.view(n, hkv, d)
+        mean_q = (q3 + k3.repeat_interleave(g, 1)) * 0.5
+        mean_k = mean_q.view(n, hkv, g, d).mean(2)
+        q3 = F.normalize(qc.view(n, hq, d) + mean_q, dim=-1) * d**0.5
+        k3 = F.normalize(kc.view(n, hkv, d) + mean_k, dim=-1) * d**0.5 * self.k_temp.unsqueeze(-1)
+        positions = torch.arange(n, device=h.device)
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, -1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+        def rope(x):
+            x1, x2 = x.chunk(2, -1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+        q3, k3 = rope(q3), rope(k3)
+        o = F.scaled_dot_product_attention(
+            q3.transpose(0, 1).unsqueeze(0), k3.transpose(0, 1).unsqueeze(0),
+            v.view(n, hkv, d).transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
+        )  # fmt: skip
+        return self.o_proj(o.squeeze(0).transpose(0, 1).reshape(n, hq * d))
+
+
+class NearCCGQATokenFlatConvNotCausal(CCGQATokenFlatNoBatch):
+    """The token-flat block with its convolutions padded on both sides: they see later
+    tokens."""
+
+    def block(self, h):
+        n = h.shape[0]
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        q, k, v = self.qkv_proj(h).split([hq * d, hkv * d, hkv * d], -1)
+        pad = self.K1 + self.K2 - 2
+        qk = F.pad(torch.cat([q, k], -1).t().unsqueeze(0), (pad - 1, 1))
+        qc, kc = self.hc(self.dw(qk)).squeeze(0).t().split([hq * d, hkv * d], -1)
+        q3, k3 = q.view(n, hq, d), k.view(n, hkv, d)
+        mean_q = (q3 + k3.repeat_interleave(g, 1)) * 0.5
+        mean_k = mean_q.view(n, hkv, g, d).mean(2)
+        q3 = F.normalize(qc.view(n, hq, d) + mean_q, dim=-1) * d**0.5
+        k3 = F.normalize(kc.view(n, hkv, d) + mean_k, dim=-1) * d**0.5 * self.k_temp.unsqueeze(-1)
+        cos, sin = self.cos_sin_cache[:n].chunk(2, -1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+        def rope(x):
+            x1, x2 = x.chunk(2, -1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+        q3, k3 = rope(q3), rope(k3)
+        o = F.scaled_dot_product_attention(
+            q3.transpose(0, 1).unsqueeze(0), k3.transpose(0, 1).unsqueeze(0),
+            v.view(n, hkv, d).transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
+        )  # fmt: skip
+        return self.o_proj(o.squeeze(0).transpose(0, 1).reshape(n, hq * d))

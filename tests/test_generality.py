@@ -254,11 +254,14 @@ CCGQA = [
     _must("ccgqa_sine_first_keys_read_twice", sp.CCGQASineFirstKeysReadTwice, **_block()),
     _must("ccgqa_torchtune_rope_cache", sp.CCGQATorchtuneRopeCache, **_block()),
     _must("ccgqa_fairseq_core", sp.CCGQAFairseqCore, **_block()),
+    _must("ccgqa_token_flat_no_batch", sp.CCGQATokenFlatNoBatch, seq=5, **_block()),
     _must("ccgqa_logit_scale_buffer", sp.CCGQALogitScaleBuffer, **_block()),
     _must("ccgqa_numerics_careful", sp.CCGQANumericsCareful, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
+    _near("ccgqa_near_token_flat_conv_not_causal", sp.NearCCGQATokenFlatConvNotCausal, seq=5,
+          ccgqa_prologue=0, ccgqa_block=0),  # fmt: skip
     _near(
         "ccgqa_near_fused_qkv_conv_mixes_heads", sp.NearCCGQAFusedQKVConvMixesHeads,
         ccgqa_prologue=0, ccgqa_block=0,

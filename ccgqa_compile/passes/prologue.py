@@ -112,6 +112,10 @@ class Plan:
     # q_pre and k_pre laid out tokens first, (T, B, C) or (T, B, H, D): sequence-first code
     # (vLLM's and SGLang's token-flat hidden states unsqueezed to (T, 1, E))
     tokens_first: bool = False
+    # q_pre and k_pre with no batch dim at all, (T, C) or (T, H, D): one sequence of
+    # token-flat hidden states (serving code's ``forward(positions, hidden_states)``); the
+    # op reads them as a batch of one
+    no_batch: bool = False
     # k repeated to more heads before the norm (figliola's CCGQA repeats each kv head to
     # its G query heads first): the op's k, repeat_interleave'd this many times per head
     k_repeat: int = 1
@@ -208,26 +212,43 @@ def _split_part(node: Node) -> bool:
 
 def _as_btc(node: Node, b, t) -> str | None:
     """How a source is (B, T, C): "btc" as is, "bthd" flattened, "tbc" / "tbhd" tokens
-    first (transposed, then flattened)."""
+    first (transposed, then flattened), and where the batch is one, "tc" / "thd" with no
+    batch dim (flattened, then a unit batch dim put in front)."""
     v = tensor_value(node)
-    if v is None or v.dim() not in (3, 4):
+    if v is None or v.dim() not in (2, 3, 4):
         return None
-    if same_size(v.shape[0], b) and same_size(v.shape[1], t):
+    if v.dim() > 2 and same_size(v.shape[0], b) and same_size(v.shape[1], t):
         return "btc" if v.dim() == 3 else "bthd"
-    if same_size(v.shape[0], t) and same_size(v.shape[1], b):
+    if v.dim() > 2 and same_size(v.shape[0], t) and same_size(v.shape[1], b):
         return "tbc" if v.dim() == 3 else "tbhd"
+    if isinstance(b, int) and b == 1 and v.dim() < 4 and same_size(v.shape[0], t):
+        return "tc" if v.dim() == 2 else "thd"
     return None
 
 
-def _tokens_first(sources: list[Node], b, t) -> bool | None:
-    """Whether the sources are all tokens first, all batch first (False), or mixed (None).
-    A (T, T, C) source (B == T) reads batch first; the probes reject the wrong reading."""
-    layouts = {_as_btc(x, b, t) in ("tbc", "tbhd") for x in sources}
-    return layouts.pop() if len(layouts) == 1 else None
+_LAYOUT_KINDS = {"btc": "batch_first", "bthd": "batch_first", "tbc": "tokens_first",
+                 "tbhd": "tokens_first", "tc": "no_batch", "thd": "no_batch"}  # fmt: skip
 
 
-def _width(node: Node) -> int:
+def _stream_layout(sources: list[Node], b, t) -> dict[str, bool] | None:
+    """The plan's layout flags for sources all batch first, all tokens first or all with
+    no batch dim; None when mixed. A (T, T, C) source (B == T) reads batch first; the
+    probes reject the wrong reading."""
+    kinds = {_LAYOUT_KINDS.get(_as_btc(x, b, t)) for x in sources}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    kind = kinds.pop()
+    return {"tokens_first": kind == "tokens_first", "no_batch": kind == "no_batch"}
+
+
+_BATCH_FIRST = {"tokens_first": False, "no_batch": False}
+
+
+def _width(node: Node, b, t) -> int:
+    """A source's channels (H*D) in the layout ``_as_btc`` reads it."""
     v = tensor_value(node)
+    if _as_btc(node, b, t) in ("tc", "thd"):
+        return math.prod(v.shape[1:])
     return math.prod(v.shape[2:])
 
 
@@ -293,33 +314,32 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
         for first, second in [(x, y) for x in sources for y in sources if x is not y]:
             if _as_btc(first, b, t) is None or _as_btc(second, b, t) is None:
                 continue
-            if _width(first) != cq or _width(second) != ckv:
+            if _width(first, b, t) != cq or _width(second, b, t) != ckv:
                 continue
             rest = [x for x in sources if x is not first and x is not second]
             state = _state_form(rest, b, cq + ckv)
-            tokens_first = _tokens_first([first, second], b, t)
-            if state is None or tokens_first is None or (tokens_first and state):
+            layout = _stream_layout([first, second], b, t)
+            if state is None or layout is None or (state and layout != _BATCH_FIRST):
                 continue
             q_first = sources.index(first) < sources.index(second)
             plans.append(Plan(first, second, hq, hkv, d, (c1, c2), (c1, c2), shared=True,
-                              q_first=q_first, state_q_first=q_first,
-                              tokens_first=tokens_first, **state))  # fmt: skip
+                              q_first=q_first, state_q_first=q_first, **layout, **state))  # fmt: skip
     elif len(chains) == 2:
         for qc, kc in (chains, chains[::-1]):
             if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
                 continue
             qs, ks = _conv_sources(qc[0].node), _conv_sources(kc[0].node)
-            q_pre = [x for x in qs if _as_btc(x, b, t) is not None and _width(x) == cq]
-            k_pre = [x for x in ks if _as_btc(x, b, t) is not None and _width(x) == ckv]
+            q_pre = [x for x in qs if _as_btc(x, b, t) is not None and _width(x, b, t) == cq]
+            k_pre = [x for x in ks if _as_btc(x, b, t) is not None and _width(x, b, t) == ckv]
             if len(q_pre) != 1 or len(k_pre) != 1:
                 continue
             pres = (q_pre[0], k_pre[0])
             q_rest = [x for x in qs if x not in pres]
             k_rest = [x for x in ks if x not in pres]
-            tokens_first = _tokens_first(list(pres), b, t)
-            if tokens_first is None or (tokens_first and (q_rest or k_rest)):
+            layout = _stream_layout(list(pres), b, t)
+            if layout is None or (layout != _BATCH_FIRST and (q_rest or k_rest)):
                 continue  # mixed layouts; a tokens-first decode step's states: not taken
-            base = Plan(q_pre[0], k_pre[0], hq, hkv, d, qc, kc, tokens_first=tokens_first)
+            base = Plan(q_pre[0], k_pre[0], hq, hkv, d, qc, kc, **layout)
             if q_rest and q_rest == k_rest:  # one state of both streams, split by channels
                 state = _state_form(q_rest, b, cq + ckv)
                 if state is not None:
@@ -430,16 +450,20 @@ def _conv_shapes_problem(plan: Plan) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _flat(x, source: Node, tokens_first: bool):
-    """A (B, T, H, D) source as (B, T, H*D), a tokens-first one transposed first; decided
-    on the graph node (x may be a proxy)."""
-    x = x.transpose(0, 1) if tokens_first else x
+def _flat(x, source: Node, plan: Plan):
+    """A (B, T, H, D) source as (B, T, H*D), a tokens-first one transposed first, one with
+    no batch dim flattened and given a unit batch dim; decided on the graph node (x may be
+    a proxy)."""
+    if plan.no_batch:
+        x = x.flatten(1) if tensor_value(source).dim() == 3 else x
+        return x.unsqueeze(0)
+    x = x.transpose(0, 1) if plan.tokens_first else x
     return x.flatten(2) if tensor_value(source).dim() == 4 else x
 
 
 def _flat_streams(plan: Plan, q_pre, k_pre):
     """The plan's q_pre and k_pre values as the op reads them, (B, T, C) each."""
-    return _flat(q_pre, plan.q_pre, plan.tokens_first), _flat(k_pre, plan.k_pre, plan.tokens_first)
+    return _flat(q_pre, plan.q_pre, plan), _flat(k_pre, plan.k_pre, plan)
 
 
 def _bias_folded(plan: Plan, chain: list[Any]) -> list[Any]:
@@ -1024,12 +1048,12 @@ def _split_joint_source(site: Site):
         return None
     joint = [
         x for x in _conv_sources(firsts[0])
-        if _as_btc(x, b, t) == "btc" and _width(x) in kv_widths
+        if _as_btc(x, b, t) == "btc" and _width(x, b, t) in kv_widths
     ]  # fmt: skip
     if len(joint) != 1:
         return None
     x = joint[0]
-    ckv = kv_widths[_width(x)]
+    ckv = kv_widths[_width(x, b, t)]
     readers = [u for u in x.users if u is firsts[0] or firsts[0] in descendants([u])]
     if len(readers) != 1:
         return None
