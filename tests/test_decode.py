@@ -565,8 +565,9 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
         assert not [r for r in rep.rejected if r.fusion == "gqa_attention"], str(rep)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
-def test_zaya_generate_greedy_tokens_equal_eager(device, dtype):
+def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
     mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
     from .test_hf_models import randomise_zaya, zaya_config
 
@@ -575,10 +576,12 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype):
     torch.manual_seed(0)
     lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
     ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
-    rep = _generate_compiled_and_eager(lm, ids, 5, device, dtype)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    rep = _generate_compiled_and_eager(lm, ids, 5, device, dtype, **kwargs)
     # prefill with a cache: the whole CCGQA block (the conv state read from its padded
-    # q/k columns stays outside the fused prologue); every decode graph: the whole step,
-    # the prologue over HF's conv state feeding the attention over the cache
+    # q/k columns stays outside the fused prologue; a static cache's attention reads the
+    # keys the prologue's k was written into); every decode graph: the whole step, the
+    # prologue over HF's conv state feeding the attention over the cache
     prefill = [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))]
     assert len(prefill) == 1, str(rep)
     decode_graphs = _decode_graph_counts(rep)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
-from .attention import Site, layer_convolutions, unrepeated
+from .attention import Site, layer_convolutions, new_keys, unrepeated
 from .common import GraphContext, float_literals, forward_closure, is_training_graph
 from .evaluate import Evaluator, NotEvaluable, Probes, agree, constant_value, real_tensors
 from .fx_util import (
@@ -1020,13 +1020,36 @@ def _final_check(ctx: GraphContext, region: Region, plan: Plan, draw_tables=None
 
 
 def recognise(ctx: GraphContext, site: Site) -> None:
+    read_keys = site.k
+    written = _keys_written_into_the_cache(site)
+    if written is not None:
+        site.k = written
     plans = _plans(site)
     undo = None
     if isinstance(plans, str) and "not q_pre" in plans:
         undo = _split_joint_source(site)
         plans = _plans(site) if undo is not None else plans
-    if not _recognise(ctx, site, plans) and undo is not None:
+    fused = _recognise(ctx, site, plans)
+    if not fused and undo is not None:
         undo()
+    if not fused and written is not None:
+        site.k = read_keys
+
+
+def _keys_written_into_the_cache(site: Site) -> Node | None:
+    """A prefill into a static cache (HF's ``StaticCache``, gpt-fast's): the attention
+    reads k from the cache, into which this step's keys were written in place just before
+    (``index_copy_`` at the cache positions). The prologue computes those keys; the
+    attention keeps reading the cache, so what it reads there is whatever the write put
+    there, as written. None where the attention's k itself comes from the convs, or no
+    such write is found."""
+    if site.kind == "decode" or layer_convolutions([site.k]) or not layer_convolutions([site.q]):
+        return None
+    t = tensor_value(site.q).shape[2]
+    written = new_keys(site.k, t, site.anchor)
+    if written is None or not layer_convolutions([written]):
+        return None
+    return written
 
 
 def _split_joint_source(site: Site):
