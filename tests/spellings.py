@@ -3161,3 +3161,47 @@ class NearCCGQATokenFlatConvNotCausal(CCGQATokenFlatNoBatch):
             v.view(n, hkv, d).transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
         )  # fmt: skip
         return self.o_proj(o.squeeze(0).transpose(0, 1).reshape(n, hq * d))
+
+
+class AttnGroupedQueryFlattened(_QKV):
+    """q kept grouped by kv head, (B, T, Hkv, G, D), computed there (an RMS QK-norm) and
+    only flattened for the product: ``permute(0, 2, 3, 1, 4).reshape(B*H, T, D)``; K/V
+    expanded over the group the same way; scores by ``baddbmm`` into an empty tensor
+    (beta 0, the scale as alpha); an in-place ``masked_fill_`` with a ``triu``."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        hkv, g = self.KV_HEADS, self.groups
+        q5 = q.view(b, t, hkv, g, d)
+        q5 = q5 * torch.rsqrt(q5.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q3 = q5.permute(0, 2, 3, 1, 4).reshape(b * h, t, d)
+        k3, v3 = (
+            y.permute(0, 2, 1, 3).unsqueeze(2).expand(b, hkv, g, t, d).reshape(b * h, t, d)
+            for y in (k, v)
+        )
+        s = torch.baddbmm(
+            torch.empty(b * h, t, t, dtype=q.dtype, device=q.device), q3, k3.transpose(1, 2),
+            beta=0.0, alpha=d**-0.5,
+        )  # fmt: skip
+        s.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        o = torch.bmm(torch.softmax(s, -1), v3)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class AttnGroupedQueryTiledHeads(AttnGroupedQueryFlattened):
+    """q grouped as (B, T, G, Hkv, D): query head h = g * Hkv + j reads kv head j, not
+    h // G (an attention over another pairing of query and kv heads: a fusion must keep
+    that pairing, or not fuse)."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        hkv, g = self.KV_HEADS, self.groups
+        q3 = q.view(b, t, g, hkv, d).permute(0, 3, 2, 1, 4).reshape(b * h, t, d)
+        k3, v3 = (
+            y.permute(0, 2, 1, 3).unsqueeze(2).expand(b, hkv, g, t, d).reshape(b * h, t, d)
+            for y in (k, v)
+        )
+        s = torch.bmm(q3, k3.transpose(1, 2)) * d**-0.5
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        o = torch.bmm(torch.softmax(s, -1), v3)
+        return o.view(b, hkv, g, t, d).permute(0, 3, 2, 1, 4).reshape(b, t, h, d)

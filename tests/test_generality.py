@@ -152,6 +152,7 @@ ATTENTION = [
     _must("attn_fairseq_prescaled_query_mask_cast_like_scores", sp.AttnFairseqPrescaledQuery,
           seq=7, gqa_attention=1),  # fmt: skip
     _must("attn_query_divided_key_scaled", sp.AttnQueryDividedKeyScaled, gqa_attention=1),
+    _must("attn_grouped_query_flattened_baddbmm", sp.AttnGroupedQueryFlattened, gqa_attention=1),
     _must("attn_scale_split_where_einops", sp.AttnScaleSplitWhere, gqa_attention=1),
     _must("attn_scaled_query_arange_mask", sp.AttnScaledQueryArangeMask, seq=11, gqa_attention=1),
     _must("attn_mup_scale_after_mask", sp.AttnMuPScale, gqa_attention=1),
@@ -178,6 +179,7 @@ ATTENTION = [
     _near("attn_near_megatron_core_peek", sp.NearAttnMegatronCorePeek, gqa_attention=0),
     _must("attn_where_full_like", sp.AttnWhereFullLike, gqa_attention=1),
     _either("attn_tiled_heads_repeat", sp.AttnTiledHeads, gqa_attention=1),
+    _either("attn_grouped_query_tiled_heads", sp.AttnGroupedQueryTiledHeads, gqa_attention=1),
     # a run-time mask is checked when the op runs: it may fuse, it must compute the window
     _either("attn_nanogpt_window_buffer", sp.AttnNanoGPTWindowBuffer, seq=11, gqa_attention=1),
     _either("attn_fairseq_values_scaled", sp.AttnFairseqScaledValues, seq=7, gqa_attention=1),

@@ -164,12 +164,22 @@ def path_nodes(node: Node, limit: int = 16) -> list[Node]:
 
 def _heads_layouts(node: Node, b, t, d) -> list[tuple[str, int]]:
     """How a 4-D node is (B, H, T, D): ("bhtd", H), ("bthd", H) or, tokens first
-    (Megatron's (T, B, H, D)), ("tbhd", H)."""
+    (Megatron's (T, B, H, D)), ("tbhd", H); how a 5-D one holds the query heads grouped by
+    kv head, (B, T, Hkv, G, D) ("bthgd") or (B, Hkv, G, T, D) ("bhgtd"), query head
+    h = j * G + g reading kv head j (code that keeps q grouped to skip repeating K/V)."""
     v = tensor_value(node)
-    if v is None or v.dim() != 4 or not v.dtype.is_floating_point:
+    if v is None or v.dim() not in (4, 5) or not v.dtype.is_floating_point:
         return []
     s = tuple(v.shape)
     out = []
+    if v.dim() == 5:
+        if not (same_size(s[0], b) and same_size(s[4], d)):
+            return []
+        if same_size(s[1], t) and isinstance(s[2], int) and isinstance(s[3], int):
+            out.append(("bthgd", s[2] * s[3]))
+        if same_size(s[3], t) and isinstance(s[1], int) and isinstance(s[2], int):
+            out.append(("bhgtd", s[1] * s[2]))
+        return out
     if same_size(s[0], b) and same_size(s[2], t) and same_size(s[3], d) and isinstance(s[1], int):
         out.append(("bhtd", s[1]))
     if same_size(s[0], b) and same_size(s[1], t) and same_size(s[3], d) and isinstance(s[2], int):
@@ -182,6 +192,10 @@ def _heads_layouts(node: Node, b, t, d) -> list[tuple[str, int]]:
 def _to_bhtd(x, layout: str):
     if layout == "tbhd":
         return x.permute(1, 2, 0, 3)
+    if layout == "bthgd":
+        return x.flatten(2, 3).transpose(1, 2)
+    if layout == "bhgtd":
+        return x.flatten(1, 2)
     return x if layout == "bhtd" else x.transpose(1, 2)
 
 
@@ -1141,7 +1155,7 @@ def _match_handwritten(ctx: GraphContext, hw: _Handwritten, fuse: bool = True) -
     choices = []
     for q in reversed(path_nodes(a)):
         qv = tensor_value(q)
-        if qv is None or qv.dim() != 4:
+        if qv is None or qv.dim() not in (4, 5):
             continue
         dq = qv.shape[-1]
         # the batch leads, or follows the tokens
