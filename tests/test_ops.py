@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ccgqa_compile  # noqa: F401
 import ccgqa_compile.ops  # noqa: F401  (registers torch.ops.ccgqa.*)
+
+from ._compare import rel_err
 
 ops = torch.ops.ccgqa
 f64 = dict(dtype=torch.float64)
@@ -299,3 +302,35 @@ def test_causal_over_prefix_rejects_near_misses():
     additive = torch.zeros(t, s).masked_fill(~rows, float("-inf"))
     assert causal_over_prefix(additive, t, s)
     assert not causal_over_prefix(additive.masked_fill(~rows, -1.0), t, s)
+
+
+def test_gqa_attention_on_saturated_scores_is_as_accurate_as_eager():
+    """Scores of ~180 (L2-normed q and k scaled by sqrt(d) twice, a large temperature):
+    each softmax row is nearly one-hot. The op's fp32 output and a temperature's gradient
+    through k are as close to float64 as eager's softmax attention (an exp(s - lse) form
+    scaled whole rows by lse's rounding: 20x eager's error on that gradient)."""
+    b, t, d = 3, 11, 32
+
+    def run(dtype, fused):
+        gen = torch.Generator().manual_seed(1)
+        q = F.normalize(torch.randn(b, 4, t, d, generator=gen, dtype=torch.float64), dim=-1) * d
+        k = F.normalize(torch.randn(b, 2, t, d, generator=gen, dtype=torch.float64), dim=-1) * d
+        v = torch.randn(b, 2, t, d, generator=gen, dtype=torch.float64)
+        grad = torch.randn(b, 4, t, d, generator=gen, dtype=torch.float64)
+        beta = torch.tensor(1.3, dtype=dtype, requires_grad=True)
+        q, k, v, grad = (x.to(dtype) for x in (q, k, v, grad))
+        if fused:
+            o = torch.ops.ccgqa.gqa_attention(q, k * beta, v, d**-0.5)[0]
+        else:
+            kr, vr = (k * beta).repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+            s = (q @ kr.transpose(-1, -2) * d**-0.5).masked_fill(
+                torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")
+            )
+            o = torch.softmax(s, -1) @ vr
+        (d_beta,) = torch.autograd.grad((o * grad).sum(), beta)
+        return o.double(), d_beta.double()
+
+    o64, d64 = run(torch.float64, False)
+    (o_e, d_e), (o_f, d_f) = run(torch.float32, False), run(torch.float32, True)
+    assert rel_err(o_f, o64) <= 2 * rel_err(o_e, o64) + 1e-7
+    assert rel_err(d_f, d64) <= 2 * rel_err(d_e, d64) + 1e-7

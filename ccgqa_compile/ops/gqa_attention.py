@@ -38,7 +38,9 @@ def _gqa_attention_composite(
     acc = compute_dtype(q.dtype, k.dtype, v.dtype)
     s = _scores(q, k, scale, acc)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
+    # softmax normalised by its own sum (as eager's), not exp(s - lse): on scores of
+    # magnitude S, lse's rounding (S * eps) scales every probability of the row
+    p = torch.softmax(s, dim=-1)
     o = p @ _repeat_kv(v, q.shape[1] // v.shape[1]).to(acc)
     return o.to(q.dtype), lse.to(torch.float32 if acc != torch.float64 else acc)
 
@@ -49,11 +51,14 @@ def _gqa_attention_bwd_composite(
     acc = compute_dtype(q.dtype, k.dtype, v.dtype, do.dtype)
     groups = q.shape[1] // k.shape[1]
     b, h_kv, t, d = k.shape
-    p = torch.exp(_scores(q, k, scale, acc) - lse.to(acc).unsqueeze(-1))
+    p = torch.softmax(_scores(q, k, scale, acc), dim=-1)  # the forward's, not exp(s - lse)
     do_, v_r = do.to(acc), _repeat_kv(v, groups).to(acc)
     dv_r = p.transpose(-1, -2) @ do_
     dp = do_ @ v_r.transpose(-1, -2)
-    delta = (do_ * o.to(acc)).sum(-1, keepdim=True)
+    # sum_j p_ij dp_ij from the materialised p and dp, as autograd's softmax backward
+    # takes it (not do . o, the kernels' one-pass form): where a row's softmax saturates,
+    # dp - delta cancels, and a delta summed from the same rounded dp cancels exactly
+    delta = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     dq = (ds @ _repeat_kv(k, groups).to(acc)) * scale
     dk_r = (ds.transpose(-1, -2) @ q.to(acc)) * scale
