@@ -3205,3 +3205,26 @@ class AttnGroupedQueryTiledHeads(AttnGroupedQueryFlattened):
         s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         o = torch.bmm(torch.softmax(s, -1), v3)
         return o.view(b, hkv, g, t, d).permute(0, 3, 2, 1, 4).reshape(b, t, h, d)
+
+
+class RMSTorchModuleDefaultEps(RMSTorchModule):
+    """``nn.RMSNorm`` with its default ``eps=None``: the input dtype's machine epsilon."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(40)
+        nn.init.normal_(self.norm.weight, 1.0, 0.1)
+
+
+class CCGQARmsNormModuleOnHeads(CCGQAConvPadSlice):
+    """q/k normalised by ``nn.RMSNorm(d, elementwise_affine=False)`` modules with the default
+    eps (None: float32's machine epsilon on fp32 activations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_norm = nn.RMSNorm(self.D, elementwise_affine=False)
+        self.k_norm = nn.RMSNorm(self.D, elementwise_affine=False)
+
+    def norm_and_temperature(self, q, k):
+        q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), self.temperature(k.transpose(1, 2))

@@ -10,6 +10,11 @@ compiled graph knows (Dynamo guards on them): they become ``x.to(device, dtype)`
 causal mask cast to the scores' type (fairseq's ``mask.to(attn_weights)``) stays a
 constant rather than a value computed from the scores.
 
+``F.rms_norm`` / ``torch.rms_norm`` with ``eps=None`` (``nn.RMSNorm``'s default) take
+``torch.finfo(x.dtype).eps`` when they run: the call is given that number, read off the
+input's dtype in the graph (Dynamo guards on it). Left as a default, float64 probes of the
+call would compute with float64's eps, another function than the graph's.
+
 The rewrites change how a call is spelled, never what it computes, so they stay whether
 or not anything fuses.
 """
@@ -19,15 +24,28 @@ from __future__ import annotations
 import torch
 
 from .common import GraphContext
-from .fx_util import graph_changed, tensor_value
+from .fx_util import autocast_stacks, graph_changed, tensor_value
 
 _CAT_ALIASES = {torch.concatenate, torch.concat}
+_RMS_NORMS = {torch.nn.functional.rms_norm, torch.rms_norm}
 
 
 def run(ctx: GraphContext) -> None:
     changed = False
+    autocast = autocast_stacks(ctx.graph)
     for node in ctx.graph.nodes:
-        if node.op == "call_function" and node.target in _CAT_ALIASES:
+        if _default_eps(node) and not autocast.get(node):
+            x = tensor_value(node.args[0])
+            if x is not None and x.dtype.is_floating_point:
+                given = dict(zip(("input", "normalized_shape", "weight"), node.args))
+                given.update(node.kwargs)
+                node.args = (
+                    given["input"], given["normalized_shape"], given.get("weight"),
+                    torch.finfo(x.dtype).eps,
+                )  # fmt: skip
+                node.kwargs = {}
+                changed = True
+        elif node.op == "call_function" and node.target in _CAT_ALIASES:
             kwargs = dict(node.kwargs)
             if "axis" in kwargs:
                 kwargs["dim"] = kwargs.pop("axis")
@@ -43,6 +61,14 @@ def run(ctx: GraphContext) -> None:
             changed = True
     if changed:
         graph_changed()
+
+
+def _default_eps(node) -> bool:
+    """An RMS norm call whose eps is left to its default (None): its input dtype's."""
+    if node.op != "call_function" or node.target not in _RMS_NORMS or not node.args:
+        return False
+    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+    return eps is None
 
 
 def _cast_like(node) -> torch.fx.Node | None:
