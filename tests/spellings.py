@@ -3228,3 +3228,27 @@ class CCGQARmsNormModuleOnHeads(CCGQAConvPadSlice):
     def norm_and_temperature(self, q, k):
         q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(1, 2), self.temperature(k.transpose(1, 2))
+
+
+class CCGQAFlatTokenProjections(CCGQAConvPadSlice):
+    """q and k projected as 2-D matmuls over the flattened tokens, ``addmm(bias, x.view(B*T,
+    E), W.t()).view(B, T, C)`` (a projection bias added by the matmul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bq = nn.Parameter(0.1 * torch.randn(self.HQ * self.D))
+        self.bk = nn.Parameter(0.1 * torch.randn(self.HKV * self.D))
+
+    def forward(self, x):
+        b, t, e = x.shape
+        flat = x.reshape(b * t, e)
+        q_pre = torch.addmm(self.bq, flat, self.wq.weight.t()).view(b, t, -1)
+        k_pre = torch.addmm(self.bk, flat, self.wk.weight.t()).view(b, t, -1)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        q, k = self.rotate(q, k, t, x.device)
+        v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))

@@ -167,15 +167,20 @@ def _chain_heads(convs: list[Node]) -> list[Node]:
     return [c for c in convs if not any(o in ancestors([c.args[0]]) for o in convs if o is not c)]
 
 
-def _conv_sources(conv: Node) -> list[Node]:
-    """The tensors a conv reads through pads, concatenations, casts and layout ops."""
+def _conv_sources(conv: Node, b=None, t=None) -> list[Node]:
+    """The tensors a conv reads through pads, concatenations, casts and layout ops; with
+    the batch and length ``b``, ``t``: a (B, T, ...) view of tokens flattened (B*T, C) (a
+    projection computed as a 2-D matmul, ``addmm(bias, x.view(B*T, E), W.t()).view(B, T,
+    C)``) is the source, not the flat tensor."""
     out, todo, seen = [], [conv.args[0]], set()
     while todo:
         node = todo.pop(0)
         if not isinstance(node, Node) or node in seen:
             continue
         seen.add(node)
-        if is_function(node, *PAD) or is_layout(node) or is_cast(node) or _adds_axes(node):
+        if b is not None and _views_flat_tokens(node, b, t):
+            out.append(node)
+        elif is_function(node, *PAD) or is_layout(node) or is_cast(node) or _adds_axes(node):
             todo.append(node.args[0])
         elif _split_part(node):  # a stream's channels of a window of both (decode steps)
             todo.append(node.args[0].args[0])
@@ -184,6 +189,17 @@ def _conv_sources(conv: Node) -> list[Node]:
         else:
             out.append(node)
     return out
+
+
+def _views_flat_tokens(node: Node, b, t) -> bool:
+    """``node`` is a batch-first (B, T, ...) view of a (B*T, C) tensor."""
+    if not is_layout(node) or _as_btc(node, b, t) not in ("btc", "bthd"):
+        return False
+    src = tensor_value(node.args[0]) if isinstance(node.args[0], Node) else None
+    return (
+        src is not None and src.dim() == 2 and isinstance(b, int) and b > 1
+        and same_size(src.shape[0], b * t)
+    )  # fmt: skip
 
 
 def _adds_axes(node: Node) -> bool:
@@ -308,7 +324,7 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
     plans = []
     if len(chains) == 1:
         c1, c2 = chains[0]
-        sources = _conv_sources(c1.node)
+        sources = _conv_sources(c1.node, b, t)
         if len(sources) not in (2, 3):
             return f"the shared convolution reads {len(sources)} tensors, not q_pre and k_pre"
         for first, second in [(x, y) for x in sources for y in sources if x is not y]:
@@ -328,7 +344,7 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
         for qc, kc in (chains, chains[::-1]):
             if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
                 continue
-            qs, ks = _conv_sources(qc[0].node), _conv_sources(kc[0].node)
+            qs, ks = _conv_sources(qc[0].node, b, t), _conv_sources(kc[0].node, b, t)
             q_pre = [x for x in qs if _as_btc(x, b, t) is not None and _width(x, b, t) == cq]
             k_pre = [x for x in ks if _as_btc(x, b, t) is not None and _width(x, b, t) == ckv]
             if len(q_pre) != 1 or len(k_pre) != 1:
