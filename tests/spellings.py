@@ -3252,3 +3252,18 @@ class CCGQAFlatTokenProjections(CCGQAConvPadSlice):
         v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
         o = self.attend(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class AttnBaddbmmBetaZero(_QKV):
+    """``baddbmm(input, q, kᵀ, beta=0, alpha=scale)``: with beta 0 the input is not read,
+    here a tensor of NaN (perf code passes ``torch.empty``, whatever the memory holds)."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k = k.repeat_interleave(self.groups, dim=2)
+        v = v.repeat_interleave(self.groups, dim=2)
+        q, k, v = (y.transpose(1, 2).reshape(b * h, t, d) for y in (q, k, v))
+        ignored = torch.full((b * h, t, t), float("nan"), device=q.device, dtype=q.dtype)
+        s = torch.baddbmm(ignored, q, k.transpose(1, 2), beta=0.0, alpha=d**-0.5)
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.bmm(torch.softmax(s, -1), v).view(b, h, t, d).transpose(1, 2)

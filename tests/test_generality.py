@@ -154,6 +154,7 @@ ATTENTION = [
           seq=7, gqa_attention=1),  # fmt: skip
     _must("attn_query_divided_key_scaled", sp.AttnQueryDividedKeyScaled, gqa_attention=1),
     _must("attn_grouped_query_flattened_baddbmm", sp.AttnGroupedQueryFlattened, gqa_attention=1),
+    _must("attn_baddbmm_beta_zero_nan_input", sp.AttnBaddbmmBetaZero, gqa_attention=1),
     _must("attn_scale_split_where_einops", sp.AttnScaleSplitWhere, gqa_attention=1),
     _must("attn_scaled_query_arange_mask", sp.AttnScaledQueryArangeMask, seq=11, gqa_attention=1),
     _must("attn_mup_scale_after_mask", sp.AttnMuPScale, gqa_attention=1),

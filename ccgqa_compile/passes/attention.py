@@ -1658,7 +1658,9 @@ def _is_baddbmm(node: Any) -> bool:
 def _split_fused_score_adds(graph: torch.fx.Graph) -> list[tuple[tuple, Node]]:
     """``baddbmm(mask, q, k^T, beta=b, alpha=a)`` (scores and mask in one call, as Falcon and
     BLOOM write them) read by a softmax, rewritten as ``b * mask + a * (q @ k^T)`` so that the
-    hand-written parse sees the product and the mask apart (the same function). The
+    hand-written parse sees the product and the mask apart (the same function; with beta 0
+    baddbmm does not read the first tensor, ``torch.empty`` in perf code, so neither does
+    the rewrite: 0 * NaN would be NaN). The
     baddbmm leaves the graph (so that nothing reads q or k beside the rewrite); returns
     (how it was written, its replacement) for ``_undo_unfused_splits``."""
     splits = []
@@ -1683,8 +1685,11 @@ def _split_baddbmm(graph: torch.fx.Graph, node: Node) -> tuple[tuple, Node]:
     scaled = call(torch.bmm, batch1, batch2)
     if alpha != 1:
         scaled = call(operator.mul, scaled, alpha)
-    kept = call(operator.mul, added, beta) if beta != 1 else added
-    total = call(operator.add, kept, scaled)
+    if isinstance(beta, (int, float)) and beta == 0:
+        total = scaled  # beta 0: the added tensor is not read at all (NaN in it included)
+    else:
+        kept = call(operator.mul, added, beta) if beta != 1 else added
+        total = call(operator.add, kept, scaled)
     propagate_fake(graph, new)
     node.replace_all_uses_with(total)
     # erasing a node clears its arguments: keep what restoring it needs

@@ -216,9 +216,11 @@ class Evaluator:
         if self.mode == "real":
             args, kwargs = _widen(args), _widen(kwargs)
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return _defined(node, node.target(*args, **kwargs), self.mode)
         if node.op == "call_method":
             name = str(node.target)
+            if name in _UNINITIALISED_METHODS:
+                return _defined(node, getattr(args[0], name)(*args[1:], **kwargs), self.mode)
             if self.mode == "real":
                 name = _WIDE_METHODS.get(name, name)
             return getattr(args[0], name)(*args[1:], **kwargs)
@@ -226,6 +228,23 @@ class Evaluator:
             module = self.graph.owning_module.get_submodule(str(node.target))
             return module(*args, **kwargs)
         raise NotEvaluable(f"cannot evaluate {node.op} {node.name}")
+
+
+_UNINITIALISED = {torch.empty, torch.empty_like, torch.empty_strided}
+_UNINITIALISED_METHODS = {"new_empty", "new_empty_strided"}
+
+
+def _defined(node: Node, out: Any, mode: str) -> Any:
+    """A tensor made uninitialised (``torch.empty``: whatever the memory held) as NaN on the
+    probes: its contents are no value of the program, so a region reading them is never
+    proven (and the probes do not vary with the allocator), while one that overwrites them,
+    or ignores them (``baddbmm(empty, ..., beta=0)``), computes as written."""
+    uninitialised = (node.op == "call_function" and node.target in _UNINITIALISED) or (
+        node.op == "call_method" and str(node.target) in _UNINITIALISED_METHODS
+    )
+    if mode == "real" and uninitialised and isinstance(out, torch.Tensor):
+        return out.fill_(float("nan") if out.dtype.is_floating_point else 0)
+    return out
 
 
 @contextlib.contextmanager
