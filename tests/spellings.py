@@ -3267,3 +3267,28 @@ class AttnBaddbmmBetaZero(_QKV):
         s = torch.baddbmm(ignored, q, k.transpose(1, 2), beta=0.0, alpha=d**-0.5)
         s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         return torch.bmm(torch.softmax(s, -1), v).view(b, h, t, d).transpose(1, 2)
+
+
+class CCGQAPackedGroupedQKV(CCGQAConvPadSlice):
+    """InternLM's packed projection: ``qkv.view(B, T, Hkv, G + 2, D)``, a kv head's G query
+    heads then its k and its v; q and k cut from it and convolved apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.wqkv = nn.Linear(self.DIM, self.HKV * (self.HQ // self.HKV + 2) * self.D, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g = hq // hkv
+        qkv = self.wqkv(x).view(b, t, hkv, g + 2, d)
+        q_pre = qkv[..., :g, :].reshape(b, t, hq * d)
+        k_pre = qkv[..., g, :].reshape(b, t, hkv * d)
+        v = qkv[..., g + 1, :].transpose(1, 2)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (hq, d))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (hkv, d))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        q, k = self.rotate(q, k, t, x.device)
+        o = self.attend(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))

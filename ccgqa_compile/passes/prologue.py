@@ -231,8 +231,10 @@ def _as_btc(node: Node, b, t) -> str | None:
     first (transposed, then flattened), and where the batch is one, "tc" / "thd" with no
     batch dim (flattened, then a unit batch dim put in front)."""
     v = tensor_value(node)
-    if v is None or v.dim() not in (2, 3, 4):
+    if v is None or v.dim() not in (2, 3, 4, 5):
         return None
+    if v.dim() == 5:  # (B, T, Hkv, G, D): q heads grouped by kv head, read flattened
+        return "bthd" if same_size(v.shape[0], b) and same_size(v.shape[1], t) else None
     if v.dim() > 2 and same_size(v.shape[0], b) and same_size(v.shape[1], t):
         return "btc" if v.dim() == 3 else "bthd"
     if v.dim() > 2 and same_size(v.shape[0], t) and same_size(v.shape[1], b):
@@ -474,7 +476,7 @@ def _flat(x, source: Node, plan: Plan):
         x = x.flatten(1) if tensor_value(source).dim() == 3 else x
         return x.unsqueeze(0)
     x = x.transpose(0, 1) if plan.tokens_first else x
-    return x.flatten(2) if tensor_value(source).dim() == 4 else x
+    return x.flatten(2) if tensor_value(source).dim() >= 4 else x
 
 
 def _flat_streams(plan: Plan, q_pre, k_pre):
