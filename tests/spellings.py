@@ -3103,12 +3103,16 @@ class CCGQATokenFlatNoBatch(nn.Module):
     def forward(self, x):
         return self.block(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
+    def pad(self, qk):
+        """Both convs' causal padding, once in front of the (1, C, T) channels."""
+        return F.pad(qk, (self.K1 + self.K2 - 2, 0))
+
     def block(self, h):
         n = h.shape[0]
         hq, hkv, d = self.HQ, self.HKV, self.D
         g = hq // hkv
         q, k, v = self.qkv_proj(h).split([hq * d, hkv * d, hkv * d], -1)
-        qk = F.pad(torch.cat([q, k], -1).t().unsqueeze(0), (self.K1 + self.K2 - 2, 0))
+        qk = self.pad(torch.cat([q, k], -1).t().unsqueeze(0))
         qc, kc = self.hc(self.dw(qk)).squeeze(0).t().split([hq * d, hkv * d], -1)
         q3, k3 = q.view(n, hq, d), k.view(n, hkv, d)
         mean_q = (q3 + k3.repeat_interleave(g, 1)) * 0.5
@@ -3135,32 +3139,9 @@ class NearCCGQATokenFlatConvNotCausal(CCGQATokenFlatNoBatch):
     """The token-flat block with its convolutions padded on both sides: they see later
     tokens."""
 
-    def block(self, h):
-        n = h.shape[0]
-        hq, hkv, d = self.HQ, self.HKV, self.D
-        g = hq // hkv
-        q, k, v = self.qkv_proj(h).split([hq * d, hkv * d, hkv * d], -1)
-        pad = self.K1 + self.K2 - 2
-        qk = F.pad(torch.cat([q, k], -1).t().unsqueeze(0), (pad - 1, 1))
-        qc, kc = self.hc(self.dw(qk)).squeeze(0).t().split([hq * d, hkv * d], -1)
-        q3, k3 = q.view(n, hq, d), k.view(n, hkv, d)
-        mean_q = (q3 + k3.repeat_interleave(g, 1)) * 0.5
-        mean_k = mean_q.view(n, hkv, g, d).mean(2)
-        q3 = F.normalize(qc.view(n, hq, d) + mean_q, dim=-1) * d**0.5
-        k3 = F.normalize(kc.view(n, hkv, d) + mean_k, dim=-1) * d**0.5 * self.k_temp.unsqueeze(-1)
-        cos, sin = self.cos_sin_cache[:n].chunk(2, -1)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-
-        def rope(x):
-            x1, x2 = x.chunk(2, -1)
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
-
-        q3, k3 = rope(q3), rope(k3)
-        o = F.scaled_dot_product_attention(
-            q3.transpose(0, 1).unsqueeze(0), k3.transpose(0, 1).unsqueeze(0),
-            v.view(n, hkv, d).transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
-        )  # fmt: skip
-        return self.o_proj(o.squeeze(0).transpose(0, 1).reshape(n, hq * d))
+    def pad(self, qk):
+        total = self.K1 + self.K2 - 2
+        return F.pad(qk, (total - 1, 1))
 
 
 class AttnGroupedQueryFlattened(_QKV):
