@@ -209,9 +209,7 @@ def test_kernel_support_limits():
         options.update(change)
         q_pre, k_pre = torch.empty(1, 2, e_q), torch.empty(1, 2, e_kv)
         tensors = (q_pre, k_pre, *([None] * 8))
-        return prologue_op._seed_kernel_ok(
-            tensors, q_pre, k_pre, e_q // d, k1, k2, tuple(options.values())
-        )
+        return prologue_op._seed_kernel_ok(tensors, e_q // d, k1, k2, tuple(options.values()))
 
     with pytest.MonkeyPatch.context() as mp:  # as if on a GPU
         mp.setattr(prologue_op, "use_triton", lambda *tensors: True)
@@ -223,6 +221,14 @@ def test_kernel_support_limits():
         assert not seed_kernels(128, 32, 16, 3, 3, norm_scale=4.0)
         assert not seed_kernels(128, 32, 16, 3, 3, rotary_dim=8)
         assert not seed_kernels(128, 32, 16, 3, 3, temp=torch.ones(2))
+        # forward and backward (which also reads dq and dk) take the same kernels
+        tensors, (heads, kv_heads, eps, inter) = _op_inputs(torch.float32)
+        q_pre, k_pre, qw1, qw2, kw1, kw2, temp, cos, sin = tensors
+        args13 = (q_pre, k_pre, qw1, None, qw2, None, kw1, None, kw2, None, temp, cos, sin)
+        options = (temp, "raw", 1.0, "clamp", cos.shape[-1], 0)
+        grads = (torch.empty(2, heads, 7, 8), torch.empty(2, kv_heads, 7, 8))
+        for checked in ((), grads):
+            assert prologue_op._kernels_for(args13, heads, kv_heads, "all", options, inter, checked) == "seed"
 
 
 @pytest.mark.cuda

@@ -448,10 +448,12 @@ def _stock_kernel_ok(
     )
 
 
-def _seed_kernel_ok(tensors, q_pre, k_pre, heads, k1, k2, options) -> bool:
+def _seed_kernel_ok(tensors, heads, k1, k2, options, checked=()) -> bool:
     """The original project's form as its kernels take it: no biases, one raw temperature
-    value or none, no norm scale, the clamped norm, full-width RoPE."""
+    value or none, no norm scale, the clamped norm, full-width RoPE; ``tensors`` the op's
+    13, ``checked`` further tensors the kernels read (the backward's dq, dk)."""
     temp, temperature, norm_scale, eps_mode, rotary_dim, rotary_start = options
+    q_pre, k_pre = tensors[0], tensors[1]
     d = q_pre.shape[-1] // heads
     if any(tensors[i] is not None for i in (3, 5, 7, 9)):
         return False
@@ -462,7 +464,7 @@ def _seed_kernel_ok(tensors, q_pre, k_pre, heads, k1, k2, options) -> bool:
     from ..kernels.ccgqa_seed_prologue import MAX_CONV_KERNEL, MAX_KERNEL_WIDTH
 
     return (
-        use_triton(*tensors)
+        use_triton(*checked, *tensors)
         and _is_power_of_two(d)
         and max(q_pre.shape[-1], k_pre.shape[-1]) <= MAX_KERNEL_WIDTH
         and max(k1, k2) <= MAX_CONV_KERNEL
@@ -482,16 +484,14 @@ def _seed_arguments(tensors) -> tuple:
 
 def _kernels_for(tensors, heads, kv_heads, qk_mean, options, interleaved, checked=()):
     """"stock", "seed" or None (the composite) for these arguments."""
-    q_pre, k_pre = tensors[0], tensors[1]
     k1, k2 = tensors[2].shape[-1], tensors[4].shape[-1]
     form = _form(tensors, heads, kv_heads, qk_mean)
     rotary_dim, rotary_start = options[4], options[5]
-    everything = (*checked, *tensors)
     if form == "stock" and _stock_kernel_ok(
-        everything, q_pre, heads, k1, k2, rotary_dim, interleaved, rotary_start
+        (*checked, *tensors), tensors[0], heads, k1, k2, rotary_dim, interleaved, rotary_start
     ):
         return "stock"
-    if form == "seed" and _seed_kernel_ok(everything, q_pre, k_pre, heads, k1, k2, options):
+    if form == "seed" and _seed_kernel_ok(tensors, heads, k1, k2, options, checked):
         return "seed"
     return None
 
