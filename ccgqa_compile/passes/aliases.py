@@ -52,8 +52,8 @@ def run(ctx: GraphContext) -> None:
             node.target = torch.cat
             node.kwargs = kwargs
             changed = True
-        elif _cast_like(node) is not None:
-            other = tensor_value(_cast_like(node))
+        elif (like := _cast_like(node)) is not None:
+            other = tensor_value(like)
             kwargs = {k: v for k, v in node.kwargs.items() if k in ("non_blocking", "copy")}
             node.target = "to"
             node.args = (node.args[0], other.device, other.dtype)

@@ -75,7 +75,7 @@ from .region import (
     stable_sort,
     verify,
 )
-from .score_factors import SCALED_QUERY
+from .score_factors import SCALED_QUERY, scaling
 
 FUSION = "gqa_attention"
 DECODE_FUSION = "gqa_decode_attention"
@@ -134,15 +134,13 @@ def _scaled_by_number(node: Node) -> Node | None:
     is safe: the scale is inferred on probes from the whole region between the operands
     found and the output, so the factor is part of it, and an operand it does not belong
     to (v) fails verification."""
-    if node.kwargs or len(node.args) != 2:
-        return None
-    x, c = node.args
-    mul = is_function(node, operator.mul, torch.mul) or is_method(node, "mul", "__mul__")
-    if mul and isinstance(x, (int, float)) and isinstance(c, Node):
-        x, c = c, x
-    div = is_function(node, operator.truediv, torch.div) or is_method(node, "div", "__truediv__")
-    if (mul or div) and isinstance(x, Node) and isinstance(c, (int, float)) and c != 0:
-        return x if not isinstance(c, bool) else None
+    for x in node.args[:2]:
+        found = scaling(node, x) if isinstance(x, Node) else None
+        if found is None:
+            continue
+        c = found[1]
+        if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0:
+            return x
     return None
 
 

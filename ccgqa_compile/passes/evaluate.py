@@ -219,11 +219,9 @@ class Evaluator:
             return _defined(node, node.target(*args, **kwargs), self.mode)
         if node.op == "call_method":
             name = str(node.target)
-            if name in _UNINITIALISED_METHODS:
-                return _defined(node, getattr(args[0], name)(*args[1:], **kwargs), self.mode)
             if self.mode == "real":
                 name = _WIDE_METHODS.get(name, name)
-            return getattr(args[0], name)(*args[1:], **kwargs)
+            return _defined(node, getattr(args[0], name)(*args[1:], **kwargs), self.mode)
         if node.op == "call_module":
             module = self.graph.owning_module.get_submodule(str(node.target))
             return module(*args, **kwargs)

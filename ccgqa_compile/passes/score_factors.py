@@ -62,7 +62,7 @@ def _reaches_softmax(node: Node, hops: int = 8) -> bool:
     return False
 
 
-def _scaling(node: Node, scores: Node) -> tuple[str, Node | float] | None:
+def scaling(node: Node, scores: Node) -> tuple[str, Node | float] | None:
     """("mul" | "div", the other operand) where ``node`` multiplies or divides ``scores``
     (divides: scores on the left) by one thing, else None."""
     if len(node.args) != 2 or node.kwargs:
@@ -157,10 +157,10 @@ def run(ctx: GraphContext) -> list[Moved]:
             if len(scores.users) != 1:
                 break
             (user,) = scores.users
-            scaling = _scaling(user, scores)
-            if scaling is None:
+            found = scaling(user, scores)
+            if found is None:
                 break
-            kind, other = scaling
+            kind, other = found
             if isinstance(other, (int, float)) and not isinstance(other, bool):
                 scores = user  # a constant scaling commutes with the factor
                 continue
