@@ -3273,3 +3273,67 @@ class CCGQAPackedGroupedQKV(CCGQAConvPadSlice):
         q, k = self.rotate(q, k, t, x.device)
         o = self.attend(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class CCGQAConvStagesCatZerosBiases(CCGQAConvPadSlice):
+    """Each conv stage padded by ``cat([zeros, x], 1)`` in front of an unpadded biased
+    conv (zeros made with ``new_zeros``): the zeros are padding, not a conv state, so conv1's
+    bias never reaches conv2's padding."""
+
+    def __init__(self):
+        super().__init__()
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        self.q_dw = nn.Conv1d(hq * d, hq * d, self.K1, groups=hq * d)
+        self.q_hc = nn.Conv1d(hq * d, hq * d, self.K2, groups=hq)
+        self.k_dw = nn.Conv1d(hkv * d, hkv * d, self.K1, groups=hkv * d)
+        self.k_hc = nn.Conv1d(hkv * d, hkv * d, self.K2, groups=hkv)
+
+    def pad(self, x, n):
+        return torch.cat([x.new_zeros(x.shape[0], n, x.shape[2]), x], 1)
+
+    def conv(self, x, dw, hc):
+        y = dw(self.pad(x, self.K1 - 1).transpose(1, 2)).transpose(1, 2)
+        return hc(self.pad(y, self.K2 - 1).transpose(1, 2)).transpose(1, 2)
+
+
+class NearCCGQAConvStagesCatZerosOneTooMany(CCGQAConvStagesCatZerosBiases):
+    """The same with one zero too many in front of conv2, its last output dropped: every
+    token reads the previous token's conv1 outputs (a delay, not a causal conv)."""
+
+    def conv(self, x, dw, hc):
+        y = dw(self.pad(x, self.K1 - 1).transpose(1, 2)).transpose(1, 2)
+        return hc(self.pad(y, self.K2).transpose(1, 2)).transpose(1, 2)[:, :-1]
+
+
+class CCGQAConvStackedShiftsEinsum(CCGQAConvPadSlice):
+    """Both convolutions over the delayed copies of the sequence stacked on a new axis:
+    the depthwise one as an einsum of the (B, T, C, k) stack with (C, k) taps (newest
+    token first, so the taps are the kernel flipped), the per-head one as the (k, B, T, H,
+    D) stack contracted with (k, H, D, D) matrices by an einsum; biases added."""
+
+    @staticmethod
+    def delayed(x, j):
+        """x delayed by j tokens, zeros entering."""
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (j, 0))[:, : x.shape[1]]
+
+    def conv(self, x, dw, hc):
+        b, t, c = x.shape
+        k1 = dw.weight.shape[-1]
+        stack = torch.stack([self.delayed(x, j) for j in range(k1)], dim=-1)
+        y = torch.einsum("btck,ck->btc", stack, dw.weight[:, 0].flip(-1)) + dw.bias
+        heads, k2 = hc.groups, hc.weight.shape[-1]
+        yh = y.view(b, t, heads, c // heads)
+        stack = torch.stack([self.delayed(yh, j) for j in range(k2)])  # (k2, B, T, H, D)
+        w2 = hc.weight.view(heads, c // heads, c // heads, k2).flip(-1).permute(3, 0, 1, 2)
+        out = torch.einsum("kbthi,khoi->btho", stack, w2)
+        return out.reshape(b, t, c) + hc.bias
+
+
+class NearCCGQAConvStackedShiftsSeeNextToken(CCGQAConvStackedShiftsEinsum):
+    """Near miss: the stack's first copy is the sequence advanced by one token."""
+
+    @staticmethod
+    def delayed(x, j):
+        if j == 0:
+            return F.pad(x[:, 1:], (0, 0) * (x.dim() - 2) + (0, 1))
+        return CCGQAConvStackedShiftsEinsum.delayed(x, j)

@@ -52,6 +52,12 @@ def _per_head_einsum(x, w, w2):
     return sum(torch.einsum("bthi,hoi->btho", _delayed(xh, j), w2[..., j]) for j in range(K))
 
 
+def _per_head_taps_viewed_per_term(x, w, w2):
+    """Each term views x as heads anew."""
+    taps = w.view(H, D, K)
+    return sum(_delayed(x.view(B, T, H, D), j) * taps[..., K - 1 - j] for j in range(K))
+
+
 def _unfold_times_taps(x, w, w2):
     return (F.pad(x, (0, 0, K - 1, 0)).unfold(1, K, 1) * w).sum(-1)
 
@@ -59,6 +65,23 @@ def _unfold_times_taps(x, w, w2):
 def _unfold_einsum(x, w, w2):
     win = F.pad(x.unflatten(-1, (H, D)), (0, 0, 0, 0, K - 1, 0)).unfold(1, K, 1)
     return torch.einsum("bthik,hoik->btho", win, w2)
+
+
+def _stacked_delays_times_taps(x, w, w2):
+    """The delayed copies stacked on a new middle axis, times taps along it, summed."""
+    stack = torch.stack([_delayed(x, j) for j in range(K)], dim=2)  # (B, T, K, C)
+    return (stack * w.flip(-1).t()).sum(2)
+
+
+def _stacked_delays_einsum(x, w, w2):
+    stack = torch.stack([_delayed(x.unflatten(-1, (H, D)), j) for j in range(K)])
+    return torch.einsum("kbthi,hoik->btho", stack, w2.flip(-1))
+
+
+def _stacked_two_tensors(x, w, w2):
+    """Stays: one copy is of another tensor."""
+    stack = torch.stack([x, _delayed(x * 2.0, 1), _delayed(x, 2)], dim=-1)
+    return (stack * w).sum(-1)
 
 
 def _conv2d_unit_height(x, w, w2):
@@ -118,8 +141,12 @@ def _in_graph_order(gm, ins):
         (_padded_once_slices, 1),
         (_tokens_first_heads, 1),
         (_per_head_einsum, 1),
+        (_per_head_taps_viewed_per_term, 1),
         (_unfold_times_taps, 1),
         (_unfold_einsum, 1),
+        (_stacked_delays_times_taps, 1),
+        (_stacked_delays_einsum, 1),
+        (_stacked_two_tensors, 0),
         (_conv2d_unit_height, 1),
         (_conv2d_unit_width, 1),
         (_future_tap, 1),

@@ -250,6 +250,7 @@ CCGQA = [
     _must("ccgqa_rsqrt_sum_plus_eps", sp.CCGQARsqrtSumPlusEps, seq=7, **_block()),
     _must("ccgqa_conv_taps_written_out", sp.CCGQAConvTapsWrittenOut, **_block()),
     _must("ccgqa_conv_unfold_windows", sp.CCGQAConvUnfoldWindows, seq=7, **_block()),
+    _must("ccgqa_conv_stacked_shifts_einsum", sp.CCGQAConvStackedShiftsEinsum, **_block()),
     _must("ccgqa_conv2d_unit_height", sp.CCGQAConv2dUnitHeight, **_block()),
     _must("ccgqa_rope_on_last_dims", sp.CCGQARopeOnLastDims, **_block()),
     _must("ccgqa_rms_norm_on_heads", sp.CCGQARmsNormOnHeads, **_block()),
@@ -258,6 +259,7 @@ CCGQA = [
     _must("ccgqa_packed_grouped_qkv", sp.CCGQAPackedGroupedQKV, **_block()),
     _must("ccgqa_megatron_tokens_first", sp.CCGQAMegatronTokensFirst, **_block()),
     _must("ccgqa_conv_zero_state_buffer", sp.CCGQAConvZeroStateBuffer, **_block()),
+    _must("ccgqa_conv_stages_cat_zeros_biases", sp.CCGQAConvStagesCatZerosBiases, **_block()),
     _must("ccgqa_sine_first_keys_read_twice", sp.CCGQASineFirstKeysReadTwice, **_block()),
     _must("ccgqa_torchtune_rope_cache", sp.CCGQATorchtuneRopeCache, **_block()),
     _must("ccgqa_fairseq_core", sp.CCGQAFairseqCore, **_block()),
@@ -274,6 +276,8 @@ CCGQA = [
         ccgqa_prologue=0, ccgqa_block=0,
     ),
     _near("ccgqa_near_shift_by_two", sp.NearCCGQAShiftByTwo, ccgqa_prologue=0, ccgqa_block=0),
+    _near("ccgqa_near_conv_stages_cat_zeros_delayed", sp.NearCCGQAConvStagesCatZerosOneTooMany,
+          ccgqa_prologue=0, ccgqa_block=0),  # fmt: skip
     _near(
         "ccgqa_near_rms_norm_over_all_heads",
         sp.NearCCGQARmsNormOverAllHeads,
@@ -289,6 +293,12 @@ CCGQA = [
     _near(
         "ccgqa_near_conv_taps_see_next_token",
         sp.NearCCGQAConvTapsSeeNextToken,
+        ccgqa_prologue=0,
+        ccgqa_block=0,
+    ),
+    _near(
+        "ccgqa_near_conv_stacked_shifts_see_next_token",
+        sp.NearCCGQAConvStackedShiftsSeeNextToken,
         ccgqa_prologue=0,
         ccgqa_block=0,
     ),

@@ -9,8 +9,8 @@ The CCGQA prologue's anchors are 1-D convolutions. Code that computes one withou
   shifted by pads, zeros entering), times a factor constant along time (one filter per
   channel) or contracted with a weight by ``einsum`` (channels mixed, per group where the
   weight and x share a letter);
-- windows, ``x.unfold(t, k, 1)`` times taps summed over the window axis, or contracted
-  with them by ``einsum``.
+- windows, ``x.unfold(t, k, 1)`` or shifted copies of x stacked on a new axis, times
+  taps summed over the window axis, or contracted with them by ``einsum``.
 
 What is read off the code (which tensor, which axis, each tap's offset and weight) only
 proposes the rewrite: the original and the ``conv1d`` computation are both evaluated on
@@ -44,6 +44,7 @@ from .fx_util import (
     is_function,
     is_method,
     is_mutating,
+    same_computation,
     tensor_value,
     value,
 )
@@ -303,7 +304,10 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
         for kind in ("mul", "einsum"):
             picked, rest = [], []
             for leaf, rs in zip(leaves, readings):
-                match = [r for r in rs if r[0] is base and r[4] == kind]
+                match = [
+                    r for r in rs
+                    if (r[0] is base or same_computation(r[0], base)) and r[4] == kind
+                ]  # fmt: skip
                 (picked if match else rest).append(match[0] if match else leaf)
             shifted = [r for r in picked if r[1] is not None]
             times = {r[1] for r in shifted}
@@ -342,62 +346,101 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
 
 
 def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
-    """``(x.unfold(t, k, 1) * w).sum(-1)`` or ``einsum(.., x.unfold(t, k, 1), w)``."""
+    """``(window * w).sum(k)`` or ``einsum(.., window, w)`` contracting the window axis k,
+    where the window is ``x.unfold(t, k, 1)`` or a ``torch.stack`` of shifted copies of x."""
     if is_method(node, "sum") or is_function(node, torch.sum):
         dim = arg(node, 1, "dim")
         if arg(node, 2, "keepdim", False) or not _is_mul(node.args[0]) or dim is None:
             return None
         prod = node.args[0]
-        window = next((a for a in prod.args if _is_window(a)), None)
+        found = [(a, w) for a in prod.args if (w := _window(a, sizes)) is not None]
+        if len(found) != 1 or len(prod.users) != 1:
+            return None
+        (window, (x, time, offsets, length, at)), = found
         factor = next((a for a in prod.args if a is not window), None)
-        if window is None or not isinstance(factor, Node) or len(prod.users) != 1:
+        if not isinstance(factor, Node):
             return None
-        wv = tensor_value(window)
+        wv, fv = tensor_value(window), tensor_value(factor)
         dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
-        if len(dims) != 1 or dims[0] not in (-1, wv.dim() - 1):
+        if len(dims) != 1 or dims[0] % wv.dim() != at or fv is None:
             return None
-        x, time, k = _window_args(window)
-        fv = tensor_value(factor)
-        if fv is None or fv.dim() < 1 or fv.shape[-1] != k or fv.dim() > wv.dim():
+        f_at = at - (wv.dim() - fv.dim())  # the factor's window axis, right-aligned
+        if fv.dim() > wv.dim() or f_at < 0 or fv.shape[f_at] != len(offsets):
             return None
-        shape = tuple(fv.shape[:-1])
+        shape = tuple(fv.shape[:f_at]) + tuple(fv.shape[f_at + 1 :])
         roles = _roles_mul(tensor_value(x), time, [(shape, fv.dtype)], tensor_value(node))
         if roles is None:
             return None
-        weights = [("mul", ("select", factor, fv.dim() - 1, j), shape) for j in range(k)]
+        weights = [("mul", ("select", factor, f_at, j), shape) for j in range(len(offsets))]
     elif (letters := einsum_pair(node)) is not None:
         la, lb, out = letters
-        if _is_window(node.args[1]):
-            window, weight, ul, wl = node.args[1], node.args[2], la, lb
-        elif _is_window(node.args[2]):
-            window, weight, ul, wl = node.args[2], node.args[1], lb, la
-        else:
+        found = [
+            (operand, weight, ul, wl, w)
+            for operand, weight, ul, wl in ((node.args[1], node.args[2], la, lb),
+                                            (node.args[2], node.args[1], lb, la))
+            if (w := _window(operand, sizes)) is not None
+        ]  # fmt: skip
+        if len(found) != 1:
             return None
-        if not isinstance(weight, Node) or len(set(ul)) != len(ul):
+        _, weight, ul, wl, (x, time, offsets, length, at) = found[0]
+        if not isinstance(weight, Node) or len(set(ul)) != len(ul) or len(ul) <= at:
             return None
-        x, time, k = _window_args(window)
-        kl = ul[-1]
+        kl = ul[at]
         if kl not in wl or kl in out or len(wl) != tensor_value(weight).dim():
             return None
-        at = wl.index(kl)
+        w_at = wl.index(kl)
         wshape = tuple(tensor_value(weight).shape)
+        if wshape[w_at] != len(offsets):
+            return None
         roles = _roles_einsum(
             tensor_value(x),
-            wshape[:at] + wshape[at + 1 :],
+            wshape[:w_at] + wshape[w_at + 1 :],
             time,
-            (ul[:-1], wl.replace(kl, ""), out),
+            (ul[:at] + ul[at + 1 :], wl.replace(kl, ""), out),
         )
         if roles is None:
             return None
         order = roles.pop("w_order")
-        weights = [("einsum", ("select", weight, at, j), order) for j in range(k)]
+        weights = [("einsum", ("select", weight, w_at, j), order) for j in range(len(offsets))]
     else:
         return None
+    return Taps(node, x, time, offsets, weights, length, **roles)
+
+
+def _window(node: Any, sizes: dict) -> tuple[Node, int, list[int], int, int] | None:
+    """(x, x's time axis, each window position's offset, the output length, the window
+    axis) of ``x.unfold(t, k, 1)`` (the window axis last, x's time axis shortened to
+    T - k + 1) or of ``torch.stack`` of copies of x each shifted along one time axis
+    (zeros entering; the stack's axis the window's)."""
+    if _is_unfold_window(node):
+        x, time, k = _unfold_window_args(node)
+        n = concrete(tuple(tensor_value(x).shape), sizes)[time]
+        return x, time, list(range(k)), n - k + 1, tensor_value(node).dim() - 1
+    if not is_function(node, torch.stack) or not isinstance(node.args[0], (list, tuple)):
+        return None
+    parts = node.args[0]
+    if not 2 <= len(parts) <= MAX_TAPS or not all(isinstance(p, Node) for p in parts):
+        return None
+    shifts = [_shift(p, sizes) for p in parts]
+    if any(s is None for s in shifts):
+        return None
+    x = shifts[0][0]  # each copy may view x anew (``x.unflatten(...)`` per copy)
+    if not all(s[0] is x or same_computation(s[0], x) for s in shifts):
+        return None
+    times = {s[1] for s in shifts if s[1] is not None}
+    if len(times) != 1:
+        return None
+    time = times.pop()
     n = concrete(tuple(tensor_value(x).shape), sizes)[time]
-    return Taps(node, x, time, list(range(k)), weights, n - k + 1, **roles)
+    lengths = {n if s[1] is None else s[3] for s in shifts}
+    offsets = [s[2] for s in shifts]
+    if len(lengths) != 1 or len(set(offsets)) != len(offsets):
+        return None
+    at = arg(node, 1, "dim", 0) % tensor_value(node).dim()
+    return x, time, offsets, lengths.pop(), at
 
 
-def _is_window(node: Any) -> bool:
+def _is_unfold_window(node: Any) -> bool:
     if not is_method(node, "unfold") or len(node.args) != 4 or node.kwargs:
         return False
     x, dim, size, step = node.args
@@ -406,7 +449,7 @@ def _is_window(node: Any) -> bool:
     )
 
 
-def _window_args(window: Node) -> tuple[Node, int, int]:
+def _unfold_window_args(window: Node) -> tuple[Node, int, int]:
     x, dim, size, _ = window.args
     return x, dim % tensor_value(x).dim(), size
 
@@ -524,11 +567,15 @@ def _unit_conv2d(node: Node) -> int | None:
 
 def _same_function(ctx: GraphContext, old: Node, new: Node, x: Node) -> bool:
     """``old`` and ``new`` agree on float64 probes of x and of every tensor input they read."""
-    feeds_from = [n for n in ancestors([old, new], stop={x}) if n.op == "placeholder" or n is x]
+    # x computed again for each shifted copy (``x.unflatten(...)`` per copy): one value
+    copies = [n for n in ancestors([old], stop={x}) if same_computation(n, x)]
+    stop = {x, *copies}
+    feeds_from = [n for n in ancestors([old, new], stop=stop) if n.op == "placeholder" or n in stop]
     for seed, sizes in enumerate(ctx.sizes):
         probes = Probes(sizes, tensor_value(x).device, seed=7 + seed)
         feeds = {n: probes.like(n) for n in feeds_from if isinstance(tensor_value(n), torch.Tensor)
                  and tensor_value(n).dtype.is_floating_point}  # fmt: skip
+        feeds.update({n: feeds[x] for n in copies if x in feeds})
         try:
             with real_tensors():
                 a, b = Evaluator(ctx.graph, sizes).run([old, new], feeds)

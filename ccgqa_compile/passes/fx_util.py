@@ -371,6 +371,21 @@ def written_storages(graph: torch.fx.Graph) -> frozenset:
     return _per_graph("written", graph, build)
 
 
+def is_zero_fill(node: Any) -> bool:
+    """A tensor of zeros the graph makes (``torch.zeros``, ``x.new_zeros``, ``zeros_like``,
+    a ``full`` of 0), through casts and layout ops, whose storage nothing writes in place:
+    a constant, not a run-time value."""
+    while is_cast(node) or (is_layout(node) and node.target not in _COPIES):
+        node = node.args[0]
+    if not isinstance(node, Node) or node in written_storages(node.graph):
+        return False
+    if is_function(node, torch.zeros, torch.zeros_like) or is_method(node, "new_zeros"):
+        return True
+    if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
+        return arg(node, 1, "fill_value") in (0, 0.0, False)
+    return False
+
+
 def autocast_stacks(graph: torch.fx.Graph) -> dict[Node, tuple[Node, ...]]:
     """For each node, the autocast regions in force where it runs: the ``_enter_autocast``
     calls (Dynamo keeps autocast as enter/exit calls) open before it, innermost last."""

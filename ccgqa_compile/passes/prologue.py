@@ -50,6 +50,7 @@ from .fx_util import (
     is_layout,
     is_method,
     is_size_value,
+    is_zero_fill,
     node_inputs,
     requires_grad,
     runtime_inputs_of,
@@ -168,7 +169,8 @@ def _chain_heads(convs: list[Node]) -> list[Node]:
 
 
 def _conv_sources(conv: Node, b=None, t=None) -> list[Node]:
-    """The tensors a conv reads through pads, concatenations, casts and layout ops; with
+    """The tensors a conv reads through pads, concatenations (zeros made in the graph are
+    padding), casts and layout ops; with
     the batch and length ``b``, ``t``: a (B, T, ...) view of tokens flattened (B*T, C) (a
     projection computed as a 2-D matmul, ``addmm(bias, x.view(B*T, E), W.t()).view(B, T,
     C)``) is the source, not the flat tensor."""
@@ -185,7 +187,8 @@ def _conv_sources(conv: Node, b=None, t=None) -> list[Node]:
         elif _split_part(node):  # a stream's channels of a window of both (decode steps)
             todo.append(node.args[0].args[0])
         elif is_function(node, torch.cat):
-            todo.extend(p for p in node.args[0] if isinstance(p, Node))
+            # zeros the graph makes are padding, as a pad's are (a run-time state is not)
+            todo.extend(p for p in node.args[0] if isinstance(p, Node) and not is_zero_fill(p))
         else:
             out.append(node)
     return out
