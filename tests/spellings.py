@@ -3337,3 +3337,39 @@ class NearCCGQAConvStackedShiftsSeeNextToken(CCGQAConvStackedShiftsEinsum):
         if j == 0:
             return F.pad(x[:, 1:], (0, 0) * (x.dim() - 2) + (0, 1))
         return CCGQAConvStackedShiftsEinsum.delayed(x, j)
+
+
+class CCGQAGroupedQueryTablesViewedPerStream(CCGQAConvPadSlice):
+    """q held (B, T, Hkv, G, D) through RoPE, k (B, T, Hkv, D): one helper views the
+    table buffers' rows ``view(1, T, *[1] * (x.dim() - 3), D)`` for each, so q's tables
+    carry one unit axis more (k's are expanded to k's shape); grouped einsum core."""
+
+    def __init__(self):
+        super().__init__()
+        cos, sin = self.tables(32, "cpu")
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
+
+    def rope(self, x, cos, sin):
+        shape = (1, x.shape[1], *[1] * (x.dim() - 3), self.D)
+        cos, sin = cos.view(shape).expand_as(x), sin.view(shape).expand_as(x)
+        return x * cos + _rotate_half(x) * sin
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        g = self.HQ // self.HKV
+        q_pre, k_pre = self.wq(x), self.wk(x)
+        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
+        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
+        m_q, m_k = self.qk_mean(q_pre, k_pre)
+        q, k = self.normalise(q + m_q), self.normalise(k + m_k)
+        k = k * self.log_temp.exp().view(1, 1, self.HKV, 1)
+        cos, sin = self.cos_cached[:t], self.sin_cached[:t]
+        q = self.rope(q.view(b, t, self.HKV, g, self.D), cos, sin)
+        k = self.rope(k, cos, sin)
+        v = self.wv(x).view(b, t, self.HKV, self.D)
+        s = torch.einsum("bqhgd,bkhd->bhgqk", q, k) * self.D**-0.5
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
+        return self.wo(o.reshape(b, t, -1))

@@ -257,6 +257,11 @@ CCGQA = [
     _must("ccgqa_rms_norm_modules_default_eps", sp.CCGQARmsNormModuleOnHeads, **_block()),
     _must("ccgqa_flat_token_projections", sp.CCGQAFlatTokenProjections, **_block()),
     _must("ccgqa_packed_grouped_qkv", sp.CCGQAPackedGroupedQKV, **_block()),
+    _must(
+        "ccgqa_grouped_query_tables_viewed_per_stream",
+        sp.CCGQAGroupedQueryTablesViewedPerStream,
+        **_block(),
+    ),
     _must("ccgqa_megatron_tokens_first", sp.CCGQAMegatronTokensFirst, **_block()),
     _must("ccgqa_conv_zero_state_buffer", sp.CCGQAConvZeroStateBuffer, **_block()),
     _must("ccgqa_conv_stages_cat_zeros_biases", sp.CCGQAConvStagesCatZerosBiases, **_block()),

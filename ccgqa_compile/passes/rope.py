@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from typing import Any
 
 import torch
 from torch.fx import Node
@@ -272,28 +273,52 @@ def _candidate(build, rotary_dim: int, interleaved: bool, pairs_split: bool = Fa
 
 
 def lift_table_slices(region: Region, x: Node, keep=None) -> Region:
-    """Slices of one table read only inside the region (gpt-fast indexes its (..., 2)
-    cos/sin pairs once per product: four leaves of one table) join the region; their
-    table becomes the leaf (where ``keep(table)`` holds, when given)."""
-    by_source: dict[Node, list[Node]] = {}
+    """Slices and views of one table read only inside the region join the region; their
+    table becomes the leaf (where ``keep(table)`` holds, when given). gpt-fast indexes its
+    (..., 2) cos/sin pairs once per product: four leaves of one table; code rotating q held
+    (B, T, Hkv, G, D) and k (B, T, Hkv, D) views one table with a unit axis more for q.
+    Each leaf's views are followed back to the nearest tensor another leaf views too (or
+    reads as it is), not further: the table, not the buffer it is sliced from."""
+    leaves = set(region.leaves)
+    chains = {}  # leaf -> [leaf, what it views, ...]
     for leaf in region.float_leaves():
-        if leaf is x or not is_function(leaf, operator.getitem):
-            continue
-        source = leaf.args[0]
-        if isinstance(source, Node) and all(u in region.nodes for u in leaf.users):
-            by_source.setdefault(source, []).append(leaf)
-    lifted = {
-        n for source, slices in by_source.items()
-        if len(slices) >= 2 and (keep is None or keep(source)) for n in slices
-    }  # fmt: skip
+        if leaf is not x:
+            chain = [leaf]
+            while _table_view(chain[-1]):
+                chain.append(chain[-1].args[0])
+            chains[leaf] = chain
+    lifts: dict[Node, list[Node]] = {}
+    for leaf, chain in chains.items():
+        others = {n for other, c in chains.items() if other is not leaf for n in c}
+        meet = next((n for n in chain[1:] if n in others or n in leaves), None)
+        if meet is not None and (keep is None or keep(meet)):
+            lifts[leaf] = chain[: chain.index(meet)]
+    while True:  # a view read outside the region stays outside, and so do its leaf's
+        lifted = {n for chain in lifts.values() for n in chain}
+        outside = {n for n in lifted if any(u not in region.nodes and u not in lifted for u in n.users)}
+        if not outside:
+            break
+        lifts = {leaf: c for leaf, c in lifts.items() if not outside.intersection(c)}
     if not lifted:
         return region
     order = {n: i for i, n in enumerate(region.graph.nodes)}
-    leaves = (set(region.leaves) - lifted) | {n.args[0] for n in lifted}
+    nodes = region.nodes | lifted
+    inputs = {i for n in nodes for i in node_inputs(n) if i not in nodes}
     return Region(
-        region.graph, region.sources, region.sinks, region.nodes | lifted,
-        sorted(leaves, key=order.__getitem__),
+        region.graph, region.sources, region.sinks, nodes,
+        sorted(inputs | set(region.sources), key=order.__getitem__),
     )  # fmt: skip
+
+
+def _table_view(node: Any) -> bool:
+    """An index into a table, or a view of it that reads no other tensor."""
+    if not isinstance(node, Node) or not isinstance(node.args[0] if node.args else None, Node):
+        return False
+    if is_function(node, operator.getitem):
+        return True
+    if not is_layout(node) or node.target in ("view_as", "reshape_as", "expand_as"):
+        return False
+    return all(not isinstance(value(a), torch.Tensor) for a in node_inputs(node)[1:])
 
 
 def _try(ctx: GraphContext, x: Node, sink: Node):
