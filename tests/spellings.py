@@ -239,6 +239,64 @@ class RMSOfCentered(nn.Module):
         return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w
 
 
+class RMSEinsumSelfContraction(nn.Module):
+    """The mean square as an einsum of x with itself over the channels, divided by D."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+
+    def forward(self, x):
+        ms = torch.einsum("...d,...d->...", x, x) / x.shape[-1]
+        return x * torch.rsqrt(ms + 1e-6).unsqueeze(-1) * self.weight
+
+
+class RMSSquareTimesMeanVector(nn.Module):
+    """The mean square as the square times a (D, 1) column of 1/D made in the forward."""
+
+    DIM = 24
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+
+    def forward(self, x):
+        d = x.shape[-1]
+        avg = torch.full((d, 1), 1.0 / d, device=x.device, dtype=x.dtype)
+        return x / torch.sqrt(x.pow(2) @ avg + 1e-5) * self.weight
+
+
+class RMSVariancePlusMeanSquared(nn.Module):
+    """The mean square as the biased variance plus the squared mean."""
+
+    DIM = 32
+
+    def __init__(self):
+        super().__init__()
+        self.weight = _near_one(self.DIM)
+
+    def forward(self, x):
+        ms = x.var(-1, unbiased=False, keepdim=True) + x.mean(-1, keepdim=True) ** 2
+        return x * torch.rsqrt(ms + 1e-6) * self.weight
+
+
+class NearRMSVarianceOnly(RMSVariancePlusMeanSquared):
+    """Divides by the root of the variance alone (a LayerNorm that does not centre)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6) * self.weight
+
+
+class NearRMSEinsumOverTokens(RMSEinsumSelfContraction):
+    """The einsum contracts the tokens, not the channels."""
+
+    def forward(self, x):
+        ms = torch.einsum("btd,btd->bd", x, x) / x.shape[1]
+        return x * torch.rsqrt(ms + 1e-6).unsqueeze(1) * self.weight
+
+
 # ---- RMSNorm near misses -----------------------------------------------------------------
 
 

@@ -100,6 +100,11 @@ RMS_NORM = [
         rms_norm=1,
     ),
     _either("rms_sum_over_width_plus_one", sp.RMSSumOverWidthPlusOne, rms_norm=1),
+    _must("rms_einsum_self_contraction", sp.RMSEinsumSelfContraction, rms_norm=1),
+    _must("rms_square_times_mean_vector", sp.RMSSquareTimesMeanVector, rms_norm=1),
+    _must("rms_variance_plus_mean_squared", sp.RMSVariancePlusMeanSquared, rms_norm=1),
+    _near("rms_near_variance_only", sp.NearRMSVarianceOnly, rms_norm=0),
+    _near("rms_near_einsum_over_tokens", sp.NearRMSEinsumOverTokens, rms_norm=0),
 ]
 
 SWIGLU = [

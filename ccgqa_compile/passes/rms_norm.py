@@ -1,7 +1,9 @@
 """RMSNorm, recognised by what it computes: y = x / sqrt(mean(x^2, -1) + eps) * w.
 
 Anchors: a mean or sum of a square over a dim (``x.pow(2).mean(-1)``, ``torch.mean(x * x)``,
-``x.square().sum(-1)``), a norm over a dim (``x.norm(dim=-1)``, ``vector_norm``), and
+``x.square().sum(-1)``), or written as a contraction (``einsum("...d,...d->...", x, x)``,
+the square times a vector, ``x.pow(2) @ ones / d``), a variance (``var(x) + mean(x)**2``
+is the mean square), a norm over a dim (``x.norm(dim=-1)``, ``vector_norm``), and
 ``F.rms_norm`` itself. From the squared tensor x the region grows forward through
 elementwise ops, casts and reductions whose other inputs do not depend on x (weights,
 constants); every node of x's shape in it is a candidate output, the widest first. The
@@ -22,7 +24,9 @@ from torch.fx import Node
 from .common import GraphContext, float_literals, forward_closure, is_elementwise, snap
 from .evaluate import Evaluator, NotEvaluable, real_tensors
 from .fx_util import (
+    ancestors,
     arg,
+    depends_on_tensor_input,
     is_add,
     is_cast,
     is_function,
@@ -100,11 +104,42 @@ def anchors(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
                 x = node.args[0]
         elif is_function(node, torch.rms_norm, torch.nn.functional.rms_norm):
             x = node.args[0]
+        elif _self_contraction(node):
+            x = strip_casts(node.args[1])
+        elif _square_times_vector(node):
+            x = _squared(node.args[0])
+        elif is_method(node, "var") or is_function(node, torch.var):
+            x = node.args[0]  # var(x) + mean(x)^2; the probes decide what it is
         elif is_function(node, torch.nn.functional.normalize) and _normalises_last_dim(node):
             x = node.args[0]  # x / max(|x|, eps): times sqrt(N), an RMS clamped from below
         if isinstance(x, Node) and tensor_value(x) is not None:
             found.append((node, _cast_chain(x)))
     return found
+
+
+def _self_contraction(node: Node) -> bool:
+    """``einsum(spec, x, x)`` dropping one of x's dims: a sum of squares (or of products of
+    other pairs of x's elements: the probes tell)."""
+    if not is_function(node, torch.einsum) or len(node.args) != 3:
+        return False
+    a, b = node.args[1], node.args[2]
+    if not isinstance(a, Node) or strip_casts(a) is not strip_casts(b):
+        return False
+    xv, ov = tensor_value(a), tensor_value(node)
+    return xv is not None and ov is not None and ov.dim() == xv.dim() - 1
+
+
+def _square_times_vector(node: Node) -> bool:
+    """``x.pow(2) @ v`` with v (D,) or (D, 1), not computed from x (ones / D: a mean)."""
+    if not (is_function(node, torch.matmul, operator.matmul) or is_method(node, "matmul")):
+        return False
+    sq, vec = node.args[0], node.args[1]
+    if not isinstance(sq, Node) or _squared(sq) is None or not isinstance(vec, Node):
+        return False
+    xv, vv = tensor_value(sq), tensor_value(vec)
+    if xv is None or vv is None or vv.dim() not in (1, 2) or (vv.dim() == 2 and vv.shape[1] != 1):
+        return False
+    return same_shape((vv.shape[0],), (xv.shape[-1],)) and _squared(sq) not in ancestors([vec])
 
 
 def _normalises_last_dim(node: Node) -> bool:
@@ -124,6 +159,10 @@ def _allowed(node: Node) -> bool:
         or _adds_unit_dim(node)
         or is_function(node, *_REDUCE_FUNCTIONS, *_NORM_FUNCTIONS)
         or is_function(node, torch.rms_norm, torch.nn.functional.rms_norm)
+        or _self_contraction(node)
+        or _square_times_vector(node)
+        or is_method(node, "var")
+        or is_function(node, torch.var)
     )
 
 
@@ -225,7 +264,12 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
     if region.escapes():
         return f"{region.escapes()[0].name} is also read outside the norm"
     width = tensor_value(x).shape[-1]
-    weights = [n for n in region.float_leaves() if n is not x]
+    # a constant built from sizes that is not per-channel (a (D, 1) column of 1/D taking
+    # the mean by a matmul) stays in the region: the probes compute it
+    weights = [
+        n for n in region.float_leaves()
+        if n is not x and (depends_on_tensor_input(n) or _per_channel(n, width))
+    ]  # fmt: skip
     for w in weights:
         if not _per_channel(w, width):
             return f"{w.name} {tuple(tensor_value(w).shape)} is not a per-channel weight"
