@@ -3431,3 +3431,17 @@ class CCGQAGroupedQueryTablesViewedPerStream(CCGQAConvPadSlice):
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
         o = torch.einsum("bhgqk,bkhd->bqhgd", p, v)
         return self.wo(o.reshape(b, t, -1))
+
+
+class AttnNumpyNamesSpecialLogsumexp(_QKV):
+    """A JAX port's names: ``torch.multiply`` for the scale, a ``torch.where`` mask,
+    ``torch.subtract`` and ``torch.special.logsumexp`` for the softmax, ``x.divide``."""
+
+    def core(self, q, k, v):
+        k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
+        t = q.shape[1]
+        s = torch.multiply(torch.einsum("bqhd,bkhd->bhqk", q, k), self.HEAD_DIM**-0.5)
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        s = torch.where(keep, s, torch.finfo(s.dtype).min)
+        p = torch.exp(torch.subtract(s, torch.special.logsumexp(s, -1, keepdim=True)))
+        return torch.einsum("bhqk,bkhd->bqhd", p, v.divide(1.0))

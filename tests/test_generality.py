@@ -172,6 +172,7 @@ ATTENTION = [
     _must("attn_manual_softmax", sp.AttnManualSoftmax, gqa_attention=1),
     _must("attn_manual_softmax_exp2_fp32", sp.AttnManualSoftmaxExp2, seq=11, gqa_attention=1),
     _must("attn_manual_softmax_logsumexp", sp.AttnManualSoftmaxLogsumexp, gqa_attention=1),
+    _must("attn_numpy_names_special_logsumexp", sp.AttnNumpyNamesSpecialLogsumexp, gqa_attention=1),
     _must("attn_manual_softmax_mask_after_exp", sp.AttnManualSoftmaxMaskAfterExp, gqa_attention=1),
     _must("sdpa_arange_bool_mask", sp.SdpaArangeBoolMask, gqa_attention=1),
     _must("sdpa_float_mask_einops_repeat", sp.SdpaFloatMaskEinopsRepeat, seq=7, gqa_attention=1),

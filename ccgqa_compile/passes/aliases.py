@@ -3,7 +3,10 @@ recognizers read.
 
 ``torch.concatenate`` and ``torch.concat`` (NumPy's and the array API's names, ``axis=``
 for ``dim=``) are ``torch.cat``: a JAX port concatenating q and k before one
-convolution spells it so.
+convolution spells it so. The other NumPy and ``torch.special`` names of one op
+(``torch.multiply``, ``x.divide``, ``torch.clip``, ``torch.special.logsumexp``,
+``torch.special.expit``...) are called by the name the recognizers read, with the same
+arguments.
 
 ``x.to(other)`` and ``x.type_as(other)`` read only ``other``'s dtype and device, which a
 compiled graph knows (Dynamo guards on them): they become ``x.to(device, dtype)``, so a
@@ -27,6 +30,19 @@ from .common import GraphContext
 from .fx_util import autocast_stacks, graph_changed, tensor_value
 
 _CAT_ALIASES = {torch.concatenate, torch.concat}
+# other names of one function, same arguments: (function, method) alias -> the name read
+_FUNCTION_ALIASES = {
+    torch.multiply: torch.mul, torch.divide: torch.div, torch.true_divide: torch.div,
+    torch.subtract: torch.sub, torch.negative: torch.neg, torch.absolute: torch.abs,
+    torch.clip: torch.clamp, torch.special.logsumexp: torch.logsumexp,
+    torch.special.softmax: torch.softmax, torch.special.log_softmax: torch.log_softmax,
+    torch.special.expit: torch.sigmoid, torch.special.exp2: torch.exp2,
+    torch.special.expm1: torch.expm1, torch.special.log1p: torch.log1p,
+}  # fmt: skip
+_METHOD_ALIASES = {
+    "multiply": "mul", "divide": "div", "true_divide": "div", "subtract": "sub",
+    "negative": "neg", "absolute": "abs", "clip": "clamp",
+}  # fmt: skip
 _RMS_NORMS = {torch.nn.functional.rms_norm, torch.rms_norm}
 
 
@@ -45,6 +61,12 @@ def run(ctx: GraphContext) -> None:
                 )  # fmt: skip
                 node.kwargs = {}
                 changed = True
+        elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:
+            node.target = _FUNCTION_ALIASES[node.target]
+            changed = True
+        elif node.op == "call_method" and node.target in _METHOD_ALIASES:
+            node.target = _METHOD_ALIASES[node.target]
+            changed = True
         elif node.op == "call_function" and node.target in _CAT_ALIASES:
             kwargs = dict(node.kwargs)
             if "axis" in kwargs:
