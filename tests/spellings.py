@@ -3445,3 +3445,30 @@ class AttnNumpyNamesSpecialLogsumexp(_QKV):
         s = torch.where(keep, s, torch.finfo(s.dtype).min)
         p = torch.exp(torch.subtract(s, torch.special.logsumexp(s, -1, keepdim=True)))
         return torch.einsum("bhqk,bkhd->bqhd", p, v.divide(1.0))
+
+
+class AttnMegatronBaddbmmViewWrittenInPlace(_QKV):
+    """Megatron's core attention on an uninitialised buffer: ``baddbmm(empty, q, kT,
+    beta=0)`` viewed (B, H, T, T), the mask written into that view by ``masked_fill_``."""
+
+    DIAGONAL = 1
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
+        ql, kl, vl = (x.transpose(0, 1).reshape(t, b * h, d) for x in (q, k, v))
+        buf = torch.empty(b * h, t, t, dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(
+            buf, ql.transpose(0, 1), kl.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=d**-0.5
+        ).view(b, h, t, t)
+        future = torch.triu(torch.ones(t, t, device=q.device, dtype=torch.bool), self.DIAGONAL)
+        scores.masked_fill_(future, -10000.0)
+        probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = torch.bmm(probs.view(b * h, t, t), vl.transpose(0, 1))
+        return out.view(b, h, t, d).transpose(1, 2)
+
+
+class NearAttnMegatronBaddbmmViewMasksDiagonal(AttnMegatronBaddbmmViewWrittenInPlace):
+    """The same with the diagonal masked too: no token sees itself."""
+
+    DIAGONAL = 0

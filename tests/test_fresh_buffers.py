@@ -156,6 +156,22 @@ def _written_then_viewed(x, y):
     return a.view(-1, 8) * y[:8].to(a.dtype)
 
 
+def _only_view_written(x, y):
+    """The only view of a tensor the graph made is written (Megatron's scores viewed
+    (B, H, T, T), then ``masked_fill_``): writing it is writing a fresh tensor."""
+    a = (x * 2).view(3, 40)
+    a.masked_fill_(a > 1, -3.0)
+    return a * 2 + y[:1].to(a.dtype)
+
+
+def _view_written_base_read_after(x, y):
+    """Left as written: the base it views is read after the write too."""
+    base = x * 2
+    a = base.view(3, 40)
+    a.masked_fill_(a > 1, -3.0)
+    return a * 2 + base.sum() * y[:1].to(a.dtype)
+
+
 def _straight_through(x, y):
     """Left as written: a write under no_grad into a tensor that requires grad changes its
     values but not its gradient path (a straight-through estimator)."""
@@ -178,6 +194,8 @@ def _mutations(gm) -> int:
         (_inplace_on_an_alias, False),
         (_inplace_seen_by_a_view, False),
         (_written_then_viewed, True),
+        (_only_view_written, True),
+        (_view_written_base_read_after, False),
         (_straight_through, None),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),

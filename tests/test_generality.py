@@ -173,6 +173,10 @@ ATTENTION = [
     _must("attn_manual_softmax_exp2_fp32", sp.AttnManualSoftmaxExp2, seq=11, gqa_attention=1),
     _must("attn_manual_softmax_logsumexp", sp.AttnManualSoftmaxLogsumexp, gqa_attention=1),
     _must("attn_numpy_names_special_logsumexp", sp.AttnNumpyNamesSpecialLogsumexp, gqa_attention=1),
+    _must("attn_megatron_baddbmm_view_written_in_place",
+          sp.AttnMegatronBaddbmmViewWrittenInPlace, gqa_attention=1),  # fmt: skip
+    _near("attn_near_megatron_baddbmm_view_masks_diagonal",
+          sp.NearAttnMegatronBaddbmmViewMasksDiagonal, gqa_attention=0),  # fmt: skip
     _must("attn_manual_softmax_mask_after_exp", sp.AttnManualSoftmaxMaskAfterExp, gqa_attention=1),
     _must("sdpa_arange_bool_mask", sp.SdpaArangeBoolMask, gqa_attention=1),
     _must("sdpa_float_mask_einops_repeat", sp.SdpaFloatMaskEinopsRepeat, seq=7, gqa_attention=1),

@@ -36,6 +36,7 @@ from .fx_util import (
     requires_grad,
     storage_base,
     value,
+    view_chain,
     written_tensors,
 )
 from .region import grad_modes, propagate_fake
@@ -159,21 +160,34 @@ def _is_fresh(node: Any) -> bool:
     )  # fmt: skip
 
 
+def _only_view_of_fresh(node: Any) -> bool:
+    """A view of a tensor the graph made, through views each read by nothing else
+    (Megatron's ``scores = baddbmm(...).view(b, h, s, s)`` then ``scores.masked_fill_``):
+    the only name its memory has, so writing it is writing a fresh tensor."""
+    chain = view_chain(node)
+    if len(chain) < 2 or not _is_fresh(chain[-1]):
+        return False
+    return all(set(outer.users) == {inner} for inner, outer in zip(chain, chain[1:]))
+
+
 def _inplace_on_fresh(graph: torch.fx.Graph, modes: dict[Node, Any]) -> bool:
-    """``g = silu(h, inplace=True)``, ``g.mul_(up)``, ``x += y`` on tensors the graph made:
-    each write becomes its out-of-place op, and later readers read the new value. Only
-    where no view of the written tensor is taken before the write (it would see it)."""
+    """``g = silu(h, inplace=True)``, ``g.mul_(up)``, ``x += y`` on tensors the graph made
+    (or on the only view of one): each write becomes its out-of-place op, and later
+    readers read the new value. Only where no view of the written tensor is taken before
+    the write (it would see it)."""
     changed = False
     for node in list(graph.nodes):
         form = _inplace_form(node)
-        if form is None or not node.args or not _is_fresh(node.args[0]):
+        if form is None or not node.args:
             continue
         base = node.args[0]
+        if not (_is_fresh(base) or _only_view_of_fresh(base)):
+            continue
         if modes.get(node) is False and requires_grad(base):
             continue  # a write under no_grad keeps base's gradient path (straight-through)
         order = {n: i for i, n in enumerate(graph.nodes)}
         if any(
-            storage_base(u) is base and u is not base and order[u] < order[node]
+            base in view_chain(u)[1:] and order[u] < order[node]
             for u in base.users if u is not node
         ):  # fmt: skip
             continue  # a view taken before the write sees it: left as written
