@@ -3472,3 +3472,28 @@ class NearAttnMegatronBaddbmmViewMasksDiagonal(AttnMegatronBaddbmmViewWrittenInP
     """The same with the diagonal masked too: no token sees itself."""
 
     DIAGONAL = 0
+
+
+class CCGQAConvSumsOfCatShifts(CCGQAConvTapsWrittenOut):
+    """Both convolutions as sums of the tokens delayed by ``cat([zeros, x[:, :T - j]])``:
+    the depthwise one times per-channel taps, the per-head one as einsums of each delayed
+    (B, T, C) copy viewed (B, T, H, D) with the head's matrices; biases added."""
+
+    @staticmethod
+    def shifted(x, j):
+        if j == 0:
+            return x
+        return torch.cat([x.new_zeros(x.shape[0], j, x.shape[2]), x[:, : x.shape[1] - j]], 1)
+
+    def conv(self, x, dw, hc):
+        b, t, c = x.shape
+        k1 = dw.weight.shape[-1]
+        y = sum(self.shifted(x, j) * dw.weight[:, 0, k1 - 1 - j] for j in range(k1)) + dw.bias
+        heads, k2 = hc.groups, hc.weight.shape[-1]
+        w2 = torch.stack(hc.weight.chunk(heads, dim=0))  # (H, out, in, k)
+        out = sum(
+            torch.einsum("bthi,hoi->btho", self.shifted(y, j).view(b, t, heads, c // heads),
+                         w2[..., k2 - 1 - j])
+            for j in range(k2)
+        )  # fmt: skip
+        return out.reshape(b, t, c) + hc.bias

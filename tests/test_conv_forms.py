@@ -35,6 +35,21 @@ def _depthwise_taps(x, w, w2):
     )
 
 
+def _delayed_by_cat(x, j):
+    return x if j == 0 else torch.cat([x.new_zeros(B, j, x.shape[2]), x[:, : T - j]], 1)
+
+
+def _depthwise_taps_shifted_by_cat(x, w, w2):
+    """Each tap's tokens shifted by ``cat([zeros, x[:, :T - j]])``."""
+    return sum(_delayed_by_cat(x, j) * w[:, K - 1 - j] for j in range(K))
+
+
+def _shifted_by_cat_of_ones(x, w, w2):
+    """Stays: the shift lets ones in, not zeros."""
+    shifted = torch.cat([x.new_ones(B, 1, x.shape[2]), x[:, : T - 1]], 1)
+    return x * w[:, 1] + shifted * w[:, 0]
+
+
 def _padded_once_slices(x, w, w2):
     xp = F.pad(x, (0, 0, 2, 0))
     return xp[:, 2:] * w[:, 2] + xp[:, 1:-1] * w[:, 1] + xp[:, :-2] * w[:, 0]
@@ -56,6 +71,14 @@ def _per_head_taps_viewed_per_term(x, w, w2):
     """Each term views x as heads anew."""
     taps = w.view(H, D, K)
     return sum(_delayed(x.view(B, T, H, D), j) * taps[..., K - 1 - j] for j in range(K))
+
+
+def _per_head_einsum_viewed_after_the_shift(x, w, w2):
+    """The tokens shifted as (B, T, C), each copy viewed (B, T, H, D) for the einsum."""
+    return sum(
+        torch.einsum("bthi,hoi->btho", _delayed_by_cat(x, j).view(B, T, H, D), w2[..., j])
+        for j in range(K)
+    )
 
 
 def _unfold_times_taps(x, w, w2):
@@ -139,9 +162,12 @@ def _in_graph_order(gm, ins):
     [
         (_depthwise_taps, 1),
         (_padded_once_slices, 1),
+        (_depthwise_taps_shifted_by_cat, 1),
+        (_shifted_by_cat_of_ones, 0),
         (_tokens_first_heads, 1),
         (_per_head_einsum, 1),
         (_per_head_taps_viewed_per_term, 1),
+        (_per_head_einsum_viewed_after_the_shift, 1),
         (_unfold_times_taps, 1),
         (_unfold_einsum, 1),
         (_stacked_delays_times_taps, 1),

@@ -44,6 +44,7 @@ from .fx_util import (
     is_function,
     is_method,
     is_mutating,
+    is_zero_fill,
     same_computation,
     tensor_value,
     value,
@@ -77,6 +78,12 @@ class Taps:
     contr: list[int]
     outc_sizes: list[int]
     out_axes: list[int]
+    # the taps read x through this view (``shift(x).view(B, T, H, D)``: each shifted copy
+    # viewed as heads): the conv reads x viewed so, the same call on x itself
+    view: Node | None = None
+
+    def x_value(self) -> torch.Tensor:
+        return tensor_value(self.view if self.view is not None else self.x)
 
 
 @dataclass
@@ -108,8 +115,20 @@ def _shift_chain(node: Node) -> tuple[Node, list[Node]]:
         elif (is_function(node, *PAD) and _zero_pad(node)) or _is_narrow(node):
             chain.append(node)
             node = node.args[0]
+        elif (part := _zeros_around(node)) is not None:
+            chain.append(node)
+            node = part
         else:
             return node, chain[::-1]
+
+
+def _zeros_around(node: Node) -> Node | None:
+    """The one part of ``torch.cat([zeros, x], d)`` (zeros on either side or both) that is
+    not zeros the graph made: a zero pad of x along d."""
+    if not is_function(node, torch.cat) or not isinstance(node.args[0], (list, tuple)):
+        return None
+    parts = [p for p in node.args[0] if not is_zero_fill(p)]
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], Node) else None
 
 
 def _is_narrow(node: Node) -> bool:
@@ -151,6 +170,12 @@ def _positions(base: Node, chain: list[Node], sizes: dict) -> list[list[int]] | 
             axis %= len(pos)
             start %= max(len(pos[axis]), 1)
             pos[axis] = pos[axis][start : start + length]
+        elif is_function(op, torch.cat):
+            parts, axis = op.args[0], arg(op, 1, "dim", 0) % len(pos)
+            at = next(i for i, p in enumerate(parts) if not is_zero_fill(p))
+            lo, hi = (sum(concrete(tuple(tensor_value(p).shape), sizes)[axis] for p in side)
+                      for side in (parts[:at], parts[at + 1 :]))  # fmt: skip
+            pos[axis] = [-1] * lo + pos[axis] + [-1] * hi
         else:
             pads = [_int(p, sizes) for p in arg(op, 1, "pad")]
             for i in range(len(pads) // 2):
@@ -214,32 +239,61 @@ def _is_mul(node: Any) -> bool:
 
 
 def _term(leaf: Any, sizes: dict) -> list[tuple]:
-    """Readings of one addend as a tap: (base, time, offset, length, kind, weight, letters)
-    with kind "mul" (weight: the factor) or "einsum" (letters: x's, the weight's, out's)."""
+    """Readings of one addend as a tap: (base, time, offset, length, kind, weight, letters,
+    view) with kind "mul" (weight: the factor) or "einsum" (letters: x's, the weight's,
+    out's); ``view``: the operand is the shifted base viewed so (else None)."""
     if _is_mul(leaf):
-        found = []
-        for i in (0, 1):
-            operand, factor = leaf.args[i], leaf.args[1 - i]
-            if not isinstance(operand, Node) or not isinstance(factor, Node):
-                continue
-            shift = _shift(operand, sizes)
-            if shift is not None:
-                found.append((*shift, "mul", factor, None))
-        return found
-    letters = einsum_pair(leaf)
-    if letters is not None:
+        pairs = [(leaf.args[i], leaf.args[1 - i], None) for i in (0, 1)]
+        kind = "mul"
+    elif (letters := einsum_pair(leaf)) is not None:
         la, lb, out = letters
-        found = []
-        for operand, weight, xl, wl in (
-            (leaf.args[1], leaf.args[2], la, lb),
-            (leaf.args[2], leaf.args[1], lb, la),
-        ):
-            if isinstance(operand, Node) and isinstance(weight, Node):
-                shift = _shift(operand, sizes)
-                if shift is not None:
-                    found.append((*shift, "einsum", weight, (xl, wl, out)))
-        return found
-    return []
+        pairs = [(leaf.args[1], leaf.args[2], (la, lb, out)), (leaf.args[2], leaf.args[1], (lb, la, out))]
+        kind = "einsum"
+    else:
+        return []
+    found = []
+    for operand, weight, letters in pairs:
+        if isinstance(operand, Node) and isinstance(weight, Node):
+            for *shift, view in _shift_readings(operand, sizes):
+                found.append((*shift, kind, weight, letters, view))
+    return found
+
+
+def _shift_readings(operand: Node, sizes: dict) -> list[tuple]:
+    """(base, time, offset, length, view): ``operand`` shifted from base, or a view of
+    base shifted (``shift(x).view(B, T, H, D)``), where the view keeps the axes up to and
+    including time and the shift keeps the length (so the view applies to base as is)."""
+    found = []
+    shift = _shift(operand, sizes)
+    if shift is not None:
+        found.append((*shift, None))
+    if _splits_channels(operand):
+        inner = _shift(operand.args[0], sizes)
+        if inner is not None:
+            base, time, offset, length = inner
+            n = concrete(tuple(tensor_value(base).shape), sizes)
+            if time is None or (length == n[time] and time < _kept_leading_axes(operand)):
+                found.append((base, time, offset, length, operand))
+    return found
+
+
+def _splits_channels(node: Any) -> bool:
+    return is_method(node, "view", "reshape", "unflatten") and isinstance(node.args[0], Node)
+
+
+def _kept_leading_axes(view: Node) -> int:
+    """How many leading axes a view leaves as they are."""
+    a, b = tuple(tensor_value(view.args[0]).shape), tuple(tensor_value(view).shape)
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _same_view(a: Node | None, b: Node | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.target == b.target and a.args[1:] == b.args[1:] and a.kwargs == b.kwargs
 
 
 def _roles_mul(xv: torch.Tensor, time: int, factors: list[tuple], ov: Any) -> dict | None:
@@ -299,14 +353,15 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
     """The taps among a sum's addends (and the addends that are not taps)."""
     leaves = _add_leaves(root)
     readings = [_term(leaf, sizes) if isinstance(leaf, Node) else [] for leaf in leaves]
-    bases = {r[0] for rs in readings for r in rs if r[1] is not None}
-    for base in bases:
+    bases = {(r[0], r[7]) for rs in readings for r in rs if r[1] is not None}
+    for base, view in bases:
         for kind in ("mul", "einsum"):
             picked, rest = [], []
             for leaf, rs in zip(leaves, readings):
                 match = [
                     r for r in rs
                     if (r[0] is base or same_computation(r[0], base)) and r[4] == kind
+                    and _same_view(r[7], view)
                 ]  # fmt: skip
                 (picked if match else rest).append(match[0] if match else leaf)
             shifted = [r for r in picked if r[1] is not None]
@@ -315,7 +370,7 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
             if len(picked) < 2 or not shifted or len(times) != 1 or len(lengths) != 1:
                 continue
             time, length = times.pop(), lengths.pop()
-            bv = tensor_value(base)
+            bv = tensor_value(base if view is None else view)
             n = concrete(tuple(bv.shape), sizes)[time]
             if any(r[1] is None and length != n for r in picked):
                 continue  # an unshifted addend is as long as x; the taps are not
@@ -340,7 +395,7 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
                     continue
                 order = roles.pop("w_order")
                 weights = [("einsum", w, order) for w in weights]
-            taps = Taps(root, base, time, offsets, weights, length, **roles)
+            taps = Taps(root, base, time, offsets, weights, length, **roles, view=view)
             return taps, rest
     return None
 
@@ -469,7 +524,7 @@ def _tap_weight(spec: tuple, taps: Taps, rank: int, proxy) -> Proxy:
         w = w.reshape(*((1,) * (rank - len(layout))), *layout)
         order = taps.group + [a for a in range(rank) if a not in taps.group]
         return w.permute(*order).reshape(-1, 1)
-    xv = tensor_value(taps.x)
+    xv = taps.x_value()
     inner = 1
     for a in taps.contr:
         inner *= int(xv.shape[a])
@@ -483,12 +538,16 @@ def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node
     def proxy(n):
         return Proxy(n, tracer) if isinstance(n, Node) else n
 
-    xv = tensor_value(taps.x)
+    xv = taps.x_value()
     rank, time = xv.dim(), taps.time
     lo_off, hi_off = min(taps.offsets), max(taps.offsets)
     kernel = hi_off - lo_off + 1
     with graph.inserting_before(taps.out):
         x = proxy(taps.x)
+        if taps.view is not None:
+            args, kwargs = torch.fx.node.map_arg((taps.view.args[1:], taps.view.kwargs), proxy)
+            x = getattr(x, taps.view.target)(*args, **kwargs)
+        base = x
         n = xv.shape[time]
         # x shifted so that tap j reads position t + offsets[j] - lo_off
         lo, hi = -lo_off, taps.length + kernel - 1 - n + lo_off
@@ -515,7 +574,7 @@ def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node
         else:
             y = y.squeeze(1)
         if nb:
-            y = y.unflatten(0, [proxy(taps.x).size(a) if not isinstance(xv.shape[a], int) else xv.shape[a]
+            y = y.unflatten(0, [base.size(a) if not isinstance(xv.shape[a], int) else xv.shape[a]
                                 for a in taps.batch])  # fmt: skip
         else:
             y = y.squeeze(0)
