@@ -309,3 +309,26 @@ def test_gpt_fast_rope_dynamic_true(training):
     assert 1 <= len(rep.graphs) <= 2, str(rep)
     for graph in rep.graphs:
         assert graph.count("rope") == 2, str(rep)
+
+
+class _FractionSlicedTaps(torch.nn.Module):
+    """Partial RoPE on ``int(self.fraction * d)`` dims, written as a sum of slices: under
+    ``dynamic=True`` the lifted float makes the slice bound a size no assignment gives (the
+    convolution reader looked at this sum of slices and raised)."""
+
+    fraction = 0.5
+
+    def forward(self, x, cos, sin):
+        r = int(self.fraction * x.shape[-1])
+        xr, xp = x[..., :r], x[..., r:]
+        rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
+        return torch.cat([xr * cos[..., :r] + rot * sin[..., :r], xp], -1)
+
+
+def test_sum_of_slices_with_a_float_sized_bound():
+    torch.manual_seed(0)
+    model = _FractionSlicedTaps()
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    x, cos, sin = torch.randn(2, 7, 4, 16), torch.randn(7, 1, 16), torch.randn(7, 1, 16)
+    assert_close(compiled(x, cos, sin), model(x, cos, sin), torch.float32, "partial rope")
+    assert not any("internal error" in str(g) for g in ccgqa_compile.report().graphs)

@@ -710,14 +710,20 @@ def _proposal(node: Node, sizes: dict) -> tuple[Node, Any] | None:
     unit = _unit_conv2d(node)
     if unit is not None:
         return arg(node, 0, "input"), partial(_emit_conv2d, node.graph, node, unit)
+    # a size with a symbol no assignment gives (a float lifted by ``dynamic=True`` times a
+    # size) is not read: the code stays as written
+    unreadable = (IndexError, ValueError, TypeError, NotEvaluable)
     if _plain_add(node) and not (len(node.users) == 1 and _plain_add(next(iter(node.users)))):
-        found = _taps_of_sum(node, sizes)
+        try:
+            found = _taps_of_sum(node, sizes)
+        except unreadable:
+            return None
         if found is not None:
             return found[0].x, partial(_emit_taps, node.graph, *found)
         return None
     try:
         taps = _taps_of_window(node, sizes)
-    except (IndexError, ValueError, TypeError):
+    except unreadable:
         return None
     return None if taps is None else (taps.x, partial(_emit_taps, node.graph, taps, []))
 
