@@ -3497,3 +3497,18 @@ class CCGQAConvSumsOfCatShifts(CCGQAConvTapsWrittenOut):
             for j in range(k2)
         )  # fmt: skip
         return out.reshape(b, t, c) + hc.bias
+
+
+class CCGQAConvUnfoldGroupedFlax(CCGQAConvUnfoldWindows):
+    """A Flax port: kernels laid out (k, in per group, out); the per-head conv's windows
+    ``unfold``ed from (B, T, C) and then reshaped (B, T, H, D, k) per head."""
+
+    def conv(self, x, dw, hc):
+        b, t, c = x.shape
+        k1 = dw.weight.shape[-1]
+        win = F.pad(x, (0, 0, k1 - 1, 0)).unfold(1, k1, 1)
+        y = torch.einsum("btck,kc->btc", win, dw.weight[:, 0].t()) + dw.bias
+        heads, k2 = hc.groups, hc.weight.shape[-1]
+        w2 = hc.weight.permute(2, 1, 0).reshape(k2, c // heads, heads, c // heads)  # (k, in, H, out)
+        win = F.pad(y, (0, 0, k2 - 1, 0)).unfold(1, k2, 1).reshape(b, t, heads, c // heads, k2)
+        return torch.einsum("btgik,kigo->btgo", win, w2).reshape(b, t, c) + hc.bias

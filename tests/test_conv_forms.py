@@ -90,6 +90,13 @@ def _unfold_einsum(x, w, w2):
     return torch.einsum("bthik,hoik->btho", win, w2)
 
 
+def _unfold_then_grouped_einsum(x, w, w2):
+    """Windows of (B, T, C) viewed per group, (B, T, H, D, k), against (k, D, H, D) taps
+    (a Flax kernel's layout)."""
+    win = F.pad(x, (0, 0, K - 1, 0)).unfold(1, K, 1).reshape(B, T, H, D, K)
+    return torch.einsum("btgik,kigo->btgo", win, w2.permute(3, 2, 0, 1))
+
+
 def _stacked_delays_times_taps(x, w, w2):
     """The delayed copies stacked on a new middle axis, times taps along it, summed."""
     stack = torch.stack([_delayed(x, j) for j in range(K)], dim=2)  # (B, T, K, C)
@@ -170,6 +177,7 @@ def _in_graph_order(gm, ins):
         (_per_head_einsum_viewed_after_the_shift, 1),
         (_unfold_times_taps, 1),
         (_unfold_einsum, 1),
+        (_unfold_then_grouped_einsum, 1),
         (_stacked_delays_times_taps, 1),
         (_stacked_delays_einsum, 1),
         (_stacked_two_tensors, 0),

@@ -262,6 +262,7 @@ CCGQA = [
     _must("ccgqa_conv_unfold_windows", sp.CCGQAConvUnfoldWindows, seq=7, **_block()),
     _must("ccgqa_conv_stacked_shifts_einsum", sp.CCGQAConvStackedShiftsEinsum, **_block()),
     _must("ccgqa_conv_sums_of_cat_shifts", sp.CCGQAConvSumsOfCatShifts, **_block()),
+    _must("ccgqa_conv_unfold_grouped_flax", sp.CCGQAConvUnfoldGroupedFlax, seq=7, **_block()),
     _must("ccgqa_conv2d_unit_height", sp.CCGQAConv2dUnitHeight, **_block()),
     _must("ccgqa_rope_on_last_dims", sp.CCGQARopeOnLastDims, **_block()),
     _must("ccgqa_rms_norm_on_heads", sp.CCGQARmsNormOnHeads, **_block()),

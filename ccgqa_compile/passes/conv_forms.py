@@ -23,6 +23,7 @@ fused.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from functools import partial
@@ -78,12 +79,16 @@ class Taps:
     contr: list[int]
     outc_sizes: list[int]
     out_axes: list[int]
-    # the taps read x through this view (``shift(x).view(B, T, H, D)``: each shifted copy
-    # viewed as heads): the conv reads x viewed so, the same call on x itself
-    view: Node | None = None
+    # the taps read x with one channel axis split, (axis, sizes): each shifted copy viewed
+    # as heads (``shift(x).view(B, T, H, D)``), a window viewed per group
+    # (``x.unfold(1, k, 1).reshape(B, T, G, C // G, k)``); the conv reads x unflattened so
+    split: tuple[int, tuple[int, ...]] | None = None
 
     def x_value(self) -> torch.Tensor:
-        return tensor_value(self.view if self.view is not None else self.x)
+        xv = tensor_value(self.x)
+        if self.split is None:
+            return xv
+        return xv.unflatten(*self.split)
 
 
 @dataclass
@@ -240,8 +245,9 @@ def _is_mul(node: Any) -> bool:
 
 def _term(leaf: Any, sizes: dict) -> list[tuple]:
     """Readings of one addend as a tap: (base, time, offset, length, kind, weight, letters,
-    view) with kind "mul" (weight: the factor) or "einsum" (letters: x's, the weight's,
-    out's); ``view``: the operand is the shifted base viewed so (else None)."""
+    split) with kind "mul" (weight: the factor) or "einsum" (letters: x's, the weight's,
+    out's); ``split``: the operand is the shifted base with a channel axis split (else
+    None)."""
     if _is_mul(leaf):
         pairs = [(leaf.args[i], leaf.args[1 - i], None) for i in (0, 1)]
         kind = "mul"
@@ -254,46 +260,46 @@ def _term(leaf: Any, sizes: dict) -> list[tuple]:
     found = []
     for operand, weight, letters in pairs:
         if isinstance(operand, Node) and isinstance(weight, Node):
-            for *shift, view in _shift_readings(operand, sizes):
-                found.append((*shift, kind, weight, letters, view))
+            for *shift, split in _shift_readings(operand, sizes):
+                found.append((*shift, kind, weight, letters, split))
     return found
 
 
 def _shift_readings(operand: Node, sizes: dict) -> list[tuple]:
-    """(base, time, offset, length, view): ``operand`` shifted from base, or a view of
-    base shifted (``shift(x).view(B, T, H, D)``), where the view keeps the axes up to and
-    including time and the shift keeps the length (so the view applies to base as is)."""
+    """(base, time, offset, length, split): ``operand`` shifted from base, or base shifted
+    and then one channel axis split (``shift(x).view(B, T, H, D)``)."""
     found = []
     shift = _shift(operand, sizes)
     if shift is not None:
         found.append((*shift, None))
-    if _splits_channels(operand):
+    split = _channel_split(operand)
+    if split is not None:
         inner = _shift(operand.args[0], sizes)
         if inner is not None:
             base, time, offset, length = inner
-            n = concrete(tuple(tensor_value(base).shape), sizes)
-            if time is None or (length == n[time] and time < _kept_leading_axes(operand)):
-                found.append((base, time, offset, length, operand))
+            if time is None or time < split[0]:
+                found.append((base, time, offset, length, split))
     return found
 
 
-def _splits_channels(node: Any) -> bool:
-    return is_method(node, "view", "reshape", "unflatten") and isinstance(node.args[0], Node)
-
-
-def _kept_leading_axes(view: Node) -> int:
-    """How many leading axes a view leaves as they are."""
-    a, b = tuple(tensor_value(view.args[0]).shape), tuple(tensor_value(view).shape)
-    n = 0
-    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _same_view(a: Node | None, b: Node | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.target == b.target and a.args[1:] == b.args[1:] and a.kwargs == b.kwargs
+def _channel_split(node: Any) -> tuple[int, tuple[int, ...]] | None:
+    """(axis, sizes): ``node`` (a view, reshape or unflatten) splits one axis of its input
+    into several, every other axis kept."""
+    if not is_method(node, "view", "reshape", "unflatten") or not isinstance(node.args[0], Node):
+        return None
+    a, b = tuple(tensor_value(node.args[0]).shape), tuple(tensor_value(node).shape)
+    lead = 0
+    while lead < min(len(a), len(b)) and a[lead] == b[lead]:
+        lead += 1
+    trail = 0
+    while trail < min(len(a), len(b)) - lead and a[-1 - trail] == b[-1 - trail]:
+        trail += 1
+    if len(a) - lead - trail != 1 or len(b) - lead - trail < 2:
+        return None
+    sizes = b[lead : len(b) - trail]
+    if not all(isinstance(n, int) for n in sizes) or math.prod(sizes) != a[lead]:
+        return None
+    return lead, tuple(sizes)
 
 
 def _roles_mul(xv: torch.Tensor, time: int, factors: list[tuple], ov: Any) -> dict | None:
@@ -354,14 +360,14 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
     leaves = _add_leaves(root)
     readings = [_term(leaf, sizes) if isinstance(leaf, Node) else [] for leaf in leaves]
     bases = {(r[0], r[7]) for rs in readings for r in rs if r[1] is not None}
-    for base, view in bases:
+    for base, split in bases:
         for kind in ("mul", "einsum"):
             picked, rest = [], []
             for leaf, rs in zip(leaves, readings):
                 match = [
                     r for r in rs
                     if (r[0] is base or same_computation(r[0], base)) and r[4] == kind
-                    and _same_view(r[7], view)
+                    and r[7] == split
                 ]  # fmt: skip
                 (picked if match else rest).append(match[0] if match else leaf)
             shifted = [r for r in picked if r[1] is not None]
@@ -370,7 +376,7 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
             if len(picked) < 2 or not shifted or len(times) != 1 or len(lengths) != 1:
                 continue
             time, length = times.pop(), lengths.pop()
-            bv = tensor_value(base if view is None else view)
+            bv = tensor_value(base) if split is None else tensor_value(base).unflatten(*split)
             n = concrete(tuple(bv.shape), sizes)[time]
             if any(r[1] is None and length != n for r in picked):
                 continue  # an unshifted addend is as long as x; the taps are not
@@ -395,7 +401,7 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
                     continue
                 order = roles.pop("w_order")
                 weights = [("einsum", w, order) for w in weights]
-            taps = Taps(root, base, time, offsets, weights, length, **roles, view=view)
+            taps = Taps(root, base, time, offsets, weights, length, **roles, split=split)
             return taps, rest
     return None
 
@@ -411,7 +417,7 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         found = [(a, w) for a in prod.args if (w := _window(a, sizes)) is not None]
         if len(found) != 1 or len(prod.users) != 1:
             return None
-        (window, (x, time, offsets, length, at)), = found
+        (window, (x, time, offsets, length, at, split)), = found
         factor = next((a for a in prod.args if a is not window), None)
         if not isinstance(factor, Node):
             return None
@@ -423,7 +429,7 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         if fv.dim() > wv.dim() or f_at < 0 or fv.shape[f_at] != len(offsets):
             return None
         shape = tuple(fv.shape[:f_at]) + tuple(fv.shape[f_at + 1 :])
-        roles = _roles_mul(tensor_value(x), time, [(shape, fv.dtype)], tensor_value(node))
+        roles = _roles_mul(_split_value(x, split), time, [(shape, fv.dtype)], tensor_value(node))
         if roles is None:
             return None
         weights = [("mul", ("select", factor, f_at, j), shape) for j in range(len(offsets))]
@@ -437,7 +443,7 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         ]  # fmt: skip
         if len(found) != 1:
             return None
-        _, weight, ul, wl, (x, time, offsets, length, at) = found[0]
+        _, weight, ul, wl, (x, time, offsets, length, at, split) = found[0]
         if not isinstance(weight, Node) or len(set(ul)) != len(ul) or len(ul) <= at:
             return None
         kl = ul[at]
@@ -448,7 +454,7 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         if wshape[w_at] != len(offsets):
             return None
         roles = _roles_einsum(
-            tensor_value(x),
+            _split_value(x, split),
             wshape[:w_at] + wshape[w_at + 1 :],
             time,
             (ul[:at] + ul[at + 1 :], wl.replace(kl, ""), out),
@@ -459,18 +465,27 @@ def _taps_of_window(node: Node, sizes: dict) -> Taps | None:
         weights = [("einsum", ("select", weight, w_at, j), order) for j in range(len(offsets))]
     else:
         return None
-    return Taps(node, x, time, offsets, weights, length, **roles)
+    return Taps(node, x, time, offsets, weights, length, **roles, split=split)
 
 
-def _window(node: Any, sizes: dict) -> tuple[Node, int, list[int], int, int] | None:
+def _window(node: Any, sizes: dict) -> tuple | None:
     """(x, x's time axis, each window position's offset, the output length, the window
-    axis) of ``x.unfold(t, k, 1)`` (the window axis last, x's time axis shortened to
-    T - k + 1) or of ``torch.stack`` of copies of x each shifted along one time axis
-    (zeros entering; the stack's axis the window's)."""
+    axis, a channel split or None) of ``x.unfold(t, k, 1)`` (the window axis last, x's
+    time axis shortened to T - k + 1), of that with one channel axis split
+    (``.reshape(B, T, G, C // G, k)``), or of ``torch.stack`` of copies of x each shifted
+    along one time axis (zeros entering; the stack's axis the window's)."""
+    split = _channel_split(node)
+    if split is not None and _is_unfold_window(node.args[0]):
+        inner = _window(node.args[0], sizes)
+        rank = tensor_value(node.args[0]).dim()
+        if inner is None or not inner[1] < split[0] < rank - 1:
+            return None
+        x, time, offsets, length, at, _ = inner
+        return x, time, offsets, length, at + len(split[1]) - 1, split
     if _is_unfold_window(node):
         x, time, k = _unfold_window_args(node)
         n = concrete(tuple(tensor_value(x).shape), sizes)[time]
-        return x, time, list(range(k)), n - k + 1, tensor_value(node).dim() - 1
+        return x, time, list(range(k)), n - k + 1, tensor_value(node).dim() - 1, None
     if not is_function(node, torch.stack) or not isinstance(node.args[0], (list, tuple)):
         return None
     parts = node.args[0]
@@ -492,7 +507,11 @@ def _window(node: Any, sizes: dict) -> tuple[Node, int, list[int], int, int] | N
     if len(lengths) != 1 or len(set(offsets)) != len(offsets):
         return None
     at = arg(node, 1, "dim", 0) % tensor_value(node).dim()
-    return x, time, offsets, lengths.pop(), at
+    return x, time, offsets, lengths.pop(), at, None
+
+
+def _split_value(x: Node, split) -> torch.Tensor:
+    return tensor_value(x) if split is None else tensor_value(x).unflatten(*split)
 
 
 def _is_unfold_window(node: Any) -> bool:
@@ -544,9 +563,8 @@ def _emit_taps(graph: torch.fx.Graph, taps: Taps, rest: list[Any]) -> tuple[Node
     kernel = hi_off - lo_off + 1
     with graph.inserting_before(taps.out):
         x = proxy(taps.x)
-        if taps.view is not None:
-            args, kwargs = torch.fx.node.map_arg((taps.view.args[1:], taps.view.kwargs), proxy)
-            x = getattr(x, taps.view.target)(*args, **kwargs)
+        if taps.split is not None:
+            x = x.unflatten(*taps.split)
         base = x
         n = xv.shape[time]
         # x shifted so that tap j reads position t + offsets[j] - lo_off
