@@ -606,15 +606,16 @@ class OneTokenCCGQA(nn.Module):
     write, SDPA over the cache. ``state_first=False``: the state after the new column (a
     near miss: the convs then see the past as the future). ``sliced_read``: the attention
     reads the caches' first B rows (torchtitan's ``cache_k[:bsz]``), a view of what the
-    step wrote."""
+    step wrote. ``per_stream``: q and k convolved apart, each over its channels of the
+    window (``window[:, :Cq]``) with its slices of the shared convs' weights."""
 
     def __init__(
         self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16,
-        sliced_read=False,
+        sliced_read=False, per_stream=False,
     ):  # fmt: skip
         super().__init__()
         self.hq, self.hkv, self.d, self.state_first = hq, hkv, d, state_first
-        self.sliced_read = sliced_read
+        self.sliced_read, self.per_stream = sliced_read, per_stream
         c = (hq + hkv) * d
         self.q_proj, self.k_proj = nn.Linear(32, hq * d), nn.Linear(32, hkv * d)
         self.v_proj = nn.Linear(32, hkv * d)
@@ -635,7 +636,16 @@ class OneTokenCCGQA(nn.Module):
         parts = [self.conv_state, cols] if self.state_first else [cols, self.conv_state]
         window = torch.cat(parts, dim=-1)
         self.conv_state.copy_(window[..., 1:])
-        y = self.conv2(self.conv1(window)).transpose(1, 2)
+        if self.per_stream:
+            c1, c2, cq = self.conv1, self.conv2, hq * d
+            q, k = (
+                F.conv1d(F.conv1d(window[:, part], c1.weight[part], c1.bias[part], groups=width),
+                         c2.weight[part], c2.bias[part], groups=heads)
+                for part, width, heads in ((slice(None, cq), cq, hq), (slice(cq, None), hkv * d, hkv))
+            )  # fmt: skip
+            y = torch.cat([q, k], 1).transpose(1, 2)
+        else:
+            y = self.conv2(self.conv1(window)).transpose(1, 2)
         q = y[..., : hq * d].reshape(b, 1, hq, d)
         k = y[..., hq * d :].reshape(b, 1, hkv, d)
         q = F.normalize(q, dim=-1) * d**0.5
@@ -654,17 +664,17 @@ class OneTokenCCGQA(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("state_first", "sliced_read"),
-    [(True, False), (True, True), (False, False)],
-    ids=["state-first", "state-first-sliced-read", "near-state-after"],
+    ("state_first", "sliced_read", "per_stream"),
+    [(True, False, False), (True, True, False), (True, False, True), (False, False, False)],
+    ids=["state-first", "state-first-sliced-read", "state-first-per-stream", "near-state-after"],
 )
-def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, sliced_read):
+def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, sliced_read, per_stream):
     """The step's prologue over the conv state fuses with the attention over the cache
     (a near miss only the attention); outputs and every state (conv state, caches) equal
     eager's step after step (the state write is moved after the op that reads the old
     state). The step's new keys are found behind a slice of the cache too."""
     torch.manual_seed(0)
-    fused = OneTokenCCGQA(state_first, sliced_read=sliced_read)
+    fused = OneTokenCCGQA(state_first, sliced_read=sliced_read, per_stream=per_stream)
     step, eager = _compiled_and_eager(fused)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():

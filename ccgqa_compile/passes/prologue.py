@@ -58,6 +58,7 @@ from .fx_util import (
     same_size,
     tensor_value,
     topo_order,
+    view_chain,
 )
 from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort
 from .rope import _table_options, lift_table_slices
@@ -184,8 +185,8 @@ def _conv_sources(conv: Node, b=None, t=None) -> list[Node]:
             out.append(node)
         elif is_function(node, *PAD) or is_layout(node) or is_cast(node) or _adds_axes(node):
             todo.append(node.args[0])
-        elif _split_part(node):  # a stream's channels of a window of both (decode steps)
-            todo.append(node.args[0].args[0])
+        elif (window := _split_part(node)) is not None:  # a stream's channels of both's
+            todo.append(window)
         elif is_function(node, torch.cat):
             # zeros the graph makes are padding, as a pad's are (a run-time state is not)
             todo.extend(p for p in node.args[0] if isinstance(p, Node) and not is_zero_fill(p))
@@ -213,20 +214,35 @@ def _adds_axes(node: Node) -> bool:
     return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
-def _split_part(node: Node) -> bool:
-    """``x.split(...)[i]`` / ``torch.chunk(x, ...)[i]`` of a concatenation ``x``: one
-    stream's channels of a decode step's window (conv state and new columns of both
-    streams). A part of anything else (a fused qkv projection) is a source itself."""
+def _split_part(node: Node) -> Node | None:
+    """The window ``node`` is one stream's channels of, or None: ``x.split(...)[i]`` /
+    ``torch.chunk(x, ...)[i]`` / ``x[:, :C]`` (a slice along one axis) of a concatenation
+    ``x`` (a decode step's window: conv state and new columns of both streams). A part of
+    anything else (a fused qkv projection) is a source itself."""
     if not is_function(node, operator.getitem) or not isinstance(node.args[0], Node):
-        return False
+        return None
     src = node.args[0]
-    if not (is_method(src, "split", "chunk", "tensor_split")
-            or is_function(src, torch.split, torch.chunk, torch.tensor_split)):  # fmt: skip
-        return False
-    whole = src.args[0]
+    if _slices_one_axis(node):
+        window = src
+    elif is_method(src, "split", "chunk", "tensor_split") or is_function(
+        src, torch.split, torch.chunk, torch.tensor_split
+    ):
+        window = src.args[0]
+    else:
+        return None
+    whole = window
     while is_layout(whole) or is_cast(whole):
         whole = whole.args[0]
-    return is_function(whole, torch.cat)
+    return window if is_function(whole, torch.cat) else None
+
+
+def _slices_one_axis(node: Node) -> bool:
+    """``x[:, a:b]``: a step-1 slice along one axis, every other axis whole."""
+    items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not all(isinstance(i, slice) or i is Ellipsis for i in items):
+        return False
+    cut = [i for i in items if isinstance(i, slice) and i != slice(None)]
+    return len(cut) == 1 and cut[0].step in (None, 1)
 
 
 def _as_btc(node: Node, b, t) -> str | None:
@@ -349,6 +365,8 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
         for qc, kc in (chains, chains[::-1]):
             if qc[1].node not in ancestors([site.q]) or kc[1].node not in ancestors([site.k]):
                 continue
+            if _out_channels(qc[1]) != cq or _out_channels(kc[1]) != ckv:
+                continue  # (both feed q and k where one tensor of both is split after)
             qs, ks = _conv_sources(qc[0].node, b, t), _conv_sources(kc[0].node, b, t)
             q_pre = [x for x in qs if _as_btc(x, b, t) is not None and _width(x, b, t) == cq]
             k_pre = [x for x in ks if _as_btc(x, b, t) is not None and _width(x, b, t) == ckv]
@@ -392,6 +410,10 @@ def _plans_for(site: Site, hkv: int) -> list[Plan] | str:
             for qk_mean in (True, False):
                 out.append(replace(plan, fold_bias=fold, qk_mean=qk_mean))
     return out
+
+
+def _out_channels(conv: Conv):
+    return tensor_value(conv.weight).shape[0]
 
 
 def _state_form(rest: list[Node], b, channels: int) -> dict | None:
@@ -1178,7 +1200,15 @@ def _recognise(ctx: GraphContext, site: Site, plans: list[Plan] | str) -> bool:
             region = Region.between([base.q_pre, base.k_pre, *base.states, *repeated], [site.q, site.k])
         # RoPE reading each table in halves: the table (T positions, not a whole buffer
         # of them, whose rows the region slices) is the input
-        region = lift_table_slices(region, base.q_pre, keep=lambda table: _has_time_dim(table, region))
+        # (never the conv weights: one shared conv's weight sliced for q and for k)
+        conv_params = {
+            n for c in (*base.q_convs, *base.k_convs) for w in (c.weight, c.bias)
+            if w is not None for n in view_chain(w)
+        }  # fmt: skip
+        region = lift_table_slices(
+            region, base.q_pre,
+            keep=lambda table: _has_time_dim(table, region) and table not in conv_params,
+        )  # fmt: skip
     except Rejected as why:
         ctx.rejected(FUSION, "prologue", site.anchor, str(why))
         return False
