@@ -607,15 +607,17 @@ class OneTokenCCGQA(nn.Module):
     near miss: the convs then see the past as the future). ``sliced_read``: the attention
     reads the caches' first B rows (torchtitan's ``cache_k[:bsz]``), a view of what the
     step wrote. ``per_stream``: q and k convolved apart, each over its channels of the
-    window (``window[:, :Cq]``) with its slices of the shared convs' weights."""
+    window (``window[:, :Cq]``) with its slices of the shared convs' weights.
+    ``tokens_cache``: the caches laid out (B, S, Hkv, D), written ``k.transpose(1, 2)`` and
+    read transposed back (flash-attn's kv-cache layout)."""
 
     def __init__(
         self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16,
-        sliced_read=False, per_stream=False,
+        sliced_read=False, per_stream=False, tokens_cache=False,
     ):  # fmt: skip
         super().__init__()
         self.hq, self.hkv, self.d, self.state_first = hq, hkv, d, state_first
-        self.sliced_read, self.per_stream = sliced_read, per_stream
+        self.sliced_read, self.per_stream, self.tokens_cache = sliced_read, per_stream, tokens_cache
         c = (hq + hkv) * d
         self.q_proj, self.k_proj = nn.Linear(32, hq * d), nn.Linear(32, hkv * d)
         self.v_proj = nn.Linear(32, hkv * d)
@@ -623,8 +625,9 @@ class OneTokenCCGQA(nn.Module):
         self.conv2 = nn.Conv1d(c, c, k2, groups=hq + hkv)
         self.temp = nn.Parameter(0.1 * torch.randn(hkv))
         self.register_buffer("conv_state", torch.randn(batch, c, k1 - 1 + k2 - 1))
-        self.register_buffer("k_cache", torch.randn(batch, hkv, max_len, d))
-        self.register_buffer("v_cache", torch.randn(batch, hkv, max_len, d))
+        cache = (batch, max_len, hkv, d) if tokens_cache else (batch, hkv, max_len, d)
+        self.register_buffer("k_cache", torch.randn(cache))
+        self.register_buffer("v_cache", torch.randn(cache))
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
         freqs = torch.outer(torch.arange(max_len).float(), 1.0 / 100 ** (torch.arange(0, d, 2) / d))
         self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
@@ -653,10 +656,16 @@ class OneTokenCCGQA(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2))
+        v = self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2)
+        if self.tokens_cache:
+            self.k_cache.index_copy_(1, pos, k.transpose(1, 2))
+            self.v_cache.index_copy_(1, pos, v.transpose(1, 2))
+            k_cache, v_cache = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        else:
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+            k_cache, v_cache = self.k_cache, self.v_cache
         mask = self.causal[pos][None, None]
-        k_cache, v_cache = self.k_cache, self.v_cache
         if self.sliced_read:
             k_cache, v_cache = k_cache[:b], v_cache[:b]
         return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
@@ -664,17 +673,19 @@ class OneTokenCCGQA(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("state_first", "sliced_read", "per_stream"),
-    [(True, False, False), (True, True, False), (True, False, True), (False, False, False)],
-    ids=["state-first", "state-first-sliced-read", "state-first-per-stream", "near-state-after"],
-)
-def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, sliced_read, per_stream):
+    ("state_first", "variant"),
+    [(True, None), (True, "sliced_read"), (True, "per_stream"), (True, "tokens_cache"),
+     (False, None)],
+    ids=["state-first", "state-first-sliced-read", "state-first-per-stream",
+         "state-first-tokens-cache", "near-state-after"],
+)  # fmt: skip
+def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, variant):
     """The step's prologue over the conv state fuses with the attention over the cache
     (a near miss only the attention); outputs and every state (conv state, caches) equal
     eager's step after step (the state write is moved after the op that reads the old
     state). The step's new keys are found behind a slice of the cache too."""
     torch.manual_seed(0)
-    fused = OneTokenCCGQA(state_first, sliced_read=sliced_read, per_stream=per_stream)
+    fused = OneTokenCCGQA(state_first, **({variant: True} if variant else {}))
     step, eager = _compiled_and_eager(fused)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():
