@@ -609,15 +609,18 @@ class OneTokenCCGQA(nn.Module):
     step wrote. ``per_stream``: q and k convolved apart, each over its channels of the
     window (``window[:, :Cq]``) with its slices of the shared convs' weights.
     ``tokens_cache``: the caches laid out (B, S, Hkv, D), written ``k.transpose(1, 2)`` and
-    read transposed back (flash-attn's kv-cache layout)."""
+    read transposed back (flash-attn's kv-cache layout). ``slots_cache``: vLLM's flat
+    (B * S, Hkv, D) caches written at slot indices, read viewed (B, S, Hkv, D) and
+    transposed."""
 
     def __init__(
         self, state_first=True, batch=2, hq=4, hkv=2, d=16, k1=3, k2=2, max_len=16,
-        sliced_read=False, per_stream=False, tokens_cache=False,
+        sliced_read=False, per_stream=False, tokens_cache=False, slots_cache=False,
     ):  # fmt: skip
         super().__init__()
         self.hq, self.hkv, self.d, self.state_first = hq, hkv, d, state_first
         self.sliced_read, self.per_stream, self.tokens_cache = sliced_read, per_stream, tokens_cache
+        self.slots_cache, self.max_len = slots_cache, max_len
         c = (hq + hkv) * d
         self.q_proj, self.k_proj = nn.Linear(32, hq * d), nn.Linear(32, hkv * d)
         self.v_proj = nn.Linear(32, hkv * d)
@@ -626,6 +629,7 @@ class OneTokenCCGQA(nn.Module):
         self.temp = nn.Parameter(0.1 * torch.randn(hkv))
         self.register_buffer("conv_state", torch.randn(batch, c, k1 - 1 + k2 - 1))
         cache = (batch, max_len, hkv, d) if tokens_cache else (batch, hkv, max_len, d)
+        cache = (batch * max_len, hkv, d) if slots_cache else cache
         self.register_buffer("k_cache", torch.randn(cache))
         self.register_buffer("v_cache", torch.randn(cache))
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
@@ -657,7 +661,13 @@ class OneTokenCCGQA(nn.Module):
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         v = self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2)
-        if self.tokens_cache:
+        if self.slots_cache:
+            slots = pos + torch.arange(b) * self.max_len
+            self.k_cache[slots] = k.transpose(1, 2).reshape(b, hkv, d)
+            self.v_cache[slots] = v.transpose(1, 2).reshape(b, hkv, d)
+            k_cache, v_cache = (c.view(b, self.max_len, hkv, d).transpose(1, 2)
+                                for c in (self.k_cache, self.v_cache))  # fmt: skip
+        elif self.tokens_cache:
             self.k_cache.index_copy_(1, pos, k.transpose(1, 2))
             self.v_cache.index_copy_(1, pos, v.transpose(1, 2))
             k_cache, v_cache = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
@@ -675,9 +685,9 @@ class OneTokenCCGQA(nn.Module):
 @pytest.mark.parametrize(
     ("state_first", "variant"),
     [(True, None), (True, "sliced_read"), (True, "per_stream"), (True, "tokens_cache"),
-     (False, None)],
+     (True, "slots_cache"), (False, None)],
     ids=["state-first", "state-first-sliced-read", "state-first-per-stream",
-         "state-first-tokens-cache", "near-state-after"],
+         "state-first-tokens-cache", "state-first-slots-cache", "near-state-after"],
 )  # fmt: skip
 def test_ccgqa_decode_step_fuses_whole_and_keeps_state(state_first, variant):
     """The step's prologue over the conv state fuses with the attention over the cache

@@ -584,8 +584,8 @@ def _decode_site(ctx: GraphContext, op: Node, q: Node, k_new: Node | None) -> Si
 def new_keys(k: Node, t_new, reader: Node) -> Node | None:
     """The step's new keys (B, Hkv, t_new, D) behind the cache ``k`` an attention reads: the
     tensor written into a static cache (``index_copy_``, slice assignment, ``index_put_``,
-    ``copy_`` into a slice) before it is read (in the attention's layout, or laid out as the
-    cache is where that is (B, T, Hkv, D)), or the part of a ``cat`` of past and new keys
+    ``copy_`` into a slice) before it is read (in the attention's layout, or the tensor
+    that is in it behind the layout ops that lay it out as the cache is), or the part of a ``cat`` of past and new keys
     (HF's dynamic cache). None when not found."""
     kv = tensor_value(k)
     want = (kv.shape[0], kv.shape[1], t_new, kv.shape[3]) if kv is not None and kv.dim() == 4 else None
@@ -610,8 +610,12 @@ def new_keys(k: Node, t_new, reader: Node) -> Node | None:
         if src is None or len(n.args) <= src:
             continue
         value = n.args[src]
-        if not _shape_is(value, want) and is_layout(value) and _shape_is(value.args[0], want):
-            value = value.args[0]  # a cache laid out (B, T, Hkv, D): ``k.transpose(1, 2)`` written
+        # a cache laid out otherwise: ``k.transpose(1, 2)`` into (B, S, Hkv, D), vLLM's
+        # ``k.transpose(1, 2).reshape(B * T, Hkv, D)`` into (slots, Hkv, D) at slot indices
+        for _ in range(4):
+            if _shape_is(value, want) or not is_layout(value):
+                break
+            value = value.args[0]
         if _shape_is(value, want):
             written.append(value)
     return written[-1] if len(written) == 1 else None
