@@ -3186,11 +3186,13 @@ class CCGQATokenFlatNoBatch(nn.Module):
             return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
         q3, k3 = rope(q3), rope(k3)
-        o = F.scaled_dot_product_attention(
+        o = self.sdpa(
             q3.transpose(0, 1).unsqueeze(0), k3.transpose(0, 1).unsqueeze(0),
             v.view(n, hkv, d).transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True,
         )  # fmt: skip
         return self.o_proj(o.squeeze(0).transpose(0, 1).reshape(n, hq * d))
+
+    sdpa = staticmethod(F.scaled_dot_product_attention)
 
 
 class NearCCGQATokenFlatConvNotCausal(CCGQATokenFlatNoBatch):
@@ -3512,3 +3514,47 @@ class CCGQAConvUnfoldGroupedFlax(CCGQAConvUnfoldWindows):
         w2 = hc.weight.permute(2, 1, 0).reshape(k2, c // heads, heads, c // heads)  # (k, in, H, out)
         win = F.pad(y, (0, 0, k2 - 1, 0)).unfold(1, k2, 1).reshape(b, t, heads, c // heads, k2)
         return torch.einsum("btgik,kigo->btgo", win, w2).reshape(b, t, c) + hc.bias
+
+
+class SdpaThreeDimFlatHeads(_QKV):
+    """SDPA on 3-D (B*H, T, D) operands (no batch dim of their own), K/V repeated to the
+    query heads before flattening, ``is_causal=True``."""
+
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
+        q3, k3, v3 = (x.transpose(1, 2).reshape(b * h, t, d) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(q3, k3, v3, is_causal=True)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+class SdpaThreeDimTokenFlatGQA(_QKV):
+    """Serving code's per-sequence call: token-flat (T, H, D) heads moved first, (H, T, D),
+    SDPA with ``enable_gqa`` on 3-D operands, one call per sequence of the batch."""
+
+    def core(self, q, k, v):
+        outs = []
+        for i in range(q.shape[0]):
+            qi, ki, vi = (x[i].movedim(0, 1) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+            outs.append(o.movedim(1, 0))
+        return torch.stack(outs)
+
+
+class NearSdpaThreeDimNotCausal(SdpaThreeDimFlatHeads):
+    def core(self, q, k, v):
+        b, t, h, d = q.shape
+        k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
+        q3, k3, v3 = (x.transpose(1, 2).reshape(b * h, t, d) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(q3, k3, v3)
+        return o.view(b, h, t, d).transpose(1, 2)
+
+
+
+class CCGQATokenFlatThreeDimSdpa(CCGQATokenFlatNoBatch):
+    """The token-flat block with SDPA called as vLLM's torch backend calls it: on the
+    3-D (H, T, D) heads themselves, no batch dim added."""
+
+    @staticmethod
+    def sdpa(q, k, v, **kwargs):
+        return F.scaled_dot_product_attention(q[0], k[0], v[0], **kwargs)[None]

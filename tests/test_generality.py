@@ -173,6 +173,10 @@ ATTENTION = [
     _must("attn_manual_softmax_exp2_fp32", sp.AttnManualSoftmaxExp2, seq=11, gqa_attention=1),
     _must("attn_manual_softmax_logsumexp", sp.AttnManualSoftmaxLogsumexp, gqa_attention=1),
     _must("attn_numpy_names_special_logsumexp", sp.AttnNumpyNamesSpecialLogsumexp, gqa_attention=1),
+    _must("sdpa_three_dim_flat_heads", sp.SdpaThreeDimFlatHeads, gqa_attention=1),
+    # batch 2: one call per sequence
+    _must("sdpa_three_dim_token_flat_gqa", sp.SdpaThreeDimTokenFlatGQA, gqa_attention=2),
+    _near("sdpa_near_three_dim_not_causal", sp.NearSdpaThreeDimNotCausal, gqa_attention=0),
     _must("attn_megatron_baddbmm_view_written_in_place",
           sp.AttnMegatronBaddbmmViewWrittenInPlace, gqa_attention=1),  # fmt: skip
     _near("attn_near_megatron_baddbmm_view_masks_diagonal",
@@ -281,6 +285,7 @@ CCGQA = [
     _must("ccgqa_torchtune_rope_cache", sp.CCGQATorchtuneRopeCache, **_block()),
     _must("ccgqa_fairseq_core", sp.CCGQAFairseqCore, **_block()),
     _must("ccgqa_token_flat_no_batch", sp.CCGQATokenFlatNoBatch, seq=5, **_block()),
+    _must("ccgqa_token_flat_three_dim_sdpa", sp.CCGQATokenFlatThreeDimSdpa, seq=5, **_block()),
     _must("ccgqa_logit_scale_buffer", sp.CCGQALogitScaleBuffer, **_block()),
     _must("ccgqa_numerics_careful", sp.CCGQANumericsCareful, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and

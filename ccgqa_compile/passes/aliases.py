@@ -18,6 +18,10 @@ constant rather than a value computed from the scores.
 input's dtype in the graph (Dynamo guards on it). Left as a default, float64 probes of the
 call would compute with float64's eps, another function than the graph's.
 
+``F.scaled_dot_product_attention`` on 3-D (H, T, D) q, k and v (no batch dim: vLLM's torch
+SDPA backend calls it per sequence on token-flat heads) is the same call on a batch of one:
+the operands get a unit batch dim in front and the output loses it again.
+
 The rewrites change how a call is spelled, never what it computes, so they stay whether
 or not anything fuses.
 """
@@ -27,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from .common import GraphContext
-from .fx_util import autocast_stacks, graph_changed, tensor_value
+from .fx_util import SDPA, autocast_stacks, graph_changed, tensor_value
+from .region import propagate_fake
 
 _CAT_ALIASES = {torch.concatenate, torch.concat}
 # other names of one function, same arguments: (function, method) alias -> the name read
@@ -61,6 +66,9 @@ def run(ctx: GraphContext) -> None:
                 )  # fmt: skip
                 node.kwargs = {}
                 changed = True
+        elif _sdpa_without_batch(node):
+            _add_batch_dim(ctx.graph, node)
+            changed = True
         elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:
             node.target = _FUNCTION_ALIASES[node.target]
             changed = True
@@ -105,3 +113,40 @@ def _cast_like(node) -> torch.fx.Node | None:
     ):
         return None
     return other
+
+
+def _sdpa_without_batch(node) -> bool:
+    """An SDPA call on 3-D (H, T, D) q, k and v, its mask (if any) a tensor of at most 3
+    dims."""
+    if node.op != "call_function" or node.target not in SDPA:
+        return False
+    from .attention import sdpa_arguments
+
+    args = sdpa_arguments(node)
+    if args is None:
+        return False
+    values = [tensor_value(args[name]) for name in ("query", "key", "value")]
+    if any(not isinstance(v, torch.Tensor) or v.dim() != 3 for v in values):
+        return False
+    mask = args["attn_mask"]
+    return mask is None or (isinstance(tensor_value(mask), torch.Tensor) and tensor_value(mask).dim() <= 3)
+
+
+def _add_batch_dim(graph: torch.fx.Graph, node) -> None:
+    """``sdpa(q, k, v, mask)`` -> ``sdpa(q[None], k[None], v[None], mask[None])[0]``."""
+    from .attention import sdpa_arguments
+
+    args = sdpa_arguments(node)
+    made = []
+    with graph.inserting_before(node):
+        for name in ("query", "key", "value", "attn_mask"):
+            if name == "attn_mask" and (args[name] is None or tensor_value(args[name]).dim() < 3):
+                continue
+            args[name] = graph.call_method("unsqueeze", (args[name], 0))
+            made.append(args[name])
+        call = graph.call_function(node.target, (), args)
+        out = graph.call_method("squeeze", (call, 0))
+    made += [call, out]
+    propagate_fake(graph, made)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
