@@ -169,3 +169,42 @@ def test_a_block_whose_prologue_stays_unfused_says_so():
     assert rep.count("gqa_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
     missing = [r for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
     assert len(missing) == 1 and "q/k prologue did not" in missing[0].reason, str(rep)
+
+
+class _UnreadableConvBlock(nn.Module):
+    """A CCGQA block whose convolutions are written as a form no reader takes (the shifted
+    copies times a channel-mixing weight, summed by ``.sum``): it cannot fuse, and the
+    report must say why instead of showing the attention alone."""
+
+    def __init__(self, plain=False):
+        super().__init__()
+        self.plain = plain
+        self.wq, self.wk = nn.Linear(32, 32, bias=False), nn.Linear(32, 16, bias=False)
+        self.wv, self.wo = nn.Linear(32, 16, bias=False), nn.Linear(32, 32, bias=False)
+        self.mix_q, self.mix_k = nn.Parameter(torch.randn(2, 32, 32) / 6), nn.Parameter(torch.randn(2, 16, 16) / 4)
+
+    def conv(self, x, mix):
+        if self.plain:
+            return x
+        delayed = torch.stack([x, torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]])
+        return (delayed.unsqueeze(-2) * mix[:, None, None]).sum(-1).sum(0)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.conv(self.wq(x), self.mix_q).view(b, t, 4, 8).transpose(1, 2)
+        k = self.conv(self.wk(x), self.mix_k).view(b, t, 2, 8).transpose(1, 2)
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        v = self.wv(x).view(b, t, 2, 8).transpose(1, 2)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(b, t, 32))
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["unreadable-convs", "plain-gqa"])
+def test_a_block_whose_convs_are_not_recognised_says_so(plain):
+    rep = _compile_and_check(_UnreadableConvBlock(plain), training=False)
+    reasons = [r.reason for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
+    assert rep.count("gqa_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
+    if plain:
+        assert not reasons, str(rep)  # plain attention: nothing to say
+    else:
+        assert any("no convolution was recognised" in r for r in reasons), str(rep)

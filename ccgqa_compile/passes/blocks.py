@@ -9,9 +9,11 @@ half is missing.
 
 from __future__ import annotations
 
-from .attention import Site, layer_convolutions, sdpa_arguments
+import torch
+
+from .attention import Site, layer_ancestors, layer_convolutions, sdpa_arguments
 from .common import GraphContext
-from .fx_util import SDPA, is_function, is_softmax
+from .fx_util import PAD, SDPA, arg, is_function, is_method, is_softmax, is_zero_fill
 
 FUSION = "ccgqa_block"
 
@@ -24,6 +26,8 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
             elif _has_conv(site):
                 ctx.unfused(FUSION, site.anchor, "decode attention fused, but the step's q/k "
                             "prologue did not (see the ccgqa_prologue lines)")  # fmt: skip
+            elif _shifted_in_time(site):
+                ctx.unfused(FUSION, site.anchor, _NO_CONV)
             continue
         if site.prologue and site.causal:
             core = "fused_attention" if site.fused else "sdpa_kept"
@@ -36,6 +40,8 @@ def report(ctx: GraphContext, sites: list[Site]) -> None:
         elif site.causal and _has_conv(site):
             ctx.unfused(FUSION, site.anchor, "attention found, but its q/k prologue did not "
                         "fuse (see the ccgqa_prologue lines)")  # fmt: skip
+        elif site.causal and _shifted_in_time(site):
+            ctx.unfused(FUSION, site.anchor, _NO_CONV)
     anchors = {site.anchor for site in sites}
     for node in ctx.graph.nodes:  # attentions no site stands for: rejected before a site
         if node in anchors or not _convolved_attention(node):
@@ -52,6 +58,27 @@ def _convolved_attention(node) -> bool:
         args = sdpa_arguments(node)
         return args is not None and bool(layer_convolutions([args["query"], args["key"]]))
     return is_softmax(node) and bool(layer_convolutions([node]))
+
+
+_NO_CONV = (
+    "q/k are computed from tokens shifted along time (zero pads, windows), but no "
+    "convolution was recognised among their inputs: the q/k prologue was not tried (a "
+    "convolution written in a form docs/recognition.md does not list?)"
+)
+
+
+def _shifted_in_time(site: Site) -> bool:
+    """q's or k's inputs within the layer shift tokens as a convolution written out does:
+    a zero pad, an ``unfold`` window, zeros the graph makes concatenated on. Plain
+    attention has none (a KV cache's ``cat`` of past keys has no zeros)."""
+    if site.q.graph is not site.anchor.graph:
+        return False
+    for n in layer_ancestors([site.q, site.k]):
+        if is_method(n, "unfold") or (is_function(n, *PAD) and arg(n, 2, "mode", "constant") == "constant"):
+            return True
+        if is_function(n, torch.cat) and any(is_zero_fill(p) for p in n.args[0]):
+            return True
+    return False
 
 
 def _has_conv(site: Site) -> bool:
