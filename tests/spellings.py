@@ -239,28 +239,28 @@ class RMSOfCentered(nn.Module):
         return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w
 
 
-class RMSEinsumSelfContraction(nn.Module):
-    """The mean square as an einsum of x with itself over the channels, divided by D."""
-
+class _WeightedRMS(nn.Module):
     DIM = 32
 
     def __init__(self):
         super().__init__()
         self.weight = _near_one(self.DIM)
 
+
+class RMSEinsumSelfContraction(_WeightedRMS):
+    """The mean square as an einsum of x with itself over the channels, divided by D."""
+
+    DIM = 32
+
     def forward(self, x):
         ms = torch.einsum("...d,...d->...", x, x) / x.shape[-1]
         return x * torch.rsqrt(ms + 1e-6).unsqueeze(-1) * self.weight
 
 
-class RMSSquareTimesMeanVector(nn.Module):
+class RMSSquareTimesMeanVector(_WeightedRMS):
     """The mean square as the square times a (D, 1) column of 1/D made in the forward."""
 
     DIM = 24
-
-    def __init__(self):
-        super().__init__()
-        self.weight = _near_one(self.DIM)
 
     def forward(self, x):
         d = x.shape[-1]
@@ -268,14 +268,10 @@ class RMSSquareTimesMeanVector(nn.Module):
         return x / torch.sqrt(x.pow(2) @ avg + 1e-5) * self.weight
 
 
-class RMSVariancePlusMeanSquared(nn.Module):
+class RMSVariancePlusMeanSquared(_WeightedRMS):
     """The mean square as the biased variance plus the squared mean."""
 
     DIM = 32
-
-    def __init__(self):
-        super().__init__()
-        self.weight = _near_one(self.DIM)
 
     def forward(self, x):
         ms = x.var(-1, unbiased=False, keepdim=True) + x.mean(-1, keepdim=True) ** 2
@@ -1777,13 +1773,17 @@ class CCGQAConvPadSlice(nn.Module):
         cos, sin = (table.to(q.dtype) for table in self.tables(t, device))
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
-    def forward(self, x):
-        b, t, _ = x.shape
+    def conv_and_mean(self, x):
+        """q and k (B, T, H, D) after the convs and the qk-mean, before the norm."""
         q_pre, k_pre = self.wq(x), self.wk(x)
         q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
         k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
         m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = self.norm_and_temperature(q + m_q, k + m_k)
+        return q + m_q, k + m_k
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k = self.norm_and_temperature(*self.conv_and_mean(x))
         q, k = self.rotate(q, k, t, x.device)
         v = self.wv(x).view(b, t, self.HKV, self.D).transpose(1, 2)
         o = self.attend(q, k, v)
@@ -3418,11 +3418,7 @@ class CCGQAGroupedQueryTablesViewedPerStream(CCGQAConvPadSlice):
     def forward(self, x):
         b, t, _ = x.shape
         g = self.HQ // self.HKV
-        q_pre, k_pre = self.wq(x), self.wk(x)
-        q = self.conv(q_pre, self.q_dw, self.q_hc).unflatten(-1, (self.HQ, self.D))
-        k = self.conv(k_pre, self.k_dw, self.k_hc).unflatten(-1, (self.HKV, self.D))
-        m_q, m_k = self.qk_mean(q_pre, k_pre)
-        q, k = self.normalise(q + m_q), self.normalise(k + m_k)
+        q, k = (self.normalise(z) for z in self.conv_and_mean(x))
         k = k * self.log_temp.exp().view(1, 1, self.HKV, 1)
         cos, sin = self.cos_cached[:t], self.sin_cached[:t]
         q = self.rope(q.view(b, t, self.HKV, g, self.D), cos, sin)
