@@ -3554,3 +3554,12 @@ class CCGQATokenFlatThreeDimSdpa(CCGQATokenFlatNoBatch):
     @staticmethod
     def sdpa(q, k, v, **kwargs):
         return F.scaled_dot_product_attention(q[0], k[0], v[0], **kwargs)[None]
+
+
+class SdpaCausalWhenLonger(_QKV):
+    """HF's ``is_causal = q_len > 1``: the causal flag read off the query length."""
+
+    def core(self, q, k, v):
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+        return o.transpose(1, 2)

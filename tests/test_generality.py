@@ -174,6 +174,9 @@ ATTENTION = [
     _must("attn_manual_softmax_logsumexp", sp.AttnManualSoftmaxLogsumexp, gqa_attention=1),
     _must("attn_numpy_names_special_logsumexp", sp.AttnNumpyNamesSpecialLogsumexp, gqa_attention=1),
     _must("sdpa_three_dim_flat_heads", sp.SdpaThreeDimFlatHeads, gqa_attention=1),
+    _must("sdpa_causal_when_longer", sp.SdpaCausalWhenLonger, gqa_attention=1),
+    # one token: left to Inductor by policy (the output is v), whatever the causal flag
+    _either("sdpa_causal_when_longer_one_token", sp.SdpaCausalWhenLonger, seq=1, gqa_attention=1),
     # batch 2: one call per sequence
     _must("sdpa_three_dim_token_flat_gqa", sp.SdpaThreeDimTokenFlatGQA, gqa_attention=2),
     _near("sdpa_near_three_dim_not_causal", sp.NearSdpaThreeDimNotCausal, gqa_attention=0),
