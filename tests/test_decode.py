@@ -930,3 +930,46 @@ def test_a_one_row_step_with_a_shared_mask_fuses():
     rep = ccgqa_compile.report()
     assert rel_err(got, want) < 1e-6, str(rep)
     assert rep.count("gqa_decode_attention") == 1, str(rep)
+
+
+class TwoStateWindowSumsStep(OneTokenCCGQA):
+    """A Mamba-style one-token step no reader takes: a conv state per stage, conv1 as
+    ``(window * w).sum(-1) + b``, conv2 as an einsum over the per-head window. It cannot
+    fuse; the report must say why instead of showing the decode attention alone."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        c = (self.hq + self.hkv) * self.d
+        self.register_buffer("state1", torch.randn(2, c, self.conv1.kernel_size[0] - 1))
+        self.register_buffer("state2", torch.randn(2, c, self.conv2.kernel_size[0] - 1))
+
+    def forward(self, x, pos):
+        b, hq, hkv, d = x.shape[0], self.hq, self.hkv, self.d
+        heads, k2 = hq + hkv, self.conv2.kernel_size[0]
+        w1 = torch.cat([self.state1, torch.cat([self.q_proj(x), self.k_proj(x)], -1).transpose(1, 2)], -1)
+        y1 = (w1 * self.conv1.weight[:, 0]).sum(-1) + self.conv1.bias
+        w2 = torch.cat([self.state2, y1[..., None]], -1)
+        w = self.conv2.weight.view(heads, d, d, k2)
+        y = torch.einsum("bhik,hoik->bho", w2.view(b, heads, d, k2), w).reshape(b, -1) + self.conv2.bias
+        self.state1.copy_(w1[..., 1:])
+        self.state2.copy_(w2[..., 1:])
+        q = F.normalize(y[:, : hq * d].view(b, hq, 1, d), dim=-1)
+        k = F.normalize(y[:, hq * d :].view(b, hkv, 1, d), dim=-1) * self.temp.exp().view(1, hkv, 1, 1)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, self.v_proj(x).view(b, 1, hkv, d).transpose(1, 2))
+        mask = self.causal[pos][None, None]
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+                                              enable_gqa=True)  # fmt: skip
+
+
+def test_a_decode_step_whose_convs_are_not_recognised_says_so():
+    torch.manual_seed(0)
+    step, eager = _compiled_and_eager(TwoStateWindowSumsStep())
+    with torch.no_grad():
+        for pos in range(2):
+            x = torch.randn(2, 1, 32)
+            assert rel_err(step(x, torch.tensor([pos])), eager(x, torch.tensor([pos]))) < 1e-5
+    rep = ccgqa_compile.report()
+    reasons = [r.reason for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]
+    assert rep.count("gqa_decode_attention") == 1 and rep.count("ccgqa_block") == 0, str(rep)
+    assert any("no convolution was recognised" in r for r in reasons), str(rep)

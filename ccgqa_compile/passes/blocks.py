@@ -10,10 +10,20 @@ half is missing.
 from __future__ import annotations
 
 import torch
+from torch.fx import Node
 
 from .attention import Site, layer_ancestors, layer_convolutions, sdpa_arguments
 from .common import GraphContext
-from .fx_util import PAD, SDPA, arg, is_function, is_method, is_softmax, is_zero_fill
+from .fx_util import (
+    PAD,
+    SDPA,
+    arg,
+    is_function,
+    is_method,
+    is_softmax,
+    is_zero_fill,
+    storage_base,
+)  # fmt: skip
 
 FUSION = "ccgqa_block"
 
@@ -69,8 +79,9 @@ _NO_CONV = (
 
 def _shifted_in_time(site: Site) -> bool:
     """q's or k's inputs within the layer shift tokens as a convolution written out does:
-    a zero pad, an ``unfold`` window, zeros the graph makes concatenated on. Plain
-    attention has none (a KV cache's ``cat`` of past keys has no zeros)."""
+    a zero pad, an ``unfold`` window, zeros the graph makes concatenated on, or (q's, in a
+    decode step) a state held in a buffer concatenated with new columns. Plain attention
+    has none (a KV cache's ``cat`` of past keys has no zeros and reaches k only)."""
     if site.q.graph is not site.anchor.graph:
         return False
     for n in layer_ancestors([site.q, site.k]):
@@ -78,6 +89,13 @@ def _shifted_in_time(site: Site) -> bool:
             return True
         if is_function(n, torch.cat) and any(is_zero_fill(p) for p in n.args[0]):
             return True
+    if site.kind != "decode":
+        return False
+    for n in layer_ancestors([site.q]):
+        if is_function(n, torch.cat):
+            held = [storage_base(p).op == "placeholder" for p in n.args[0] if isinstance(p, Node)]
+            if any(held) and not all(held):
+                return True
     return False
 
 
