@@ -184,6 +184,8 @@ class _UnreadableConvBlock(nn.Module):
         self.mix_q, self.mix_k = nn.Parameter(torch.randn(2, 32, 32) / 6), nn.Parameter(torch.randn(2, 16, 16) / 4)
 
     def conv(self, x, mix):
+        if self.plain == "head-padded":  # each head's 8 dims padded to 16 (an alignment)
+            return torch.nn.functional.pad(x.unflatten(-1, (-1, 8)), (0, 8)).flatten(-2)
         if self.plain:
             return x
         delayed = torch.stack([x, torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]])
@@ -191,15 +193,20 @@ class _UnreadableConvBlock(nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q = self.conv(self.wq(x), self.mix_q).view(b, t, 4, 8).transpose(1, 2)
-        k = self.conv(self.wk(x), self.mix_k).view(b, t, 2, 8).transpose(1, 2)
+        d = 16 if self.plain == "head-padded" else 8
+        q = self.conv(self.wq(x), self.mix_q).view(b, t, 4, d).transpose(1, 2)
+        k = self.conv(self.wk(x), self.mix_k).view(b, t, 2, d).transpose(1, 2)
         q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
         v = self.wv(x).view(b, t, 2, 8).transpose(1, 2)
+        if d == 16:
+            v = torch.nn.functional.pad(v, (0, 8))
         o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.wo(o.transpose(1, 2).reshape(b, t, 32))
+        return self.wo(o[..., :8].transpose(1, 2).reshape(b, t, 32))
 
 
-@pytest.mark.parametrize("plain", [False, True], ids=["unreadable-convs", "plain-gqa"])
+@pytest.mark.parametrize(
+    "plain", [False, True, "head-padded"], ids=["unreadable-convs", "plain-gqa", "plain-head-padded"]
+)
 def test_a_block_whose_convs_are_not_recognised_says_so(plain):
     rep = _compile_and_check(_UnreadableConvBlock(plain), training=False)
     reasons = [r.reason for r in rep.unfused_candidates if r.fusion == "ccgqa_block"]

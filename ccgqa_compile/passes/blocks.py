@@ -22,7 +22,9 @@ from .fx_util import (
     is_method,
     is_softmax,
     is_zero_fill,
+    same_size,
     storage_base,
+    tensor_value,
 )  # fmt: skip
 
 FUSION = "ccgqa_block"
@@ -84,8 +86,9 @@ def _shifted_in_time(site: Site) -> bool:
     has none (a KV cache's ``cat`` of past keys has no zeros and reaches k only)."""
     if site.q.graph is not site.anchor.graph:
         return False
+    t = tensor_value(site.q).shape[2]
     for n in layer_ancestors([site.q, site.k]):
-        if is_method(n, "unfold") or (is_function(n, *PAD) and arg(n, 2, "mode", "constant") == "constant"):
+        if is_method(n, "unfold") or (is_function(n, *PAD) and _pads_time(n, t)):
             return True
         if is_function(n, torch.cat) and any(is_zero_fill(p) for p in n.args[0]):
             return True
@@ -97,6 +100,19 @@ def _shifted_in_time(site: Site) -> bool:
             if any(held) and not all(held):
                 return True
     return False
+
+
+def _pads_time(pad, t) -> bool:
+    """A constant pad of an axis as long as the sequence (not a head dim padded for a
+    kernel's alignment)."""
+    x, widths = tensor_value(pad.args[0]), arg(pad, 1, "pad")
+    if x is None or arg(pad, 2, "mode", "constant") != "constant" or not isinstance(widths, (list, tuple)):
+        return False
+    return any(
+        (lo != 0 or hi != 0) and same_size(x.shape[x.dim() - 1 - i], t)
+        for i, (lo, hi) in enumerate(zip(widths[::2], widths[1::2]))
+        if i < x.dim()
+    )
 
 
 def _has_conv(site: Site) -> bool:
