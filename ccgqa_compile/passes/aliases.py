@@ -66,8 +66,8 @@ def run(ctx: GraphContext) -> None:
                 )  # fmt: skip
                 node.kwargs = {}
                 changed = True
-        elif _sdpa_without_batch(node):
-            _add_batch_dim(ctx.graph, node)
+        elif (args := _sdpa_without_batch(node)) is not None:
+            _add_batch_dim(ctx.graph, node, args)
             changed = True
         elif node.op == "call_function" and node.target in _FUNCTION_ALIASES:
             node.target = _FUNCTION_ALIASES[node.target]
@@ -115,28 +115,27 @@ def _cast_like(node) -> torch.fx.Node | None:
     return other
 
 
-def _sdpa_without_batch(node) -> bool:
-    """An SDPA call on 3-D (H, T, D) q, k and v, its mask (if any) a tensor of at most 3
-    dims."""
+def _sdpa_without_batch(node) -> dict | None:
+    """The arguments of an SDPA call on 3-D (H, T, D) q, k and v, its mask (if any) a
+    tensor of at most 3 dims; else None."""
     if node.op != "call_function" or node.target not in SDPA:
-        return False
+        return None
     from .attention import sdpa_arguments
 
     args = sdpa_arguments(node)
     if args is None:
-        return False
+        return None
     values = [tensor_value(args[name]) for name in ("query", "key", "value")]
     if any(not isinstance(v, torch.Tensor) or v.dim() != 3 for v in values):
-        return False
+        return None
     mask = args["attn_mask"]
-    return mask is None or (isinstance(tensor_value(mask), torch.Tensor) and tensor_value(mask).dim() <= 3)
+    if mask is None or (isinstance(tensor_value(mask), torch.Tensor) and tensor_value(mask).dim() <= 3):
+        return args
+    return None
 
 
-def _add_batch_dim(graph: torch.fx.Graph, node) -> None:
+def _add_batch_dim(graph: torch.fx.Graph, node, args: dict) -> None:
     """``sdpa(q, k, v, mask)`` -> ``sdpa(q[None], k[None], v[None], mask[None])[0]``."""
-    from .attention import sdpa_arguments
-
-    args = sdpa_arguments(node)
     made = []
     with graph.inserting_before(node):
         for name in ("query", "key", "value", "attn_mask"):

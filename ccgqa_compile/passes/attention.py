@@ -609,12 +609,10 @@ def new_keys(k: Node, t_new, reader: Node) -> Node | None:
             src = 2
         if src is None or len(n.args) <= src:
             continue
-        value = n.args[src]
         # a cache laid out otherwise: ``k.transpose(1, 2)`` into (B, S, Hkv, D), vLLM's
         # ``k.transpose(1, 2).reshape(B * T, Hkv, D)`` into (slots, Hkv, D) at slot indices
-        for _ in range(4):
-            if _shape_is(value, want) or not is_layout(value):
-                break
+        value = n.args[src]
+        while not _shape_is(value, want) and is_layout(value):
             value = value.args[0]
         if _shape_is(value, want):
             written.append(value)

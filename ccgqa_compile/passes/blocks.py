@@ -15,13 +15,13 @@ from torch.fx import Node
 from .attention import Site, layer_ancestors, layer_convolutions, sdpa_arguments
 from .common import GraphContext
 from .fx_util import (
-    PAD,
     SDPA,
     arg,
     is_function,
     is_method,
     is_softmax,
     is_zero_fill,
+    is_zero_pad,
     same_size,
     storage_base,
     tensor_value,
@@ -88,7 +88,7 @@ def _shifted_in_time(site: Site) -> bool:
         return False
     t = tensor_value(site.q).shape[2]
     for n in layer_ancestors([site.q, site.k]):
-        if is_method(n, "unfold") or (is_function(n, *PAD) and _pads_time(n, t)):
+        if is_method(n, "unfold") or (is_zero_pad(n) and _pads_time(n, t)):
             return True
         if is_function(n, torch.cat) and any(is_zero_fill(p) for p in n.args[0]):
             return True
@@ -103,10 +103,10 @@ def _shifted_in_time(site: Site) -> bool:
 
 
 def _pads_time(pad, t) -> bool:
-    """A constant pad of an axis as long as the sequence (not a head dim padded for a
-    kernel's alignment)."""
+    """A pad of an axis as long as the sequence (not a head dim padded for a kernel's
+    alignment)."""
     x, widths = tensor_value(pad.args[0]), arg(pad, 1, "pad")
-    if x is None or arg(pad, 2, "mode", "constant") != "constant" or not isinstance(widths, (list, tuple)):
+    if x is None or not isinstance(widths, (list, tuple)):
         return False
     return any(
         (lo != 0 or hi != 0) and same_size(x.shape[x.dim() - 1 - i], t)

@@ -37,7 +37,6 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from .common import GraphContext
 from .evaluate import Evaluator, NotEvaluable, Probes, agree, concrete, real_tensors
 from .fx_util import (
-    PAD,
     ancestors,
     arg,
     einsum_pair,
@@ -46,6 +45,7 @@ from .fx_util import (
     is_method,
     is_mutating,
     is_zero_fill,
+    is_zero_pad,
     same_computation,
     tensor_value,
     value,
@@ -85,10 +85,7 @@ class Taps:
     split: tuple[int, tuple[int, ...]] | None = None
 
     def x_value(self) -> torch.Tensor:
-        xv = tensor_value(self.x)
-        if self.split is None:
-            return xv
-        return xv.unflatten(*self.split)
+        return _split_value(self.x, self.split)
 
 
 @dataclass
@@ -117,7 +114,7 @@ def _shift_chain(node: Node) -> tuple[Node, list[Node]]:
         if is_function(node, operator.getitem) and _slices_only(node.args[1]):
             chain.append(node)
             node = node.args[0]
-        elif (is_function(node, *PAD) and _zero_pad(node)) or _is_narrow(node):
+        elif is_zero_pad(node) or _is_narrow(node):
             chain.append(node)
             node = node.args[0]
         elif (part := _zeros_around(node)) is not None:
@@ -143,16 +140,6 @@ def _is_narrow(node: Node) -> bool:
 def _slices_only(index: Any) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return all(isinstance(i, slice) or i is Ellipsis for i in items)
-
-
-def _zero_pad(node: Node) -> bool:
-    mode = arg(node, 2, "mode", "constant")
-    fill = (
-        arg(node, 3, "value", None)
-        if not is_function(node, torch.constant_pad_nd)
-        else arg(node, 2, "value", 0)
-    )
-    return mode == "constant" and fill in (None, 0, 0.0)
 
 
 def _positions(base: Node, chain: list[Node], sizes: dict) -> list[list[int]] | None:
@@ -376,7 +363,7 @@ def _taps_of_sum(root: Node, sizes: dict) -> tuple[Taps, list[Any]] | None:
             if len(picked) < 2 or not shifted or len(times) != 1 or len(lengths) != 1:
                 continue
             time, length = times.pop(), lengths.pop()
-            bv = tensor_value(base) if split is None else tensor_value(base).unflatten(*split)
+            bv = _split_value(base, split)
             n = concrete(tuple(bv.shape), sizes)[time]
             if any(r[1] is None and length != n for r in picked):
                 continue  # an unshifted addend is as long as x; the taps are not

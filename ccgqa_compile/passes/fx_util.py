@@ -371,6 +371,19 @@ def written_storages(graph: torch.fx.Graph) -> frozenset:
     return _per_graph("written", graph, build)
 
 
+def is_zero_pad(node: Any) -> bool:
+    """A constant pad (``F.pad``, ``constant_pad_nd``) that lets zeros in."""
+    if not is_function(node, *PAD):
+        return False
+    mode = arg(node, 2, "mode", "constant")
+    fill = (
+        arg(node, 3, "value", None)
+        if not is_function(node, torch.constant_pad_nd)
+        else arg(node, 2, "value", 0)
+    )
+    return mode == "constant" and fill in (None, 0, 0.0)
+
+
 def is_zero_fill(node: Any) -> bool:
     """A tensor of zeros the graph makes (``torch.zeros``, ``x.new_zeros``, ``zeros_like``,
     a ``full`` of 0), through casts and layout ops, whose storage nothing writes in place:
