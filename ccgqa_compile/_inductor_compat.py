@@ -39,6 +39,18 @@ def symbol_hints(shape_env) -> dict:
     return dict(table)
 
 
+def specialize(size):
+    """The int a backed symbolic size had when traced, guarded: the compiled program is
+    valid for that value only, and Dynamo recompiles if a call brings another (its guards
+    are produced after the backend compiled, from the same shape environment). An int
+    passes through."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    return guard_int(size)
+
+
 def current_compile_id() -> str:
     """``frame/compile``, with ``_attempt`` after a restarted attempt as in Dynamo's logs
     (``0/0_1``). Dynamo may run the backend, restart the analysis and run it again within

@@ -5,7 +5,8 @@
 # `python -m ccgqa_compile.bench record <files>/results/*.csv --commit <sha>`, then
 # `python -m ccgqa_compile.bench tables` (or set CCGQA_COMMIT=<sha> in the command).
 #   tests    pytest -m cuda, all of it (xdist: compiles run in parallel on the host's cores)
-#   profile  python -m ccgqa_compile.bench profile (CUDA kernel breakdown per provider)
+#   profile  python -m ccgqa_compile.bench profile (CUDA kernel breakdown per provider;
+#            PROFILE_OPS, PROFILE_ARGS)
 #   bench    python -m ccgqa_compile.bench --plot (ops; BENCH_OPS, BENCH_ARGS)
 #   core     python -m ccgqa_compile.bench core (attention core vs SDPA cuDNN / flash)
 #   pkernels python -m ccgqa_compile.bench prologue (prologue kernels vs Inductor)
@@ -36,7 +37,7 @@ for step in ${GPU_STEPS:-tests bench}; do
            echo "pytest rc=$?"
            grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | grep -v "^E " | tail -60 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 -m ccgqa_compile.bench profile \
-             --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
+             --ops "${PROFILE_OPS:-rmsnorm,swiglu,rope}" ${PROFILE_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/profile.log" ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m ccgqa_compile.bench --plot --save "$OUT" \
              --results "$OUT/results" --ops "${BENCH_OPS:-rmsnorm,swiglu,rope,attention}" ${BENCH_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/bench.log" | tail -60 ;;

@@ -65,11 +65,29 @@ def _inductor_bwd(tensors, scalars, dq, dk):
     return bwd
 
 
+def _kernel_breakdown(fn, steps: int = 10) -> None:
+    """Each CUDA kernel's mean time per call of ``fn`` (torch.profiler): which of the
+    backward's launches (and the partial sums after them) take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    for name, ms, calls in sorted(rows, key=lambda r: -r[1])[:12]:
+        print(f"     {ms:8.4f} ms  x{calls:<3d} {name[:90]}")
+    print(f"     {sum(r[1] for r in rows):8.4f} ms  in all")
+
+
 def _cuda_graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn)
 
 
-def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep) -> list[dict]:
+def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep, kernels=False) -> list[dict]:
     tensors, scalars = make_inputs(b, t, hq, hkv, d, torch.bfloat16)
     q, k = ccgqa_prologue_fwd(*tensors, *scalars)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
@@ -81,6 +99,9 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep) -> li
     err = max_rel_err_vs_fp64(tensors, scalars, q, k, dq, dk, grads)
     print(f"\n== {label} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms, "
           f"default bwd max rel err {err:.2e}")  # fmt: skip
+    if kernels:
+        print("   default backward, per kernel:")
+        _kernel_breakdown(lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))
     t_fwd_old = None
     if old is not None:
         q_old, k_old = old.ccgqa_prologue_fwd(*tensors, *scalars)
@@ -130,6 +151,7 @@ def main(argv=None) -> None:
         help="time only the default launch (and --old / --inductor): at d128 each launch "
         "variant compiles for tens of seconds, and the whole list did not fit a 330 s step",
     )
+    ap.add_argument("--kernels", action="store_true", help="the default backward's kernels, timed apart")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument(
@@ -148,7 +170,7 @@ def main(argv=None) -> None:
     rows = []
     out = Path(args.out) / "sweep_prologue_bwd.json"
     for key in chosen:
-        rows += _sweep_config(*by_dim[key], b, t, old, args.inductor, not args.no_sweep)
+        rows += _sweep_config(*by_dim[key], b, t, old, args.inductor, not args.no_sweep, args.kernels)
         out.write_text(json.dumps(rows, indent=1))  # after each config: a cut run keeps them
         torch.cuda.empty_cache()
     print(f"wrote {out}")

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ccgqa_compile
 from patterns import BY_NAME, Shape
@@ -397,3 +398,98 @@ def test_decode_step_with_a_float_sized_rope_width():
             out, *state = compiled(x, *state)
             ref, *ref_state = model(x, *ref_state)
             assert_close(out, ref, torch.float32, "decode step")
+
+
+class _OutsideTablesBlock(torch.nn.Module):
+    """A CCGQA block as HF writes one: RoPE tables handed in by the caller (their width
+    is symbolic under ``dynamic=True``) and the norm scale a float attribute (``dynamic=True``
+    lifts it to a run-time scalar). ``form`` spells the norm scale: ``attribute`` (ZAYA's
+    ``x * (scale / |x|)``), ``divided`` (``x / |x| * scale``), ``sqrt`` (``sqrt(scale)``: a
+    scalar computed from the run-time one), or near misses the op's outputs times the
+    scalar do not compute: ``q_only`` (k's scale a constant) and ``added`` (the scalar
+    added to q and k)."""
+
+    E, HQ, HKV, D, K = 32, 4, 2, 8, 2
+
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.scale = form, self.D**0.5
+        cq, ckv = self.HQ * self.D, self.HKV * self.D
+        self.wq, self.wk = torch.nn.Linear(self.E, cq, bias=False), torch.nn.Linear(self.E, ckv, bias=False)
+        self.wv, self.wo = torch.nn.Linear(self.E, ckv, bias=False), torch.nn.Linear(cq, self.E, bias=False)
+        self.q1, self.k1 = torch.nn.Conv1d(cq, cq, self.K, groups=cq), torch.nn.Conv1d(ckv, ckv, self.K, groups=ckv)
+        self.q2 = torch.nn.Conv1d(cq, cq, self.K, groups=self.HQ)
+        self.k2 = torch.nn.Conv1d(ckv, ckv, self.K, groups=self.HKV)
+        self.temp = torch.nn.Parameter(0.3 * torch.randn(self.HKV))
+
+    def _scaled(self, x, stream):
+        norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        if self.form == "divided":
+            return x / norm * self.scale
+        if self.form == "sqrt":
+            return x * (self.scale**0.5 / norm)
+        if self.form == "q_only" and stream == "k":
+            return x * (self.D**0.5 / norm)
+        if self.form == "added":
+            return x * (self.D**0.5 / norm) + self.scale
+        return x * (self.scale / norm)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        hq, hkv, d, g = self.HQ, self.HKV, self.D, self.HQ // self.HKV
+        qp, kp = self.wq(x), self.wk(x)
+
+        def conv(z, c1, c2):
+            z = F.pad(z.transpose(1, 2), (self.K - 1, 0))
+            return c2(F.pad(c1(z), (self.K - 1, 0))).transpose(1, 2)
+
+        m = (qp.view(b, t, hq, d) + kp.view(b, t, hkv, d).repeat_interleave(g, 2)) * 0.5
+        q = conv(qp, self.q1, self.q2).view(b, t, hq, d) + m
+        k = conv(kp, self.k1, self.k2).view(b, t, hkv, d) + m.view(b, t, hkv, g, d).mean(3)
+        q, k = self._scaled(q, "q"), self._scaled(k, "k") * self.temp[:, None]
+        r = cos.shape[-1]
+
+        def rope(z):  # on the first r dims of each head, rotate-half
+            zr, rest = z[..., :r], z[..., r:]
+            turned = torch.cat([-zr[..., r // 2 :], zr[..., : r // 2]], -1)
+            return torch.cat([zr * cos[:, :, None] + turned * sin[:, :, None], rest], -1)
+
+        q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+        v = self.wv(x).view(b, t, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(b, t, hq * d))
+
+
+def _tables(t, r):
+    f = torch.arange(t)[:, None].float() / 100 ** (torch.arange(0, r, 2).float() / r)
+    f = torch.cat([f, f], -1)[None]
+    return f.cos(), f.sin()
+
+
+@pytest.mark.parametrize("form", ["attribute", "divided", "sqrt", "q_only", "added"])
+def test_norm_scale_and_table_width_lifted_by_dynamic(form):
+    """Under ``dynamic=True`` the norm scale arrives as a run-time scalar and the caller's
+    RoPE tables with a symbolic width: the prologue fuses with its outputs times the scalar
+    and the width fixed by a guard (a call with other tables recompiles and still agrees
+    with eager); the near misses, not proportional to the scalar as the op would make
+    them, are not fused. Outputs and gradients against eager at two lengths."""
+    torch.manual_seed(0)
+    model = _OutsideTablesBlock(form)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="ccgqa", dynamic=True)
+    for t, r in ((7, 4), (11, 4), (9, 8)):
+        x = torch.randn(2, t, model.E)
+        x_c, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_c, out_e = compiled(x_c, *_tables(t, r)), eager(x_e, *_tables(t, r))
+        assert_close(out_c, out_e, torch.float32, f"{form} T={t} r={r}")
+        g = torch.randn_like(out_e)
+        out_c.backward(g)
+        out_e.backward(g)
+        assert_close(x_c.grad, x_e.grad, torch.float32, f"{form} dx")
+        for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters()):
+            assert_close(p_c.grad, p_e.grad, torch.float32, f"{form} d{name}")
+            p_c.grad = p_e.grad = None
+    rep = ccgqa_compile.report()
+    assert len(rep.graphs) == 2, f"one graph per table width\n{rep}"
+    for graph in rep.graphs:
+        assert graph.count("ccgqa_prologue") == (form in ("attribute", "divided", "sqrt")), str(rep)

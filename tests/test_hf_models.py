@@ -287,6 +287,7 @@ def check_zaya_attention(
     attn="sdpa",
     causal_mask=False,
     expected=None,
+    dynamic=None,
 ):
     mz = zaya()
     cfg = zaya_config(head_dim, heads, kv_heads, hidden, attn)
@@ -314,7 +315,7 @@ def check_zaya_attention(
             mask = {"causal": mask}
         return xi, dict(attention_mask=mask, position_embeddings=(cos, sin))
 
-    compiled = torch.compile(model, backend="ccgqa")
+    compiled = torch.compile(model, backend="ccgqa", dynamic=dynamic)
     outs = []
     with torch.set_grad_enabled(training):
         for m, dt in ((compiled, dtype), (eager, dtype), (reference, torch.float64)):
@@ -336,6 +337,13 @@ def check_zaya_attention(
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128], ids=lambda d: f"d{d}")
 def test_zaya_attention(head_dim, training):
     check_zaya_attention(head_dim, training, torch.float32, "cpu")
+
+
+@TRAIN_INFER
+def test_zaya_attention_dynamic(training):
+    """``dynamic=True`` lifts ``ZayaQKNorm.head_dim_scale`` to a run-time scalar and the
+    caller's RoPE tables have a symbolic width: the whole block still fuses."""
+    check_zaya_attention(32, training, torch.float32, "cpu", dynamic=True)
 
 
 def test_zaya_attention_eager_with_hf_causal_mask():

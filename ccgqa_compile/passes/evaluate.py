@@ -100,7 +100,10 @@ def size_assignments(graph: torch.fx.Graph) -> list[dict[sympy.Symbol, int]]:
 def concrete(x: Any, sizes: dict[sympy.Symbol, int]) -> Any:
     """An int (or a tuple of them) for a possibly symbolic size at an assignment."""
     if isinstance(x, torch.SymInt):
-        expr = sympy.sympify(sympy.sympify(x.node.expr).xreplace(sizes))
+        node = x.node
+        # a symbol specialised by a guard (``_inductor_compat.specialize``) is its number
+        expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
+        expr = sympy.sympify(sympy.sympify(expr).xreplace(sizes))
         if not expr.is_number:
             raise NotEvaluable(f"size {x} has unassigned symbols")
         return int(expr)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from .. import config
+from .._inductor_compat import specialize
 from .attention import Site, layer_convolutions, new_keys, unrepeated
 from .common import GraphContext, float_literals, forward_closure, is_training_graph
 from .evaluate import Evaluator, NotEvaluable, Probes, agree, constant_value, real_tensors
@@ -56,8 +57,10 @@ from .fx_util import (
     runtime_inputs_of,
     same_computation,
     same_size,
+    static_int,
     tensor_value,
     topo_order,
+    value,
     view_chain,
 )
 from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort
@@ -131,6 +134,10 @@ class Plan:
     # a second factor of the temperature, where only q @ k^T is read: a 0-d logit scale
     # held in a buffer (moved from the scores onto q) times the per-kv-head temperature
     temp2: Node | None = None
+    # a float known only when the program runs (``dynamic=True`` lifts a float attribute,
+    # HF ZAYA's ``head_dim ** 0.5``, to a graph input) that q and k are both proportional
+    # to: the op's outputs are multiplied by it (its value cannot be baked into the op)
+    runtime_scale: Node | None = None
 
     def inputs(self) -> list[Any]:
         leaves: list[Any] = [self.q_pre, self.k_pre, *self.states]
@@ -142,6 +149,8 @@ class Plan:
             leaves.append(self.temp2)
         if self.rope is not None:
             leaves += list(self.rope[1])
+        if self.runtime_scale is not None:
+            leaves.append(self.runtime_scale)
         return leaves
 
 
@@ -544,6 +553,8 @@ _BIAS_POSITIONS = {True: (1, 3), False: (1, 3, 5, 7)}
 
 def op_arguments(plan: Plan, values: list[Any]) -> list[Any]:
     """The op's positional arguments from the plan's inputs (graph proxies or tensors)."""
+    if plan.runtime_scale is not None:  # applied to the op's outputs (``candidate``)
+        values = values[:-1]
     q_pre, k_pre, *rest = values
     q_x, k_x = _flat_streams(plan, q_pre, k_pre)
     if plan.states:
@@ -598,6 +609,8 @@ def candidate(plan: Plan):
             q, k = q[:, :, plan.state_len :], k[:, :, plan.state_len :]
         if plan.k_repeat > 1:
             k = k.repeat_interleave(plan.k_repeat, dim=1)
+        if plan.runtime_scale is not None:
+            q, k = q * values[-1], k * values[-1]
         return q, k
 
     return prologue
@@ -615,6 +628,7 @@ class _Probe:
         """``tables``: draws the RoPE tables (a seed -> {table: value}), else they are
         random like every other input."""
         given = {**(tables(sizes, seed) if tables is not None else {}), **(given or {})}
+        given = {**_runtime_scalar_values(region, seed), **given}
         self.feeds = region.feeds(sizes, seed=seed, given=given, scale=scale)
         self.expected = region.evaluate(self.feeds, sizes)
 
@@ -627,6 +641,17 @@ class _Probe:
         if plan.scores_only:
             return agree(_scores(*actual), _scores(*self.expected), rtol)
         return all(agree(a, e, rtol) for a, e in zip(actual, self.expected))
+
+
+def _runtime_scalars(region: Region) -> list[Node]:
+    """Leaves holding a float known only when the program runs (a SymFloat)."""
+    return [n for n in region.leaves if isinstance(value(n), torch.SymFloat)]
+
+
+def _runtime_scalar_values(region: Region, seed: int) -> dict[Node, float]:
+    """Each probe draws the run-time scalars anew (a different value per seed): a
+    candidate that read one draw's value as a constant fails the next probe."""
+    return {n: 0.5 + 0.3 * ((seed + i) % 7) for i, n in enumerate(_runtime_scalars(region))}
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -743,9 +768,12 @@ def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, pro
     then the first plan, temperature and table form both probes agree with; else why not."""
     probe_a, again = probes
     kv_heads = base.kv_heads
+    outputs = probe_a.expected
+    if base.runtime_scale is not None:  # the norms read without the run-time factor
+        outputs = [x / probe_a.feeds[base.runtime_scale] for x in outputs]
     size = {n: probe_a.feeds[n].reshape(-1).abs().expand(kv_heads) for n in temps}
     temp_choices: list[tuple[Node | None, float, int, float, bool]] = []
-    for norm_scale, beta, scores_only in _norm_scale_choices(base, *probe_a.expected, products, literals):
+    for norm_scale, beta, scores_only in _norm_scale_choices(base, *outputs, products, literals):
         if scores_only != products:
             continue
         for n in temps:
@@ -787,6 +815,11 @@ def _decide(
     ``draw_tables``: how the probes draw the RoPE tables (``_rotation_tables``), else at
     random."""
     sizes = ctx.sizes[0]
+    scalars = _runtime_scalars(region)
+    if len(scalars) > 1:
+        return f"{len(scalars)} run-time scalars ({scalars[0].name}, ...): at most one scale is known"
+    if scalars:
+        plans = [replace(p, runtime_scale=scalars[0]) for p in plans]
     base = plans[0]
     tables_and_temps = _table_leaves(region, base)
     kv_heads = base.kv_heads
@@ -799,6 +832,7 @@ def _decide(
         # phase A: tables constant (RoPE is then a rotation by 0 or 90 degrees): norms give
         # the norm scale and the temperature; the rest of the choices are checked there
         tables = [n for n in tables_and_temps if n not in temps and _has_time_dim(n, region)]
+        _specialize_table_widths(tables, region)
         others = [n for n in tables_and_temps if n not in temps + tables and _runtime(n)]
         if others:
             plans = _with_added_biases(region, plans, others)
@@ -930,6 +964,28 @@ def _biased_conv(region: Region, leaf: Node, convs: list[Conv]) -> int | None:
     return last
 
 
+def _specialize_table_widths(tables: list[Node], region: Region) -> None:
+    """RoPE tables handed in by the caller (HF's ``position_embeddings``) have a symbolic
+    width under ``dynamic=True``, yet the rotary width is the op's compile-time constant:
+    fix it to the traced value, guarded (a call with another width recompiles). Only a
+    width whose symbols no other axis of the table or the region's outputs has: never the
+    sequence length."""
+    sink_symbols = set().union(*(_size_symbols(tensor_value(n).shape) for n in region.sinks))
+    for table in tables:
+        shape = tensor_value(table).shape
+        width = static_int(shape[-1])
+        if not isinstance(width, torch.SymInt):
+            continue
+        symbols = width.node.expr.free_symbols
+        if symbols & (_size_symbols(shape[:-1]) | sink_symbols):
+            continue
+        specialize(width)
+
+
+def _size_symbols(sizes) -> set:
+    return set().union(*(s.node.expr.free_symbols for s in sizes if isinstance(s, torch.SymInt)))
+
+
 def _has_time_dim(node: Node, region: Region) -> bool:
     t = tensor_value(region.sinks[0]).shape[2]
     v = tensor_value(node)
@@ -1021,7 +1077,7 @@ def _raw_norm(ctx, region: Region, plan: Plan) -> float:
     from ..ops.ccgqa_prologue import _raw
 
     sizes = ctx.sizes[0]
-    feeds = region.feeds(sizes, seed=45)
+    feeds = region.feeds(sizes, seed=45, given=_runtime_scalar_values(region, 45))
     values = [feeds[n] if isinstance(n, Node) else n for n in plan.inputs()]
     args = op_arguments(plan, values)
     q_raw, k_raw, _ = _raw(*args[:10], plan.heads, plan.kv_heads, _qk_mean(plan), torch.float64)
