@@ -2998,6 +2998,7 @@ class CCGQANumericsCareful(nn.Module):
     scale buffer's drawn value passed for a norm scale; a second draw rejects that."""
 
     DIM, HQ, HKV, D, K = 64, 4, 2, 16, 2
+    scale_dtype = None
 
     def __init__(self, max_seq=32):
         super().__init__()
@@ -3047,12 +3048,21 @@ class CCGQANumericsCareful(nn.Module):
         q, k = self.rope(q, cos, sin).to(x.dtype), self.rope(k, cos, sin).to(x.dtype)
         v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
         k_r, v_r = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        logits = torch.matmul(q.float(), k_r.float().transpose(-2, -1)) * self.scale
+        scale = self.scale if self.scale_dtype is None else self.scale.to(self.scale_dtype)
+        logits = torch.matmul(q.float(), k_r.float().transpose(-2, -1)) * scale
         logits = logits.masked_fill(~self.causal_mask[:t, :t], torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
         o = torch.matmul(probs, v_r).transpose(1, 2).reshape(b, t, hq * d)
         return self.o_proj(o)
 
+
+
+class CCGQALogitScaleOtherDtype(CCGQANumericsCareful):
+    """The numerics-careful block with its 0-d logit scale in bf16 against fp32 scores (its
+    buffer as ``model.to(torch.bfloat16)`` leaves it, while the scores are taken in fp32):
+    type promotion keeps the scores' dtype, so the factor moves onto q as any other."""
+
+    scale_dtype = torch.bfloat16
 
 class CCGQAMegatronNegativeAngles(CCGQAMegatronTokensFirst):
     """Megatron's block with rotate_half written ``cat(x2, -x1)`` (negative angles), its

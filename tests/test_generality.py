@@ -291,6 +291,7 @@ CCGQA = [
     _must("ccgqa_token_flat_three_dim_sdpa", sp.CCGQATokenFlatThreeDimSdpa, seq=5, **_block()),
     _must("ccgqa_logit_scale_buffer", sp.CCGQALogitScaleBuffer, **_block()),
     _must("ccgqa_numerics_careful", sp.CCGQANumericsCareful, **_block()),
+    _must("ccgqa_logit_scale_of_another_dtype", sp.CCGQALogitScaleOtherDtype, **_block()),
     # block-level near misses: the attention core is genuine (it fuses); the prologue and
     # so the whole block must not
     _near("ccgqa_near_pad_right", sp.NearCCGQAPadRight, ccgqa_prologue=0, ccgqa_block=0),
@@ -862,3 +863,22 @@ def test_a_block_whose_attention_is_not_recognised_says_so():
     _check_counts(case, rep, False)
     lines = [u for u in rep.unfused_candidates if u.fusion == "ccgqa_block"]
     assert any("not recognised as causal grouped-query attention" in u.reason for u in lines), str(rep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rms_norm_default_eps_of_half_inputs_is_float32s(dtype):
+    """``nn.RMSNorm`` with ``eps=None`` on half inputs adds float32's machine epsilon (ATen
+    computes in float32), not the half type's (bf16's is 2**-7): on rows of small norm the
+    two give outputs that differ by far more than rounding. The fused norm agrees with
+    eager there."""
+    from ._compare import assert_close
+
+    torch.manual_seed(0)
+    model = torch.nn.RMSNorm(40).to(dtype)
+    x = (torch.randn(3, 5, 40) * 1e-3).to(dtype)
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(model, backend="ccgqa")
+    with torch.no_grad():
+        assert_close(compiled(x), model(x), dtype, "nn.RMSNorm(eps=None) on small rows")
+    assert ccgqa_compile.report().count("rms_norm") == 1, str(ccgqa_compile.report())

@@ -13,9 +13,10 @@ compiled graph knows (Dynamo guards on them): they become ``x.to(device, dtype)`
 causal mask cast to the scores' type (fairseq's ``mask.to(attn_weights)``) stays a
 constant rather than a value computed from the scores.
 
-``F.rms_norm`` / ``torch.rms_norm`` with ``eps=None`` (``nn.RMSNorm``'s default) take
-``torch.finfo(x.dtype).eps`` when they run: the call is given that number, read off the
-input's dtype in the graph (Dynamo guards on it). Left as a default, float64 probes of the
+``F.rms_norm`` / ``torch.rms_norm`` with ``eps=None`` (``nn.RMSNorm``'s default) take the
+machine epsilon of the type they compute in when they run (float32's for half inputs):
+the call is given that number, read off the input's dtype in the graph (Dynamo guards on
+it). Left as a default, float64 probes of the
 call would compute with float64's eps, another function than the graph's.
 
 ``F.scaled_dot_product_attention`` on 3-D (H, T, D) q, k and v (no batch dim: vLLM's torch
@@ -51,6 +52,13 @@ _METHOD_ALIASES = {
 _RMS_NORMS = {torch.nn.functional.rms_norm, torch.rms_norm}
 
 
+def _default_rms_eps(dtype: torch.dtype) -> float:
+    """What ATen's rms_norm adds with ``eps=None``: the machine epsilon of the type it
+    computes in (float32 for half inputs; the docs' ``finfo(x.dtype)`` is not what runs:
+    bf16's eps would be 2**-7 instead of 2**-23)."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+
+
 def run(ctx: GraphContext) -> None:
     changed = False
     autocast = autocast_stacks(ctx.graph)
@@ -62,7 +70,7 @@ def run(ctx: GraphContext) -> None:
                 given.update(node.kwargs)
                 node.args = (
                     given["input"], given["normalized_shape"], given.get("weight"),
-                    torch.finfo(x.dtype).eps,
+                    _default_rms_eps(x.dtype),
                 )  # fmt: skip
                 node.kwargs = {}
                 changed = True

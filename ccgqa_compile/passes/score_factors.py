@@ -77,14 +77,24 @@ def scaling(node: Node, scores: Node) -> tuple[str, Node | float] | None:
 
 
 def _row_constant_factor(scores: Node, factor: Node) -> bool:
-    """A tensor, not computed from the scores, of the scores' dtype, the same along the
-    key axis (its last dim 1, or a 0-d tensor)."""
+    """A tensor, not computed from the scores, the same along the key axis (its last dim
+    1, or a 0-d tensor), of the scores' dtype; or a 0-d float tensor of another (a logit
+    scale buffer left bf16 by ``model.to(bf16)`` on fp32 scores): type promotion lets a
+    0-d tensor keep the other operand's dtype, so scores and query multiply by it in the
+    same dtype."""
     fv, sv = tensor_value(factor), tensor_value(scores)
-    if fv is None or sv is None or fv.dtype != sv.dtype or fv.dim() > sv.dim():
+    if fv is None or sv is None or fv.dim() > sv.dim() or not _multiplies_in_dtype(sv, fv):
         return False
     if fv.dim() > 0 and fv.shape[-1] != 1:
         return False
     return scores not in ancestors([factor]) and depends_on_tensor_input(factor)
+
+
+def _multiplies_in_dtype(x, factor) -> bool:
+    """x times ``factor`` is computed in x's dtype: the same dtype, or a 0-d float factor."""
+    if factor.dtype == x.dtype:
+        return True
+    return factor.dim() == 0 and factor.dtype.is_floating_point and x.dtype.is_floating_point
 
 
 def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
@@ -125,7 +135,7 @@ def _move(product: Node, scaling: Node, scores: Node, kind: str, factor: Node) -
         return None
     operand, index = found
     ov = tensor_value(operand)
-    if ov is None or ov.dtype != tensor_value(factor).dtype or ov.dim() < 2:
+    if ov is None or not _multiplies_in_dtype(ov, tensor_value(factor)) or ov.dim() < 2:
         return None
     graph = product.graph
     new = []
