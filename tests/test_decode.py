@@ -471,6 +471,10 @@ transformers = pytest.importorskip("transformers")
 
 
 def _greedy(model, ids, new_tokens, **kwargs):
+    """HF's own compile is off unless asked for (``compile_config``): on CUDA, with a static
+    cache, ``generate`` otherwise compiles ``__call__`` with Inductor around whatever the
+    model's forward was compiled with (the "eager" run too)."""
+    kwargs.setdefault("disable_compile", "compile_config" not in kwargs)
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0, return_dict_in_generate=True,
@@ -584,6 +588,34 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
     # prologue over HF's conv state feeding the attention over the cache
     prefill = [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))]
     assert len(prefill) == 1, str(rep)
+    decode_graphs = _decode_graph_counts(rep)
+    assert decode_graphs, str(rep)
+    for g in decode_graphs:
+        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+
+
+@pytest.mark.cuda
+def test_zaya_generate_with_hf_compile_config():
+    """HF's own way to compile generation (a static cache on CUDA compiles ``__call__``
+    with ``generation_config.compile_config``): ``CompileConfig(backend="ccgqa")``. The
+    decode steps fuse whole and the greedy tokens equal eager's."""
+    mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
+    from transformers import CompileConfig
+
+    from .test_hf_models import randomise_zaya, zaya_config
+
+    cfg = zaya_config(16)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval().cuda()
+    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    want = _greedy(lm, ids, 5, cache_implementation="static")
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    config = CompileConfig(backend="ccgqa", fullgraph=False)
+    got = _greedy(copy.deepcopy(lm), ids, 5, cache_implementation="static", compile_config=config)
+    rep = ccgqa_compile.report()
+    assert torch.equal(got.sequences, want.sequences), str(rep)
     decode_graphs = _decode_graph_counts(rep)
     assert decode_graphs, str(rep)
     for g in decode_graphs:
