@@ -486,7 +486,9 @@ def _decode_graph_counts(rep):
     return [g for g in rep.graphs if g.count("gqa_decode_attention")]
 
 
-def _generate_compiled_and_eager(lm, ids, new_tokens, device="cpu", dtype=torch.float32, **kwargs):
+def _generate_compiled_and_eager(
+    lm, ids, new_tokens, device="cpu", dtype=torch.float32, dynamic=None, **kwargs
+):
     """Greedy tokens of ``lm`` compiled with backend="ccgqa" equal eager's; the report.
     In half precision a near tie may flip a later token, so there the tokens are compared
     for the first two steps, and those steps' logits against a float64 copy."""
@@ -497,7 +499,7 @@ def _generate_compiled_and_eager(lm, ids, new_tokens, device="cpu", dtype=torch.
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
     compiled = copy.deepcopy(lm)
-    compiled.forward = torch.compile(compiled.forward, backend="ccgqa")
+    compiled.forward = torch.compile(compiled.forward, backend="ccgqa", dynamic=dynamic)
     got = _greedy(compiled, ids, new_tokens, **kwargs)
     rep = ccgqa_compile.report()
     if reference is None:
@@ -588,6 +590,27 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
     # prologue over HF's conv state feeding the attention over the cache
     prefill = [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))]
     assert len(prefill) == 1, str(rep)
+    decode_graphs = _decode_graph_counts(rep)
+    assert decode_graphs, str(rep)
+    for g in decode_graphs:
+        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+
+
+def test_zaya_generate_dynamic_true():
+    """``dynamic=True``: every size symbolic, HF's conv state (B, C, 2) and its RoPE
+    tables too, and ``head_dim ** 0.5`` a run-time scalar. The prefill and every decode
+    step still fuse whole (the state's sizes Dynamo fixed, the tables' width by a guard);
+    greedy tokens equal eager's."""
+    mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
+    from .test_hf_models import randomise_zaya, zaya_config
+
+    cfg = zaya_config(16)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
+    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    rep = _generate_compiled_and_eager(lm, ids, 5, dynamic=True)
+    assert [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))], str(rep)
     decode_graphs = _decode_graph_counts(rep)
     assert decode_graphs, str(rep)
     for g in decode_graphs:

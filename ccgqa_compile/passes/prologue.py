@@ -438,10 +438,13 @@ def _state_form(rest: list[Node], b, channels: int) -> dict | None:
     # as a state) broadcasts over the batch
     if v is None or v.dim() != 3 or not (same_size(v.shape[0], b) or same_size(v.shape[0], 1)):
         return None
-    if v.shape[1] == channels and isinstance(v.shape[2], int):
-        return {"states": (rest[0],), "state_btc": False, "state_len": v.shape[2]}
-    if v.shape[2] == channels and isinstance(v.shape[1], int):
-        return {"states": (rest[0],), "state_btc": True, "state_len": v.shape[1]}
+    # (sizes Dynamo fixed to numbers, dynamic=True's 0/1 specialisation among them, are
+    # SymInts still: ``static_int``)
+    dims = [static_int(n) for n in v.shape]
+    if dims[1] == channels and isinstance(dims[2], int):
+        return {"states": (rest[0],), "state_btc": False, "state_len": dims[2]}
+    if dims[2] == channels and isinstance(dims[1], int):
+        return {"states": (rest[0],), "state_btc": True, "state_len": dims[1]}
     return None
 
 
@@ -987,12 +990,14 @@ def _size_symbols(sizes) -> set:
 
 
 def _has_time_dim(node: Node, region: Region) -> bool:
-    t = tensor_value(region.sinks[0]).shape[2]
+    t = static_int(tensor_value(region.sinks[0]).shape[2])
     v = tensor_value(node)
     if v is None:  # (an unbind's tuple: its parts are the tables)
         return False
     if isinstance(t, int) and t == 1:  # one token (a decode step): a table's rows are 1 wide
-        return v.dim() >= 2 and isinstance(v.shape[-1], int) and v.shape[-1] > 1
+        # (a width symbolic under dynamic=True is fixed later, ``_specialize_table_widths``)
+        width = static_int(v.shape[-1])
+        return v.dim() >= 2 and (not isinstance(width, int) or width > 1)
     # rows of positions, each of the rotary width: (..., T, r); a temperature viewed
     # (1, Hkv, 1, 1) with as many kv heads as tokens is none
     if v.dim() < 2 or same_size(v.shape[-1], 1):
