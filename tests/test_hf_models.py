@@ -164,10 +164,10 @@ def randomise_zaya(model):
 # consecutive tests at the start (the two default ones, then skipped ones, go to one worker).
 
 
-def logits_of_three(model, eager, reference, kwargs, training):
+def logits_of_three(model, eager, reference, kwargs, training, dynamic=None):
     """Logits of the model under backend="ccgqa", of its eager copy and of the float64
     reference, on the same inputs."""
-    compiled = torch.compile(model, backend="ccgqa")
+    compiled = torch.compile(model, backend="ccgqa", dynamic=dynamic)
     with torch.set_grad_enabled(training):
         return tuple(m(**kwargs).logits for m in (compiled, eager, reference))
 
@@ -431,7 +431,7 @@ def tiny_decoder(family, attn):
     return getattr(transformers, model_cls)(cfg)
 
 
-def check_decoder(family, attn, training, dtype, device, mask=False, expected=None):
+def check_decoder(family, attn, training, dtype, device, mask=False, expected=None, dynamic=None):
     lm = tiny_decoder(family, attn)
     lm.eval()  # no dropout; gradients still flow
     model, eager, reference = three_copies(lm, dtype, device)
@@ -439,7 +439,7 @@ def check_decoder(family, attn, training, dtype, device, mask=False, expected=No
     kwargs = dict(input_ids=ids)
     if mask:
         kwargs["attention_mask"] = torch.ones_like(ids)
-    logits = logits_of_three(model, eager, reference, kwargs, training)
+    logits = logits_of_three(model, eager, reference, kwargs, training, dynamic)
     expected = decoder_counts(family, attn, device) if expected is None else expected
     rep = check_counts(expected, training)
     assert len(rep.graphs) == 1, f"graph breaks: {rep}"
@@ -451,6 +451,14 @@ def check_decoder(family, attn, training, dtype, device, mask=False, expected=No
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decoder(family, attn, training):
     check_decoder(family, attn, training, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama_dynamic(attn):
+    """``dynamic=True`` lifts ``self.scaling`` (head_dim ** -0.5) to a run-time scalar on
+    the written-out attention's scores: it moves onto q like any factor, and every fusion
+    still fires."""
+    check_decoder("llama", attn, True, torch.float32, "cpu", dynamic=True)
 
 
 def test_llama_sdpa_with_padding_mask():

@@ -1,7 +1,8 @@
 """Normal form: a run-time factor on attention scores moved onto the query operand.
 
 ``(q @ k^T) * t`` with ``t`` the same for every key of a row (a learned per-head
-temperature ``t.view(1, H, 1, 1)``, a 0-d logit scale) is ``(q * t) @ k^T``: the attention
+temperature ``t.view(1, H, 1, 1)``, a 0-d logit scale, a float ``dynamic=True`` lifted to a
+run-time scalar) is ``(q * t) @ k^T``: the attention
 recognizer then sees q * t as the query, and a CCGQA prologue ending there may take the
 factor as its temperature (``prologue.Plan.scores_only``). Only a factor that multiplies
 or divides the product itself (through constant scalings, which commute with it) is moved,
@@ -30,6 +31,7 @@ from .fx_util import (
     is_product,
     is_softmax,
     tensor_value,
+    value,
 )
 from .region import propagate_fake, stable_sort
 
@@ -82,12 +84,20 @@ def _row_constant_factor(scores: Node, factor: Node) -> bool:
     scale buffer left bf16 by ``model.to(bf16)`` on fp32 scores): type promotion lets a
     0-d tensor keep the other operand's dtype, so scores and query multiply by it in the
     same dtype."""
+    if _runtime_scalar(factor):
+        return scores not in ancestors([factor])
     fv, sv = tensor_value(factor), tensor_value(scores)
     if fv is None or sv is None or fv.dim() > sv.dim() or not _multiplies_in_dtype(sv, fv):
         return False
     if fv.dim() > 0 and fv.shape[-1] != 1:
         return False
     return scores not in ancestors([factor]) and depends_on_tensor_input(factor)
+
+
+def _runtime_scalar(node: Node) -> bool:
+    """A float known only when the program runs (``dynamic=True`` lifts HF's
+    ``self.scaling = head_dim ** -0.5`` to one): the same for every score."""
+    return isinstance(value(node), torch.SymFloat)
 
 
 def _multiplies_in_dtype(x, factor) -> bool:
@@ -100,6 +110,8 @@ def _multiplies_in_dtype(x, factor) -> bool:
 def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
     """The shape that lays the factor (right-aligned to the product's output) out along
     the query operand's axes, or None where it has a size on an axis the operand lacks."""
+    if _runtime_scalar(factor):
+        return []  # a scalar: no layout
     fv = tensor_value(factor)
     if not is_function(product, torch.einsum):
         return list(fv.shape)  # (..., rows, 1) broadcasts on (..., rows, D) as it is
@@ -135,13 +147,14 @@ def _move(product: Node, scaling: Node, scores: Node, kind: str, factor: Node) -
         return None
     operand, index = found
     ov = tensor_value(operand)
-    if ov is None or not _multiplies_in_dtype(ov, tensor_value(factor)) or ov.dim() < 2:
+    scalar = _runtime_scalar(factor)
+    if ov is None or ov.dim() < 2 or not (scalar or _multiplies_in_dtype(ov, tensor_value(factor))):
         return None
     graph = product.graph
     new = []
     with graph.inserting_before(product):
         laid = factor
-        if shape != list(tensor_value(factor).shape):
+        if not scalar and shape != list(tensor_value(factor).shape):
             laid = graph.call_method("reshape", (factor, tuple(shape)))
             new.append(laid)
         target = operator.mul if kind == "mul" else operator.truediv
