@@ -29,6 +29,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # --old modules of the checkout
 
 from ccgqa_compile.bench import warm_up_gpu  # noqa: E402
+from ccgqa_compile.bench.common import cuda_kernel_breakdown, print_kernels  # noqa: E402
 from ccgqa_compile.bench.prologue import make_inputs, max_rel_err_vs_fp64  # noqa: E402
 from ccgqa_compile.kernels.ccgqa_prologue import (  # noqa: E402
     ccgqa_prologue_bwd,
@@ -65,24 +66,6 @@ def _inductor_bwd(tensors, scalars, dq, dk):
     return bwd
 
 
-def _kernel_breakdown(fn, steps: int = 10) -> None:
-    """Each CUDA kernel's mean time per call of ``fn`` (torch.profiler): which of the
-    backward's launches (and the partial sums after them) take the time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()]
-    rows = [r for r in rows if r[1] > 0]
-    for name, ms, calls in sorted(rows, key=lambda r: -r[1])[:12]:
-        print(f"     {ms:8.4f} ms  x{calls:<3d} {name[:90]}")
-    print(f"     {sum(r[1] for r in rows):8.4f} ms  in all")
-
-
 def _cuda_graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn)
 
@@ -100,8 +83,9 @@ def _sweep_config(label, hq, hkv, d, launches, b, t, old, inductor, sweep, kerne
     print(f"\n== {label} B{b} T{t}: fwd {t_fwd:.4f} ms, bwd floor {floor:.4f} ms, "
           f"default bwd max rel err {err:.2e}")  # fmt: skip
     if kernels:
-        print("   default backward, per kernel:")
-        _kernel_breakdown(lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))
+        events, busy_ms = cuda_kernel_breakdown(lambda: ccgqa_prologue_bwd(dq, dk, *tensors, *scalars))
+        print(f"   default backward, per kernel ({busy_ms:.4f} ms in all):")
+        print_kernels(events, 5, 12)
     t_fwd_old = None
     if old is not None:
         q_old, k_old = old.ccgqa_prologue_fwd(*tensors, *scalars)

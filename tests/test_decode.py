@@ -571,9 +571,8 @@ def test_llama_generate_greedy_tokens_equal_eager(device, dtype, attn, cache):
         assert not [r for r in rep.rejected if r.fusion == "gqa_attention"], str(rep)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize(("device", "dtype"), DEVICES)
-def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
+def _tiny_zaya_lm():
+    """A one-layer random ZayaForCausalLM (eval) and a prompt of 7 tokens, batch 2."""
     mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
     from .test_hf_models import randomise_zaya, zaya_config
 
@@ -581,7 +580,21 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
     cfg.num_hidden_layers = 1
     torch.manual_seed(0)
     lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
-    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    return lm, torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _check_whole_decode_steps(rep):
+    """Decode graphs were compiled, and each fused its step whole."""
+    decode_graphs = _decode_graph_counts(rep)
+    assert decode_graphs, str(rep)
+    for g in decode_graphs:
+        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize(("device", "dtype"), DEVICES)
+def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
+    lm, ids = _tiny_zaya_lm()
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     rep = _generate_compiled_and_eager(lm, ids, 5, device, dtype, **kwargs)
     # prefill with a cache: the whole CCGQA block (the conv state read from its padded
@@ -590,10 +603,7 @@ def test_zaya_generate_greedy_tokens_equal_eager(device, dtype, cache):
     # prologue over HF's conv state feeding the attention over the cache
     prefill = [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))]
     assert len(prefill) == 1, str(rep)
-    decode_graphs = _decode_graph_counts(rep)
-    assert decode_graphs, str(rep)
-    for g in decode_graphs:
-        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+    _check_whole_decode_steps(rep)
 
 
 def test_zaya_generate_dynamic_true():
@@ -601,20 +611,10 @@ def test_zaya_generate_dynamic_true():
     tables too, and ``head_dim ** 0.5`` a run-time scalar. The prefill and every decode
     step still fuse whole (the state's sizes Dynamo fixed, the tables' width by a guard);
     greedy tokens equal eager's."""
-    mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
-    from .test_hf_models import randomise_zaya, zaya_config
-
-    cfg = zaya_config(16)
-    cfg.num_hidden_layers = 1
-    torch.manual_seed(0)
-    lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval()
-    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    lm, ids = _tiny_zaya_lm()
     rep = _generate_compiled_and_eager(lm, ids, 5, dynamic=True)
     assert [g for g in rep.graphs if g.fused.get(("ccgqa_block", "prologue+fused_attention"))], str(rep)
-    decode_graphs = _decode_graph_counts(rep)
-    assert decode_graphs, str(rep)
-    for g in decode_graphs:
-        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+    _check_whole_decode_steps(rep)
 
 
 @pytest.mark.cuda
@@ -622,16 +622,10 @@ def test_zaya_generate_with_hf_compile_config():
     """HF's own way to compile generation (a static cache on CUDA compiles ``__call__``
     with ``generation_config.compile_config``): ``CompileConfig(backend="ccgqa")``. The
     decode steps fuse whole and the greedy tokens equal eager's."""
-    mz = pytest.importorskip("transformers.models.zaya.modeling_zaya")
     from transformers import CompileConfig
 
-    from .test_hf_models import randomise_zaya, zaya_config
-
-    cfg = zaya_config(16)
-    cfg.num_hidden_layers = 1
-    torch.manual_seed(0)
-    lm = randomise_zaya(mz.ZayaForCausalLM(cfg)).eval().cuda()
-    ids = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(1)).cuda()
+    lm, ids = _tiny_zaya_lm()
+    lm, ids = lm.cuda(), ids.cuda()
     want = _greedy(lm, ids, 5, cache_implementation="static")
     torch._dynamo.reset()
     ccgqa_compile.reset_report()
@@ -639,10 +633,7 @@ def test_zaya_generate_with_hf_compile_config():
     got = _greedy(copy.deepcopy(lm), ids, 5, cache_implementation="static", compile_config=config)
     rep = ccgqa_compile.report()
     assert torch.equal(got.sequences, want.sequences), str(rep)
-    decode_graphs = _decode_graph_counts(rep)
-    assert decode_graphs, str(rep)
-    for g in decode_graphs:
-        assert g.fused.get(("ccgqa_block", "decode_step")) == 1, str(rep)
+    _check_whole_decode_steps(rep)
 
 
 # ---------------------------------------------- a CCGQA decode step: prologue + attention
