@@ -882,3 +882,18 @@ def test_rms_norm_default_eps_of_half_inputs_is_float32s(dtype):
     with torch.no_grad():
         assert_close(compiled(x), model(x), dtype, "nn.RMSNorm(eps=None) on small rows")
     assert ccgqa_compile.report().count("rms_norm") == 1, str(ccgqa_compile.report())
+
+
+def test_prologue_reason_for_a_norm_over_the_wrong_axis():
+    """A near miss whose L2 norm spans the heads (not each head's dims) is reported for
+    that, not as a temperature that matches no input."""
+    torch.manual_seed(0)
+    model = sp.NearCCGQANormOverHeads()
+    torch._dynamo.reset()
+    ccgqa_compile.reset_report()
+    compiled = torch.compile(model, backend="ccgqa")
+    with torch.no_grad():
+        compiled(torch.randn(2, 9, model.DIM))
+    rep = ccgqa_compile.report()
+    reasons = [r.reason for r in rep.rejected if r.fusion == "ccgqa_prologue"]
+    assert reasons and all("not of one norm per head" in r for r in reasons), str(rep)

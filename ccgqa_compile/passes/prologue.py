@@ -765,6 +765,20 @@ def _distinct_constant_tables(graph, tables: list[Node], sizes):
     return distinct, same_as
 
 
+def _unscaled_reason(q_out, k_out, products: bool) -> str:
+    """Why no norm scale and temperature read q's and k's norms: rows of q (or of one kv
+    head of k) of different norms are no L2 norm over each head's dims times a scale;
+    else k's scale per kv head is no temperature input's."""
+    if not products:
+        for name, x in (("q", q_out), ("k", k_out)):
+            norms = x.norm(dim=-1).transpose(0, 1).reshape(x.shape[1], -1)
+            spread = (norms.amax(dim=1) - norms.amin(dim=1)) / norms.amax(dim=1).clamp_min(1e-300)
+            if bool((spread > 1e-6).any()):
+                return (f"{name}'s rows are not of one norm per head: no L2 norm over each "
+                        "head's dims times a scale")  # fmt: skip
+    return "k's scale matches no per-kv-head input (temperature)"
+
+
 def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, products: bool) -> Plan | str:
     """Phase A of ``_decide`` on one assignment of constant tables: the norm scale and
     temperature from the output norms (``products``: from q's and k's products only),
@@ -794,7 +808,7 @@ def _phase_a(base: Plan, plans: list[Plan], probes, temps, tables, literals, pro
                     if torch.allclose(t / scale, beta, rtol=1e-6, atol=0):
                         temp_choices.append(((a, b), scale, 1, norm_scale, scores_only))
     if not temp_choices:
-        return "k's scale matches no per-kv-head input (temperature)"
+        return _unscaled_reason(*outputs, products)
     for plan in plans:
         for temp, temp_scale, power, norm_scale, scores_only in temp_choices:
             if plan.kind == "seed" and (temp_scale != 1.0 or scores_only):
