@@ -145,6 +145,15 @@ def test_entry_with_the_real_backend(entry, training):
     run_entry(entry, ODD, torch.float32, training)
 
 
+def test_seed_variant_on_one_token():
+    """The seed variant's 0-d temperature in a one-token graph (T = 1, inference): the
+    prologue's table test read the last axis of that 0-d tensor and raised (found by the
+    hypothesis sweep above, shape batch 1, seq 1)."""
+    (entry,) = [e for e in CORPUS if e.name == "ccgqa_seed_variant"]
+    shape = Shape(batch=1, seq=1, hidden=8, heads=1, head_dim=4, eps=1e-6)
+    run_entry(entry, shape, torch.float32, False, backend=ccgqa_without_codegen)
+
+
 def test_corpus_has_near_misses_for_every_fusion():
     for fusion in ("rms_norm", "swiglu", "rope"):
         entries = [e for e in CORPUS if e.fusion == fusion]

@@ -1010,8 +1010,10 @@ def _has_time_dim(node: Node, region: Region) -> bool:
         return False
     if isinstance(t, int) and t == 1:  # one token (a decode step): a table's rows are 1 wide
         # (a width symbolic under dynamic=True is fixed later, ``_specialize_table_widths``)
+        if v.dim() < 2:
+            return False
         width = static_int(v.shape[-1])
-        return v.dim() >= 2 and (not isinstance(width, int) or width > 1)
+        return not isinstance(width, int) or width > 1
     # rows of positions, each of the rotary width: (..., T, r); a temperature viewed
     # (1, Hkv, 1, 1) with as many kv heads as tokens is none
     if v.dim() < 2 or same_size(v.shape[-1], 1):
