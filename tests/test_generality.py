@@ -28,7 +28,7 @@ import ccgqa_compile
 
 from . import spellings as sp
 from ._backends import ccgqa_without_codegen
-from ._compare import assert_as_close_as_eager, rel_err
+from ._compare import assert_as_close_as_eager, assert_close, rel_err
 
 BLOCK = ("ccgqa_prologue", "gqa_attention", "ccgqa_block")
 
@@ -871,8 +871,6 @@ def test_rms_norm_default_eps_of_half_inputs_is_float32s(dtype):
     computes in float32), not the half type's (bf16's is 2**-7): on rows of small norm the
     two give outputs that differ by far more than rounding. The fused norm agrees with
     eager there."""
-    from ._compare import assert_close
-
     torch.manual_seed(0)
     model = torch.nn.RMSNorm(40).to(dtype)
     x = (torch.randn(3, 5, 40) * 1e-3).to(dtype)

@@ -371,6 +371,13 @@ def written_storages(graph: torch.fx.Graph) -> frozenset:
     return _per_graph("written", graph, build)
 
 
+def is_runtime_scalar(node: Any) -> bool:
+    """A float known only when the program runs (a SymFloat): ``dynamic=True`` lifts a
+    float attribute (HF's ``self.scaling``, ZAYA's ``head_dim ** 0.5``, an eps) to a graph
+    input read with ``.item()``."""
+    return isinstance(value(node), torch.SymFloat)
+
+
 def is_zero_pad(node: Any) -> bool:
     """A constant pad (``F.pad``, ``constant_pad_nd``) that lets zeros in."""
     if not is_function(node, *PAD):

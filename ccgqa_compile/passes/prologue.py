@@ -60,7 +60,6 @@ from .fx_util import (
     static_int,
     tensor_value,
     topo_order,
-    value,
     view_chain,
 )
 from .region import Region, Rejected, emit, erase_unused, propagate_fake, stable_sort
@@ -646,15 +645,10 @@ class _Probe:
         return all(agree(a, e, rtol) for a, e in zip(actual, self.expected))
 
 
-def _runtime_scalars(region: Region) -> list[Node]:
-    """Leaves holding a float known only when the program runs (a SymFloat)."""
-    return [n for n in region.leaves if isinstance(value(n), torch.SymFloat)]
-
-
 def _runtime_scalar_values(region: Region, seed: int) -> dict[Node, float]:
     """Each probe draws the run-time scalars anew (a different value per seed): a
     candidate that read one draw's value as a constant fails the next probe."""
-    return {n: 0.5 + 0.3 * ((seed + i) % 7) for i, n in enumerate(_runtime_scalars(region))}
+    return {n: 0.5 + 0.3 * ((seed + i) % 7) for i, n in enumerate(region.runtime_scalars())}
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -832,7 +826,7 @@ def _decide(
     ``draw_tables``: how the probes draw the RoPE tables (``_rotation_tables``), else at
     random."""
     sizes = ctx.sizes[0]
-    scalars = _runtime_scalars(region)
+    scalars = region.runtime_scalars()
     if len(scalars) > 1:
         return f"{len(scalars)} run-time scalars ({scalars[0].name}, ...): at most one scale is known"
     if scalars:

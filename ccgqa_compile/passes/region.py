@@ -36,6 +36,7 @@ from .fx_util import (
     depends_on_tensor_input,
     descendants,
     is_mutating,
+    is_runtime_scalar,
     is_size_value,
     node_inputs,
     same_computation,
@@ -121,6 +122,10 @@ class Region:
             and (value(n).dtype.is_floating_point or value(n).dtype.is_complex)
             and not all(is_size_value(u) for u in n.users if u in self.nodes)
         ]
+
+    def runtime_scalars(self) -> list[Node]:
+        """Leaves holding a float known only when the program runs (``is_runtime_scalar``)."""
+        return [n for n in self.leaves if is_runtime_scalar(n)]
 
     def device(self) -> torch.device:
         for node in (*self.sources, *self.leaves):

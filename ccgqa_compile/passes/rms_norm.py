@@ -223,12 +223,6 @@ def _estimate_eps(
         return float(est.median()) if est.numel() else float("nan")
 
 
-def _runtime_scalars(region: Region) -> list[Node]:
-    """Leaves holding a float known only when the program runs: Dynamo lifts a float
-    attribute to a 0-d tensor input and reads it with ``.item()`` under ``dynamic=True``."""
-    return [n for n in region.leaves if isinstance(value(n), torch.SymFloat)]
-
-
 # run-time eps values the candidate must agree at (each with rows around its sqrt too)
 _PROBE_EPS = (1e-6, 1e-5, 0.25)
 
@@ -273,7 +267,7 @@ def try_sink(ctx: GraphContext, x: Node, sink: Node) -> tuple[str, list[Node], f
     for w in weights:
         if not _per_channel(w, width):
             return f"{w.name} {tuple(tensor_value(w).shape)} is not a per-channel weight"
-    scalars = _runtime_scalars(region)
+    scalars = region.runtime_scalars()
     if len(scalars) > 1:
         return f"{len(scalars)} run-time scalars ({scalars[0].name}, ...): at most one eps is known"
     if scalars:

@@ -29,9 +29,9 @@ from .fx_util import (
     is_function,
     is_method,
     is_product,
+    is_runtime_scalar,
     is_softmax,
     tensor_value,
-    value,
 )
 from .region import propagate_fake, stable_sort
 
@@ -84,7 +84,7 @@ def _row_constant_factor(scores: Node, factor: Node) -> bool:
     scale buffer left bf16 by ``model.to(bf16)`` on fp32 scores): type promotion lets a
     0-d tensor keep the other operand's dtype, so scores and query multiply by it in the
     same dtype."""
-    if _runtime_scalar(factor):
+    if is_runtime_scalar(factor):  # the same for every score
         return scores not in ancestors([factor])
     fv, sv = tensor_value(factor), tensor_value(scores)
     if fv is None or sv is None or fv.dim() > sv.dim() or not _multiplies_in_dtype(sv, fv):
@@ -92,12 +92,6 @@ def _row_constant_factor(scores: Node, factor: Node) -> bool:
     if fv.dim() > 0 and fv.shape[-1] != 1:
         return False
     return scores not in ancestors([factor]) and depends_on_tensor_input(factor)
-
-
-def _runtime_scalar(node: Node) -> bool:
-    """A float known only when the program runs (``dynamic=True`` lifts HF's
-    ``self.scaling = head_dim ** -0.5`` to one): the same for every score."""
-    return isinstance(value(node), torch.SymFloat)
 
 
 def _multiplies_in_dtype(x, factor) -> bool:
@@ -110,7 +104,7 @@ def _multiplies_in_dtype(x, factor) -> bool:
 def _factor_shape_for_operand(product: Node, factor: Node) -> list[int] | None:
     """The shape that lays the factor (right-aligned to the product's output) out along
     the query operand's axes, or None where it has a size on an axis the operand lacks."""
-    if _runtime_scalar(factor):
+    if is_runtime_scalar(factor):
         return []  # a scalar: no layout
     fv = tensor_value(factor)
     if not is_function(product, torch.einsum):
@@ -147,7 +141,7 @@ def _move(product: Node, scaling: Node, scores: Node, kind: str, factor: Node) -
         return None
     operand, index = found
     ov = tensor_value(operand)
-    scalar = _runtime_scalar(factor)
+    scalar = is_runtime_scalar(factor)
     if ov is None or ov.dim() < 2 or not (scalar or _multiplies_in_dtype(ov, tensor_value(factor))):
         return None
     graph = product.graph
